@@ -1,1 +1,456 @@
+//! Wasm engines behind one small interface, for the filterbox proxy-wasm host.
+//!
+//! - [`Engine`] compiles bytes into a [`Module`] (`Send + Sync`, shared by every VM of a plugin).
+//! - [`Module::link`] links it with a host's [`Hostcalls`] into an [`InstancePre`].
+//! - [`InstancePre::instantiate`] makes an [`Instance`] that owns the host state and calls
+//!   [`Callback`] exports.
+//! - Hostcalls see the guest only through [`Caller`]: a checked [`GuestMemory`] and the guest
+//!   allocator.
+//!
+//! Which backends exist is decided by cargo features (`wasmtime`, on by default); which one a
+//! plugin uses is chosen at run time by [`EngineKind`]. This is the only crate that touches
+//! engine types or contains `unsafe`.
 
+#![warn(missing_docs)]
+
+mod memory;
+#[cfg(feature = "wasmtime")]
+mod wasmtime_backend;
+
+use core::fmt;
+use filterbox_abi::{AbiVersion, Callback, Import, ModuleInfo};
+use std::sync::Arc;
+
+pub use filterbox_abi as abi;
+pub use memory::{GuestMemory, MemoryError};
+
+/// The engines filterbox knows, by the names configs and reports use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// Wasmtime with Cranelift (`"wasmtime"`, the default).
+    Wasmtime,
+    /// Wasmer with its Cranelift compiler (`"wasmer-cranelift"`).
+    WasmerCranelift,
+    /// Wasmer with its single-pass compiler (`"wasmer-singlepass"`).
+    WasmerSinglepass,
+    /// The wasmi interpreter (`"wasmi"`).
+    Wasmi,
+}
+
+impl EngineKind {
+    /// Every engine filterbox knows, whether or not this build has it.
+    pub const ALL: [EngineKind; 4] =
+        [EngineKind::Wasmtime, EngineKind::WasmerCranelift, EngineKind::WasmerSinglepass, EngineKind::Wasmi];
+
+    /// The engine's name in configs and reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            EngineKind::Wasmtime => "wasmtime",
+            EngineKind::WasmerCranelift => "wasmer-cranelift",
+            EngineKind::WasmerSinglepass => "wasmer-singlepass",
+            EngineKind::Wasmi => "wasmi",
+        }
+    }
+
+    /// The engine with this name, whether or not this build has it.
+    pub fn from_name(name: &str) -> Result<EngineKind, EngineError> {
+        EngineKind::ALL
+            .into_iter()
+            .find(|k| k.name() == name)
+            .ok_or_else(|| EngineError::UnknownEngine(name.to_owned()))
+    }
+
+    /// Whether this build includes the engine.
+    pub const fn is_built(self) -> bool {
+        match self {
+            EngineKind::Wasmtime => cfg!(feature = "wasmtime"),
+            EngineKind::WasmerCranelift | EngineKind::WasmerSinglepass | EngineKind::Wasmi => false,
+        }
+    }
+
+    /// The engines this build includes.
+    pub fn built() -> Vec<EngineKind> {
+        EngineKind::ALL.into_iter().filter(|k| k.is_built()).collect()
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl core::str::FromStr for EngineKind {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EngineKind::from_name(s)
+    }
+}
+
+/// Engine settings shared by every module an [`Engine`] compiles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EngineConfig {
+    /// Maximum wasm stack in bytes; deeper recursion traps with [`TrapKind::StackOverflow`].
+    pub max_wasm_stack: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_wasm_stack: 512 * 1024 }
+    }
+}
+
+/// Why an engine could not be made, a module compiled or linked, or an instance made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineError {
+    /// No engine has this name.
+    UnknownEngine(String),
+    /// The engine exists but this build does not include it.
+    NotBuilt {
+        /// The engine asked for.
+        engine: EngineKind,
+        /// The engines this build has.
+        built: Vec<EngineKind>,
+    },
+    /// The engine rejected its configuration.
+    Config(String),
+    /// The bytes are not a valid module for this engine.
+    Compile(String),
+    /// The module imports functions the host does not provide.
+    UnsupportedImports(Vec<String>),
+    /// The module lacks an export the host needs.
+    MissingExport(&'static str),
+    /// An export has a different type than the ABI gives it.
+    BadExportSignature {
+        /// The export.
+        name: &'static str,
+        /// The type the ABI gives it.
+        expected: String,
+        /// The type the module gives it.
+        found: String,
+    },
+    /// Linking or instantiation failed.
+    Instantiate(String),
+    /// The start section trapped during instantiation.
+    StartTrapped(Trap),
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EngineError::UnknownEngine(name) => {
+                let all: Vec<_> = EngineKind::ALL.iter().map(|k| k.name()).collect();
+                write!(f, "unknown engine {name:?} (known: {})", all.join(", "))
+            }
+            EngineError::NotBuilt { engine, built } => {
+                let built: Vec<_> = built.iter().map(|k| k.name()).collect();
+                write!(f, "engine {engine} is not in this build (built: {}); enable its cargo feature", built.join(", "))
+            }
+            EngineError::Config(why) => write!(f, "engine configuration rejected: {why}"),
+            EngineError::Compile(why) => write!(f, "module does not compile: {why}"),
+            EngineError::UnsupportedImports(names) => write!(f, "module imports unsupported functions: {}", names.join(", ")),
+            EngineError::MissingExport(name) => write!(f, "module does not export {name}"),
+            EngineError::BadExportSignature { name, expected, found } => {
+                write!(f, "export {name} has type {found}, the ABI gives it {expected}")
+            }
+            EngineError::Instantiate(why) => write!(f, "instantiation failed: {why}"),
+            EngineError::StartTrapped(trap) => write!(f, "start section trapped: {trap}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+/// The class of a trap, the same whatever the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrapKind {
+    /// `unreachable` was executed (Rust SDK panics end here).
+    Unreachable,
+    /// A memory or table access was out of bounds.
+    OutOfBounds,
+    /// The wasm stack was exhausted.
+    StackOverflow,
+    /// Execution was interrupted (deadline or fuel).
+    Interrupted,
+    /// A memory or table could not grow, or an allocation was too large.
+    OutOfMemory,
+    /// Integer overflow, division by zero or a bad float-to-int conversion.
+    Arithmetic,
+    /// An indirect call to a null or mistyped function.
+    BadCall,
+    /// A host function failed or panicked.
+    Host,
+    /// Anything else the engine reports.
+    Other,
+}
+
+impl TrapKind {
+    /// A short lower-case name for reports and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TrapKind::Unreachable => "unreachable",
+            TrapKind::OutOfBounds => "out_of_bounds",
+            TrapKind::StackOverflow => "stack_overflow",
+            TrapKind::Interrupted => "interrupted",
+            TrapKind::OutOfMemory => "out_of_memory",
+            TrapKind::Arithmetic => "arithmetic",
+            TrapKind::BadCall => "bad_call",
+            TrapKind::Host => "host",
+            TrapKind::Other => "other",
+        }
+    }
+}
+
+/// A trap raised while running guest code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trap {
+    /// Its class.
+    pub kind: TrapKind,
+    /// The engine's description.
+    pub message: String,
+}
+
+impl fmt::Display for Trap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} trap: {}", self.kind.name(), self.message)
+    }
+}
+
+impl std::error::Error for Trap {}
+
+/// What a guest sees of its caller from inside a hostcall: the host state, its own memory
+/// (checked), and its allocator. Engines implement it; hostcalls take `&mut dyn Caller<H>`.
+pub trait Caller<H> {
+    /// The host state.
+    fn host(&mut self) -> &mut H;
+    /// The guest's memory. Empty if the module has none (every access then fails).
+    fn memory(&mut self) -> GuestMemory<'_>;
+    /// Host state and memory at once.
+    fn split(&mut self) -> (&mut H, GuestMemory<'_>);
+    /// Calls the guest allocator for `size` (> 0) bytes and checks that the whole returned
+    /// range is inside memory before the host writes through it. A trap in the allocator fails
+    /// the instance once the hostcall returns.
+    fn allocate(&mut self, size: u32) -> Result<u32, MemoryError>;
+}
+
+macro_rules! default_body {
+    (i32, $cx:ident, $import:expr) => {
+        Self::unimplemented($cx, $import)
+    };
+    ((), $cx:ident, $import:expr) => {{
+        let _ = Self::unimplemented($cx, $import);
+    }};
+}
+
+macro_rules! define_hostcalls_trait {
+    ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
+        /// The host side of every import in the ABI table, one method per import, generated
+        /// from [`abi::for_each_import!`]. Arguments are the raw wasm values. Methods not
+        /// overridden call [`Hostcalls::unimplemented`].
+        #[allow(unused_variables)]
+        pub trait Hostcalls: Sized + Send + 'static {
+            /// Result of an import the implementation does not provide: a `proxy_*` call
+            /// should answer `Status::Unimplemented`, a WASI call `ENOSYS`.
+            fn unimplemented(cx: &mut dyn Caller<Self>, import: Import) -> i32;
+
+            $(
+                #[doc = concat!("`", stringify!($module), ".", stringify!($name), "`")]
+                fn $name(cx: &mut dyn Caller<Self>, $($arg: $ty),*) -> $ret {
+                    default_body!($ret, cx, Import::$variant)
+                }
+            )*
+        }
+    };
+}
+filterbox_abi::for_each_import!(define_hostcalls_trait);
+
+/// What a callback call returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Returned {
+    /// The module does not export the callback.
+    Missing,
+    /// The callback returns nothing.
+    Nothing,
+    /// The callback's `i32` result.
+    Value(i32),
+}
+
+/// A wasm engine: compiles modules. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    kind: EngineKind,
+    inner: EngineInner,
+}
+
+#[derive(Clone)]
+enum EngineInner {
+    #[cfg(feature = "wasmtime")]
+    Wasmtime(wasmtime_backend::WtEngine),
+}
+
+impl Engine {
+    /// Makes an engine of `kind`, or says which engines this build has.
+    pub fn new(kind: EngineKind, config: &EngineConfig) -> Result<Engine, EngineError> {
+        let inner = match kind {
+            #[cfg(feature = "wasmtime")]
+            EngineKind::Wasmtime => EngineInner::Wasmtime(wasmtime_backend::WtEngine::new(config)?),
+            #[allow(unreachable_patterns)]
+            _ => return Err(EngineError::NotBuilt { engine: kind, built: EngineKind::built() }),
+        };
+        Ok(Engine { kind, inner })
+    }
+
+    /// Which engine this is.
+    pub fn kind(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// Compiles a module. Its imports and exports are read first, so a module that is not
+    /// wasm at all fails with the parser's reason.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Module, EngineError> {
+        let info = ModuleInfo::parse(wasm).map_err(|e| EngineError::Compile(e.to_string()))?;
+        let inner = match &self.inner {
+            #[cfg(feature = "wasmtime")]
+            EngineInner::Wasmtime(engine) => ModuleInner::Wasmtime(engine.compile(wasm)?),
+        };
+        Ok(Module { kind: self.kind, info: Arc::new(info), inner })
+    }
+}
+
+/// A compiled module. `Send + Sync`, cheap to clone, shared by every VM of a plugin.
+#[derive(Clone)]
+pub struct Module {
+    kind: EngineKind,
+    info: Arc<ModuleInfo>,
+    inner: ModuleInner,
+}
+
+#[derive(Clone)]
+enum ModuleInner {
+    #[cfg(feature = "wasmtime")]
+    Wasmtime(wasmtime::Module),
+}
+
+impl Module {
+    /// The engine that compiled it.
+    pub fn engine(&self) -> EngineKind {
+        self.kind
+    }
+
+    /// Its imports and exports.
+    pub fn info(&self) -> &ModuleInfo {
+        &self.info
+    }
+
+    /// Links the module with the host functions of `H` for ABI `abi`, checking up front that
+    /// every import is provided, that it exports `memory` and an allocator, and that every
+    /// callback it exports has the type the ABI gives it.
+    pub fn link<H: Hostcalls>(&self, abi: AbiVersion) -> Result<InstancePre<H>, EngineError> {
+        let unsupported: Vec<String> =
+            self.info.unsupported_imports().map(|i| format!("{}.{}", i.module, i.name)).collect();
+        if !unsupported.is_empty() {
+            return Err(EngineError::UnsupportedImports(unsupported));
+        }
+        let inner = match &self.inner {
+            #[cfg(feature = "wasmtime")]
+            ModuleInner::Wasmtime(module) => InstancePreInner::Wasmtime(wasmtime_backend::WtInstancePre::new(module, abi)?),
+        };
+        Ok(InstancePre { inner })
+    }
+}
+
+/// A module linked with a host's functions, ready to instantiate many times.
+/// `Send + Sync`: one per plugin, shared by every worker thread.
+pub struct InstancePre<H: Hostcalls> {
+    inner: InstancePreInner<H>,
+}
+
+enum InstancePreInner<H: Hostcalls> {
+    #[cfg(feature = "wasmtime")]
+    Wasmtime(wasmtime_backend::WtInstancePre<H>),
+}
+
+impl<H: Hostcalls> Clone for InstancePre<H> {
+    fn clone(&self) -> Self {
+        let inner = match &self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstancePreInner::Wasmtime(pre) => InstancePreInner::Wasmtime(pre.clone()),
+        };
+        InstancePre { inner }
+    }
+}
+
+impl<H: Hostcalls> InstancePre<H> {
+    /// Makes a new instance that owns `host`. A wasm start section runs here.
+    pub fn instantiate(&self, host: H) -> Result<Instance<H>, EngineError> {
+        let inner = match &self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstancePreInner::Wasmtime(pre) => InstanceInner::Wasmtime(pre.instantiate(host)?),
+        };
+        Ok(Instance { inner })
+    }
+}
+
+/// One instance of a module with its host state. `Send`, not `Sync`: it belongs to one thread
+/// at a time.
+pub struct Instance<H: Hostcalls> {
+    inner: InstanceInner<H>,
+}
+
+enum InstanceInner<H: Hostcalls> {
+    #[cfg(feature = "wasmtime")]
+    Wasmtime(wasmtime_backend::WtInstance<H>),
+}
+
+impl<H: Hostcalls> Instance<H> {
+    /// Whether the module exports `callback`.
+    pub fn has(&self, callback: Callback) -> bool {
+        match &self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstanceInner::Wasmtime(i) => i.has(callback),
+        }
+    }
+
+    /// Calls `callback` with `args` (as many as its ABI signature has; extra ones are
+    /// ignored, missing ones are zero).
+    pub fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        match &mut self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstanceInner::Wasmtime(i) => i.call(callback, args),
+        }
+    }
+
+    /// The host state.
+    pub fn host(&self) -> &H {
+        match &self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstanceInner::Wasmtime(i) => i.host(),
+        }
+    }
+
+    /// The host state, mutably.
+    pub fn host_mut(&mut self) -> &mut H {
+        match &mut self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstanceInner::Wasmtime(i) => i.host_mut(),
+        }
+    }
+
+    /// Current size of the guest's linear memory in bytes.
+    pub fn memory_size(&mut self) -> usize {
+        match &mut self.inner {
+            #[cfg(feature = "wasmtime")]
+            InstanceInner::Wasmtime(i) => i.memory_size(),
+        }
+    }
+}
+
+/// Turns a panic payload into a message.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_owned())
+}

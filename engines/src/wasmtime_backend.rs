@@ -1,0 +1,312 @@
+//! The wasmtime backend.
+
+use crate::{Caller, EngineConfig, EngineError, GuestMemory, Hostcalls, MemoryError, Returned, Trap, TrapKind};
+use filterbox_abi::{AbiVersion, Callback, ValType, WASI_MODULES};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use wasmtime::{Extern, Func, Linker, Memory, ModuleExport, Store, TypedFunc, Val};
+
+#[derive(Clone)]
+pub(crate) struct WtEngine {
+    engine: wasmtime::Engine,
+}
+
+impl WtEngine {
+    pub(crate) fn new(config: &EngineConfig) -> Result<Self, EngineError> {
+        let mut c = wasmtime::Config::new();
+        c.max_wasm_stack(config.max_wasm_stack);
+        let engine = wasmtime::Engine::new(&c).map_err(|e| EngineError::Config(e.to_string()))?;
+        Ok(WtEngine { engine })
+    }
+
+    pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmtime::Module, EngineError> {
+        wasmtime::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(format!("{e:#}")))
+    }
+}
+
+/// What lives in the wasmtime store beside the host state.
+pub(crate) struct StoreData<H> {
+    host: H,
+    memory: Option<Memory>,
+    allocator: Option<TypedFunc<i32, i32>>,
+    /// A trap raised inside a nested guest call (the allocator) during a hostcall; it fails
+    /// the outer call once the hostcall returns.
+    pending_trap: Option<Trap>,
+}
+
+/// An error a host function returns to make the guest trap with a given class.
+#[derive(Debug)]
+struct HostTrap(Trap);
+
+impl core::fmt::Display for HostTrap {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for HostTrap {}
+
+fn classify(err: &wasmtime::Error) -> Trap {
+    if let Some(HostTrap(trap)) = err.downcast_ref::<HostTrap>() {
+        return trap.clone();
+    }
+    use wasmtime::Trap as T;
+    let Some(trap) = err.downcast_ref::<T>() else {
+        return Trap { kind: TrapKind::Other, message: format!("{err:#}") };
+    };
+    let kind = match trap {
+        T::StackOverflow => TrapKind::StackOverflow,
+        T::MemoryOutOfBounds | T::TableOutOfBounds | T::HeapMisaligned | T::ArrayOutOfBounds => TrapKind::OutOfBounds,
+        T::IndirectCallToNull | T::BadSignature | T::NullReference | T::CastFailure => TrapKind::BadCall,
+        T::IntegerOverflow | T::IntegerDivisionByZero | T::BadConversionToInteger => TrapKind::Arithmetic,
+        T::UnreachableCodeReached => TrapKind::Unreachable,
+        T::Interrupt | T::OutOfFuel => TrapKind::Interrupted,
+        T::AllocationTooLarge => TrapKind::OutOfMemory,
+        _ => TrapKind::Other,
+    };
+    Trap { kind, message: trap.to_string() }
+}
+
+struct WtCaller<'a, 'b, H: 'static> {
+    caller: &'a mut wasmtime::Caller<'b, StoreData<H>>,
+}
+
+impl<H: 'static> Caller<H> for WtCaller<'_, '_, H> {
+    fn host(&mut self) -> &mut H {
+        &mut self.caller.data_mut().host
+    }
+
+    fn memory(&mut self) -> GuestMemory<'_> {
+        match self.caller.data().memory {
+            Some(memory) => GuestMemory::new(memory.data_mut(&mut *self.caller)),
+            None => GuestMemory::empty(),
+        }
+    }
+
+    fn split(&mut self) -> (&mut H, GuestMemory<'_>) {
+        match self.caller.data().memory {
+            Some(memory) => {
+                let (bytes, data) = memory.data_and_store_mut(&mut *self.caller);
+                (&mut data.host, GuestMemory::new(bytes))
+            }
+            None => (&mut self.caller.data_mut().host, GuestMemory::empty()),
+        }
+    }
+
+    fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
+        let Some(allocator) = self.caller.data().allocator.clone() else {
+            return Err(MemoryError::AllocatorFailed { size });
+        };
+        // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
+        match allocator.call(&mut *self.caller, size as i32) {
+            Ok(0) => Err(MemoryError::AllocatorFailed { size }),
+            Ok(ptr) => {
+                let ptr = ptr as u32;
+                self.memory().read(ptr, size)?;
+                Ok(ptr)
+            }
+            Err(err) => {
+                self.caller.data_mut().pending_trap = Some(classify(&err));
+                Err(MemoryError::AllocatorTrapped)
+            }
+        }
+    }
+}
+
+/// Ends a host function: a panic becomes a host trap (it never unwinds through wasm frames),
+/// and a trap raised by a nested guest call fails the outer call.
+fn finish<H, R>(
+    caller: &mut wasmtime::Caller<'_, StoreData<H>>,
+    name: &str,
+    result: std::thread::Result<R>,
+) -> wasmtime::Result<R> {
+    let value = result.map_err(|panic| {
+        let message = format!("hostcall {name} panicked: {}", crate::panic_message(&*panic));
+        wasmtime::Error::new(HostTrap(Trap { kind: TrapKind::Host, message }))
+    })?;
+    match caller.data_mut().pending_trap.take() {
+        Some(trap) => Err(wasmtime::Error::new(HostTrap(trap))),
+        None => Ok(value),
+    }
+}
+
+fn module_names(module: &str) -> &'static [&'static str] {
+    match module {
+        "wasi" => &WASI_MODULES,
+        _ => &["env"],
+    }
+}
+
+macro_rules! define_imports {
+    ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
+        fn define_imports<H: Hostcalls>(linker: &mut Linker<StoreData<H>>) -> wasmtime::Result<()> {
+            $(
+                for module in module_names(stringify!($module)) {
+                    linker.func_wrap(
+                        module,
+                        stringify!($name),
+                        |mut caller: wasmtime::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> wasmtime::Result<$ret> {
+                            let result = catch_unwind(AssertUnwindSafe(|| {
+                                H::$name(&mut WtCaller { caller: &mut caller }, $($arg),*)
+                            }));
+                            finish(&mut caller, stringify!($name), result)
+                        },
+                    )?;
+                }
+            )*
+            Ok(())
+        }
+    };
+}
+filterbox_abi::for_each_import!(define_imports);
+
+fn wt_type(ty: ValType) -> wasmtime::ValType {
+    match ty {
+        ValType::I32 => wasmtime::ValType::I32,
+        ValType::I64 => wasmtime::ValType::I64,
+    }
+}
+
+fn describe(params: impl Iterator<Item = wasmtime::ValType>, results: impl Iterator<Item = wasmtime::ValType>) -> String {
+    let list = |it: &mut dyn Iterator<Item = wasmtime::ValType>| it.map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+    format!("({}) -> ({})", list(&mut { params }), list(&mut { results }))
+}
+
+pub(crate) struct WtInstancePre<H> {
+    pre: wasmtime::InstancePre<StoreData<H>>,
+    /// Per callback: where to find it in an instance, if the module exports it.
+    callbacks: Vec<Option<ModuleExport>>,
+    allocator: Option<ModuleExport>,
+    memory: ModuleExport,
+    abi: AbiVersion,
+}
+
+impl<H> Clone for WtInstancePre<H> {
+    fn clone(&self) -> Self {
+        WtInstancePre {
+            pre: self.pre.clone(),
+            callbacks: self.callbacks.clone(),
+            allocator: self.allocator,
+            memory: self.memory,
+            abi: self.abi,
+        }
+    }
+}
+
+impl<H: Hostcalls> WtInstancePre<H> {
+    pub(crate) fn new(module: &wasmtime::Module, abi: AbiVersion) -> Result<Self, EngineError> {
+        let memory = match module.get_export("memory") {
+            Some(wasmtime::ExternType::Memory(_)) => module.get_export_index("memory"),
+            _ => None,
+        }
+        .ok_or(EngineError::MissingExport("memory"))?;
+        let mut callbacks = Vec::with_capacity(Callback::COUNT);
+        for &callback in Callback::ALL {
+            let name = callback.name();
+            let Some(wasmtime::ExternType::Func(ty)) = module.get_export(name) else {
+                callbacks.push(None);
+                continue;
+            };
+            let params = callback.params(abi);
+            let expected_results: Vec<ValType> = callback.result().into_iter().collect();
+            let matches = ty.params().len() == params.len()
+                && ty.params().zip(params).all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)))
+                && ty.results().len() == expected_results.len()
+                && ty.results().zip(&expected_results).all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)));
+            if !matches {
+                return Err(EngineError::BadExportSignature {
+                    name,
+                    expected: describe(params.iter().map(|t| wt_type(*t)), expected_results.iter().map(|t| wt_type(*t))),
+                    found: describe(ty.params(), ty.results()),
+                });
+            }
+            callbacks.push(module.get_export_index(name));
+        }
+        // The spec's order: proxy_on_memory_allocate first, malloc only in its absence
+        // (REFERENCE §1.3: malloc-first leaks every buffer in TinyGo plugins).
+        let allocator = [Callback::ProxyOnMemoryAllocate, Callback::Malloc]
+            .iter()
+            .find_map(|c| callbacks.get(*c as usize).copied().flatten())
+            .ok_or(EngineError::MissingExport("proxy_on_memory_allocate or malloc"))?;
+        let mut linker = Linker::new(module.engine());
+        define_imports::<H>(&mut linker).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?;
+        let pre = linker.instantiate_pre(module).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?;
+        Ok(WtInstancePre { pre, callbacks, allocator: Some(allocator), memory, abi })
+    }
+
+    pub(crate) fn instantiate(&self, host: H) -> Result<WtInstance<H>, EngineError> {
+        let data = StoreData { host, memory: None, allocator: None, pending_trap: None };
+        let mut store = Store::new(self.pre.module().engine(), data);
+        let instance = self.pre.instantiate(&mut store).map_err(|e| match e.downcast_ref::<wasmtime::Trap>() {
+            Some(_) => EngineError::StartTrapped(classify(&e)),
+            None => EngineError::Instantiate(format!("{e:#}")),
+        })?;
+        let memory = match instance.get_module_export(&mut store, &self.memory) {
+            Some(Extern::Memory(m)) => m,
+            _ => return Err(EngineError::MissingExport("memory")),
+        };
+        let allocator = match self.allocator.and_then(|a| instance.get_module_export(&mut store, &a)) {
+            Some(Extern::Func(f)) => f.typed::<i32, i32>(&store).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?,
+            _ => return Err(EngineError::MissingExport("proxy_on_memory_allocate or malloc")),
+        };
+        let mut funcs = Vec::with_capacity(self.callbacks.len());
+        for (export, callback) in self.callbacks.iter().zip(Callback::ALL) {
+            funcs.push(match export.and_then(|e| instance.get_module_export(&mut store, &e)) {
+                // Types were checked against the ABI when linking, so the arity is the ABI's.
+                Some(Extern::Func(f)) => Some((f, callback.params(self.abi).len())),
+                _ => None,
+            });
+        }
+        let data = store.data_mut();
+        data.memory = Some(memory);
+        data.allocator = Some(allocator);
+        Ok(WtInstance { store, funcs })
+    }
+}
+
+pub(crate) struct WtInstance<H: 'static> {
+    store: Store<StoreData<H>>,
+    /// Per callback: the export and its number of parameters.
+    funcs: Vec<Option<(Func, usize)>>,
+}
+
+impl<H: Hostcalls> WtInstance<H> {
+    pub(crate) fn has(&self, callback: Callback) -> bool {
+        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+    }
+
+    pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
+            return Ok(Returned::Missing);
+        };
+        let (func, arity) = (*func, *arity);
+        let mut params = [Val::I32(0); 6];
+        for (slot, arg) in params.iter_mut().zip(args) {
+            *slot = Val::I32(*arg);
+        }
+        let mut results = [Val::I32(0)];
+        let returns = usize::from(callback.result().is_some());
+        let (params, results) = (params.get(..arity).unwrap_or(&[]), results.get_mut(..returns).unwrap_or(&mut []));
+        let outcome = func.call(&mut self.store, params, results);
+        self.store.data_mut().pending_trap = None;
+        outcome.map_err(|e| classify(&e))?;
+        Ok(match results.first() {
+            Some(Val::I32(v)) => Returned::Value(*v),
+            _ => Returned::Nothing,
+        })
+    }
+
+    pub(crate) fn host(&self) -> &H {
+        &self.store.data().host
+    }
+
+    pub(crate) fn host_mut(&mut self) -> &mut H {
+        &mut self.store.data_mut().host
+    }
+
+    pub(crate) fn memory_size(&mut self) -> usize {
+        match self.store.data().memory {
+            Some(m) => m.data_size(&self.store),
+            None => 0,
+        }
+    }
+}
