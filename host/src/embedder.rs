@@ -1,0 +1,46 @@
+//! Small traits the embedder implements to connect plugins to its proxy. Each has a default.
+
+use bytes::Bytes;
+use filterbox_abi::LogLevel;
+
+/// Where plugin log lines go (`proxy_log` and WASI stdout/stderr).
+pub trait LogSink: Send + Sync {
+    /// One log line from plugin `plugin`.
+    fn log(&self, plugin: &str, level: LogLevel, message: &str);
+}
+
+/// The default sink: `tracing` events with target `filterbox::plugin` and a `plugin` field.
+/// Critical maps to `ERROR`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TracingLogSink;
+
+impl LogSink for TracingLogSink {
+    fn log(&self, plugin: &str, level: LogLevel, message: &str) {
+        match level {
+            LogLevel::Trace => tracing::trace!(target: "filterbox::plugin", plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(target: "filterbox::plugin", plugin, "{message}"),
+            LogLevel::Info => tracing::info!(target: "filterbox::plugin", plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(target: "filterbox::plugin", plugin, "{message}"),
+            LogLevel::Error | LogLevel::Critical => {
+                tracing::error!(target: "filterbox::plugin", plugin, critical = level == LogLevel::Critical, "{message}")
+            }
+        }
+    }
+}
+
+/// Answers `proxy_get_property` for the names filterbox does not answer itself
+/// (it answers `plugin_name`, `plugin_root_id` and `plugin_vm_id`).
+pub trait PropertyProvider: Send + Sync {
+    /// The encoded value at `path` (REFERENCE §3.3), or `None` if there is none.
+    fn property(&self, path: &[&[u8]]) -> Option<Bytes>;
+}
+
+/// A provider that knows no properties.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProperties;
+
+impl PropertyProvider for NoProperties {
+    fn property(&self, _path: &[&[u8]]) -> Option<Bytes> {
+        None
+    }
+}

@@ -1,0 +1,525 @@
+//! The hostcalls: what each `proxy_*` and WASI import does (REFERENCE §4, §9).
+//!
+//! Every guest pointer and length goes through [`GuestMemory`]'s checked access; results that
+//! need guest memory are allocated with the guest allocator and written through a checked
+//! borrow. Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once
+//! and answers `Unimplemented` (`ENOSYS` for WASI).
+
+use crate::headers::lower;
+use crate::state::{ContextKind, Phase, VmState};
+use crate::LocalResponse;
+use bytes::Bytes;
+use filterbox_abi::{pairs, property_path, BufferType, GrpcStatus, Import, ImportModule, LogLevel, MapType, Status, StreamType, WasiErrno};
+use filterbox_engines::{Caller, GuestMemory, Hostcalls, MemoryError};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+type Cx<'a> = &'a mut dyn Caller<VmState>;
+
+/// Largest `random_get` a guest may ask for at once, as the reference host allows.
+const RANDOM_GET_MAX_BYTES: u32 = 64 * 1024;
+
+/// Returns early from a hostcall with the status (or errno) of an error.
+macro_rules! tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Status::from(e).as_i32(),
+        }
+    };
+}
+
+macro_rules! wasi_tri {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(MemoryError::OutOfBounds { .. } | MemoryError::NoMemory) => return WasiErrno::Fault.as_i32(),
+            Err(_) => return WasiErrno::Inval.as_i32(),
+        }
+    };
+}
+
+fn read<'m>(memory: &'m GuestMemory<'_>, ptr: i32, len: i32) -> Result<&'m [u8], MemoryError> {
+    // Wasm pointers and sizes are unsigned 32-bit values carried in i32s.
+    memory.read(ptr as u32, len as u32)
+}
+
+/// Hands `len` bytes to the guest: allocates them with the guest allocator, lets `fill` write
+/// them from the host state, and writes the pointer and size to the out-pointers. Zero bytes
+/// are returned as `(0, 0)` without calling the allocator (SDK allocators break on 0).
+fn return_with(
+    cx: Cx<'_>,
+    len: usize,
+    ret_ptr_ptr: i32,
+    ret_size_ptr: i32,
+    fill: impl FnOnce(&VmState, &mut [u8]) -> bool,
+) -> Status {
+    let Ok(len) = u32::try_from(len) else { return Status::InvalidMemoryAccess };
+    let ptr = if len == 0 {
+        0
+    } else {
+        let ptr = match cx.allocate(len) {
+            Ok(ptr) => ptr,
+            Err(e) => return e.into(),
+        };
+        let (state, mut memory) = cx.split();
+        let Ok(dst) = memory.read_mut(ptr, len) else { return Status::InvalidMemoryAccess };
+        // The allocator is guest code and may have changed what we were about to return.
+        if !fill(state, dst) {
+            return Status::InternalFailure;
+        }
+        ptr
+    };
+    write_words(&mut cx.memory(), &[(ret_ptr_ptr, ptr), (ret_size_ptr, len)])
+}
+
+/// Hands a copy of `data` to the guest (see [`return_with`]).
+fn return_bytes(cx: Cx<'_>, data: &[u8], ret_ptr_ptr: i32, ret_size_ptr: i32) -> Status {
+    return_with(cx, data.len(), ret_ptr_ptr, ret_size_ptr, |_, dst| {
+        dst.copy_from_slice(data);
+        true
+    })
+}
+
+fn write_words(memory: &mut GuestMemory<'_>, words: &[(i32, u32)]) -> Status {
+    for (ptr, value) in words {
+        if memory.write_u32(*ptr as u32, *value).is_err() {
+            return Status::InvalidMemoryAccess;
+        }
+    }
+    Status::Ok
+}
+
+fn map_type(value: i32) -> Result<MapType, Status> {
+    MapType::from_u32(value as u32).ok_or(Status::BadArgument)
+}
+
+fn buffer_type(value: i32) -> Result<BufferType, Status> {
+    BufferType::from_u32(value as u32).ok_or(Status::BadArgument)
+}
+
+fn stream_type(value: i32) -> Result<StreamType, Status> {
+    StreamType::from_u32(value as u32).ok_or(Status::BadArgument)
+}
+
+/// Decodes a guest pairs buffer. A malformed one is `BadArgument`: the reference host treats it
+/// as an empty map and answers `Ok`, which silently clears headers; filterbox says so instead.
+fn decode_pairs(bytes: &[u8]) -> Result<Vec<(Bytes, Bytes)>, Status> {
+    let decoded = pairs::decode(bytes).map_err(|_| Status::BadArgument)?;
+    Ok(decoded.into_iter().map(|(k, v)| (lower(k), Bytes::copy_from_slice(v))).collect())
+}
+
+fn monotonic_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let nanos = START.get_or_init(Instant::now).elapsed().as_nanos();
+    u64::try_from(nanos).unwrap_or(u64::MAX)
+}
+
+fn realtime_nanos() -> u64 {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    u64::try_from(nanos).unwrap_or(u64::MAX)
+}
+
+impl Hostcalls for VmState {
+    fn unimplemented(cx: Cx<'_>, import: Import) -> i32 {
+        cx.host().warn_unimplemented(import);
+        match import.module() {
+            ImportModule::Env => Status::Unimplemented.as_i32(),
+            ImportModule::Wasi => WasiErrno::Nosys.as_i32(),
+        }
+    }
+
+    // --- logging, time, configuration ---
+
+    fn proxy_log(cx: Cx<'_>, level: i32, message_ptr: i32, message_size: i32) -> i32 {
+        let Some(level) = LogLevel::from_u32(level as u32) else { return Status::BadArgument.as_i32() };
+        let (state, memory) = cx.split();
+        let message = tri!(read(&memory, message_ptr, message_size));
+        state.shared.log(level, &String::from_utf8_lossy(message));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_get_log_level(cx: Cx<'_>, ret_level_ptr: i32) -> i32 {
+        let level = cx.host().shared.config.log_level.as_u32();
+        write_words(&mut cx.memory(), &[(ret_level_ptr, level)]).as_i32()
+    }
+
+    fn proxy_get_current_time_nanoseconds(cx: Cx<'_>, ret_time_ptr: i32) -> i32 {
+        tri!(cx.memory().write_u64(ret_time_ptr as u32, realtime_nanos()));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_get_configuration(cx: Cx<'_>, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+        // ABI 0.1.0: the plugin configuration inside on_configure, else the VM configuration.
+        let state = cx.host();
+        let buffer = match state.phase {
+            Phase::Configure => BufferType::PluginConfiguration,
+            _ => BufferType::VmConfiguration,
+        };
+        let len = tri!(state.buffer(buffer)).len();
+        return_with(cx, len, ret_ptr_ptr, ret_size_ptr, |state, dst| match state.buffer(buffer) {
+            Ok(bytes) if bytes.len() == dst.len() => {
+                dst.copy_from_slice(bytes);
+                true
+            }
+            _ => false,
+        })
+        .as_i32()
+    }
+
+    // --- properties ---
+
+    fn proxy_get_property(cx: Cx<'_>, path_ptr: i32, path_size: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+        let (state, memory) = cx.split();
+        let raw = tri!(read(&memory, path_ptr, path_size));
+        // An empty or malformed path names nothing.
+        let Ok(path) = property_path::decode(raw) else { return Status::NotFound.as_i32() };
+        let config = &state.shared.config;
+        let value = match path.as_slice() {
+            [b"plugin_name"] => Some(Bytes::copy_from_slice(config.name.as_bytes())),
+            [b"plugin_root_id"] => Some(Bytes::copy_from_slice(config.root_id.as_bytes())),
+            [b"plugin_vm_id"] => Some(Bytes::copy_from_slice(config.vm_id.as_bytes())),
+            _ => state.shared.properties.property(&path),
+        };
+        match value {
+            Some(value) => return_bytes(cx, &value, ret_ptr_ptr, ret_size_ptr).as_i32(),
+            None => Status::NotFound.as_i32(),
+        }
+    }
+
+    // --- buffers ---
+
+    fn proxy_get_buffer_bytes(cx: Cx<'_>, buffer_type: i32, start: i32, max_size: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+        let kind = tri!(self::buffer_type(buffer_type));
+        let len = tri!(cx.host().buffer(kind)).len() as u64;
+        // 64-bit arithmetic: the Rust SDK passes max_size = u32::MAX to mean "everything".
+        let (start, max_size) = (u64::from(start as u32), u64::from(max_size as u32));
+        let length = if start >= len { 0 } else { max_size.min(len - start) };
+        // Both fit in usize: they are at most the buffer's length.
+        let (start, length) = (start as usize, length as usize);
+        return_with(cx, length, ret_ptr_ptr, ret_size_ptr, |state, dst| {
+            match state.buffer(kind).ok().and_then(|b| b.get(start..start + length)) {
+                Some(src) => {
+                    dst.copy_from_slice(src);
+                    true
+                }
+                None => false,
+            }
+        })
+        .as_i32()
+    }
+
+    fn proxy_get_buffer_status(cx: Cx<'_>, buffer_type: i32, ret_size_ptr: i32, ret_flags_ptr: i32) -> i32 {
+        let kind = tri!(self::buffer_type(buffer_type));
+        let len = tri!(cx.host().buffer(kind)).len();
+        let Ok(len) = u32::try_from(len) else { return Status::InternalFailure.as_i32() };
+        write_words(&mut cx.memory(), &[(ret_size_ptr, len), (ret_flags_ptr, 0)]).as_i32()
+    }
+
+    fn proxy_set_buffer_bytes(cx: Cx<'_>, buffer_type: i32, start: i32, size: i32, data_ptr: i32, data_size: i32) -> i32 {
+        let kind = tri!(self::buffer_type(buffer_type));
+        let (state, memory) = cx.split();
+        let data = tri!(read(&memory, data_ptr, data_size));
+        let mutable = matches!(
+            kind,
+            BufferType::HttpRequestBody | BufferType::HttpResponseBody | BufferType::DownstreamData | BufferType::UpstreamData
+        );
+        if !mutable {
+            return Status::BadArgument.as_i32();
+        }
+        let Some((_, body)) = state.body.as_mut().filter(|(k, _)| *k == kind) else {
+            return Status::NotFound.as_i32();
+        };
+        // The spec's semantics, a superset of Envoy's: replace `size` bytes at `start` with
+        // `data`; (0, 0) prepends, start >= len appends, (0, len) replaces everything.
+        let len = body.len() as u64;
+        let from = u64::from(start as u32).min(len) as usize;
+        let to = (from as u64 + u64::from(size as u32)).min(len) as usize;
+        let tail = body.split_off(to);
+        body.truncate(from);
+        body.extend_from_slice(data);
+        body.extend_from_slice(&tail);
+        Status::Ok.as_i32()
+    }
+
+    // --- header maps ---
+
+    fn proxy_get_header_map_pairs(cx: Cx<'_>, map_type: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        // An absent map reads as empty, as Envoy answers (the Rust SDK panics on anything else).
+        let len = cx.host().map(map).filter(|m| !m.is_empty()).map_or(0, |m| pairs::encoded_len(m.as_slice()));
+        return_with(cx, len, ret_ptr_ptr, ret_size_ptr, |state, dst| {
+            state.map(map).is_some_and(|m| pairs::encode_into(m.as_slice(), dst))
+        })
+        .as_i32()
+    }
+
+    fn proxy_set_header_map_pairs(cx: Cx<'_>, map_type: i32, pairs_ptr: i32, pairs_size: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        let (state, memory) = cx.split();
+        let entries = tri!(decode_pairs(tri!(read(&memory, pairs_ptr, pairs_size))));
+        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        headers.clear();
+        headers.extend(entries);
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_get_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        let (state, memory) = cx.split();
+        let key = tri!(read(&memory, key_ptr, key_size));
+        let Some(headers) = state.map(map) else { return Status::BadArgument.as_i32() };
+        match headers.get(key).cloned() {
+            Some(value) => return_bytes(cx, &value, ret_ptr_ptr, ret_size_ptr).as_i32(),
+            // ABI 0.1.0 answers a missing key with an empty value; 0.2.0 made it NotFound.
+            None if state.abi() == filterbox_abi::AbiVersion::V0_1_0 => {
+                write_words(&mut cx.memory(), &[(ret_ptr_ptr, 0), (ret_size_ptr, 0)]).as_i32()
+            }
+            None => Status::NotFound.as_i32(),
+        }
+    }
+
+    fn proxy_add_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32, value_ptr: i32, value_size: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        let (state, memory) = cx.split();
+        let key = tri!(read(&memory, key_ptr, key_size));
+        let value = tri!(read(&memory, value_ptr, value_size));
+        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        headers.add(lower(key), Bytes::copy_from_slice(value));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_replace_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32, value_ptr: i32, value_size: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        let (state, memory) = cx.split();
+        let key = tri!(read(&memory, key_ptr, key_size));
+        let value = tri!(read(&memory, value_ptr, value_size));
+        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        headers.replace(lower(key), Bytes::copy_from_slice(value));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_remove_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        let (state, memory) = cx.split();
+        let key = tri!(read(&memory, key_ptr, key_size));
+        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        headers.remove(key);
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_get_header_map_size(cx: Cx<'_>, map_type: i32, ret_size_ptr: i32) -> i32 {
+        let map = tri!(self::map_type(map_type));
+        // Envoy's answer: total bytes of names and values.
+        let Some(size) = cx.host().map(map).map(|m| m.byte_size()) else { return Status::BadArgument.as_i32() };
+        let Ok(size) = u32::try_from(size) else { return Status::InternalFailure.as_i32() };
+        write_words(&mut cx.memory(), &[(ret_size_ptr, size)]).as_i32()
+    }
+
+    // --- stream control ---
+
+    fn proxy_send_local_response(
+        cx: Cx<'_>,
+        status_code: i32,
+        details_ptr: i32,
+        details_size: i32,
+        body_ptr: i32,
+        body_size: i32,
+        headers_ptr: i32,
+        headers_size: i32,
+        grpc_status: i32,
+    ) -> i32 {
+        let (state, memory) = cx.split();
+        let details = tri!(read(&memory, details_ptr, details_size));
+        let body = tri!(read(&memory, body_ptr, body_size));
+        let headers = tri!(decode_pairs(tri!(read(&memory, headers_ptr, headers_size))));
+        if state.context_kind() != Some(ContextKind::Http) {
+            // Envoy ignores it outside an HTTP stream and still answers Ok.
+            state.shared.log(LogLevel::Warn, "filterbox: proxy_send_local_response outside an HTTP stream is ignored");
+            return Status::Ok.as_i32();
+        }
+        state.local_response = Some(LocalResponse {
+            status_code: status_code as u32,
+            details: String::from_utf8_lossy(details).into_owned(),
+            body: Bytes::copy_from_slice(body),
+            headers: headers.into_iter().collect(),
+            // SDKs pass -1 for "not a gRPC response"; anything outside 0..=16 means none.
+            grpc_status: GrpcStatus::from_u32(grpc_status as u32),
+        });
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_continue_stream(cx: Cx<'_>, stream_type: i32) -> i32 {
+        match tri!(self::stream_type(stream_type)) {
+            // Envoy cannot resume an upstream connection either.
+            StreamType::Upstream => Status::Unimplemented.as_i32(),
+            stream => {
+                cx.host().stream_type_event(stream, false);
+                Status::Ok.as_i32()
+            }
+        }
+    }
+
+    fn proxy_close_stream(cx: Cx<'_>, stream_type: i32) -> i32 {
+        let stream = tri!(self::stream_type(stream_type));
+        cx.host().stream_type_event(stream, true);
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_continue_request(cx: Cx<'_>) -> i32 {
+        cx.host().stream_type_event(StreamType::HttpRequest, false);
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_continue_response(cx: Cx<'_>) -> i32 {
+        cx.host().stream_type_event(StreamType::HttpResponse, false);
+        Status::Ok.as_i32()
+    }
+
+    // --- contexts ---
+
+    fn proxy_set_effective_context(cx: Cx<'_>, context_id: i32) -> i32 {
+        let state = cx.host();
+        let id = context_id as u32;
+        if id == 0 {
+            state.effective_context = None;
+        } else if state.contexts.contains_key(&id) {
+            state.effective_context = Some(id);
+        } else {
+            return Status::BadArgument.as_i32();
+        }
+        Status::Ok.as_i32()
+    }
+
+    // --- emscripten helpers ---
+
+    fn pthread_equal(_cx: Cx<'_>, a: i32, b: i32) -> i32 {
+        i32::from(a == b)
+    }
+
+    fn emscripten_notify_memory_growth(_cx: Cx<'_>, _memory_index: i32) {}
+
+    // --- WASI ---
+
+    fn fd_write(cx: Cx<'_>, fd: i32, iovs_ptr: i32, iovs_len: i32, ret_nwritten_ptr: i32) -> i32 {
+        let level = match fd {
+            1 => LogLevel::Info,
+            2 => LogLevel::Error,
+            _ => return WasiErrno::Badf.as_i32(),
+        };
+        let (state, mut memory) = cx.split();
+        let mut text = Vec::new();
+        for i in 0..iovs_len as u32 {
+            let Some(at) = (iovs_ptr as u32).checked_add(i.saturating_mul(8)) else { return WasiErrno::Fault.as_i32() };
+            let buf = wasi_tri!(memory.read_u32(at));
+            let len = wasi_tri!(memory.read_u32(at.wrapping_add(4)));
+            text.extend_from_slice(wasi_tri!(memory.read(buf, len)));
+        }
+        let Ok(written) = u32::try_from(text.len()) else { return WasiErrno::Inval.as_i32() };
+        // One call is one log line; the trailing newline of println! is not part of it.
+        let line = text.strip_suffix(b"\n").unwrap_or(&text);
+        if !line.is_empty() {
+            state.shared.log(level, &String::from_utf8_lossy(line));
+        }
+        wasi_tri!(memory.write_u32(ret_nwritten_ptr as u32, written));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn fd_fdstat_get(cx: Cx<'_>, fd: i32, ret_fdstat_ptr: i32) -> i32 {
+        if !matches!(fd, 1 | 2) {
+            return WasiErrno::Badf.as_i32();
+        }
+        // filetype 0, flags 0, rights_base = FD_WRITE (64), rights_inheriting 0.
+        let mut stat = [0u8; 24];
+        stat[8] = 64;
+        wasi_tri!(cx.memory().write(ret_fdstat_ptr as u32, &stat));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn fd_prestat_get(_cx: Cx<'_>, _fd: i32, _ret_prestat_ptr: i32) -> i32 {
+        // No preopened directories: libc stops scanning at the first BADF.
+        WasiErrno::Badf.as_i32()
+    }
+
+    fn environ_sizes_get(cx: Cx<'_>, ret_count_ptr: i32, ret_buf_size_ptr: i32) -> i32 {
+        let vars = &cx.host().shared.config.environment_variables;
+        let count = vars.len();
+        let size: usize = vars.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        let (Ok(count), Ok(size)) = (u32::try_from(count), u32::try_from(size)) else { return WasiErrno::Inval.as_i32() };
+        let mut memory = cx.memory();
+        wasi_tri!(memory.write_u32(ret_count_ptr as u32, count));
+        wasi_tri!(memory.write_u32(ret_buf_size_ptr as u32, size));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn environ_get(cx: Cx<'_>, environ_ptr: i32, environ_buf_ptr: i32) -> i32 {
+        let (state, mut memory) = cx.split();
+        let (mut slot, mut at) = (environ_ptr as u32, environ_buf_ptr as u32);
+        for (key, value) in &state.shared.config.environment_variables {
+            let entry = format!("{key}={value}\0");
+            wasi_tri!(memory.write_u32(slot, at));
+            wasi_tri!(memory.write(at, entry.as_bytes()));
+            slot = slot.wrapping_add(4);
+            at = at.wrapping_add(entry.len() as u32);
+        }
+        WasiErrno::Success.as_i32()
+    }
+
+    fn args_sizes_get(cx: Cx<'_>, ret_argc_ptr: i32, ret_buf_size_ptr: i32) -> i32 {
+        let mut memory = cx.memory();
+        wasi_tri!(memory.write_u32(ret_argc_ptr as u32, 0));
+        wasi_tri!(memory.write_u32(ret_buf_size_ptr as u32, 0));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn args_get(_cx: Cx<'_>, _argv_ptr: i32, _argv_buf_ptr: i32) -> i32 {
+        WasiErrno::Success.as_i32()
+    }
+
+    fn clock_time_get(cx: Cx<'_>, clock_id: i32, _precision: i64, ret_time_ptr: i32) -> i32 {
+        let now = match clock_id {
+            0 => realtime_nanos(),
+            1 => monotonic_nanos(),
+            _ => return WasiErrno::Notsup.as_i32(),
+        };
+        wasi_tri!(cx.memory().write_u64(ret_time_ptr as u32, now));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn clock_res_get(cx: Cx<'_>, clock_id: i32, ret_resolution_ptr: i32) -> i32 {
+        if !matches!(clock_id, 0 | 1) {
+            return WasiErrno::Notsup.as_i32();
+        }
+        wasi_tri!(cx.memory().write_u64(ret_resolution_ptr as u32, 1));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn random_get(cx: Cx<'_>, buf_ptr: i32, buf_len: i32) -> i32 {
+        let len = buf_len as u32;
+        if len > RANDOM_GET_MAX_BYTES {
+            return WasiErrno::Inval.as_i32();
+        }
+        let mut memory = cx.memory();
+        let dst = wasi_tri!(memory.read_mut(buf_ptr as u32, len));
+        match getrandom::fill(dst) {
+            Ok(()) => WasiErrno::Success.as_i32(),
+            Err(_) => WasiErrno::Notsup.as_i32(),
+        }
+    }
+
+    fn sched_yield(_cx: Cx<'_>) -> i32 {
+        WasiErrno::Success.as_i32()
+    }
+
+    fn poll_oneoff(cx: Cx<'_>, _in_ptr: i32, _out_ptr: i32, _nsubscriptions: i32, ret_nevents_ptr: i32) -> i32 {
+        // No event ever becomes ready; the Go runtime needs the call itself to succeed.
+        wasi_tri!(cx.memory().write_u32(ret_nevents_ptr as u32, 0));
+        WasiErrno::Success.as_i32()
+    }
+
+    fn proc_exit(cx: Cx<'_>, code: i32) {
+        // As the reference host: log it and return; the guest traps right after if it
+        // really meant to stop.
+        cx.host().shared.log(LogLevel::Error, &format!("plugin called proc_exit({code})"));
+    }
+}

@@ -1,0 +1,49 @@
+//! filterbox: a proxy-wasm host runtime for Rust proxies.
+//!
+//! Load a plugin built with any proxy-wasm SDK (ABI 0.1.0, 0.2.0 or 0.2.1), start a [`Vm`] per
+//! worker thread, and drive each HTTP stream through it:
+//!
+//! ```no_run
+//! use filterbox::{Action, HeaderMap, Plugin, PluginConfig, Vm};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let wasm = std::fs::read("plugin.wasm")?;
+//! let plugin = Plugin::load(PluginConfig::named("add-header"), &wasm)?; // Send + Sync
+//! let mut vm = Vm::new(&plugin)?; // one per worker thread
+//!
+//! let stream = vm.create_http_stream()?;
+//! let mut headers: HeaderMap = [(":method", "GET"), (":path", "/")].into_iter().collect();
+//! match vm.on_request_headers(&stream, &mut headers, true)? {
+//!     Action::Continue => { /* forward `headers` upstream */ }
+//!     Action::Pause => { /* hold the request until the plugin resumes it */ }
+//!     Action::Respond(response) => { /* answer with response.status_code, response.body */ }
+//! }
+//! vm.finish_stream(stream)?;
+//! # Ok(()) }
+//! ```
+//!
+//! What is implemented and what is not: every hostcall of the ABI is linked; the ones this
+//! version does not implement yet answer `Unimplemented` (WASI: `ENOSYS`) and log once per VM.
+//! Choices where the spec and the reference host differ are documented on the hostcalls
+//! (see the `hostcalls` module source and the README).
+
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod config;
+mod embedder;
+mod headers;
+mod hostcalls;
+mod plugin;
+mod state;
+mod vm;
+
+pub use config::PluginConfig;
+pub use embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
+pub use headers::HeaderMap;
+pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
+pub use vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
+
+pub use filterbox_abi as abi;
+pub use filterbox_abi::{AbiVersion, LogLevel};
+pub use filterbox_engines::{Engine, EngineConfig, EngineError, EngineKind, Trap, TrapKind};

@@ -1,0 +1,158 @@
+//! Plugins: a module compiled and linked once, shared by every VM that runs it.
+
+use crate::embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
+use crate::state::{PluginShared, VmState};
+use crate::PluginConfig;
+use core::fmt;
+use filterbox_abi::{AbiError, AbiVersion, ModuleInfo};
+use filterbox_engines::{Engine, EngineConfig, EngineError, EngineKind, InstancePre, Module};
+use std::sync::Arc;
+
+/// Why a plugin could not be loaded: names the plugin, the engine and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginError {
+    /// The plugin's name.
+    pub plugin: String,
+    /// The engine it was loaded on.
+    pub engine: EngineKind,
+    /// What went wrong.
+    pub reason: LoadError,
+}
+
+/// What went wrong loading a plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadError {
+    /// The module is not a proxy-wasm module of a supported ABI version.
+    Abi(AbiError),
+    /// The engine could not be made, or could not compile or link the module.
+    Engine(EngineError),
+    /// An engine was supplied that is not the one the config names.
+    EngineMismatch {
+        /// The engine supplied.
+        supplied: EngineKind,
+    },
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "plugin {:?} on {}: ", self.plugin, self.engine)?;
+        match &self.reason {
+            LoadError::Abi(e) => e.fmt(f),
+            LoadError::Engine(e) => e.fmt(f),
+            LoadError::EngineMismatch { supplied } => write!(f, "the config names {} but a {supplied} engine was supplied", self.engine),
+        }
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+/// A loaded plugin: its config, its compiled module linked with filterbox's hostcalls, and the
+/// embedder hooks its VMs use. `Send + Sync` and cheap to clone; make one [`Vm`](crate::Vm)
+/// per worker thread from it.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+struct PluginInner {
+    shared: Arc<PluginShared>,
+    module: Module,
+    pre: InstancePre<VmState>,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.config().name)
+            .field("engine", &self.engine())
+            .field("abi", &self.abi_version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// Loads a plugin with default hooks on a new engine of the kind its config names.
+    pub fn load(config: PluginConfig, wasm: &[u8]) -> Result<Plugin, PluginError> {
+        Plugin::builder(config).build(wasm)
+    }
+
+    /// A builder to set the engine and the embedder hooks.
+    pub fn builder(config: PluginConfig) -> PluginBuilder {
+        PluginBuilder { config, engine: None, log: Arc::new(TracingLogSink), properties: Arc::new(NoProperties) }
+    }
+
+    /// The plugin's config.
+    pub fn config(&self) -> &PluginConfig {
+        &self.inner.shared.config
+    }
+
+    /// The ABI version the module declares.
+    pub fn abi_version(&self) -> AbiVersion {
+        self.inner.shared.abi
+    }
+
+    /// The engine it runs on.
+    pub fn engine(&self) -> EngineKind {
+        self.inner.module.engine()
+    }
+
+    /// The module's imports and exports.
+    pub fn module_info(&self) -> &ModuleInfo {
+        self.inner.module.info()
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<PluginShared> {
+        &self.inner.shared
+    }
+
+    pub(crate) fn instance_pre(&self) -> &InstancePre<VmState> {
+        &self.inner.pre
+    }
+}
+
+/// Builds a [`Plugin`]; from [`Plugin::builder`].
+pub struct PluginBuilder {
+    config: PluginConfig,
+    engine: Option<Engine>,
+    log: Arc<dyn LogSink>,
+    properties: Arc<dyn PropertyProvider>,
+}
+
+impl PluginBuilder {
+    /// Compiles on `engine` (shared with other plugins) instead of a new one. Its kind must be
+    /// the one the config names.
+    pub fn engine(mut self, engine: &Engine) -> Self {
+        self.engine = Some(engine.clone());
+        self
+    }
+
+    /// Sends plugin log lines to `sink` instead of `tracing`.
+    pub fn log_sink(mut self, sink: Arc<dyn LogSink>) -> Self {
+        self.log = sink;
+        self
+    }
+
+    /// Answers property lookups filterbox does not answer itself.
+    pub fn properties(mut self, provider: Arc<dyn PropertyProvider>) -> Self {
+        self.properties = provider;
+        self
+    }
+
+    /// Checks the module's ABI version, compiles it and links it with filterbox's hostcalls.
+    pub fn build(self, wasm: &[u8]) -> Result<Plugin, PluginError> {
+        let PluginBuilder { config, engine, log, properties } = self;
+        let fail = |reason| PluginError { plugin: config.name.clone(), engine: config.engine, reason };
+        let abi = ModuleInfo::parse(wasm).and_then(|info| info.abi_version()).map_err(|e| fail(LoadError::Abi(e)))?;
+        let engine = match engine {
+            Some(engine) if engine.kind() != config.engine => {
+                return Err(fail(LoadError::EngineMismatch { supplied: engine.kind() }));
+            }
+            Some(engine) => engine,
+            None => Engine::new(config.engine, &EngineConfig::default()).map_err(|e| fail(LoadError::Engine(e)))?,
+        };
+        let module = engine.compile(wasm).map_err(|e| fail(LoadError::Engine(e)))?;
+        let pre = module.link::<VmState>(abi).map_err(|e| fail(LoadError::Engine(e)))?;
+        let shared = Arc::new(PluginShared { config, abi, log, properties });
+        Ok(Plugin { inner: Arc::new(PluginInner { shared, module, pre }) })
+    }
+}

@@ -1,0 +1,144 @@
+//! The per-VM host state that hostcalls act on.
+
+use crate::embedder::{LogSink, PropertyProvider};
+use crate::{HeaderMap, LocalResponse, PluginConfig, StreamEvent};
+use bytes::BytesMut;
+use filterbox_abi::{AbiVersion, BufferType, Import, LogLevel, MapType, StreamType};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What every VM of a plugin shares.
+pub(crate) struct PluginShared {
+    pub(crate) config: PluginConfig,
+    pub(crate) abi: AbiVersion,
+    pub(crate) log: Arc<dyn LogSink>,
+    pub(crate) properties: Arc<dyn PropertyProvider>,
+}
+
+impl PluginShared {
+    pub(crate) fn log(&self, level: LogLevel, message: &str) {
+        self.log.log(&self.config.name, level, message);
+    }
+}
+
+/// The kind of a live context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ContextKind {
+    Root,
+    Http,
+}
+
+/// The callback the VM is in, where it changes what hostcalls may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// Between calls, or in a callback with nothing special.
+    Other,
+    /// `proxy_on_configure`: the plugin configuration is readable.
+    Configure,
+    /// `proxy_on_log`: stream headers are readable, not writable.
+    Log,
+}
+
+pub(crate) struct VmState {
+    pub(crate) shared: Arc<PluginShared>,
+    pub(crate) contexts: HashMap<u32, ContextKind>,
+    /// The context the host is calling into.
+    pub(crate) current_context: u32,
+    /// Set by `proxy_set_effective_context` for the rest of one call.
+    pub(crate) effective_context: Option<u32>,
+    pub(crate) phase: Phase,
+    /// Header maps handed in by the embedder for the current callback, by `MapType`.
+    pub(crate) maps: [Option<HeaderMap>; 8],
+    /// The body handed in for the current callback.
+    pub(crate) body: Option<(BufferType, BytesMut)>,
+    /// Set by `proxy_send_local_response` during the current callback.
+    pub(crate) local_response: Option<LocalResponse>,
+    /// Stream events (continue, close) requested by the plugin, by context id.
+    pub(crate) events: Vec<(u32, StreamEvent)>,
+    /// Bit per `Import`: already warned that it is unimplemented.
+    warned_unimplemented: u128,
+}
+
+impl VmState {
+    pub(crate) fn new(shared: Arc<PluginShared>) -> Self {
+        VmState {
+            shared,
+            contexts: HashMap::new(),
+            current_context: 0,
+            effective_context: None,
+            phase: Phase::Other,
+            maps: Default::default(),
+            body: None,
+            local_response: None,
+            events: Vec::new(),
+            warned_unimplemented: 0,
+        }
+    }
+
+    pub(crate) fn abi(&self) -> AbiVersion {
+        self.shared.abi
+    }
+
+    /// The context hostcalls act on.
+    pub(crate) fn context(&self) -> u32 {
+        self.effective_context.unwrap_or(self.current_context)
+    }
+
+    pub(crate) fn context_kind(&self) -> Option<ContextKind> {
+        self.contexts.get(&self.context()).copied()
+    }
+
+    /// Logs once per VM that the plugin called something filterbox does not implement yet.
+    pub(crate) fn warn_unimplemented(&mut self, import: Import) {
+        let bit = 1u128 << (import as u32 % 128);
+        if self.warned_unimplemented & bit == 0 {
+            self.warned_unimplemented |= bit;
+            let message = format!("filterbox: {} is not implemented; returning an error to the plugin", import.name());
+            self.shared.log(LogLevel::Warn, &message);
+        }
+    }
+
+    pub(crate) fn map(&self, map: MapType) -> Option<&HeaderMap> {
+        self.maps.get(map as usize).and_then(Option::as_ref)
+    }
+
+    /// A map the plugin may change now: only the stream maps (0–3), only while handed in, and
+    /// not during `proxy_on_log`.
+    pub(crate) fn map_mut(&mut self, map: MapType) -> Option<&mut HeaderMap> {
+        if map.as_u32() > MapType::HttpResponseTrailers.as_u32() || self.phase == Phase::Log {
+            return None;
+        }
+        self.maps.get_mut(map as usize).and_then(Option::as_mut)
+    }
+
+    /// The bytes of buffer `buffer`, as Envoy answers outside and inside the callbacks that own
+    /// them (REFERENCE §4.3): stream buffers read as empty when not handed in; the HTTP-call
+    /// body and the plugin configuration are `NotFound` outside their callbacks.
+    pub(crate) fn buffer(&self, buffer: BufferType) -> Result<&[u8], filterbox_abi::Status> {
+        use filterbox_abi::Status;
+        match buffer {
+            BufferType::HttpRequestBody
+            | BufferType::HttpResponseBody
+            | BufferType::DownstreamData
+            | BufferType::UpstreamData
+            | BufferType::GrpcReceiveBuffer
+            | BufferType::CallData => match &self.body {
+                Some((kind, bytes)) if *kind == buffer => Ok(bytes),
+                _ => Ok(&[]),
+            },
+            BufferType::HttpCallResponseBody => Err(Status::NotFound),
+            BufferType::VmConfiguration => Ok(&self.shared.config.vm_configuration),
+            BufferType::PluginConfiguration if self.phase == Phase::Configure => Ok(&self.shared.config.configuration),
+            BufferType::PluginConfiguration => Err(Status::NotFound),
+        }
+    }
+
+    pub(crate) fn record_event(&mut self, event: StreamEvent) {
+        let context = self.context();
+        self.events.push((context, event));
+    }
+
+    pub(crate) fn stream_type_event(&mut self, stream: StreamType, close: bool) {
+        self.record_event(if close { StreamEvent::Close(stream) } else { StreamEvent::Continue(stream) });
+    }
+}
