@@ -1,0 +1,123 @@
+//! Header rewriting driven by the plugin configuration, one rule per line:
+//!
+//! ```text
+//! add <name> <value>            add a request header
+//! replace <name> <value>        replace (or add) a request header
+//! remove <name>                 remove a request header
+//! response-add <name> <value>   add a response header
+//! copy-property <name> <path>   add a request header with a property's value (path in dots)
+//! copy-vm-config <name>         add a request header with the VM configuration
+//! copy-header <from> <to>       add request header <to> with the value of <from>, or "missing"
+//! ```
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+use std::rc::Rc;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+#[derive(Clone)]
+enum Rule {
+    Add(String, String),
+    Replace(String, String),
+    Remove(String),
+    ResponseAdd(String, String),
+    CopyProperty(String, Vec<String>),
+    CopyVmConfig(String),
+    CopyHeader(String, String),
+}
+
+#[derive(Default)]
+struct Root {
+    rules: Rc<Vec<Rule>>,
+    vm_config: Rc<String>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        let bytes = self.get_vm_configuration().unwrap_or_default();
+        self.vm_config = Rc::new(String::from_utf8_lossy(&bytes).into_owned());
+        true
+    }
+
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        let mut rules = Vec::new();
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let words: Vec<&str> = line.splitn(3, ' ').collect();
+            let rule = match words.as_slice() {
+                ["add", n, v] => Rule::Add(n.to_string(), v.to_string()),
+                ["replace", n, v] => Rule::Replace(n.to_string(), v.to_string()),
+                ["remove", n] => Rule::Remove(n.to_string()),
+                ["response-add", n, v] => Rule::ResponseAdd(n.to_string(), v.to_string()),
+                ["copy-property", n, p] => Rule::CopyProperty(n.to_string(), p.split('.').map(String::from).collect()),
+                ["copy-vm-config", n] => Rule::CopyVmConfig(n.to_string()),
+                ["copy-header", from, to] => Rule::CopyHeader(from.to_string(), to.to_string()),
+                _ => {
+                    proxy_wasm::hostcalls::log(LogLevel::Error, &format!("bad rule: {line}")).ok();
+                    return false;
+                }
+            };
+            rules.push(rule);
+        }
+        proxy_wasm::hostcalls::log(LogLevel::Info, &format!("configured {} rules", rules.len())).ok();
+        self.rules = Rc::new(rules);
+        true
+    }
+
+    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter { rules: self.rules.clone(), vm_config: self.vm_config.clone() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Filter {
+    rules: Rc<Vec<Rule>>,
+    vm_config: Rc<String>,
+}
+
+impl Context for Filter {}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        for rule in self.rules.iter() {
+            match rule {
+                Rule::Add(n, v) => self.add_http_request_header(n, v),
+                Rule::Replace(n, v) => self.set_http_request_header(n, Some(v)),
+                Rule::Remove(n) => self.set_http_request_header(n, None),
+                Rule::CopyProperty(n, path) => {
+                    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                    let value = self.get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned());
+                    self.add_http_request_header(n, value.as_deref().unwrap_or("missing"));
+                }
+                Rule::CopyVmConfig(n) => {
+                    let value = self.vm_config.clone();
+                    self.add_http_request_header(n, &value);
+                }
+                Rule::CopyHeader(from, to) => {
+                    let value = self.get_http_request_header(from);
+                    self.add_http_request_header(to, value.as_deref().unwrap_or("missing"));
+                }
+                Rule::ResponseAdd(..) => {}
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
+        for rule in self.rules.iter() {
+            if let Rule::ResponseAdd(n, v) = rule {
+                self.add_http_response_header(n, v);
+            }
+        }
+        Action::Continue
+    }
+}

@@ -1,0 +1,46 @@
+//! The guest plugins: Rust-SDK plugins built from `guests/` by the build script, and
+//! hand-written WAT modules for what no SDK would produce.
+
+/// Header rewriting driven by its plugin configuration (Rust SDK, ABI 0.2.1).
+pub const HEADERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_headers.wasm"));
+/// Buffers and rewrites bodies (Rust SDK, ABI 0.2.1).
+pub const BODY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_body.wasm"));
+/// Denies by path prefix with a local response (Rust SDK, ABI 0.2.1).
+pub const DENY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_deny.wasm"));
+/// Logs at every level, through WASI, and panics on request (Rust SDK, ABI 0.2.1).
+pub const LOGGER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_logger.wasm"));
+
+/// Every built guest plugin by name, for the CLI and tests.
+pub const ALL: &[(&str, &[u8])] = &[("headers", HEADERS), ("body", BODY), ("deny", DENY), ("logger", LOGGER)];
+
+/// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.
+/// The allocator hands out 1 KiB-aligned blocks from 4096 up and returns `alloc_result` when
+/// it is not -1 (to play a hostile allocator).
+pub fn wat_module(marker: Option<&str>, body: &str) -> Result<Vec<u8>, String> {
+    let marker = marker.map(|m| format!(r#"(func (export "{m}"))"#)).unwrap_or_default();
+    let text = format!(
+        r#"(module
+            (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+            (import "env" "proxy_get_header_map_value" (func $get_header (param i32 i32 i32 i32 i32) (result i32)))
+            (import "env" "proxy_get_header_map_pairs" (func $get_pairs (param i32 i32 i32) (result i32)))
+            (import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (global $next (mut i32) (i32.const 4096))
+            (global $alloc_result (mut i32) (i32.const -1))
+            {marker}
+            (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+                (local $p i32)
+                (if (i32.ne (global.get $alloc_result) (i32.const -1))
+                    (then (return (global.get $alloc_result))))
+                (local.set $p (global.get $next))
+                (global.set $next (i32.add (global.get $next) (i32.const 1024)))
+                (local.get $p))
+            ;; Logs status `s` as one letter: 'a' + s (so Ok = "a", InvalidMemoryAccess = "g").
+            (func $report (param $s i32)
+                (i32.store8 (i32.const 0) (i32.add (i32.const 97) (local.get $s)))
+                (drop (call $log (i32.const 2) (i32.const 0) (i32.const 1))))
+            {body}
+        )"#
+    );
+    wat::parse_str(&text).map_err(|e| format!("conformance WAT module does not parse: {e}"))
+}
