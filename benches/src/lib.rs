@@ -1,0 +1,1 @@
+//! Benchmarks for filterbox live in `benches/`; run them with `cargo bench -p filterbox-benches`.

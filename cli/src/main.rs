@@ -1,0 +1,133 @@
+//! `filterbox`: run the conformance suite, inspect plugins, list engines.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use filterbox::abi::{ImportModule, ModuleInfo};
+use filterbox::{AbiVersion, EngineKind};
+use filterbox_conformance::{Outcome, run, table};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "filterbox", version, about = "A proxy-wasm host runtime: conformance suite and plugin tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the conformance suite on every built engine (or the ones named) and print the table.
+    Conformance {
+        /// Output: a case × engine table, or one JSON object per case and engine.
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Engines to run on (repeatable); default: every engine in this build.
+        #[arg(long = "engine")]
+        engines: Vec<String>,
+        /// Only cases whose name or group contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Show a plugin's ABI version, its imports (and whether filterbox provides them) and exports.
+    Inspect {
+        /// The plugin's .wasm file.
+        plugin: PathBuf,
+    },
+    /// List the engines filterbox knows and whether this build has them.
+    Engines,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FILTERBOX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run_cli(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("filterbox: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> Result<ExitCode> {
+    let mut out = String::new();
+    let code = match cli.command {
+        Command::Conformance { format, engines, filter } => conformance(&mut out, format, &engines, filter.as_deref())?,
+        Command::Inspect { plugin } => inspect(&mut out, &plugin).map(|()| ExitCode::SUCCESS)?,
+        Command::Engines => {
+            for kind in EngineKind::ALL {
+                writeln!(out, "{:18} {}", kind.name(), if kind.is_built() { "built" } else { "not in this build" })?;
+            }
+            ExitCode::SUCCESS
+        }
+    };
+    // A closed pipe (`filterbox ... | head`) is not an error worth a panic.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(code),
+    }
+}
+
+fn conformance(out: &mut String, format: Format, names: &[String], filter: Option<&str>) -> Result<ExitCode> {
+    let engines = if names.is_empty() {
+        EngineKind::built()
+    } else {
+        names.iter().map(|n| EngineKind::from_name(n)).collect::<Result<Vec<_>, _>>()?
+    };
+    if engines.is_empty() {
+        bail!("this build has no engine; enable one of the engine features");
+    }
+    let reports = run(&engines, filter);
+    if reports.is_empty() {
+        bail!("no case matches {:?}", filter.unwrap_or_default());
+    }
+    match format {
+        Format::Table => out.push_str(&table(&reports)),
+        Format::Json => {
+            for r in &reports {
+                writeln!(out, "{}", r.json_line())?;
+            }
+        }
+    }
+    let failed = reports.iter().any(|r| r.outcome == Outcome::Fail);
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
+    let wasm = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let info = ModuleInfo::parse(&wasm).with_context(|| format!("parsing {}", path.display()))?;
+    match info.abi_version() {
+        Ok(version) => writeln!(out, "ABI version: {version}")?,
+        Err(e) => writeln!(out, "ABI version: none ({e})")?,
+    }
+    let abi = info.abi_version().ok();
+    writeln!(out, "imports ({}):", info.imports.len())?;
+    for import in &info.imports {
+        let status = match import.provided_by() {
+            None if import.is_func => "NOT PROVIDED".to_owned(),
+            None => "not a function: NOT PROVIDED".to_owned(),
+            Some(i) if i.module() == ImportModule::Env && abi.is_some_and(|v: AbiVersion| !i.versions().contains(v)) => {
+                format!("linked (not part of ABI {})", abi.map_or("?", AbiVersion::as_str))
+            }
+            Some(_) => "linked".to_owned(),
+        };
+        writeln!(out, "  {}.{}  {status}", import.module, import.name)?;
+    }
+    writeln!(out, "exports ({}):", info.exports.len())?;
+    for export in &info.exports {
+        let role = export.callback().map_or_else(String::new, |c| format!("  (callback {})", c.name()));
+        writeln!(out, "  {} {:?}{role}", export.name, export.kind)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! The engine interface on every built engine, with hand-written modules: trap classes,
+//! panics in host functions, guest allocation from inside a hostcall, export checks.
+
+use filterbox_abi::{AbiVersion, Callback, Import, Status};
+use filterbox_engines::{Caller, Engine, EngineConfig, EngineError, EngineKind, Hostcalls, Returned, TrapKind};
+
+/// A host that implements two calls: `proxy_log` records the message, and
+/// `proxy_get_property` hands "hello" back through the guest allocator. `proxy_done` panics.
+#[derive(Default)]
+struct TestHost {
+    logged: Vec<String>,
+}
+
+impl Hostcalls for TestHost {
+    fn unimplemented(_cx: &mut dyn Caller<Self>, _import: Import) -> i32 {
+        Status::Unimplemented.as_i32()
+    }
+
+    fn proxy_log(cx: &mut dyn Caller<Self>, _level: i32, ptr: i32, len: i32) -> i32 {
+        let (host, memory) = cx.split();
+        match memory.read(ptr as u32, len as u32) {
+            Ok(bytes) => {
+                host.logged.push(String::from_utf8_lossy(bytes).into_owned());
+                Status::Ok.as_i32()
+            }
+            Err(e) => Status::from(e).as_i32(),
+        }
+    }
+
+    fn proxy_get_property(cx: &mut dyn Caller<Self>, _p: i32, _s: i32, ret_ptr: i32, ret_size: i32) -> i32 {
+        let ptr = match cx.allocate(5) {
+            Ok(ptr) => ptr,
+            Err(e) => return Status::from(e).as_i32(),
+        };
+        let mut memory = cx.memory();
+        let written = memory.write(ptr, b"hello").and_then(|()| memory.write_u32(ret_ptr as u32, ptr)).and_then(|()| memory.write_u32(ret_size as u32, 5));
+        match written {
+            Ok(()) => Status::Ok.as_i32(),
+            Err(e) => Status::from(e).as_i32(),
+        }
+    }
+
+    fn proxy_done(_cx: &mut dyn Caller<Self>) -> i32 {
+        panic!("host bug");
+    }
+}
+
+const PRELUDE: &str = r#"
+    (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+    (import "env" "proxy_get_property" (func $get_property (param i32 i32 i32 i32) (result i32)))
+    (import "env" "proxy_done" (func $done (result i32)))
+    (memory (export "memory") 1)
+    (global $trap_in_alloc (mut i32) (i32.const 0))
+    (func (export "proxy_abi_version_0_2_1"))
+    (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+        (if (global.get $trap_in_alloc) (then unreachable))
+        (i32.const 1024))
+"#;
+
+fn module(engine: &Engine, body: &str) -> filterbox_engines::Instance<TestHost> {
+    let wasm = wat::parse_str(format!("(module {PRELUDE} {body})")).expect("test module parses");
+    let module = engine.compile(&wasm).expect("compiles");
+    let pre = module.link::<TestHost>(AbiVersion::V0_2_1).expect("links");
+    pre.instantiate(TestHost::default()).expect("instantiates")
+}
+
+fn engines() -> Vec<Engine> {
+    EngineKind::built().into_iter().map(|k| Engine::new(k, &EngineConfig::default()).expect("engine")).collect()
+}
+
+#[test]
+fn traps_are_classified_the_same_on_every_engine() {
+    for engine in engines() {
+        let mut instance = module(
+            &engine,
+            r#"
+            (func $recurse (param i32) (result i32) (call $recurse (i32.add (local.get 0) (i32.const 1))))
+            (func (export "proxy_on_tick") (param i32) unreachable)
+            (func (export "proxy_on_log") (param i32) (drop (i32.load (i32.const 70000))))
+            (func (export "proxy_on_delete") (param i32) (drop (call $recurse (i32.const 0))))
+            (func (export "proxy_on_queue_ready") (param i32 i32) (drop (i32.div_u (i32.const 1) (local.get 1))))
+            "#,
+        );
+        let cases = [
+            (Callback::ProxyOnTick, TrapKind::Unreachable),
+            (Callback::ProxyOnLog, TrapKind::OutOfBounds),
+            (Callback::ProxyOnDelete, TrapKind::StackOverflow),
+            (Callback::ProxyOnQueueReady, TrapKind::Arithmetic),
+        ];
+        for (callback, kind) in cases {
+            let trap = instance.call(callback, &[1, 0]).expect_err("traps");
+            assert_eq!(trap.kind, kind, "{} on {}: {trap}", callback.name(), engine.kind());
+        }
+    }
+}
+
+#[test]
+fn a_panicking_hostcall_becomes_a_host_trap() {
+    for engine in engines() {
+        let mut instance = module(&engine, r#"(func (export "proxy_on_tick") (param i32) (drop (call $done)))"#);
+        let trap = instance.call(Callback::ProxyOnTick, &[1]).expect_err("traps");
+        assert_eq!(trap.kind, TrapKind::Host);
+        assert!(trap.message.contains("proxy_done panicked: host bug"), "{trap}");
+    }
+}
+
+#[test]
+fn hostcalls_allocate_in_the_guest_and_check_memory() {
+    for engine in engines() {
+        let mut instance = module(
+            &engine,
+            r#"
+            (func (export "proxy_on_tick") (param i32)
+                (drop (call $get_property (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 20)))
+                (drop (call $log (i32.const 2) (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+                (drop (call $log (i32.const 2) (i32.const 65535) (i32.const 2))))
+            (func (export "proxy_on_done") (param i32) (result i32)
+                (global.set $trap_in_alloc (i32.const 1))
+                (call $get_property (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 20)))
+            "#,
+        );
+        assert_eq!(instance.call(Callback::ProxyOnTick, &[1]), Ok(Returned::Nothing));
+        assert_eq!(instance.host().logged, ["hello"]);
+        // A trap in the allocator, called from inside a hostcall, fails the outer call.
+        let trap = instance.call(Callback::ProxyOnDone, &[1]).expect_err("allocator trap propagates");
+        assert_eq!(trap.kind, TrapKind::Unreachable, "{trap}");
+        assert_eq!(instance.call(Callback::ProxyOnVmStart, &[1, 0]), Ok(Returned::Missing));
+    }
+}
+
+#[test]
+fn exports_with_the_wrong_type_are_refused() {
+    for engine in engines() {
+        let wasm = wat::parse_str(format!(
+            r#"(module {PRELUDE} (func (export "proxy_on_request_headers") (param i32 i32) (result i32) (i32.const 0)))"#
+        ))
+        .expect("parses");
+        let module = engine.compile(&wasm).expect("compiles");
+        match module.link::<TestHost>(AbiVersion::V0_2_1) {
+            Err(EngineError::BadExportSignature { name, .. }) => assert_eq!(name, "proxy_on_request_headers"),
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("linked a mistyped export"),
+        }
+        // The same export is right for ABI 0.1.0, where the header callbacks have two params.
+        assert!(module.link::<TestHost>(AbiVersion::V0_1_0).is_ok());
+    }
+}
+
+#[test]
+fn unknown_and_unbuilt_engines_are_named() {
+    let err = EngineKind::from_name("v8").unwrap_err();
+    assert!(err.to_string().contains("unknown engine \"v8\""), "{err}");
+    for kind in EngineKind::ALL.into_iter().filter(|k| !k.is_built()) {
+        let Err(err) = Engine::new(kind, &EngineConfig::default()) else { panic!("{kind} is not built") };
+        assert!(err.to_string().contains("not in this build"), "{err}");
+    }
+}
+
+#[test]
+fn compile_errors_are_errors() {
+    for engine in engines() {
+        assert!(matches!(engine.compile(b"not wasm"), Err(EngineError::Compile(_))));
+    }
+}
