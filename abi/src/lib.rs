@@ -19,7 +19,7 @@ pub mod property_path;
 mod table;
 
 pub use enums::*;
-pub use module::{AbiError, ExportKind, ExportInfo, ImportInfo, ModuleInfo};
+pub use module::{AbiError, ExportInfo, ExportKind, ImportInfo, ModuleInfo};
 
 /// A version of the proxy-wasm ABI, as declared by a module's `proxy_abi_version_*` export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -254,9 +254,10 @@ impl Callback {
     pub fn params(self, version: AbiVersion) -> &'static [ValType] {
         let params = self.params_v0_2();
         match (self, version) {
-            (Callback::ProxyOnRequestHeaders | Callback::ProxyOnResponseHeaders, AbiVersion::V0_1_0) => {
-                params.split_last().map_or(params, |(_, rest)| rest)
-            }
+            (
+                Callback::ProxyOnRequestHeaders | Callback::ProxyOnResponseHeaders,
+                AbiVersion::V0_1_0,
+            ) => params.split_last().map_or(params, |(_, rest)| rest),
             _ => params,
         }
     }
@@ -275,7 +276,10 @@ impl Import {
             m if WASI_MODULES.contains(&m) => ImportModule::Wasi,
             _ => return None,
         };
-        Import::ALL.iter().copied().find(|i| i.module() == wanted && i.name() == name)
+        Import::ALL
+            .iter()
+            .copied()
+            .find(|i| i.module() == wanted && i.name() == name)
     }
 
     /// Whether this is a `proxy_*` hostcall (as opposed to WASI or an emscripten helper).
@@ -292,7 +296,10 @@ mod tests {
     fn table_has_every_hostcall_of_the_reference() {
         let hostcalls = Import::ALL.iter().filter(|i| i.is_hostcall()).count();
         assert_eq!(hostcalls, 43, "REFERENCE §4.0 lists 43 proxy_* hostcalls");
-        let wasi = Import::ALL.iter().filter(|i| i.module() == ImportModule::Wasi).count();
+        let wasi = Import::ALL
+            .iter()
+            .filter(|i| i.module() == ImportModule::Wasi)
+            .count();
         assert_eq!(wasi, 46, "WASI preview1 has 46 functions");
         for (i, c) in Callback::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
@@ -303,7 +310,10 @@ mod tests {
     fn only_metric_values_are_i64_among_hostcalls() {
         for import in Import::ALL.iter().filter(|i| i.is_hostcall()) {
             let has_i64 = import.params().contains(&ValType::I64);
-            let metric = matches!(import, Import::ProxyIncrementMetric | Import::ProxyRecordMetric);
+            let metric = matches!(
+                import,
+                Import::ProxyIncrementMetric | Import::ProxyRecordMetric
+            );
             assert_eq!(has_i64, metric, "{}", import.name());
             assert_eq!(import.result(), Some(ValType::I32), "{}", import.name());
             assert_eq!(import.params().len(), import.param_names().len());
@@ -313,16 +323,51 @@ mod tests {
     #[test]
     fn lookup_and_versions() {
         assert_eq!(Import::lookup("env", "proxy_log"), Some(Import::ProxyLog));
-        assert_eq!(Import::lookup("wasi_unstable", "fd_write"), Some(Import::FdWrite));
-        assert_eq!(Import::lookup("wasi_snapshot_preview1", "proc_exit"), Some(Import::ProcExit));
+        assert_eq!(
+            Import::lookup("wasi_unstable", "fd_write"),
+            Some(Import::FdWrite)
+        );
+        assert_eq!(
+            Import::lookup("wasi_snapshot_preview1", "proc_exit"),
+            Some(Import::ProcExit)
+        );
         assert_eq!(Import::lookup("env", "fd_write"), None);
         assert_eq!(Import::lookup("other", "proxy_log"), None);
-        assert!(Import::ProxyGetConfiguration.versions().contains(AbiVersion::V0_1_0));
-        assert!(!Import::ProxyGetConfiguration.versions().contains(AbiVersion::V0_2_1));
-        assert!(!Import::ProxyGetLogLevel.versions().contains(AbiVersion::V0_2_0));
-        assert!(Import::ProxyContinueStream.versions().contains(AbiVersion::V0_2_0));
-        assert_eq!(Callback::ProxyOnRequestHeaders.params(AbiVersion::V0_1_0).len(), 2);
-        assert_eq!(Callback::ProxyOnRequestHeaders.params(AbiVersion::V0_2_1).len(), 3);
-        assert_eq!(Callback::from_name("proxy_on_log"), Some(Callback::ProxyOnLog));
+        assert!(
+            Import::ProxyGetConfiguration
+                .versions()
+                .contains(AbiVersion::V0_1_0)
+        );
+        assert!(
+            !Import::ProxyGetConfiguration
+                .versions()
+                .contains(AbiVersion::V0_2_1)
+        );
+        assert!(
+            !Import::ProxyGetLogLevel
+                .versions()
+                .contains(AbiVersion::V0_2_0)
+        );
+        assert!(
+            Import::ProxyContinueStream
+                .versions()
+                .contains(AbiVersion::V0_2_0)
+        );
+        assert_eq!(
+            Callback::ProxyOnRequestHeaders
+                .params(AbiVersion::V0_1_0)
+                .len(),
+            2
+        );
+        assert_eq!(
+            Callback::ProxyOnRequestHeaders
+                .params(AbiVersion::V0_2_1)
+                .len(),
+            3
+        );
+        assert_eq!(
+            Callback::from_name("proxy_on_log"),
+            Some(Callback::ProxyOnLog)
+        );
     }
 }

@@ -30,7 +30,9 @@ pub struct ExportInfo {
 impl ExportInfo {
     /// The callback this export provides, if it is a function the host knows.
     pub fn callback(&self) -> Option<Callback> {
-        (self.kind == ExportKind::Func).then(|| Callback::from_name(&self.name)).flatten()
+        (self.kind == ExportKind::Func)
+            .then(|| Callback::from_name(&self.name))
+            .flatten()
     }
 }
 
@@ -48,7 +50,11 @@ pub struct ImportInfo {
 impl ImportInfo {
     /// The host function that satisfies this import, if any.
     pub fn provided_by(&self) -> Option<Import> {
-        if self.is_func { Import::lookup(&self.module, &self.name) } else { None }
+        if self.is_func {
+            Import::lookup(&self.module, &self.name)
+        } else {
+            None
+        }
     }
 }
 
@@ -109,7 +115,10 @@ impl ModuleInfo {
         let mut info = ModuleInfo::default();
         for payload in Parser::new(0).parse_all(wasm) {
             match payload.map_err(malformed)? {
-                Payload::Version { encoding: wasmparser::Encoding::Component, .. } => {
+                Payload::Version {
+                    encoding: wasmparser::Encoding::Component,
+                    ..
+                } => {
                     return Err(AbiError::Malformed("a component, not a core module".into()));
                 }
                 Payload::ImportSection(reader) => {
@@ -132,7 +141,10 @@ impl ModuleInfo {
                             ExternalKind::Global => ExportKind::Global,
                             ExternalKind::Tag => ExportKind::Tag,
                         };
-                        info.exports.push(ExportInfo { name: export.name.to_owned(), kind });
+                        info.exports.push(ExportInfo {
+                            name: export.name.to_owned(),
+                            kind,
+                        });
                     }
                 }
                 _ => {}
@@ -151,8 +163,12 @@ impl ModuleInfo {
         let exports = || self.exports.iter().map(|e| e.name.clone()).collect();
         match marker {
             None => Err(AbiError::MissingAbiVersion { exports: exports() }),
-            Some(m) => AbiVersion::from_marker(&m.name)
-                .ok_or_else(|| AbiError::UnknownAbiVersion { found: m.name.clone(), exports: exports() }),
+            Some(m) => {
+                AbiVersion::from_marker(&m.name).ok_or_else(|| AbiError::UnknownAbiVersion {
+                    found: m.name.clone(),
+                    exports: exports(),
+                })
+            }
         }
     }
 
@@ -172,16 +188,31 @@ mod tests {
 
     #[test]
     fn detects_versions_and_names_exports_when_missing() {
-        let m = info(r#"(module (func (export "proxy_abi_version_0_2_1")) (memory (export "memory") 1))"#);
+        let m = info(
+            r#"(module (func (export "proxy_abi_version_0_2_1")) (memory (export "memory") 1))"#,
+        );
         assert_eq!(m.abi_version(), Ok(AbiVersion::V0_2_1));
-        let m = info(r#"(module (func (export "proxy_abi_version_0_1_0")) (func (export "proxy_abi_version_0_2_1")))"#);
-        assert_eq!(m.abi_version(), Ok(AbiVersion::V0_1_0), "the first marker decides");
+        let m = info(
+            r#"(module (func (export "proxy_abi_version_0_1_0")) (func (export "proxy_abi_version_0_2_1")))"#,
+        );
+        assert_eq!(
+            m.abi_version(),
+            Ok(AbiVersion::V0_1_0),
+            "the first marker decides"
+        );
         let m = info(r#"(module (func (export "hello")) (memory (export "memory") 1))"#);
         let err = m.abi_version().unwrap_err();
-        assert_eq!(err, AbiError::MissingAbiVersion { exports: vec!["hello".into(), "memory".into()] });
+        assert_eq!(
+            err,
+            AbiError::MissingAbiVersion {
+                exports: vec!["hello".into(), "memory".into()]
+            }
+        );
         assert!(err.to_string().contains("hello, memory"), "{err}");
         let m = info(r#"(module (func (export "proxy_abi_version_9_9_9")))"#);
-        assert!(matches!(m.abi_version(), Err(AbiError::UnknownAbiVersion { found, .. }) if found == "proxy_abi_version_9_9_9"));
+        assert!(
+            matches!(m.abi_version(), Err(AbiError::UnknownAbiVersion { found, .. }) if found == "proxy_abi_version_9_9_9")
+        );
     }
 
     #[test]
@@ -200,7 +231,13 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed_not_a_panic() {
-        assert!(matches!(ModuleInfo::parse(b"\0asm\x01\0\0\0\x07\xff"), Err(AbiError::Malformed(_))));
-        assert!(matches!(ModuleInfo::parse(b"hello"), Err(AbiError::Malformed(_))));
+        assert!(matches!(
+            ModuleInfo::parse(b"\0asm\x01\0\0\0\x07\xff"),
+            Err(AbiError::Malformed(_))
+        ));
+        assert!(matches!(
+            ModuleInfo::parse(b"hello"),
+            Err(AbiError::Malformed(_))
+        ));
     }
 }

@@ -50,11 +50,18 @@ pub enum PairsError {
 impl fmt::Display for PairsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PairsError::TooShort { len } => write!(f, "pairs buffer of {len} bytes has no 4-byte count"),
-            PairsError::CountTooLarge { count, max } => {
-                write!(f, "pairs buffer declares {count} pairs but can hold at most {max}")
+            PairsError::TooShort { len } => {
+                write!(f, "pairs buffer of {len} bytes has no 4-byte count")
             }
-            PairsError::Truncated { pair } => write!(f, "pair {pair} runs past the end of the buffer"),
+            PairsError::CountTooLarge { count, max } => {
+                write!(
+                    f,
+                    "pairs buffer declares {count} pairs but can hold at most {max}"
+                )
+            }
+            PairsError::Truncated { pair } => {
+                write!(f, "pair {pair} runs past the end of the buffer")
+            }
             PairsError::MissingNul { pair } => write!(f, "pair {pair} is missing a NUL terminator"),
             PairsError::TrailingBytes { extra } => write!(f, "{extra} bytes follow the last pair"),
         }
@@ -68,21 +75,28 @@ fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(word.try_into().ok()?))
 }
 
+/// A decoded `(key, value)` pair borrowed from the buffer.
+pub type Pair<'a> = (&'a [u8], &'a [u8]);
+
 /// Decodes a pairs buffer into `(key, value)` slices borrowed from `bytes`.
 ///
 /// An empty input is an empty map (SDKs send `size = 0` for "no pairs").
-pub fn decode(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, PairsError> {
+pub fn decode(bytes: &[u8]) -> Result<Vec<Pair<'_>>, PairsError> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
     let count = read_u32(bytes, 0).ok_or(PairsError::TooShort { len: bytes.len() })?;
     let max = (bytes.len() - 4) / MIN_PAIR_BYTES;
-    let n = usize::try_from(count).ok().filter(|n| *n <= max).ok_or(PairsError::CountTooLarge { count, max })?;
+    let n = usize::try_from(count)
+        .ok()
+        .filter(|n| *n <= max)
+        .ok_or(PairsError::CountTooLarge { count, max })?;
     let mut pairs = Vec::with_capacity(n);
     let mut data = 4 + n * 8;
     for pair in 0..n {
         let at = 4 + pair * 8;
-        let (Some(key_len), Some(value_len)) = (read_u32(bytes, at), read_u32(bytes, at + 4)) else {
+        let (Some(key_len), Some(value_len)) = (read_u32(bytes, at), read_u32(bytes, at + 4))
+        else {
             return Err(PairsError::Truncated { pair });
         };
         let key = take_nul_terminated(bytes, &mut data, key_len, pair)?;
@@ -95,10 +109,20 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<(&[u8], &[u8])>, PairsError> {
     }
 }
 
-fn take_nul_terminated<'a>(bytes: &'a [u8], at: &mut usize, len: u32, pair: usize) -> Result<&'a [u8], PairsError> {
+fn take_nul_terminated<'a>(
+    bytes: &'a [u8],
+    at: &mut usize,
+    len: u32,
+    pair: usize,
+) -> Result<&'a [u8], PairsError> {
     let start = *at;
-    let end = usize::try_from(len).ok().and_then(|len| start.checked_add(len)).ok_or(PairsError::Truncated { pair })?;
-    let field = bytes.get(start..end).ok_or(PairsError::Truncated { pair })?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|len| start.checked_add(len))
+        .ok_or(PairsError::Truncated { pair })?;
+    let field = bytes
+        .get(start..end)
+        .ok_or(PairsError::Truncated { pair })?;
     match bytes.get(end) {
         Some(0) => {
             *at = end + 1;
@@ -111,7 +135,9 @@ fn take_nul_terminated<'a>(bytes: &'a [u8], at: &mut usize, len: u32, pair: usiz
 
 /// The encoded size of `pairs`: `4 + Σ (8 + key + 1 + value + 1)`.
 pub fn encoded_len<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> usize {
-    pairs.iter().fold(4, |n, (k, v)| n + MIN_PAIR_BYTES + k.as_ref().len() + v.as_ref().len())
+    pairs.iter().fold(4, |n, (k, v)| {
+        n + MIN_PAIR_BYTES + k.as_ref().len() + v.as_ref().len()
+    })
 }
 
 /// Encodes `pairs` into `out`, which must be exactly [`encoded_len`] bytes long (so the host
@@ -121,7 +147,9 @@ pub fn encode_into<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)], out: &mut [
     if out.len() != encoded_len(pairs) || u32::try_from(out.len()).is_err() {
         return false;
     }
-    let Ok(count) = u32::try_from(pairs.len()) else { return false };
+    let Ok(count) = u32::try_from(pairs.len()) else {
+        return false;
+    };
     let (head, mut data) = out.split_at_mut(4 + pairs.len() * 8);
     let (count_word, mut lens) = head.split_at_mut(4);
     count_word.copy_from_slice(&count.to_le_bytes());
@@ -159,9 +187,15 @@ mod tests {
         let bytes = encode(&[(":method", "GET")]);
         assert_eq!(
             bytes,
-            [1, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, b':', b'm', b'e', b't', b'h', b'o', b'd', 0, b'G', b'E', b'T', 0]
+            [
+                1, 0, 0, 0, 7, 0, 0, 0, 3, 0, 0, 0, b':', b'm', b'e', b't', b'h', b'o', b'd', 0,
+                b'G', b'E', b'T', 0
+            ]
         );
-        assert_eq!(decode(&bytes).unwrap(), vec![(&b":method"[..], &b"GET"[..])]);
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            vec![(&b":method"[..], &b"GET"[..])]
+        );
     }
 
     #[test]
@@ -169,7 +203,13 @@ mod tests {
         assert_eq!(decode(&[]).unwrap(), vec![]);
         assert_eq!(decode(&[0, 0, 0, 0]).unwrap(), vec![]);
         assert_eq!(decode(&[1]), Err(PairsError::TooShort { len: 1 }));
-        assert_eq!(decode(&[0xff, 0xff, 0xff, 0xff]), Err(PairsError::CountTooLarge { count: u32::MAX, max: 0 }));
+        assert_eq!(
+            decode(&[0xff, 0xff, 0xff, 0xff]),
+            Err(PairsError::CountTooLarge {
+                count: u32::MAX,
+                max: 0
+            })
+        );
         let mut good = encode(&[("a", "b")]);
         good.push(7);
         assert_eq!(decode(&good), Err(PairsError::TrailingBytes { extra: 1 }));

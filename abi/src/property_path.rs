@@ -19,7 +19,9 @@ impl fmt::Display for PathError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PathError::Empty => f.write_str("property path is empty"),
-            PathError::EmptySegment { index } => write!(f, "property path segment {index} is empty"),
+            PathError::EmptySegment { index } => {
+                write!(f, "property path segment {index} is empty")
+            }
         }
     }
 }
@@ -41,7 +43,11 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<&[u8]>, PathError> {
 
 /// Joins segments with NUL bytes.
 pub fn encode<S: AsRef<[u8]>>(segments: &[S]) -> Vec<u8> {
-    segments.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(&0u8)
+    segments
+        .iter()
+        .map(AsRef::as_ref)
+        .collect::<Vec<_>>()
+        .join(&0u8)
 }
 
 #[cfg(test)]
@@ -53,7 +59,10 @@ mod tests {
     fn reference_example() {
         let path = encode(&["request", "headers", ":path"]);
         assert_eq!(path, b"request\0headers\0:path");
-        assert_eq!(decode(&path).unwrap(), vec![&b"request"[..], b"headers", b":path"]);
+        assert_eq!(
+            decode(&path).unwrap(),
+            vec![&b"request"[..], b"headers", b":path"]
+        );
         assert_eq!(decode(b"plugin_name\0").unwrap(), vec![&b"plugin_name"[..]]);
         assert_eq!(decode(b""), Err(PathError::Empty));
         assert_eq!(decode(b"a\0\0b"), Err(PathError::EmptySegment { index: 1 }));

@@ -15,7 +15,13 @@ fn plugin(engine: EngineKind) -> Plugin {
 }
 
 fn request_headers(extra: usize) -> HeaderMap {
-    let mut h: HeaderMap = [(":method", "GET"), (":path", "/index.html"), (":authority", "example.com")].into_iter().collect();
+    let mut h: HeaderMap = [
+        (":method", "GET"),
+        (":path", "/index.html"),
+        (":authority", "example.com"),
+    ]
+    .into_iter()
+    .collect();
     h.extend((0..extra).map(|i| (format!("x-extra-{i}"), "value")));
     h
 }
@@ -27,18 +33,29 @@ fn stream_lifecycle(c: &mut Criterion) {
         for extra in [0usize, 10, 50] {
             let request = request_headers(extra);
             let response: HeaderMap = [(":status", "200")].into_iter().collect();
-            c.bench_function(&format!("{engine}/stream_lifecycle/{}_headers", request.len()), |b| {
-                b.iter(|| {
-                    let stream = vm.create_http_stream().expect("stream");
-                    let (mut req, mut resp) = (request.clone(), response.clone());
-                    black_box(vm.on_request_headers(&stream, &mut req, true).expect("request headers"));
-                    black_box(vm.on_response_headers(&stream, &mut resp, true).expect("response headers"));
-                    vm.on_log(&stream, &mut req, &mut resp).expect("log");
-                    vm.finish_stream(stream).expect("finish");
-                })
-            });
+            c.bench_function(
+                &format!("{engine}/stream_lifecycle/{}_headers", request.len()),
+                |b| {
+                    b.iter(|| {
+                        let stream = vm.create_http_stream().expect("stream");
+                        let (mut req, mut resp) = (request.clone(), response.clone());
+                        black_box(
+                            vm.on_request_headers(&stream, &mut req, true)
+                                .expect("request headers"),
+                        );
+                        black_box(
+                            vm.on_response_headers(&stream, &mut resp, true)
+                                .expect("response headers"),
+                        );
+                        vm.on_log(&stream, &mut req, &mut resp).expect("log");
+                        vm.finish_stream(stream).expect("finish");
+                    })
+                },
+            );
         }
-        c.bench_function(&format!("{engine}/vm_start"), |b| b.iter(|| black_box(Vm::new(&plugin).expect("the VM starts"))));
+        c.bench_function(&format!("{engine}/vm_start"), |b| {
+            b.iter(|| black_box(Vm::new(&plugin).expect("the VM starts")))
+        });
     }
 }
 

@@ -11,7 +11,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "filterbox", version, about = "A proxy-wasm host runtime: conformance suite and plugin tools")]
+#[command(
+    name = "filterbox",
+    version,
+    about = "A proxy-wasm host runtime: conformance suite and plugin tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,7 +52,10 @@ enum Format {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FILTERBOX_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FILTERBOX_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run_cli(Cli::parse()) {
@@ -63,11 +70,24 @@ fn main() -> ExitCode {
 fn run_cli(cli: Cli) -> Result<ExitCode> {
     let mut out = String::new();
     let code = match cli.command {
-        Command::Conformance { format, engines, filter } => conformance(&mut out, format, &engines, filter.as_deref())?,
+        Command::Conformance {
+            format,
+            engines,
+            filter,
+        } => conformance(&mut out, format, &engines, filter.as_deref())?,
         Command::Inspect { plugin } => inspect(&mut out, &plugin).map(|()| ExitCode::SUCCESS)?,
         Command::Engines => {
             for kind in EngineKind::ALL {
-                writeln!(out, "{:18} {}", kind.name(), if kind.is_built() { "built" } else { "not in this build" })?;
+                writeln!(
+                    out,
+                    "{:18} {}",
+                    kind.name(),
+                    if kind.is_built() {
+                        "built"
+                    } else {
+                        "not in this build"
+                    }
+                )?;
             }
             ExitCode::SUCCESS
         }
@@ -79,11 +99,19 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn conformance(out: &mut String, format: Format, names: &[String], filter: Option<&str>) -> Result<ExitCode> {
+fn conformance(
+    out: &mut String,
+    format: Format,
+    names: &[String],
+    filter: Option<&str>,
+) -> Result<ExitCode> {
     let engines = if names.is_empty() {
         EngineKind::built()
     } else {
-        names.iter().map(|n| EngineKind::from_name(n)).collect::<Result<Vec<_>, _>>()?
+        names
+            .iter()
+            .map(|n| EngineKind::from_name(n))
+            .collect::<Result<Vec<_>, _>>()?
     };
     if engines.is_empty() {
         bail!("this build has no engine; enable one of the engine features");
@@ -101,7 +129,11 @@ fn conformance(out: &mut String, format: Format, names: &[String], filter: Optio
         }
     }
     let failed = reports.iter().any(|r| r.outcome == Outcome::Fail);
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
@@ -117,8 +149,14 @@ fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
         let status = match import.provided_by() {
             None if import.is_func => "NOT PROVIDED".to_owned(),
             None => "not a function: NOT PROVIDED".to_owned(),
-            Some(i) if i.module() == ImportModule::Env && abi.is_some_and(|v: AbiVersion| !i.versions().contains(v)) => {
-                format!("linked (not part of ABI {})", abi.map_or("?", AbiVersion::as_str))
+            Some(i)
+                if i.module() == ImportModule::Env
+                    && abi.is_some_and(|v: AbiVersion| !i.versions().contains(v)) =>
+            {
+                format!(
+                    "linked (not part of ABI {})",
+                    abi.map_or("?", AbiVersion::as_str)
+                )
             }
             Some(_) => "linked".to_owned(),
         };
@@ -126,7 +164,9 @@ fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
     }
     writeln!(out, "exports ({}):", info.exports.len())?;
     for export in &info.exports {
-        let role = export.callback().map_or_else(String::new, |c| format!("  (callback {})", c.name()));
+        let role = export
+            .callback()
+            .map_or_else(String::new, |c| format!("  (callback {})", c.name()));
         writeln!(out, "  {} {:?}{role}", export.name, export.kind)?;
     }
     Ok(())

@@ -1,8 +1,8 @@
 //! The cases. Each is a name, a group and a check run against one engine.
 
+use crate::ensure;
 use crate::guests::{self, wat_module};
 use crate::harness::{CaseResult, Failure, Harness, headers, pairs_of};
-use crate::ensure;
 use bytes::BytesMut;
 use filterbox::abi::{AbiError, Callback};
 use filterbox::{Action, EngineError, LoadError, LogLevel, PluginConfig, TrapKind, Vm, VmError};
@@ -19,67 +19,215 @@ pub struct Case {
 
 /// Every case, in report order.
 pub static CASES: &[Case] = &[
-    Case { name: "start-and-configure", group: "lifecycle", run: start_and_configure },
-    Case { name: "configure-false-refuses-the-vm", group: "lifecycle", run: configure_false_refuses_the_vm },
-    Case { name: "stream-contexts-come-and-go", group: "lifecycle", run: stream_contexts_come_and_go },
-    Case { name: "add", group: "headers", run: headers_add },
-    Case { name: "replace-collapses-duplicates", group: "headers", run: headers_replace },
-    Case { name: "remove", group: "headers", run: headers_remove },
-    Case { name: "pseudo-headers-and-order", group: "headers", run: headers_pseudo_and_order },
-    Case { name: "missing-header-is-none", group: "headers", run: headers_missing },
-    Case { name: "response-add", group: "headers", run: headers_response_add },
-    Case { name: "plugin-configuration-drives-rules", group: "config", run: config_drives_rules },
-    Case { name: "vm-configuration", group: "config", run: config_vm_configuration },
-    Case { name: "plugin-properties", group: "properties", run: plugin_properties },
-    Case { name: "unknown-property-is-none", group: "properties", run: unknown_property },
-    Case { name: "request-rewrite-after-buffering", group: "body", run: body_request_rewrite },
-    Case { name: "response-rewrite", group: "body", run: body_response_rewrite },
-    Case { name: "deny-with-403", group: "local-response", run: deny_with_403 },
-    Case { name: "allow-other-paths", group: "local-response", run: allow_other_paths },
-    Case { name: "every-level", group: "logging", run: log_every_level },
-    Case { name: "wasi-stdout-stderr", group: "logging", run: log_wasi_stdio },
-    Case { name: "on-log-reads-response-headers", group: "logging", run: log_on_log },
-    Case { name: "guest-panic-fails-the-vm", group: "traps", run: guest_panic_fails_the_vm },
-    Case { name: "no-abi-marker-is-refused", group: "abi", run: no_marker_refused },
-    Case { name: "unknown-abi-marker-is-refused", group: "abi", run: unknown_marker_refused },
-    Case { name: "missing-allocator-is-refused", group: "abi", run: missing_allocator_refused },
-    Case { name: "unsupported-import-is-refused", group: "abi", run: unsupported_import_refused },
-    Case { name: "out-of-bounds-read", group: "hostile", run: hostile_out_of_bounds_read },
-    Case { name: "pointer-overflow", group: "hostile", run: hostile_pointer_overflow },
-    Case { name: "bad-out-pointer", group: "hostile", run: hostile_bad_out_pointer },
-    Case { name: "allocator-returns-out-of-bounds", group: "hostile", run: hostile_allocator },
-    Case { name: "bad-enum-values", group: "hostile", run: hostile_bad_enums },
+    Case {
+        name: "start-and-configure",
+        group: "lifecycle",
+        run: start_and_configure,
+    },
+    Case {
+        name: "configure-false-refuses-the-vm",
+        group: "lifecycle",
+        run: configure_false_refuses_the_vm,
+    },
+    Case {
+        name: "stream-contexts-come-and-go",
+        group: "lifecycle",
+        run: stream_contexts_come_and_go,
+    },
+    Case {
+        name: "add",
+        group: "headers",
+        run: headers_add,
+    },
+    Case {
+        name: "replace-collapses-duplicates",
+        group: "headers",
+        run: headers_replace,
+    },
+    Case {
+        name: "remove",
+        group: "headers",
+        run: headers_remove,
+    },
+    Case {
+        name: "pseudo-headers-and-order",
+        group: "headers",
+        run: headers_pseudo_and_order,
+    },
+    Case {
+        name: "missing-header-is-none",
+        group: "headers",
+        run: headers_missing,
+    },
+    Case {
+        name: "response-add",
+        group: "headers",
+        run: headers_response_add,
+    },
+    Case {
+        name: "plugin-configuration-drives-rules",
+        group: "config",
+        run: config_drives_rules,
+    },
+    Case {
+        name: "vm-configuration",
+        group: "config",
+        run: config_vm_configuration,
+    },
+    Case {
+        name: "plugin-properties",
+        group: "properties",
+        run: plugin_properties,
+    },
+    Case {
+        name: "unknown-property-is-none",
+        group: "properties",
+        run: unknown_property,
+    },
+    Case {
+        name: "request-rewrite-after-buffering",
+        group: "body",
+        run: body_request_rewrite,
+    },
+    Case {
+        name: "response-rewrite",
+        group: "body",
+        run: body_response_rewrite,
+    },
+    Case {
+        name: "deny-with-403",
+        group: "local-response",
+        run: deny_with_403,
+    },
+    Case {
+        name: "allow-other-paths",
+        group: "local-response",
+        run: allow_other_paths,
+    },
+    Case {
+        name: "every-level",
+        group: "logging",
+        run: log_every_level,
+    },
+    Case {
+        name: "wasi-stdout-stderr",
+        group: "logging",
+        run: log_wasi_stdio,
+    },
+    Case {
+        name: "on-log-reads-response-headers",
+        group: "logging",
+        run: log_on_log,
+    },
+    Case {
+        name: "guest-panic-fails-the-vm",
+        group: "traps",
+        run: guest_panic_fails_the_vm,
+    },
+    Case {
+        name: "no-abi-marker-is-refused",
+        group: "abi",
+        run: no_marker_refused,
+    },
+    Case {
+        name: "unknown-abi-marker-is-refused",
+        group: "abi",
+        run: unknown_marker_refused,
+    },
+    Case {
+        name: "missing-allocator-is-refused",
+        group: "abi",
+        run: missing_allocator_refused,
+    },
+    Case {
+        name: "unsupported-import-is-refused",
+        group: "abi",
+        run: unsupported_import_refused,
+    },
+    Case {
+        name: "out-of-bounds-read",
+        group: "hostile",
+        run: hostile_out_of_bounds_read,
+    },
+    Case {
+        name: "pointer-overflow",
+        group: "hostile",
+        run: hostile_pointer_overflow,
+    },
+    Case {
+        name: "bad-out-pointer",
+        group: "hostile",
+        run: hostile_bad_out_pointer,
+    },
+    Case {
+        name: "allocator-returns-out-of-bounds",
+        group: "hostile",
+        run: hostile_allocator,
+    },
+    Case {
+        name: "bad-enum-values",
+        group: "hostile",
+        run: hostile_bad_enums,
+    },
 ];
 
 fn config(name: &str, configuration: &str) -> PluginConfig {
-    PluginConfig::named(name).with_configuration(configuration).with_log_level(LogLevel::Trace)
+    PluginConfig::named(name)
+        .with_configuration(configuration)
+        .with_log_level(LogLevel::Trace)
 }
 
 /// Runs request headers through a fresh stream and finishes it.
-fn request(vm: &mut Vm, pairs: &[(&str, &str)]) -> Result<(Action, Vec<(String, String)>), Failure> {
+fn request(
+    vm: &mut Vm,
+    pairs: &[(&str, &str)],
+) -> Result<(Action, Vec<(String, String)>), Failure> {
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut h = headers(pairs);
-    let action = vm.on_request_headers(&stream, &mut h, true).map_err(|e| e.to_string())?;
+    let action = vm
+        .on_request_headers(&stream, &mut h, true)
+        .map_err(|e| e.to_string())?;
     vm.finish_stream(stream).map_err(|e| e.to_string())?;
     Ok((action, pairs_of(&h)))
 }
 
 fn find<'a>(pairs: &'a [(String, String)], name: &str) -> Vec<&'a str> {
-    pairs.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect()
+    pairs
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
 }
 
 fn start_and_configure(h: &Harness) -> CaseResult {
     let (vm, logs) = h.start(guests::HEADERS, config("headers", "add x-a 1\nremove x-b"))?;
-    ensure!(logs.has(LogLevel::Info, "configured 2 rules"), "logs: {:?}", logs.messages());
-    ensure!(vm.root_context_id() == 1, "root context id {}", vm.root_context_id());
-    ensure!(vm.context_count() == 1, "live contexts {}", vm.context_count());
+    ensure!(
+        logs.has(LogLevel::Info, "configured 2 rules"),
+        "logs: {:?}",
+        logs.messages()
+    );
+    ensure!(
+        vm.root_context_id() == 1,
+        "root context id {}",
+        vm.root_context_id()
+    );
+    ensure!(
+        vm.context_count() == 1,
+        "live contexts {}",
+        vm.context_count()
+    );
     Ok(())
 }
 
 fn configure_false_refuses_the_vm(h: &Harness) -> CaseResult {
-    let (plugin, _) = h.load(guests::HEADERS, config("headers", "frobnicate")).map_err(|e| e.to_string())?;
+    let (plugin, _) = h
+        .load(guests::HEADERS, config("headers", "frobnicate"))
+        .map_err(|e| e.to_string())?;
     match Vm::new(&plugin) {
-        Err(VmError::Rejected { callback: Callback::ProxyOnConfigure, .. }) => Ok(()),
+        Err(VmError::Rejected {
+            callback: Callback::ProxyOnConfigure,
+            ..
+        }) => Ok(()),
         other => Err(format!("expected on_configure rejection, got {other:?}").into()),
     }
 }
@@ -88,43 +236,86 @@ fn stream_contexts_come_and_go(h: &Harness) -> CaseResult {
     let (mut vm, _) = h.start(guests::HEADERS, config("headers", ""))?;
     let a = vm.create_http_stream().map_err(|e| e.to_string())?;
     let b = vm.create_http_stream().map_err(|e| e.to_string())?;
-    ensure!(a.context_id() != b.context_id() && a.context_id() > 1, "ids {} {}", a.context_id(), b.context_id());
-    ensure!(vm.context_count() == 3, "live contexts {}", vm.context_count());
+    ensure!(
+        a.context_id() != b.context_id() && a.context_id() > 1,
+        "ids {} {}",
+        a.context_id(),
+        b.context_id()
+    );
+    ensure!(
+        vm.context_count() == 3,
+        "live contexts {}",
+        vm.context_count()
+    );
     vm.finish_stream(a).map_err(|e| e.to_string())?;
     vm.finish_stream(b).map_err(|e| e.to_string())?;
-    ensure!(vm.context_count() == 1, "live contexts after finish {}", vm.context_count());
+    ensure!(
+        vm.context_count() == 1,
+        "live contexts after finish {}",
+        vm.context_count()
+    );
     Ok(())
 }
 
 fn headers_add(h: &Harness) -> CaseResult {
-    let (mut vm, _) = h.start(guests::HEADERS, config("headers", "add x-added yes\nadd x-added again"))?;
+    let (mut vm, _) = h.start(
+        guests::HEADERS,
+        config("headers", "add x-added yes\nadd x-added again"),
+    )?;
     let (action, out) = request(&mut vm, &[(":path", "/"), ("x-added", "client")])?;
     ensure!(action == Action::Continue, "action {action:?}");
-    ensure!(find(&out, "x-added") == ["client", "yes", "again"], "headers {out:?}");
+    ensure!(
+        find(&out, "x-added") == ["client", "yes", "again"],
+        "headers {out:?}"
+    );
     Ok(())
 }
 
 fn headers_replace(h: &Harness) -> CaseResult {
     let (mut vm, _) = h.start(guests::HEADERS, config("headers", "replace x-r new"))?;
     let (_, out) = request(&mut vm, &[("x-r", "1"), ("x-other", "o"), ("x-r", "2")])?;
-    ensure!(out == [("x-r".into(), "new".into()), ("x-other".into(), "o".into())], "headers {out:?}");
+    ensure!(
+        out == [("x-r".into(), "new".into()), ("x-other".into(), "o".into())],
+        "headers {out:?}"
+    );
     let (_, out) = request(&mut vm, &[("x-other", "o")])?;
-    ensure!(find(&out, "x-r") == ["new"], "replace of an absent header adds it: {out:?}");
+    ensure!(
+        find(&out, "x-r") == ["new"],
+        "replace of an absent header adds it: {out:?}"
+    );
     Ok(())
 }
 
 fn headers_remove(h: &Harness) -> CaseResult {
     let (mut vm, _) = h.start(guests::HEADERS, config("headers", "remove x-secret"))?;
-    let (_, out) = request(&mut vm, &[("x-secret", "1"), ("keep", "k"), ("X-Secret", "2")])?;
+    let (_, out) = request(
+        &mut vm,
+        &[("x-secret", "1"), ("keep", "k"), ("X-Secret", "2")],
+    )?;
     ensure!(out == [("keep".into(), "k".into())], "headers {out:?}");
     Ok(())
 }
 
 fn headers_pseudo_and_order(h: &Harness) -> CaseResult {
-    let (mut vm, _) = h.start(guests::HEADERS, config("headers", "copy-header :path x-path\ncopy-header :method x-method"))?;
-    let input = [(":method", "POST"), (":path", "/a?b=c"), (":authority", "example.com"), ("dup", "1"), ("dup", "2")];
+    let (mut vm, _) = h.start(
+        guests::HEADERS,
+        config(
+            "headers",
+            "copy-header :path x-path\ncopy-header :method x-method",
+        ),
+    )?;
+    let input = [
+        (":method", "POST"),
+        (":path", "/a?b=c"),
+        (":authority", "example.com"),
+        ("dup", "1"),
+        ("dup", "2"),
+    ];
     let (_, out) = request(&mut vm, &input)?;
-    let mut expected: Vec<(String, String)> = input.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let mut expected: Vec<(String, String)> = input
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     expected.push(("x-path".into(), "/a?b=c".into()));
     expected.push(("x-method".into(), "POST".into()));
     ensure!(out == expected, "headers {out:?}");
@@ -132,23 +323,42 @@ fn headers_pseudo_and_order(h: &Harness) -> CaseResult {
 }
 
 fn headers_missing(h: &Harness) -> CaseResult {
-    let (mut vm, _) = h.start(guests::HEADERS, config("headers", "copy-header x-nope x-got"))?;
+    let (mut vm, _) = h.start(
+        guests::HEADERS,
+        config("headers", "copy-header x-nope x-got"),
+    )?;
     let (_, out) = request(&mut vm, &[(":path", "/")])?;
     ensure!(find(&out, "x-got") == ["missing"], "headers {out:?}");
     Ok(())
 }
 
 fn headers_response_add(h: &Harness) -> CaseResult {
-    let (mut vm, _) = h.start(guests::HEADERS, config("headers", "response-add x-served-by filterbox"))?;
+    let (mut vm, _) = h.start(
+        guests::HEADERS,
+        config("headers", "response-add x-served-by filterbox"),
+    )?;
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut req = headers(&[(":path", "/")]);
-    vm.on_request_headers(&stream, &mut req, true).map_err(|e| e.to_string())?;
+    vm.on_request_headers(&stream, &mut req, true)
+        .map_err(|e| e.to_string())?;
     let mut resp = headers(&[(":status", "200")]);
-    let action = vm.on_response_headers(&stream, &mut resp, false).map_err(|e| e.to_string())?;
+    let action = vm
+        .on_response_headers(&stream, &mut resp, false)
+        .map_err(|e| e.to_string())?;
     ensure!(action == Action::Continue, "action {action:?}");
     let out = pairs_of(&resp);
-    ensure!(out == [(":status".into(), "200".into()), ("x-served-by".into(), "filterbox".into())], "headers {out:?}");
-    ensure!(pairs_of(&req) == [(":path".to_string(), "/".to_string())], "request untouched: {:?}", pairs_of(&req));
+    ensure!(
+        out == [
+            (":status".into(), "200".into()),
+            ("x-served-by".into(), "filterbox".into())
+        ],
+        "headers {out:?}"
+    );
+    ensure!(
+        pairs_of(&req) == [(":path".to_string(), "/".to_string())],
+        "request untouched: {:?}",
+        pairs_of(&req)
+    );
     vm.finish_stream(stream).map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -157,7 +367,10 @@ fn config_drives_rules(h: &Harness) -> CaseResult {
     for (configuration, expected) in [("add x-config one", "one"), ("add x-config two", "two")] {
         let (mut vm, _) = h.start(guests::HEADERS, config("headers", configuration))?;
         let (_, out) = request(&mut vm, &[])?;
-        ensure!(find(&out, "x-config") == [expected], "config {configuration:?} gave {out:?}");
+        ensure!(
+            find(&out, "x-config") == [expected],
+            "config {configuration:?} gave {out:?}"
+        );
     }
     Ok(())
 }
@@ -171,7 +384,10 @@ fn config_vm_configuration(h: &Harness) -> CaseResult {
 }
 
 fn plugin_properties(h: &Harness) -> CaseResult {
-    let mut cfg = config("props", "copy-property x-name plugin_name\ncopy-property x-root plugin_root_id\ncopy-property x-vm plugin_vm_id");
+    let mut cfg = config(
+        "props",
+        "copy-property x-name plugin_name\ncopy-property x-root plugin_root_id\ncopy-property x-vm plugin_vm_id",
+    );
     cfg.root_id = "root-7".into();
     cfg.vm_id = "vm-9".into();
     let (mut vm, _) = h.start(guests::HEADERS, cfg)?;
@@ -183,7 +399,10 @@ fn plugin_properties(h: &Harness) -> CaseResult {
 }
 
 fn unknown_property(h: &Harness) -> CaseResult {
-    let (mut vm, _) = h.start(guests::HEADERS, config("props", "copy-property x-p no.such.property"))?;
+    let (mut vm, _) = h.start(
+        guests::HEADERS,
+        config("props", "copy-property x-p no.such.property"),
+    )?;
     let (_, out) = request(&mut vm, &[])?;
     ensure!(find(&out, "x-p") == ["missing"], "headers {out:?}");
     Ok(())
@@ -193,14 +412,30 @@ fn body_request_rewrite(h: &Harness) -> CaseResult {
     let (mut vm, logs) = h.start(guests::BODY, config("body", "world=>filterbox"))?;
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut body = BytesMut::from(&b"hello wor"[..]);
-    let first = vm.on_request_body(&stream, &mut body, false).map_err(|e| e.to_string())?;
+    let first = vm
+        .on_request_body(&stream, &mut body, false)
+        .map_err(|e| e.to_string())?;
     ensure!(first == Action::Pause, "first chunk: {first:?}");
-    ensure!(&body[..] == b"hello wor", "a paused chunk is untouched: {:?}", body);
+    ensure!(
+        &body[..] == b"hello wor",
+        "a paused chunk is untouched: {:?}",
+        body
+    );
     body.extend_from_slice(b"ld, world!");
-    let last = vm.on_request_body(&stream, &mut body, true).map_err(|e| e.to_string())?;
+    let last = vm
+        .on_request_body(&stream, &mut body, true)
+        .map_err(|e| e.to_string())?;
     ensure!(last == Action::Continue, "last chunk: {last:?}");
-    ensure!(&body[..] == b"hello filterbox, filterbox!", "body {:?}", String::from_utf8_lossy(&body));
-    ensure!(logs.has(LogLevel::Info, "request body 19 -> 27 bytes"), "logs {:?}", logs.messages());
+    ensure!(
+        &body[..] == b"hello filterbox, filterbox!",
+        "body {:?}",
+        String::from_utf8_lossy(&body)
+    );
+    ensure!(
+        logs.has(LogLevel::Info, "request body 19 -> 27 bytes"),
+        "logs {:?}",
+        logs.messages()
+    );
     vm.finish_stream(stream).map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -209,9 +444,15 @@ fn body_response_rewrite(h: &Harness) -> CaseResult {
     let (mut vm, _) = h.start(guests::BODY, config("body", "secret=>[redacted]"))?;
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut body = BytesMut::from(&b"the secret is secret"[..]);
-    let action = vm.on_response_body(&stream, &mut body, true).map_err(|e| e.to_string())?;
+    let action = vm
+        .on_response_body(&stream, &mut body, true)
+        .map_err(|e| e.to_string())?;
     ensure!(action == Action::Continue, "action {action:?}");
-    ensure!(&body[..] == b"the [redacted] is [redacted]", "body {:?}", String::from_utf8_lossy(&body));
+    ensure!(
+        &body[..] == b"the [redacted] is [redacted]",
+        "body {:?}",
+        String::from_utf8_lossy(&body)
+    );
     vm.finish_stream(stream).map_err(|e| e.to_string())?;
     Ok(())
 }
@@ -219,18 +460,42 @@ fn body_response_rewrite(h: &Harness) -> CaseResult {
 fn deny_with_403(h: &Harness) -> CaseResult {
     let (mut vm, logs) = h.start(guests::DENY, config("deny", "/admin"))?;
     let (action, _) = request(&mut vm, &[(":method", "GET"), (":path", "/admin/users")])?;
-    let Action::Respond(response) = action else { return Err(format!("expected a local response, got {action:?}").into()) };
-    ensure!(response.status_code == 403, "status {}", response.status_code);
-    ensure!(&response.body[..] == b"denied by policy\n", "body {:?}", response.body);
+    let Action::Respond(response) = action else {
+        return Err(format!("expected a local response, got {action:?}").into());
+    };
+    ensure!(
+        response.status_code == 403,
+        "status {}",
+        response.status_code
+    );
+    ensure!(
+        &response.body[..] == b"denied by policy\n",
+        "body {:?}",
+        response.body
+    );
     let hdrs = pairs_of(&response.headers);
     ensure!(
-        hdrs == [("x-denied-by".into(), "filterbox-guest".into()), ("content-type".into(), "text/plain".into())],
+        hdrs == [
+            ("x-denied-by".into(), "filterbox-guest".into()),
+            ("content-type".into(), "text/plain".into())
+        ],
         "headers {hdrs:?}"
     );
-    ensure!(response.grpc_status.is_none(), "grpc status {:?}", response.grpc_status);
-    ensure!(logs.has(LogLevel::Warn, "denied /admin/users"), "logs {:?}", logs.messages());
+    ensure!(
+        response.grpc_status.is_none(),
+        "grpc status {:?}",
+        response.grpc_status
+    );
+    ensure!(
+        logs.has(LogLevel::Warn, "denied /admin/users"),
+        "logs {:?}",
+        logs.messages()
+    );
     let (action, _) = request(&mut vm, &[(":path", "/ok"), ("x-deny", "1")])?;
-    ensure!(matches!(action, Action::Respond(_)), "x-deny header: {action:?}");
+    ensure!(
+        matches!(action, Action::Respond(_)),
+        "x-deny header: {action:?}"
+    );
     Ok(())
 }
 
@@ -238,7 +503,10 @@ fn allow_other_paths(h: &Harness) -> CaseResult {
     let (mut vm, _) = h.start(guests::DENY, config("deny", "/admin"))?;
     let (action, out) = request(&mut vm, &[(":path", "/public")])?;
     ensure!(action == Action::Continue, "action {action:?}");
-    ensure!(out == [(":path".into(), "/public".into())], "headers {out:?}");
+    ensure!(
+        out == [(":path".into(), "/public".into())],
+        "headers {out:?}"
+    );
     Ok(())
 }
 
@@ -252,15 +520,27 @@ fn log_every_level(h: &Harness) -> CaseResult {
         (LogLevel::Error, "error"),
         (LogLevel::Critical, "critical"),
     ] {
-        ensure!(logs.has(level, &format!("vm start at {name}")), "no {name} line in {:?}", logs.lines());
+        ensure!(
+            logs.has(level, &format!("vm start at {name}")),
+            "no {name} line in {:?}",
+            logs.lines()
+        );
     }
     Ok(())
 }
 
 fn log_wasi_stdio(h: &Harness) -> CaseResult {
     let (_, logs) = h.start(guests::LOGGER, config("logger", ""))?;
-    ensure!(logs.has(LogLevel::Info, "hello from stdout"), "logs {:?}", logs.lines());
-    ensure!(logs.has(LogLevel::Error, "hello from stderr"), "logs {:?}", logs.lines());
+    ensure!(
+        logs.has(LogLevel::Info, "hello from stdout"),
+        "logs {:?}",
+        logs.lines()
+    );
+    ensure!(
+        logs.has(LogLevel::Error, "hello from stderr"),
+        "logs {:?}",
+        logs.lines()
+    );
     Ok(())
 }
 
@@ -268,14 +548,29 @@ fn log_on_log(h: &Harness) -> CaseResult {
     let (mut vm, logs) = h.start(guests::LOGGER, config("logger", ""))?;
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut req = headers(&[(":path", "/x")]);
-    vm.on_request_headers(&stream, &mut req, true).map_err(|e| e.to_string())?;
+    vm.on_request_headers(&stream, &mut req, true)
+        .map_err(|e| e.to_string())?;
     let mut resp = headers(&[(":status", "204")]);
-    vm.on_response_headers(&stream, &mut resp, true).map_err(|e| e.to_string())?;
-    vm.on_log(&stream, &mut req, &mut resp).map_err(|e| e.to_string())?;
+    vm.on_response_headers(&stream, &mut resp, true)
+        .map_err(|e| e.to_string())?;
+    vm.on_log(&stream, &mut req, &mut resp)
+        .map_err(|e| e.to_string())?;
     vm.finish_stream(stream).map_err(|e| e.to_string())?;
-    ensure!(logs.has(LogLevel::Info, "request /x"), "logs {:?}", logs.messages());
-    ensure!(logs.has(LogLevel::Info, "log status 204"), "logs {:?}", logs.messages());
-    ensure!(pairs_of(&resp) == [(":status".to_string(), "204".to_string())], "headers handed back: {:?}", pairs_of(&resp));
+    ensure!(
+        logs.has(LogLevel::Info, "request /x"),
+        "logs {:?}",
+        logs.messages()
+    );
+    ensure!(
+        logs.has(LogLevel::Info, "log status 204"),
+        "logs {:?}",
+        logs.messages()
+    );
+    ensure!(
+        pairs_of(&resp) == [(":status".to_string(), "204".to_string())],
+        "headers handed back: {:?}",
+        pairs_of(&resp)
+    );
     Ok(())
 }
 
@@ -284,14 +579,24 @@ fn guest_panic_fails_the_vm(h: &Harness) -> CaseResult {
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut req = headers(&[(":path", "/"), ("x-panic", "1")]);
     match vm.on_request_headers(&stream, &mut req, true) {
-        Err(VmError::Trap { callback: Callback::ProxyOnRequestHeaders, trap, .. }) => {
+        Err(VmError::Trap {
+            callback: Callback::ProxyOnRequestHeaders,
+            trap,
+            ..
+        }) => {
             ensure!(trap.kind == TrapKind::Unreachable, "trap {trap:?}");
         }
         other => return Err(format!("expected a trap, got {other:?}").into()),
     }
-    ensure!(pairs_of(&req).len() == 2, "headers are handed back after a trap: {:?}", pairs_of(&req));
     ensure!(
-        logs.lines().iter().any(|(l, m)| *l == LogLevel::Critical && m.contains("asked to panic")),
+        pairs_of(&req).len() == 2,
+        "headers are handed back after a trap: {:?}",
+        pairs_of(&req)
+    );
+    ensure!(
+        logs.lines()
+            .iter()
+            .any(|(l, m)| *l == LogLevel::Critical && m.contains("asked to panic")),
         "the SDK's panic hook logs at critical: {:?}",
         logs.lines()
     );
@@ -300,11 +605,17 @@ fn guest_panic_fails_the_vm(h: &Harness) -> CaseResult {
         Err(VmError::Failed { .. }) => {}
         other => return Err(format!("a failed VM must refuse new work, got {other:?}").into()),
     }
-    vm.finish_stream(stream).map_err(|e| format!("finishing on a failed VM: {e}"))?;
+    vm.finish_stream(stream)
+        .map_err(|e| format!("finishing on a failed VM: {e}"))?;
     Ok(())
 }
 
-fn expect_load_error(h: &Harness, wasm: &[u8], check: impl Fn(&LoadError) -> bool, what: &str) -> CaseResult {
+fn expect_load_error(
+    h: &Harness,
+    wasm: &[u8],
+    check: impl Fn(&LoadError) -> bool,
+    what: &str,
+) -> CaseResult {
     match h.load(wasm, PluginConfig::named("bad")) {
         Ok(_) => Err(format!("loaded, expected {what}").into()),
         Err(e) if check(&e.reason) => Ok(()),
@@ -317,8 +628,10 @@ fn no_marker_refused(h: &Harness) -> CaseResult {
     expect_load_error(
         h,
         &wasm,
-        |e| matches!(e, LoadError::Abi(AbiError::MissingAbiVersion { exports }) if exports.iter().any(|n| n == "proxy_on_tick"))
-            && e_display(e).contains("proxy_on_tick"),
+        |e| {
+            matches!(e, LoadError::Abi(AbiError::MissingAbiVersion { exports }) if exports.iter().any(|n| n == "proxy_on_tick"))
+                && e_display(e).contains("proxy_on_tick")
+        },
         "a missing-marker error naming the exports",
     )
 }
@@ -341,9 +654,16 @@ fn unknown_marker_refused(h: &Harness) -> CaseResult {
 }
 
 fn missing_allocator_refused(h: &Harness) -> CaseResult {
-    let wasm = wat::parse_str(r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1")))"#)
-        .map_err(|e| e.to_string())?;
-    expect_load_error(h, &wasm, |e| matches!(e, LoadError::Engine(EngineError::MissingExport(_))), "a missing-allocator error")
+    let wasm = wat::parse_str(
+        r#"(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1")))"#,
+    )
+    .map_err(|e| e.to_string())?;
+    expect_load_error(
+        h,
+        &wasm,
+        |e| matches!(e, LoadError::Engine(EngineError::MissingExport(_))),
+        "a missing-allocator error",
+    )
 }
 
 fn unsupported_import_refused(h: &Harness) -> CaseResult {
@@ -373,13 +693,22 @@ fn hostile_statuses(h: &Harness, body: &str) -> Result<Vec<u32>, Failure> {
     let (mut vm, logs) = h.start(&wasm, PluginConfig::named("hostile"))?;
     let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
     let mut req = headers(&[("x-key", "value")]);
-    let action = vm.on_request_headers(&stream, &mut req, true).map_err(|e| format!("host failed the call: {e}"))?;
+    let action = vm
+        .on_request_headers(&stream, &mut req, true)
+        .map_err(|e| format!("host failed the call: {e}"))?;
     ensure!(action == Action::Continue, "action {action:?}");
     ensure!(vm.failure().is_none(), "VM failed: {:?}", vm.failure());
-    ensure!(pairs_of(&req) == [("x-key".to_string(), "value".to_string())], "headers changed: {:?}", pairs_of(&req));
+    ensure!(
+        pairs_of(&req) == [("x-key".to_string(), "value".to_string())],
+        "headers changed: {:?}",
+        pairs_of(&req)
+    );
     // Only the one-letter lines are reports; the host may log other lines.
     let reports = logs.messages().into_iter().filter(|m| m.len() == 1);
-    Ok(reports.filter_map(|m| m.bytes().next()).map(|b| u32::from(b.wrapping_sub(b'a'))).collect())
+    Ok(reports
+        .filter_map(|m| m.bytes().next())
+        .map(|b| u32::from(b.wrapping_sub(b'a')))
+        .collect())
 }
 
 const INVALID_MEMORY_ACCESS: u32 = 6;
@@ -388,7 +717,10 @@ const OK: u32 = 0;
 
 fn hostile_out_of_bounds_read(h: &Harness) -> CaseResult {
     // One page is 65536 bytes: a message that starts inside and runs past the end.
-    let statuses = hostile_statuses(h, "(call $report (call $log (i32.const 2) (i32.const 65530) (i32.const 100)))")?;
+    let statuses = hostile_statuses(
+        h,
+        "(call $report (call $log (i32.const 2) (i32.const 65530) (i32.const 100)))",
+    )?;
     ensure!(statuses == [INVALID_MEMORY_ACCESS], "statuses {statuses:?}");
     Ok(())
 }
@@ -400,7 +732,10 @@ fn hostile_pointer_overflow(h: &Harness) -> CaseResult {
          (call $report (call $log (i32.const 2) (i32.const 8) (i32.const -1)))
          (call $report (call $add_header (i32.const 0) (i32.const 16) (i32.const 5) (i32.const -16) (i32.const 32)))",
     )?;
-    ensure!(statuses == [INVALID_MEMORY_ACCESS; 3], "statuses {statuses:?}");
+    ensure!(
+        statuses == [INVALID_MEMORY_ACCESS; 3],
+        "statuses {statuses:?}"
+    );
     Ok(())
 }
 
@@ -411,7 +746,10 @@ fn hostile_bad_out_pointer(h: &Harness) -> CaseResult {
          (call $report (call $get_pairs (i32.const 0) (i32.const 100) (i32.const -4)))
          (call $report (call $get_header (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 100) (i32.const 104)))",
     )?;
-    ensure!(statuses == [INVALID_MEMORY_ACCESS, INVALID_MEMORY_ACCESS, OK], "statuses {statuses:?}");
+    ensure!(
+        statuses == [INVALID_MEMORY_ACCESS, INVALID_MEMORY_ACCESS, OK],
+        "statuses {statuses:?}"
+    );
     Ok(())
 }
 
@@ -425,7 +763,10 @@ fn hostile_allocator(h: &Harness) -> CaseResult {
          (call $report (call $get_pairs (i32.const 0) (i32.const 100) (i32.const 104)))
          (global.set $alloc_result (i32.const -1))",
     )?;
-    ensure!(statuses == [INVALID_MEMORY_ACCESS, INVALID_MEMORY_ACCESS], "statuses {statuses:?}");
+    ensure!(
+        statuses == [INVALID_MEMORY_ACCESS, INVALID_MEMORY_ACCESS],
+        "statuses {statuses:?}"
+    );
     Ok(())
 }
 

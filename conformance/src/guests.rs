@@ -11,13 +11,20 @@ pub const DENY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_deny.was
 pub const LOGGER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_logger.wasm"));
 
 /// Every built guest plugin by name, for the CLI and tests.
-pub const ALL: &[(&str, &[u8])] = &[("headers", HEADERS), ("body", BODY), ("deny", DENY), ("logger", LOGGER)];
+pub const ALL: &[(&str, &[u8])] = &[
+    ("headers", HEADERS),
+    ("body", BODY),
+    ("deny", DENY),
+    ("logger", LOGGER),
+];
 
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.
 /// The allocator hands out 1 KiB-aligned blocks from 4096 up and returns `alloc_result` when
 /// it is not -1 (to play a hostile allocator).
 pub fn wat_module(marker: Option<&str>, body: &str) -> Result<Vec<u8>, String> {
-    let marker = marker.map(|m| format!(r#"(func (export "{m}"))"#)).unwrap_or_default();
+    let marker = marker
+        .map(|m| format!(r#"(func (export "{m}"))"#))
+        .unwrap_or_default();
     let text = format!(
         r#"(module
             (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))

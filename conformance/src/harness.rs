@@ -1,7 +1,10 @@
 //! What a case runs against: one engine, plugins loaded with captured logs, and helpers to
 //! drive streams.
 
-use filterbox::{Engine, EngineConfig, EngineKind, HeaderMap, LogLevel, LogSink, Plugin, PluginConfig, PluginError, Vm};
+use filterbox::{
+    Engine, EngineConfig, EngineKind, HeaderMap, LogLevel, LogSink, Plugin, PluginConfig,
+    PluginError, Vm,
+};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -53,7 +56,10 @@ impl LogCapture {
 
     /// Whether some line at `level` is exactly `message`.
     pub fn has(&self, level: LogLevel, message: &str) -> bool {
-        self.lines.lock().iter().any(|(l, m)| *l == level && m == message)
+        self.lines
+            .lock()
+            .iter()
+            .any(|(l, m)| *l == level && m == message)
     }
 
     /// Messages only, in order.
@@ -86,7 +92,11 @@ impl Harness {
     }
 
     /// Loads `wasm` with `config` (its engine set to this harness's) and captured logs.
-    pub fn load(&self, wasm: &[u8], config: PluginConfig) -> Result<(Plugin, Arc<LogCapture>), PluginError> {
+    pub fn load(
+        &self,
+        wasm: &[u8],
+        config: PluginConfig,
+    ) -> Result<(Plugin, Arc<LogCapture>), PluginError> {
         let logs = Arc::new(LogCapture::default());
         let plugin = Plugin::builder(config.with_engine(self.engine.kind()))
             .engine(&self.engine)
@@ -96,19 +106,36 @@ impl Harness {
     }
 
     /// Loads and starts a VM, failing the case with the reason if either fails.
-    pub fn start(&self, wasm: &[u8], config: PluginConfig) -> Result<(Vm, Arc<LogCapture>), Failure> {
-        let (plugin, logs) = self.load(wasm, config).map_err(|e| format!("load failed: {e}"))?;
-        let vm = Vm::new(&plugin).map_err(|e| format!("start failed: {e}; logs: {:?}", logs.messages()))?;
+    pub fn start(
+        &self,
+        wasm: &[u8],
+        config: PluginConfig,
+    ) -> Result<(Vm, Arc<LogCapture>), Failure> {
+        let (plugin, logs) = self
+            .load(wasm, config)
+            .map_err(|e| format!("load failed: {e}"))?;
+        let vm = Vm::new(&plugin)
+            .map_err(|e| format!("start failed: {e}; logs: {:?}", logs.messages()))?;
         Ok((vm, logs))
     }
 }
 
 /// A request header map from pairs.
 pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// `(name, value)` pairs of a map as strings, for comparisons.
 pub fn pairs_of(map: &HeaderMap) -> Vec<(String, String)> {
-    map.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned())).collect()
+    map.iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect()
 }

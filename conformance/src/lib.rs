@@ -67,8 +67,10 @@ impl Report {
 /// Runs every case whose name or group contains `filter` (all if `None`) on each engine.
 /// An engine this build lacks gives skips that say so.
 pub fn run(engines: &[EngineKind], filter: Option<&str>) -> Vec<Report> {
-    let selected: Vec<&Case> =
-        CASES.iter().filter(|c| filter.is_none_or(|f| c.name.contains(f) || c.group.contains(f))).collect();
+    let selected: Vec<&Case> = CASES
+        .iter()
+        .filter(|c| filter.is_none_or(|f| c.name.contains(f) || c.group.contains(f)))
+        .collect();
     let mut reports = Vec::new();
     for &engine in engines {
         let harness = Harness::new(engine);
@@ -114,7 +116,12 @@ pub fn table(reports: &[Report]) -> String {
             cases.push((&r.group, &r.case));
         }
     }
-    let name_width = cases.iter().map(|(g, c)| g.len() + c.len() + 1).max().unwrap_or(4).max(4);
+    let name_width = cases
+        .iter()
+        .map(|(g, c)| g.len() + c.len() + 1)
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let col = engines.iter().map(|e| e.len()).max().unwrap_or(4).max(4);
     let mut out = format!("{:name_width$}", "case");
     for e in &engines {
@@ -125,11 +132,17 @@ pub fn table(reports: &[Report]) -> String {
     for (group, case) in &cases {
         out.push_str(&format!("{:name_width$}", format!("{group}/{case}")));
         for e in &engines {
-            let cell = reports.iter().find(|r| r.engine == *e && r.case == *case && r.group == *group);
+            let cell = reports
+                .iter()
+                .find(|r| r.engine == *e && r.case == *case && r.group == *group);
             let text = cell.map_or("-", |r| r.outcome.as_str());
             out.push_str(&format!("  {text:col$}"));
             if let Some(r) = cell.filter(|r| r.outcome != Outcome::Pass) {
-                notes.push(format!("{group}/{case} on {e}: {}: {}", r.outcome.as_str(), r.detail));
+                notes.push(format!(
+                    "{group}/{case} on {e}: {}: {}",
+                    r.outcome.as_str(),
+                    r.detail
+                ));
             }
         }
         out.push('\n');

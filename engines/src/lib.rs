@@ -39,8 +39,12 @@ pub enum EngineKind {
 
 impl EngineKind {
     /// Every engine filterbox knows, whether or not this build has it.
-    pub const ALL: [EngineKind; 4] =
-        [EngineKind::Wasmtime, EngineKind::WasmerCranelift, EngineKind::WasmerSinglepass, EngineKind::Wasmi];
+    pub const ALL: [EngineKind; 4] = [
+        EngineKind::Wasmtime,
+        EngineKind::WasmerCranelift,
+        EngineKind::WasmerSinglepass,
+        EngineKind::Wasmi,
+    ];
 
     /// The engine's name in configs and reports.
     pub const fn name(self) -> &'static str {
@@ -70,7 +74,10 @@ impl EngineKind {
 
     /// The engines this build includes.
     pub fn built() -> Vec<EngineKind> {
-        EngineKind::ALL.into_iter().filter(|k| k.is_built()).collect()
+        EngineKind::ALL
+            .into_iter()
+            .filter(|k| k.is_built())
+            .collect()
     }
 }
 
@@ -97,7 +104,9 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_wasm_stack: 512 * 1024 }
+        EngineConfig {
+            max_wasm_stack: 512 * 1024,
+        }
     }
 }
 
@@ -145,14 +154,29 @@ impl fmt::Display for EngineError {
             }
             EngineError::NotBuilt { engine, built } => {
                 let built: Vec<_> = built.iter().map(|k| k.name()).collect();
-                write!(f, "engine {engine} is not in this build (built: {}); enable its cargo feature", built.join(", "))
+                write!(
+                    f,
+                    "engine {engine} is not in this build (built: {}); enable its cargo feature",
+                    built.join(", ")
+                )
             }
             EngineError::Config(why) => write!(f, "engine configuration rejected: {why}"),
             EngineError::Compile(why) => write!(f, "module does not compile: {why}"),
-            EngineError::UnsupportedImports(names) => write!(f, "module imports unsupported functions: {}", names.join(", ")),
+            EngineError::UnsupportedImports(names) => write!(
+                f,
+                "module imports unsupported functions: {}",
+                names.join(", ")
+            ),
             EngineError::MissingExport(name) => write!(f, "module does not export {name}"),
-            EngineError::BadExportSignature { name, expected, found } => {
-                write!(f, "export {name} has type {found}, the ABI gives it {expected}")
+            EngineError::BadExportSignature {
+                name,
+                expected,
+                found,
+            } => {
+                write!(
+                    f,
+                    "export {name} has type {found}, the ABI gives it {expected}"
+                )
             }
             EngineError::Instantiate(why) => write!(f, "instantiation failed: {why}"),
             EngineError::StartTrapped(trap) => write!(f, "start section trapped: {trap}"),
@@ -296,7 +320,12 @@ impl Engine {
             #[cfg(feature = "wasmtime")]
             EngineKind::Wasmtime => EngineInner::Wasmtime(wasmtime_backend::WtEngine::new(config)?),
             #[allow(unreachable_patterns)]
-            _ => return Err(EngineError::NotBuilt { engine: kind, built: EngineKind::built() }),
+            _ => {
+                return Err(EngineError::NotBuilt {
+                    engine: kind,
+                    built: EngineKind::built(),
+                });
+            }
         };
         Ok(Engine { kind, inner })
     }
@@ -314,7 +343,11 @@ impl Engine {
             #[cfg(feature = "wasmtime")]
             EngineInner::Wasmtime(engine) => ModuleInner::Wasmtime(engine.compile(wasm)?),
         };
-        Ok(Module { kind: self.kind, info: Arc::new(info), inner })
+        Ok(Module {
+            kind: self.kind,
+            info: Arc::new(info),
+            inner,
+        })
     }
 }
 
@@ -347,14 +380,19 @@ impl Module {
     /// every import is provided, that it exports `memory` and an allocator, and that every
     /// callback it exports has the type the ABI gives it.
     pub fn link<H: Hostcalls>(&self, abi: AbiVersion) -> Result<InstancePre<H>, EngineError> {
-        let unsupported: Vec<String> =
-            self.info.unsupported_imports().map(|i| format!("{}.{}", i.module, i.name)).collect();
+        let unsupported: Vec<String> = self
+            .info
+            .unsupported_imports()
+            .map(|i| format!("{}.{}", i.module, i.name))
+            .collect();
         if !unsupported.is_empty() {
             return Err(EngineError::UnsupportedImports(unsupported));
         }
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
-            ModuleInner::Wasmtime(module) => InstancePreInner::Wasmtime(wasmtime_backend::WtInstancePre::new(module, abi)?),
+            ModuleInner::Wasmtime(module) => {
+                InstancePreInner::Wasmtime(wasmtime_backend::WtInstancePre::new(module, abi)?)
+            }
         };
         Ok(InstancePre { inner })
     }

@@ -1,7 +1,7 @@
 //! Checked access to a guest's linear memory.
 
-use filterbox_abi::Status;
 use core::fmt;
+use filterbox_abi::Status;
 
 /// Why a guest memory access or allocation failed. Every variant maps to
 /// [`Status::InvalidMemoryAccess`] at the ABI boundary.
@@ -31,10 +31,15 @@ impl fmt::Display for MemoryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MemoryError::OutOfBounds { ptr, len, size } => {
-                write!(f, "guest range {ptr:#x}+{len} is outside memory of {size} bytes")
+                write!(
+                    f,
+                    "guest range {ptr:#x}+{len} is outside memory of {size} bytes"
+                )
             }
             MemoryError::NoMemory => f.write_str("module exports no memory"),
-            MemoryError::AllocatorFailed { size } => write!(f, "guest allocator returned 0 for {size} bytes"),
+            MemoryError::AllocatorFailed { size } => {
+                write!(f, "guest allocator returned 0 for {size} bytes")
+            }
             MemoryError::AllocatorTrapped => f.write_str("guest allocator trapped"),
         }
     }
@@ -78,7 +83,11 @@ impl<'a> GuestMemory<'a> {
     fn range(&self, ptr: u32, len: u32) -> Result<core::ops::Range<usize>, MemoryError> {
         let end = u64::from(ptr) + u64::from(len);
         if end > self.bytes.len() as u64 {
-            return Err(MemoryError::OutOfBounds { ptr, len, size: self.bytes.len() });
+            return Err(MemoryError::OutOfBounds {
+                ptr,
+                len,
+                size: self.bytes.len(),
+            });
         }
         // Both fit in usize: end <= bytes.len().
         Ok(ptr as usize..end as usize)
@@ -98,7 +107,11 @@ impl<'a> GuestMemory<'a> {
 
     /// Copies `data` to `ptr`.
     pub fn write(&mut self, ptr: u32, data: &[u8]) -> Result<(), MemoryError> {
-        let len = u32::try_from(data.len()).map_err(|_| MemoryError::OutOfBounds { ptr, len: u32::MAX, size: self.bytes.len() })?;
+        let len = u32::try_from(data.len()).map_err(|_| MemoryError::OutOfBounds {
+            ptr,
+            len: u32::MAX,
+            size: self.bytes.len(),
+        })?;
         self.read_mut(ptr, len)?.copy_from_slice(data);
         Ok(())
     }
@@ -139,7 +152,10 @@ mod tests {
         m.write_u32(12, 0xdead_beef).unwrap();
         assert_eq!(m.read_u32(12).unwrap(), 0xdead_beef);
         assert!(m.write_u64(12, 1).is_err());
-        assert_eq!(Status::from(m.write_u32(13, 1).unwrap_err()), Status::InvalidMemoryAccess);
+        assert_eq!(
+            Status::from(m.write_u32(13, 1).unwrap_err()),
+            Status::InvalidMemoryAccess
+        );
     }
 
     proptest! {

@@ -1,6 +1,9 @@
 //! The wasmtime backend.
 
-use crate::{Caller, EngineConfig, EngineError, GuestMemory, Hostcalls, MemoryError, Returned, Trap, TrapKind};
+use crate::{
+    Caller, EngineConfig, EngineError, GuestMemory, Hostcalls, MemoryError, Returned, Trap,
+    TrapKind,
+};
 use filterbox_abi::{AbiVersion, Callback, ValType, WASI_MODULES};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use wasmtime::{Extern, Func, Linker, Memory, ModuleExport, Store, TypedFunc, Val};
@@ -19,7 +22,8 @@ impl WtEngine {
     }
 
     pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmtime::Module, EngineError> {
-        wasmtime::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(format!("{e:#}")))
+        wasmtime::Module::new(&self.engine, wasm)
+            .map_err(|e| EngineError::Compile(format!("{e:#}")))
     }
 }
 
@@ -51,19 +55,31 @@ fn classify(err: &wasmtime::Error) -> Trap {
     }
     use wasmtime::Trap as T;
     let Some(trap) = err.downcast_ref::<T>() else {
-        return Trap { kind: TrapKind::Other, message: format!("{err:#}") };
+        return Trap {
+            kind: TrapKind::Other,
+            message: format!("{err:#}"),
+        };
     };
     let kind = match trap {
         T::StackOverflow => TrapKind::StackOverflow,
-        T::MemoryOutOfBounds | T::TableOutOfBounds | T::HeapMisaligned | T::ArrayOutOfBounds => TrapKind::OutOfBounds,
-        T::IndirectCallToNull | T::BadSignature | T::NullReference | T::CastFailure => TrapKind::BadCall,
-        T::IntegerOverflow | T::IntegerDivisionByZero | T::BadConversionToInteger => TrapKind::Arithmetic,
+        T::MemoryOutOfBounds | T::TableOutOfBounds | T::HeapMisaligned | T::ArrayOutOfBounds => {
+            TrapKind::OutOfBounds
+        }
+        T::IndirectCallToNull | T::BadSignature | T::NullReference | T::CastFailure => {
+            TrapKind::BadCall
+        }
+        T::IntegerOverflow | T::IntegerDivisionByZero | T::BadConversionToInteger => {
+            TrapKind::Arithmetic
+        }
         T::UnreachableCodeReached => TrapKind::Unreachable,
         T::Interrupt | T::OutOfFuel => TrapKind::Interrupted,
         T::AllocationTooLarge => TrapKind::OutOfMemory,
         _ => TrapKind::Other,
     };
-    Trap { kind, message: trap.to_string() }
+    Trap {
+        kind,
+        message: trap.to_string(),
+    }
 }
 
 struct WtCaller<'a, 'b, H: 'static> {
@@ -120,8 +136,14 @@ fn finish<H, R>(
     result: std::thread::Result<R>,
 ) -> wasmtime::Result<R> {
     let value = result.map_err(|panic| {
-        let message = format!("hostcall {name} panicked: {}", crate::panic_message(&*panic));
-        wasmtime::Error::new(HostTrap(Trap { kind: TrapKind::Host, message }))
+        let message = format!(
+            "hostcall {name} panicked: {}",
+            crate::panic_message(&*panic)
+        );
+        wasmtime::Error::new(HostTrap(Trap {
+            kind: TrapKind::Host,
+            message,
+        }))
     })?;
     match caller.data_mut().pending_trap.take() {
         Some(trap) => Err(wasmtime::Error::new(HostTrap(trap))),
@@ -166,9 +188,18 @@ fn wt_type(ty: ValType) -> wasmtime::ValType {
     }
 }
 
-fn describe(params: impl Iterator<Item = wasmtime::ValType>, results: impl Iterator<Item = wasmtime::ValType>) -> String {
-    let list = |it: &mut dyn Iterator<Item = wasmtime::ValType>| it.map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
-    format!("({}) -> ({})", list(&mut { params }), list(&mut { results }))
+fn describe(
+    params: impl Iterator<Item = wasmtime::ValType>,
+    results: impl Iterator<Item = wasmtime::ValType>,
+) -> String {
+    let list = |it: &mut dyn Iterator<Item = wasmtime::ValType>| {
+        it.map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+    };
+    format!(
+        "({}) -> ({})",
+        list(&mut { params }),
+        list(&mut { results })
+    )
 }
 
 pub(crate) struct WtInstancePre<H> {
@@ -209,13 +240,22 @@ impl<H: Hostcalls> WtInstancePre<H> {
             let params = callback.params(abi);
             let expected_results: Vec<ValType> = callback.result().into_iter().collect();
             let matches = ty.params().len() == params.len()
-                && ty.params().zip(params).all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)))
+                && ty
+                    .params()
+                    .zip(params)
+                    .all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)))
                 && ty.results().len() == expected_results.len()
-                && ty.results().zip(&expected_results).all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)));
+                && ty
+                    .results()
+                    .zip(&expected_results)
+                    .all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)));
             if !matches {
                 return Err(EngineError::BadExportSignature {
                     name,
-                    expected: describe(params.iter().map(|t| wt_type(*t)), expected_results.iter().map(|t| wt_type(*t))),
+                    expected: describe(
+                        params.iter().map(|t| wt_type(*t)),
+                        expected_results.iter().map(|t| wt_type(*t)),
+                    ),
                     found: describe(ty.params(), ty.results()),
                 });
             }
@@ -226,35 +266,63 @@ impl<H: Hostcalls> WtInstancePre<H> {
         let allocator = [Callback::ProxyOnMemoryAllocate, Callback::Malloc]
             .iter()
             .find_map(|c| callbacks.get(*c as usize).copied().flatten())
-            .ok_or(EngineError::MissingExport("proxy_on_memory_allocate or malloc"))?;
+            .ok_or(EngineError::MissingExport(
+                "proxy_on_memory_allocate or malloc",
+            ))?;
         let mut linker = Linker::new(module.engine());
         define_imports::<H>(&mut linker).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?;
-        let pre = linker.instantiate_pre(module).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?;
-        Ok(WtInstancePre { pre, callbacks, allocator: Some(allocator), memory, abi })
+        let pre = linker
+            .instantiate_pre(module)
+            .map_err(|e| EngineError::Instantiate(format!("{e:#}")))?;
+        Ok(WtInstancePre {
+            pre,
+            callbacks,
+            allocator: Some(allocator),
+            memory,
+            abi,
+        })
     }
 
     pub(crate) fn instantiate(&self, host: H) -> Result<WtInstance<H>, EngineError> {
-        let data = StoreData { host, memory: None, allocator: None, pending_trap: None };
+        let data = StoreData {
+            host,
+            memory: None,
+            allocator: None,
+            pending_trap: None,
+        };
         let mut store = Store::new(self.pre.module().engine(), data);
-        let instance = self.pre.instantiate(&mut store).map_err(|e| match e.downcast_ref::<wasmtime::Trap>() {
-            Some(_) => EngineError::StartTrapped(classify(&e)),
-            None => EngineError::Instantiate(format!("{e:#}")),
+        let instance = self.pre.instantiate(&mut store).map_err(|e| {
+            match e.downcast_ref::<wasmtime::Trap>() {
+                Some(_) => EngineError::StartTrapped(classify(&e)),
+                None => EngineError::Instantiate(format!("{e:#}")),
+            }
         })?;
         let memory = match instance.get_module_export(&mut store, &self.memory) {
             Some(Extern::Memory(m)) => m,
             _ => return Err(EngineError::MissingExport("memory")),
         };
-        let allocator = match self.allocator.and_then(|a| instance.get_module_export(&mut store, &a)) {
-            Some(Extern::Func(f)) => f.typed::<i32, i32>(&store).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?,
-            _ => return Err(EngineError::MissingExport("proxy_on_memory_allocate or malloc")),
+        let allocator = match self
+            .allocator
+            .and_then(|a| instance.get_module_export(&mut store, &a))
+        {
+            Some(Extern::Func(f)) => f
+                .typed::<i32, i32>(&store)
+                .map_err(|e| EngineError::Instantiate(format!("{e:#}")))?,
+            _ => {
+                return Err(EngineError::MissingExport(
+                    "proxy_on_memory_allocate or malloc",
+                ));
+            }
         };
         let mut funcs = Vec::with_capacity(self.callbacks.len());
         for (export, callback) in self.callbacks.iter().zip(Callback::ALL) {
-            funcs.push(match export.and_then(|e| instance.get_module_export(&mut store, &e)) {
-                // Types were checked against the ABI when linking, so the arity is the ABI's.
-                Some(Extern::Func(f)) => Some((f, callback.params(self.abi).len())),
-                _ => None,
-            });
+            funcs.push(
+                match export.and_then(|e| instance.get_module_export(&mut store, &e)) {
+                    // Types were checked against the ABI when linking, so the arity is the ABI's.
+                    Some(Extern::Func(f)) => Some((f, callback.params(self.abi).len())),
+                    _ => None,
+                },
+            );
         }
         let data = store.data_mut();
         data.memory = Some(memory);
@@ -285,7 +353,10 @@ impl<H: Hostcalls> WtInstance<H> {
         }
         let mut results = [Val::I32(0)];
         let returns = usize::from(callback.result().is_some());
-        let (params, results) = (params.get(..arity).unwrap_or(&[]), results.get_mut(..returns).unwrap_or(&mut []));
+        let (params, results) = (
+            params.get(..arity).unwrap_or(&[]),
+            results.get_mut(..returns).unwrap_or(&mut []),
+        );
         let outcome = func.call(&mut self.store, params, results);
         self.store.data_mut().pending_trap = None;
         outcome.map_err(|e| classify(&e))?;

@@ -2,7 +2,9 @@
 //! panics in host functions, guest allocation from inside a hostcall, export checks.
 
 use filterbox_abi::{AbiVersion, Callback, Import, Status};
-use filterbox_engines::{Caller, Engine, EngineConfig, EngineError, EngineKind, Hostcalls, Returned, TrapKind};
+use filterbox_engines::{
+    Caller, Engine, EngineConfig, EngineError, EngineKind, Hostcalls, Returned, TrapKind,
+};
 
 /// A host that implements two calls: `proxy_log` records the message, and
 /// `proxy_get_property` hands "hello" back through the guest allocator. `proxy_done` panics.
@@ -20,20 +22,30 @@ impl Hostcalls for TestHost {
         let (host, memory) = cx.split();
         match memory.read(ptr as u32, len as u32) {
             Ok(bytes) => {
-                host.logged.push(String::from_utf8_lossy(bytes).into_owned());
+                host.logged
+                    .push(String::from_utf8_lossy(bytes).into_owned());
                 Status::Ok.as_i32()
             }
             Err(e) => Status::from(e).as_i32(),
         }
     }
 
-    fn proxy_get_property(cx: &mut dyn Caller<Self>, _p: i32, _s: i32, ret_ptr: i32, ret_size: i32) -> i32 {
+    fn proxy_get_property(
+        cx: &mut dyn Caller<Self>,
+        _p: i32,
+        _s: i32,
+        ret_ptr: i32,
+        ret_size: i32,
+    ) -> i32 {
         let ptr = match cx.allocate(5) {
             Ok(ptr) => ptr,
             Err(e) => return Status::from(e).as_i32(),
         };
         let mut memory = cx.memory();
-        let written = memory.write(ptr, b"hello").and_then(|()| memory.write_u32(ret_ptr as u32, ptr)).and_then(|()| memory.write_u32(ret_size as u32, 5));
+        let written = memory
+            .write(ptr, b"hello")
+            .and_then(|()| memory.write_u32(ret_ptr as u32, ptr))
+            .and_then(|()| memory.write_u32(ret_size as u32, 5));
         match written {
             Ok(()) => Status::Ok.as_i32(),
             Err(e) => Status::from(e).as_i32(),
@@ -65,7 +77,10 @@ fn module(engine: &Engine, body: &str) -> filterbox_engines::Instance<TestHost> 
 }
 
 fn engines() -> Vec<Engine> {
-    EngineKind::built().into_iter().map(|k| Engine::new(k, &EngineConfig::default()).expect("engine")).collect()
+    EngineKind::built()
+        .into_iter()
+        .map(|k| Engine::new(k, &EngineConfig::default()).expect("engine"))
+        .collect()
 }
 
 #[test]
@@ -89,7 +104,13 @@ fn traps_are_classified_the_same_on_every_engine() {
         ];
         for (callback, kind) in cases {
             let trap = instance.call(callback, &[1, 0]).expect_err("traps");
-            assert_eq!(trap.kind, kind, "{} on {}: {trap}", callback.name(), engine.kind());
+            assert_eq!(
+                trap.kind,
+                kind,
+                "{} on {}: {trap}",
+                callback.name(),
+                engine.kind()
+            );
         }
     }
 }
@@ -97,10 +118,18 @@ fn traps_are_classified_the_same_on_every_engine() {
 #[test]
 fn a_panicking_hostcall_becomes_a_host_trap() {
     for engine in engines() {
-        let mut instance = module(&engine, r#"(func (export "proxy_on_tick") (param i32) (drop (call $done)))"#);
-        let trap = instance.call(Callback::ProxyOnTick, &[1]).expect_err("traps");
+        let mut instance = module(
+            &engine,
+            r#"(func (export "proxy_on_tick") (param i32) (drop (call $done)))"#,
+        );
+        let trap = instance
+            .call(Callback::ProxyOnTick, &[1])
+            .expect_err("traps");
         assert_eq!(trap.kind, TrapKind::Host);
-        assert!(trap.message.contains("proxy_done panicked: host bug"), "{trap}");
+        assert!(
+            trap.message.contains("proxy_done panicked: host bug"),
+            "{trap}"
+        );
     }
 }
 
@@ -119,12 +148,20 @@ fn hostcalls_allocate_in_the_guest_and_check_memory() {
                 (call $get_property (i32.const 0) (i32.const 0) (i32.const 16) (i32.const 20)))
             "#,
         );
-        assert_eq!(instance.call(Callback::ProxyOnTick, &[1]), Ok(Returned::Nothing));
+        assert_eq!(
+            instance.call(Callback::ProxyOnTick, &[1]),
+            Ok(Returned::Nothing)
+        );
         assert_eq!(instance.host().logged, ["hello"]);
         // A trap in the allocator, called from inside a hostcall, fails the outer call.
-        let trap = instance.call(Callback::ProxyOnDone, &[1]).expect_err("allocator trap propagates");
+        let trap = instance
+            .call(Callback::ProxyOnDone, &[1])
+            .expect_err("allocator trap propagates");
         assert_eq!(trap.kind, TrapKind::Unreachable, "{trap}");
-        assert_eq!(instance.call(Callback::ProxyOnVmStart, &[1, 0]), Ok(Returned::Missing));
+        assert_eq!(
+            instance.call(Callback::ProxyOnVmStart, &[1, 0]),
+            Ok(Returned::Missing)
+        );
     }
 }
 
@@ -137,7 +174,9 @@ fn exports_with_the_wrong_type_are_refused() {
         .expect("parses");
         let module = engine.compile(&wasm).expect("compiles");
         match module.link::<TestHost>(AbiVersion::V0_2_1) {
-            Err(EngineError::BadExportSignature { name, .. }) => assert_eq!(name, "proxy_on_request_headers"),
+            Err(EngineError::BadExportSignature { name, .. }) => {
+                assert_eq!(name, "proxy_on_request_headers")
+            }
             Err(e) => panic!("wrong error: {e}"),
             Ok(_) => panic!("linked a mistyped export"),
         }
@@ -151,7 +190,9 @@ fn unknown_and_unbuilt_engines_are_named() {
     let err = EngineKind::from_name("v8").unwrap_err();
     assert!(err.to_string().contains("unknown engine \"v8\""), "{err}");
     for kind in EngineKind::ALL.into_iter().filter(|k| !k.is_built()) {
-        let Err(err) = Engine::new(kind, &EngineConfig::default()) else { panic!("{kind} is not built") };
+        let Err(err) = Engine::new(kind, &EngineConfig::default()) else {
+            panic!("{kind} is not built")
+        };
         assert!(err.to_string().contains("not in this build"), "{err}");
     }
 }
@@ -159,6 +200,9 @@ fn unknown_and_unbuilt_engines_are_named() {
 #[test]
 fn compile_errors_are_errors() {
     for engine in engines() {
-        assert!(matches!(engine.compile(b"not wasm"), Err(EngineError::Compile(_))));
+        assert!(matches!(
+            engine.compile(b"not wasm"),
+            Err(EngineError::Compile(_))
+        ));
     }
 }

@@ -56,7 +56,10 @@ impl Default for PluginConfig {
 impl PluginConfig {
     /// A config with a name and every other field at its default.
     pub fn named(name: impl Into<String>) -> Self {
-        PluginConfig { name: name.into(), ..PluginConfig::default() }
+        PluginConfig {
+            name: name.into(),
+            ..PluginConfig::default()
+        }
     }
 
     /// Sets the plugin configuration.
@@ -91,7 +94,9 @@ mod text_bytes {
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
         match core::str::from_utf8(bytes) {
             Ok(text) => s.serialize_str(text),
-            Err(_) => Err(serde::ser::Error::custom("configuration is not UTF-8 and cannot be written as text")),
+            Err(_) => Err(serde::ser::Error::custom(
+                "configuration is not UTF-8 and cannot be written as text",
+            )),
         }
     }
 
@@ -122,9 +127,15 @@ mod log_level_name {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<LogLevel, D::Error> {
         let name = String::deserialize(d)?;
-        LogLevel::ALL.iter().copied().find(|l| l.name().eq_ignore_ascii_case(&name)).ok_or_else(|| {
-            serde::de::Error::custom(format!("unknown log level {name:?} (trace, debug, info, warn, error, critical)"))
-        })
+        LogLevel::ALL
+            .iter()
+            .copied()
+            .find(|l| l.name().eq_ignore_ascii_case(&name))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "unknown log level {name:?} (trace, debug, info, warn, error, critical)"
+                ))
+            })
     }
 }
 
@@ -134,7 +145,9 @@ mod tests {
 
     #[test]
     fn round_trips_through_json_and_rejects_bad_names() {
-        let config = PluginConfig::named("p").with_configuration("a: b").with_log_level(LogLevel::Trace);
+        let config = PluginConfig::named("p")
+            .with_configuration("a: b")
+            .with_log_level(LogLevel::Trace);
         let json = serde_json::to_string(&config).unwrap();
         assert_eq!(serde_json::from_str::<PluginConfig>(&json).unwrap(), config);
         let err = serde_json::from_str::<PluginConfig>(r#"{"engine": "v8"}"#).unwrap_err();

@@ -39,7 +39,10 @@ impl HeaderMap {
     /// The first value of `name`.
     pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&Bytes> {
         let name = name.as_ref();
-        self.entries.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.entries
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// The first value of `name` as UTF-8, if it is.
@@ -49,7 +52,10 @@ impl HeaderMap {
 
     /// Every value of `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a Bytes> + 'a {
-        self.entries.iter().filter(move |(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v)
+        self.entries
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
     }
 
     /// Appends an entry, keeping any existing ones of the same name.
@@ -60,7 +66,11 @@ impl HeaderMap {
     /// Replaces every value of `name` with one value, in the place of the first, or appends it.
     pub fn replace(&mut self, name: impl Into<Bytes>, value: impl Into<Bytes>) {
         let (name, value) = (name.into(), value.into());
-        match self.entries.iter().position(|(k, _)| k.eq_ignore_ascii_case(&name)) {
+        match self
+            .entries
+            .iter()
+            .position(|(k, _)| k.eq_ignore_ascii_case(&name))
+        {
             Some(first) => {
                 self.entries[first].1 = value;
                 let mut index = 0;
@@ -94,13 +104,19 @@ impl HeaderMap {
 
 impl<K: Into<Bytes>, V: Into<Bytes>> FromIterator<(K, V)> for HeaderMap {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        HeaderMap { entries: iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect() }
+        HeaderMap {
+            entries: iter
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
     }
 }
 
 impl<K: Into<Bytes>, V: Into<Bytes>> Extend<(K, V)> for HeaderMap {
     fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
-        self.entries.extend(iter.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self.entries
+            .extend(iter.into_iter().map(|(k, v)| (k.into(), v.into())));
     }
 }
 
@@ -115,14 +131,20 @@ mod tests {
 
     #[test]
     fn order_duplicates_and_case() {
-        let mut h: HeaderMap = [(":path", "/"), ("x-a", "1"), ("X-A", "2"), ("x-b", "3")].into_iter().collect();
+        let mut h: HeaderMap = [(":path", "/"), ("x-a", "1"), ("X-A", "2"), ("x-b", "3")]
+            .into_iter()
+            .collect();
         assert_eq!(h.get("x-a").map(|v| &v[..]), Some(&b"1"[..]));
         assert_eq!(h.get_all(b"X-a").count(), 2);
         h.replace("x-a", "9");
         let names: Vec<_> = h.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         assert_eq!(
             names,
-            vec![(Bytes::from(":path"), Bytes::from("/")), (Bytes::from("x-a"), Bytes::from("9")), (Bytes::from("x-b"), Bytes::from("3"))]
+            vec![
+                (Bytes::from(":path"), Bytes::from("/")),
+                (Bytes::from("x-a"), Bytes::from("9")),
+                (Bytes::from("x-b"), Bytes::from("3"))
+            ]
         );
         assert_eq!(h.remove("X-B"), 1);
         assert_eq!(h.byte_size(), ":path".len() + 1 + 3 + 1);

@@ -5,11 +5,14 @@
 //! borrow. Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once
 //! and answers `Unimplemented` (`ENOSYS` for WASI).
 
+use crate::LocalResponse;
 use crate::headers::lower;
 use crate::state::{ContextKind, Phase, VmState};
-use crate::LocalResponse;
 use bytes::Bytes;
-use filterbox_abi::{pairs, property_path, BufferType, GrpcStatus, Import, ImportModule, LogLevel, MapType, Status, StreamType, WasiErrno};
+use filterbox_abi::{
+    BufferType, GrpcStatus, Import, ImportModule, LogLevel, MapType, Status, StreamType, WasiErrno,
+    pairs, property_path,
+};
 use filterbox_engines::{Caller, GuestMemory, Hostcalls, MemoryError};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -33,7 +36,9 @@ macro_rules! wasi_tri {
     ($e:expr) => {
         match $e {
             Ok(v) => v,
-            Err(MemoryError::OutOfBounds { .. } | MemoryError::NoMemory) => return WasiErrno::Fault.as_i32(),
+            Err(MemoryError::OutOfBounds { .. } | MemoryError::NoMemory) => {
+                return WasiErrno::Fault.as_i32()
+            }
             Err(_) => return WasiErrno::Inval.as_i32(),
         }
     };
@@ -54,7 +59,9 @@ fn return_with(
     ret_size_ptr: i32,
     fill: impl FnOnce(&VmState, &mut [u8]) -> bool,
 ) -> Status {
-    let Ok(len) = u32::try_from(len) else { return Status::InvalidMemoryAccess };
+    let Ok(len) = u32::try_from(len) else {
+        return Status::InvalidMemoryAccess;
+    };
     let ptr = if len == 0 {
         0
     } else {
@@ -63,7 +70,9 @@ fn return_with(
             Err(e) => return e.into(),
         };
         let (state, mut memory) = cx.split();
-        let Ok(dst) = memory.read_mut(ptr, len) else { return Status::InvalidMemoryAccess };
+        let Ok(dst) = memory.read_mut(ptr, len) else {
+            return Status::InvalidMemoryAccess;
+        };
         // The allocator is guest code and may have changed what we were about to return.
         if !fill(state, dst) {
             return Status::InternalFailure;
@@ -106,7 +115,10 @@ fn stream_type(value: i32) -> Result<StreamType, Status> {
 /// as an empty map and answers `Ok`, which silently clears headers; filterbox says so instead.
 fn decode_pairs(bytes: &[u8]) -> Result<Vec<(Bytes, Bytes)>, Status> {
     let decoded = pairs::decode(bytes).map_err(|_| Status::BadArgument)?;
-    Ok(decoded.into_iter().map(|(k, v)| (lower(k), Bytes::copy_from_slice(v))).collect())
+    Ok(decoded
+        .into_iter()
+        .map(|(k, v)| (lower(k), Bytes::copy_from_slice(v)))
+        .collect())
 }
 
 fn monotonic_nanos() -> u64 {
@@ -116,7 +128,9 @@ fn monotonic_nanos() -> u64 {
 }
 
 fn realtime_nanos() -> u64 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     u64::try_from(nanos).unwrap_or(u64::MAX)
 }
 
@@ -132,7 +146,9 @@ impl Hostcalls for VmState {
     // --- logging, time, configuration ---
 
     fn proxy_log(cx: Cx<'_>, level: i32, message_ptr: i32, message_size: i32) -> i32 {
-        let Some(level) = LogLevel::from_u32(level as u32) else { return Status::BadArgument.as_i32() };
+        let Some(level) = LogLevel::from_u32(level as u32) else {
+            return Status::BadArgument.as_i32();
+        };
         let (state, memory) = cx.split();
         let message = tri!(read(&memory, message_ptr, message_size));
         state.shared.log(level, &String::from_utf8_lossy(message));
@@ -157,23 +173,37 @@ impl Hostcalls for VmState {
             _ => BufferType::VmConfiguration,
         };
         let len = tri!(state.buffer(buffer)).len();
-        return_with(cx, len, ret_ptr_ptr, ret_size_ptr, |state, dst| match state.buffer(buffer) {
-            Ok(bytes) if bytes.len() == dst.len() => {
-                dst.copy_from_slice(bytes);
-                true
-            }
-            _ => false,
-        })
+        return_with(
+            cx,
+            len,
+            ret_ptr_ptr,
+            ret_size_ptr,
+            |state, dst| match state.buffer(buffer) {
+                Ok(bytes) if bytes.len() == dst.len() => {
+                    dst.copy_from_slice(bytes);
+                    true
+                }
+                _ => false,
+            },
+        )
         .as_i32()
     }
 
     // --- properties ---
 
-    fn proxy_get_property(cx: Cx<'_>, path_ptr: i32, path_size: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+    fn proxy_get_property(
+        cx: Cx<'_>,
+        path_ptr: i32,
+        path_size: i32,
+        ret_ptr_ptr: i32,
+        ret_size_ptr: i32,
+    ) -> i32 {
         let (state, memory) = cx.split();
         let raw = tri!(read(&memory, path_ptr, path_size));
         // An empty or malformed path names nothing.
-        let Ok(path) = property_path::decode(raw) else { return Status::NotFound.as_i32() };
+        let Ok(path) = property_path::decode(raw) else {
+            return Status::NotFound.as_i32();
+        };
         let config = &state.shared.config;
         let value = match path.as_slice() {
             [b"plugin_name"] => Some(Bytes::copy_from_slice(config.name.as_bytes())),
@@ -189,40 +219,76 @@ impl Hostcalls for VmState {
 
     // --- buffers ---
 
-    fn proxy_get_buffer_bytes(cx: Cx<'_>, buffer_type: i32, start: i32, max_size: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+    fn proxy_get_buffer_bytes(
+        cx: Cx<'_>,
+        buffer_type: i32,
+        start: i32,
+        max_size: i32,
+        ret_ptr_ptr: i32,
+        ret_size_ptr: i32,
+    ) -> i32 {
         let kind = tri!(self::buffer_type(buffer_type));
         let len = tri!(cx.host().buffer(kind)).len() as u64;
         // 64-bit arithmetic: the Rust SDK passes max_size = u32::MAX to mean "everything".
         let (start, max_size) = (u64::from(start as u32), u64::from(max_size as u32));
-        let length = if start >= len { 0 } else { max_size.min(len - start) };
+        let length = if start >= len {
+            0
+        } else {
+            max_size.min(len - start)
+        };
         // Both fit in usize: they are at most the buffer's length.
         let (start, length) = (start as usize, length as usize);
-        return_with(cx, length, ret_ptr_ptr, ret_size_ptr, |state, dst| {
-            match state.buffer(kind).ok().and_then(|b| b.get(start..start + length)) {
+        return_with(
+            cx,
+            length,
+            ret_ptr_ptr,
+            ret_size_ptr,
+            |state, dst| match state
+                .buffer(kind)
+                .ok()
+                .and_then(|b| b.get(start..start + length))
+            {
                 Some(src) => {
                     dst.copy_from_slice(src);
                     true
                 }
                 None => false,
-            }
-        })
+            },
+        )
         .as_i32()
     }
 
-    fn proxy_get_buffer_status(cx: Cx<'_>, buffer_type: i32, ret_size_ptr: i32, ret_flags_ptr: i32) -> i32 {
+    fn proxy_get_buffer_status(
+        cx: Cx<'_>,
+        buffer_type: i32,
+        ret_size_ptr: i32,
+        ret_flags_ptr: i32,
+    ) -> i32 {
         let kind = tri!(self::buffer_type(buffer_type));
         let len = tri!(cx.host().buffer(kind)).len();
-        let Ok(len) = u32::try_from(len) else { return Status::InternalFailure.as_i32() };
+        let Ok(len) = u32::try_from(len) else {
+            return Status::InternalFailure.as_i32();
+        };
         write_words(&mut cx.memory(), &[(ret_size_ptr, len), (ret_flags_ptr, 0)]).as_i32()
     }
 
-    fn proxy_set_buffer_bytes(cx: Cx<'_>, buffer_type: i32, start: i32, size: i32, data_ptr: i32, data_size: i32) -> i32 {
+    fn proxy_set_buffer_bytes(
+        cx: Cx<'_>,
+        buffer_type: i32,
+        start: i32,
+        size: i32,
+        data_ptr: i32,
+        data_size: i32,
+    ) -> i32 {
         let kind = tri!(self::buffer_type(buffer_type));
         let (state, memory) = cx.split();
         let data = tri!(read(&memory, data_ptr, data_size));
         let mutable = matches!(
             kind,
-            BufferType::HttpRequestBody | BufferType::HttpResponseBody | BufferType::DownstreamData | BufferType::UpstreamData
+            BufferType::HttpRequestBody
+                | BufferType::HttpResponseBody
+                | BufferType::DownstreamData
+                | BufferType::UpstreamData
         );
         if !mutable {
             return Status::BadArgument.as_i32();
@@ -244,31 +310,58 @@ impl Hostcalls for VmState {
 
     // --- header maps ---
 
-    fn proxy_get_header_map_pairs(cx: Cx<'_>, map_type: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+    fn proxy_get_header_map_pairs(
+        cx: Cx<'_>,
+        map_type: i32,
+        ret_ptr_ptr: i32,
+        ret_size_ptr: i32,
+    ) -> i32 {
         let map = tri!(self::map_type(map_type));
         // An absent map reads as empty, as Envoy answers (the Rust SDK panics on anything else).
-        let len = cx.host().map(map).filter(|m| !m.is_empty()).map_or(0, |m| pairs::encoded_len(m.as_slice()));
+        let len = cx
+            .host()
+            .map(map)
+            .filter(|m| !m.is_empty())
+            .map_or(0, |m| pairs::encoded_len(m.as_slice()));
         return_with(cx, len, ret_ptr_ptr, ret_size_ptr, |state, dst| {
-            state.map(map).is_some_and(|m| pairs::encode_into(m.as_slice(), dst))
+            state
+                .map(map)
+                .is_some_and(|m| pairs::encode_into(m.as_slice(), dst))
         })
         .as_i32()
     }
 
-    fn proxy_set_header_map_pairs(cx: Cx<'_>, map_type: i32, pairs_ptr: i32, pairs_size: i32) -> i32 {
+    fn proxy_set_header_map_pairs(
+        cx: Cx<'_>,
+        map_type: i32,
+        pairs_ptr: i32,
+        pairs_size: i32,
+    ) -> i32 {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
         let entries = tri!(decode_pairs(tri!(read(&memory, pairs_ptr, pairs_size))));
-        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        let Some(headers) = state.map_mut(map) else {
+            return Status::BadArgument.as_i32();
+        };
         headers.clear();
         headers.extend(entries);
         Status::Ok.as_i32()
     }
 
-    fn proxy_get_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32, ret_ptr_ptr: i32, ret_size_ptr: i32) -> i32 {
+    fn proxy_get_header_map_value(
+        cx: Cx<'_>,
+        map_type: i32,
+        key_ptr: i32,
+        key_size: i32,
+        ret_ptr_ptr: i32,
+        ret_size_ptr: i32,
+    ) -> i32 {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
         let key = tri!(read(&memory, key_ptr, key_size));
-        let Some(headers) = state.map(map) else { return Status::BadArgument.as_i32() };
+        let Some(headers) = state.map(map) else {
+            return Status::BadArgument.as_i32();
+        };
         match headers.get(key).cloned() {
             Some(value) => return_bytes(cx, &value, ret_ptr_ptr, ret_size_ptr).as_i32(),
             // ABI 0.1.0 answers a missing key with an empty value; 0.2.0 made it NotFound.
@@ -279,31 +372,56 @@ impl Hostcalls for VmState {
         }
     }
 
-    fn proxy_add_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32, value_ptr: i32, value_size: i32) -> i32 {
+    fn proxy_add_header_map_value(
+        cx: Cx<'_>,
+        map_type: i32,
+        key_ptr: i32,
+        key_size: i32,
+        value_ptr: i32,
+        value_size: i32,
+    ) -> i32 {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
         let key = tri!(read(&memory, key_ptr, key_size));
         let value = tri!(read(&memory, value_ptr, value_size));
-        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        let Some(headers) = state.map_mut(map) else {
+            return Status::BadArgument.as_i32();
+        };
         headers.add(lower(key), Bytes::copy_from_slice(value));
         Status::Ok.as_i32()
     }
 
-    fn proxy_replace_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32, value_ptr: i32, value_size: i32) -> i32 {
+    fn proxy_replace_header_map_value(
+        cx: Cx<'_>,
+        map_type: i32,
+        key_ptr: i32,
+        key_size: i32,
+        value_ptr: i32,
+        value_size: i32,
+    ) -> i32 {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
         let key = tri!(read(&memory, key_ptr, key_size));
         let value = tri!(read(&memory, value_ptr, value_size));
-        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        let Some(headers) = state.map_mut(map) else {
+            return Status::BadArgument.as_i32();
+        };
         headers.replace(lower(key), Bytes::copy_from_slice(value));
         Status::Ok.as_i32()
     }
 
-    fn proxy_remove_header_map_value(cx: Cx<'_>, map_type: i32, key_ptr: i32, key_size: i32) -> i32 {
+    fn proxy_remove_header_map_value(
+        cx: Cx<'_>,
+        map_type: i32,
+        key_ptr: i32,
+        key_size: i32,
+    ) -> i32 {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
         let key = tri!(read(&memory, key_ptr, key_size));
-        let Some(headers) = state.map_mut(map) else { return Status::BadArgument.as_i32() };
+        let Some(headers) = state.map_mut(map) else {
+            return Status::BadArgument.as_i32();
+        };
         headers.remove(key);
         Status::Ok.as_i32()
     }
@@ -311,8 +429,12 @@ impl Hostcalls for VmState {
     fn proxy_get_header_map_size(cx: Cx<'_>, map_type: i32, ret_size_ptr: i32) -> i32 {
         let map = tri!(self::map_type(map_type));
         // Envoy's answer: total bytes of names and values.
-        let Some(size) = cx.host().map(map).map(|m| m.byte_size()) else { return Status::BadArgument.as_i32() };
-        let Ok(size) = u32::try_from(size) else { return Status::InternalFailure.as_i32() };
+        let Some(size) = cx.host().map(map).map(|m| m.byte_size()) else {
+            return Status::BadArgument.as_i32();
+        };
+        let Ok(size) = u32::try_from(size) else {
+            return Status::InternalFailure.as_i32();
+        };
         write_words(&mut cx.memory(), &[(ret_size_ptr, size)]).as_i32()
     }
 
@@ -335,7 +457,10 @@ impl Hostcalls for VmState {
         let headers = tri!(decode_pairs(tri!(read(&memory, headers_ptr, headers_size))));
         if state.context_kind() != Some(ContextKind::Http) {
             // Envoy ignores it outside an HTTP stream and still answers Ok.
-            state.shared.log(LogLevel::Warn, "filterbox: proxy_send_local_response outside an HTTP stream is ignored");
+            state.shared.log(
+                LogLevel::Warn,
+                "filterbox: proxy_send_local_response outside an HTTP stream is ignored",
+            );
             return Status::Ok.as_i32();
         }
         state.local_response = Some(LocalResponse {
@@ -410,12 +535,16 @@ impl Hostcalls for VmState {
         let (state, mut memory) = cx.split();
         let mut text = Vec::new();
         for i in 0..iovs_len as u32 {
-            let Some(at) = (iovs_ptr as u32).checked_add(i.saturating_mul(8)) else { return WasiErrno::Fault.as_i32() };
+            let Some(at) = (iovs_ptr as u32).checked_add(i.saturating_mul(8)) else {
+                return WasiErrno::Fault.as_i32();
+            };
             let buf = wasi_tri!(memory.read_u32(at));
             let len = wasi_tri!(memory.read_u32(at.wrapping_add(4)));
             text.extend_from_slice(wasi_tri!(memory.read(buf, len)));
         }
-        let Ok(written) = u32::try_from(text.len()) else { return WasiErrno::Inval.as_i32() };
+        let Ok(written) = u32::try_from(text.len()) else {
+            return WasiErrno::Inval.as_i32();
+        };
         // One call is one log line; the trailing newline of println! is not part of it.
         let line = text.strip_suffix(b"\n").unwrap_or(&text);
         if !line.is_empty() {
@@ -445,7 +574,9 @@ impl Hostcalls for VmState {
         let vars = &cx.host().shared.config.environment_variables;
         let count = vars.len();
         let size: usize = vars.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
-        let (Ok(count), Ok(size)) = (u32::try_from(count), u32::try_from(size)) else { return WasiErrno::Inval.as_i32() };
+        let (Ok(count), Ok(size)) = (u32::try_from(count), u32::try_from(size)) else {
+            return WasiErrno::Inval.as_i32();
+        };
         let mut memory = cx.memory();
         wasi_tri!(memory.write_u32(ret_count_ptr as u32, count));
         wasi_tri!(memory.write_u32(ret_buf_size_ptr as u32, size));
@@ -511,7 +642,13 @@ impl Hostcalls for VmState {
         WasiErrno::Success.as_i32()
     }
 
-    fn poll_oneoff(cx: Cx<'_>, _in_ptr: i32, _out_ptr: i32, _nsubscriptions: i32, ret_nevents_ptr: i32) -> i32 {
+    fn poll_oneoff(
+        cx: Cx<'_>,
+        _in_ptr: i32,
+        _out_ptr: i32,
+        _nsubscriptions: i32,
+        ret_nevents_ptr: i32,
+    ) -> i32 {
         // No event ever becomes ready; the Go runtime needs the call itself to succeed.
         wasi_tri!(cx.memory().write_u32(ret_nevents_ptr as u32, 0));
         WasiErrno::Success.as_i32()
@@ -520,6 +657,8 @@ impl Hostcalls for VmState {
     fn proc_exit(cx: Cx<'_>, code: i32) {
         // As the reference host: log it and return; the guest traps right after if it
         // really meant to stop.
-        cx.host().shared.log(LogLevel::Error, &format!("plugin called proc_exit({code})"));
+        cx.host()
+            .shared
+            .log(LogLevel::Error, &format!("plugin called proc_exit({code})"));
     }
 }

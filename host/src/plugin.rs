@@ -1,8 +1,8 @@
 //! Plugins: a module compiled and linked once, shared by every VM that runs it.
 
+use crate::PluginConfig;
 use crate::embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
 use crate::state::{PluginShared, VmState};
-use crate::PluginConfig;
 use core::fmt;
 use filterbox_abi::{AbiError, AbiVersion, ModuleInfo};
 use filterbox_engines::{Engine, EngineConfig, EngineError, EngineKind, InstancePre, Module};
@@ -39,7 +39,11 @@ impl fmt::Display for PluginError {
         match &self.reason {
             LoadError::Abi(e) => e.fmt(f),
             LoadError::Engine(e) => e.fmt(f),
-            LoadError::EngineMismatch { supplied } => write!(f, "the config names {} but a {supplied} engine was supplied", self.engine),
+            LoadError::EngineMismatch { supplied } => write!(
+                f,
+                "the config names {} but a {supplied} engine was supplied",
+                self.engine
+            ),
         }
     }
 }
@@ -78,7 +82,12 @@ impl Plugin {
 
     /// A builder to set the engine and the embedder hooks.
     pub fn builder(config: PluginConfig) -> PluginBuilder {
-        PluginBuilder { config, engine: None, log: Arc::new(TracingLogSink), properties: Arc::new(NoProperties) }
+        PluginBuilder {
+            config,
+            engine: None,
+            log: Arc::new(TracingLogSink),
+            properties: Arc::new(NoProperties),
+        }
     }
 
     /// The plugin's config.
@@ -140,19 +149,48 @@ impl PluginBuilder {
 
     /// Checks the module's ABI version, compiles it and links it with filterbox's hostcalls.
     pub fn build(self, wasm: &[u8]) -> Result<Plugin, PluginError> {
-        let PluginBuilder { config, engine, log, properties } = self;
-        let fail = |reason| PluginError { plugin: config.name.clone(), engine: config.engine, reason };
-        let abi = ModuleInfo::parse(wasm).and_then(|info| info.abi_version()).map_err(|e| fail(LoadError::Abi(e)))?;
+        let PluginBuilder {
+            config,
+            engine,
+            log,
+            properties,
+        } = self;
+        let fail = |reason| PluginError {
+            plugin: config.name.clone(),
+            engine: config.engine,
+            reason,
+        };
+        let abi = ModuleInfo::parse(wasm)
+            .and_then(|info| info.abi_version())
+            .map_err(|e| fail(LoadError::Abi(e)))?;
         let engine = match engine {
             Some(engine) if engine.kind() != config.engine => {
-                return Err(fail(LoadError::EngineMismatch { supplied: engine.kind() }));
+                return Err(fail(LoadError::EngineMismatch {
+                    supplied: engine.kind(),
+                }));
             }
             Some(engine) => engine,
-            None => Engine::new(config.engine, &EngineConfig::default()).map_err(|e| fail(LoadError::Engine(e)))?,
+            None => Engine::new(config.engine, &EngineConfig::default())
+                .map_err(|e| fail(LoadError::Engine(e)))?,
         };
-        let module = engine.compile(wasm).map_err(|e| fail(LoadError::Engine(e)))?;
-        let pre = module.link::<VmState>(abi).map_err(|e| fail(LoadError::Engine(e)))?;
-        let shared = Arc::new(PluginShared { config, abi, log, properties });
-        Ok(Plugin { inner: Arc::new(PluginInner { shared, module, pre }) })
+        let module = engine
+            .compile(wasm)
+            .map_err(|e| fail(LoadError::Engine(e)))?;
+        let pre = module
+            .link::<VmState>(abi)
+            .map_err(|e| fail(LoadError::Engine(e)))?;
+        let shared = Arc::new(PluginShared {
+            config,
+            abi,
+            log,
+            properties,
+        });
+        Ok(Plugin {
+            inner: Arc::new(PluginInner {
+                shared,
+                module,
+                pre,
+            }),
+        })
     }
 }

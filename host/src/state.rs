@@ -93,7 +93,10 @@ impl VmState {
         let bit = 1u128 << (import as u32 % 128);
         if self.warned_unimplemented & bit == 0 {
             self.warned_unimplemented |= bit;
-            let message = format!("filterbox: {} is not implemented; returning an error to the plugin", import.name());
+            let message = format!(
+                "filterbox: {} is not implemented; returning an error to the plugin",
+                import.name()
+            );
             self.shared.log(LogLevel::Warn, &message);
         }
     }
@@ -128,7 +131,9 @@ impl VmState {
             },
             BufferType::HttpCallResponseBody => Err(Status::NotFound),
             BufferType::VmConfiguration => Ok(&self.shared.config.vm_configuration),
-            BufferType::PluginConfiguration if self.phase == Phase::Configure => Ok(&self.shared.config.configuration),
+            BufferType::PluginConfiguration if self.phase == Phase::Configure => {
+                Ok(&self.shared.config.configuration)
+            }
             BufferType::PluginConfiguration => Err(Status::NotFound),
         }
     }
@@ -139,6 +144,10 @@ impl VmState {
     }
 
     pub(crate) fn stream_type_event(&mut self, stream: StreamType, close: bool) {
-        self.record_event(if close { StreamEvent::Close(stream) } else { StreamEvent::Continue(stream) });
+        self.record_event(if close {
+            StreamEvent::Close(stream)
+        } else {
+            StreamEvent::Continue(stream)
+        });
     }
 }

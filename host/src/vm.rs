@@ -89,11 +89,29 @@ pub enum VmError {
 impl fmt::Display for VmError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VmError::Instantiate { plugin, engine, error } => write!(f, "plugin {plugin:?} on {engine}: {error}"),
-            VmError::Rejected { plugin, callback } => write!(f, "plugin {plugin:?}: {} returned false", callback.name()),
-            VmError::Trap { plugin, callback, trap } => write!(f, "plugin {plugin:?} trapped in {}: {trap}", callback.name()),
-            VmError::Failed { plugin, trap } => write!(f, "plugin {plugin:?} is failed after an earlier {trap}"),
-            VmError::ForeignStream { plugin } => write!(f, "plugin {plugin:?}: stream belongs to another VM"),
+            VmError::Instantiate {
+                plugin,
+                engine,
+                error,
+            } => write!(f, "plugin {plugin:?} on {engine}: {error}"),
+            VmError::Rejected { plugin, callback } => {
+                write!(f, "plugin {plugin:?}: {} returned false", callback.name())
+            }
+            VmError::Trap {
+                plugin,
+                callback,
+                trap,
+            } => write!(
+                f,
+                "plugin {plugin:?} trapped in {}: {trap}",
+                callback.name()
+            ),
+            VmError::Failed { plugin, trap } => {
+                write!(f, "plugin {plugin:?} is failed after an earlier {trap}")
+            }
+            VmError::ForeignStream { plugin } => {
+                write!(f, "plugin {plugin:?}: stream belongs to another VM")
+            }
         }
     }
 }
@@ -148,13 +166,24 @@ impl Vm {
     /// `proxy_on_vm_start`, `proxy_on_configure`. A false from either is an error.
     pub fn new(plugin: &Plugin) -> Result<Vm, VmError> {
         let state = VmState::new(plugin.shared().clone());
-        let instance = plugin.instance_pre().instantiate(state).map_err(|error| VmError::Instantiate {
-            plugin: plugin.config().name.clone(),
-            engine: plugin.engine(),
-            error,
-        })?;
+        let instance =
+            plugin
+                .instance_pre()
+                .instantiate(state)
+                .map_err(|error| VmError::Instantiate {
+                    plugin: plugin.config().name.clone(),
+                    engine: plugin.engine(),
+                    error,
+                })?;
         let serial = NEXT_VM.fetch_add(1, Ordering::Relaxed);
-        let mut vm = Vm { plugin: plugin.clone(), instance, serial, root_context: 0, next_context: 1, failure: None };
+        let mut vm = Vm {
+            plugin: plugin.clone(),
+            instance,
+            serial,
+            root_context: 0,
+            next_context: 1,
+            failure: None,
+        };
         vm.run_start_function()?;
         let root = vm.create_context(ContextKind::Root, 0)?;
         vm.root_context = root;
@@ -183,9 +212,17 @@ impl Vm {
     }
 
     /// A missing callback counts as true, as in the reference host.
-    fn expect_true(&mut self, callback: Callback, context: u32, args: &[i32]) -> Result<(), VmError> {
+    fn expect_true(
+        &mut self,
+        callback: Callback,
+        context: u32,
+        args: &[i32],
+    ) -> Result<(), VmError> {
         match self.call(context, callback, args)? {
-            Returned::Value(0) => Err(VmError::Rejected { plugin: self.plugin.config().name.clone(), callback }),
+            Returned::Value(0) => Err(VmError::Rejected {
+                plugin: self.plugin.config().name.clone(),
+                callback,
+            }),
             _ => Ok(()),
         }
     }
@@ -219,9 +256,17 @@ impl Vm {
         self.instance.host_mut()
     }
 
-    fn call(&mut self, context: u32, callback: Callback, args: &[i32]) -> Result<Returned, VmError> {
+    fn call(
+        &mut self,
+        context: u32,
+        callback: Callback,
+        args: &[i32],
+    ) -> Result<Returned, VmError> {
         if let Some(trap) = &self.failure {
-            return Err(VmError::Failed { plugin: self.plugin.config().name.clone(), trap: trap.clone() });
+            return Err(VmError::Failed {
+                plugin: self.plugin.config().name.clone(),
+                trap: trap.clone(),
+            });
         }
         let state = self.state();
         state.current_context = context;
@@ -230,7 +275,11 @@ impl Vm {
             Ok(returned) => Ok(returned),
             Err(trap) => {
                 self.failure = Some(trap.clone());
-                Err(VmError::Trap { plugin: self.plugin.config().name.clone(), callback, trap })
+                Err(VmError::Trap {
+                    plugin: self.plugin.config().name.clone(),
+                    callback,
+                    trap,
+                })
             }
         }
     }
@@ -239,7 +288,11 @@ impl Vm {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(1);
         self.state().contexts.insert(id, kind);
-        if let Err(e) = self.call(id, Callback::ProxyOnContextCreate, &[id as i32, parent as i32]) {
+        if let Err(e) = self.call(
+            id,
+            Callback::ProxyOnContextCreate,
+            &[id as i32, parent as i32],
+        ) {
             self.state().contexts.remove(&id);
             return Err(e);
         }
@@ -249,27 +302,42 @@ impl Vm {
     /// Creates an HTTP stream context (`proxy_on_context_create(id, root)`).
     pub fn create_http_stream(&mut self) -> Result<HttpStream, VmError> {
         let id = self.create_context(ContextKind::Http, self.root_context)?;
-        Ok(HttpStream { vm: self.serial, id })
+        Ok(HttpStream {
+            vm: self.serial,
+            id,
+        })
     }
 
     fn check(&self, stream: &HttpStream) -> Result<(), VmError> {
         if stream.vm == self.serial {
             Ok(())
         } else {
-            Err(VmError::ForeignStream { plugin: self.plugin.config().name.clone() })
+            Err(VmError::ForeignStream {
+                plugin: self.plugin.config().name.clone(),
+            })
         }
     }
 
     /// Hands `headers` to the plugin for the length of `f`, then takes them back (also when
     /// the guest traps).
-    fn with_map<R>(&mut self, map: MapType, headers: &mut HeaderMap, f: impl FnOnce(&mut Self) -> R) -> R {
+    fn with_map<R>(
+        &mut self,
+        map: MapType,
+        headers: &mut HeaderMap,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> R {
         self.state().maps[map as usize] = Some(std::mem::take(headers));
         let result = f(self);
         *headers = self.state().maps[map as usize].take().unwrap_or_default();
         result
     }
 
-    fn with_body<R>(&mut self, kind: BufferType, body: &mut BytesMut, f: impl FnOnce(&mut Self) -> R) -> R {
+    fn with_body<R>(
+        &mut self,
+        kind: BufferType,
+        body: &mut BytesMut,
+        f: impl FnOnce(&mut Self) -> R,
+    ) -> R {
         self.state().body = Some((kind, std::mem::take(body)));
         let result = f(self);
         *body = self.state().body.take().map(|(_, b)| b).unwrap_or_default();
@@ -278,7 +346,12 @@ impl Vm {
 
     /// Calls a filter callback and turns its result into an [`Action`]: a local response sent
     /// during the call wins; 0 (or a missing export) continues; anything else pauses.
-    fn filter_call(&mut self, stream: &HttpStream, callback: Callback, args: &[i32]) -> Result<Action, VmError> {
+    fn filter_call(
+        &mut self,
+        stream: &HttpStream,
+        callback: Callback,
+        args: &[i32],
+    ) -> Result<Action, VmError> {
         self.check(stream)?;
         self.state().local_response = None;
         let returned = self.call(stream.id, callback, args);
@@ -291,49 +364,112 @@ impl Vm {
     }
 
     /// Request headers arrived (`proxy_on_request_headers`). The plugin may change `headers`.
-    pub fn on_request_headers(&mut self, stream: &HttpStream, headers: &mut HeaderMap, end_of_stream: bool) -> Result<Action, VmError> {
-        let args = [stream.id as i32, wasm_i32(headers.len()), i32::from(end_of_stream)];
-        self.with_map(MapType::HttpRequestHeaders, headers, |vm| vm.filter_call(stream, Callback::ProxyOnRequestHeaders, &args))
+    pub fn on_request_headers(
+        &mut self,
+        stream: &HttpStream,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let args = [
+            stream.id as i32,
+            wasm_i32(headers.len()),
+            i32::from(end_of_stream),
+        ];
+        self.with_map(MapType::HttpRequestHeaders, headers, |vm| {
+            vm.filter_call(stream, Callback::ProxyOnRequestHeaders, &args)
+        })
     }
 
     /// Request body data arrived (`proxy_on_request_body`). `body` is everything buffered so
     /// far; the plugin may change it. [`Action::Pause`] asks the proxy to buffer and call again.
-    pub fn on_request_body(&mut self, stream: &HttpStream, body: &mut BytesMut, end_of_stream: bool) -> Result<Action, VmError> {
-        let args = [stream.id as i32, wasm_i32(body.len()), i32::from(end_of_stream)];
-        self.with_body(BufferType::HttpRequestBody, body, |vm| vm.filter_call(stream, Callback::ProxyOnRequestBody, &args))
+    pub fn on_request_body(
+        &mut self,
+        stream: &HttpStream,
+        body: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let args = [
+            stream.id as i32,
+            wasm_i32(body.len()),
+            i32::from(end_of_stream),
+        ];
+        self.with_body(BufferType::HttpRequestBody, body, |vm| {
+            vm.filter_call(stream, Callback::ProxyOnRequestBody, &args)
+        })
     }
 
     /// Request trailers arrived (`proxy_on_request_trailers`).
-    pub fn on_request_trailers(&mut self, stream: &HttpStream, trailers: &mut HeaderMap) -> Result<Action, VmError> {
+    pub fn on_request_trailers(
+        &mut self,
+        stream: &HttpStream,
+        trailers: &mut HeaderMap,
+    ) -> Result<Action, VmError> {
         let args = [stream.id as i32, wasm_i32(trailers.len())];
-        self.with_map(MapType::HttpRequestTrailers, trailers, |vm| vm.filter_call(stream, Callback::ProxyOnRequestTrailers, &args))
+        self.with_map(MapType::HttpRequestTrailers, trailers, |vm| {
+            vm.filter_call(stream, Callback::ProxyOnRequestTrailers, &args)
+        })
     }
 
     /// Response headers arrived (`proxy_on_response_headers`).
-    pub fn on_response_headers(&mut self, stream: &HttpStream, headers: &mut HeaderMap, end_of_stream: bool) -> Result<Action, VmError> {
-        let args = [stream.id as i32, wasm_i32(headers.len()), i32::from(end_of_stream)];
-        self.with_map(MapType::HttpResponseHeaders, headers, |vm| vm.filter_call(stream, Callback::ProxyOnResponseHeaders, &args))
+    pub fn on_response_headers(
+        &mut self,
+        stream: &HttpStream,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let args = [
+            stream.id as i32,
+            wasm_i32(headers.len()),
+            i32::from(end_of_stream),
+        ];
+        self.with_map(MapType::HttpResponseHeaders, headers, |vm| {
+            vm.filter_call(stream, Callback::ProxyOnResponseHeaders, &args)
+        })
     }
 
     /// Response body data arrived (`proxy_on_response_body`).
-    pub fn on_response_body(&mut self, stream: &HttpStream, body: &mut BytesMut, end_of_stream: bool) -> Result<Action, VmError> {
-        let args = [stream.id as i32, wasm_i32(body.len()), i32::from(end_of_stream)];
-        self.with_body(BufferType::HttpResponseBody, body, |vm| vm.filter_call(stream, Callback::ProxyOnResponseBody, &args))
+    pub fn on_response_body(
+        &mut self,
+        stream: &HttpStream,
+        body: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let args = [
+            stream.id as i32,
+            wasm_i32(body.len()),
+            i32::from(end_of_stream),
+        ];
+        self.with_body(BufferType::HttpResponseBody, body, |vm| {
+            vm.filter_call(stream, Callback::ProxyOnResponseBody, &args)
+        })
     }
 
     /// Response trailers arrived (`proxy_on_response_trailers`).
-    pub fn on_response_trailers(&mut self, stream: &HttpStream, trailers: &mut HeaderMap) -> Result<Action, VmError> {
+    pub fn on_response_trailers(
+        &mut self,
+        stream: &HttpStream,
+        trailers: &mut HeaderMap,
+    ) -> Result<Action, VmError> {
         let args = [stream.id as i32, wasm_i32(trailers.len())];
-        self.with_map(MapType::HttpResponseTrailers, trailers, |vm| vm.filter_call(stream, Callback::ProxyOnResponseTrailers, &args))
+        self.with_map(MapType::HttpResponseTrailers, trailers, |vm| {
+            vm.filter_call(stream, Callback::ProxyOnResponseTrailers, &args)
+        })
     }
 
     /// The exchange is complete (`proxy_on_log`): the plugin may read, not change, the
     /// request and response headers.
-    pub fn on_log(&mut self, stream: &HttpStream, request_headers: &mut HeaderMap, response_headers: &mut HeaderMap) -> Result<(), VmError> {
+    pub fn on_log(
+        &mut self,
+        stream: &HttpStream,
+        request_headers: &mut HeaderMap,
+        response_headers: &mut HeaderMap,
+    ) -> Result<(), VmError> {
         self.check(stream)?;
         self.state().phase = Phase::Log;
         let result = self.with_map(MapType::HttpRequestHeaders, request_headers, |vm| {
-            vm.with_map(MapType::HttpResponseHeaders, response_headers, |vm| vm.call(stream.id, Callback::ProxyOnLog, &[stream.id as i32]))
+            vm.with_map(MapType::HttpResponseHeaders, response_headers, |vm| {
+                vm.call(stream.id, Callback::ProxyOnLog, &[stream.id as i32])
+            })
         });
         self.state().phase = Phase::Other;
         result.map(drop)
