@@ -484,6 +484,81 @@ impl<H: Hostcalls> Instance<H> {
     }
 }
 
+/// The type of an export as type names (`"i32"`, `"i64"`, `"f32"`, ...), engine-neutral.
+pub(crate) type ExportType = (Vec<&'static str>, Vec<&'static str>);
+
+fn type_names(types: &[filterbox_abi::ValType]) -> Vec<&'static str> {
+    types
+        .iter()
+        .map(|t| match t {
+            filterbox_abi::ValType::I32 => "i32",
+            filterbox_abi::ValType::I64 => "i64",
+        })
+        .collect()
+}
+
+/// Checks every callback a module exports against the type the ABI gives it and says which
+/// are present (indexed by `Callback as usize`). `export_type` answers for a function export.
+pub(crate) fn check_callbacks(
+    abi: AbiVersion,
+    mut export_type: impl FnMut(&str) -> Option<ExportType>,
+) -> Result<Vec<bool>, EngineError> {
+    let mut present = Vec::with_capacity(Callback::COUNT);
+    for &callback in Callback::ALL {
+        let Some((params, results)) = export_type(callback.name()) else {
+            present.push(false);
+            continue;
+        };
+        let expected = (
+            type_names(callback.params(abi)),
+            type_names(callback.result().as_slice()),
+        );
+        if (params.as_slice(), results.as_slice()) != (expected.0.as_slice(), expected.1.as_slice())
+        {
+            let show =
+                |(p, r): (&[&str], &[&str])| format!("({}) -> ({})", p.join(", "), r.join(", "));
+            return Err(EngineError::BadExportSignature {
+                name: callback.name(),
+                expected: show((&expected.0, &expected.1)),
+                found: show((&params, &results)),
+            });
+        }
+        present.push(true);
+    }
+    Ok(present)
+}
+
+/// The allocator the host calls: `proxy_on_memory_allocate`, else `malloc` (the spec's order;
+/// malloc-first leaks every buffer in TinyGo plugins, REFERENCE §1.3).
+pub(crate) fn pick_allocator(present: &[bool]) -> Result<Callback, EngineError> {
+    [Callback::ProxyOnMemoryAllocate, Callback::Malloc]
+        .into_iter()
+        .find(|c| present.get(*c as usize).copied().unwrap_or(false))
+        .ok_or(EngineError::MissingExport(
+            "proxy_on_memory_allocate or malloc",
+        ))
+}
+
+/// An error a host function returns to make the guest trap with a given class.
+#[derive(Debug)]
+pub(crate) struct HostTrap(pub(crate) Trap);
+
+impl fmt::Display for HostTrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for HostTrap {}
+
+/// The trap for a panic in host code.
+pub(crate) fn panic_trap(name: &str, payload: &(dyn std::any::Any + Send)) -> Trap {
+    Trap {
+        kind: TrapKind::Host,
+        message: format!("hostcall {name} panicked: {}", panic_message(payload)),
+    }
+}
+
 /// Turns a panic payload into a message.
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload

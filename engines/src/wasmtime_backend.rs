@@ -1,10 +1,10 @@
 //! The wasmtime backend.
 
 use crate::{
-    Caller, EngineConfig, EngineError, GuestMemory, Hostcalls, MemoryError, Returned, Trap,
-    TrapKind,
+    Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, MemoryError, Returned,
+    Trap, TrapKind,
 };
-use filterbox_abi::{AbiVersion, Callback, ValType, WASI_MODULES};
+use filterbox_abi::{AbiVersion, Callback, WASI_MODULES};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use wasmtime::{Extern, Func, Linker, Memory, ModuleExport, Store, TypedFunc, Val};
 
@@ -36,18 +36,6 @@ pub(crate) struct StoreData<H> {
     /// the outer call once the hostcall returns.
     pending_trap: Option<Trap>,
 }
-
-/// An error a host function returns to make the guest trap with a given class.
-#[derive(Debug)]
-struct HostTrap(Trap);
-
-impl core::fmt::Display for HostTrap {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::error::Error for HostTrap {}
 
 fn classify(err: &wasmtime::Error) -> Trap {
     if let Some(HostTrap(trap)) = err.downcast_ref::<HostTrap>() {
@@ -135,16 +123,8 @@ fn finish<H, R>(
     name: &str,
     result: std::thread::Result<R>,
 ) -> wasmtime::Result<R> {
-    let value = result.map_err(|panic| {
-        let message = format!(
-            "hostcall {name} panicked: {}",
-            crate::panic_message(&*panic)
-        );
-        wasmtime::Error::new(HostTrap(Trap {
-            kind: TrapKind::Host,
-            message,
-        }))
-    })?;
+    let value =
+        result.map_err(|panic| wasmtime::Error::new(HostTrap(crate::panic_trap(name, &*panic))))?;
     match caller.data_mut().pending_trap.take() {
         Some(trap) => Err(wasmtime::Error::new(HostTrap(trap))),
         None => Ok(value),
@@ -181,25 +161,15 @@ macro_rules! define_imports {
 }
 filterbox_abi::for_each_import!(define_imports);
 
-fn wt_type(ty: ValType) -> wasmtime::ValType {
+fn type_name(ty: wasmtime::ValType) -> &'static str {
     match ty {
-        ValType::I32 => wasmtime::ValType::I32,
-        ValType::I64 => wasmtime::ValType::I64,
+        wasmtime::ValType::I32 => "i32",
+        wasmtime::ValType::I64 => "i64",
+        wasmtime::ValType::F32 => "f32",
+        wasmtime::ValType::F64 => "f64",
+        wasmtime::ValType::V128 => "v128",
+        wasmtime::ValType::Ref(_) => "ref",
     }
-}
-
-fn describe(
-    params: impl Iterator<Item = wasmtime::ValType>,
-    results: impl Iterator<Item = wasmtime::ValType>,
-) -> String {
-    let list = |it: &mut dyn Iterator<Item = wasmtime::ValType>| {
-        it.map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
-    };
-    format!(
-        "({}) -> ({})",
-        list(&mut { params }),
-        list(&mut { results })
-    )
 }
 
 pub(crate) struct WtInstancePre<H> {
@@ -230,45 +200,25 @@ impl<H: Hostcalls> WtInstancePre<H> {
             _ => None,
         }
         .ok_or(EngineError::MissingExport("memory"))?;
-        let mut callbacks = Vec::with_capacity(Callback::COUNT);
-        for &callback in Callback::ALL {
-            let name = callback.name();
-            let Some(wasmtime::ExternType::Func(ty)) = module.get_export(name) else {
-                callbacks.push(None);
-                continue;
-            };
-            let params = callback.params(abi);
-            let expected_results: Vec<ValType> = callback.result().into_iter().collect();
-            let matches = ty.params().len() == params.len()
-                && ty
-                    .params()
-                    .zip(params)
-                    .all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)))
-                && ty.results().len() == expected_results.len()
-                && ty
-                    .results()
-                    .zip(&expected_results)
-                    .all(|(a, b)| wasmtime::ValType::eq(&a, &wt_type(*b)));
-            if !matches {
-                return Err(EngineError::BadExportSignature {
-                    name,
-                    expected: describe(
-                        params.iter().map(|t| wt_type(*t)),
-                        expected_results.iter().map(|t| wt_type(*t)),
-                    ),
-                    found: describe(ty.params(), ty.results()),
-                });
-            }
-            callbacks.push(module.get_export_index(name));
-        }
-        // The spec's order: proxy_on_memory_allocate first, malloc only in its absence
-        // (REFERENCE §1.3: malloc-first leaks every buffer in TinyGo plugins).
-        let allocator = [Callback::ProxyOnMemoryAllocate, Callback::Malloc]
+        let present = crate::check_callbacks(abi, |name| match module.get_export(name) {
+            Some(wasmtime::ExternType::Func(ty)) => Some((
+                ty.params().map(type_name).collect(),
+                ty.results().map(type_name).collect(),
+            )),
+            _ => None,
+        })?;
+        let allocator = module.get_export_index(crate::pick_allocator(&present)?.name());
+        let callbacks = Callback::ALL
             .iter()
-            .find_map(|c| callbacks.get(*c as usize).copied().flatten())
-            .ok_or(EngineError::MissingExport(
-                "proxy_on_memory_allocate or malloc",
-            ))?;
+            .zip(&present)
+            .map(|(c, present)| {
+                if *present {
+                    module.get_export_index(c.name())
+                } else {
+                    None
+                }
+            })
+            .collect();
         let mut linker = Linker::new(module.engine());
         define_imports::<H>(&mut linker).map_err(|e| EngineError::Instantiate(format!("{e:#}")))?;
         let pre = linker
@@ -277,7 +227,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
         Ok(WtInstancePre {
             pre,
             callbacks,
-            allocator: Some(allocator),
+            allocator,
             memory,
             abi,
         })
