@@ -13,14 +13,24 @@
 
 #![warn(missing_docs)]
 
+#[cfg(not(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer")))]
+compile_error!("filterbox-engines needs at least one engine feature: wasmtime, wasmi or wasmer");
+
+mod cache;
 mod memory;
+#[cfg(feature = "wasmer")]
+mod wasmer_backend;
+#[cfg(feature = "wasmi")]
+mod wasmi_backend;
 #[cfg(feature = "wasmtime")]
 mod wasmtime_backend;
 
 use core::fmt;
 use filterbox_abi::{AbiVersion, Callback, Import, ModuleInfo};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
+pub use cache::{CacheOutcome, ModuleCache};
 pub use filterbox_abi as abi;
 pub use memory::{GuestMemory, MemoryError};
 
@@ -68,7 +78,8 @@ impl EngineKind {
     pub const fn is_built(self) -> bool {
         match self {
             EngineKind::Wasmtime => cfg!(feature = "wasmtime"),
-            EngineKind::WasmerCranelift | EngineKind::WasmerSinglepass | EngineKind::Wasmi => false,
+            EngineKind::WasmerCranelift | EngineKind::WasmerSinglepass => cfg!(feature = "wasmer"),
+            EngineKind::Wasmi => cfg!(feature = "wasmi"),
         }
     }
 
@@ -98,15 +109,49 @@ impl core::str::FromStr for EngineKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EngineConfig {
-    /// Maximum wasm stack in bytes; deeper recursion traps with [`TrapKind::StackOverflow`].
+    /// Maximum wasm stack in bytes on the compiling engines; deeper recursion traps with
+    /// [`TrapKind::StackOverflow`]. (wasmi bounds recursion with its own stack limits.)
     pub max_wasm_stack: usize,
+    /// Pre-allocate instance slots so a new VM costs little (wasmtime's pooling allocator).
+    /// Off by default: it reserves address space for every slot up front.
+    pub pooling: Option<PoolingConfig>,
+    /// Initialize linear memories from copy-on-write images of the module's data (wasmtime).
+    pub memory_init_cow: bool,
+}
+
+/// Sizes of the instance pool, see [`EngineConfig::pooling`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolingConfig {
+    /// How many instances (VMs) may live at once.
+    pub max_instances: u32,
+    /// The largest linear memory an instance may have.
+    pub max_memory_bytes: usize,
+}
+
+impl Default for PoolingConfig {
+    fn default() -> Self {
+        PoolingConfig {
+            max_instances: 1000,
+            max_memory_bytes: 64 << 20,
+        }
+    }
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             max_wasm_stack: 512 * 1024,
+            pooling: None,
+            memory_init_cow: true,
         }
+    }
+}
+
+impl EngineConfig {
+    /// Turns the instance pool on with `pool`.
+    pub fn with_pooling(mut self, pool: PoolingConfig) -> Self {
+        self.pooling = Some(pool);
+        self
     }
 }
 
@@ -300,6 +345,20 @@ pub enum Returned {
     Value(i32),
 }
 
+/// Runs `$body` with `$x` bound to the backend value inside `$value`, whichever backend it is.
+macro_rules! each_backend {
+    ($value:expr, $enum:ident, $x:ident => $body:expr) => {
+        match $value {
+            #[cfg(feature = "wasmtime")]
+            $enum::Wasmtime($x) => $body,
+            #[cfg(feature = "wasmi")]
+            $enum::Wasmi($x) => $body,
+            #[cfg(feature = "wasmer")]
+            $enum::Wasmer($x) => $body,
+        }
+    };
+}
+
 /// A wasm engine: compiles modules. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -311,6 +370,10 @@ pub struct Engine {
 enum EngineInner {
     #[cfg(feature = "wasmtime")]
     Wasmtime(wasmtime_backend::WtEngine),
+    #[cfg(feature = "wasmi")]
+    Wasmi(wasmi_backend::WiEngine),
+    #[cfg(feature = "wasmer")]
+    Wasmer(wasmer_backend::WrEngine),
 }
 
 impl Engine {
@@ -319,6 +382,12 @@ impl Engine {
         let inner = match kind {
             #[cfg(feature = "wasmtime")]
             EngineKind::Wasmtime => EngineInner::Wasmtime(wasmtime_backend::WtEngine::new(config)?),
+            #[cfg(feature = "wasmi")]
+            EngineKind::Wasmi => EngineInner::Wasmi(wasmi_backend::WiEngine::new(config)?),
+            #[cfg(feature = "wasmer")]
+            EngineKind::WasmerCranelift | EngineKind::WasmerSinglepass => {
+                EngineInner::Wasmer(wasmer_backend::WrEngine::new(kind, config)?)
+            }
             #[allow(unreachable_patterns)]
             _ => {
                 return Err(EngineError::NotBuilt {
@@ -342,6 +411,12 @@ impl Engine {
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
             EngineInner::Wasmtime(engine) => ModuleInner::Wasmtime(engine.compile(wasm)?),
+            #[cfg(feature = "wasmi")]
+            EngineInner::Wasmi(engine) => ModuleInner::Wasmi(engine.compile(wasm)?),
+            #[cfg(feature = "wasmer")]
+            EngineInner::Wasmer(engine) => {
+                ModuleInner::Wasmer(engine.compile(wasm)?, engine.clone())
+            }
         };
         Ok(Module {
             kind: self.kind,
@@ -363,6 +438,10 @@ pub struct Module {
 enum ModuleInner {
     #[cfg(feature = "wasmtime")]
     Wasmtime(wasmtime::Module),
+    #[cfg(feature = "wasmi")]
+    Wasmi(wasmi::Module),
+    #[cfg(feature = "wasmer")]
+    Wasmer(wasmer::Module, wasmer_backend::WrEngine),
 }
 
 impl Module {
@@ -393,8 +472,19 @@ impl Module {
             ModuleInner::Wasmtime(module) => {
                 InstancePreInner::Wasmtime(wasmtime_backend::WtInstancePre::new(module, abi)?)
             }
+            #[cfg(feature = "wasmi")]
+            ModuleInner::Wasmi(module) => {
+                InstancePreInner::Wasmi(wasmi_backend::WiInstancePre::new(module, abi)?)
+            }
+            #[cfg(feature = "wasmer")]
+            ModuleInner::Wasmer(module, engine) => InstancePreInner::Wasmer(
+                wasmer_backend::WrInstancePre::new(engine.wasmer(), module, abi)?,
+            ),
         };
-        Ok(InstancePre { inner })
+        Ok(InstancePre {
+            inner,
+            _host: PhantomData,
+        })
     }
 }
 
@@ -402,11 +492,16 @@ impl Module {
 /// `Send + Sync`: one per plugin, shared by every worker thread.
 pub struct InstancePre<H: Hostcalls> {
     inner: InstancePreInner<H>,
+    _host: PhantomData<fn() -> H>,
 }
 
 enum InstancePreInner<H: Hostcalls> {
     #[cfg(feature = "wasmtime")]
     Wasmtime(wasmtime_backend::WtInstancePre<H>),
+    #[cfg(feature = "wasmi")]
+    Wasmi(wasmi_backend::WiInstancePre<H>),
+    #[cfg(feature = "wasmer")]
+    Wasmer(wasmer_backend::WrInstancePre),
 }
 
 impl<H: Hostcalls> Clone for InstancePre<H> {
@@ -414,8 +509,15 @@ impl<H: Hostcalls> Clone for InstancePre<H> {
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
             InstancePreInner::Wasmtime(pre) => InstancePreInner::Wasmtime(pre.clone()),
+            #[cfg(feature = "wasmi")]
+            InstancePreInner::Wasmi(pre) => InstancePreInner::Wasmi(pre.clone()),
+            #[cfg(feature = "wasmer")]
+            InstancePreInner::Wasmer(pre) => InstancePreInner::Wasmer(pre.clone()),
         };
-        InstancePre { inner }
+        InstancePre {
+            inner,
+            _host: PhantomData,
+        }
     }
 }
 
@@ -425,6 +527,10 @@ impl<H: Hostcalls> InstancePre<H> {
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
             InstancePreInner::Wasmtime(pre) => InstanceInner::Wasmtime(pre.instantiate(host)?),
+            #[cfg(feature = "wasmi")]
+            InstancePreInner::Wasmi(pre) => InstanceInner::Wasmi(Box::new(pre.instantiate(host)?)),
+            #[cfg(feature = "wasmer")]
+            InstancePreInner::Wasmer(pre) => InstanceInner::Wasmer(pre.instantiate(host)?),
         };
         Ok(Instance { inner })
     }
@@ -439,48 +545,38 @@ pub struct Instance<H: Hostcalls> {
 enum InstanceInner<H: Hostcalls> {
     #[cfg(feature = "wasmtime")]
     Wasmtime(wasmtime_backend::WtInstance<H>),
+    #[cfg(feature = "wasmi")]
+    // wasmi's store is large; boxing keeps every instance the size of the smallest.
+    Wasmi(Box<wasmi_backend::WiInstance<H>>),
+    #[cfg(feature = "wasmer")]
+    Wasmer(wasmer_backend::WrInstance<H>),
 }
 
 impl<H: Hostcalls> Instance<H> {
     /// Whether the module exports `callback`.
     pub fn has(&self, callback: Callback) -> bool {
-        match &self.inner {
-            #[cfg(feature = "wasmtime")]
-            InstanceInner::Wasmtime(i) => i.has(callback),
-        }
+        each_backend!(&self.inner, InstanceInner, i => i.has(callback))
     }
 
     /// Calls `callback` with `args` (as many as its ABI signature has; extra ones are
     /// ignored, missing ones are zero).
     pub fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
-        match &mut self.inner {
-            #[cfg(feature = "wasmtime")]
-            InstanceInner::Wasmtime(i) => i.call(callback, args),
-        }
+        each_backend!(&mut self.inner, InstanceInner, i => i.call(callback, args))
     }
 
     /// The host state.
     pub fn host(&self) -> &H {
-        match &self.inner {
-            #[cfg(feature = "wasmtime")]
-            InstanceInner::Wasmtime(i) => i.host(),
-        }
+        each_backend!(&self.inner, InstanceInner, i => i.host())
     }
 
     /// The host state, mutably.
     pub fn host_mut(&mut self) -> &mut H {
-        match &mut self.inner {
-            #[cfg(feature = "wasmtime")]
-            InstanceInner::Wasmtime(i) => i.host_mut(),
-        }
+        each_backend!(&mut self.inner, InstanceInner, i => i.host_mut())
     }
 
     /// Current size of the guest's linear memory in bytes.
     pub fn memory_size(&mut self) -> usize {
-        match &mut self.inner {
-            #[cfg(feature = "wasmtime")]
-            InstanceInner::Wasmtime(i) => i.memory_size(),
-        }
+        each_backend!(&mut self.inner, InstanceInner, i => i.memory_size())
     }
 }
 

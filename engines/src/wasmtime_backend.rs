@@ -17,8 +17,36 @@ impl WtEngine {
     pub(crate) fn new(config: &EngineConfig) -> Result<Self, EngineError> {
         let mut c = wasmtime::Config::new();
         c.max_wasm_stack(config.max_wasm_stack);
+        c.memory_init_cow(config.memory_init_cow);
+        if let Some(pool) = config.pooling {
+            let mut pooling = wasmtime::PoolingAllocationConfig::default();
+            pooling
+                .total_core_instances(pool.max_instances)
+                .total_memories(pool.max_instances)
+                .total_tables(pool.max_instances)
+                .max_memory_size(pool.max_memory_bytes);
+            c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
+        }
         let engine = wasmtime::Engine::new(&c).map_err(|e| EngineError::Config(e.to_string()))?;
         Ok(WtEngine { engine })
+    }
+
+    /// Covers wasmtime's version and every setting that changes generated code.
+    pub(crate) fn fingerprint(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    pub(crate) fn deserialize(&self, artifact: &[u8]) -> Result<wasmtime::Module, String> {
+        // SAFETY: the bytes come from a cache entry whose magic, source-module hash and
+        // checksum were verified, written by `Module::serialize` of a wasmtime engine;
+        // wasmtime itself also refuses artifacts of another version or configuration.
+        unsafe { wasmtime::Module::deserialize(&self.engine, artifact) }
+            .map_err(|e| format!("{e:#}"))
     }
 
     pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmtime::Module, EngineError> {

@@ -206,3 +206,32 @@ fn compile_errors_are_errors() {
         ));
     }
 }
+
+#[test]
+fn the_pooling_allocator_instantiates_and_runs() {
+    use filterbox_engines::PoolingConfig;
+    if !EngineKind::Wasmtime.is_built() {
+        return;
+    }
+    let pool = PoolingConfig {
+        max_instances: 4,
+        max_memory_bytes: 1 << 20,
+    };
+    let engine = Engine::new(
+        EngineKind::Wasmtime,
+        &EngineConfig::default().with_pooling(pool),
+    )
+    .expect("pooling engine");
+    for _ in 0..8 {
+        // More instances than slots over time: slots are reused as instances drop.
+        let mut instance = module(
+            &engine,
+            r#"(func (export "proxy_on_tick") (param i32) (drop (call $log (i32.const 2) (i32.const 0) (i32.const 4))))"#,
+        );
+        assert_eq!(
+            instance.call(Callback::ProxyOnTick, &[1]),
+            Ok(Returned::Nothing)
+        );
+        assert_eq!(instance.host().logged.len(), 1);
+    }
+}

@@ -22,6 +22,9 @@ type Cx<'a> = &'a mut dyn Caller<VmState>;
 /// Largest `random_get` a guest may ask for at once, as the reference host allows.
 const RANDOM_GET_MAX_BYTES: u32 = 64 * 1024;
 
+/// Most iovecs one `fd_write` may pass, as POSIX's IOV_MAX.
+const IOV_MAX: u32 = 1024;
+
 /// Returns early from a hostcall with the status (or errno) of an error.
 macro_rules! tri {
     ($e:expr) => {
@@ -532,6 +535,9 @@ impl Hostcalls for VmState {
             2 => LogLevel::Error,
             _ => return WasiErrno::Badf.as_i32(),
         };
+        if iovs_len as u32 > IOV_MAX {
+            return WasiErrno::Inval.as_i32();
+        }
         let (state, mut memory) = cx.split();
         let mut text = Vec::new();
         for i in 0..iovs_len as u32 {

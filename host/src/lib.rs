@@ -46,7 +46,10 @@ pub use vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
 
 pub use filterbox_abi as abi;
 pub use filterbox_abi::{AbiVersion, LogLevel};
-pub use filterbox_engines::{Engine, EngineConfig, EngineError, EngineKind, Trap, TrapKind};
+pub use filterbox_engines::{
+    CacheOutcome, Engine, EngineConfig, EngineError, EngineKind, ModuleCache, PoolingConfig, Trap,
+    TrapKind,
+};
 
 /// The README's examples, compiled as doc tests.
 #[doc = include_str!("../../README.md")]

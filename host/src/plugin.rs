@@ -5,7 +5,9 @@ use crate::embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
 use crate::state::{PluginShared, VmState};
 use core::fmt;
 use filterbox_abi::{AbiError, AbiVersion, ModuleInfo};
-use filterbox_engines::{Engine, EngineConfig, EngineError, EngineKind, InstancePre, Module};
+use filterbox_engines::{
+    CacheOutcome, Engine, EngineConfig, EngineError, EngineKind, InstancePre, Module, ModuleCache,
+};
 use std::sync::Arc;
 
 /// Why a plugin could not be loaded: names the plugin, the engine and the reason.
@@ -62,6 +64,7 @@ struct PluginInner {
     shared: Arc<PluginShared>,
     module: Module,
     pre: InstancePre<VmState>,
+    cache: Option<CacheOutcome>,
 }
 
 impl fmt::Debug for Plugin {
@@ -85,6 +88,7 @@ impl Plugin {
         PluginBuilder {
             config,
             engine: None,
+            cache: None,
             log: Arc::new(TracingLogSink),
             properties: Arc::new(NoProperties),
         }
@@ -110,6 +114,11 @@ impl Plugin {
         self.inner.module.info()
     }
 
+    /// What the module cache did when this plugin was loaded (`None` without a cache).
+    pub fn cache_outcome(&self) -> Option<&CacheOutcome> {
+        self.inner.cache.as_ref()
+    }
+
     pub(crate) fn shared(&self) -> &Arc<PluginShared> {
         &self.inner.shared
     }
@@ -123,6 +132,7 @@ impl Plugin {
 pub struct PluginBuilder {
     config: PluginConfig,
     engine: Option<Engine>,
+    cache: Option<ModuleCache>,
     log: Arc<dyn LogSink>,
     properties: Arc<dyn PropertyProvider>,
 }
@@ -132,6 +142,13 @@ impl PluginBuilder {
     /// the one the config names.
     pub fn engine(mut self, engine: &Engine) -> Self {
         self.engine = Some(engine.clone());
+        self
+    }
+
+    /// Loads the compiled module from `cache` when it holds a valid artifact, and stores one
+    /// after compiling otherwise (engines that cannot serialize just compile).
+    pub fn module_cache(mut self, cache: ModuleCache) -> Self {
+        self.cache = Some(cache);
         self
     }
 
@@ -152,6 +169,7 @@ impl PluginBuilder {
         let PluginBuilder {
             config,
             engine,
+            cache,
             log,
             properties,
         } = self;
@@ -173,9 +191,13 @@ impl PluginBuilder {
             None => Engine::new(config.engine, &EngineConfig::default())
                 .map_err(|e| fail(LoadError::Engine(e)))?,
         };
-        let module = engine
-            .compile(wasm)
-            .map_err(|e| fail(LoadError::Engine(e)))?;
+        let (module, cache) = match &cache {
+            Some(cache) => engine
+                .compile_cached(wasm, cache)
+                .map(|(module, outcome)| (module, Some(outcome))),
+            None => engine.compile(wasm).map(|module| (module, None)),
+        }
+        .map_err(|e| fail(LoadError::Engine(e)))?;
         let pre = module
             .link::<VmState>(abi)
             .map_err(|e| fail(LoadError::Engine(e)))?;
@@ -190,6 +212,7 @@ impl PluginBuilder {
                 shared,
                 module,
                 pre,
+                cache,
             }),
         })
     }

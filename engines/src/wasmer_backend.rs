@@ -1,0 +1,357 @@
+//! The wasmer backend, with its Cranelift or single-pass compiler.
+
+use crate::{
+    Caller, EngineConfig, EngineError, EngineKind, GuestMemory, HostTrap, Hostcalls, MemoryError,
+    Returned, Trap, TrapKind,
+};
+use filterbox_abi::{AbiVersion, Callback, WASI_MODULES};
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use wasmer::{
+    ExternType, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, RuntimeError, Store,
+    TypedFunction, Value,
+};
+
+/// The wasmer release line this crate is built against (see the workspace Cargo.toml).
+const WASMER_LINE: &str = "wasmer-7.4";
+
+#[derive(Clone)]
+pub(crate) struct WrEngine {
+    engine: wasmer::Engine,
+}
+
+impl WrEngine {
+    pub(crate) fn new(kind: EngineKind, _config: &EngineConfig) -> Result<Self, EngineError> {
+        let engine = match kind {
+            EngineKind::WasmerSinglepass => {
+                wasmer::Engine::from(wasmer::sys::Singlepass::default())
+            }
+            _ => wasmer::Engine::from(wasmer::sys::Cranelift::default()),
+        };
+        Ok(WrEngine { engine })
+    }
+
+    /// The compiler and target (wasmer's id) and the wasmer release line. Wasmer's own
+    /// artifact header also refuses artifacts of an incompatible version.
+    pub(crate) fn fingerprint(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (WASMER_LINE, self.engine.deterministic_id()).hash(&mut hasher);
+        format!("{:016x}", hasher.finish())
+    }
+
+    pub(crate) fn deserialize(&self, artifact: &[u8]) -> Result<wasmer::Module, String> {
+        // SAFETY: the bytes come from a cache entry whose magic, source-module hash and
+        // checksum were verified, written by `Module::serialize` of a wasmer engine with the
+        // same fingerprint; wasmer checks its artifact header as well.
+        unsafe { wasmer::Module::deserialize(&self.engine, artifact.to_vec()) }
+            .map_err(|e| e.to_string())
+    }
+
+    pub(crate) fn wasmer(&self) -> &wasmer::Engine {
+        &self.engine
+    }
+
+    pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmer::Module, EngineError> {
+        wasmer::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(e.to_string()))
+    }
+}
+
+pub(crate) struct StoreData<H> {
+    host: H,
+    memory: Option<Memory>,
+    allocator: Option<TypedFunction<i32, i32>>,
+    pending_trap: Option<Trap>,
+}
+
+fn classify(err: &RuntimeError) -> Trap {
+    if let Some(HostTrap(trap)) = err.downcast_ref::<HostTrap>() {
+        return trap.clone();
+    }
+    use wasmer_types::TrapCode as T;
+    let kind = match err.clone().to_trap() {
+        Some(T::StackOverflow) => TrapKind::StackOverflow,
+        Some(T::HeapAccessOutOfBounds | T::TableAccessOutOfBounds | T::HeapMisaligned) => {
+            TrapKind::OutOfBounds
+        }
+        Some(T::IndirectCallToNull | T::BadSignature) => TrapKind::BadCall,
+        Some(T::IntegerDivisionByZero | T::IntegerOverflow | T::BadConversionToInteger) => {
+            TrapKind::Arithmetic
+        }
+        Some(T::UnreachableCodeReached) => TrapKind::Unreachable,
+        Some(T::HostInterrupt) => TrapKind::Interrupted,
+        _ => TrapKind::Other,
+    };
+    Trap {
+        kind,
+        message: err.message(),
+    }
+}
+
+struct WrCaller<'a, 'b, H: 'static> {
+    env: &'a mut FunctionEnvMut<'b, StoreData<H>>,
+}
+
+/// The bytes of `memory` as a slice that lives as long as the borrow of the store it came from.
+///
+/// # Safety
+/// The caller must hold the only access to the store for `'s`: the memory can then neither
+/// grow (which may move it) nor be dropped while the slice lives, and the memory is not shared
+/// with another thread (proxy-wasm modules have no shared memories; `link` refuses them).
+unsafe fn memory_bytes<'s>(memory: &Memory, store: &impl wasmer::AsStoreRef) -> &'s mut [u8] {
+    let view = memory.view(store);
+    let (ptr, len) = (view.data_ptr(), view.data_size() as usize);
+    if ptr.is_null() || len == 0 {
+        return &mut [];
+    }
+    // SAFETY: `ptr..ptr+len` is the memory's live mapping (wasmer reports both from the same
+    // view); the caller guarantees exclusive access for 's as documented above.
+    unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+}
+
+impl<H: Send + 'static> Caller<H> for WrCaller<'_, '_, H> {
+    fn host(&mut self) -> &mut H {
+        &mut self.env.data_mut().host
+    }
+
+    fn memory(&mut self) -> GuestMemory<'_> {
+        self.split().1
+    }
+
+    fn split(&mut self) -> (&mut H, GuestMemory<'_>) {
+        let (data, store) = self.env.data_and_store_mut();
+        let bytes = match &data.memory {
+            // SAFETY: `self.env` is borrowed mutably for the slice's whole life, so nothing
+            // else can touch the store (and so grow the memory) meanwhile.
+            Some(memory) => unsafe { memory_bytes(memory, &store) },
+            None => &mut [],
+        };
+        (&mut data.host, GuestMemory::new(bytes))
+    }
+
+    fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
+        let Some(allocator) = self.env.data().allocator.clone() else {
+            return Err(MemoryError::AllocatorFailed { size });
+        };
+        // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
+        match allocator.call(&mut *self.env, size as i32) {
+            Ok(0) => Err(MemoryError::AllocatorFailed { size }),
+            Ok(ptr) => {
+                let ptr = ptr as u32;
+                self.memory().read(ptr, size)?;
+                Ok(ptr)
+            }
+            Err(err) => {
+                self.env.data_mut().pending_trap = Some(classify(&err));
+                Err(MemoryError::AllocatorTrapped)
+            }
+        }
+    }
+}
+
+fn finish<H: Send + 'static, R>(
+    env: &mut FunctionEnvMut<'_, StoreData<H>>,
+    name: &str,
+    result: std::thread::Result<R>,
+) -> Result<R, HostTrap> {
+    let value = result.map_err(|panic| HostTrap(crate::panic_trap(name, &*panic)))?;
+    match env.data_mut().pending_trap.take() {
+        Some(trap) => Err(HostTrap(trap)),
+        None => Ok(value),
+    }
+}
+
+fn module_names(module: &str) -> &'static [&'static str] {
+    match module {
+        "wasi" => &WASI_MODULES,
+        _ => &["env"],
+    }
+}
+
+macro_rules! define_imports {
+    ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
+        /// Wasmer host functions belong to a store, so every instance gets its own set,
+        /// restricted to what the module imports.
+        fn define_imports<H: Hostcalls>(
+            store: &mut Store,
+            env: &FunctionEnv<StoreData<H>>,
+            wanted: &[(String, String)],
+        ) -> Imports {
+            let mut imports = Imports::new();
+            $(
+                for module in module_names(stringify!($module)) {
+                    if wanted.iter().any(|(m, n)| m == module && n == stringify!($name)) {
+                        let func = Function::new_typed_with_env(
+                            store,
+                            env,
+                            |mut env: FunctionEnvMut<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, HostTrap> {
+                                let result = catch_unwind(AssertUnwindSafe(|| {
+                                    H::$name(&mut WrCaller { env: &mut env }, $($arg),*)
+                                }));
+                                finish(&mut env, stringify!($name), result)
+                            },
+                        );
+                        imports.define(module, stringify!($name), func);
+                    }
+                }
+            )*
+            imports
+        }
+    };
+}
+filterbox_abi::for_each_import!(define_imports);
+
+fn type_name(ty: &wasmer::Type) -> &'static str {
+    match ty {
+        wasmer::Type::I32 => "i32",
+        wasmer::Type::I64 => "i64",
+        wasmer::Type::F32 => "f32",
+        wasmer::Type::F64 => "f64",
+        _ => "ref",
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct WrInstancePre {
+    module: wasmer::Module,
+    engine: wasmer::Engine,
+    imports: Vec<(String, String)>,
+    present: Vec<bool>,
+    allocator: Callback,
+    abi: AbiVersion,
+}
+
+impl WrInstancePre {
+    pub(crate) fn new(
+        engine: &wasmer::Engine,
+        module: &wasmer::Module,
+        abi: AbiVersion,
+    ) -> Result<Self, EngineError> {
+        let exports: HashMap<String, ExternType> = module
+            .exports()
+            .map(|e| (e.name().to_owned(), e.ty().clone()))
+            .collect();
+        match exports.get("memory") {
+            Some(ExternType::Memory(ty)) if !ty.shared => {}
+            Some(ExternType::Memory(_)) => {
+                return Err(EngineError::Instantiate(
+                    "shared memories are not supported".into(),
+                ));
+            }
+            _ => return Err(EngineError::MissingExport("memory")),
+        }
+        let present = crate::check_callbacks(abi, |name| match exports.get(name) {
+            Some(ExternType::Function(ty)) => Some((
+                ty.params().iter().map(type_name).collect(),
+                ty.results().iter().map(type_name).collect(),
+            )),
+            _ => None,
+        })?;
+        let allocator = crate::pick_allocator(&present)?;
+        let imports = module
+            .imports()
+            .map(|i| (i.module().to_owned(), i.name().to_owned()))
+            .collect();
+        Ok(WrInstancePre {
+            module: module.clone(),
+            engine: engine.clone(),
+            imports,
+            present,
+            allocator,
+            abi,
+        })
+    }
+
+    pub(crate) fn instantiate<H: Hostcalls>(&self, host: H) -> Result<WrInstance<H>, EngineError> {
+        let mut store = Store::new(self.engine.clone());
+        let data = StoreData {
+            host,
+            memory: None,
+            allocator: None,
+            pending_trap: None,
+        };
+        let env = FunctionEnv::new(&mut store, data);
+        let imports = define_imports::<H>(&mut store, &env, &self.imports);
+        let instance =
+            wasmer::Instance::new(&mut store, &self.module, &imports).map_err(|e| match e {
+                wasmer::InstantiationError::Start(err) => EngineError::StartTrapped(classify(&err)),
+                other => EngineError::Instantiate(other.to_string()),
+            })?;
+        let memory = instance
+            .exports
+            .get_memory("memory")
+            .map_err(|_| EngineError::MissingExport("memory"))?
+            .clone();
+        let allocator = instance
+            .exports
+            .get_typed_function::<i32, i32>(&store, self.allocator.name())
+            .map_err(|e| EngineError::Instantiate(e.to_string()))?;
+        let funcs = Callback::ALL
+            .iter()
+            .zip(&self.present)
+            .map(|(c, present)| {
+                let func = if *present {
+                    instance.exports.get_function(c.name()).ok().cloned()
+                } else {
+                    None
+                };
+                func.map(|f| (f, c.params(self.abi).len()))
+            })
+            .collect();
+        let data = env.as_mut(&mut store);
+        data.memory = Some(memory);
+        data.allocator = Some(allocator);
+        Ok(WrInstance { store, env, funcs })
+    }
+}
+
+pub(crate) struct WrInstance<H: 'static> {
+    store: Store,
+    env: FunctionEnv<StoreData<H>>,
+    funcs: Vec<Option<(Function, usize)>>,
+}
+
+impl<H: Hostcalls> WrInstance<H> {
+    pub(crate) fn has(&self, callback: Callback) -> bool {
+        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+    }
+
+    pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
+            return Ok(Returned::Missing);
+        };
+        let mut params = [
+            Value::I32(0),
+            Value::I32(0),
+            Value::I32(0),
+            Value::I32(0),
+            Value::I32(0),
+            Value::I32(0),
+        ];
+        for (slot, arg) in params.iter_mut().zip(args) {
+            *slot = Value::I32(*arg);
+        }
+        let outcome = func.call(&mut self.store, params.get(..*arity).unwrap_or(&[]));
+        self.env.as_mut(&mut self.store).pending_trap = None;
+        let results = outcome.map_err(|e| classify(&e))?;
+        Ok(match results.first() {
+            Some(Value::I32(v)) => Returned::Value(*v),
+            _ => Returned::Nothing,
+        })
+    }
+
+    pub(crate) fn host(&self) -> &H {
+        &self.env.as_ref(&self.store).host
+    }
+
+    pub(crate) fn host_mut(&mut self) -> &mut H {
+        &mut self.env.as_mut(&mut self.store).host
+    }
+
+    pub(crate) fn memory_size(&mut self) -> usize {
+        match &self.env.as_ref(&self.store).memory {
+            Some(m) => m.view(&self.store).data_size() as usize,
+            None => 0,
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The wasmi backend: a pure-Rust interpreter, for hosts without a JIT.
+
+use crate::{
+    Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, MemoryError, Returned,
+    Trap, TrapKind,
+};
+use filterbox_abi::{AbiVersion, Callback, WASI_MODULES};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use wasmi::{Func, Linker, Memory, Store, TypedFunc, Val};
+
+impl wasmi::errors::HostError for HostTrap {}
+
+#[derive(Clone)]
+pub(crate) struct WiEngine {
+    engine: wasmi::Engine,
+}
+
+impl WiEngine {
+    pub(crate) fn new(_config: &EngineConfig) -> Result<Self, EngineError> {
+        // wasmi bounds recursion with its own value stack; its defaults trap deep recursion
+        // as a stack overflow, which is what max_wasm_stack is for on the JIT engines.
+        Ok(WiEngine {
+            engine: wasmi::Engine::new(&wasmi::Config::default()),
+        })
+    }
+
+    pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmi::Module, EngineError> {
+        wasmi::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(e.to_string()))
+    }
+}
+
+pub(crate) struct StoreData<H> {
+    host: H,
+    memory: Option<Memory>,
+    allocator: Option<TypedFunc<i32, i32>>,
+    pending_trap: Option<Trap>,
+}
+
+fn classify(err: &wasmi::Error) -> Trap {
+    if let Some(HostTrap(trap)) = err.downcast_ref::<HostTrap>() {
+        return trap.clone();
+    }
+    use wasmi::TrapCode as T;
+    let kind = match err.as_trap_code() {
+        Some(T::StackOverflow) => TrapKind::StackOverflow,
+        Some(T::MemoryOutOfBounds | T::TableOutOfBounds) => TrapKind::OutOfBounds,
+        Some(T::IndirectCallToNull | T::BadSignature) => TrapKind::BadCall,
+        Some(T::IntegerDivisionByZero | T::IntegerOverflow | T::BadConversionToInteger) => {
+            TrapKind::Arithmetic
+        }
+        Some(T::UnreachableCodeReached) => TrapKind::Unreachable,
+        Some(T::OutOfFuel) => TrapKind::Interrupted,
+        Some(T::GrowthOperationLimited | T::OutOfSystemMemory) => TrapKind::OutOfMemory,
+        _ => TrapKind::Other,
+    };
+    Trap {
+        kind,
+        message: err.to_string(),
+    }
+}
+
+struct WiCaller<'a, 'b, H: 'static> {
+    caller: &'a mut wasmi::Caller<'b, StoreData<H>>,
+}
+
+impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
+    fn host(&mut self) -> &mut H {
+        &mut self.caller.data_mut().host
+    }
+
+    fn memory(&mut self) -> GuestMemory<'_> {
+        match self.caller.data().memory {
+            Some(memory) => GuestMemory::new(memory.data_mut(&mut *self.caller)),
+            None => GuestMemory::empty(),
+        }
+    }
+
+    fn split(&mut self) -> (&mut H, GuestMemory<'_>) {
+        match self.caller.data().memory {
+            Some(memory) => {
+                let (bytes, data) = memory.data_and_store_mut(&mut *self.caller);
+                (&mut data.host, GuestMemory::new(bytes))
+            }
+            None => (&mut self.caller.data_mut().host, GuestMemory::empty()),
+        }
+    }
+
+    fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
+        let Some(allocator) = self.caller.data().allocator else {
+            return Err(MemoryError::AllocatorFailed { size });
+        };
+        // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
+        match allocator.call(&mut *self.caller, size as i32) {
+            Ok(0) => Err(MemoryError::AllocatorFailed { size }),
+            Ok(ptr) => {
+                let ptr = ptr as u32;
+                self.memory().read(ptr, size)?;
+                Ok(ptr)
+            }
+            Err(err) => {
+                self.caller.data_mut().pending_trap = Some(classify(&err));
+                Err(MemoryError::AllocatorTrapped)
+            }
+        }
+    }
+}
+
+fn finish<H, R>(
+    caller: &mut wasmi::Caller<'_, StoreData<H>>,
+    name: &str,
+    result: std::thread::Result<R>,
+) -> Result<R, wasmi::Error> {
+    let value =
+        result.map_err(|panic| wasmi::Error::host(HostTrap(crate::panic_trap(name, &*panic))))?;
+    match caller.data_mut().pending_trap.take() {
+        Some(trap) => Err(wasmi::Error::host(HostTrap(trap))),
+        None => Ok(value),
+    }
+}
+
+fn module_names(module: &str) -> &'static [&'static str] {
+    match module {
+        "wasi" => &WASI_MODULES,
+        _ => &["env"],
+    }
+}
+
+macro_rules! define_imports {
+    ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
+        fn define_imports<H: Hostcalls>(linker: &mut Linker<StoreData<H>>) -> Result<(), wasmi::errors::LinkerError> {
+            $(
+                for module in module_names(stringify!($module)) {
+                    linker.func_wrap(
+                        module,
+                        stringify!($name),
+                        |mut caller: wasmi::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, wasmi::Error> {
+                            let result = catch_unwind(AssertUnwindSafe(|| {
+                                H::$name(&mut WiCaller { caller: &mut caller }, $($arg),*)
+                            }));
+                            finish(&mut caller, stringify!($name), result)
+                        },
+                    )?;
+                }
+            )*
+            Ok(())
+        }
+    };
+}
+filterbox_abi::for_each_import!(define_imports);
+
+fn type_name(ty: &wasmi::ValType) -> &'static str {
+    match ty {
+        wasmi::ValType::I32 => "i32",
+        wasmi::ValType::I64 => "i64",
+        wasmi::ValType::F32 => "f32",
+        wasmi::ValType::F64 => "f64",
+        _ => "ref",
+    }
+}
+
+pub(crate) struct WiInstancePre<H> {
+    module: wasmi::Module,
+    linker: Arc<Linker<StoreData<H>>>,
+    present: Vec<bool>,
+    allocator: Callback,
+    abi: AbiVersion,
+}
+
+impl<H> Clone for WiInstancePre<H> {
+    fn clone(&self) -> Self {
+        WiInstancePre {
+            module: self.module.clone(),
+            linker: self.linker.clone(),
+            present: self.present.clone(),
+            allocator: self.allocator,
+            abi: self.abi,
+        }
+    }
+}
+
+impl<H: Hostcalls> WiInstancePre<H> {
+    pub(crate) fn new(module: &wasmi::Module, abi: AbiVersion) -> Result<Self, EngineError> {
+        if !matches!(
+            module.get_export("memory"),
+            Some(wasmi::ExternType::Memory(_))
+        ) {
+            return Err(EngineError::MissingExport("memory"));
+        }
+        let present = crate::check_callbacks(abi, |name| match module.get_export(name) {
+            Some(wasmi::ExternType::Func(ty)) => Some((
+                ty.params().iter().map(type_name).collect(),
+                ty.results().iter().map(type_name).collect(),
+            )),
+            _ => None,
+        })?;
+        let allocator = crate::pick_allocator(&present)?;
+        let mut linker = Linker::new(module.engine());
+        define_imports::<H>(&mut linker).map_err(|e| EngineError::Instantiate(e.to_string()))?;
+        Ok(WiInstancePre {
+            module: module.clone(),
+            linker: Arc::new(linker),
+            present,
+            allocator,
+            abi,
+        })
+    }
+
+    pub(crate) fn instantiate(&self, host: H) -> Result<WiInstance<H>, EngineError> {
+        let data = StoreData {
+            host,
+            memory: None,
+            allocator: None,
+            pending_trap: None,
+        };
+        let mut store = Store::new(self.module.engine(), data);
+        let instance = self
+            .linker
+            .instantiate_and_start(&mut store, &self.module)
+            .map_err(|e| match e.as_trap_code() {
+                Some(_) => EngineError::StartTrapped(classify(&e)),
+                None => EngineError::Instantiate(e.to_string()),
+            })?;
+        let memory = instance
+            .get_memory(&store, "memory")
+            .ok_or(EngineError::MissingExport("memory"))?;
+        let allocator = instance
+            .get_typed_func::<i32, i32>(&store, self.allocator.name())
+            .map_err(|e| EngineError::Instantiate(e.to_string()))?;
+        let funcs = Callback::ALL
+            .iter()
+            .zip(&self.present)
+            .map(|(c, present)| {
+                let func = if *present {
+                    instance.get_func(&store, c.name())
+                } else {
+                    None
+                };
+                // Types were checked against the ABI when linking, so the arity is the ABI's.
+                func.map(|f| (f, c.params(self.abi).len()))
+            })
+            .collect();
+        let data = store.data_mut();
+        data.memory = Some(memory);
+        data.allocator = Some(allocator);
+        Ok(WiInstance { store, funcs })
+    }
+}
+
+pub(crate) struct WiInstance<H: 'static> {
+    store: Store<StoreData<H>>,
+    funcs: Vec<Option<(Func, usize)>>,
+}
+
+impl<H: Hostcalls> WiInstance<H> {
+    pub(crate) fn has(&self, callback: Callback) -> bool {
+        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+    }
+
+    pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
+            return Ok(Returned::Missing);
+        };
+        let (func, arity) = (*func, *arity);
+        let mut params = [
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+        ];
+        for (slot, arg) in params.iter_mut().zip(args) {
+            *slot = Val::I32(*arg);
+        }
+        let mut results = [Val::I32(0)];
+        let returns = usize::from(callback.result().is_some());
+        let (params, results) = (
+            params.get(..arity).unwrap_or(&[]),
+            results.get_mut(..returns).unwrap_or(&mut []),
+        );
+        let outcome = func.call(&mut self.store, params, results);
+        self.store.data_mut().pending_trap = None;
+        outcome.map_err(|e| classify(&e))?;
+        Ok(match results.first() {
+            Some(Val::I32(v)) => Returned::Value(*v),
+            _ => Returned::Nothing,
+        })
+    }
+
+    pub(crate) fn host(&self) -> &H {
+        &self.store.data().host
+    }
+
+    pub(crate) fn host_mut(&mut self) -> &mut H {
+        &mut self.store.data_mut().host
+    }
+
+    pub(crate) fn memory_size(&mut self) -> usize {
+        match self.store.data().memory {
+            Some(m) => m.data_size(&self.store),
+            None => 0,
+        }
+    }
+}
