@@ -635,6 +635,28 @@ pub(crate) fn pick_allocator(present: &[bool]) -> Result<Callback, EngineError> 
         ))
 }
 
+/// Checks the guest allocator's answer for `size` bytes: 0 means it failed, and the whole
+/// block must lie inside memory before the host writes through it.
+pub(crate) fn check_allocation(
+    ptr: i32,
+    size: u32,
+    memory: &GuestMemory<'_>,
+) -> Result<u32, MemoryError> {
+    // Pointers are unsigned 32-bit values carried in an i32.
+    match ptr as u32 {
+        0 => Err(MemoryError::AllocatorFailed { size }),
+        ptr => memory.read(ptr, size).map(|_| ptr),
+    }
+}
+
+/// The module names an import of the table's module `module` is linked under.
+pub(crate) fn module_names(module: &str) -> &'static [&'static str] {
+    match module {
+        "wasi" => &filterbox_abi::WASI_MODULES,
+        _ => &["env"],
+    }
+}
+
 /// An error a host function returns to make the guest trap with a given class.
 #[derive(Debug)]
 pub(crate) struct HostTrap(pub(crate) Trap);

@@ -4,7 +4,7 @@ use crate::{
     Caller, EngineConfig, EngineError, EngineKind, GuestMemory, HostTrap, Hostcalls, MemoryError,
     Returned, Trap, TrapKind,
 };
-use filterbox_abi::{AbiVersion, Callback, WASI_MODULES};
+use filterbox_abi::{AbiVersion, Callback};
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use wasmer::{
@@ -135,12 +135,7 @@ impl<H: Send + 'static> Caller<H> for WrCaller<'_, '_, H> {
         };
         // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
         match allocator.call(&mut *self.env, size as i32) {
-            Ok(0) => Err(MemoryError::AllocatorFailed { size }),
-            Ok(ptr) => {
-                let ptr = ptr as u32;
-                self.memory().read(ptr, size)?;
-                Ok(ptr)
-            }
+            Ok(ptr) => crate::check_allocation(ptr, size, &self.memory()),
             Err(err) => {
                 self.env.data_mut().pending_trap = Some(classify(&err));
                 Err(MemoryError::AllocatorTrapped)
@@ -161,13 +156,6 @@ fn finish<H: Send + 'static, R>(
     }
 }
 
-fn module_names(module: &str) -> &'static [&'static str] {
-    match module {
-        "wasi" => &WASI_MODULES,
-        _ => &["env"],
-    }
-}
-
 macro_rules! define_imports {
     ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
         /// Wasmer host functions belong to a store, so every instance gets its own set,
@@ -179,7 +167,7 @@ macro_rules! define_imports {
         ) -> Imports {
             let mut imports = Imports::new();
             $(
-                for module in module_names(stringify!($module)) {
+                for module in crate::module_names(stringify!($module)) {
                     if wanted.iter().any(|(m, n)| m == module && n == stringify!($name)) {
                         let func = Function::new_typed_with_env(
                             store,

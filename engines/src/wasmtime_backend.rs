@@ -4,7 +4,7 @@ use crate::{
     Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, MemoryError, Returned,
     Trap, TrapKind,
 };
-use filterbox_abi::{AbiVersion, Callback, WASI_MODULES};
+use filterbox_abi::{AbiVersion, Callback};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use wasmtime::{Extern, Func, Linker, Memory, ModuleExport, Store, TypedFunc, Val};
 
@@ -130,12 +130,7 @@ impl<H: 'static> Caller<H> for WtCaller<'_, '_, H> {
         };
         // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
         match allocator.call(&mut *self.caller, size as i32) {
-            Ok(0) => Err(MemoryError::AllocatorFailed { size }),
-            Ok(ptr) => {
-                let ptr = ptr as u32;
-                self.memory().read(ptr, size)?;
-                Ok(ptr)
-            }
+            Ok(ptr) => crate::check_allocation(ptr, size, &self.memory()),
             Err(err) => {
                 self.caller.data_mut().pending_trap = Some(classify(&err));
                 Err(MemoryError::AllocatorTrapped)
@@ -159,18 +154,11 @@ fn finish<H, R>(
     }
 }
 
-fn module_names(module: &str) -> &'static [&'static str] {
-    match module {
-        "wasi" => &WASI_MODULES,
-        _ => &["env"],
-    }
-}
-
 macro_rules! define_imports {
     ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
         fn define_imports<H: Hostcalls>(linker: &mut Linker<StoreData<H>>) -> wasmtime::Result<()> {
             $(
-                for module in module_names(stringify!($module)) {
+                for module in crate::module_names(stringify!($module)) {
                     linker.func_wrap(
                         module,
                         stringify!($name),

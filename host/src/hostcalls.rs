@@ -102,6 +102,26 @@ fn write_words(memory: &mut GuestMemory<'_>, words: &[(i32, u32)]) -> Status {
     Status::Ok
 }
 
+/// Reads a key and a value from guest memory and applies `edit` to a writable map: the shared
+/// shape of add, replace and remove (which passes an empty value).
+fn edit_map(
+    cx: Cx<'_>,
+    map_type: i32,
+    (key_ptr, key_size): (i32, i32),
+    (value_ptr, value_size): (i32, i32),
+    edit: impl FnOnce(&mut crate::HeaderMap, &[u8], &[u8]),
+) -> i32 {
+    let map = tri!(self::map_type(map_type));
+    let (state, memory) = cx.split();
+    let key = tri!(read(&memory, key_ptr, key_size));
+    let value = tri!(read(&memory, value_ptr, value_size));
+    let Some(headers) = state.map_mut(map) else {
+        return Status::BadArgument.as_i32();
+    };
+    edit(headers, key, value);
+    Status::Ok.as_i32()
+}
+
 fn map_type(value: i32) -> Result<MapType, Status> {
     MapType::from_u32(value as u32).ok_or(Status::BadArgument)
 }
@@ -383,15 +403,15 @@ impl Hostcalls for VmState {
         value_ptr: i32,
         value_size: i32,
     ) -> i32 {
-        let map = tri!(self::map_type(map_type));
-        let (state, memory) = cx.split();
-        let key = tri!(read(&memory, key_ptr, key_size));
-        let value = tri!(read(&memory, value_ptr, value_size));
-        let Some(headers) = state.map_mut(map) else {
-            return Status::BadArgument.as_i32();
-        };
-        headers.add(lower(key), Bytes::copy_from_slice(value));
-        Status::Ok.as_i32()
+        edit_map(
+            cx,
+            map_type,
+            (key_ptr, key_size),
+            (value_ptr, value_size),
+            |headers, key, value| {
+                headers.add(lower(key), Bytes::copy_from_slice(value));
+            },
+        )
     }
 
     fn proxy_replace_header_map_value(
@@ -402,15 +422,15 @@ impl Hostcalls for VmState {
         value_ptr: i32,
         value_size: i32,
     ) -> i32 {
-        let map = tri!(self::map_type(map_type));
-        let (state, memory) = cx.split();
-        let key = tri!(read(&memory, key_ptr, key_size));
-        let value = tri!(read(&memory, value_ptr, value_size));
-        let Some(headers) = state.map_mut(map) else {
-            return Status::BadArgument.as_i32();
-        };
-        headers.replace(lower(key), Bytes::copy_from_slice(value));
-        Status::Ok.as_i32()
+        edit_map(
+            cx,
+            map_type,
+            (key_ptr, key_size),
+            (value_ptr, value_size),
+            |headers, key, value| {
+                headers.replace(lower(key), Bytes::copy_from_slice(value));
+            },
+        )
     }
 
     fn proxy_remove_header_map_value(
@@ -419,14 +439,15 @@ impl Hostcalls for VmState {
         key_ptr: i32,
         key_size: i32,
     ) -> i32 {
-        let map = tri!(self::map_type(map_type));
-        let (state, memory) = cx.split();
-        let key = tri!(read(&memory, key_ptr, key_size));
-        let Some(headers) = state.map_mut(map) else {
-            return Status::BadArgument.as_i32();
-        };
-        headers.remove(key);
-        Status::Ok.as_i32()
+        edit_map(
+            cx,
+            map_type,
+            (key_ptr, key_size),
+            (0, 0),
+            |headers, key, _| {
+                headers.remove(key);
+            },
+        )
     }
 
     fn proxy_get_header_map_size(cx: Cx<'_>, map_type: i32, ret_size_ptr: i32) -> i32 {
