@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use wasmer::{
     ExternType, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, RuntimeError, Store,
-    TypedFunction, Value,
+    TypedFunction,
 };
 
 /// The wasmer release line this crate is built against (see the workspace Cargo.toml).
@@ -274,18 +274,22 @@ impl WrInstancePre {
             .exports
             .get_typed_function::<i32, i32>(&store, self.allocator.name())
             .map_err(|e| EngineError::Instantiate(e.to_string()))?;
-        let funcs = Callback::ALL
-            .iter()
-            .zip(&self.present)
-            .map(|(c, present)| {
-                let func = if *present {
-                    instance.exports.get_function(c.name()).ok().cloned()
-                } else {
-                    None
-                };
-                func.map(|f| (f, c.params(self.abi).len()))
-            })
-            .collect();
+        let mut funcs = Vec::with_capacity(Callback::COUNT);
+        for (callback, present) in Callback::ALL.iter().zip(&self.present) {
+            let func = match present {
+                true => instance.exports.get_function(callback.name()).ok(),
+                false => None,
+            };
+            funcs.push(match func {
+                Some(f) => Some(Typed::new(
+                    f,
+                    &store,
+                    callback.params(self.abi).len(),
+                    callback.result().is_some(),
+                )?),
+                None => None,
+            });
+        }
         let data = env.as_mut(&mut store);
         data.memory = Some(memory);
         data.allocator = Some(allocator);
@@ -296,7 +300,64 @@ impl WrInstancePre {
 pub(crate) struct WrInstance<H: 'static> {
     store: Store,
     env: FunctionEnv<StoreData<H>>,
-    funcs: Vec<Option<(Function, usize)>>,
+    funcs: Vec<Option<Typed>>,
+}
+
+/// A callback export as a typed function, so a call allocates nothing (wasmer's untyped
+/// `Function::call` boxes its results). One variant per shape the callback table has:
+/// `V` returns nothing, `R` returns an i32; the digit is the number of i32 parameters.
+enum Typed {
+    V0(TypedFunction<(), ()>),
+    R0(TypedFunction<(), i32>),
+    V1(TypedFunction<i32, ()>),
+    R1(TypedFunction<i32, i32>),
+    V2(TypedFunction<(i32, i32), ()>),
+    R2(TypedFunction<(i32, i32), i32>),
+    V3(TypedFunction<(i32, i32, i32), ()>),
+    R3(TypedFunction<(i32, i32, i32), i32>),
+    V5(TypedFunction<(i32, i32, i32, i32, i32), ()>),
+}
+
+impl Typed {
+    fn new(
+        func: &Function,
+        store: &Store,
+        arity: usize,
+        returns: bool,
+    ) -> Result<Typed, EngineError> {
+        let bad = |e: RuntimeError| EngineError::Instantiate(e.message());
+        Ok(match (arity, returns) {
+            (0, false) => Typed::V0(func.typed(store).map_err(bad)?),
+            (0, true) => Typed::R0(func.typed(store).map_err(bad)?),
+            (1, false) => Typed::V1(func.typed(store).map_err(bad)?),
+            (1, true) => Typed::R1(func.typed(store).map_err(bad)?),
+            (2, false) => Typed::V2(func.typed(store).map_err(bad)?),
+            (2, true) => Typed::R2(func.typed(store).map_err(bad)?),
+            (3, false) => Typed::V3(func.typed(store).map_err(bad)?),
+            (3, true) => Typed::R3(func.typed(store).map_err(bad)?),
+            (5, false) => Typed::V5(func.typed(store).map_err(bad)?),
+            _ => {
+                return Err(EngineError::Instantiate(format!(
+                    "no typed call for {arity} params"
+                )));
+            }
+        })
+    }
+
+    fn call(&self, store: &mut Store, a: [i32; 5]) -> Result<Returned, RuntimeError> {
+        let [a, b, c, d, e] = a;
+        Ok(match self {
+            Typed::V0(f) => f.call(store).map(|()| Returned::Nothing)?,
+            Typed::R0(f) => Returned::Value(f.call(store)?),
+            Typed::V1(f) => f.call(store, a).map(|()| Returned::Nothing)?,
+            Typed::R1(f) => Returned::Value(f.call(store, a)?),
+            Typed::V2(f) => f.call(store, a, b).map(|()| Returned::Nothing)?,
+            Typed::R2(f) => Returned::Value(f.call(store, a, b)?),
+            Typed::V3(f) => f.call(store, a, b, c).map(|()| Returned::Nothing)?,
+            Typed::R3(f) => Returned::Value(f.call(store, a, b, c)?),
+            Typed::V5(f) => f.call(store, a, b, c, d, e).map(|()| Returned::Nothing)?,
+        })
+    }
 }
 
 impl<H: Hostcalls> WrInstance<H> {
@@ -305,27 +366,16 @@ impl<H: Hostcalls> WrInstance<H> {
     }
 
     pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
-        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
+        let Some(Some(func)) = self.funcs.get(callback as usize) else {
             return Ok(Returned::Missing);
         };
-        let mut params = [
-            Value::I32(0),
-            Value::I32(0),
-            Value::I32(0),
-            Value::I32(0),
-            Value::I32(0),
-            Value::I32(0),
-        ];
+        let mut params = [0; 5];
         for (slot, arg) in params.iter_mut().zip(args) {
-            *slot = Value::I32(*arg);
+            *slot = *arg;
         }
-        let outcome = func.call(&mut self.store, params.get(..*arity).unwrap_or(&[]));
+        let outcome = func.call(&mut self.store, params);
         self.env.as_mut(&mut self.store).pending_trap = None;
-        let results = outcome.map_err(|e| classify(&e))?;
-        Ok(match results.first() {
-            Some(Value::I32(v)) => Returned::Value(*v),
-            _ => Returned::Nothing,
-        })
+        outcome.map_err(|e| classify(&e))
     }
 
     pub(crate) fn host(&self) -> &H {
