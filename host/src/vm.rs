@@ -363,6 +363,48 @@ impl Vm {
         })
     }
 
+    fn headers_call(
+        &mut self,
+        stream: &HttpStream,
+        (map, callback): (MapType, Callback),
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        // ABI 0.1.0 header callbacks take no end_of_stream; the engine passes only as many
+        // arguments as the export has.
+        let args = [
+            stream.id as i32,
+            wasm_i32(headers.len()),
+            i32::from(end_of_stream),
+        ];
+        self.with_map(map, headers, |vm| vm.filter_call(stream, callback, &args))
+    }
+
+    fn body_call(
+        &mut self,
+        stream: &HttpStream,
+        (kind, callback): (BufferType, Callback),
+        body: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let args = [
+            stream.id as i32,
+            wasm_i32(body.len()),
+            i32::from(end_of_stream),
+        ];
+        self.with_body(kind, body, |vm| vm.filter_call(stream, callback, &args))
+    }
+
+    fn trailers_call(
+        &mut self,
+        stream: &HttpStream,
+        (map, callback): (MapType, Callback),
+        trailers: &mut HeaderMap,
+    ) -> Result<Action, VmError> {
+        let args = [stream.id as i32, wasm_i32(trailers.len())];
+        self.with_map(map, trailers, |vm| vm.filter_call(stream, callback, &args))
+    }
+
     /// Request headers arrived (`proxy_on_request_headers`). The plugin may change `headers`.
     pub fn on_request_headers(
         &mut self,
@@ -370,14 +412,8 @@ impl Vm {
         headers: &mut HeaderMap,
         end_of_stream: bool,
     ) -> Result<Action, VmError> {
-        let args = [
-            stream.id as i32,
-            wasm_i32(headers.len()),
-            i32::from(end_of_stream),
-        ];
-        self.with_map(MapType::HttpRequestHeaders, headers, |vm| {
-            vm.filter_call(stream, Callback::ProxyOnRequestHeaders, &args)
-        })
+        let phase = (MapType::HttpRequestHeaders, Callback::ProxyOnRequestHeaders);
+        self.headers_call(stream, phase, headers, end_of_stream)
     }
 
     /// Request body data arrived (`proxy_on_request_body`). `body` is everything buffered so
@@ -388,14 +424,8 @@ impl Vm {
         body: &mut BytesMut,
         end_of_stream: bool,
     ) -> Result<Action, VmError> {
-        let args = [
-            stream.id as i32,
-            wasm_i32(body.len()),
-            i32::from(end_of_stream),
-        ];
-        self.with_body(BufferType::HttpRequestBody, body, |vm| {
-            vm.filter_call(stream, Callback::ProxyOnRequestBody, &args)
-        })
+        let phase = (BufferType::HttpRequestBody, Callback::ProxyOnRequestBody);
+        self.body_call(stream, phase, body, end_of_stream)
     }
 
     /// Request trailers arrived (`proxy_on_request_trailers`).
@@ -404,10 +434,11 @@ impl Vm {
         stream: &HttpStream,
         trailers: &mut HeaderMap,
     ) -> Result<Action, VmError> {
-        let args = [stream.id as i32, wasm_i32(trailers.len())];
-        self.with_map(MapType::HttpRequestTrailers, trailers, |vm| {
-            vm.filter_call(stream, Callback::ProxyOnRequestTrailers, &args)
-        })
+        let phase = (
+            MapType::HttpRequestTrailers,
+            Callback::ProxyOnRequestTrailers,
+        );
+        self.trailers_call(stream, phase, trailers)
     }
 
     /// Response headers arrived (`proxy_on_response_headers`).
@@ -417,14 +448,11 @@ impl Vm {
         headers: &mut HeaderMap,
         end_of_stream: bool,
     ) -> Result<Action, VmError> {
-        let args = [
-            stream.id as i32,
-            wasm_i32(headers.len()),
-            i32::from(end_of_stream),
-        ];
-        self.with_map(MapType::HttpResponseHeaders, headers, |vm| {
-            vm.filter_call(stream, Callback::ProxyOnResponseHeaders, &args)
-        })
+        let phase = (
+            MapType::HttpResponseHeaders,
+            Callback::ProxyOnResponseHeaders,
+        );
+        self.headers_call(stream, phase, headers, end_of_stream)
     }
 
     /// Response body data arrived (`proxy_on_response_body`).
@@ -434,14 +462,8 @@ impl Vm {
         body: &mut BytesMut,
         end_of_stream: bool,
     ) -> Result<Action, VmError> {
-        let args = [
-            stream.id as i32,
-            wasm_i32(body.len()),
-            i32::from(end_of_stream),
-        ];
-        self.with_body(BufferType::HttpResponseBody, body, |vm| {
-            vm.filter_call(stream, Callback::ProxyOnResponseBody, &args)
-        })
+        let phase = (BufferType::HttpResponseBody, Callback::ProxyOnResponseBody);
+        self.body_call(stream, phase, body, end_of_stream)
     }
 
     /// Response trailers arrived (`proxy_on_response_trailers`).
@@ -450,10 +472,11 @@ impl Vm {
         stream: &HttpStream,
         trailers: &mut HeaderMap,
     ) -> Result<Action, VmError> {
-        let args = [stream.id as i32, wasm_i32(trailers.len())];
-        self.with_map(MapType::HttpResponseTrailers, trailers, |vm| {
-            vm.filter_call(stream, Callback::ProxyOnResponseTrailers, &args)
-        })
+        let phase = (
+            MapType::HttpResponseTrailers,
+            Callback::ProxyOnResponseTrailers,
+        );
+        self.trailers_call(stream, phase, trailers)
     }
 
     /// The exchange is complete (`proxy_on_log`): the plugin may read, not change, the
