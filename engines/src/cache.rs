@@ -93,13 +93,13 @@ impl Engine {
     fn deserialize(&self, artifact: &[u8]) -> Result<ModuleInner, String> {
         match &self.inner {
             #[cfg(feature = "wasmtime")]
-            EngineInner::Wasmtime(engine) => {
-                engine.deserialize(artifact).map(ModuleInner::Wasmtime)
-            }
+            EngineInner::Wasmtime(engine) => engine
+                .deserialize(artifact)
+                .map(|m| ModuleInner::Wasmtime(m, engine.clone())),
             #[cfg(feature = "wasmer")]
             EngineInner::Wasmer(engine) => engine
                 .deserialize(artifact)
-                .map(|m| ModuleInner::Wasmer(m, engine.clone())),
+                .map(|(module, engine)| ModuleInner::Wasmer(module, engine)),
             #[allow(unreachable_patterns)]
             _ => Err("engine cannot load artifacts".into()),
         }
@@ -156,7 +156,7 @@ impl Module {
     fn serialize(&self) -> Result<Vec<u8>, String> {
         match &self.inner {
             #[cfg(feature = "wasmtime")]
-            ModuleInner::Wasmtime(module) => module.serialize().map_err(|e| e.to_string()),
+            ModuleInner::Wasmtime(module, _) => module.serialize().map_err(|e| e.to_string()),
             #[cfg(feature = "wasmer")]
             ModuleInner::Wasmer(module, _) => module
                 .serialize()

@@ -29,8 +29,10 @@ use core::fmt;
 use filterbox_abi::{AbiVersion, Callback, Import, ModuleInfo};
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use cache::{CacheOutcome, ModuleCache};
+
 pub use filterbox_abi as abi;
 pub use memory::{GuestMemory, MemoryError};
 
@@ -117,6 +119,13 @@ pub struct EngineConfig {
     pub pooling: Option<PoolingConfig>,
     /// Initialize linear memories from copy-on-write images of the module's data (wasmtime).
     pub memory_init_cow: bool,
+    /// Compile in the mechanism that stops guest code at a deadline (wasmtime: epoch
+    /// interruption; wasmer: metering; wasmi: fuel). On by default; without it
+    /// [`Instance::set_deadline`] has no effect and an infinite loop runs forever.
+    pub interruptible: bool,
+    /// How long a module's wasm start section may run while it is instantiated (on wasmer
+    /// this is a metering budget fixed per engine; see [`Instance::set_deadline`]).
+    pub start_deadline: Duration,
 }
 
 /// Sizes of the instance pool, see [`EngineConfig::pooling`].
@@ -143,6 +152,8 @@ impl Default for EngineConfig {
             max_wasm_stack: 512 * 1024,
             pooling: None,
             memory_init_cow: true,
+            interruptible: true,
+            start_deadline: Duration::from_secs(1),
         }
     }
 }
@@ -153,7 +164,61 @@ impl EngineConfig {
         self.pooling = Some(pool);
         self
     }
+
+    /// Turns the deadline mechanism on or off (see [`EngineConfig::interruptible`]).
+    pub fn with_interruptible(mut self, on: bool) -> Self {
+        self.interruptible = on;
+        self
+    }
 }
+
+/// Resources one instance may use. Growth past a limit fails inside the guest
+/// (`memory.grow` returns -1, `table.grow` returns -1); a module whose *initial* memory or
+/// table is over the limit fails to instantiate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InstanceLimits {
+    /// The largest linear memory, in bytes (rounded down to whole 64 KiB pages).
+    pub max_memory_bytes: usize,
+    /// The most elements a table may hold.
+    pub max_table_elements: usize,
+}
+
+impl Default for InstanceLimits {
+    fn default() -> Self {
+        InstanceLimits {
+            max_memory_bytes: 128 << 20,
+            max_table_elements: 100_000,
+        }
+    }
+}
+
+impl InstanceLimits {
+    /// Limits with this memory ceiling.
+    pub fn with_max_memory_bytes(mut self, bytes: usize) -> Self {
+        self.max_memory_bytes = bytes;
+        self
+    }
+
+    /// Limits with this table ceiling.
+    pub fn with_max_table_elements(mut self, elements: usize) -> Self {
+        self.max_table_elements = elements;
+        self
+    }
+
+    /// The memory ceiling in wasm pages.
+    pub(crate) fn memory_pages(&self) -> u32 {
+        u32::try_from(self.max_memory_bytes / WASM_PAGE).unwrap_or(u32::MAX)
+    }
+}
+
+/// Wasm operators per millisecond that wasmer's metering budget assumes when it turns a
+/// deadline into a count (a simple loop on the Cranelift backend on x86-64 runs about this
+/// many; singlepass code is slower, so its deadlines are later in wall time).
+pub const WASMER_OPS_PER_MS: u64 = 1_000_000;
+
+/// Bytes in a wasm page.
+pub(crate) const WASM_PAGE: usize = 64 * 1024;
 
 /// Why an engine could not be made, a module compiled or linked, or an instance made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -255,6 +320,19 @@ pub enum TrapKind {
 }
 
 impl TrapKind {
+    /// Every class, in a fixed order (for tables indexed by `kind as usize`).
+    pub const ALL: [TrapKind; 9] = [
+        TrapKind::Unreachable,
+        TrapKind::OutOfBounds,
+        TrapKind::StackOverflow,
+        TrapKind::Interrupted,
+        TrapKind::OutOfMemory,
+        TrapKind::Arithmetic,
+        TrapKind::BadCall,
+        TrapKind::Host,
+        TrapKind::Other,
+    ];
+
     /// A short lower-case name for reports and metrics.
     pub const fn name(self) -> &'static str {
         match self {
@@ -323,6 +401,13 @@ macro_rules! define_hostcalls_trait {
             /// should answer `Status::Unimplemented`, a WASI call `ENOSYS`.
             fn unimplemented(cx: &mut dyn Caller<Self>, import: Import) -> i32;
 
+            /// Runs before every import: `Some(answer)` answers the call with `answer` (for
+            /// an import that returns nothing, just returns) instead of running it, which is
+            /// how a host refuses calls by phase or capability. By default every call runs.
+            fn admit(cx: &mut dyn Caller<Self>, import: Import) -> Option<i32> {
+                None
+            }
+
             $(
                 #[doc = concat!("`", stringify!($module), ".", stringify!($name), "`")]
                 fn $name(cx: &mut dyn Caller<Self>, $($arg: $ty),*) -> $ret {
@@ -333,6 +418,33 @@ macro_rules! define_hostcalls_trait {
     };
 }
 filterbox_abi::for_each_import!(define_hostcalls_trait);
+
+/// A hostcall result that an [`Hostcalls::admit`] answer can stand in for.
+pub(crate) trait FromAnswer {
+    fn from_answer(answer: i32) -> Self;
+}
+
+impl FromAnswer for i32 {
+    fn from_answer(answer: i32) -> Self {
+        answer
+    }
+}
+
+impl FromAnswer for () {
+    fn from_answer(_: i32) -> Self {}
+}
+
+/// Runs one import through [`Hostcalls::admit`] and then, if admitted, its method.
+pub(crate) fn dispatch<H: Hostcalls, R: FromAnswer>(
+    cx: &mut dyn Caller<H>,
+    import: Import,
+    call: impl FnOnce(&mut dyn Caller<H>) -> R,
+) -> R {
+    match H::admit(cx, import) {
+        Some(answer) => R::from_answer(answer),
+        None => call(cx),
+    }
+}
 
 /// What a callback call returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -410,12 +522,15 @@ impl Engine {
         let info = ModuleInfo::parse(wasm).map_err(|e| EngineError::Compile(e.to_string()))?;
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
-            EngineInner::Wasmtime(engine) => ModuleInner::Wasmtime(engine.compile(wasm)?),
+            EngineInner::Wasmtime(engine) => {
+                ModuleInner::Wasmtime(engine.compile(wasm)?, engine.clone())
+            }
             #[cfg(feature = "wasmi")]
-            EngineInner::Wasmi(engine) => ModuleInner::Wasmi(engine.compile(wasm)?),
+            EngineInner::Wasmi(engine) => ModuleInner::Wasmi(engine.compile(wasm)?, engine.clone()),
             #[cfg(feature = "wasmer")]
             EngineInner::Wasmer(engine) => {
-                ModuleInner::Wasmer(engine.compile(wasm)?, engine.clone())
+                let (module, engine) = engine.compile(wasm)?;
+                ModuleInner::Wasmer(module, engine)
             }
         };
         Ok(Module {
@@ -437,9 +552,9 @@ pub struct Module {
 #[derive(Clone)]
 enum ModuleInner {
     #[cfg(feature = "wasmtime")]
-    Wasmtime(wasmtime::Module),
+    Wasmtime(wasmtime::Module, wasmtime_backend::WtEngine),
     #[cfg(feature = "wasmi")]
-    Wasmi(wasmi::Module),
+    Wasmi(wasmi::Module, wasmi_backend::WiEngine),
     #[cfg(feature = "wasmer")]
     Wasmer(wasmer::Module, wasmer_backend::WrEngine),
 }
@@ -469,17 +584,17 @@ impl Module {
         }
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
-            ModuleInner::Wasmtime(module) => {
-                InstancePreInner::Wasmtime(wasmtime_backend::WtInstancePre::new(module, abi)?)
-            }
+            ModuleInner::Wasmtime(module, engine) => InstancePreInner::Wasmtime(
+                wasmtime_backend::WtInstancePre::new(engine, module, abi)?,
+            ),
             #[cfg(feature = "wasmi")]
-            ModuleInner::Wasmi(module) => {
-                InstancePreInner::Wasmi(wasmi_backend::WiInstancePre::new(module, abi)?)
+            ModuleInner::Wasmi(module, engine) => {
+                InstancePreInner::Wasmi(wasmi_backend::WiInstancePre::new(engine, module, abi)?)
             }
             #[cfg(feature = "wasmer")]
-            ModuleInner::Wasmer(module, engine) => InstancePreInner::Wasmer(
-                wasmer_backend::WrInstancePre::new(engine.wasmer(), module, abi)?,
-            ),
+            ModuleInner::Wasmer(module, engine) => {
+                InstancePreInner::Wasmer(wasmer_backend::WrInstancePre::new(engine, module, abi)?)
+            }
         };
         Ok(InstancePre {
             inner,
@@ -522,15 +637,24 @@ impl<H: Hostcalls> Clone for InstancePre<H> {
 }
 
 impl<H: Hostcalls> InstancePre<H> {
-    /// Makes a new instance that owns `host`. A wasm start section runs here.
-    pub fn instantiate(&self, host: H) -> Result<Instance<H>, EngineError> {
+    /// Makes a new instance that owns `host`, held to `limits`. A wasm start section runs
+    /// here, under the engine's [`EngineConfig::start_deadline`].
+    pub fn instantiate(
+        &self,
+        host: H,
+        limits: &InstanceLimits,
+    ) -> Result<Instance<H>, EngineError> {
         let inner = match &self.inner {
             #[cfg(feature = "wasmtime")]
-            InstancePreInner::Wasmtime(pre) => InstanceInner::Wasmtime(pre.instantiate(host)?),
+            InstancePreInner::Wasmtime(pre) => {
+                InstanceInner::Wasmtime(pre.instantiate(host, limits)?)
+            }
             #[cfg(feature = "wasmi")]
-            InstancePreInner::Wasmi(pre) => InstanceInner::Wasmi(Box::new(pre.instantiate(host)?)),
+            InstancePreInner::Wasmi(pre) => {
+                InstanceInner::Wasmi(Box::new(pre.instantiate(host, limits)?))
+            }
             #[cfg(feature = "wasmer")]
-            InstancePreInner::Wasmer(pre) => InstanceInner::Wasmer(pre.instantiate(host)?),
+            InstancePreInner::Wasmer(pre) => InstanceInner::Wasmer(pre.instantiate(host, limits)?),
         };
         Ok(Instance { inner })
     }
@@ -556,6 +680,20 @@ impl<H: Hostcalls> Instance<H> {
     /// Whether the module exports `callback`.
     pub fn has(&self, callback: Callback) -> bool {
         each_backend!(&self.inner, InstanceInner, i => i.has(callback))
+    }
+
+    /// Sets how long each later [`Instance::call`] may run (`None`: no limit). A call past its
+    /// deadline traps with [`TrapKind::Interrupted`]. Each engine does what it can:
+    /// - wasmtime checks a 1 ms epoch at loop heads and function entries, so a call stops
+    ///   between the deadline and a tick after it;
+    /// - wasmi runs on fuel in slices and looks at the clock between slices;
+    /// - wasmer counts wasm operators (metering) and converts the deadline to a count at a
+    ///   fixed rate measured on x86-64 ([`WASMER_OPS_PER_MS`]), so its deadline is a budget
+    ///   of work, not of wall time: time spent inside hostcalls is not counted.
+    ///
+    /// Without [`EngineConfig::interruptible`] this does nothing.
+    pub fn set_deadline(&mut self, deadline: Option<Duration>) {
+        each_backend!(&mut self.inner, InstanceInner, i => i.set_deadline(deadline))
     }
 
     /// Calls `callback` with `args` (as many as its ABI signature has; extra ones are

@@ -1,60 +1,256 @@
 //! The wasmer backend, with its Cranelift or single-pass compiler.
 
 use crate::{
-    Caller, EngineConfig, EngineError, EngineKind, GuestMemory, HostTrap, Hostcalls, MemoryError,
-    Returned, Trap, TrapKind,
+    Caller, EngineConfig, EngineError, EngineKind, GuestMemory, HostTrap, Hostcalls,
+    InstanceLimits, MemoryError, Returned, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use wasmer::{
-    ExternType, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, RuntimeError, Store,
-    TypedFunction,
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Duration;
+use wasmer::sys::vm::{
+    MemoryError as VmMemoryError, MemoryStyle, TableStyle, VMMemory, VMMemoryDefinition, VMTable,
+    VMTableDefinition,
 };
+use wasmer::sys::{BaseTunables, CompilerConfig, NativeEngineExt, Tunables};
+use wasmer::wasmparser::Operator;
+use wasmer::{
+    ExternType, Function, FunctionEnv, FunctionEnvMut, Global, Imports, Memory, MemoryType, Pages,
+    RuntimeError, Store, TableType, TypedFunction, Value,
+};
+use wasmer_middlewares::Metering;
 
 /// The wasmer release line this crate is built against (see the workspace Cargo.toml).
 const WASMER_LINE: &str = "wasmer-7.4";
 
+/// The globals the metering middleware adds to every module.
+const POINTS_LEFT: &str = "wasmer_metering_remaining_points";
+const POINTS_EXHAUSTED: &str = "wasmer_metering_points_exhausted";
+
+/// Every operator costs one point.
+fn operator_cost(_: &Operator<'_>) -> u64 {
+    1
+}
+
+fn points_for(deadline: Option<Duration>) -> u64 {
+    match deadline {
+        Some(d) => u64::try_from(d.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+            .saturating_mul(crate::WASMER_OPS_PER_MS),
+        None => u64::MAX,
+    }
+}
+
+thread_local! {
+    /// The limits of the instance this thread is making. Wasmer asks the engine's tunables
+    /// for memories and tables, and has no per-store hook, so `instantiate` puts the
+    /// instance's limits here for the length of `Instance::new` (which runs on this thread).
+    static LIMITS: Cell<Option<(u32, u32)>> = const { Cell::new(None) };
+}
+
+/// Lowers the maximum of every memory and table to the limits of the instance being made.
+struct LimitingTunables {
+    base: BaseTunables,
+}
+
+impl LimitingTunables {
+    fn limits() -> (u32, u32) {
+        LIMITS.with(Cell::get).unwrap_or_else(|| {
+            let d = InstanceLimits::default();
+            (
+                d.memory_pages(),
+                u32::try_from(d.max_table_elements).unwrap_or(u32::MAX),
+            )
+        })
+    }
+
+    fn memory(ty: &MemoryType) -> Result<MemoryType, VmMemoryError> {
+        let (pages, _) = Self::limits();
+        if ty.minimum.0 > pages {
+            return Err(VmMemoryError::MinimumMemoryTooLarge {
+                min_requested: ty.minimum,
+                max_allowed: Pages(pages),
+            });
+        }
+        let mut ty = *ty;
+        ty.maximum = Some(Pages(ty.maximum.map_or(pages, |m| m.0.min(pages))));
+        Ok(ty)
+    }
+
+    fn table(ty: &TableType) -> Result<TableType, String> {
+        let (_, elements) = Self::limits();
+        if ty.minimum > elements {
+            return Err(format!(
+                "table of {} elements is over the limit of {elements}",
+                ty.minimum
+            ));
+        }
+        let mut ty = *ty;
+        ty.maximum = Some(ty.maximum.map_or(elements, |m| m.min(elements)));
+        Ok(ty)
+    }
+}
+
+impl Tunables for LimitingTunables {
+    fn memory_style(&self, memory: &MemoryType) -> MemoryStyle {
+        self.base.memory_style(memory)
+    }
+
+    fn table_style(&self, table: &TableType) -> TableStyle {
+        self.base.table_style(table)
+    }
+
+    fn create_host_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+    ) -> Result<VMMemory, VmMemoryError> {
+        self.base.create_host_memory(&Self::memory(ty)?, style)
+    }
+
+    unsafe fn create_vm_memory(
+        &self,
+        ty: &MemoryType,
+        style: &MemoryStyle,
+        vm_definition_location: NonNull<VMMemoryDefinition>,
+    ) -> Result<VMMemory, VmMemoryError> {
+        let ty = Self::memory(ty)?;
+        // SAFETY: forwarded unchanged from wasmer, which guarantees the location is valid;
+        // only the memory's maximum was lowered, which its style (made for the larger
+        // maximum) still covers.
+        unsafe {
+            self.base
+                .create_vm_memory(&ty, style, vm_definition_location)
+        }
+    }
+
+    fn create_host_table(&self, ty: &TableType, style: &TableStyle) -> Result<VMTable, String> {
+        self.base.create_host_table(&Self::table(ty)?, style)
+    }
+
+    unsafe fn create_vm_table(
+        &self,
+        ty: &TableType,
+        style: &TableStyle,
+        vm_definition_location: NonNull<VMTableDefinition>,
+    ) -> Result<VMTable, String> {
+        let ty = Self::table(ty)?;
+        // SAFETY: forwarded unchanged from wasmer, which guarantees the location is valid;
+        // only the table's maximum was lowered.
+        unsafe {
+            self.base
+                .create_vm_table(&ty, style, vm_definition_location)
+        }
+    }
+}
+
+/// A wasmer engine setting. Wasmer's metering middleware keeps per-module state and refuses
+/// a second module, so each compiled module gets its own `wasmer::Engine` made from these
+/// settings (cheap: the compiler is configured, nothing is compiled up front).
 #[derive(Clone)]
 pub(crate) struct WrEngine {
     engine: wasmer::Engine,
+    kind: EngineKind,
+    interruptible: bool,
+    start_points: u64,
 }
 
 impl WrEngine {
-    pub(crate) fn new(kind: EngineKind, _config: &EngineConfig) -> Result<Self, EngineError> {
-        let engine = match kind {
-            EngineKind::WasmerSinglepass => {
-                wasmer::Engine::from(wasmer::sys::Singlepass::default())
-            }
-            _ => wasmer::Engine::from(wasmer::sys::Cranelift::default()),
-        };
-        Ok(WrEngine { engine })
+    pub(crate) fn new(kind: EngineKind, config: &EngineConfig) -> Result<Self, EngineError> {
+        let start_points = points_for(Some(config.start_deadline));
+        Ok(WrEngine {
+            engine: make_engine(kind, config.interruptible, start_points),
+            kind,
+            interruptible: config.interruptible,
+            start_points,
+        })
     }
 
-    /// The compiler and target (wasmer's id) and the wasmer release line. Wasmer's own
-    /// artifact header also refuses artifacts of an incompatible version.
+    /// The same settings on a fresh `wasmer::Engine`, for one module.
+    fn fresh(&self) -> WrEngine {
+        WrEngine {
+            engine: make_engine(self.kind, self.interruptible, self.start_points),
+            ..self.clone()
+        }
+    }
+
+    /// The compiler and target (wasmer's id), the wasmer release line and whether metering
+    /// is compiled in. Wasmer's own artifact header also refuses artifacts of an
+    /// incompatible version.
     pub(crate) fn fingerprint(&self) -> String {
         use std::hash::{Hash, Hasher};
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (WASMER_LINE, self.engine.deterministic_id()).hash(&mut hasher);
+        (
+            WASMER_LINE,
+            self.engine.deterministic_id(),
+            self.interruptible,
+        )
+            .hash(&mut hasher);
         format!("{:016x}", hasher.finish())
     }
 
-    pub(crate) fn deserialize(&self, artifact: &[u8]) -> Result<wasmer::Module, String> {
+    pub(crate) fn deserialize(
+        &self,
+        artifact: &[u8],
+    ) -> Result<(wasmer::Module, WrEngine), String> {
+        let engine = self.fresh();
         // SAFETY: the bytes come from a cache entry whose magic, source-module hash and
         // checksum were verified, written by `Module::serialize` of a wasmer engine with the
         // same fingerprint; wasmer checks its artifact header as well.
-        unsafe { wasmer::Module::deserialize(&self.engine, artifact.to_vec()) }
-            .map_err(|e| e.to_string())
+        let module = unsafe { wasmer::Module::deserialize(&engine.engine, artifact.to_vec()) }
+            .map_err(|e| e.to_string())?;
+        Ok((module, engine))
     }
 
-    pub(crate) fn wasmer(&self) -> &wasmer::Engine {
-        &self.engine
+    /// Compiles on a fresh engine. A panic inside wasmer's compiler (it has a few `expect`s
+    /// on module shapes) becomes a compile error, never an unwind into the embedder.
+    pub(crate) fn compile(&self, wasm: &[u8]) -> Result<(wasmer::Module, WrEngine), EngineError> {
+        let engine = self.fresh();
+        let compiled = catch_unwind(AssertUnwindSafe(|| {
+            wasmer::Module::new(&engine.engine, wasm)
+        }))
+        .map_err(|panic| {
+            EngineError::Compile(format!(
+                "wasmer's compiler panicked: {}",
+                crate::panic_message(&*panic)
+            ))
+        })?;
+        let module = compiled.map_err(|e| EngineError::Compile(e.to_string()))?;
+        Ok((module, engine))
     }
+}
 
-    pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmer::Module, EngineError> {
-        wasmer::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(e.to_string()))
-    }
+fn make_engine(kind: EngineKind, interruptible: bool, start_points: u64) -> wasmer::Engine {
+    let metering = interruptible.then(|| {
+        Arc::new(Metering::new(
+            start_points,
+            operator_cost as fn(&Operator<'_>) -> u64,
+        ))
+    });
+    let mut engine = match kind {
+        EngineKind::WasmerSinglepass => {
+            let mut compiler = wasmer::sys::Singlepass::default();
+            if let Some(m) = metering {
+                compiler.push_middleware(m);
+            }
+            wasmer::Engine::from(compiler)
+        }
+        _ => {
+            let mut compiler = wasmer::sys::Cranelift::default();
+            if let Some(m) = metering {
+                compiler.push_middleware(m);
+            }
+            wasmer::Engine::from(compiler)
+        }
+    };
+    engine.set_tunables(LimitingTunables {
+        base: BaseTunables::new(),
+    });
+    engine
 }
 
 pub(crate) struct StoreData<H> {
@@ -174,7 +370,7 @@ macro_rules! define_imports {
                             env,
                             |mut env: FunctionEnvMut<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, HostTrap> {
                                 let result = catch_unwind(AssertUnwindSafe(|| {
-                                    H::$name(&mut WrCaller { env: &mut env }, $($arg),*)
+                                    crate::dispatch(&mut WrCaller { env: &mut env }, filterbox_abi::Import::$variant, |cx| H::$name(cx, $($arg),*))
                                 }));
                                 finish(&mut env, stringify!($name), result)
                             },
@@ -202,7 +398,7 @@ fn type_name(ty: &wasmer::Type) -> &'static str {
 #[derive(Clone)]
 pub(crate) struct WrInstancePre {
     module: wasmer::Module,
-    engine: wasmer::Engine,
+    engine: WrEngine,
     imports: Vec<(String, String)>,
     present: Vec<bool>,
     allocator: Callback,
@@ -211,7 +407,7 @@ pub(crate) struct WrInstancePre {
 
 impl WrInstancePre {
     pub(crate) fn new(
-        engine: &wasmer::Engine,
+        engine: &WrEngine,
         module: &wasmer::Module,
         abi: AbiVersion,
     ) -> Result<Self, EngineError> {
@@ -250,8 +446,12 @@ impl WrInstancePre {
         })
     }
 
-    pub(crate) fn instantiate<H: Hostcalls>(&self, host: H) -> Result<WrInstance<H>, EngineError> {
-        let mut store = Store::new(self.engine.clone());
+    pub(crate) fn instantiate<H: Hostcalls>(
+        &self,
+        host: H,
+        limits: &InstanceLimits,
+    ) -> Result<WrInstance<H>, EngineError> {
+        let mut store = Store::new(self.engine.engine.clone());
         let data = StoreData {
             host,
             memory: None,
@@ -260,11 +460,31 @@ impl WrInstancePre {
         };
         let env = FunctionEnv::new(&mut store, data);
         let imports = define_imports::<H>(&mut store, &env, &self.imports);
-        let instance =
-            wasmer::Instance::new(&mut store, &self.module, &imports).map_err(|e| match e {
-                wasmer::InstantiationError::Start(err) => EngineError::StartTrapped(classify(&err)),
-                other => EngineError::Instantiate(other.to_string()),
-            })?;
+        LIMITS.with(|l| {
+            l.set(Some((
+                limits.memory_pages(),
+                u32::try_from(limits.max_table_elements).unwrap_or(u32::MAX),
+            )))
+        });
+        let instance = wasmer::Instance::new(&mut store, &self.module, &imports);
+        LIMITS.with(|l| l.set(None));
+        let instance = instance.map_err(|e| match e {
+            wasmer::InstantiationError::Start(err) => EngineError::StartTrapped(classify(&err)),
+            other => EngineError::Instantiate(other.to_string()),
+        })?;
+        let points = match self.engine.interruptible {
+            true => {
+                let global = |name| {
+                    instance
+                        .exports
+                        .get_global(name)
+                        .cloned()
+                        .map_err(|e| EngineError::Instantiate(format!("metering: {e}")))
+                };
+                Some((global(POINTS_LEFT)?, global(POINTS_EXHAUSTED)?))
+            }
+            false => None,
+        };
         let memory = instance
             .exports
             .get_memory("memory")
@@ -293,7 +513,13 @@ impl WrInstancePre {
         let data = env.as_mut(&mut store);
         data.memory = Some(memory);
         data.allocator = Some(allocator);
-        Ok(WrInstance { store, env, funcs })
+        Ok(WrInstance {
+            store,
+            env,
+            funcs,
+            points,
+            deadline_points: u64::MAX,
+        })
     }
 }
 
@@ -301,6 +527,10 @@ pub(crate) struct WrInstance<H: 'static> {
     store: Store,
     env: FunctionEnv<StoreData<H>>,
     funcs: Vec<Option<Typed>>,
+    /// The metering globals (points left, exhausted flag) when metering is compiled in.
+    points: Option<(Global, Global)>,
+    /// Points each call may spend.
+    deadline_points: u64,
 }
 
 /// A callback export as a typed function, so a call allocates nothing (wasmer's untyped
@@ -373,9 +603,33 @@ impl<H: Hostcalls> WrInstance<H> {
         for (slot, arg) in params.iter_mut().zip(args) {
             *slot = *arg;
         }
+        if let Some((left, exhausted)) = &self.points {
+            // The globals were made by the middleware with these types; a failed set would
+            // leave the previous budget, never an unbounded one.
+            let _ = left.set(&mut self.store, Value::I64(self.deadline_points as i64));
+            let _ = exhausted.set(&mut self.store, Value::I32(0));
+        }
         let outcome = func.call(&mut self.store, params);
         self.env.as_mut(&mut self.store).pending_trap = None;
-        outcome.map_err(|e| classify(&e))
+        outcome.map_err(|e| {
+            let mut trap = classify(&e);
+            if self.points_exhausted() {
+                trap.kind = TrapKind::Interrupted;
+                trap.message = "metering budget of the deadline used up".into();
+            }
+            trap
+        })
+    }
+
+    fn points_exhausted(&mut self) -> bool {
+        match &self.points {
+            Some((_, exhausted)) => matches!(exhausted.get(&mut self.store), Value::I32(1)),
+            None => false,
+        }
+    }
+
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+        self.deadline_points = points_for(deadline);
     }
 
     pub(crate) fn host(&self) -> &H {

@@ -1,27 +1,51 @@
 //! The wasmi backend: a pure-Rust interpreter, for hosts without a JIT.
 
 use crate::{
-    Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, MemoryError, Returned,
-    Trap, TrapKind,
+    Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
+    MemoryError, Returned, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use wasmi::{Func, Linker, Memory, Store, TypedFunc, Val};
+use std::time::{Duration, Instant};
+use wasmi::{
+    Func, Linker, Memory, ResumableCall, Store, StoreLimits, StoreLimitsBuilder, TypedFunc, Val,
+};
 
 impl wasmi::errors::HostError for HostTrap {}
+
+/// Fuel in one slice of a call with a deadline: the clock is read between slices. About
+/// 0.1-0.3 ms of interpretation on this class of machine.
+const FUEL_SLICE: u64 = 200_000;
+
+/// Fuel for work that cannot be resumed (a start section, the allocator inside a
+/// hostcall), per millisecond of deadline: a conservative rate for the interpreter.
+const FUEL_PER_MS: u64 = 1_000_000;
+
+fn fuel_for(deadline: Duration) -> u64 {
+    u64::try_from(deadline.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+        .saturating_mul(FUEL_PER_MS)
+}
 
 #[derive(Clone)]
 pub(crate) struct WiEngine {
     engine: wasmi::Engine,
+    interruptible: bool,
+    start_fuel: u64,
 }
 
 impl WiEngine {
-    pub(crate) fn new(_config: &EngineConfig) -> Result<Self, EngineError> {
+    pub(crate) fn new(config: &EngineConfig) -> Result<Self, EngineError> {
         // wasmi bounds recursion with its own value stack; its defaults trap deep recursion
         // as a stack overflow, which is what max_wasm_stack is for on the JIT engines.
+        let mut c = wasmi::Config::default();
+        c.consume_fuel(config.interruptible);
         Ok(WiEngine {
-            engine: wasmi::Engine::new(&wasmi::Config::default()),
+            engine: wasmi::Engine::new(&c),
+            interruptible: config.interruptible,
+            start_fuel: fuel_for(config.start_deadline),
         })
     }
 
@@ -35,6 +59,9 @@ pub(crate) struct StoreData<H> {
     memory: Option<Memory>,
     allocator: Option<TypedFunc<i32, i32>>,
     pending_trap: Option<Trap>,
+    limits: StoreLimits,
+    /// When the running call must end (`None`: no deadline or not interruptible).
+    deadline: Option<Instant>,
 }
 
 fn classify(err: &wasmi::Error) -> Trap {
@@ -90,8 +117,23 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
         let Some(allocator) = self.caller.data().allocator else {
             return Err(MemoryError::AllocatorFailed { size });
         };
+        // The allocator cannot be resumed when its fuel runs out, so it gets what is left of
+        // the deadline up front; what it burns is then taken from the caller's slice, so
+        // calling an allocating hostcall in a loop cannot refill the slice for ever.
+        let budget = self.caller.data().deadline.map(|deadline| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let before = self.caller.get_fuel().unwrap_or(0);
+            let granted = fuel_for(left);
+            let _ = self.caller.set_fuel(granted);
+            (before, granted)
+        });
         // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
-        match allocator.call(&mut *self.caller, size as i32) {
+        let result = allocator.call(&mut *self.caller, size as i32);
+        if let Some((before, granted)) = budget {
+            let burnt = granted.saturating_sub(self.caller.get_fuel().unwrap_or(0));
+            let _ = self.caller.set_fuel(before.saturating_sub(burnt));
+        }
+        match result {
             Ok(ptr) => crate::check_allocation(ptr, size, &self.memory()),
             Err(err) => {
                 self.caller.data_mut().pending_trap = Some(classify(&err));
@@ -124,7 +166,7 @@ macro_rules! define_imports {
                         stringify!($name),
                         |mut caller: wasmi::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, wasmi::Error> {
                             let result = catch_unwind(AssertUnwindSafe(|| {
-                                H::$name(&mut WiCaller { caller: &mut caller }, $($arg),*)
+                                crate::dispatch(&mut WiCaller { caller: &mut caller }, filterbox_abi::Import::$variant, |cx| H::$name(cx, $($arg),*))
                             }));
                             finish(&mut caller, stringify!($name), result)
                         },
@@ -153,6 +195,8 @@ pub(crate) struct WiInstancePre<H> {
     present: Vec<bool>,
     allocator: Callback,
     abi: AbiVersion,
+    interruptible: bool,
+    start_fuel: u64,
 }
 
 impl<H> Clone for WiInstancePre<H> {
@@ -163,12 +207,18 @@ impl<H> Clone for WiInstancePre<H> {
             present: self.present.clone(),
             allocator: self.allocator,
             abi: self.abi,
+            interruptible: self.interruptible,
+            start_fuel: self.start_fuel,
         }
     }
 }
 
 impl<H: Hostcalls> WiInstancePre<H> {
-    pub(crate) fn new(module: &wasmi::Module, abi: AbiVersion) -> Result<Self, EngineError> {
+    pub(crate) fn new(
+        engine: &WiEngine,
+        module: &wasmi::Module,
+        abi: AbiVersion,
+    ) -> Result<Self, EngineError> {
         if !matches!(
             module.get_export("memory"),
             Some(wasmi::ExternType::Memory(_))
@@ -191,17 +241,35 @@ impl<H: Hostcalls> WiInstancePre<H> {
             present,
             allocator,
             abi,
+            interruptible: engine.interruptible,
+            start_fuel: engine.start_fuel,
         })
     }
 
-    pub(crate) fn instantiate(&self, host: H) -> Result<WiInstance<H>, EngineError> {
+    pub(crate) fn instantiate(
+        &self,
+        host: H,
+        limits: &InstanceLimits,
+    ) -> Result<WiInstance<H>, EngineError> {
         let data = StoreData {
             host,
             memory: None,
             allocator: None,
             pending_trap: None,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_pages() as usize * crate::WASM_PAGE)
+                .table_elements(limits.max_table_elements)
+                .trap_on_grow_failure(false)
+                .build(),
+            deadline: None,
         };
         let mut store = Store::new(self.module.engine(), data);
+        store.limiter(|data| &mut data.limits);
+        if self.interruptible {
+            store
+                .set_fuel(self.start_fuel)
+                .map_err(|e| EngineError::Instantiate(e.to_string()))?;
+        }
         let instance = self
             .linker
             .instantiate_and_start(&mut store, &self.module)
@@ -231,13 +299,20 @@ impl<H: Hostcalls> WiInstancePre<H> {
         let data = store.data_mut();
         data.memory = Some(memory);
         data.allocator = Some(allocator);
-        Ok(WiInstance { store, funcs })
+        Ok(WiInstance {
+            store,
+            funcs,
+            interruptible: self.interruptible,
+            deadline: None,
+        })
     }
 }
 
 pub(crate) struct WiInstance<H: 'static> {
     store: Store<StoreData<H>>,
     funcs: Vec<Option<(Func, usize)>>,
+    interruptible: bool,
+    deadline: Option<Duration>,
 }
 
 impl<H: Hostcalls> WiInstance<H> {
@@ -267,13 +342,53 @@ impl<H: Hostcalls> WiInstance<H> {
             params.get(..arity).unwrap_or(&[]),
             results.get_mut(..returns).unwrap_or(&mut []),
         );
-        let outcome = func.call(&mut self.store, params, results);
-        self.store.data_mut().pending_trap = None;
+        let outcome = match self.interruptible {
+            true => self.call_sliced(func, params, results),
+            false => func.call(&mut self.store, params, results),
+        };
+        let data = self.store.data_mut();
+        data.pending_trap = None;
+        data.deadline = None;
         outcome.map_err(|e| classify(&e))?;
         Ok(match results.first() {
             Some(Val::I32(v)) => Returned::Value(*v),
             _ => Returned::Nothing,
         })
+    }
+
+    /// Runs `func` in fuel slices, reading the clock between them, until it returns or its
+    /// deadline passes.
+    fn call_sliced(
+        &mut self,
+        func: Func,
+        params: &[Val],
+        results: &mut [Val],
+    ) -> Result<(), wasmi::Error> {
+        let deadline = self.deadline.map(|d| Instant::now() + d);
+        self.store.data_mut().deadline = deadline;
+        let slice = match deadline {
+            Some(_) => FUEL_SLICE,
+            None => u64::MAX,
+        };
+        self.store.set_fuel(slice)?;
+        let mut call = func.call_resumable(&mut self.store, params, results)?;
+        loop {
+            match call {
+                ResumableCall::Finished => return Ok(()),
+                ResumableCall::HostTrap(trap) => return Err(trap.into_host_error()),
+                ResumableCall::OutOfFuel(rest) => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(wasmi::Error::from(wasmi::TrapCode::OutOfFuel));
+                    }
+                    self.store.set_fuel(slice)?;
+                    call = rest.resume(&mut self.store, results)?;
+                }
+            }
+        }
+    }
+
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+        self.deadline = deadline;
     }
 
     pub(crate) fn host(&self) -> &H {

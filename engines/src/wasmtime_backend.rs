@@ -1,16 +1,84 @@
 //! The wasmtime backend.
 
 use crate::{
-    Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, MemoryError, Returned,
-    Trap, TrapKind,
+    Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
+    MemoryError, Returned, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use wasmtime::{Extern, Func, Linker, Memory, ModuleExport, Store, TypedFunc, Val};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+use wasmtime::{
+    EngineWeak, Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
+    TypedFunc, Val,
+};
+
+/// The epoch period: deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// A deadline far enough away to mean "none" without overflowing the epoch counter.
+const NO_DEADLINE: u64 = 1 << 48;
+
+/// Every live interruptible engine; one thread ticks them all.
+static TICKED: OnceLock<Mutex<Vec<EngineWeak>>> = OnceLock::new();
+
+/// Adds `engine` to the engines the epoch thread ticks, starting the thread the first time.
+/// The thread holds only weak references, so dropping an engine takes it off the list.
+fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
+    let mut started = Ok(());
+    let list = TICKED.get_or_init(|| {
+        started = std::thread::Builder::new()
+            .name("filterbox-epoch".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(EPOCH_TICK);
+                    let Some(list) = TICKED.get() else { continue };
+                    let mut list = list.lock().unwrap_or_else(|p| p.into_inner());
+                    list.retain(|weak| match weak.upgrade() {
+                        Some(engine) => {
+                            engine.increment_epoch();
+                            true
+                        }
+                        None => false,
+                    });
+                }
+            })
+            .map(drop)
+            .map_err(|e| EngineError::Config(format!("cannot start the epoch thread: {e}")));
+        Mutex::new(Vec::new())
+    });
+    started?;
+    list.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(engine.weak());
+    Ok(())
+}
+
+/// Epoch ticks for `deadline`: one more than it spans, because the current tick is already
+/// partly gone.
+fn ticks(deadline: Option<Duration>) -> u64 {
+    match deadline {
+        Some(d) => u64::try_from(d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()))
+            .unwrap_or(NO_DEADLINE)
+            .saturating_add(1)
+            .min(NO_DEADLINE),
+        None => NO_DEADLINE,
+    }
+}
+
+fn store_limits(limits: &InstanceLimits) -> StoreLimits {
+    StoreLimitsBuilder::new()
+        .memory_size(limits.memory_pages() as usize * crate::WASM_PAGE)
+        .table_elements(limits.max_table_elements)
+        .trap_on_grow_failure(false)
+        .build()
+}
 
 #[derive(Clone)]
 pub(crate) struct WtEngine {
     engine: wasmtime::Engine,
+    interruptible: bool,
+    start_ticks: u64,
 }
 
 impl WtEngine {
@@ -18,6 +86,7 @@ impl WtEngine {
         let mut c = wasmtime::Config::new();
         c.max_wasm_stack(config.max_wasm_stack);
         c.memory_init_cow(config.memory_init_cow);
+        c.epoch_interruption(config.interruptible);
         if let Some(pool) = config.pooling {
             let mut pooling = wasmtime::PoolingAllocationConfig::default();
             pooling
@@ -28,7 +97,14 @@ impl WtEngine {
             c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
         }
         let engine = wasmtime::Engine::new(&c).map_err(|e| EngineError::Config(e.to_string()))?;
-        Ok(WtEngine { engine })
+        if config.interruptible {
+            tick_epochs_of(&engine)?;
+        }
+        Ok(WtEngine {
+            engine,
+            interruptible: config.interruptible,
+            start_ticks: ticks(Some(config.start_deadline)),
+        })
     }
 
     /// Covers wasmtime's version and every setting that changes generated code.
@@ -63,6 +139,7 @@ pub(crate) struct StoreData<H> {
     /// A trap raised inside a nested guest call (the allocator) during a hostcall; it fails
     /// the outer call once the hostcall returns.
     pending_trap: Option<Trap>,
+    limits: StoreLimits,
 }
 
 fn classify(err: &wasmtime::Error) -> Trap {
@@ -164,7 +241,7 @@ macro_rules! define_imports {
                         stringify!($name),
                         |mut caller: wasmtime::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> wasmtime::Result<$ret> {
                             let result = catch_unwind(AssertUnwindSafe(|| {
-                                H::$name(&mut WtCaller { caller: &mut caller }, $($arg),*)
+                                crate::dispatch(&mut WtCaller { caller: &mut caller }, filterbox_abi::Import::$variant, |cx| H::$name(cx, $($arg),*))
                             }));
                             finish(&mut caller, stringify!($name), result)
                         },
@@ -195,6 +272,8 @@ pub(crate) struct WtInstancePre<H> {
     allocator: Option<ModuleExport>,
     memory: ModuleExport,
     abi: AbiVersion,
+    interruptible: bool,
+    start_ticks: u64,
 }
 
 impl<H> Clone for WtInstancePre<H> {
@@ -205,12 +284,18 @@ impl<H> Clone for WtInstancePre<H> {
             allocator: self.allocator,
             memory: self.memory,
             abi: self.abi,
+            interruptible: self.interruptible,
+            start_ticks: self.start_ticks,
         }
     }
 }
 
 impl<H: Hostcalls> WtInstancePre<H> {
-    pub(crate) fn new(module: &wasmtime::Module, abi: AbiVersion) -> Result<Self, EngineError> {
+    pub(crate) fn new(
+        engine: &WtEngine,
+        module: &wasmtime::Module,
+        abi: AbiVersion,
+    ) -> Result<Self, EngineError> {
         let memory = match module.get_export("memory") {
             Some(wasmtime::ExternType::Memory(_)) => module.get_export_index("memory"),
             _ => None,
@@ -246,17 +331,28 @@ impl<H: Hostcalls> WtInstancePre<H> {
             allocator,
             memory,
             abi,
+            interruptible: engine.interruptible,
+            start_ticks: engine.start_ticks,
         })
     }
 
-    pub(crate) fn instantiate(&self, host: H) -> Result<WtInstance<H>, EngineError> {
+    pub(crate) fn instantiate(
+        &self,
+        host: H,
+        limits: &InstanceLimits,
+    ) -> Result<WtInstance<H>, EngineError> {
         let data = StoreData {
             host,
             memory: None,
             allocator: None,
             pending_trap: None,
+            limits: store_limits(limits),
         };
         let mut store = Store::new(self.pre.module().engine(), data);
+        store.limiter(|data| &mut data.limits);
+        if self.interruptible {
+            store.set_epoch_deadline(self.start_ticks);
+        }
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             match e.downcast_ref::<wasmtime::Trap>() {
                 Some(_) => EngineError::StartTrapped(classify(&e)),
@@ -293,7 +389,12 @@ impl<H: Hostcalls> WtInstancePre<H> {
         let data = store.data_mut();
         data.memory = Some(memory);
         data.allocator = Some(allocator);
-        Ok(WtInstance { store, funcs })
+        Ok(WtInstance {
+            store,
+            funcs,
+            interruptible: self.interruptible,
+            deadline_ticks: NO_DEADLINE,
+        })
     }
 }
 
@@ -301,6 +402,9 @@ pub(crate) struct WtInstance<H: 'static> {
     store: Store<StoreData<H>>,
     /// Per callback: the export and its number of parameters.
     funcs: Vec<Option<(Func, usize)>>,
+    interruptible: bool,
+    /// Epoch ticks each call may run.
+    deadline_ticks: u64,
 }
 
 impl<H: Hostcalls> WtInstance<H> {
@@ -323,6 +427,9 @@ impl<H: Hostcalls> WtInstance<H> {
             params.get(..arity).unwrap_or(&[]),
             results.get_mut(..returns).unwrap_or(&mut []),
         );
+        if self.interruptible {
+            self.store.set_epoch_deadline(self.deadline_ticks);
+        }
         let outcome = func.call(&mut self.store, params, results);
         self.store.data_mut().pending_trap = None;
         outcome.map_err(|e| classify(&e))?;
@@ -330,6 +437,10 @@ impl<H: Hostcalls> WtInstance<H> {
             Some(Val::I32(v)) => Returned::Value(*v),
             _ => Returned::Nothing,
         })
+    }
+
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+        self.deadline_ticks = ticks(deadline);
     }
 
     pub(crate) fn host(&self) -> &H {

@@ -3,7 +3,8 @@
 
 use filterbox_abi::{AbiVersion, Callback, Import, Status};
 use filterbox_engines::{
-    Caller, Engine, EngineConfig, EngineError, EngineKind, Hostcalls, Returned, TrapKind,
+    Caller, Engine, EngineConfig, EngineError, EngineKind, Hostcalls, InstanceLimits, Returned,
+    TrapKind,
 };
 
 /// A host that implements two calls: `proxy_log` records the message, and
@@ -73,7 +74,8 @@ fn module(engine: &Engine, body: &str) -> filterbox_engines::Instance<TestHost> 
     let wasm = wat::parse_str(format!("(module {PRELUDE} {body})")).expect("test module parses");
     let module = engine.compile(&wasm).expect("compiles");
     let pre = module.link::<TestHost>(AbiVersion::V0_2_1).expect("links");
-    pre.instantiate(TestHost::default()).expect("instantiates")
+    pre.instantiate(TestHost::default(), &InstanceLimits::default())
+        .expect("instantiates")
 }
 
 fn engines() -> Vec<Engine> {

@@ -1,8 +1,9 @@
 //! Plugin configuration, with names modelled on Envoy's `PluginConfig` / `VmConfig`.
 
 use filterbox_abi::LogLevel;
-use filterbox_engines::EngineKind;
+use filterbox_engines::{EngineKind, InstanceLimits};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::time::Duration;
 
 /// How to load and start one plugin. Every field has a default, so a config names only what it
 /// changes:
@@ -36,6 +37,132 @@ pub struct PluginConfig {
     pub log_level: LogLevel,
     /// Environment variables the plugin sees through WASI `environ_get` (none by default).
     pub environment_variables: Vec<(String, String)>,
+    /// Resource limits of each VM and of what the host holds for it.
+    pub limits: Limits,
+    /// What a stream gets when the VM under it fails.
+    pub failure_policy: FailurePolicy,
+    /// Whether and how a failed VM is replaced.
+    pub reload: ReloadPolicy,
+    /// The imports (`proxy_*` hostcalls and WASI functions, by name) the plugin may use;
+    /// `None` (the default) allows all.
+    pub allowed_capabilities: Option<Vec<String>>,
+    /// What happens to a plugin that imports a function outside `allowed_capabilities`.
+    pub denied_capability: DeniedCapability,
+}
+
+/// Resource limits of one VM, on by default. Engines enforce memory, tables and deadlines;
+/// the host enforces the rest, answering the status each hostcall documents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest linear memory in bytes; `memory.grow` past it returns -1 in the guest.
+    pub memory_bytes: usize,
+    /// Most elements a table may hold.
+    pub table_elements: usize,
+    /// How long a stream or timer callback may run, in milliseconds (`null`: no limit).
+    pub callback_deadline_ms: Option<u64>,
+    /// How long the start function, `proxy_on_vm_start` and `proxy_on_configure` may each
+    /// run, in milliseconds (`null`: no limit).
+    pub start_deadline_ms: Option<u64>,
+    /// Most headers a plugin may leave in one header map (`BadArgument` past it).
+    pub max_header_count: usize,
+    /// Most bytes of names and values in one header map (`BadArgument` past it).
+    pub max_header_bytes: usize,
+    /// Largest body a plugin may set (`BadArgument` past it).
+    pub max_body_bytes: usize,
+    /// Longer log lines are cut to this many bytes and marked as cut.
+    pub max_log_line_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 128 << 20,
+            table_elements: 100_000,
+            callback_deadline_ms: Some(10),
+            start_deadline_ms: Some(1000),
+            max_header_count: 256,
+            max_header_bytes: 96 << 10,
+            max_body_bytes: 16 << 20,
+            max_log_line_bytes: 16 << 10,
+        }
+    }
+}
+
+impl Limits {
+    /// What the engine enforces for each instance.
+    pub(crate) fn instance(&self) -> InstanceLimits {
+        InstanceLimits::default()
+            .with_max_memory_bytes(self.memory_bytes)
+            .with_max_table_elements(self.table_elements)
+    }
+
+    pub(crate) fn callback_deadline(&self) -> Option<Duration> {
+        self.callback_deadline_ms.map(Duration::from_millis)
+    }
+
+    pub(crate) fn start_deadline(&self) -> Option<Duration> {
+        self.start_deadline_ms.map(Duration::from_millis)
+    }
+}
+
+/// What a stream gets when the VM under it traps (or is already failed, or cannot be
+/// rebuilt). Either way the embedder also gets a [`Failure`](crate::Failure) naming the cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum FailurePolicy {
+    /// Answer the client with a local response of this status (503 by default) and no body.
+    FailClosed {
+        /// The HTTP status of the local response.
+        status: u32,
+    },
+    /// Let the stream go on as if the plugin were not there.
+    FailOpen,
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        FailurePolicy::FailClosed { status: 503 }
+    }
+}
+
+/// How a failed VM is replaced: on the first stream after a jittered exponential backoff,
+/// until the crash-loop limit. Envoy's `FAIL_RELOAD` is `fail_closed` with this on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReloadPolicy {
+    /// Rebuild failed VMs at all (on by default). Off, a failed plugin stays failed.
+    pub enabled: bool,
+    /// Wait before the second consecutive rebuild; the first is immediate, each later wait
+    /// doubles, and each is jittered down by up to half.
+    pub backoff_initial_ms: u64,
+    /// The longest wait between rebuilds.
+    pub backoff_max_ms: u64,
+    /// After this many consecutive failures with no stream finished in between (a VM that
+    /// fails at start counts too), the plugin stays failed and says so in logs and metrics.
+    pub crash_loop_limit: u32,
+}
+
+impl Default for ReloadPolicy {
+    fn default() -> Self {
+        ReloadPolicy {
+            enabled: true,
+            backoff_initial_ms: 100,
+            backoff_max_ms: 30_000,
+            crash_loop_limit: 5,
+        }
+    }
+}
+
+/// What happens to a plugin that imports a function `allowed_capabilities` leaves out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeniedCapability {
+    /// The import links to a stub answering `Unimplemented` (WASI: `ENOSYS`).
+    #[default]
+    Stub,
+    /// The plugin does not load.
+    Refuse,
 }
 
 impl Default for PluginConfig {
@@ -49,6 +176,11 @@ impl Default for PluginConfig {
             engine: EngineKind::Wasmtime,
             log_level: LogLevel::Info,
             environment_variables: Vec::new(),
+            limits: Limits::default(),
+            failure_policy: FailurePolicy::default(),
+            reload: ReloadPolicy::default(),
+            allowed_capabilities: None,
+            denied_capability: DeniedCapability::Stub,
         }
     }
 }
@@ -83,6 +215,35 @@ impl PluginConfig {
     /// Sets the log level the plugin is told.
     pub fn with_log_level(mut self, level: LogLevel) -> Self {
         self.log_level = level;
+        self
+    }
+
+    /// Sets the limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets the failure policy.
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Sets the reload policy.
+    pub fn with_reload(mut self, reload: ReloadPolicy) -> Self {
+        self.reload = reload;
+        self
+    }
+
+    /// Allows only these imports; `denied` says what happens to a plugin that uses others.
+    pub fn with_allowed_capabilities<S: Into<String>>(
+        mut self,
+        allowed: impl IntoIterator<Item = S>,
+        denied: DeniedCapability,
+    ) -> Self {
+        self.allowed_capabilities = Some(allowed.into_iter().map(Into::into).collect());
+        self.denied_capability = denied;
         self
     }
 }
@@ -156,5 +317,31 @@ mod tests {
         assert!(err.to_string().contains("unknown log level"), "{err}");
         let err = serde_json::from_str::<PluginConfig>(r#"{"nmae": "typo"}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn policies_and_limits_read_from_json() {
+        let config: PluginConfig = serde_json::from_str(
+            r#"{"failure_policy": "fail_open", "reload": {"crash_loop_limit": 2},
+                "limits": {"memory_bytes": 1048576, "callback_deadline_ms": null},
+                "allowed_capabilities": ["proxy_log"], "denied_capability": "refuse"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.failure_policy, FailurePolicy::FailOpen);
+        assert_eq!(config.reload.crash_loop_limit, 2);
+        assert!(config.reload.enabled);
+        assert_eq!(config.limits.memory_bytes, 1 << 20);
+        assert_eq!(config.limits.callback_deadline_ms, None);
+        assert_eq!(config.limits.start_deadline_ms, Some(1000));
+        assert_eq!(config.denied_capability, DeniedCapability::Refuse);
+        let closed: PluginConfig =
+            serde_json::from_str(r#"{"failure_policy": {"fail_closed": {"status": 500}}}"#)
+                .unwrap();
+        assert_eq!(
+            closed.failure_policy,
+            FailurePolicy::FailClosed { status: 500 }
+        );
+        let json = serde_json::to_string(&closed).unwrap();
+        assert_eq!(serde_json::from_str::<PluginConfig>(&json).unwrap(), closed);
     }
 }

@@ -14,6 +14,7 @@ use filterbox_abi::{
     pairs, property_path,
 };
 use filterbox_engines::{Caller, GuestMemory, Hostcalls, MemoryError};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,7 +69,11 @@ fn return_with(
     let ptr = if len == 0 {
         0
     } else {
-        let ptr = match cx.allocate(len) {
+        // While the guest allocator runs, only the hostcalls `admit` lets through work.
+        cx.host().in_allocator = true;
+        let allocated = cx.allocate(len);
+        cx.host().in_allocator = false;
+        let ptr = match allocated {
             Ok(ptr) => ptr,
             Err(e) => return e.into(),
         };
@@ -115,10 +120,22 @@ fn edit_map(
     let (state, memory) = cx.split();
     let key = tri!(read(&memory, key_ptr, key_size));
     let value = tri!(read(&memory, value_ptr, value_size));
+    let limits = &state.shared.config.limits;
+    let (max_count, max_bytes) = (limits.max_header_count, limits.max_header_bytes);
     let Some(headers) = state.map_mut(map) else {
         return Status::BadArgument.as_i32();
     };
+    // Only an edit that might cross a limit pays for a copy to undo it.
+    let surely_fits =
+        headers.len() < max_count && headers.byte_size() + key.len() + value.len() <= max_bytes;
+    let before = (!surely_fits).then(|| headers.clone());
     edit(headers, key, value);
+    if let Some(before) = before
+        && (headers.len() > max_count || headers.byte_size() > max_bytes)
+    {
+        *headers = before;
+        return Status::BadArgument.as_i32();
+    }
     Status::Ok.as_i32()
 }
 
@@ -158,6 +175,41 @@ fn realtime_nanos() -> u64 {
 }
 
 impl Hostcalls for VmState {
+    /// Refuses what the phase or the plugin's capabilities do not allow (REFERENCE §1.3: the
+    /// reference host lets the allocator log, write to fds and read clocks, and filterbox
+    /// holds the start function to the same plus WASI and log-level/time queries). A refused
+    /// call answers `BadArgument` (WASI: `ENOTCAPABLE`); a denied capability answers like an
+    /// unimplemented import.
+    fn admit(cx: Cx<'_>, import: Import) -> Option<i32> {
+        let state = cx.host();
+        if state.shared.denied.contains(import) {
+            return Some(Self::unimplemented(cx, import));
+        }
+        let allowed = if state.in_allocator {
+            matches!(
+                import,
+                Import::ProxyLog | Import::FdWrite | Import::ClockTimeGet | Import::PollOneoff
+            )
+        } else if state.phase == Phase::Start {
+            import.module() == ImportModule::Wasi
+                || matches!(
+                    import,
+                    Import::ProxyLog
+                        | Import::ProxyGetLogLevel
+                        | Import::ProxyGetCurrentTimeNanoseconds
+                        | Import::PthreadEqual
+                        | Import::EmscriptenNotifyMemoryGrowth
+                )
+        } else {
+            true
+        };
+        match (allowed, import.module()) {
+            (true, _) => None,
+            (false, ImportModule::Env) => Some(Status::BadArgument.as_i32()),
+            (false, ImportModule::Wasi) => Some(WasiErrno::Notcapable.as_i32()),
+        }
+    }
+
     fn unimplemented(cx: Cx<'_>, import: Import) -> i32 {
         cx.host().warn_unimplemented(import);
         match import.module() {
@@ -174,8 +226,11 @@ impl Hostcalls for VmState {
         };
         let (state, memory) = cx.split();
         let message = tri!(read(&memory, message_ptr, message_size));
-        state.shared.log(level, &String::from_utf8_lossy(message));
-        Status::Ok.as_i32()
+        match state.shared.log(level, &String::from_utf8_lossy(message)) {
+            true => Status::Ok.as_i32(),
+            // The embedder's sink panicked.
+            false => Status::InternalFailure.as_i32(),
+        }
     }
 
     fn proxy_get_log_level(cx: Cx<'_>, ret_level_ptr: i32) -> i32 {
@@ -232,7 +287,11 @@ impl Hostcalls for VmState {
             [b"plugin_name"] => Some(Bytes::copy_from_slice(config.name.as_bytes())),
             [b"plugin_root_id"] => Some(Bytes::copy_from_slice(config.root_id.as_bytes())),
             [b"plugin_vm_id"] => Some(Bytes::copy_from_slice(config.vm_id.as_bytes())),
-            _ => state.shared.properties.property(&path),
+            // A panicking provider is the embedder's bug: the guest gets InternalFailure.
+            _ => match catch_unwind(AssertUnwindSafe(|| state.shared.properties.property(&path))) {
+                Ok(value) => value,
+                Err(_) => return Status::InternalFailure.as_i32(),
+            },
         };
         match value {
             Some(value) => return_bytes(cx, &value, ret_ptr_ptr, ret_size_ptr).as_i32(),
@@ -316,6 +375,7 @@ impl Hostcalls for VmState {
         if !mutable {
             return Status::BadArgument.as_i32();
         }
+        let max = state.shared.config.limits.max_body_bytes;
         let Some((_, body)) = state.body.as_mut().filter(|(k, _)| *k == kind) else {
             return Status::NotFound.as_i32();
         };
@@ -324,6 +384,9 @@ impl Hostcalls for VmState {
         let len = body.len() as u64;
         let from = u64::from(start as u32).min(len) as usize;
         let to = (from as u64 + u64::from(size as u32)).min(len) as usize;
+        if body.len() - (to - from) + data.len() > max {
+            return Status::BadArgument.as_i32();
+        }
         let tail = body.split_off(to);
         body.truncate(from);
         body.extend_from_slice(data);
@@ -363,6 +426,11 @@ impl Hostcalls for VmState {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
         let entries = tri!(decode_pairs(tri!(read(&memory, pairs_ptr, pairs_size))));
+        let limits = &state.shared.config.limits;
+        let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if entries.len() > limits.max_header_count || bytes > limits.max_header_bytes {
+            return Status::BadArgument.as_i32();
+        }
         let Some(headers) = state.map_mut(map) else {
             return Status::BadArgument.as_i32();
         };
@@ -479,9 +547,13 @@ impl Hostcalls for VmState {
         let details = tri!(read(&memory, details_ptr, details_size));
         let body = tri!(read(&memory, body_ptr, body_size));
         let headers = tri!(decode_pairs(tri!(read(&memory, headers_ptr, headers_size))));
+        if state.phase == Phase::Log {
+            // The exchange is over; there is no response left to replace.
+            return Status::BadArgument.as_i32();
+        }
         if state.context_kind() != Some(ContextKind::Http) {
             // Envoy ignores it outside an HTTP stream and still answers Ok.
-            state.shared.log(
+            let _ = state.shared.log(
                 LogLevel::Warn,
                 "filterbox: proxy_send_local_response outside an HTTP stream is ignored",
             );
@@ -575,7 +647,7 @@ impl Hostcalls for VmState {
         // One call is one log line; the trailing newline of println! is not part of it.
         let line = text.strip_suffix(b"\n").unwrap_or(&text);
         if !line.is_empty() {
-            state.shared.log(level, &String::from_utf8_lossy(line));
+            let _ = state.shared.log(level, &String::from_utf8_lossy(line));
         }
         wasi_tri!(memory.write_u32(ret_nwritten_ptr as u32, written));
         WasiErrno::Success.as_i32()
@@ -684,7 +756,8 @@ impl Hostcalls for VmState {
     fn proc_exit(cx: Cx<'_>, code: i32) {
         // As the reference host: log it and return; the guest traps right after if it
         // really meant to stop.
-        cx.host()
+        let _ = cx
+            .host()
             .shared
             .log(LogLevel::Error, &format!("plugin called proc_exit({code})"));
     }

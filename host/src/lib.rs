@@ -34,21 +34,25 @@ mod config;
 mod embedder;
 mod headers;
 mod hostcalls;
+mod metrics;
 mod plugin;
 mod state;
 mod vm;
+mod worker;
 
-pub use config::PluginConfig;
+pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
 pub use headers::HeaderMap;
+pub use metrics::HostMetrics;
 pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
+pub use worker::{Failure, Worker, WorkerStream};
 
 pub use filterbox_abi as abi;
 pub use filterbox_abi::{AbiVersion, LogLevel};
 pub use filterbox_engines::{
-    CacheOutcome, Engine, EngineConfig, EngineError, EngineKind, ModuleCache, PoolingConfig, Trap,
-    TrapKind,
+    CacheOutcome, Engine, EngineConfig, EngineError, EngineKind, InstanceLimits, ModuleCache,
+    PoolingConfig, Trap, TrapKind,
 };
 
 /// The README's examples, compiled as doc tests.

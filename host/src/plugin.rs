@@ -1,10 +1,11 @@
 //! Plugins: a module compiled and linked once, shared by every VM that runs it.
 
-use crate::PluginConfig;
 use crate::embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
-use crate::state::{PluginShared, VmState};
+use crate::metrics::HostMetrics;
+use crate::state::{ImportSet, PluginShared, VmState};
+use crate::{DeniedCapability, PluginConfig};
 use core::fmt;
-use filterbox_abi::{AbiError, AbiVersion, ModuleInfo};
+use filterbox_abi::{AbiError, AbiVersion, Import, ModuleInfo};
 use filterbox_engines::{
     CacheOutcome, Engine, EngineConfig, EngineError, EngineKind, InstancePre, Module, ModuleCache,
 };
@@ -33,6 +34,11 @@ pub enum LoadError {
         /// The engine supplied.
         supplied: EngineKind,
     },
+    /// `allowed_capabilities` names something that is not an import of the ABI.
+    UnknownCapability(String),
+    /// The module imports functions `allowed_capabilities` leaves out, and the config says
+    /// to refuse such plugins.
+    DeniedImports(Vec<String>),
 }
 
 impl fmt::Display for PluginError {
@@ -45,6 +51,15 @@ impl fmt::Display for PluginError {
                 f,
                 "the config names {} but a {supplied} engine was supplied",
                 self.engine
+            ),
+            LoadError::UnknownCapability(name) => write!(
+                f,
+                "allowed_capabilities names {name:?}, which is no proxy-wasm or WASI import"
+            ),
+            LoadError::DeniedImports(names) => write!(
+                f,
+                "the module imports {} outside allowed_capabilities",
+                names.join(", ")
             ),
         }
     }
@@ -112,6 +127,11 @@ impl Plugin {
     /// The module's imports and exports.
     pub fn module_info(&self) -> &ModuleInfo {
         self.inner.module.info()
+    }
+
+    /// Metrics about this plugin's VMs, shared by all of them.
+    pub fn metrics(&self) -> &HostMetrics {
+        &self.inner.shared.metrics
     }
 
     /// What the module cache did when this plugin was loaded (`None` without a cache).
@@ -188,8 +208,14 @@ impl PluginBuilder {
                 }));
             }
             Some(engine) => engine,
-            None => Engine::new(config.engine, &EngineConfig::default())
-                .map_err(|e| fail(LoadError::Engine(e)))?,
+            None => {
+                let mut engine_config = EngineConfig::default();
+                if let Some(deadline) = config.limits.start_deadline() {
+                    engine_config.start_deadline = deadline;
+                }
+                Engine::new(config.engine, &engine_config)
+                    .map_err(|e| fail(LoadError::Engine(e)))?
+            }
         };
         let (module, cache) = match &cache {
             Some(cache) => engine
@@ -198,6 +224,7 @@ impl PluginBuilder {
             None => engine.compile(wasm).map(|module| (module, None)),
         }
         .map_err(|e| fail(LoadError::Engine(e)))?;
+        let denied = denied_imports(&config, module.info()).map_err(fail)?;
         let pre = module
             .link::<VmState>(abi)
             .map_err(|e| fail(LoadError::Engine(e)))?;
@@ -206,6 +233,8 @@ impl PluginBuilder {
             abi,
             log,
             properties,
+            metrics: HostMetrics::default(),
+            denied,
         });
         Ok(Plugin {
             inner: Arc::new(PluginInner {
@@ -216,4 +245,36 @@ impl PluginBuilder {
             }),
         })
     }
+}
+
+/// The imports `allowed_capabilities` leaves out, or the reason the plugin may not load.
+fn denied_imports(config: &PluginConfig, info: &ModuleInfo) -> Result<ImportSet, LoadError> {
+    let Some(allowed) = &config.allowed_capabilities else {
+        return Ok(ImportSet::default());
+    };
+    let mut allowed_set = ImportSet::default();
+    for name in allowed {
+        let import = Import::ALL
+            .iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| LoadError::UnknownCapability(name.clone()))?;
+        allowed_set.insert(*import);
+    }
+    let mut denied = ImportSet::default();
+    for import in Import::ALL.iter().filter(|i| !allowed_set.contains(**i)) {
+        denied.insert(*import);
+    }
+    if config.denied_capability == DeniedCapability::Refuse {
+        let used: Vec<String> = info
+            .imports
+            .iter()
+            .filter_map(|i| Import::lookup(&i.module, &i.name))
+            .filter(|i| denied.contains(*i))
+            .map(|i| i.name().to_owned())
+            .collect();
+        if !used.is_empty() {
+            return Err(LoadError::DeniedImports(used));
+        }
+    }
+    Ok(denied)
 }

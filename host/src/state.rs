@@ -1,10 +1,12 @@
 //! The per-VM host state that hostcalls act on.
 
 use crate::embedder::{LogSink, PropertyProvider};
+use crate::metrics::HostMetrics;
 use crate::{HeaderMap, LocalResponse, PluginConfig, StreamEvent};
 use bytes::BytesMut;
 use filterbox_abi::{AbiVersion, BufferType, Import, LogLevel, MapType, StreamType};
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 /// What every VM of a plugin shares.
@@ -13,11 +15,49 @@ pub(crate) struct PluginShared {
     pub(crate) abi: AbiVersion,
     pub(crate) log: Arc<dyn LogSink>,
     pub(crate) properties: Arc<dyn PropertyProvider>,
+    pub(crate) metrics: HostMetrics,
+    /// Bit per `Import`: outside `allowed_capabilities`, answered by a stub.
+    pub(crate) denied: ImportSet,
+}
+
+/// A set of imports, one bit each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ImportSet(u128);
+
+// One bit per import must fit.
+const _: () = assert!(Import::ALL.len() <= 128);
+
+impl ImportSet {
+    pub(crate) fn insert(&mut self, import: Import) {
+        self.0 |= 1 << (import as u32);
+    }
+
+    pub(crate) fn contains(self, import: Import) -> bool {
+        self.0 & (1 << (import as u32)) != 0
+    }
 }
 
 impl PluginShared {
-    pub(crate) fn log(&self, level: LogLevel, message: &str) {
-        self.log.log(&self.config.name, level, message);
+    /// Sends a plugin log line to the sink, cut to the configured length. A panicking sink
+    /// is the embedder's bug: it is caught and reported as `false`, never unwound into wasm.
+    pub(crate) fn log(&self, level: LogLevel, message: &str) -> bool {
+        let max = self.config.limits.max_log_line_bytes;
+        let cut;
+        let message = if message.len() > max {
+            let mut end = max;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            let rest = message.len() - end;
+            cut = format!("{}... [{rest} more bytes cut]", &message[..end]);
+            &cut
+        } else {
+            message
+        };
+        catch_unwind(AssertUnwindSafe(|| {
+            self.log.log(&self.config.name, level, message)
+        }))
+        .is_ok()
     }
 }
 
@@ -33,6 +73,8 @@ pub(crate) enum ContextKind {
 pub(crate) enum Phase {
     /// Between calls, or in a callback with nothing special.
     Other,
+    /// The start function (`_initialize`, `main`, `_start`): only logging, time and WASI.
+    Start,
     /// `proxy_on_configure`: the plugin configuration is readable.
     Configure,
     /// `proxy_on_log`: stream headers are readable, not writable.
@@ -55,8 +97,10 @@ pub(crate) struct VmState {
     pub(crate) local_response: Option<LocalResponse>,
     /// Stream events (continue, close) requested by the plugin, by context id.
     pub(crate) events: Vec<(u32, StreamEvent)>,
-    /// Bit per `Import`: already warned that it is unimplemented.
-    warned_unimplemented: u128,
+    /// Inside the guest allocator, called from a hostcall.
+    pub(crate) in_allocator: bool,
+    /// Already warned that these are unimplemented or denied.
+    warned_unimplemented: ImportSet,
 }
 
 impl VmState {
@@ -71,7 +115,8 @@ impl VmState {
             body: None,
             local_response: None,
             events: Vec::new(),
-            warned_unimplemented: 0,
+            in_allocator: false,
+            warned_unimplemented: ImportSet::default(),
         }
     }
 
@@ -88,13 +133,17 @@ impl VmState {
         self.contexts.get(&self.context()).copied()
     }
 
-    /// Logs once per VM that the plugin called something filterbox does not implement yet.
+    /// Logs once per VM that the plugin called something filterbox does not implement yet
+    /// (or that its config denies it).
     pub(crate) fn warn_unimplemented(&mut self, import: Import) {
-        let bit = 1u128 << (import as u32 % 128);
-        if self.warned_unimplemented & bit == 0 {
-            self.warned_unimplemented |= bit;
+        if !self.warned_unimplemented.contains(import) {
+            self.warned_unimplemented.insert(import);
+            let why = match self.shared.denied.contains(import) {
+                true => "is not in allowed_capabilities",
+                false => "is not implemented",
+            };
             let message = format!(
-                "filterbox: {} is not implemented; returning an error to the plugin",
+                "filterbox: {} {why}; returning an error to the plugin",
                 import.name()
             );
             self.shared.log(LogLevel::Warn, &message);

@@ -7,6 +7,7 @@ use core::fmt;
 use filterbox_abi::{BufferType, Callback, GrpcStatus, MapType, StreamType};
 use filterbox_engines::{EngineError, EngineKind, Instance, Returned, Trap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 /// What the proxy must do after a stream callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,6 +145,15 @@ pub struct Vm {
     root_context: u32,
     next_context: u32,
     failure: Option<Trap>,
+    /// Linear memory size after the last call.
+    memory: usize,
+    memory_high_water: usize,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.plugin.metrics().vm_dropped(self.memory);
+    }
 }
 
 impl fmt::Debug for Vm {
@@ -164,17 +174,26 @@ impl Vm {
     /// Instantiates `plugin` and starts it in the reference order: start function
     /// (`_initialize` then `main`/`__main_void`, or `_start`), root context creation,
     /// `proxy_on_vm_start`, `proxy_on_configure`. A false from either is an error.
+    ///
+    /// Memory and table limits and the start deadline come from the plugin config's
+    /// `limits`; after `proxy_on_configure` every call runs under the callback deadline.
     pub fn new(plugin: &Plugin) -> Result<Vm, VmError> {
         let state = VmState::new(plugin.shared().clone());
-        let instance =
-            plugin
-                .instance_pre()
-                .instantiate(state)
-                .map_err(|error| VmError::Instantiate {
+        let limits = &plugin.config().limits;
+        let metrics = plugin.metrics();
+        let mut instance = plugin
+            .instance_pre()
+            .instantiate(state, &limits.instance())
+            .map_err(|error| {
+                metrics.vm_failed();
+                VmError::Instantiate {
                     plugin: plugin.config().name.clone(),
                     engine: plugin.engine(),
                     error,
-                })?;
+                }
+            })?;
+        metrics.vm_created();
+        instance.set_deadline(limits.start_deadline());
         let serial = NEXT_VM.fetch_add(1, Ordering::Relaxed);
         let mut vm = Vm {
             plugin: plugin.clone(),
@@ -183,18 +202,43 @@ impl Vm {
             root_context: 0,
             next_context: 1,
             failure: None,
+            memory: 0,
+            memory_high_water: 0,
         };
-        vm.run_start_function()?;
-        let root = vm.create_context(ContextKind::Root, 0)?;
-        vm.root_context = root;
-        let vm_config = wasm_i32(plugin.config().vm_configuration.len());
-        vm.expect_true(Callback::ProxyOnVmStart, root, &[root as i32, vm_config])?;
-        let config = wasm_i32(plugin.config().configuration.len());
-        vm.state().phase = Phase::Configure;
-        let configured = vm.expect_true(Callback::ProxyOnConfigure, root, &[root as i32, config]);
-        vm.state().phase = Phase::Other;
-        configured?;
+        vm.note_memory();
+        let started = vm.start();
+        if let Err(VmError::Rejected { .. }) = &started {
+            metrics.vm_failed();
+        }
+        started?;
+        vm.instance.set_deadline(limits.callback_deadline());
         Ok(vm)
+    }
+
+    fn start(&mut self) -> Result<(), VmError> {
+        self.state().phase = Phase::Start;
+        let started = self.run_start_function();
+        self.state().phase = Phase::Other;
+        started?;
+        let root = self.create_context(ContextKind::Root, 0)?;
+        self.root_context = root;
+        let vm_config = wasm_i32(self.plugin.config().vm_configuration.len());
+        self.expect_true(Callback::ProxyOnVmStart, root, &[root as i32, vm_config])?;
+        let config = wasm_i32(self.plugin.config().configuration.len());
+        self.state().phase = Phase::Configure;
+        let configured = self.expect_true(Callback::ProxyOnConfigure, root, &[root as i32, config]);
+        self.state().phase = Phase::Other;
+        configured
+    }
+
+    /// Accounts for the guest's memory after a call.
+    fn note_memory(&mut self) {
+        let now = self.instance.memory_size();
+        if now != self.memory {
+            self.plugin.metrics().memory_changed(self.memory, now);
+            self.memory = now;
+            self.memory_high_water = self.memory_high_water.max(now);
+        }
     }
 
     fn run_start_function(&mut self) -> Result<(), VmError> {
@@ -252,6 +296,11 @@ impl Vm {
         self.instance.memory_size()
     }
 
+    /// The largest the guest's linear memory has been, in bytes.
+    pub fn memory_high_water(&self) -> usize {
+        self.memory_high_water
+    }
+
     fn state(&mut self) -> &mut VmState {
         self.instance.host_mut()
     }
@@ -271,9 +320,17 @@ impl Vm {
         let state = self.state();
         state.current_context = context;
         state.effective_context = None;
-        match self.instance.call(callback, args) {
+        let started = Instant::now();
+        let outcome = self.instance.call(callback, args);
+        let elapsed = started.elapsed();
+        self.note_memory();
+        self.plugin.metrics().callback(callback, elapsed);
+        match outcome {
             Ok(returned) => Ok(returned),
             Err(trap) => {
+                let metrics = self.plugin.metrics();
+                metrics.trap(trap.kind);
+                metrics.vm_failed();
                 self.failure = Some(trap.clone());
                 Err(VmError::Trap {
                     plugin: self.plugin.config().name.clone(),

@@ -1,0 +1,321 @@
+//! Metrics about the host itself, per plugin: VMs, failures, traps, callback latency, memory.
+
+use filterbox_abi::Callback;
+use filterbox_engines::TrapKind;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the callback latency buckets, in microseconds (then `+Inf`).
+const BUCKETS_US: [u64; 13] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 5_000, 10_000, 100_000,
+];
+
+/// A latency histogram with fixed buckets.
+#[derive(Default)]
+struct Histogram {
+    /// Per bucket of [`BUCKETS_US`], then one for larger values (not cumulative).
+    counts: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn record(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = BUCKETS_US
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(BUCKETS_US.len());
+        if let Some(count) = self.counts.get(bucket) {
+            count.fetch_add(1, Relaxed);
+        }
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
+
+/// Counters and gauges about one plugin's VMs, shared by every VM and worker of the plugin.
+/// Read them with the accessors or render them all with [`HostMetrics::render_prometheus`].
+pub struct HostMetrics {
+    vms_created: AtomicU64,
+    vms_active: AtomicI64,
+    vms_failed: AtomicU64,
+    vms_restarted: AtomicU64,
+    crash_looped: AtomicI64,
+    streams_failed_closed: AtomicU64,
+    streams_failed_open: AtomicU64,
+    traps: [AtomicU64; TrapKind::ALL.len()],
+    callbacks: Vec<Histogram>,
+    memory_live_bytes: AtomicI64,
+    memory_high_water_bytes: AtomicU64,
+}
+
+impl Default for HostMetrics {
+    fn default() -> Self {
+        HostMetrics {
+            vms_created: AtomicU64::new(0),
+            vms_active: AtomicI64::new(0),
+            vms_failed: AtomicU64::new(0),
+            vms_restarted: AtomicU64::new(0),
+            crash_looped: AtomicI64::new(0),
+            streams_failed_closed: AtomicU64::new(0),
+            streams_failed_open: AtomicU64::new(0),
+            traps: Default::default(),
+            callbacks: (0..Callback::COUNT).map(|_| Histogram::default()).collect(),
+            memory_live_bytes: AtomicI64::new(0),
+            memory_high_water_bytes: AtomicU64::new(0),
+        }
+    }
+}
+
+impl HostMetrics {
+    /// VMs made (including rebuilt ones).
+    pub fn vms_created(&self) -> u64 {
+        self.vms_created.load(Relaxed)
+    }
+
+    /// VMs alive now.
+    pub fn vms_active(&self) -> i64 {
+        self.vms_active.load(Relaxed)
+    }
+
+    /// VMs that failed (trapped, or could not start).
+    pub fn vms_failed(&self) -> u64 {
+        self.vms_failed.load(Relaxed)
+    }
+
+    /// VMs rebuilt after a failure.
+    pub fn vms_restarted(&self) -> u64 {
+        self.vms_restarted.load(Relaxed)
+    }
+
+    /// Workers that gave up rebuilding after the crash-loop limit.
+    pub fn crash_looped(&self) -> i64 {
+        self.crash_looped.load(Relaxed)
+    }
+
+    /// Streams answered by the fail-closed policy.
+    pub fn streams_failed_closed(&self) -> u64 {
+        self.streams_failed_closed.load(Relaxed)
+    }
+
+    /// Streams let through by the fail-open policy.
+    pub fn streams_failed_open(&self) -> u64 {
+        self.streams_failed_open.load(Relaxed)
+    }
+
+    /// Traps of one class.
+    pub fn traps(&self, kind: TrapKind) -> u64 {
+        self.traps.get(kind as usize).map_or(0, |t| t.load(Relaxed))
+    }
+
+    /// How many times `callback` was called.
+    pub fn callback_calls(&self, callback: Callback) -> u64 {
+        self.callbacks
+            .get(callback as usize)
+            .map_or(0, Histogram::count)
+    }
+
+    /// Bytes of linear memory held by live VMs.
+    pub fn memory_live_bytes(&self) -> i64 {
+        self.memory_live_bytes.load(Relaxed)
+    }
+
+    /// The largest linear memory any VM of the plugin reached.
+    pub fn memory_high_water_bytes(&self) -> u64 {
+        self.memory_high_water_bytes.load(Relaxed)
+    }
+
+    pub(crate) fn vm_created(&self) {
+        self.vms_created.fetch_add(1, Relaxed);
+        self.vms_active.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn vm_dropped(&self, memory: usize) {
+        self.vms_active.fetch_sub(1, Relaxed);
+        self.memory_live_bytes
+            .fetch_sub(i64::try_from(memory).unwrap_or(i64::MAX), Relaxed);
+    }
+
+    pub(crate) fn vm_failed(&self) {
+        self.vms_failed.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn vm_restarted(&self) {
+        self.vms_restarted.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn crash_loop(&self, entered: bool) {
+        self.crash_looped
+            .fetch_add(if entered { 1 } else { -1 }, Relaxed);
+    }
+
+    pub(crate) fn stream_failed(&self, closed: bool) {
+        match closed {
+            true => &self.streams_failed_closed,
+            false => &self.streams_failed_open,
+        }
+        .fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn trap(&self, kind: TrapKind) {
+        if let Some(t) = self.traps.get(kind as usize) {
+            t.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub(crate) fn callback(&self, callback: Callback, elapsed: Duration) {
+        if let Some(h) = self.callbacks.get(callback as usize) {
+            h.record(elapsed);
+        }
+    }
+
+    /// A VM's memory went from `old` to `new` bytes.
+    pub(crate) fn memory_changed(&self, old: usize, new: usize) {
+        let delta = i64::try_from(new).unwrap_or(i64::MAX) - i64::try_from(old).unwrap_or(0);
+        self.memory_live_bytes.fetch_add(delta, Relaxed);
+        self.memory_high_water_bytes
+            .fetch_max(u64::try_from(new).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Appends every metric in the Prometheus text format, labelled with `plugin`.
+    pub fn render_prometheus(&self, plugin: &str, out: &mut String) {
+        let plugin = escape_label(plugin);
+        let mut line = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {value}");
+        };
+        line(
+            "filterbox_vms_created_total",
+            "counter",
+            "VMs made, rebuilt ones included.",
+            self.vms_created().to_string(),
+        );
+        line(
+            "filterbox_vms_active",
+            "gauge",
+            "VMs alive now.",
+            self.vms_active().to_string(),
+        );
+        line(
+            "filterbox_vms_failed_total",
+            "counter",
+            "VMs that trapped or could not start.",
+            self.vms_failed().to_string(),
+        );
+        line(
+            "filterbox_vms_restarted_total",
+            "counter",
+            "VMs rebuilt after a failure.",
+            self.vms_restarted().to_string(),
+        );
+        line(
+            "filterbox_crash_looped_workers",
+            "gauge",
+            "Workers that stopped rebuilding after the crash-loop limit.",
+            self.crash_looped().to_string(),
+        );
+        line(
+            "filterbox_streams_failed_closed_total",
+            "counter",
+            "Streams answered by the fail-closed policy.",
+            self.streams_failed_closed().to_string(),
+        );
+        line(
+            "filterbox_streams_failed_open_total",
+            "counter",
+            "Streams let through by the fail-open policy.",
+            self.streams_failed_open().to_string(),
+        );
+        line(
+            "filterbox_memory_live_bytes",
+            "gauge",
+            "Linear memory held by live VMs.",
+            self.memory_live_bytes().to_string(),
+        );
+        line(
+            "filterbox_memory_high_water_bytes",
+            "gauge",
+            "Largest linear memory a VM reached.",
+            self.memory_high_water_bytes().to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP filterbox_traps_total Traps by cause.\n# TYPE filterbox_traps_total counter"
+        );
+        for kind in TrapKind::ALL {
+            let _ = writeln!(
+                out,
+                "filterbox_traps_total{{plugin=\"{plugin}\",cause=\"{}\"}} {}",
+                kind.name(),
+                self.traps(kind)
+            );
+        }
+        let name = "filterbox_callback_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time in guest callbacks.\n# TYPE {name} histogram"
+        );
+        for (callback, h) in Callback::ALL.iter().zip(&self.callbacks) {
+            let total = h.count();
+            if total == 0 {
+                continue;
+            }
+            let labels = format!("plugin=\"{plugin}\",callback=\"{}\"", callback.name());
+            let mut cumulative = 0;
+            for (bound, count) in BUCKETS_US.iter().zip(&h.counts) {
+                cumulative += count.load(Relaxed);
+                let le = *bound as f64 / 1e6;
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
+            let sum = h.sum_nanos.load(Relaxed) as f64 / 1e9;
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
+        }
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_cumulative_buckets() {
+        let m = HostMetrics::default();
+        m.vm_created();
+        m.trap(TrapKind::Interrupted);
+        m.callback(Callback::ProxyOnLog, Duration::from_micros(3));
+        m.callback(Callback::ProxyOnLog, Duration::from_millis(500));
+        m.memory_changed(0, 65536);
+        let mut out = String::new();
+        m.render_prometheus("p\"q", &mut out);
+        assert!(
+            out.contains("filterbox_vms_active{plugin=\"p\\\"q\"} 1"),
+            "{out}"
+        );
+        assert!(out.contains("cause=\"interrupted\"} 1"), "{out}");
+        assert!(
+            out.contains("callback=\"proxy_on_log\",le=\"0.000005\"} 1"),
+            "{out}"
+        );
+        assert!(
+            out.contains("callback=\"proxy_on_log\",le=\"+Inf\"} 2"),
+            "{out}"
+        );
+        assert!(out.contains("filterbox_memory_high_water_bytes{plugin=\"p\\\"q\"} 65536"));
+        assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
+    }
+}

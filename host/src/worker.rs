@@ -1,0 +1,427 @@
+//! Workers: one plugin's VM on one thread, replaced when it fails, with the plugin's failure
+//! policy applied to the streams it could not serve.
+
+use crate::vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
+use crate::{FailurePolicy, HeaderMap, Plugin};
+use bytes::BytesMut;
+use core::fmt;
+use std::time::{Duration, Instant};
+
+/// A stream the plugin could not serve: why, and what the failure policy says the proxy
+/// must do with the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What went wrong (names the plugin, and the callback and trap where there is one).
+    pub error: VmError,
+    /// What the policy gives the stream: [`Action::Respond`] for fail-closed,
+    /// [`Action::Continue`] for fail-open.
+    pub action: Action,
+}
+
+impl Failure {
+    /// The trap behind the failure, if a guest trapped.
+    pub fn trap(&self) -> Option<&filterbox_engines::Trap> {
+        match &self.error {
+            VmError::Trap { trap, .. } | VmError::Failed { trap, .. } => Some(trap),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let policy = match self.action {
+            Action::Continue => "failing open",
+            _ => "failing closed",
+        };
+        write!(f, "{}; {policy}", self.error)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// A stream on a [`Worker`]. Drive it with the worker's `on_*` methods and end it with
+/// [`Worker::finish_stream`].
+#[derive(Debug)]
+pub struct WorkerStream {
+    generation: u64,
+    stream: Option<HttpStream>,
+    failure: Option<Failure>,
+}
+
+impl WorkerStream {
+    /// The failure this stream met, if any; every later call on it returns the same.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
+    }
+}
+
+/// One plugin's VM on one worker thread, kept alive: a VM that traps is dropped (its memory
+/// with it), the streams it held get the plugin's [`FailurePolicy`], and a new VM is built
+/// from the compiled module for the next stream, after a jittered exponential backoff, until
+/// the crash-loop limit of the plugin's [`ReloadPolicy`](crate::ReloadPolicy).
+///
+/// `Send`, not `Sync`: a proxy keeps one per plugin per worker thread.
+pub struct Worker {
+    plugin: Plugin,
+    vm: Option<Vm>,
+    /// Bumped each time the VM is dropped, so streams of an old VM are recognised.
+    generation: u64,
+    /// Failures since a VM last finished a stream.
+    consecutive_failures: u32,
+    /// When the next rebuild may run; `None` without a VM means no more rebuilds.
+    retry_at: Option<Instant>,
+    last_error: Option<VmError>,
+    crash_looped: bool,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Worker")
+            .field("plugin", &self.plugin.config().name)
+            .field("healthy", &self.vm.is_some())
+            .field("consecutive_failures", &self.consecutive_failures)
+            .field("crash_looped", &self.crash_looped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// Starts the first VM. A plugin that cannot start even once is an error here, so a bad
+    /// plugin or config is refused before it takes traffic.
+    pub fn new(plugin: &Plugin) -> Result<Worker, VmError> {
+        let vm = Vm::new(plugin)?;
+        Ok(Worker {
+            plugin: plugin.clone(),
+            vm: Some(vm),
+            generation: 0,
+            consecutive_failures: 0,
+            retry_at: None,
+            last_error: None,
+            crash_looped: false,
+        })
+    }
+
+    /// The plugin.
+    pub fn plugin(&self) -> &Plugin {
+        &self.plugin
+    }
+
+    /// The live VM, if there is one now.
+    pub fn vm(&mut self) -> Option<&mut Vm> {
+        self.vm.as_mut()
+    }
+
+    /// Whether the worker gave up rebuilding after the crash-loop limit.
+    pub fn is_crash_looping(&self) -> bool {
+        self.crash_looped
+    }
+
+    /// The error that last failed a VM (or a rebuild).
+    pub fn last_error(&self) -> Option<&VmError> {
+        self.last_error.as_ref()
+    }
+
+    /// Forgets the crash loop and backoff and tries to build a VM now (for an operator who
+    /// fixed what the plugin depends on). Returns whether a VM is running.
+    pub fn retry_now(&mut self) -> bool {
+        if self.crash_looped {
+            self.crash_looped = false;
+            self.plugin.metrics().crash_loop(false);
+        }
+        self.consecutive_failures = 0;
+        self.retry_at = Some(Instant::now());
+        self.revive();
+        self.vm.is_some()
+    }
+
+    /// Creates a stream on the current VM, rebuilding a failed VM first if its backoff has
+    /// passed. When there is no VM, the stream is born failed and every call on it returns
+    /// the policy's [`Failure`].
+    pub fn create_stream(&mut self) -> WorkerStream {
+        self.revive();
+        let generation = self.generation;
+        let created = match self.vm.as_mut() {
+            Some(vm) => vm.create_http_stream(),
+            None => Err(self.gone()),
+        };
+        match created {
+            Ok(stream) => WorkerStream {
+                generation,
+                stream: Some(stream),
+                failure: None,
+            },
+            Err(error) => WorkerStream {
+                generation,
+                stream: None,
+                failure: Some(self.fail(error)),
+            },
+        }
+    }
+
+    /// Request headers arrived: see [`Vm::on_request_headers`].
+    pub fn on_request_headers(
+        &mut self,
+        stream: &mut WorkerStream,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<Action, Failure> {
+        self.drive(stream, |vm, s| {
+            vm.on_request_headers(s, headers, end_of_stream)
+        })
+    }
+
+    /// Request body data arrived: see [`Vm::on_request_body`].
+    pub fn on_request_body(
+        &mut self,
+        stream: &mut WorkerStream,
+        body: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, Failure> {
+        self.drive(stream, |vm, s| vm.on_request_body(s, body, end_of_stream))
+    }
+
+    /// Request trailers arrived: see [`Vm::on_request_trailers`].
+    pub fn on_request_trailers(
+        &mut self,
+        stream: &mut WorkerStream,
+        trailers: &mut HeaderMap,
+    ) -> Result<Action, Failure> {
+        self.drive(stream, |vm, s| vm.on_request_trailers(s, trailers))
+    }
+
+    /// Response headers arrived: see [`Vm::on_response_headers`].
+    pub fn on_response_headers(
+        &mut self,
+        stream: &mut WorkerStream,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<Action, Failure> {
+        self.drive(stream, |vm, s| {
+            vm.on_response_headers(s, headers, end_of_stream)
+        })
+    }
+
+    /// Response body data arrived: see [`Vm::on_response_body`].
+    pub fn on_response_body(
+        &mut self,
+        stream: &mut WorkerStream,
+        body: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, Failure> {
+        self.drive(stream, |vm, s| vm.on_response_body(s, body, end_of_stream))
+    }
+
+    /// Response trailers arrived: see [`Vm::on_response_trailers`].
+    pub fn on_response_trailers(
+        &mut self,
+        stream: &mut WorkerStream,
+        trailers: &mut HeaderMap,
+    ) -> Result<Action, Failure> {
+        self.drive(stream, |vm, s| vm.on_response_trailers(s, trailers))
+    }
+
+    /// The exchange is complete: see [`Vm::on_log`].
+    pub fn on_log(
+        &mut self,
+        stream: &mut WorkerStream,
+        request_headers: &mut HeaderMap,
+        response_headers: &mut HeaderMap,
+    ) -> Result<(), Failure> {
+        self.drive(stream, |vm, s| {
+            vm.on_log(s, request_headers, response_headers)
+        })
+    }
+
+    /// Takes what the plugin asked of the stream (resume, close) since the last call.
+    pub fn take_stream_events(&mut self, stream: &WorkerStream) -> Vec<StreamEvent> {
+        match (&stream.stream, self.vm.as_mut()) {
+            (Some(s), Some(vm)) if stream.generation == self.generation => vm.take_stream_events(s),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Ends a stream (`proxy_on_done`, `proxy_on_delete`). A stream that already failed has
+    /// nothing left to run and ends with `Ok`. A stream that ends cleanly proves the VM
+    /// healthy and resets the crash-loop count.
+    pub fn finish_stream(&mut self, mut stream: WorkerStream) -> Result<(), Failure> {
+        if stream.failure.is_some() || stream.generation != self.generation {
+            return Ok(());
+        }
+        let (Some(s), Some(vm)) = (stream.stream.take(), self.vm.as_mut()) else {
+            return Ok(());
+        };
+        match vm.finish_stream(s) {
+            Ok(()) => {
+                self.consecutive_failures = 0;
+                Ok(())
+            }
+            Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    /// Runs one callback of a live stream, turning errors into the policy's [`Failure`].
+    fn drive<R>(
+        &mut self,
+        stream: &mut WorkerStream,
+        call: impl FnOnce(&mut Vm, &HttpStream) -> Result<R, VmError>,
+    ) -> Result<R, Failure> {
+        if let Some(failure) = &stream.failure {
+            return Err(failure.clone());
+        }
+        let result = match (&stream.stream, self.vm.as_mut()) {
+            (Some(s), Some(vm)) if stream.generation == self.generation => call(vm, s),
+            // Its VM failed under another stream and is gone.
+            _ => Err(self.gone()),
+        };
+        result.map_err(|error| {
+            let failure = self.fail(error);
+            stream.failure = Some(failure.clone());
+            failure
+        })
+    }
+
+    /// The error for a stream whose VM is gone.
+    fn gone(&self) -> VmError {
+        let plugin = self.plugin.config().name.clone();
+        match &self.last_error {
+            Some(VmError::Trap { trap, .. } | VmError::Failed { trap, .. }) => VmError::Failed {
+                plugin,
+                trap: trap.clone(),
+            },
+            Some(other) => other.clone(),
+            None => VmError::ForeignStream { plugin },
+        }
+    }
+
+    /// Applies the policy to `error`, and retires the VM if the error failed it.
+    fn fail(&mut self, error: VmError) -> Failure {
+        let vm_failed = match &self.vm {
+            Some(vm) => vm.failure().is_some(),
+            None => false,
+        };
+        if vm_failed {
+            self.vm = None;
+            self.generation += 1;
+            self.last_error = Some(error.clone());
+            self.consecutive_failures += 1;
+            tracing::warn!(plugin = %self.plugin.config().name, "{error}; VM dropped");
+            self.schedule_rebuild();
+        }
+        let action = match self.plugin.config().failure_policy {
+            FailurePolicy::FailClosed { status } => Action::Respond(LocalResponse {
+                status_code: status,
+                details: "filterbox_plugin_failed".into(),
+                body: Default::default(),
+                headers: HeaderMap::new(),
+                grpc_status: None,
+            }),
+            FailurePolicy::FailOpen => Action::Continue,
+        };
+        self.plugin
+            .metrics()
+            .stream_failed(matches!(action, Action::Respond(_)));
+        Failure { error, action }
+    }
+
+    /// Decides when the next rebuild may run, or that there will be none.
+    fn schedule_rebuild(&mut self) {
+        let reload = &self.plugin.config().reload;
+        if !reload.enabled {
+            self.retry_at = None;
+            return;
+        }
+        if self.consecutive_failures >= reload.crash_loop_limit {
+            self.retry_at = None;
+            if !self.crash_looped {
+                self.crash_looped = true;
+                self.plugin.metrics().crash_loop(true);
+                tracing::error!(
+                    plugin = %self.plugin.config().name,
+                    failures = self.consecutive_failures,
+                    "plugin is crash-looping; no more rebuilds until retry_now or a reload"
+                );
+            }
+            return;
+        }
+        let delay = backoff(
+            self.consecutive_failures,
+            Duration::from_millis(reload.backoff_initial_ms),
+            Duration::from_millis(reload.backoff_max_ms),
+        );
+        self.retry_at = Some(Instant::now() + delay);
+    }
+
+    /// Builds a new VM if there is none and its backoff has passed.
+    fn revive(&mut self) {
+        if self.vm.is_some() {
+            return;
+        }
+        let Some(at) = self.retry_at else { return };
+        if Instant::now() < at {
+            return;
+        }
+        match Vm::new(&self.plugin) {
+            Ok(vm) => {
+                self.plugin.metrics().vm_restarted();
+                tracing::info!(plugin = %self.plugin.config().name, "VM rebuilt");
+                self.vm = Some(vm);
+                self.retry_at = None;
+            }
+            Err(error) => {
+                tracing::warn!(plugin = %self.plugin.config().name, "rebuild failed: {error}");
+                self.last_error = Some(error);
+                self.consecutive_failures += 1;
+                self.schedule_rebuild();
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.crash_looped {
+            self.plugin.metrics().crash_loop(false);
+        }
+    }
+}
+
+/// The wait before rebuilding after the `failures`-th consecutive failure: none after the
+/// first, then `initial` doubling up to `max`, each cut by a random amount of up to half so
+/// that many workers do not rebuild in step.
+fn backoff(failures: u32, initial: Duration, max: Duration) -> Duration {
+    if failures <= 1 {
+        return Duration::ZERO;
+    }
+    let doublings = (failures - 2).min(30);
+    let full = initial.saturating_mul(1 << doublings).min(max);
+    let mut random = [0u8; 2];
+    let jitter = match getrandom::fill(&mut random) {
+        Ok(()) => f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX),
+        Err(_) => 0.5,
+    };
+    full.mul_f64(1.0 - jitter / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_immediate_then_doubles_with_jitter_up_to_the_cap() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(backoff(1, initial, max), Duration::ZERO);
+        for (failures, full) in [
+            (2, 100),
+            (3, 200),
+            (4, 400),
+            (5, 800),
+            (6, 1000),
+            (40, 1000),
+        ] {
+            let d = backoff(failures, initial, max);
+            let full = Duration::from_millis(full);
+            assert!(d <= full && d >= full / 2, "{failures}: {d:?} vs {full:?}");
+        }
+    }
+}
