@@ -3,6 +3,7 @@
 use crate::ensure;
 use crate::guests::{self, wat_module};
 use crate::harness::{CaseResult, Failure, Harness, headers, pairs_of};
+use crate::hostile;
 use bytes::BytesMut;
 use filterbox::abi::{AbiError, Callback};
 use filterbox::{Action, EngineError, LoadError, LogLevel, PluginConfig, TrapKind, Vm, VmError};
@@ -168,6 +169,76 @@ pub static CASES: &[Case] = &[
         name: "bad-enum-values",
         group: "hostile",
         run: hostile_bad_enums,
+    },
+    Case {
+        name: "loop-in-every-stream-callback",
+        group: "hostile",
+        run: hostile::loop_in_every_stream_callback,
+    },
+    Case {
+        name: "loop-while-starting",
+        group: "hostile",
+        run: hostile::loop_while_starting,
+    },
+    Case {
+        name: "memory-bomb",
+        group: "hostile",
+        run: hostile::memory_bomb,
+    },
+    Case {
+        name: "stack-overflow",
+        group: "hostile",
+        run: hostile::stack_overflow,
+    },
+    Case {
+        name: "panic-once-then-recover",
+        group: "hostile",
+        run: hostile::panic_once_then_recover,
+    },
+    Case {
+        name: "bad-pointers-to-every-hostcall",
+        group: "hostile",
+        run: hostile::bad_pointers_to_every_hostcall,
+    },
+    Case {
+        name: "reentrant-allocator",
+        group: "hostile",
+        run: hostile::reentrant_allocator,
+    },
+    Case {
+        name: "bad-exports-are-refused",
+        group: "hostile",
+        run: hostile::bad_exports_are_refused,
+    },
+    Case {
+        name: "hundred-thousand-functions",
+        group: "hostile",
+        run: hostile::hundred_thousand_functions,
+    },
+    Case {
+        name: "huge-memory-and-data",
+        group: "hostile",
+        run: hostile::huge_memory_and_data,
+    },
+    Case {
+        name: "fail-open-lets-the-stream-through",
+        group: "isolation",
+        run: hostile::fail_open_lets_the_stream_through,
+    },
+    Case {
+        name: "crash-loop-stops-rebuilding",
+        group: "isolation",
+        run: hostile::crash_loop_stops_rebuilding,
+    },
+    Case {
+        name: "local-response-in-on-log-is-refused",
+        group: "isolation",
+        run: hostile::local_response_in_on_log_is_refused,
+    },
+    Case {
+        name: "denied-capabilities",
+        group: "isolation",
+        run: hostile::denied_capabilities,
     },
 ];
 

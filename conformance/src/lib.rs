@@ -10,6 +10,7 @@
 mod cases;
 pub mod guests;
 mod harness;
+mod hostile;
 
 pub use cases::{CASES, Case};
 pub use harness::{CaseResult, Failure, Harness, LogCapture, headers, pairs_of};

@@ -469,7 +469,16 @@ impl WrInstancePre {
         let instance = wasmer::Instance::new(&mut store, &self.module, &imports);
         LIMITS.with(|l| l.set(None));
         let instance = instance.map_err(|e| match e {
-            wasmer::InstantiationError::Start(err) => EngineError::StartTrapped(classify(&err)),
+            wasmer::InstantiationError::Start(err) => {
+                let mut trap = classify(&err);
+                if self.engine.interruptible && trap.kind == TrapKind::Unreachable {
+                    // Metering ends with `unreachable` too, and the instance that could
+                    // tell the two apart is gone.
+                    trap.message
+                        .push_str(" (or the start deadline's metering budget ran out)");
+                }
+                EngineError::StartTrapped(trap)
+            }
             other => EngineError::Instantiate(other.to_string()),
         })?;
         let points = match self.engine.interruptible {

@@ -14,13 +14,14 @@ use wasmi::{
 
 impl wasmi::errors::HostError for HostTrap {}
 
-/// Fuel in one slice of a call with a deadline: the clock is read between slices. About
-/// 0.1-0.3 ms of interpretation on this class of machine.
+/// Fuel in one slice of a call with a deadline: the clock is read between slices. Well
+/// under a millisecond of interpretation even in an unoptimised build.
 const FUEL_SLICE: u64 = 200_000;
 
 /// Fuel for work that cannot be resumed (a start section, the allocator inside a
-/// hostcall), per millisecond of deadline: a conservative rate for the interpreter.
-const FUEL_PER_MS: u64 = 1_000_000;
+/// hostcall), per millisecond of deadline: a low rate (optimised wasmi runs several times
+/// more), so such work is cut off no later than its deadline, at the risk of earlier.
+const FUEL_PER_MS: u64 = 100_000;
 
 fn fuel_for(deadline: Duration) -> u64 {
     u64::try_from(deadline.as_millis())
