@@ -181,7 +181,7 @@ fn expect_trap(failure: &filterbox::Failure, kind: TrapKind, what: &str) -> Case
         .trap()
         .ok_or_else(|| format!("{what}: no trap in {failure}"))?;
     ensure!(trap.kind == kind, "{what}: trap {trap}, wanted {kind:?}");
-    match &failure.action {
+    match failure.action() {
         Action::Respond(r) if r.status_code == 503 => Ok(()),
         other => Err(format!("{what}: fail-closed must answer 503, got {other:?}").into()),
     }
@@ -386,9 +386,9 @@ pub(crate) fn fail_open_lets_the_stream_through(h: &Harness) -> CaseResult {
         Ok(a) => return Err(format!("no failure, got {a:?}").into()),
     };
     ensure!(
-        failure.action == Action::Continue,
+        failure.action() == &Action::Continue,
         "action {:?}",
-        failure.action
+        failure.action()
     );
     ensure!(req.len() == 2, "headers changed: {req:?}");
     // Later calls on the failed stream give the same answer without running anything.

@@ -365,7 +365,8 @@ impl<H: Hostcalls> WiInstance<H> {
         params: &[Val],
         results: &mut [Val],
     ) -> Result<(), wasmi::Error> {
-        let deadline = self.deadline.map(|d| Instant::now() + d);
+        // A deadline too far to represent is no deadline.
+        let deadline = self.deadline.and_then(|d| Instant::now().checked_add(d));
         self.store.data_mut().deadline = deadline;
         let slice = match deadline {
             Some(_) => FUEL_SLICE,

@@ -22,6 +22,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A [`Vm`] that traps stays failed. [`Worker`] wraps one for a worker thread: it applies the
+//! plugin's [`FailurePolicy`] to the streams a failed VM cannot serve, rebuilds the VM with
+//! backoff up to a crash-loop limit, and counts everything in [`HostMetrics`]. Every VM runs
+//! under the plugin's [`Limits`]: memory and table ceilings, and a deadline per callback.
+//!
 //! What is implemented and what is not: every hostcall of the ABI is linked; the ones this
 //! version does not implement yet answer `Unimplemented` (WASI: `ENOSYS`) and log once per VM.
 //! Choices where the spec and the reference host differ are documented on the hostcalls

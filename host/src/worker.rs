@@ -8,20 +8,38 @@ use core::fmt;
 use std::time::{Duration, Instant};
 
 /// A stream the plugin could not serve: why, and what the failure policy says the proxy
-/// must do with the stream.
+/// must do with the stream. Boxed inside, so a `Result<Action, Failure>` stays small.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    /// What went wrong (names the plugin, and the callback and trap where there is one).
-    pub error: VmError,
-    /// What the policy gives the stream: [`Action::Respond`] for fail-closed,
-    /// [`Action::Continue`] for fail-open.
-    pub action: Action,
+    inner: Box<(VmError, Action)>,
 }
 
 impl Failure {
+    fn new(error: VmError, action: Action) -> Failure {
+        Failure {
+            inner: Box::new((error, action)),
+        }
+    }
+
+    /// What went wrong (names the plugin, and the callback and trap where there is one).
+    pub fn error(&self) -> &VmError {
+        &self.inner.0
+    }
+
+    /// What the policy gives the stream: [`Action::Respond`] for fail-closed,
+    /// [`Action::Continue`] for fail-open.
+    pub fn action(&self) -> &Action {
+        &self.inner.1
+    }
+
+    /// The policy's action, by value.
+    pub fn into_action(self) -> Action {
+        self.inner.1
+    }
+
     /// The trap behind the failure, if a guest trapped.
     pub fn trap(&self) -> Option<&filterbox_engines::Trap> {
-        match &self.error {
+        match self.error() {
             VmError::Trap { trap, .. } | VmError::Failed { trap, .. } => Some(trap),
             _ => None,
         }
@@ -30,11 +48,11 @@ impl Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let policy = match self.action {
+        let policy = match self.action() {
             Action::Continue => "failing open",
             _ => "failing closed",
         };
-        write!(f, "{}; {policy}", self.error)
+        write!(f, "{}; {policy}", self.error())
     }
 }
 
@@ -321,7 +339,7 @@ impl Worker {
         self.plugin
             .metrics()
             .stream_failed(matches!(action, Action::Respond(_)));
-        Failure { error, action }
+        Failure::new(error, action)
     }
 
     /// Decides when the next rebuild may run, or that there will be none.
@@ -393,6 +411,8 @@ fn backoff(failures: u32, initial: Duration, max: Duration) -> Duration {
     if failures <= 1 {
         return Duration::ZERO;
     }
+    // A day is the longest wait however the config is set, so the deadline never overflows.
+    let max = max.min(Duration::from_secs(86_400));
     let doublings = (failures - 2).min(30);
     let full = initial.saturating_mul(1 << doublings).min(max);
     let mut random = [0u8; 2];
