@@ -240,6 +240,11 @@ pub static CASES: &[Case] = &[
         group: "isolation",
         run: hostile::denied_capabilities,
     },
+    Case {
+        name: "host-bounds",
+        group: "isolation",
+        run: hostile::host_bounds,
+    },
 ];
 
 fn config(name: &str, configuration: &str) -> PluginConfig {

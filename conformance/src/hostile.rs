@@ -754,3 +754,59 @@ pub(crate) fn huge_memory_and_data(h: &Harness) -> CaseResult {
     }
     Ok(())
 }
+
+/// Host-side bounds: a header edit past `max_header_count` and a body past `max_body_bytes`
+/// are `BadArgument` and change nothing; a log line past `max_log_line_bytes` is cut.
+pub(crate) fn host_bounds(h: &Harness) -> CaseResult {
+    let wasm = module(
+        r#"(import "env" "proxy_add_header_map_value" (func $add_header (param i32 i32 i32 i32 i32) (result i32)))
+           (import "env" "proxy_set_buffer_bytes" (func $set_body (param i32 i32 i32 i32 i32) (result i32)))
+           (data (i32.const 16) "x-key")
+           (data (i32.const 32) "0123456789abcdef")"#,
+        &[
+            (
+                Callback::ProxyOnRequestHeaders,
+                "(call $report (call $add_header (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 16) (i32.const 5)))
+                 (call $report (call $add_header (i32.const 0) (i32.const 16) (i32.const 5) (i32.const 16) (i32.const 5)))
+                 (drop (call $log (i32.const 2) (i32.const 32) (i32.const 10)))
+                 (i32.const 0)",
+            ),
+            (
+                Callback::ProxyOnRequestBody,
+                "(call $report (call $set_body (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 32) (i32.const 16)))
+                 (i32.const 0)",
+            ),
+        ],
+        "",
+    )?;
+    let mut config = config("bounds");
+    config.limits.max_header_count = 2;
+    config.limits.max_body_bytes = 8;
+    config.limits.max_log_line_bytes = 4;
+    let (mut worker, _, logs) = worker(h, &wasm, config)?;
+    let mut stream = worker.create_stream();
+    let mut req = headers(&[(":path", "/")]);
+    worker
+        .on_request_headers(&mut stream, &mut req, false)
+        .map_err(|f| f.to_string())?;
+    ensure!(req.len() == 2, "headers: {req:?}");
+    let mut body = BytesMut::from(&b"body"[..]);
+    worker
+        .on_request_body(&mut stream, &mut body, true)
+        .map_err(|f| f.to_string())?;
+    ensure!(&body[..] == b"body", "body changed: {body:?}");
+    worker.finish_stream(stream).map_err(|f| f.to_string())?;
+    let statuses = reports(&logs);
+    ensure!(
+        statuses == [OK, BAD_ARGUMENT, BAD_ARGUMENT],
+        "statuses {statuses:?}"
+    );
+    ensure!(
+        logs.messages()
+            .iter()
+            .any(|m| m == "0123... [6 more bytes cut]"),
+        "logs: {:?}",
+        logs.messages()
+    );
+    Ok(())
+}
