@@ -6,7 +6,9 @@ use crate::harness::{CaseResult, Failure, Harness, headers, pairs_of};
 use crate::hostile;
 use bytes::BytesMut;
 use filterbox::abi::{AbiError, Callback};
-use filterbox::{Action, EngineError, LoadError, LogLevel, PluginConfig, TrapKind, Vm, VmError};
+use filterbox::{
+    Action, EngineError, LoadError, LogLevel, PluginConfig, PluginError, TrapKind, Vm, VmError,
+};
 
 /// One conformance case.
 pub struct Case {
@@ -686,15 +688,17 @@ fn guest_panic_fails_the_vm(h: &Harness) -> CaseResult {
     Ok(())
 }
 
-fn expect_load_error(
+/// Loads `wasm` with `config` and passes if the load fails with an error `check` accepts.
+pub(crate) fn expect_load_error(
     h: &Harness,
     wasm: &[u8],
-    check: impl Fn(&LoadError) -> bool,
+    config: PluginConfig,
+    check: impl Fn(&PluginError) -> bool,
     what: &str,
 ) -> CaseResult {
-    match h.load(wasm, PluginConfig::named("bad")) {
+    match h.load(wasm, config) {
         Ok(_) => Err(format!("loaded, expected {what}").into()),
-        Err(e) if check(&e.reason) => Ok(()),
+        Err(e) if check(&e) => Ok(()),
         Err(e) => Err(format!("expected {what}, got: {e}").into()),
     }
 }
@@ -704,9 +708,10 @@ fn no_marker_refused(h: &Harness) -> CaseResult {
     expect_load_error(
         h,
         &wasm,
+        PluginConfig::named("bad"),
         |e| {
-            matches!(e, LoadError::Abi(AbiError::MissingAbiVersion { exports }) if exports.iter().any(|n| n == "proxy_on_tick"))
-                && e_display(e).contains("proxy_on_tick")
+            matches!(&e.reason, LoadError::Abi(AbiError::MissingAbiVersion { exports }) if exports.iter().any(|n| n == "proxy_on_tick"))
+                && e_display(&e.reason).contains("proxy_on_tick")
         },
         "a missing-marker error naming the exports",
     )
@@ -724,7 +729,8 @@ fn unknown_marker_refused(h: &Harness) -> CaseResult {
     expect_load_error(
         h,
         &wasm,
-        |e| matches!(e, LoadError::Abi(AbiError::UnknownAbiVersion { found, .. }) if found == "proxy_abi_version_0_3_0"),
+        PluginConfig::named("bad"),
+        |e| matches!(&e.reason, LoadError::Abi(AbiError::UnknownAbiVersion { found, .. }) if found == "proxy_abi_version_0_3_0"),
         "an unknown-version error",
     )
 }
@@ -737,7 +743,8 @@ fn missing_allocator_refused(h: &Harness) -> CaseResult {
     expect_load_error(
         h,
         &wasm,
-        |e| matches!(e, LoadError::Engine(EngineError::MissingExport(_))),
+        PluginConfig::named("bad"),
+        |e| matches!(&e.reason, LoadError::Engine(EngineError::MissingExport(_))),
         "a missing-allocator error",
     )
 }
@@ -751,7 +758,8 @@ fn unsupported_import_refused(h: &Harness) -> CaseResult {
     expect_load_error(
         h,
         &wasm,
-        |e| matches!(e, LoadError::Engine(EngineError::UnsupportedImports(names)) if names == &["env.proxy_frobnicate"]),
+        PluginConfig::named("bad"),
+        |e| matches!(&e.reason, LoadError::Engine(EngineError::UnsupportedImports(names)) if names == &["env.proxy_frobnicate"]),
         "an unsupported-import error naming it",
     )
 }

@@ -2,6 +2,7 @@
 //! overflows, bad pointers to every hostcall, re-entrant allocators, oversized modules, and
 //! the recovery that must follow (fail policy, rebuilt VM, nothing leaked).
 
+use crate::cases::expect_load_error;
 use crate::harness::{CaseResult, Failure, Harness, LogCapture, headers};
 use crate::{ensure, guests};
 use bytes::BytesMut;
@@ -650,21 +651,25 @@ pub(crate) fn denied_capabilities(h: &Harness) -> CaseResult {
         "a stubbed import must answer Unimplemented: {reports:?}"
     );
     let refuse = config("caps").with_allowed_capabilities(["proxy_log"], DeniedCapability::Refuse);
-    match h.load(&wasm, refuse) {
-        Err(e) => ensure!(
+    expect_load_error(
+        h,
+        &wasm,
+        refuse,
+        |e| {
             e.to_string()
-                .contains("proxy_get_header_map_value outside allowed_capabilities"),
-            "error: {e}"
-        ),
-        Ok(_) => return Err("a plugin using a denied import loaded".into()),
-    }
+                .contains("proxy_get_header_map_value outside allowed_capabilities")
+        },
+        "a refusal naming the denied import",
+    )?;
     let unknown =
         config("caps").with_allowed_capabilities(["proxy_teleport"], DeniedCapability::Stub);
-    match h.load(&wasm, unknown) {
-        Err(e) => ensure!(e.to_string().contains("proxy_teleport"), "error: {e}"),
-        Ok(_) => return Err("an unknown capability name was accepted".into()),
-    }
-    Ok(())
+    expect_load_error(
+        h,
+        &wasm,
+        unknown,
+        |e| e.to_string().contains("proxy_teleport"),
+        "an error naming the unknown capability",
+    )
 }
 
 /// Wrong-typed and missing exports are refused at load, naming the export.
@@ -675,26 +680,27 @@ pub(crate) fn bad_exports_are_refused(h: &Harness) -> CaseResult {
         (func (export "malloc") (param i32) (result i32) (i32.const 4096))
         (func (export "proxy_on_request_headers") (param i64) (result i32) (i32.const 0)))"#;
     let wasm = wat::parse_str(text).map_err(|e| format!("WAT: {e}"))?;
-    match h.load(&wasm, config("bad-export")) {
-        Err(e) => ensure!(
+    expect_load_error(
+        h,
+        &wasm,
+        config("bad-export"),
+        |e| {
             e.to_string()
-                .contains("proxy_on_request_headers has type (i64) -> (i32)"),
-            "error: {e}"
-        ),
-        Ok(_) => return Err("a mistyped export loaded".into()),
-    }
+                .contains("proxy_on_request_headers has type (i64) -> (i32)")
+        },
+        "an error naming the mistyped export",
+    )?;
     let text = r#"(module
         (func (export "proxy_abi_version_0_2_1"))
         (func (export "malloc") (param i32) (result i32) (i32.const 4096)))"#;
     let wasm = wat::parse_str(text).map_err(|e| format!("WAT: {e}"))?;
-    match h.load(&wasm, config("no-memory")) {
-        Err(e) => ensure!(
-            e.to_string().contains("does not export memory"),
-            "error: {e}"
-        ),
-        Ok(_) => return Err("a module without memory loaded".into()),
-    }
-    Ok(())
+    expect_load_error(
+        h,
+        &wasm,
+        config("no-memory"),
+        |e| e.to_string().contains("does not export memory"),
+        "a missing-memory error",
+    )
 }
 
 /// A module with 100,000 functions loads and serves a stream (or is refused with a clear
