@@ -224,6 +224,21 @@ impl WrEngine {
     }
 }
 
+/// Wasmer's metering middleware with filterbox's cost function.
+type OperatorMetering = Metering<fn(&Operator<'_>) -> u64>;
+
+/// An engine on `compiler`, with the metering middleware when there is one.
+fn compiled_with<C>(mut compiler: C, metering: Option<Arc<OperatorMetering>>) -> wasmer::Engine
+where
+    C: CompilerConfig,
+    wasmer::Engine: From<C>,
+{
+    if let Some(m) = metering {
+        compiler.push_middleware(m);
+    }
+    wasmer::Engine::from(compiler)
+}
+
 fn make_engine(kind: EngineKind, interruptible: bool, start_points: u64) -> wasmer::Engine {
     let metering = interruptible.then(|| {
         Arc::new(Metering::new(
@@ -232,20 +247,8 @@ fn make_engine(kind: EngineKind, interruptible: bool, start_points: u64) -> wasm
         ))
     });
     let mut engine = match kind {
-        EngineKind::WasmerSinglepass => {
-            let mut compiler = wasmer::sys::Singlepass::default();
-            if let Some(m) = metering {
-                compiler.push_middleware(m);
-            }
-            wasmer::Engine::from(compiler)
-        }
-        _ => {
-            let mut compiler = wasmer::sys::Cranelift::default();
-            if let Some(m) = metering {
-                compiler.push_middleware(m);
-            }
-            wasmer::Engine::from(compiler)
-        }
+        EngineKind::WasmerSinglepass => compiled_with(wasmer::sys::Singlepass::default(), metering),
+        _ => compiled_with(wasmer::sys::Cranelift::default(), metering),
     };
     engine.set_tunables(LimitingTunables {
         base: BaseTunables::new(),

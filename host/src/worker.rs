@@ -253,8 +253,8 @@ impl Worker {
 
     /// Takes what the plugin asked of the stream (resume, close) since the last call.
     pub fn take_stream_events(&mut self, stream: &WorkerStream) -> Vec<StreamEvent> {
-        match (&stream.stream, self.vm.as_mut()) {
-            (Some(s), Some(vm)) if stream.generation == self.generation => vm.take_stream_events(s),
+        match (&stream.stream, self.live_vm(stream.generation)) {
+            (Some(s), Some(vm)) => vm.take_stream_events(s),
             _ => Vec::new(),
         }
     }
@@ -263,10 +263,10 @@ impl Worker {
     /// nothing left to run and ends with `Ok`. A stream that ends cleanly proves the VM
     /// healthy and resets the crash-loop count.
     pub fn finish_stream(&mut self, mut stream: WorkerStream) -> Result<(), Failure> {
-        if stream.failure.is_some() || stream.generation != self.generation {
+        if stream.failure.is_some() {
             return Ok(());
         }
-        let (Some(s), Some(vm)) = (stream.stream.take(), self.vm.as_mut()) else {
+        let (Some(s), Some(vm)) = (stream.stream.take(), self.live_vm(stream.generation)) else {
             return Ok(());
         };
         match vm.finish_stream(s) {
@@ -275,6 +275,15 @@ impl Worker {
                 Ok(())
             }
             Err(error) => Err(self.fail(error)),
+        }
+    }
+
+    /// The VM, if it is the one streams of `generation` were created on (a stream of a
+    /// dropped VM must never reach its successor).
+    fn live_vm(&mut self, generation: u64) -> Option<&mut Vm> {
+        match self.generation == generation {
+            true => self.vm.as_mut(),
+            false => None,
         }
     }
 
@@ -287,8 +296,8 @@ impl Worker {
         if let Some(failure) = &stream.failure {
             return Err(failure.clone());
         }
-        let result = match (&stream.stream, self.vm.as_mut()) {
-            (Some(s), Some(vm)) if stream.generation == self.generation => call(vm, s),
+        let result = match (&stream.stream, self.live_vm(stream.generation)) {
+            (Some(s), Some(vm)) => call(vm, s),
             // Its VM failed under another stream and is gone.
             _ => Err(self.gone()),
         };
