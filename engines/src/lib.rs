@@ -315,13 +315,15 @@ pub enum TrapKind {
     BadCall,
     /// A host function failed or panicked.
     Host,
+    /// The guest called WASI `proc_exit`.
+    Exit,
     /// Anything else the engine reports.
     Other,
 }
 
 impl TrapKind {
     /// Every class, in a fixed order (for tables indexed by `kind as usize`).
-    pub const ALL: [TrapKind; 9] = [
+    pub const ALL: [TrapKind; 10] = [
         TrapKind::Unreachable,
         TrapKind::OutOfBounds,
         TrapKind::StackOverflow,
@@ -330,6 +332,7 @@ impl TrapKind {
         TrapKind::Arithmetic,
         TrapKind::BadCall,
         TrapKind::Host,
+        TrapKind::Exit,
         TrapKind::Other,
     ];
 
@@ -344,6 +347,7 @@ impl TrapKind {
             TrapKind::Arithmetic => "arithmetic",
             TrapKind::BadCall => "bad_call",
             TrapKind::Host => "host",
+            TrapKind::Exit => "exit",
             TrapKind::Other => "other",
         }
     }
@@ -375,6 +379,9 @@ pub trait Caller<H> {
     fn memory(&mut self) -> GuestMemory<'_>;
     /// Host state and memory at once.
     fn split(&mut self) -> (&mut H, GuestMemory<'_>);
+    /// Makes the guest trap with `trap` as soon as the current hostcall returns (WASI
+    /// `proc_exit`). The instance fails like on any trap.
+    fn trap(&mut self, trap: Trap);
     /// Calls the guest allocator for `size` (> 0) bytes and checks that the whole returned
     /// range is inside memory before the host writes through it. A trap in the allocator fails
     /// the instance once the hostcall returns.

@@ -328,6 +328,10 @@ impl<H: Send + 'static> Caller<H> for WrCaller<'_, '_, H> {
         (&mut data.host, GuestMemory::new(bytes))
     }
 
+    fn trap(&mut self, trap: Trap) {
+        self.env.data_mut().pending_trap = Some(trap);
+    }
+
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
         let Some(allocator) = self.env.data().allocator.clone() else {
             return Err(MemoryError::AllocatorFailed { size });

@@ -114,6 +114,10 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
         }
     }
 
+    fn trap(&mut self, trap: Trap) {
+        self.caller.data_mut().pending_trap = Some(trap);
+    }
+
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
         let Some(allocator) = self.caller.data().allocator else {
             return Err(MemoryError::AllocatorFailed { size });

@@ -201,6 +201,10 @@ impl<H: 'static> Caller<H> for WtCaller<'_, '_, H> {
         }
     }
 
+    fn trap(&mut self, trap: Trap) {
+        self.caller.data_mut().pending_trap = Some(trap);
+    }
+
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
         let Some(allocator) = self.caller.data().allocator.clone() else {
             return Err(MemoryError::AllocatorFailed { size });

@@ -72,6 +72,8 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// Longer log lines are cut to this many bytes and marked as cut.
     pub max_log_line_bytes: usize,
+    /// Most HTTP and gRPC callouts one VM may have waiting; more answer `InternalFailure`.
+    pub max_pending_callouts: usize,
 }
 
 impl Default for Limits {
@@ -85,6 +87,7 @@ impl Default for Limits {
             max_header_bytes: 96 << 10,
             max_body_bytes: 16 << 20,
             max_log_line_bytes: 16 << 10,
+            max_pending_callouts: 1024,
         }
     }
 }

@@ -44,3 +44,20 @@ impl PropertyProvider for NoProperties {
         None
     }
 }
+
+/// A host function plugins call by name with `proxy_call_foreign_function`. It gets the
+/// argument bytes and answers result bytes, or a status for the guest. Closures
+/// `Fn(&[u8]) -> Result<Bytes, Status>` are foreign functions.
+pub trait ForeignFunction: Send + Sync {
+    /// Runs the function. A panic is caught and answers `InternalFailure`.
+    fn call(&self, args: &[u8]) -> Result<Bytes, filterbox_abi::Status>;
+}
+
+impl<F> ForeignFunction for F
+where
+    F: Fn(&[u8]) -> Result<Bytes, filterbox_abi::Status> + Send + Sync,
+{
+    fn call(&self, args: &[u8]) -> Result<Bytes, filterbox_abi::Status> {
+        self(args)
+    }
+}

@@ -5,18 +5,20 @@
 //! borrow. Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once
 //! and answers `Unimplemented` (`ENOSYS` for WASI).
 
-use crate::LocalResponse;
+use crate::callout::{GrpcReply, GrpcRequest, HttpCallReply, HttpCallRequest};
 use crate::headers::lower;
-use crate::state::{ContextKind, Phase, VmState};
+use crate::state::{ContextKind, OpenGrpc, Phase, VmState};
+use crate::{HeaderMap, LocalResponse, StreamEvent};
 use bytes::Bytes;
 use filterbox_abi::{
-    BufferType, GrpcStatus, Import, ImportModule, LogLevel, MapType, Status, StreamType, WasiErrno,
-    pairs, property_path,
+    BufferType, GrpcStatus, Import, ImportModule, LogLevel, MapType, MetricType, Status,
+    StreamType, WasiErrno, pairs, property_path,
 };
-use filterbox_engines::{Caller, GuestMemory, Hostcalls, MemoryError};
+use filterbox_engines::{Caller, GuestMemory, Hostcalls, MemoryError, Trap, TrapKind};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 type Cx<'a> = &'a mut dyn Caller<VmState>;
 
@@ -63,6 +65,17 @@ fn return_with(
     ret_size_ptr: i32,
     fill: impl FnOnce(&VmState, &mut [u8]) -> bool,
 ) -> Status {
+    return_with_to(cx, len, Some(ret_ptr_ptr), Some(ret_size_ptr), fill)
+}
+
+/// [`return_with`] where either out-pointer may be left unwritten (`None`).
+fn return_with_to(
+    cx: Cx<'_>,
+    len: usize,
+    ret_ptr_ptr: Option<i32>,
+    ret_size_ptr: Option<i32>,
+    fill: impl FnOnce(&VmState, &mut [u8]) -> bool,
+) -> Status {
     let Ok(len) = u32::try_from(len) else {
         return Status::InvalidMemoryAccess;
     };
@@ -87,7 +100,11 @@ fn return_with(
         }
         ptr
     };
-    write_words(&mut cx.memory(), &[(ret_ptr_ptr, ptr), (ret_size_ptr, len)])
+    let words: Vec<(i32, u32)> = [(ret_ptr_ptr, ptr), (ret_size_ptr, len)]
+        .into_iter()
+        .filter_map(|(at, value)| Some((at?, value)))
+        .collect();
+    write_words(&mut cx.memory(), &words)
 }
 
 /// Hands a copy of `data` to the guest (see [`return_with`]).
@@ -159,6 +176,91 @@ fn decode_pairs(bytes: &[u8]) -> Result<Vec<(Bytes, Bytes)>, Status> {
         .into_iter()
         .map(|(k, v)| (lower(k), Bytes::copy_from_slice(v)))
         .collect())
+}
+
+fn read_str(memory: &GuestMemory<'_>, ptr: i32, len: i32) -> Result<String, Status> {
+    let bytes = read(memory, ptr, len)?;
+    Ok(String::from_utf8_lossy(bytes).into_owned())
+}
+
+fn decode_map(memory: &GuestMemory<'_>, ptr: i32, len: i32) -> Result<HeaderMap, Status> {
+    Ok(decode_pairs(read(memory, ptr, len)?)?.into_iter().collect())
+}
+
+/// A callout timeout: Envoy reads it as a signed int, so values past `i32::MAX` are
+/// `BadArgument`; 0 means none.
+fn callout_timeout(timeout_ms: i32) -> Result<Option<Duration>, Status> {
+    match timeout_ms {
+        ..0 => Err(Status::BadArgument),
+        0 => Ok(None),
+        ms => Ok(Some(Duration::from_millis(ms as u64))),
+    }
+}
+
+/// Runs embedder code from a hostcall: a panic is the embedder's bug and answers
+/// `InternalFailure` instead of unwinding into wasm.
+fn embedder<T>(f: impl FnOnce() -> Result<T, Status>) -> Result<T, Status> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(Err(Status::InternalFailure))
+}
+
+/// The gRPC work shared by `proxy_grpc_call` and `proxy_grpc_stream`: checks, opens the
+/// stream through the embedder, sends a unary call's message, and writes the token.
+#[allow(clippy::too_many_arguments)]
+fn grpc_open(
+    cx: Cx<'_>,
+    upstream: (i32, i32),
+    service: (i32, i32),
+    method: (i32, i32),
+    metadata: (i32, i32),
+    message: Option<(i32, i32)>,
+    timeout_ms: i32,
+    ret_token_ptr: i32,
+) -> i32 {
+    let (state, memory) = cx.split();
+    let upstream = tri!(read_str(&memory, upstream.0, upstream.1));
+    let service = tri!(read_str(&memory, service.0, service.1));
+    let method = tri!(read_str(&memory, method.0, method.1));
+    let initial_metadata = tri!(decode_map(&memory, metadata.0, metadata.1));
+    let message = match message {
+        Some((ptr, len)) => Some(Bytes::copy_from_slice(tri!(read(&memory, ptr, len)))),
+        None => None,
+    };
+    // The out-pointer is checked before anything is sent.
+    tri!(memory.read(ret_token_ptr as u32, 4));
+    let timeout = tri!(callout_timeout(timeout_ms));
+    if state.pending_callouts() >= state.shared.config.limits.max_pending_callouts {
+        return Status::InternalFailure.as_i32();
+    }
+    let unary = message.is_some();
+    let token = state.next_token(if unary { 1 } else { 2 });
+    let request = GrpcRequest {
+        upstream,
+        service,
+        method,
+        initial_metadata,
+        timeout: if unary { timeout } else { None },
+    };
+    let reply = GrpcReply::new(Arc::downgrade(&state.inbox), token);
+    let callouts = state.shared.callouts.clone();
+    let mut stream = tri!(embedder(|| {
+        callouts
+            .grpc_open(request, reply)
+            .map_err(|e| e.status(true))
+    }));
+    if let Some(message) = message {
+        stream.send(message, true);
+    }
+    let root = state.root_context;
+    state.grpc.insert(
+        token,
+        OpenGrpc {
+            root,
+            unary,
+            message: None,
+            stream,
+        },
+    );
+    write_words(&mut cx.memory(), &[(ret_token_ptr, token)]).as_i32()
 }
 
 fn monotonic_nanos() -> u64 {
@@ -267,7 +369,453 @@ impl Hostcalls for VmState {
         .as_i32()
     }
 
+    // --- timers, status, shutdown ---
+
+    fn proxy_set_tick_period_milliseconds(cx: Cx<'_>, period_ms: i32) -> i32 {
+        // The timer of the root context; 0 stops it. The first tick comes one period after.
+        let period = Duration::from_millis(u64::from(period_ms as u32));
+        cx.host().tick = (!period.is_zero()).then(|| (period, Instant::now() + period));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_get_status(
+        cx: Cx<'_>,
+        ret_code_ptr: i32,
+        ret_message_ptr_ptr: i32,
+        ret_message_size_ptr: i32,
+    ) -> i32 {
+        let (code, message) = cx.host().status.clone();
+        if let Err(e) = cx.memory().write_u32(ret_code_ptr as u32, code) {
+            return Status::from(e).as_i32();
+        }
+        return_bytes(cx, &message, ret_message_ptr_ptr, ret_message_size_ptr).as_i32()
+    }
+
+    fn proxy_done(cx: Cx<'_>) -> i32 {
+        let state = cx.host();
+        if !state.done_pending {
+            return Status::NotFound.as_i32();
+        }
+        // The root context is deleted once the current call returns.
+        state.done_requested = true;
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_clear_route_cache(cx: Cx<'_>) -> i32 {
+        cx.host().record_event(StreamEvent::ClearRouteCache);
+        Status::Ok.as_i32()
+    }
+
     // --- properties ---
+
+    fn proxy_set_property(
+        cx: Cx<'_>,
+        path_ptr: i32,
+        path_size: i32,
+        value_ptr: i32,
+        value_size: i32,
+    ) -> i32 {
+        let (state, memory) = cx.split();
+        let path = tri!(read(&memory, path_ptr, path_size));
+        let value = tri!(read(&memory, value_ptr, value_size));
+        if property_path::decode(path).is_err() {
+            return Status::BadArgument.as_i32();
+        }
+        let limits = &state.shared.config.limits;
+        let held: usize = state.properties.values().map(Bytes::len).sum();
+        if state.properties.len() >= limits.max_header_count
+            || held + value.len() > limits.max_header_bytes
+        {
+            return Status::BadArgument.as_i32();
+        }
+        let context = state.context();
+        state
+            .properties
+            .insert((context, path.to_vec()), Bytes::copy_from_slice(value));
+        Status::Ok.as_i32()
+    }
+
+    // --- shared data ---
+
+    fn proxy_get_shared_data(
+        cx: Cx<'_>,
+        key_ptr: i32,
+        key_size: i32,
+        ret_value_ptr_ptr: i32,
+        ret_value_size_ptr: i32,
+        ret_cas_ptr: i32,
+    ) -> i32 {
+        let (state, memory) = cx.split();
+        let key = tri!(read(&memory, key_ptr, key_size));
+        let Some((value, cas)) = state
+            .shared
+            .shared_state
+            .get(&state.shared.config.vm_id, key)
+        else {
+            return Status::NotFound.as_i32();
+        };
+        if let Err(e) = cx.memory().write_u32(ret_cas_ptr as u32, cas) {
+            return Status::from(e).as_i32();
+        }
+        return_bytes(cx, &value, ret_value_ptr_ptr, ret_value_size_ptr).as_i32()
+    }
+
+    fn proxy_set_shared_data(
+        cx: Cx<'_>,
+        key_ptr: i32,
+        key_size: i32,
+        value_ptr: i32,
+        value_size: i32,
+        cas: i32,
+    ) -> i32 {
+        let (state, memory) = cx.split();
+        let key = tri!(read(&memory, key_ptr, key_size));
+        let value = tri!(read(&memory, value_ptr, value_size));
+        let shared = &state.shared;
+        match shared
+            .shared_state
+            .set(&shared.config.vm_id, key, value, cas as u32)
+        {
+            Ok(_) => Status::Ok.as_i32(),
+            Err(e) => Status::from(e).as_i32(),
+        }
+    }
+
+    // --- shared queues ---
+
+    fn proxy_register_shared_queue(
+        cx: Cx<'_>,
+        name_ptr: i32,
+        name_size: i32,
+        ret_queue_id_ptr: i32,
+    ) -> i32 {
+        let (state, mut memory) = cx.split();
+        let name = tri!(read(&memory, name_ptr, name_size));
+        tri!(memory.read(ret_queue_id_ptr as u32, 4));
+        let shared = &state.shared;
+        // Stream contexts register for their root, which hears proxy_on_queue_ready.
+        let token = match shared.shared_state.register_queue(
+            &shared.config.vm_id,
+            name,
+            &state.inbox,
+            state.root_context,
+        ) {
+            Ok(token) => token,
+            Err(e) => return Status::from(e).as_i32(),
+        };
+        write_words(&mut memory, &[(ret_queue_id_ptr, token)]).as_i32()
+    }
+
+    fn proxy_resolve_shared_queue(
+        cx: Cx<'_>,
+        vm_id_ptr: i32,
+        vm_id_size: i32,
+        name_ptr: i32,
+        name_size: i32,
+        ret_queue_id_ptr: i32,
+    ) -> i32 {
+        let (state, mut memory) = cx.split();
+        let vm_id = tri!(read(&memory, vm_id_ptr, vm_id_size));
+        let name = tri!(read(&memory, name_ptr, name_size));
+        let shared = &state.shared;
+        // An empty vm_id means this VM's own.
+        let vm_id = match vm_id {
+            [] => shared.config.vm_id.clone(),
+            other => String::from_utf8_lossy(other).into_owned(),
+        };
+        match shared.shared_state.resolve_queue(&vm_id, name) {
+            Some(token) => write_words(&mut memory, &[(ret_queue_id_ptr, token)]).as_i32(),
+            None => Status::NotFound.as_i32(),
+        }
+    }
+
+    fn proxy_enqueue_shared_queue(
+        cx: Cx<'_>,
+        queue_id: i32,
+        value_ptr: i32,
+        value_size: i32,
+    ) -> i32 {
+        let (state, memory) = cx.split();
+        let value = tri!(read(&memory, value_ptr, value_size));
+        match state.shared.shared_state.enqueue(queue_id as u32, value) {
+            Ok(()) => Status::Ok.as_i32(),
+            Err(e) => Status::from(crate::shared::SharedError::from(e)).as_i32(),
+        }
+    }
+
+    fn proxy_dequeue_shared_queue(
+        cx: Cx<'_>,
+        queue_id: i32,
+        ret_ptr_ptr: i32,
+        ret_size_ptr: i32,
+    ) -> i32 {
+        // Check the out-pointers first: a message taken must reach the guest.
+        {
+            let memory = cx.memory();
+            tri!(memory.read(ret_ptr_ptr as u32, 4));
+            tri!(memory.read(ret_size_ptr as u32, 4));
+        }
+        match cx.host().shared.shared_state.dequeue(queue_id as u32) {
+            Ok(Some(message)) => return_bytes(cx, &message, ret_ptr_ptr, ret_size_ptr).as_i32(),
+            Ok(None) => Status::Empty.as_i32(),
+            Err(e) => Status::from(crate::shared::SharedError::from(e)).as_i32(),
+        }
+    }
+
+    // --- metrics ---
+
+    fn proxy_define_metric(
+        cx: Cx<'_>,
+        metric_type: i32,
+        name_ptr: i32,
+        name_size: i32,
+        ret_metric_id_ptr: i32,
+    ) -> i32 {
+        let Some(kind) = MetricType::from_u32(metric_type as u32) else {
+            return Status::BadArgument.as_i32();
+        };
+        let (state, mut memory) = cx.split();
+        let name = tri!(read(&memory, name_ptr, name_size));
+        tri!(memory.read(ret_metric_id_ptr as u32, 4));
+        match state.shared.metric_registry.define(kind, name) {
+            Ok(id) => write_words(&mut memory, &[(ret_metric_id_ptr, id)]).as_i32(),
+            Err(e) => Status::from(e).as_i32(),
+        }
+    }
+
+    fn proxy_increment_metric(cx: Cx<'_>, metric_id: i32, offset: i64) -> i32 {
+        let registry = &cx.host().shared.metric_registry;
+        match registry.increment(metric_id as u32, offset) {
+            Ok(()) => Status::Ok.as_i32(),
+            Err(e) => Status::from(e).as_i32(),
+        }
+    }
+
+    fn proxy_record_metric(cx: Cx<'_>, metric_id: i32, value: i64) -> i32 {
+        let registry = &cx.host().shared.metric_registry;
+        match registry.record(metric_id as u32, value as u64) {
+            Ok(()) => Status::Ok.as_i32(),
+            Err(e) => Status::from(e).as_i32(),
+        }
+    }
+
+    fn proxy_get_metric(cx: Cx<'_>, metric_id: i32, ret_value_ptr: i32) -> i32 {
+        let value = match cx.host().shared.metric_registry.get(metric_id as u32) {
+            Ok(value) => value,
+            Err(e) => return Status::from(e).as_i32(),
+        };
+        tri!(cx.memory().write_u64(ret_value_ptr as u32, value));
+        Status::Ok.as_i32()
+    }
+
+    // --- foreign functions ---
+
+    fn proxy_call_foreign_function(
+        cx: Cx<'_>,
+        name_ptr: i32,
+        name_size: i32,
+        args_ptr: i32,
+        args_size: i32,
+        ret_results_ptr_ptr: i32,
+        ret_results_size_ptr: i32,
+    ) -> i32 {
+        let (state, memory) = cx.split();
+        let name = tri!(read(&memory, name_ptr, name_size));
+        let args = tri!(read(&memory, args_ptr, args_size));
+        let Some(function) = std::str::from_utf8(name)
+            .ok()
+            .and_then(|name| state.shared.foreign_functions.get(name))
+            .cloned()
+        else {
+            return Status::NotFound.as_i32();
+        };
+        let results = tri!(embedder(|| function.call(args)));
+        // As the reference host: a zero out-pointer means "do not write this one", and
+        // nothing is allocated in the guest when there is nowhere to put the pointer.
+        let ptr_ptr = (ret_results_ptr_ptr != 0).then_some(ret_results_ptr_ptr);
+        let size_ptr = (ret_results_size_ptr != 0).then_some(ret_results_size_ptr);
+        let len = if ptr_ptr.is_some() { results.len() } else { 0 };
+        let status = return_with_to(cx, len, ptr_ptr, None, |_, dst| {
+            dst.copy_from_slice(&results);
+            true
+        });
+        match (status, size_ptr) {
+            (Status::Ok, Some(size_ptr)) => {
+                let Ok(size) = u32::try_from(results.len()) else {
+                    return Status::InternalFailure.as_i32();
+                };
+                write_words(&mut cx.memory(), &[(size_ptr, size)]).as_i32()
+            }
+            (status, _) => status.as_i32(),
+        }
+    }
+
+    // --- HTTP callouts ---
+
+    fn proxy_http_call(
+        cx: Cx<'_>,
+        upstream_ptr: i32,
+        upstream_size: i32,
+        headers_ptr: i32,
+        headers_size: i32,
+        body_ptr: i32,
+        body_size: i32,
+        trailers_ptr: i32,
+        trailers_size: i32,
+        timeout_ms: i32,
+        ret_token_ptr: i32,
+    ) -> i32 {
+        let (state, mut memory) = cx.split();
+        let upstream = tri!(read_str(&memory, upstream_ptr, upstream_size));
+        let headers = tri!(decode_map(&memory, headers_ptr, headers_size));
+        let body = Bytes::copy_from_slice(tri!(read(&memory, body_ptr, body_size)));
+        let trailers = tri!(decode_map(&memory, trailers_ptr, trailers_size));
+        // As the reference host: the token out-pointer is zeroed (and so checked) first.
+        if write_words(&mut memory, &[(ret_token_ptr, 0)]) != Status::Ok {
+            return Status::InvalidMemoryAccess.as_i32();
+        }
+        let timeout = tri!(callout_timeout(timeout_ms));
+        // Envoy refuses a request it could not route.
+        let has = |name: &[u8]| headers.get(name).is_some();
+        if !has(b":method") || !has(b":path") || !(has(b":authority") || has(b"host")) {
+            return Status::BadArgument.as_i32();
+        }
+        if state.pending_callouts() >= state.shared.config.limits.max_pending_callouts {
+            return Status::InternalFailure.as_i32();
+        }
+        let token = state.next_token(0);
+        let request = HttpCallRequest {
+            upstream,
+            headers,
+            body,
+            trailers,
+            timeout,
+        };
+        let reply = HttpCallReply::new(Arc::downgrade(&state.inbox), token);
+        let callouts = state.shared.callouts.clone();
+        tri!(embedder(|| {
+            callouts
+                .http_call(request, reply)
+                .map_err(|e| e.status(false))
+        }));
+        let root = state.root_context;
+        state.http_calls.insert(token, root);
+        write_words(&mut memory, &[(ret_token_ptr, token)]).as_i32()
+    }
+
+    // --- gRPC callouts ---
+
+    fn proxy_grpc_call(
+        cx: Cx<'_>,
+        upstream_ptr: i32,
+        upstream_size: i32,
+        service_ptr: i32,
+        service_size: i32,
+        method_ptr: i32,
+        method_size: i32,
+        initial_metadata_ptr: i32,
+        initial_metadata_size: i32,
+        message_ptr: i32,
+        message_size: i32,
+        timeout_ms: i32,
+        ret_token_ptr: i32,
+    ) -> i32 {
+        grpc_open(
+            cx,
+            (upstream_ptr, upstream_size),
+            (service_ptr, service_size),
+            (method_ptr, method_size),
+            (initial_metadata_ptr, initial_metadata_size),
+            Some((message_ptr, message_size)),
+            timeout_ms,
+            ret_token_ptr,
+        )
+    }
+
+    fn proxy_grpc_stream(
+        cx: Cx<'_>,
+        upstream_ptr: i32,
+        upstream_size: i32,
+        service_ptr: i32,
+        service_size: i32,
+        method_ptr: i32,
+        method_size: i32,
+        initial_metadata_ptr: i32,
+        initial_metadata_size: i32,
+        ret_token_ptr: i32,
+    ) -> i32 {
+        grpc_open(
+            cx,
+            (upstream_ptr, upstream_size),
+            (service_ptr, service_size),
+            (method_ptr, method_size),
+            (initial_metadata_ptr, initial_metadata_size),
+            None,
+            0,
+            ret_token_ptr,
+        )
+    }
+
+    fn proxy_grpc_send(
+        cx: Cx<'_>,
+        token: i32,
+        message_ptr: i32,
+        message_size: i32,
+        end_stream: i32,
+    ) -> i32 {
+        let token = token as u32;
+        if token & 3 != 2 {
+            return Status::BadArgument.as_i32();
+        }
+        let (state, memory) = cx.split();
+        let message = Bytes::copy_from_slice(tri!(read(&memory, message_ptr, message_size)));
+        let Some(open) = state.grpc.get_mut(&token) else {
+            return Status::NotFound.as_i32();
+        };
+        let stream = &mut open.stream;
+        tri!(embedder(|| {
+            stream.send(message, end_stream != 0);
+            Ok(())
+        }));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_grpc_cancel(cx: Cx<'_>, token: i32) -> i32 {
+        let token = token as u32;
+        if !matches!(token & 3, 1 | 2) {
+            return Status::BadArgument.as_i32();
+        }
+        // Cancelled and forgotten: no callback follows.
+        let Some(mut open) = cx.host().grpc.remove(&token) else {
+            return Status::NotFound.as_i32();
+        };
+        tri!(embedder(|| {
+            open.stream.cancel();
+            Ok(())
+        }));
+        Status::Ok.as_i32()
+    }
+
+    fn proxy_grpc_close(cx: Cx<'_>, token: i32) -> i32 {
+        let token = token as u32;
+        match token & 3 {
+            // A call: the same as cancel.
+            1 => Self::proxy_grpc_cancel(cx, token as i32),
+            // A stream: half-close; what is in flight may still arrive.
+            2 => {
+                let Some(open) = cx.host().grpc.get_mut(&token) else {
+                    return Status::NotFound.as_i32();
+                };
+                let stream = &mut open.stream;
+                tri!(embedder(|| {
+                    stream.close();
+                    Ok(())
+                }));
+                Status::Ok.as_i32()
+            }
+            _ => Status::BadArgument.as_i32(),
+        }
+    }
 
     fn proxy_get_property(
         cx: Cx<'_>,
@@ -283,7 +831,12 @@ impl Hostcalls for VmState {
             return Status::NotFound.as_i32();
         };
         let config = &state.shared.config;
+        // What the plugin set wins, on this context then on the root.
+        let set = [state.context(), state.root_context]
+            .into_iter()
+            .find_map(|c| state.properties.get(&(c, raw.to_vec())).cloned());
         let value = match path.as_slice() {
+            _ if set.is_some() => set,
             [b"plugin_name"] => Some(Bytes::copy_from_slice(config.name.as_bytes())),
             [b"plugin_root_id"] => Some(Bytes::copy_from_slice(config.root_id.as_bytes())),
             [b"plugin_vm_id"] => Some(Bytes::copy_from_slice(config.vm_id.as_bytes())),
@@ -754,11 +1307,19 @@ impl Hostcalls for VmState {
     }
 
     fn proc_exit(cx: Cx<'_>, code: i32) {
-        // As the reference host: log it and return; the guest traps right after if it
-        // really meant to stop.
-        let _ = cx
-            .host()
-            .shared
-            .log(LogLevel::Error, &format!("plugin called proc_exit({code})"));
+        // A trap of this VM: nothing after proc_exit may run. (The reference host logs and
+        // returns, and the guest then runs on into whatever follows.) `proc_exit(0)` from a
+        // start function is a clean end of start, which `Vm` accepts.
+        let state = cx.host();
+        state.exit_code = Some(code);
+        if !(code == 0 && state.phase == Phase::Start) {
+            let _ = state
+                .shared
+                .log(LogLevel::Error, &format!("plugin called proc_exit({code})"));
+        }
+        cx.trap(Trap {
+            kind: TrapKind::Exit,
+            message: format!("proc_exit({code})"),
+        });
     }
 }

@@ -35,22 +35,33 @@
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod callout;
 mod config;
 mod embedder;
 mod headers;
 mod hostcalls;
+mod inbox;
 mod metrics;
 mod plugin;
+mod plugin_metrics;
+mod shared;
 mod state;
 mod vm;
 mod worker;
 
+pub use callout::{
+    CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
+    HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts,
+};
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
-pub use embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
+pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 pub use headers::HeaderMap;
+pub use inbox::Wake;
 pub use metrics::HostMetrics;
 pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
-pub use vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
+pub use plugin_metrics::{MetricRegistry, MetricValue};
+pub use shared::{QueueError, SharedLimits, SharedState};
+pub use vm::{Action, Connection, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};
 
 pub use filterbox_abi as abi;

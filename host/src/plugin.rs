@@ -1,7 +1,10 @@
 //! Plugins: a module compiled and linked once, shared by every VM that runs it.
 
-use crate::embedder::{LogSink, NoProperties, PropertyProvider, TracingLogSink};
+use crate::callout::{Callouts, NoCallouts};
+use crate::embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 use crate::metrics::HostMetrics;
+use crate::plugin_metrics::MetricRegistry;
+use crate::shared::SharedState;
 use crate::state::{ImportSet, PluginShared, VmState};
 use crate::{DeniedCapability, PluginConfig};
 use core::fmt;
@@ -9,6 +12,7 @@ use filterbox_abi::{AbiError, AbiVersion, Import, ModuleInfo};
 use filterbox_engines::{
     CacheOutcome, Engine, EngineConfig, EngineError, EngineKind, InstancePre, Module, ModuleCache,
 };
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Why a plugin could not be loaded: names the plugin, the engine and the reason.
@@ -106,7 +110,21 @@ impl Plugin {
             cache: None,
             log: Arc::new(TracingLogSink),
             properties: Arc::new(NoProperties),
+            shared_state: None,
+            metric_registry: None,
+            callouts: Arc::new(NoCallouts),
+            foreign_functions: HashMap::new(),
         }
+    }
+
+    /// The metrics the plugin defined (`proxy_define_metric`).
+    pub fn metric_registry(&self) -> &Arc<MetricRegistry> {
+        &self.inner.shared.metric_registry
+    }
+
+    /// The key-value store and queues the plugin's VMs share.
+    pub fn shared_state(&self) -> &SharedState {
+        &self.inner.shared.shared_state
     }
 
     /// The plugin's config.
@@ -155,6 +173,10 @@ pub struct PluginBuilder {
     cache: Option<ModuleCache>,
     log: Arc<dyn LogSink>,
     properties: Arc<dyn PropertyProvider>,
+    shared_state: Option<SharedState>,
+    metric_registry: Option<Arc<MetricRegistry>>,
+    callouts: Arc<dyn Callouts>,
+    foreign_functions: HashMap<String, Arc<dyn ForeignFunction>>,
 }
 
 impl PluginBuilder {
@@ -178,6 +200,34 @@ impl PluginBuilder {
         self
     }
 
+    /// Shares data and queues through `state` (default: [`SharedState::global`]).
+    pub fn shared_state(mut self, state: SharedState) -> Self {
+        self.shared_state = Some(state);
+        self
+    }
+
+    /// Puts the metrics the plugin defines in `registry` (default: one of its own).
+    pub fn metric_registry(mut self, registry: Arc<MetricRegistry>) -> Self {
+        self.metric_registry = Some(registry);
+        self
+    }
+
+    /// Carries out the plugin's HTTP and gRPC calls (default: [`NoCallouts`]).
+    pub fn callouts(mut self, callouts: Arc<dyn Callouts>) -> Self {
+        self.callouts = callouts;
+        self
+    }
+
+    /// Registers a function the plugin can call with `proxy_call_foreign_function`.
+    pub fn foreign_function(
+        mut self,
+        name: impl Into<String>,
+        function: Arc<dyn ForeignFunction>,
+    ) -> Self {
+        self.foreign_functions.insert(name.into(), function);
+        self
+    }
+
     /// Answers property lookups filterbox does not answer itself.
     pub fn properties(mut self, provider: Arc<dyn PropertyProvider>) -> Self {
         self.properties = provider;
@@ -192,6 +242,10 @@ impl PluginBuilder {
             cache,
             log,
             properties,
+            shared_state,
+            metric_registry,
+            callouts,
+            foreign_functions,
         } = self;
         let fail = |reason| PluginError {
             plugin: config.name.clone(),
@@ -235,6 +289,10 @@ impl PluginBuilder {
             properties,
             metrics: HostMetrics::default(),
             denied,
+            shared_state: shared_state.unwrap_or_else(SharedState::global),
+            metric_registry: metric_registry.unwrap_or_default(),
+            callouts,
+            foreign_functions,
         });
         Ok(Plugin {
             inner: Arc::new(PluginInner {

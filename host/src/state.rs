@@ -1,13 +1,18 @@
 //! The per-VM host state that hostcalls act on.
 
-use crate::embedder::{LogSink, PropertyProvider};
+use crate::callout::{Callouts, GrpcStream};
+use crate::embedder::{ForeignFunction, LogSink, PropertyProvider};
+use crate::inbox::Inbox;
 use crate::metrics::HostMetrics;
+use crate::plugin_metrics::MetricRegistry;
+use crate::shared::SharedState;
 use crate::{HeaderMap, LocalResponse, PluginConfig, StreamEvent};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use filterbox_abi::{AbiVersion, BufferType, Import, LogLevel, MapType, StreamType};
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// What every VM of a plugin shares.
 pub(crate) struct PluginShared {
@@ -18,6 +23,10 @@ pub(crate) struct PluginShared {
     pub(crate) metrics: HostMetrics,
     /// Bit per `Import`: outside `allowed_capabilities`, answered by a stub.
     pub(crate) denied: ImportSet,
+    pub(crate) shared_state: SharedState,
+    pub(crate) metric_registry: Arc<MetricRegistry>,
+    pub(crate) callouts: Arc<dyn Callouts>,
+    pub(crate) foreign_functions: HashMap<String, Arc<dyn ForeignFunction>>,
 }
 
 /// A set of imports, one bit each.
@@ -66,6 +75,18 @@ impl PluginShared {
 pub(crate) enum ContextKind {
     Root,
     Http,
+    Tcp,
+}
+
+/// A gRPC call or stream the plugin has open.
+pub(crate) struct OpenGrpc {
+    /// The root context that hears about it.
+    pub(crate) root: u32,
+    /// A unary call (`proxy_grpc_call`) rather than a stream.
+    pub(crate) unary: bool,
+    /// A unary call's response, held until the close says whether it succeeded.
+    pub(crate) message: Option<Bytes>,
+    pub(crate) stream: Box<dyn GrpcStream>,
 }
 
 /// The callback the VM is in, where it changes what hostcalls may see.
@@ -99,6 +120,28 @@ pub(crate) struct VmState {
     pub(crate) events: Vec<(u32, StreamEvent)>,
     /// Inside the guest allocator, called from a hostcall.
     pub(crate) in_allocator: bool,
+    /// Where events for this VM wait (queue wake-ups, callout answers).
+    pub(crate) inbox: Arc<Inbox>,
+    /// The root context (0 until it exists).
+    pub(crate) root_context: u32,
+    /// `proxy_set_tick_period_milliseconds`: the period and the next tick.
+    pub(crate) tick: Option<(Duration, Instant)>,
+    /// What `proxy_get_status` answers: set while delivering a failed callout or a gRPC close.
+    pub(crate) status: (u32, Bytes),
+    /// HTTP calls waiting for an answer: token → root context.
+    pub(crate) http_calls: HashMap<u32, u32>,
+    /// Open gRPC calls and streams by token.
+    pub(crate) grpc: HashMap<u32, OpenGrpc>,
+    /// Last callout token handed out (HTTP `& 3 == 0`, gRPC call 1, gRPC stream 2).
+    pub(crate) last_token: u32,
+    /// `proxy_done` was called while the root context's `proxy_on_done` was pending.
+    pub(crate) done_requested: bool,
+    /// The root context answered false from `proxy_on_done` and has not called `proxy_done`.
+    pub(crate) done_pending: bool,
+    /// The code of a `proc_exit` the guest called during the current call.
+    pub(crate) exit_code: Option<i32>,
+    /// Values set with `proxy_set_property`, by context and encoded path.
+    pub(crate) properties: HashMap<(u32, Vec<u8>), Bytes>,
     /// Already warned that these are unimplemented or denied.
     warned_unimplemented: ImportSet,
 }
@@ -116,6 +159,17 @@ impl VmState {
             local_response: None,
             events: Vec::new(),
             in_allocator: false,
+            inbox: Arc::default(),
+            root_context: 0,
+            tick: None,
+            status: (0, Bytes::new()),
+            http_calls: HashMap::new(),
+            grpc: HashMap::new(),
+            last_token: 0,
+            done_requested: false,
+            done_pending: false,
+            properties: HashMap::new(),
+            exit_code: None,
             warned_unimplemented: ImportSet::default(),
         }
     }
@@ -178,13 +232,33 @@ impl VmState {
                 Some((kind, bytes)) if *kind == buffer => Ok(bytes),
                 _ => Ok(&[]),
             },
-            BufferType::HttpCallResponseBody => Err(Status::NotFound),
+            BufferType::HttpCallResponseBody => match &self.body {
+                Some((kind, bytes)) if *kind == buffer => Ok(bytes),
+                _ => Err(Status::NotFound),
+            },
             BufferType::VmConfiguration => Ok(&self.shared.config.vm_configuration),
             BufferType::PluginConfiguration if self.phase == Phase::Configure => {
                 Ok(&self.shared.config.configuration)
             }
             BufferType::PluginConfiguration => Err(Status::NotFound),
         }
+    }
+
+    /// A fresh callout token of `kind` (0 HTTP, 1 gRPC call, 2 gRPC stream) not in use.
+    pub(crate) fn next_token(&mut self, kind: u32) -> u32 {
+        loop {
+            self.last_token = self.last_token.wrapping_add(4);
+            let token = (self.last_token & !3) | kind;
+            if token > 3 && !self.http_calls.contains_key(&token) && !self.grpc.contains_key(&token)
+            {
+                return token;
+            }
+        }
+    }
+
+    /// HTTP calls and gRPC calls and streams waiting for an answer.
+    pub(crate) fn pending_callouts(&self) -> usize {
+        self.http_calls.len() + self.grpc.len()
     }
 
     pub(crate) fn record_event(&mut self, event: StreamEvent) {

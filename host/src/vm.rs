@@ -1,13 +1,15 @@
 //! VMs and the HTTP streams that run on them.
 
+use crate::callout::{GrpcEvent, HttpCallOutcome};
+use crate::inbox::{Pending, Wake};
 use crate::state::{ContextKind, Phase, VmState};
 use crate::{HeaderMap, Plugin};
 use bytes::{Bytes, BytesMut};
 use core::fmt;
-use filterbox_abi::{BufferType, Callback, GrpcStatus, MapType, StreamType};
-use filterbox_engines::{EngineError, EngineKind, Instance, Returned, Trap};
+use filterbox_abi::{BufferType, Callback, GrpcStatus, MapType, PeerType, Status, StreamType};
+use filterbox_engines::{EngineError, EngineKind, Instance, Returned, Trap, TrapKind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the proxy must do after a stream callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +45,9 @@ pub enum StreamEvent {
     Continue(StreamType),
     /// Reset the stream (`proxy_close_stream`).
     Close(StreamType),
+    /// Recompute the route (`proxy_clear_route_cache`, ABI 0.1.0): headers that choose it
+    /// changed.
+    ClearRouteCache,
 }
 
 /// Why a VM could not start or a call failed.
@@ -134,6 +139,22 @@ impl HttpStream {
     }
 }
 
+/// A TCP connection (a stream context of an L4 filter) on one [`Vm`]. Drive it with the
+/// `Vm::on_*_data` and `Vm::on_*_connection_close` methods and end it with
+/// [`Vm::finish_connection`].
+#[derive(Debug)]
+pub struct Connection {
+    vm: u64,
+    id: u32,
+}
+
+impl Connection {
+    /// The connection's context id.
+    pub fn context_id(&self) -> u32 {
+        self.id
+    }
+}
+
 static NEXT_VM: AtomicU64 = AtomicU64::new(1);
 
 /// One instance of a plugin with its root context, started and configured. `Send`, not `Sync`:
@@ -145,6 +166,8 @@ pub struct Vm {
     root_context: u32,
     next_context: u32,
     failure: Option<Trap>,
+    /// The root context is gone (shut down with `proxy_on_done` / `proxy_done`).
+    done: bool,
     /// Linear memory size after the last call.
     memory: usize,
     memory_high_water: usize,
@@ -202,6 +225,7 @@ impl Vm {
             root_context: 0,
             next_context: 1,
             failure: None,
+            done: false,
             memory: 0,
             memory_high_water: 0,
         };
@@ -222,6 +246,7 @@ impl Vm {
         started?;
         let root = self.create_context(ContextKind::Root, 0)?;
         self.root_context = root;
+        self.state().root_context = root;
         let vm_config = wasm_i32(self.plugin.config().vm_configuration.len());
         self.expect_true(Callback::ProxyOnVmStart, root, &[root as i32, vm_config])?;
         let config = wasm_i32(self.plugin.config().configuration.len());
@@ -320,13 +345,29 @@ impl Vm {
         let state = self.state();
         state.current_context = context;
         state.effective_context = None;
+        state.exit_code = None;
         let started = Instant::now();
-        let outcome = self.instance.call(callback, args);
+        let mut outcome = self.instance.call(callback, args);
+        let state = self.state();
+        if let Err(trap) = &outcome
+            && trap.kind == TrapKind::Exit
+            && state.exit_code == Some(0)
+            && state.phase == Phase::Start
+        {
+            // proc_exit(0) ends a start function cleanly (Go's wasip1 runtime does that).
+            outcome = Ok(Returned::Nothing);
+        }
         let elapsed = started.elapsed();
         self.note_memory();
         self.plugin.metrics().callback(callback, elapsed);
         match outcome {
-            Ok(returned) => Ok(returned),
+            Ok(returned) => {
+                if std::mem::take(&mut self.state().done_requested) {
+                    // proxy_done: the root context's shutdown finishes after the call.
+                    self.delete_root()?;
+                }
+                Ok(returned)
+            }
             Err(trap) => {
                 let metrics = self.plugin.metrics();
                 metrics.trap(trap.kind);
@@ -366,7 +407,11 @@ impl Vm {
     }
 
     fn check(&self, stream: &HttpStream) -> Result<(), VmError> {
-        if stream.vm == self.serial {
+        self.check_serial(stream.vm)
+    }
+
+    fn check_serial(&self, vm: u64) -> Result<(), VmError> {
+        if vm == self.serial {
             Ok(())
         } else {
             Err(VmError::ForeignStream {
@@ -409,9 +454,18 @@ impl Vm {
         callback: Callback,
         args: &[i32],
     ) -> Result<Action, VmError> {
-        self.check(stream)?;
+        self.filter_call_on((stream.vm, stream.id), callback, args)
+    }
+
+    fn filter_call_on(
+        &mut self,
+        (vm, id): (u64, u32),
+        callback: Callback,
+        args: &[i32],
+    ) -> Result<Action, VmError> {
+        self.check_serial(vm)?;
         self.state().local_response = None;
-        let returned = self.call(stream.id, callback, args);
+        let returned = self.call(id, callback, args);
         let local = self.state().local_response.take();
         Ok(match (local, returned?) {
             (Some(response), _) => Action::Respond(response),
@@ -567,10 +621,15 @@ impl Vm {
                 .and_then(|_| self.call(id, Callback::ProxyOnDelete, &[id as i32]))
                 .map(drop),
         };
+        self.forget_context(id);
+        result
+    }
+
+    fn forget_context(&mut self, id: u32) {
         let state = self.state();
         state.contexts.remove(&id);
         state.events.retain(|(context, _)| *context != id);
-        result
+        state.properties.retain(|(context, _), _| *context != id);
     }
 
     /// Takes what the plugin asked of `stream` (resume, close) since the last call.
@@ -585,5 +644,416 @@ impl Vm {
             !mine
         });
         taken
+    }
+
+    /// Request metadata arrived (`proxy_on_request_metadata`, ABI 0.1.0 era; there is no map
+    /// type to read it through, so the plugin gets only the count).
+    pub fn on_request_metadata(
+        &mut self,
+        stream: &HttpStream,
+        elements: usize,
+    ) -> Result<Action, VmError> {
+        let args = [stream.id as i32, wasm_i32(elements)];
+        self.filter_call(stream, Callback::ProxyOnRequestMetadata, &args)
+    }
+
+    /// Response metadata arrived (`proxy_on_response_metadata`; see
+    /// [`Vm::on_request_metadata`]).
+    pub fn on_response_metadata(
+        &mut self,
+        stream: &HttpStream,
+        elements: usize,
+    ) -> Result<Action, VmError> {
+        let args = [stream.id as i32, wasm_i32(elements)];
+        self.filter_call(stream, Callback::ProxyOnResponseMetadata, &args)
+    }
+
+    // --- L4 connections ---
+
+    /// Opens a TCP connection context: `proxy_on_context_create(id, root)` then
+    /// `proxy_on_new_connection`. A plugin that answers pause holds the connection until it
+    /// resumes it.
+    pub fn create_connection(&mut self) -> Result<(Connection, Action), VmError> {
+        let id = self.create_context(ContextKind::Tcp, self.root_context)?;
+        let connection = Connection {
+            vm: self.serial,
+            id,
+        };
+        let action = self.filter_call_on(
+            (self.serial, id),
+            Callback::ProxyOnNewConnection,
+            &[id as i32],
+        );
+        Ok((connection, action?))
+    }
+
+    fn data_call(
+        &mut self,
+        connection: &Connection,
+        (kind, callback): (BufferType, Callback),
+        data: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let args = [
+            connection.id as i32,
+            wasm_i32(data.len()),
+            i32::from(end_of_stream),
+        ];
+        let on = (connection.vm, connection.id);
+        self.with_body(kind, data, |vm| vm.filter_call_on(on, callback, &args))
+    }
+
+    /// Bytes from the client (`proxy_on_downstream_data`): `data` is everything not yet
+    /// forwarded; the plugin may change it.
+    pub fn on_downstream_data(
+        &mut self,
+        connection: &Connection,
+        data: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let phase = (BufferType::DownstreamData, Callback::ProxyOnDownstreamData);
+        self.data_call(connection, phase, data, end_of_stream)
+    }
+
+    /// Bytes from the upstream (`proxy_on_upstream_data`).
+    pub fn on_upstream_data(
+        &mut self,
+        connection: &Connection,
+        data: &mut BytesMut,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let phase = (BufferType::UpstreamData, Callback::ProxyOnUpstreamData);
+        self.data_call(connection, phase, data, end_of_stream)
+    }
+
+    /// The client side closed (`proxy_on_downstream_connection_close`).
+    pub fn on_downstream_connection_close(
+        &mut self,
+        connection: &Connection,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.close_call(connection, Callback::ProxyOnDownstreamConnectionClose, peer)
+    }
+
+    /// The upstream side closed (`proxy_on_upstream_connection_close`).
+    pub fn on_upstream_connection_close(
+        &mut self,
+        connection: &Connection,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.close_call(connection, Callback::ProxyOnUpstreamConnectionClose, peer)
+    }
+
+    fn close_call(
+        &mut self,
+        connection: &Connection,
+        callback: Callback,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.check_serial(connection.vm)?;
+        let args = [connection.id as i32, peer.as_u32() as i32];
+        self.call(connection.id, callback, &args).map(drop)
+    }
+
+    /// Ends a connection: `proxy_on_done`, `proxy_on_delete`, and forgets its context.
+    pub fn finish_connection(&mut self, connection: Connection) -> Result<(), VmError> {
+        self.finish_stream(HttpStream {
+            vm: connection.vm,
+            id: connection.id,
+        })
+    }
+
+    /// Takes what the plugin asked of `connection` (resume, close) since the last call.
+    pub fn take_connection_events(&mut self, connection: &Connection) -> Vec<StreamEvent> {
+        self.take_stream_events(&HttpStream {
+            vm: connection.vm,
+            id: connection.id,
+        })
+    }
+
+    // --- timers and asynchronous events ---
+
+    /// The tick period the plugin set (`proxy_set_tick_period_milliseconds`), if any.
+    pub fn tick_period(&self) -> Option<Duration> {
+        self.instance.host().tick.map(|(period, _)| period)
+    }
+
+    /// When the next `proxy_on_tick` is due, if the plugin set a period.
+    pub fn next_tick(&self) -> Option<Instant> {
+        self.instance.host().tick.map(|(_, next)| next)
+    }
+
+    /// Calls `proxy_on_tick` on the root context now and schedules the next tick one period
+    /// from now. For an embedder that drives the timer by hand.
+    pub fn on_tick(&mut self) -> Result<(), VmError> {
+        if let Some((period, _)) = self.state().tick {
+            self.state().tick = Some((period, Instant::now() + period));
+        }
+        let root = self.root_context;
+        self.call(root, Callback::ProxyOnTick, &[root as i32])
+            .map(drop)
+    }
+
+    /// Whether events wait for [`Vm::dispatch_pending`].
+    pub fn has_pending(&self) -> bool {
+        !self.instance.host().inbox.is_empty()
+    }
+
+    /// Calls `wake` (on the producing thread) whenever an event arrives for this VM: a queue
+    /// it registered got a message, or a callout answered. The embedder then has its thread
+    /// call [`Vm::dispatch_pending`].
+    pub fn set_wake(&mut self, wake: Option<Wake>) {
+        self.state().inbox.set_wake(wake);
+    }
+
+    /// Delivers what waits for this VM, in arrival order: `proxy_on_queue_ready` for queue
+    /// messages, `proxy_on_http_call_response` for HTTP calls, the `proxy_on_grpc_*` callbacks
+    /// for gRPC calls and streams. Answers to calls the plugin cancelled, and events for
+    /// contexts that are gone, are dropped. Returns how many callbacks ran.
+    pub fn dispatch_pending(&mut self) -> Result<usize, VmError> {
+        let events = self.state().inbox.take();
+        let mut ran = 0;
+        for event in events {
+            if self.deliver(event)? {
+                ran += 1;
+            }
+        }
+        Ok(ran)
+    }
+
+    /// Runs what is due at `now`: pending events, then the tick if its time has come.
+    pub fn run_due(&mut self, now: Instant) -> Result<usize, VmError> {
+        let mut ran = self.dispatch_pending()?;
+        if self.next_tick().is_some_and(|next| next <= now) {
+            self.on_tick()?;
+            ran += 1;
+        }
+        Ok(ran)
+    }
+
+    /// Blocks the thread until an event waits, the next tick is due, or `timeout` passes;
+    /// then runs what is due ([`Vm::run_due`]).
+    pub fn wait_and_run(&mut self, timeout: Duration) -> Result<usize, VmError> {
+        let mut until = Instant::now() + timeout;
+        if let Some(tick) = self.next_tick() {
+            until = until.min(tick);
+        }
+        let inbox = self.state().inbox.clone();
+        inbox.wait(until);
+        self.run_due(Instant::now())
+    }
+
+    /// Waits (on tokio) until an event waits or the next tick is due, then runs what is due.
+    /// A worker task loops on it beside its streams; it never returns `Ok(0)` forever: with
+    /// nothing scheduled it waits for an event.
+    #[cfg(feature = "tokio")]
+    pub async fn wait_and_run_async(&mut self) -> Result<usize, VmError> {
+        let inbox = self.state().inbox.clone();
+        inbox.wait_async(self.next_tick()).await;
+        self.run_due(Instant::now())
+    }
+
+    /// Asks the plugin to shut its root context down (`proxy_on_done`). `Ok(true)`: it is
+    /// gone (`proxy_on_delete` ran). `Ok(false)`: the plugin asked to finish first and will
+    /// call `proxy_done` from a later callback; [`Vm::is_done`] tells when.
+    pub fn shutdown(&mut self) -> Result<bool, VmError> {
+        if self.done {
+            return Ok(true);
+        }
+        let root = self.root_context;
+        match self.call(root, Callback::ProxyOnDone, &[root as i32])? {
+            Returned::Value(0) if !self.done => {
+                self.state().done_pending = true;
+                Ok(false)
+            }
+            _ => {
+                if !self.done {
+                    self.delete_root()?;
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// Whether the root context has been shut down.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    fn delete_root(&mut self) -> Result<(), VmError> {
+        self.done = true;
+        self.state().done_pending = false;
+        let root = self.root_context;
+        let result = self.call(root, Callback::ProxyOnDelete, &[root as i32]);
+        self.forget_context(root);
+        result.map(drop)
+    }
+
+    /// Calls `proxy_on_foreign_function(root, function_id, size)` with `args` readable as the
+    /// call-data buffer: how an embedder's extension calls back into a plugin.
+    pub fn on_foreign_function(&mut self, function_id: u32, args: &[u8]) -> Result<(), VmError> {
+        let root = self.root_context;
+        let mut data = BytesMut::from(args);
+        let call_args = [root as i32, function_id as i32, wasm_i32(args.len())];
+        self.with_body(BufferType::CallData, &mut data, |vm| {
+            vm.call(root, Callback::ProxyOnForeignFunction, &call_args)
+        })
+        .map(drop)
+    }
+
+    /// Delivers one event; false if it was dropped.
+    fn deliver(&mut self, event: Pending) -> Result<bool, VmError> {
+        match event {
+            Pending::QueueReady { root, token } => {
+                if !self.state().contexts.contains_key(&root) {
+                    return Ok(false);
+                }
+                let args = [root as i32, token as i32];
+                self.call(root, Callback::ProxyOnQueueReady, &args)?;
+            }
+            Pending::HttpResponse { token, outcome } => {
+                let Some(root) = self.state().http_calls.remove(&token) else {
+                    return Ok(false);
+                };
+                self.deliver_http(root, token, outcome)?;
+            }
+            Pending::Grpc { token, event } => return self.deliver_grpc(token, event),
+        }
+        Ok(true)
+    }
+
+    fn deliver_http(
+        &mut self,
+        root: u32,
+        token: u32,
+        outcome: HttpCallOutcome,
+    ) -> Result<(), VmError> {
+        let limits = &self.plugin.config().limits;
+        let fits = |m: &HeaderMap| m.len() <= limits.max_header_count;
+        let outcome = match outcome {
+            HttpCallOutcome::Response(r)
+                if r.body.len() > limits.max_body_bytes
+                    || !fits(&r.headers)
+                    || !fits(&r.trailers) =>
+            {
+                HttpCallOutcome::Failed("response too large".into())
+            }
+            other => other,
+        };
+        match outcome {
+            HttpCallOutcome::Response(response) => {
+                let args = [
+                    root as i32,
+                    token as i32,
+                    wasm_i32(response.headers.len()),
+                    wasm_i32(response.body.len()),
+                    wasm_i32(response.trailers.len()),
+                ];
+                let state = self.state();
+                state.maps[MapType::HttpCallResponseHeaders as usize] = Some(response.headers);
+                state.maps[MapType::HttpCallResponseTrailers as usize] = Some(response.trailers);
+                state.body = Some((
+                    BufferType::HttpCallResponseBody,
+                    BytesMut::from(&response.body[..]),
+                ));
+                let result = self.call(root, Callback::ProxyOnHttpCallResponse, &args);
+                let state = self.state();
+                state.maps[MapType::HttpCallResponseHeaders as usize] = None;
+                state.maps[MapType::HttpCallResponseTrailers as usize] = None;
+                state.body = None;
+                result.map(drop)
+            }
+            HttpCallOutcome::Failed(message) => {
+                // Envoy's failure: no headers, and proxy_get_status says why.
+                let status = (Status::BrokenConnection.as_u32(), Bytes::from(message));
+                self.with_status(status, |vm| {
+                    let args = [root as i32, token as i32, 0, 0, 0];
+                    vm.call(root, Callback::ProxyOnHttpCallResponse, &args)
+                })
+            }
+        }
+    }
+
+    fn with_status(
+        &mut self,
+        status: (u32, Bytes),
+        f: impl FnOnce(&mut Self) -> Result<Returned, VmError>,
+    ) -> Result<(), VmError> {
+        self.state().status = status;
+        let result = f(self);
+        self.state().status = (0, Bytes::new());
+        result.map(drop)
+    }
+
+    fn metadata_call(
+        &mut self,
+        root: u32,
+        (map, callback): (MapType, Callback),
+        metadata: &mut HeaderMap,
+        args: &[i32],
+    ) -> Result<Returned, VmError> {
+        self.with_map(map, metadata, |vm| vm.call(root, callback, args))
+    }
+
+    fn deliver_grpc(&mut self, token: u32, event: GrpcEvent) -> Result<bool, VmError> {
+        let Some(open) = self.state().grpc.get_mut(&token) else {
+            return Ok(false);
+        };
+        let (root, unary) = (open.root, open.unary);
+        let t = token as i32;
+        match event {
+            // A unary call hears one callback: the message on success, the close otherwise
+            // (as Envoy's async request client).
+            GrpcEvent::InitialMetadata(_) | GrpcEvent::TrailingMetadata(_) if unary => {
+                return Ok(false);
+            }
+            GrpcEvent::Message(message) if unary => {
+                open.message = Some(message);
+                return Ok(false);
+            }
+            GrpcEvent::InitialMetadata(mut map) => {
+                let args = [root as i32, t, wasm_i32(map.len())];
+                let phase = (
+                    MapType::GrpcReceiveInitialMetadata,
+                    Callback::ProxyOnGrpcReceiveInitialMetadata,
+                );
+                self.metadata_call(root, phase, &mut map, &args)?;
+            }
+            GrpcEvent::TrailingMetadata(mut map) => {
+                let args = [root as i32, t, wasm_i32(map.len())];
+                let phase = (
+                    MapType::GrpcReceiveTrailingMetadata,
+                    Callback::ProxyOnGrpcReceiveTrailingMetadata,
+                );
+                self.metadata_call(root, phase, &mut map, &args)?;
+            }
+            GrpcEvent::Message(message) => {
+                let args = [root as i32, t, wasm_i32(message.len())];
+                let mut body = BytesMut::from(&message[..]);
+                self.with_body(BufferType::GrpcReceiveBuffer, &mut body, |vm| {
+                    vm.call(root, Callback::ProxyOnGrpcReceive, &args)
+                })?;
+            }
+            GrpcEvent::Close { status, message } => {
+                let open = self.state().grpc.remove(&token);
+                match open.and_then(|o| o.message) {
+                    Some(response) if unary && status == 0 => {
+                        let args = [root as i32, t, wasm_i32(response.len())];
+                        let mut body = BytesMut::from(&response[..]);
+                        self.with_body(BufferType::GrpcReceiveBuffer, &mut body, |vm| {
+                            vm.call(root, Callback::ProxyOnGrpcReceive, &args)
+                        })?;
+                    }
+                    _ => {
+                        let status_pair = (status, Bytes::from(message));
+                        self.with_status(status_pair, |vm| {
+                            let args = [root as i32, t, status as i32];
+                            vm.call(root, Callback::ProxyOnGrpcClose, &args)
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 }

@@ -1,0 +1,370 @@
+//! State shared between VMs: the key-value store and the message queues (REFERENCE §4.8, §4.9).
+//!
+//! Both are namespaced by `vm_id`: every VM whose plugin has the same `vm_id` sees the same
+//! data and queues, on any thread. One [`SharedState`] is one such world; by default every
+//! plugin uses the process-wide [`SharedState::global`], as the reference host does.
+
+use crate::inbox::{Inbox, Pending};
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, OnceLock, Weak};
+
+/// Bounds on what one `vm_id` may keep in a [`SharedState`]. A write past them is refused with
+/// `InternalFailure` (the ABI has no "full" status; the Rust SDK maps that one to an `Err`
+/// for queues and callouts, and the Go SDK to `ErrInternalFailure` everywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SharedLimits {
+    /// Keys in the key-value store.
+    pub max_keys: usize,
+    /// Bytes of keys and values in the key-value store.
+    pub max_data_bytes: usize,
+    /// Registered queues.
+    pub max_queues: usize,
+    /// Messages waiting in one queue.
+    pub max_queue_messages: usize,
+    /// Bytes waiting in one queue.
+    pub max_queue_bytes: usize,
+}
+
+impl Default for SharedLimits {
+    fn default() -> Self {
+        SharedLimits {
+            max_keys: 65_536,
+            max_data_bytes: 64 << 20,
+            max_queues: 1024,
+            max_queue_messages: 10_000,
+            max_queue_bytes: 16 << 20,
+        }
+    }
+}
+
+impl SharedLimits {
+    /// Sets [`SharedLimits::max_keys`].
+    pub fn with_max_keys(mut self, n: usize) -> Self {
+        self.max_keys = n;
+        self
+    }
+
+    /// Sets [`SharedLimits::max_data_bytes`].
+    pub fn with_max_data_bytes(mut self, n: usize) -> Self {
+        self.max_data_bytes = n;
+        self
+    }
+
+    /// Sets [`SharedLimits::max_queues`].
+    pub fn with_max_queues(mut self, n: usize) -> Self {
+        self.max_queues = n;
+        self
+    }
+
+    /// Sets [`SharedLimits::max_queue_messages`].
+    pub fn with_max_queue_messages(mut self, n: usize) -> Self {
+        self.max_queue_messages = n;
+        self
+    }
+
+    /// Sets [`SharedLimits::max_queue_bytes`].
+    pub fn with_max_queue_bytes(mut self, n: usize) -> Self {
+        self.max_queue_bytes = n;
+        self
+    }
+}
+
+/// Why a shared-state operation did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SharedError {
+    NotFound,
+    CasMismatch,
+    Full,
+}
+
+impl From<SharedError> for filterbox_abi::Status {
+    fn from(e: SharedError) -> Self {
+        use filterbox_abi::Status;
+        match e {
+            SharedError::NotFound => Status::NotFound,
+            SharedError::CasMismatch => Status::CasMismatch,
+            SharedError::Full => Status::InternalFailure,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Namespace {
+    data: HashMap<Bytes, (Bytes, u32)>,
+    data_bytes: usize,
+    /// Queue name → token.
+    queue_names: HashMap<Bytes, u32>,
+}
+
+struct Queue {
+    messages: VecDeque<Bytes>,
+    bytes: usize,
+    /// Who hears `proxy_on_queue_ready`: the VM that registered last, and its root context.
+    owner: Weak<Inbox>,
+    owner_root: u32,
+}
+
+#[derive(Default)]
+struct World {
+    namespaces: HashMap<String, Namespace>,
+    queues: HashMap<u32, Queue>,
+    next_cas: u32,
+    next_queue: u32,
+}
+
+/// A key-value store and a set of message queues shared by VMs, namespaced by `vm_id`.
+/// Cheap to clone; clones are the same world.
+#[derive(Clone)]
+pub struct SharedState {
+    world: Arc<Mutex<World>>,
+    limits: SharedLimits,
+}
+
+impl Default for SharedState {
+    fn default() -> Self {
+        SharedState::new(SharedLimits::default())
+    }
+}
+
+impl core::fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SharedState")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+fn next_nonzero(counter: &mut u32) -> u32 {
+    *counter = counter.wrapping_add(1).max(1);
+    *counter
+}
+
+impl SharedState {
+    /// An empty world with `limits`.
+    pub fn new(limits: SharedLimits) -> Self {
+        SharedState {
+            world: Arc::default(),
+            limits,
+        }
+    }
+
+    /// The process-wide world plugins use unless given another.
+    pub fn global() -> SharedState {
+        static GLOBAL: OnceLock<SharedState> = OnceLock::new();
+        GLOBAL.get_or_init(SharedState::default).clone()
+    }
+
+    /// The limits of this world.
+    pub fn limits(&self) -> SharedLimits {
+        self.limits
+    }
+
+    /// The value and CAS token stored under `key` for `vm_id`.
+    pub fn get(&self, vm_id: &str, key: &[u8]) -> Option<(Bytes, u32)> {
+        let world = self.world.lock();
+        world.namespaces.get(vm_id)?.data.get(key).cloned()
+    }
+
+    /// Stores `value` under `key` for `vm_id`. A non-zero `cas` must match the stored token
+    /// (ignored when the key is new). Returns the new token.
+    pub(crate) fn set(
+        &self,
+        vm_id: &str,
+        key: &[u8],
+        value: &[u8],
+        cas: u32,
+    ) -> Result<u32, SharedError> {
+        let mut guard = self.world.lock();
+        let world = &mut *guard;
+        let ns = world.namespaces.entry(vm_id.to_owned()).or_default();
+        let old = ns.data.get(key);
+        if let Some((_, current)) = old
+            && cas != 0
+            && cas != *current
+        {
+            return Err(SharedError::CasMismatch);
+        }
+        let old_bytes = old.map_or(0, |(v, _)| key.len() + v.len());
+        let keys = ns.data.len() + usize::from(old.is_none());
+        let bytes = ns.data_bytes - old_bytes + key.len() + value.len();
+        if keys > self.limits.max_keys || bytes > self.limits.max_data_bytes {
+            return Err(SharedError::Full);
+        }
+        let token = next_nonzero(&mut world.next_cas);
+        ns.data_bytes = bytes;
+        ns.data.insert(
+            Bytes::copy_from_slice(key),
+            (Bytes::copy_from_slice(value), token),
+        );
+        Ok(token)
+    }
+
+    /// Creates the queue `name` of `vm_id` (or finds it, keeping what waits in it) and makes
+    /// `owner`'s root context `root` the one woken by enqueues.
+    pub(crate) fn register_queue(
+        &self,
+        vm_id: &str,
+        name: &[u8],
+        owner: &Arc<Inbox>,
+        root: u32,
+    ) -> Result<u32, SharedError> {
+        let mut guard = self.world.lock();
+        let world = &mut *guard;
+        let ns = world.namespaces.entry(vm_id.to_owned()).or_default();
+        if let Some(token) = ns.queue_names.get(name).copied()
+            && let Some(queue) = world.queues.get_mut(&token)
+        {
+            queue.owner = Arc::downgrade(owner);
+            queue.owner_root = root;
+            return Ok(token);
+        }
+        if ns.queue_names.len() >= self.limits.max_queues {
+            return Err(SharedError::Full);
+        }
+        let token = loop {
+            let token = next_nonzero(&mut world.next_queue);
+            if !world.queues.contains_key(&token) {
+                break token;
+            }
+        };
+        ns.queue_names.insert(Bytes::copy_from_slice(name), token);
+        world.queues.insert(
+            token,
+            Queue {
+                messages: VecDeque::new(),
+                bytes: 0,
+                owner: Arc::downgrade(owner),
+                owner_root: root,
+            },
+        );
+        Ok(token)
+    }
+
+    /// The token of queue `name` of `vm_id`, if it is registered.
+    pub fn resolve_queue(&self, vm_id: &str, name: &[u8]) -> Option<u32> {
+        let world = self.world.lock();
+        world.namespaces.get(vm_id)?.queue_names.get(name).copied()
+    }
+
+    /// Appends `message` to queue `token` and tells its owner (one `proxy_on_queue_ready` per
+    /// message, as the reference host). Works from any thread.
+    pub fn enqueue(&self, token: u32, message: &[u8]) -> Result<(), QueueError> {
+        let (owner, root) = {
+            let mut world = self.world.lock();
+            let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
+            if queue.messages.len() >= self.limits.max_queue_messages
+                || queue.bytes + message.len() > self.limits.max_queue_bytes
+            {
+                return Err(QueueError::Full);
+            }
+            queue.bytes += message.len();
+            queue.messages.push_back(Bytes::copy_from_slice(message));
+            (queue.owner.clone(), queue.owner_root)
+        };
+        // Woken outside the lock: the owner's waker is embedder code.
+        if let Some(inbox) = owner.upgrade() {
+            inbox.push(Pending::QueueReady { root, token });
+        }
+        Ok(())
+    }
+
+    /// Takes the oldest message of queue `token`: `Ok(None)` when it is empty.
+    pub fn dequeue(&self, token: u32) -> Result<Option<Bytes>, QueueError> {
+        let mut world = self.world.lock();
+        let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
+        let message = queue.messages.pop_front();
+        if let Some(m) = &message {
+            queue.bytes -= m.len();
+        }
+        Ok(message)
+    }
+}
+
+/// Why [`SharedState::enqueue`] or [`SharedState::dequeue`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueError {
+    /// No queue has that token.
+    NotFound,
+    /// The queue holds as much as [`SharedLimits`] allow.
+    Full,
+}
+
+impl core::fmt::Display for QueueError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            QueueError::NotFound => "no queue has that token",
+            QueueError::Full => "the queue is full",
+        })
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+impl From<QueueError> for SharedError {
+    fn from(e: QueueError) -> Self {
+        match e {
+            QueueError::NotFound => SharedError::NotFound,
+            QueueError::Full => SharedError::Full,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cas_rules_follow_the_reference() {
+        let s = SharedState::default();
+        assert_eq!(s.get("vm", b"k"), None);
+        let first = s.set("vm", b"k", b"1", 12345).unwrap(); // new key: cas ignored
+        assert_ne!(first, 0);
+        assert_eq!(
+            s.set("vm", b"k", b"2", first + 1),
+            Err(SharedError::CasMismatch)
+        );
+        let second = s.set("vm", b"k", b"2", first).unwrap();
+        let third = s.set("vm", b"k", b"3", 0).unwrap(); // 0: unconditional
+        assert!(second != first && third != second);
+        assert_eq!(s.get("vm", b"k"), Some((Bytes::from_static(b"3"), third)));
+        assert_eq!(s.get("other-vm", b"k"), None);
+    }
+
+    #[test]
+    fn data_bounds_hold_and_replacing_frees_room() {
+        let s = SharedState::new(
+            SharedLimits::default()
+                .with_max_keys(2)
+                .with_max_data_bytes(10),
+        );
+        s.set("vm", b"a", b"1234", 0).unwrap(); // 5 bytes
+        assert_eq!(s.set("vm", b"b", b"123456", 0), Err(SharedError::Full)); // 12 > 10
+        s.set("vm", b"b", b"1234", 0).unwrap(); // 10
+        assert_eq!(s.set("vm", b"c", b"", 0), Err(SharedError::Full)); // third key
+        s.set("vm", b"a", b"", 0).unwrap(); // shrinks to 6
+        s.set("vm", b"b", b"12345678", 0).unwrap(); // 1 + 9 = 10
+        s.set("other", b"c", b"123456789", 0).unwrap(); // per vm_id
+    }
+
+    #[test]
+    fn queues_are_fifo_bounded_and_wake_their_owner() {
+        let s = SharedState::new(SharedLimits::default().with_max_queue_messages(2));
+        let inbox = Arc::new(Inbox::default());
+        let token = s.register_queue("vm", b"q", &inbox, 7).unwrap();
+        assert_eq!(s.resolve_queue("vm", b"q"), Some(token));
+        assert_eq!(s.resolve_queue("vm", b"other"), None);
+        assert_eq!(s.dequeue(token), Ok(None));
+        s.enqueue(token, b"one").unwrap();
+        s.enqueue(token, b"two").unwrap();
+        assert_eq!(s.enqueue(token, b"three"), Err(QueueError::Full));
+        assert_eq!(inbox.take().len(), 2);
+        // Registering again keeps the messages.
+        assert_eq!(s.register_queue("vm", b"q", &inbox, 7), Ok(token));
+        assert_eq!(s.dequeue(token), Ok(Some(Bytes::from_static(b"one"))));
+        assert_eq!(s.dequeue(token), Ok(Some(Bytes::from_static(b"two"))));
+        assert_eq!(s.dequeue(token + 100), Err(QueueError::NotFound));
+    }
+}
