@@ -3,7 +3,7 @@
 use crate::ensure;
 use crate::guests::{self, wat_module};
 use crate::harness::{CaseResult, Failure, Harness, headers, pairs_of};
-use crate::hostile;
+use crate::{calls, hostile};
 use bytes::BytesMut;
 use filterbox::abi::{AbiError, Callback};
 use filterbox::{
@@ -246,6 +246,66 @@ pub static CASES: &[Case] = &[
         name: "host-bounds",
         group: "isolation",
         run: hostile::host_bounds,
+    },
+    Case {
+        name: "rust-sdk-http-call",
+        group: "callouts",
+        run: calls::rust_sdk_http_call,
+    },
+    Case {
+        name: "rust-sdk-grpc",
+        group: "callouts",
+        run: calls::rust_sdk_grpc,
+    },
+    Case {
+        name: "http-call-statuses",
+        group: "callouts",
+        run: calls::http_call_statuses,
+    },
+    Case {
+        name: "grpc-statuses",
+        group: "callouts",
+        run: calls::grpc_statuses,
+    },
+    Case {
+        name: "shared-data",
+        group: "shared",
+        run: calls::shared_data,
+    },
+    Case {
+        name: "shared-queues",
+        group: "shared",
+        run: calls::shared_queues,
+    },
+    Case {
+        name: "ticks",
+        group: "timers",
+        run: calls::ticks,
+    },
+    Case {
+        name: "metrics",
+        group: "metrics",
+        run: calls::metrics,
+    },
+    Case {
+        name: "foreign-functions",
+        group: "contexts",
+        run: calls::foreign_functions,
+    },
+    Case {
+        name: "contexts-and-properties",
+        group: "contexts",
+        run: calls::contexts_and_properties,
+    },
+    Case {
+        name: "proc-exit",
+        group: "wasi",
+        run: calls::proc_exit,
+    },
+    Case {
+        name: "tcp-connection",
+        group: "l4",
+        run: calls::tcp_connection,
     },
 ];
 

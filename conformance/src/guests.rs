@@ -9,6 +9,9 @@ pub const BODY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_body.was
 pub const DENY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_deny.wasm"));
 /// Logs at every level, through WASI, and panics on request (Rust SDK, ABI 0.2.1).
 pub const LOGGER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_logger.wasm"));
+/// HTTP calls, gRPC, shared data, a queue, ticks and metrics together (Rust SDK, ABI 0.2.1);
+/// see `guests/callouts/src/lib.rs`.
+pub const CALLOUTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_callouts.wasm"));
 
 /// Every built guest plugin by name, for the CLI and tests.
 pub const ALL: &[(&str, &[u8])] = &[
@@ -16,6 +19,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("body", BODY),
     ("deny", DENY),
     ("logger", LOGGER),
+    ("callouts", CALLOUTS),
 ];
 
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.

@@ -2,8 +2,8 @@
 //! drive streams.
 
 use filterbox::{
-    Engine, EngineConfig, EngineKind, HeaderMap, LogLevel, LogSink, Plugin, PluginConfig,
-    PluginError, Vm,
+    Engine, EngineConfig, EngineKind, HeaderMap, LogLevel, LogSink, Plugin, PluginBuilder,
+    PluginConfig, PluginError, SharedState, Vm,
 };
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -97,11 +97,24 @@ impl Harness {
         wasm: &[u8],
         config: PluginConfig,
     ) -> Result<(Plugin, Arc<LogCapture>), PluginError> {
+        self.load_with(wasm, config, |b| b)
+    }
+
+    /// [`Harness::load`] with more set on the builder by `more` (callouts, shared state,
+    /// foreign functions). Each plugin gets a fresh [`SharedState`] unless `more` sets one, so
+    /// cases running at once never see each other's data.
+    pub fn load_with(
+        &self,
+        wasm: &[u8],
+        config: PluginConfig,
+        more: impl FnOnce(PluginBuilder) -> PluginBuilder,
+    ) -> Result<(Plugin, Arc<LogCapture>), PluginError> {
         let logs = Arc::new(LogCapture::default());
-        let plugin = Plugin::builder(config.with_engine(self.engine.kind()))
+        let builder = Plugin::builder(config.with_engine(self.engine.kind()))
             .engine(&self.engine)
             .log_sink(logs.clone())
-            .build(wasm)?;
+            .shared_state(SharedState::default());
+        let plugin = more(builder).build(wasm)?;
         Ok((plugin, logs))
     }
 

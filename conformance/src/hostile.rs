@@ -76,7 +76,11 @@ const LOOP: &str = "(loop $forever (br $forever)) (unreachable)";
 
 /// A module with memory, a bump allocator, every callback of `special` with its body and the
 /// others well-behaved, plus `extra` (imports go first in `imports`).
-fn module(imports: &str, special: &[(Callback, &str)], extra: &str) -> Result<Vec<u8>, Failure> {
+pub(crate) fn module(
+    imports: &str,
+    special: &[(Callback, &str)],
+    extra: &str,
+) -> Result<Vec<u8>, Failure> {
     let mut callbacks = String::new();
     for callback in STREAM_CALLBACKS
         .iter()
@@ -121,7 +125,7 @@ fn config(name: &str) -> PluginConfig {
 }
 
 /// The statuses a module reported with `$report`, from its two-letter log lines.
-fn reports(logs: &LogCapture) -> Vec<u32> {
+pub(crate) fn reports(logs: &LogCapture) -> Vec<u32> {
     logs.messages()
         .iter()
         .filter_map(|m| match m.as_bytes() {
@@ -440,6 +444,25 @@ pub(crate) fn crash_loop_stops_rebuilding(h: &Harness) -> CaseResult {
     expect_nothing_leaked(&plugin)
 }
 
+/// The WAT import of `import`, as the function `$<name>`.
+pub(crate) fn import_decl(import: Import) -> String {
+    let module_name = match import.module() {
+        ImportModule::Env => "env",
+        ImportModule::Wasi => "wasi_snapshot_preview1",
+    };
+    let params: Vec<&str> = import.params().iter().map(|t| wat_type(*t)).collect();
+    let result = match import.result() {
+        Some(t) => format!("(result {})", wat_type(t)),
+        None => String::new(),
+    };
+    format!(
+        r#"(import "{module_name}" "{}" (func ${} (param {}) {result}))"#,
+        import.name(),
+        import.name(),
+        params.join(" ")
+    )
+}
+
 /// The argument list for `import` with every pointer (`*_ptr`) set to `ptr` and every size
 /// set to `size`; other arguments are 0.
 fn hostile_args(import: Import, ptr: i32, size: i32) -> String {
@@ -470,22 +493,7 @@ pub(crate) fn bad_pointers_to_every_hostcall(h: &Harness) -> CaseResult {
     let mut imports = String::new();
     let mut calls = String::new();
     for import in &targets {
-        let module_name = match import.module() {
-            ImportModule::Env => "env",
-            ImportModule::Wasi => "wasi_snapshot_preview1",
-        };
-        let params: Vec<&str> = import.params().iter().map(|t| wat_type(*t)).collect();
-        let result = match import.result() {
-            Some(t) => format!("(result {})", wat_type(t)),
-            None => String::new(),
-        };
-        let _ = writeln!(
-            imports,
-            r#"(import "{module_name}" "{}" (func ${} (param {}) {result}))"#,
-            import.name(),
-            import.name(),
-            params.join(" ")
-        );
+        let _ = writeln!(imports, "{}", import_decl(*import));
         // 65533: any word or wider written there runs past the end of the 64 KiB memory.
         for (ptr, size) in [(65533, 100), (-16, 32), (-1, -1)] {
             let call = format!(

@@ -7,10 +7,12 @@
 
 #![warn(missing_docs)]
 
+mod calls;
 mod cases;
 pub mod guests;
 mod harness;
 mod hostile;
+pub mod servers;
 
 pub use cases::{CASES, Case};
 pub use harness::{CaseResult, Failure, Harness, LogCapture, headers, pairs_of};

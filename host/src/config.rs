@@ -209,6 +209,12 @@ impl PluginConfig {
         self
     }
 
+    /// Sets the vm_id: VMs with the same one share data and queues.
+    pub fn with_vm_id(mut self, vm_id: impl Into<String>) -> Self {
+        self.vm_id = vm_id.into();
+        self
+    }
+
     /// Sets the engine.
     pub fn with_engine(mut self, engine: EngineKind) -> Self {
         self.engine = engine;

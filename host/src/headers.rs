@@ -102,6 +102,15 @@ impl HeaderMap {
     }
 }
 
+impl IntoIterator for HeaderMap {
+    type Item = (Bytes, Bytes);
+    type IntoIter = std::vec::IntoIter<(Bytes, Bytes)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.entries.into_iter()
+    }
+}
+
 impl<K: Into<Bytes>, V: Into<Bytes>> FromIterator<(K, V)> for HeaderMap {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         HeaderMap {

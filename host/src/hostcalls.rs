@@ -1112,14 +1112,18 @@ impl Hostcalls for VmState {
             );
             return Status::Ok.as_i32();
         }
-        state.local_response = Some(LocalResponse {
-            status_code: status_code as u32,
-            details: String::from_utf8_lossy(details).into_owned(),
-            body: Bytes::copy_from_slice(body),
-            headers: headers.into_iter().collect(),
-            // SDKs pass -1 for "not a gRPC response"; anything outside 0..=16 means none.
-            grpc_status: GrpcStatus::from_u32(grpc_status as u32),
-        });
+        let context = state.context();
+        state.local_response = Some((
+            context,
+            LocalResponse {
+                status_code: status_code as u32,
+                details: String::from_utf8_lossy(details).into_owned(),
+                body: Bytes::copy_from_slice(body),
+                headers: headers.into_iter().collect(),
+                // SDKs pass -1 for "not a gRPC response"; anything outside 0..=16 means none.
+                grpc_status: GrpcStatus::from_u32(grpc_status as u32),
+            },
+        ));
         Status::Ok.as_i32()
     }
 

@@ -40,6 +40,8 @@ mod config;
 mod embedder;
 mod headers;
 mod hostcalls;
+#[cfg(feature = "hyper-client")]
+mod hyper_client;
 mod inbox;
 mod metrics;
 mod plugin;
@@ -56,6 +58,8 @@ pub use callout::{
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 pub use headers::HeaderMap;
+#[cfg(feature = "hyper-client")]
+pub use hyper_client::HyperCallouts;
 pub use inbox::Wake;
 pub use metrics::HostMetrics;
 pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};

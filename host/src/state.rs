@@ -114,8 +114,11 @@ pub(crate) struct VmState {
     pub(crate) maps: [Option<HeaderMap>; 8],
     /// The body handed in for the current callback.
     pub(crate) body: Option<(BufferType, BytesMut)>,
-    /// Set by `proxy_send_local_response` during the current callback.
-    pub(crate) local_response: Option<LocalResponse>,
+    /// Set by `proxy_send_local_response` during the current callback, with its context.
+    pub(crate) local_response: Option<(u32, LocalResponse)>,
+    /// Header maps of paused streams, by context and `MapType`: a plugin resumed from a
+    /// later callback (a callout answer, a tick) still reads and changes them there.
+    pub(crate) parked: HashMap<(u32, MapType), HeaderMap>,
     /// Stream events (continue, close) requested by the plugin, by context id.
     pub(crate) events: Vec<(u32, StreamEvent)>,
     /// Inside the guest allocator, called from a hostcall.
@@ -157,6 +160,7 @@ impl VmState {
             maps: Default::default(),
             body: None,
             local_response: None,
+            parked: HashMap::new(),
             events: Vec::new(),
             in_allocator: false,
             inbox: Arc::default(),
@@ -204,17 +208,26 @@ impl VmState {
         }
     }
 
+    /// The map `map` as the current callback sees it: handed in for this call, or parked
+    /// with the context the hostcall acts on.
     pub(crate) fn map(&self, map: MapType) -> Option<&HeaderMap> {
-        self.maps.get(map as usize).and_then(Option::as_ref)
+        match self.maps.get(map as usize).and_then(Option::as_ref) {
+            Some(handed_in) => Some(handed_in),
+            None => self.parked.get(&(self.context(), map)),
+        }
     }
 
-    /// A map the plugin may change now: only the stream maps (0–3), only while handed in, and
-    /// not during `proxy_on_log`.
+    /// A map the plugin may change now: only the stream maps (0–3), only while handed in (or
+    /// parked), and not during `proxy_on_log`.
     pub(crate) fn map_mut(&mut self, map: MapType) -> Option<&mut HeaderMap> {
         if map.as_u32() > MapType::HttpResponseTrailers.as_u32() || self.phase == Phase::Log {
             return None;
         }
-        self.maps.get_mut(map as usize).and_then(Option::as_mut)
+        let context = self.context();
+        match self.maps.get_mut(map as usize).and_then(Option::as_mut) {
+            Some(handed_in) => Some(handed_in),
+            None => self.parked.get_mut(&(context, map)),
+        }
     }
 
     /// The bytes of buffer `buffer`, as Envoy answers outside and inside the callbacks that own

@@ -39,12 +39,15 @@ pub struct LocalResponse {
 }
 
 /// Something a plugin asked of a stream outside the return value of a callback.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {
     /// Resume a paused direction (`proxy_continue_stream`, `proxy_continue_request/response`).
     Continue(StreamType),
     /// Reset the stream (`proxy_close_stream`).
     Close(StreamType),
+    /// Answer the client with this response (sent from a callback that was not the
+    /// stream's own, such as an HTTP-call answer).
+    Respond(LocalResponse),
     /// Recompute the route (`proxy_clear_route_cache`, ABI 0.1.0): headers that choose it
     /// changed.
     ClearRouteCache,
@@ -466,7 +469,16 @@ impl Vm {
         self.check_serial(vm)?;
         self.state().local_response = None;
         let returned = self.call(id, callback, args);
-        let local = self.state().local_response.take();
+        let local = match self.state().local_response.take() {
+            Some((context, response)) if context == id => Some(response),
+            Some((context, response)) => {
+                // Sent for another stream (through proxy_set_effective_context).
+                let events = &mut self.state().events;
+                events.push((context, StreamEvent::Respond(response)));
+                None
+            }
+            None => None,
+        };
         Ok(match (local, returned?) {
             (Some(response), _) => Action::Respond(response),
             (None, Returned::Value(0) | Returned::Missing | Returned::Nothing) => Action::Continue,
@@ -488,7 +500,21 @@ impl Vm {
             wasm_i32(headers.len()),
             i32::from(end_of_stream),
         ];
-        self.with_map(map, headers, |vm| vm.filter_call(stream, callback, &args))
+        let action = self.with_map(map, headers, |vm| vm.filter_call(stream, callback, &args))?;
+        let parked = &mut self.state().parked;
+        match action {
+            Action::Pause => parked.insert((stream.id, map), headers.clone()),
+            _ => parked.remove(&(stream.id, map)),
+        };
+        Ok(action)
+    }
+
+    /// The headers of `stream` as the plugin left them after pausing in a header callback:
+    /// a plugin that resumes from a later callback (an HTTP-call answer, a tick) may have
+    /// changed them since. Take them when the stream is resumed; `None` if the stream did not
+    /// pause on `map`.
+    pub fn take_paused_headers(&mut self, stream: &HttpStream, map: MapType) -> Option<HeaderMap> {
+        self.state().parked.remove(&(stream.id, map))
     }
 
     fn body_call(
@@ -630,6 +656,7 @@ impl Vm {
         state.contexts.remove(&id);
         state.events.retain(|(context, _)| *context != id);
         state.properties.retain(|(context, _), _| *context != id);
+        state.parked.retain(|(context, _), _| *context != id);
     }
 
     /// Takes what the plugin asked of `stream` (resume, close) since the last call.
@@ -639,7 +666,7 @@ impl Vm {
         events.retain(|(context, event)| {
             let mine = *context == stream.id;
             if mine {
-                taken.push(*event);
+                taken.push(event.clone());
             }
             !mine
         });
@@ -901,8 +928,19 @@ impl Vm {
         .map(drop)
     }
 
-    /// Delivers one event; false if it was dropped.
+    /// Delivers one event; false if it was dropped. A local response the plugin sent from
+    /// it becomes a [`StreamEvent::Respond`] of its stream.
     fn deliver(&mut self, event: Pending) -> Result<bool, VmError> {
+        self.state().local_response = None;
+        let delivered = self.deliver_event(event);
+        let state = self.state();
+        if let Some((context, response)) = state.local_response.take() {
+            state.events.push((context, StreamEvent::Respond(response)));
+        }
+        delivered
+    }
+
+    fn deliver_event(&mut self, event: Pending) -> Result<bool, VmError> {
         match event {
             Pending::QueueReady { root, token } => {
                 if !self.state().contexts.contains_key(&root) {

@@ -1,0 +1,435 @@
+//! The default [`Callouts`]: HTTP calls and gRPC over hyper on a tokio runtime, to upstreams
+//! named in a table (name → URL). Names not in the table are refused, which makes the table
+//! the plugin's egress allowlist.
+
+use crate::HeaderMap;
+use crate::callout::{
+    CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
+    HttpCallReply, HttpCallRequest, HttpCallResponse,
+};
+use bytes::{Buf, Bytes, BytesMut};
+use core::fmt;
+use core::pin::Pin;
+use core::task::{Context, Poll};
+use filterbox_abi::GrpcStatus;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderName, HeaderValue, Method, Request, Uri};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::collections::HashMap;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Where an upstream name points.
+#[derive(Debug, Clone)]
+struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+}
+
+/// HTTP calls (HTTP/1.1) and gRPC (HTTP/2, prior knowledge) over hyper, run on a tokio
+/// runtime the embedder owns. Only `http://` upstreams: TLS is the embedder's choice of
+/// crate, so it lives in its own [`Callouts`].
+///
+/// As Envoy answers its plugins: a call that times out gets a `504` response and one whose
+/// upstream cannot be reached a `503`; a connection that breaks after the response started,
+/// or a response over the size limit, is a failure (`proxy_get_status` = `BrokenConnection`).
+pub struct HyperCallouts {
+    runtime: Handle,
+    upstreams: HashMap<String, Upstream>,
+    http: Client<HttpConnector, OnceBody>,
+    grpc: Client<HttpConnector, ChannelBody>,
+    max_response_bytes: usize,
+}
+
+impl fmt::Debug for HyperCallouts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HyperCallouts")
+            .field("upstreams", &self.upstreams)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HyperCallouts {
+    /// A client running its calls on `runtime`, with no upstreams yet.
+    pub fn new(runtime: Handle) -> Self {
+        let mut grpc = Client::builder(TokioExecutor::new());
+        grpc.http2_only(true);
+        HyperCallouts {
+            runtime,
+            upstreams: HashMap::new(),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            grpc: grpc.build_http(),
+            max_response_bytes: 16 << 20,
+        }
+    }
+
+    /// Names an upstream: plugins call `name`, the client connects to `url`
+    /// (`http://host:port`; a path in it is ignored).
+    pub fn upstream(mut self, name: impl Into<String>, url: &str) -> Result<Self, CalloutError> {
+        let name = name.into();
+        let bad =
+            |why: &str| CalloutError::BadRequest(format!("upstream {name:?} = {url:?}: {why}"));
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
+        if scheme != Scheme::HTTP {
+            return Err(bad("only http:// is supported"));
+        }
+        let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        self.upstreams.insert(name, Upstream { scheme, authority });
+        Ok(self)
+    }
+
+    /// Largest response body (HTTP) or message (gRPC) accepted (default 16 MiB).
+    pub fn max_response_bytes(mut self, bytes: usize) -> Self {
+        self.max_response_bytes = bytes;
+        self
+    }
+
+    fn resolve(&self, name: &str) -> Result<&Upstream, CalloutError> {
+        self.upstreams
+            .get(name)
+            .ok_or_else(|| CalloutError::UnknownUpstream(name.to_owned()))
+    }
+}
+
+fn bad_request(why: impl fmt::Display) -> CalloutError {
+    CalloutError::BadRequest(why.to_string())
+}
+
+/// Copies the regular (non-pseudo) headers into `out`.
+fn copy_headers(from: &HeaderMap, out: &mut http::HeaderMap) -> Result<(), CalloutError> {
+    for (name, value) in from.iter() {
+        if name.starts_with(b":") {
+            continue;
+        }
+        let name = HeaderName::from_bytes(name).map_err(bad_request)?;
+        let value = HeaderValue::from_bytes(value).map_err(bad_request)?;
+        out.append(name, value);
+    }
+    Ok(())
+}
+
+fn to_map(headers: &http::HeaderMap) -> HeaderMap {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                Bytes::copy_from_slice(k.as_str().as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            )
+        })
+        .collect()
+}
+
+fn status_response(status: u16, body: &'static str) -> HttpCallOutcome {
+    let headers = [(":status", status.to_string())].into_iter().collect();
+    HttpCallOutcome::Response(HttpCallResponse {
+        headers,
+        body: Bytes::from_static(body.as_bytes()),
+        trailers: HeaderMap::default(),
+    })
+}
+
+impl Callouts for HyperCallouts {
+    fn http_call(&self, call: HttpCallRequest, reply: HttpCallReply) -> Result<(), CalloutError> {
+        let upstream = self.resolve(&call.upstream)?;
+        let pseudo = |name: &str| call.headers.get(name.as_bytes());
+        let method = pseudo(":method").ok_or_else(|| bad_request("no :method"))?;
+        let method = Method::from_bytes(method).map_err(bad_request)?;
+        let path = pseudo(":path").ok_or_else(|| bad_request("no :path"))?;
+        let path = PathAndQuery::try_from(path.as_ref()).map_err(bad_request)?;
+        let uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(bad_request)?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(OnceBody::new(call.body, &call.trailers)?)
+            .map_err(bad_request)?;
+        let headers = request.headers_mut();
+        copy_headers(&call.headers, headers)?;
+        // The plugin's :authority is the Host the upstream sees.
+        if let Some(authority) = pseudo(":authority")
+            && !headers.contains_key(http::header::HOST)
+        {
+            headers.insert(
+                http::header::HOST,
+                HeaderValue::from_bytes(authority).map_err(bad_request)?,
+            );
+        }
+        let client = self.http.clone();
+        let limit = self.max_response_bytes;
+        let timeout = call.timeout;
+        self.runtime.spawn(async move {
+            let exchange = async {
+                let response = match client.request(request).await {
+                    Ok(response) => response,
+                    // Nothing came back: Envoy's router answers these with a 503.
+                    Err(_) => {
+                        return status_response(
+                            503,
+                            "upstream connect error or disconnect/reset before headers",
+                        );
+                    }
+                };
+                let (parts, body) = response.into_parts();
+                let mut headers: HeaderMap = [(":status", parts.status.as_str().to_owned())]
+                    .into_iter()
+                    .collect();
+                headers.extend(to_map(&parts.headers));
+                match http_body_util::Limited::new(body, limit).collect().await {
+                    Ok(collected) => {
+                        let trailers = collected.trailers().map(to_map).unwrap_or_default();
+                        HttpCallOutcome::Response(HttpCallResponse {
+                            headers,
+                            body: collected.to_bytes(),
+                            trailers,
+                        })
+                    }
+                    Err(_) => HttpCallOutcome::Failed("reset".into()),
+                }
+            };
+            let outcome = match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, exchange)
+                    .await
+                    .unwrap_or_else(|_| status_response(504, "upstream request timeout")),
+                None => exchange.await,
+            };
+            reply.send(outcome);
+        });
+        Ok(())
+    }
+
+    fn grpc_open(
+        &self,
+        call: GrpcRequest,
+        mut reply: GrpcReply,
+    ) -> Result<Box<dyn GrpcStream>, CalloutError> {
+        let upstream = self.resolve(&call.upstream)?;
+        let path = format!("/{}/{}", call.service, call.method);
+        let uri = Uri::builder()
+            .scheme(upstream.scheme.clone())
+            .authority(upstream.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(bad_request)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(uri)
+            .body(ChannelBody { rx })
+            .map_err(bad_request)?;
+        let headers = request.headers_mut();
+        copy_headers(&call.initial_metadata, headers)?;
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        let client = self.grpc.clone();
+        let limit = self.max_response_bytes;
+        let timeout = call.timeout;
+        let task = self.runtime.spawn(async move {
+            let exchange = grpc_exchange(client, request, limit, &mut reply);
+            let (status, message) = match timeout {
+                Some(timeout) => tokio::time::timeout(timeout, exchange).await.unwrap_or((
+                    GrpcStatus::DeadlineExceeded.as_u32(),
+                    "deadline exceeded".into(),
+                )),
+                None => exchange.await,
+            };
+            reply.send(GrpcEvent::Close { status, message });
+        });
+        Ok(Box::new(HyperGrpcStream { tx: Some(tx), task }))
+    }
+}
+
+/// Runs one gRPC exchange, delivering metadata and messages; returns the final status.
+async fn grpc_exchange(
+    client: Client<HttpConnector, ChannelBody>,
+    request: Request<ChannelBody>,
+    limit: usize,
+    reply: &mut GrpcReply,
+) -> (u32, String) {
+    let unavailable = |why: String| (GrpcStatus::Unavailable.as_u32(), why);
+    let response = match client.request(request).await {
+        Ok(response) => response,
+        Err(e) => return unavailable(format!("upstream unreachable: {e}")),
+    };
+    let (parts, mut body) = response.into_parts();
+    if !parts.status.is_success() {
+        return unavailable(format!("upstream answered HTTP {}", parts.status));
+    }
+    // A "trailers-only" response carries the status in its headers.
+    let header_status = grpc_status(&parts.headers);
+    reply.send(GrpcEvent::InitialMetadata(to_map(&parts.headers)));
+    let mut buffer = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => return unavailable(format!("stream broke: {e}")),
+        };
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
+                buffer.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+                // Every whole length-prefixed message in the buffer.
+                while buffer.len() >= 5 {
+                    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]);
+                    let len = len as usize;
+                    if len > limit {
+                        return (
+                            GrpcStatus::ResourceExhausted.as_u32(),
+                            format!("message of {len} bytes is over the {limit}-byte limit"),
+                        );
+                    }
+                    if buffer.len() < 5 + len {
+                        break;
+                    }
+                    if buffer[0] != 0 {
+                        return (
+                            GrpcStatus::Internal.as_u32(),
+                            "compressed messages are not supported".into(),
+                        );
+                    }
+                    let mut message = buffer.split_to(5 + len);
+                    message.advance(5);
+                    reply.send(GrpcEvent::Message(message.freeze()));
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            let status = grpc_status(&trailers);
+            reply.send(GrpcEvent::TrailingMetadata(to_map(&trailers)));
+            return status.unwrap_or((GrpcStatus::Unknown.as_u32(), "no grpc-status".into()));
+        }
+    }
+    header_status.unwrap_or_else(|| unavailable("stream ended without a status".into()))
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<(u32, String)> {
+    let status = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Some((status, message))
+}
+
+/// The host's end of a gRPC call running on the runtime.
+struct HyperGrpcStream {
+    /// Messages to send; dropped to half-close.
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    task: JoinHandle<()>,
+}
+
+impl GrpcStream for HyperGrpcStream {
+    fn send(&mut self, message: Bytes, end_of_stream: bool) {
+        if let Some(tx) = &self.tx {
+            let mut framed = BytesMut::with_capacity(5 + message.len());
+            framed.extend_from_slice(&[0]);
+            framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&message);
+            let _ = tx.send(framed.freeze());
+        }
+        if end_of_stream {
+            self.tx = None;
+        }
+    }
+
+    fn close(&mut self) {
+        self.tx = None;
+    }
+
+    fn cancel(&mut self) {
+        self.tx = None;
+        self.task.abort();
+    }
+}
+
+impl Drop for HyperGrpcStream {
+    fn drop(&mut self) {
+        // The plugin forgot the call (or its VM is gone): nobody is left to hear it.
+        self.task.abort();
+    }
+}
+
+/// A request body sent whole: data, then trailers if any.
+pub(crate) struct OnceBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl OnceBody {
+    fn new(data: Bytes, trailers: &HeaderMap) -> Result<Self, CalloutError> {
+        let trailers = match trailers.is_empty() {
+            true => None,
+            false => {
+                let mut map = http::HeaderMap::new();
+                copy_headers(trailers, &mut map)?;
+                Some(map)
+            }
+        };
+        Ok(OnceBody {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+        })
+    }
+}
+
+impl Body for OnceBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let len = self.data.as_ref().map_or(0, |d| d.len() as u64);
+        match self.trailers {
+            None => http_body::SizeHint::with_exact(len),
+            Some(_) => http_body::SizeHint::default(),
+        }
+    }
+}
+
+/// A request body fed from a channel: gRPC messages as the plugin sends them.
+pub(crate) struct ChannelBody {
+    rx: mpsc::UnboundedReceiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|message| message.map(|m| Ok(Frame::data(m))))
+    }
+}
