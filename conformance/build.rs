@@ -6,7 +6,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: &[&str] = &["headers", "body", "deny", "logger", "callouts"];
+const GUESTS: &[&str] = &["headers", "body", "deny", "logger", "callouts", "abi010"];
 
 fn main() {
     let manifest_dir =

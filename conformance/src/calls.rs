@@ -866,3 +866,55 @@ pub(crate) fn tcp_connection(h: &Harness) -> CaseResult {
     );
     Ok(())
 }
+
+/// A plugin built with the Rust SDK 0.1.x (ABI 0.1.0): `proxy_get_configuration` in
+/// `proxy_on_configure`, header callbacks without `end_of_stream`, an HTTP call answered
+/// through the 0.1.0 callback and the request resumed with `proxy_continue_request`.
+pub(crate) fn abi_0_1_0_plugin(h: &Harness) -> CaseResult {
+    let callouts = servers()?.callouts()?;
+    let config = config("abi010").with_configuration("cfg-text");
+    let (plugin, logs) = h
+        .load_with(guests::ABI010, config, |b| b.callouts(callouts))
+        .map_err(|e| e.to_string())?;
+    ensure!(
+        plugin.abi_version() == filterbox::AbiVersion::V0_1_0,
+        "ABI {:?}",
+        plugin.abi_version()
+    );
+    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    ensure!(
+        logged(&logs, "configuration cfg-text"),
+        "logs: {:?}",
+        logs.messages()
+    );
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[(":method", "GET"), (":path", "/"), (":authority", "x")]);
+    let action = vm
+        .on_request_headers(&stream, &mut request, true)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Continue && request.get_str("x-abi") == Some("0.1.0"),
+        "plain request: {action:?} {request:?}"
+    );
+    vm.finish_stream(stream).map_err(vm_error)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[(":method", "GET"), (":path", "/pause"), (":authority", "x")]);
+    let action = vm
+        .on_request_headers(&stream, &mut request, true)
+        .map_err(vm_error)?;
+    ensure!(action == Action::Pause, "paused request: {action:?}");
+    let mut events = Vec::new();
+    drive_until(&mut vm, "proxy_continue_request", |vm| {
+        events.extend(vm.take_stream_events(&stream));
+        events.contains(&StreamEvent::Continue(StreamType::HttpRequest))
+    })?;
+    let resumed = vm
+        .take_paused_headers(&stream, MapType::HttpRequestHeaders)
+        .ok_or("no paused headers")?;
+    ensure!(
+        resumed.get_str("x-lookup") == Some("found") && resumed.get_str("x-abi") == Some("0.1.0"),
+        "resumed headers: {resumed:?}"
+    );
+    vm.finish_stream(stream).map_err(vm_error)?;
+    Ok(())
+}

@@ -303,6 +303,11 @@ pub static CASES: &[Case] = &[
         run: calls::proc_exit,
     },
     Case {
+        name: "abi-0-1-0-plugin",
+        group: "versions",
+        run: calls::abi_0_1_0_plugin,
+    },
+    Case {
         name: "tcp-connection",
         group: "l4",
         run: calls::tcp_connection,

@@ -12,6 +12,9 @@ pub const LOGGER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_logger
 /// HTTP calls, gRPC, shared data, a queue, ticks and metrics together (Rust SDK, ABI 0.2.1);
 /// see `guests/callouts/src/lib.rs`.
 pub const CALLOUTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_callouts.wasm"));
+/// Adds `x-abi: 0.1.0`, logs its configuration, pauses `/pause` on an HTTP call (Rust SDK
+/// 0.1.x, ABI 0.1.0); see `guests/abi010/src/lib.rs`.
+pub const ABI010: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_abi010.wasm"));
 
 /// Every built guest plugin by name, for the CLI and tests.
 pub const ALL: &[(&str, &[u8])] = &[
@@ -20,6 +23,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("deny", DENY),
     ("logger", LOGGER),
     ("callouts", CALLOUTS),
+    ("abi010", ABI010),
 ];
 
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.

@@ -280,6 +280,20 @@ impl Worker {
 
     /// The VM, if it is the one streams of `generation` were created on (a stream of a
     /// dropped VM must never reach its successor).
+    /// Runs what is due on the worker's VM ([`Vm::run_due`]): callout answers, queue
+    /// wake-ups, the tick. A trap retires the VM as in a stream callback and is returned.
+    pub fn run_due(&mut self, now: Instant) -> Result<usize, VmError> {
+        let Some(vm) = self.vm.as_mut() else {
+            return Ok(0);
+        };
+        vm.run_due(now).inspect_err(|error| self.retire(error))
+    }
+
+    /// When the worker's VM next wants [`Worker::run_due`] for its tick.
+    pub fn next_tick(&self) -> Option<Instant> {
+        self.vm.as_ref().and_then(Vm::next_tick)
+    }
+
     fn live_vm(&mut self, generation: u64) -> Option<&mut Vm> {
         match self.generation == generation {
             true => self.vm.as_mut(),
@@ -321,8 +335,8 @@ impl Worker {
         }
     }
 
-    /// Applies the policy to `error`, and retires the VM if the error failed it.
-    fn fail(&mut self, error: VmError) -> Failure {
+    /// Retires the VM if `error` failed it.
+    fn retire(&mut self, error: &VmError) {
         let vm_failed = match &self.vm {
             Some(vm) => vm.failure().is_some(),
             None => false,
@@ -335,6 +349,11 @@ impl Worker {
             tracing::warn!(plugin = %self.plugin.config().name, "{error}; VM dropped");
             self.schedule_rebuild();
         }
+    }
+
+    /// Applies the policy to `error`, and retires the VM if the error failed it.
+    fn fail(&mut self, error: VmError) -> Failure {
+        self.retire(&error);
         let action = match self.plugin.config().failure_policy {
             FailurePolicy::FailClosed { status } => Action::Respond(LocalResponse {
                 status_code: status,
