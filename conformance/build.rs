@@ -65,12 +65,74 @@ fn main() {
              run `rustup target add wasm32-wasip1` (rust-toolchain.toml names it)."
         );
     }
+    build_assemblyscript(&guests.join("assemblyscript"), &target_dir, &out_dir);
     for guest in GUESTS {
         let file = format!("guest_{guest}.wasm");
         let built = target_dir.join("wasm32-wasip1/release").join(&file);
         std::fs::copy(&built, out_dir.join(&file))
             .unwrap_or_else(|e| panic!("guest {guest} was not built at {}: {e}", built.display()));
     }
+}
+
+/// Builds the AssemblyScript guest with npm packages pinned by its lock file: copies the
+/// sources to `<target>/guests/assemblyscript` (so nothing is written into the source tree),
+/// installs the packages there once per lock file, and compiles with `asc`.
+fn build_assemblyscript(source: &Path, target_dir: &Path, out_dir: &Path) {
+    const FILES: [&str; 3] = ["package.json", "package-lock.json", "assembly/index.ts"];
+    for file in FILES {
+        println!("cargo:rerun-if-changed={}", source.join(file).display());
+    }
+    let work = target_dir.join("assemblyscript");
+    std::fs::create_dir_all(work.join("assembly"))
+        .unwrap_or_else(|e| panic!("creating {}: {e}", work.display()));
+    let lock = |dir: &Path| std::fs::read(dir.join("package-lock.json")).ok();
+    let installed = lock(&work).is_some()
+        && lock(&work) == lock(source)
+        && work.join("node_modules/.bin/asc").exists();
+    for file in FILES {
+        std::fs::copy(source.join(file), work.join(file))
+            .unwrap_or_else(|e| panic!("copying {file} of the AssemblyScript guest: {e}"));
+    }
+    let run = |program: &str, args: &[&str]| {
+        let status = Command::new(program)
+            .current_dir(&work)
+            .args(args)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "could not run {program} to build the AssemblyScript guest ({e}); \
+                     it needs Node.js and npm"
+                )
+            });
+        if !status.success() {
+            panic!(
+                "{program} {} failed ({status}) in {}",
+                args.join(" "),
+                work.display()
+            );
+        }
+    };
+    if !installed {
+        run(
+            "npm",
+            &["ci", "--no-audit", "--no-fund", "--loglevel=error"],
+        );
+    }
+    let wasm = out_dir.join("guest_assemblyscript.wasm");
+    let wasm = wasm.to_str().expect("OUT_DIR is UTF-8");
+    run(
+        "npx",
+        &[
+            "--no-install",
+            "asc",
+            "assembly/index.ts",
+            "-b",
+            wasm,
+            "--use",
+            "abort=abort_proc_exit",
+            "-O",
+        ],
+    );
 }
 
 /// `<target>/guests`, found from OUT_DIR (`<target>/<profile>/build/<pkg>/out`).

@@ -918,3 +918,67 @@ pub(crate) fn abi_0_1_0_plugin(h: &Harness) -> CaseResult {
     vm.finish_stream(stream).map_err(vm_error)?;
     Ok(())
 }
+
+/// A plugin built with the AssemblyScript SDK (ABI 0.2.0, `malloc` allocator, no start
+/// function, root context found by its root id): headers added on both sides, a local
+/// response, a metric. Its configuration is three bytes on purpose: the SDK passes the
+/// configuration size where `proxy_get_buffer_bytes` wants the size out-pointer, so the host
+/// (as Envoy) writes the size to address 3, in the reserved low bytes of AssemblyScript's
+/// memory; an empty one makes the SDK free a stale buffer.
+pub(crate) fn assemblyscript_plugin(h: &Harness) -> CaseResult {
+    let mut config = config("assemblyscript").with_configuration("abc");
+    config.root_id = "as_root".into();
+    let (mut vm, logs) = h.start(guests::ASSEMBLYSCRIPT, config)?;
+    ensure!(
+        vm.plugin().abi_version() == filterbox::AbiVersion::V0_2_0,
+        "ABI {:?}",
+        vm.plugin().abi_version()
+    );
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[(":method", "GET"), (":path", "/x"), (":authority", "a")]);
+    let action = vm
+        .on_request_headers(&stream, &mut request, false)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Continue && request.get_str("x-as") == Some("/x"),
+        "request: {action:?} {request:?}; logs {:?}",
+        logs.messages()
+    );
+    let mut response = headers(&[(":status", "200")]);
+    let action = vm
+        .on_response_headers(&stream, &mut response, true)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Continue && response.get_str("x-as-response") == Some("yes"),
+        "response: {action:?} {response:?}"
+    );
+    vm.on_log(&stream, &mut request, &mut response)
+        .map_err(vm_error)?;
+    vm.finish_stream(stream).map_err(vm_error)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[(":method", "GET"), (":path", "/deny"), (":authority", "a")]);
+    match vm
+        .on_request_headers(&stream, &mut request, true)
+        .map_err(vm_error)?
+    {
+        Action::Respond(r) if r.status_code == 403 && r.body == "denied by as" => {}
+        other => return Err(format!("/deny: {other:?}").into()),
+    }
+    vm.finish_stream(stream).map_err(vm_error)?;
+    ensure!(
+        logged(&logs, "as request /x") && logged(&logs, "as request /deny"),
+        "logs: {:?}",
+        logs.messages()
+    );
+    let requests = vm.plugin().metric_registry().value("as_requests");
+    ensure!(
+        requests == Some(MetricValue::Counter(2)),
+        "as_requests: {requests:?}"
+    );
+    ensure!(
+        vm.context_count() == 1,
+        "contexts left: {}",
+        vm.context_count()
+    );
+    Ok(())
+}

@@ -308,6 +308,11 @@ pub static CASES: &[Case] = &[
         run: calls::abi_0_1_0_plugin,
     },
     Case {
+        name: "assemblyscript-plugin",
+        group: "versions",
+        run: calls::assemblyscript_plugin,
+    },
+    Case {
         name: "tcp-connection",
         group: "l4",
         run: calls::tcp_connection,

@@ -15,6 +15,11 @@ pub const CALLOUTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_call
 /// Adds `x-abi: 0.1.0`, logs its configuration, pauses `/pause` on an HTTP call (Rust SDK
 /// 0.1.x, ABI 0.1.0); see `guests/abi010/src/lib.rs`.
 pub const ABI010: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_abi010.wasm"));
+/// Adds headers, counts requests and denies `/deny` (AssemblyScript SDK
+/// `@solo-io/proxy-runtime` 0.1.8, ABI 0.2.0, root id `as_root`); see
+/// `guests/assemblyscript/assembly/index.ts`.
+pub const ASSEMBLYSCRIPT: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/guest_assemblyscript.wasm"));
 
 /// Every built guest plugin by name, for the CLI and tests.
 pub const ALL: &[(&str, &[u8])] = &[
@@ -24,6 +29,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("logger", LOGGER),
     ("callouts", CALLOUTS),
     ("abi010", ABI010),
+    ("assemblyscript", ASSEMBLYSCRIPT),
 ];
 
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.
