@@ -145,22 +145,34 @@ fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
     }
     let abi = info.abi_version().ok();
     writeln!(out, "imports ({}):", info.imports.len())?;
+    let mut wasi = Vec::new();
     for import in &info.imports {
         let status = match import.provided_by() {
-            None if import.is_func => "NOT PROVIDED".to_owned(),
-            None => "not a function: NOT PROVIDED".to_owned(),
+            None if import.is_func => "unsupported: the plugin will not load".to_owned(),
+            None => "unsupported (not a function): the plugin will not load".to_owned(),
+            Some(i) if !filterbox::is_implemented(i) => "stub: answers ENOSYS".to_owned(),
             Some(i)
                 if i.module() == ImportModule::Env
                     && abi.is_some_and(|v: AbiVersion| !i.versions().contains(v)) =>
             {
                 format!(
-                    "linked (not part of ABI {})",
+                    "supported (not part of ABI {})",
                     abi.map_or("?", AbiVersion::as_str)
                 )
             }
-            Some(_) => "linked".to_owned(),
+            Some(_) => "supported".to_owned(),
         };
+        if import
+            .provided_by()
+            .is_some_and(|i| i.module() == ImportModule::Wasi)
+        {
+            wasi.push(import.name.as_str());
+        }
         writeln!(out, "  {}.{}  {status}", import.module, import.name)?;
+    }
+    match wasi.is_empty() {
+        true => writeln!(out, "WASI needs: none")?,
+        false => writeln!(out, "WASI needs: {}", wasi.join(", "))?,
     }
     writeln!(out, "exports ({}):", info.exports.len())?;
     for export in &info.exports {

@@ -982,3 +982,105 @@ pub(crate) fn assemblyscript_plugin(h: &Harness) -> CaseResult {
     );
     Ok(())
 }
+
+/// Envoy's attributes: `request.*` from the stream (also after the request headers went
+/// back to the proxy), `response.code` as an 8-byte integer, a per-stream value the embedder
+/// set (`source.address`), and node metadata from the embedder's provider asked under the
+/// old spelling (`node.id`) while it answers the new one (`xds.node.id`).
+pub(crate) fn envoy_attributes(h: &Harness) -> CaseResult {
+    let paths: [&[&str]; 6] = [
+        &["request", "url_path"],
+        &["request", "headers", "x-key"],
+        &["source", "address"],
+        &["node", "id"],
+        &["request", "method"],
+        &["response", "code"],
+    ];
+    let mut data = String::new();
+    let mut at = Vec::new();
+    let mut offset = 100;
+    for path in paths {
+        let encoded = property_path::encode(path);
+        let _ = write!(
+            data,
+            r#"(data (i32.const {offset}) "{}")"#,
+            wat_bytes(&encoded)
+        );
+        at.push((offset, encoded.len()));
+        offset += encoded.len() + 8;
+    }
+    let get_and_log = |(ptr, len): (usize, usize)| {
+        format!(
+            "(call $report (call $proxy_get_property (i32.const {ptr}) (i32.const {len}) (i32.const 3000) (i32.const 3004)))
+             (drop (call $log (i32.const 2) (i32.load (i32.const 3000)) (i32.load (i32.const 3004))))"
+        )
+    };
+    let request_body: String = at[..4].iter().map(|a| get_and_log(*a)).collect();
+    let (code_ptr, code_len) = at[5];
+    let response_body = format!(
+        "{} (call $report (call $proxy_get_property (i32.const {code_ptr}) (i32.const {code_len}) (i32.const 3000) (i32.const 3004)))
+         (call $report (i32.load (i32.load (i32.const 3000))))
+         (call $report (i32.load (i32.const 3004)))",
+        get_and_log(at[4])
+    );
+    let wasm = module(
+        &imports(&[Import::ProxyGetProperty]),
+        &[
+            (
+                Callback::ProxyOnRequestHeaders,
+                &format!("{request_body} (i32.const 0)"),
+            ),
+            (
+                Callback::ProxyOnResponseHeaders,
+                &format!("{response_body} (i32.const 0)"),
+            ),
+        ],
+        &data,
+    )?;
+    struct Node;
+    impl filterbox::PropertyProvider for Node {
+        fn property(&self, path: &[&[u8]]) -> Option<Bytes> {
+            (path == [&b"xds"[..], b"node", b"id"]).then(|| Bytes::from_static(b"node-1"))
+        }
+    }
+    let (plugin, logs) = h
+        .load_with(&wasm, config("attributes"), |b| {
+            b.properties(Arc::new(Node))
+        })
+        .map_err(|e| e.to_string())?;
+    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.set_stream_property(
+        &stream,
+        &["source", "address"],
+        Bytes::from_static(b"10.0.0.1:5555"),
+    );
+    let mut request = headers(&[
+        (":method", "PUT"),
+        (":path", "/p/q?z=1"),
+        (":authority", "a"),
+        ("x-key", "one"),
+        ("x-key", "two"),
+    ]);
+    vm.on_request_headers(&stream, &mut request, true)
+        .map_err(vm_error)?;
+    let mut response = headers(&[(":status", "200")]);
+    vm.on_response_headers(&stream, &mut response, true)
+        .map_err(vm_error)?;
+    vm.finish_stream(stream).map_err(vm_error)?;
+    let lines: Vec<String> = logs
+        .messages()
+        .into_iter()
+        .filter(|m| m.len() != 2)
+        .collect();
+    ensure!(
+        lines == ["/p/q", "one,two", "10.0.0.1:5555", "node-1", "PUT"],
+        "values: {lines:?}"
+    );
+    let got = reports(&logs);
+    ensure!(
+        got == [0, 0, 0, 0, 0, 0, 200, 8],
+        "statuses and response.code: {got:?}"
+    );
+    Ok(())
+}

@@ -313,6 +313,11 @@ pub static CASES: &[Case] = &[
         run: calls::assemblyscript_plugin,
     },
     Case {
+        name: "envoy-attributes",
+        group: "properties",
+        run: calls::envoy_attributes,
+    },
+    Case {
         name: "tcp-connection",
         group: "l4",
         run: calls::tcp_connection,

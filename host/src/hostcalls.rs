@@ -22,6 +22,50 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 type Cx<'a> = &'a mut dyn Caller<VmState>;
 
+/// The WASI functions filterbox links to a stub answering `ENOSYS` (files, sockets, signals:
+/// nothing a proxy plugin may use), so that a plugin importing them still loads.
+const WASI_STUBS: [Import; 33] = [
+    Import::FdAdvise,
+    Import::FdAllocate,
+    Import::FdClose,
+    Import::FdDatasync,
+    Import::FdFdstatSetFlags,
+    Import::FdFdstatSetRights,
+    Import::FdFilestatGet,
+    Import::FdFilestatSetSize,
+    Import::FdFilestatSetTimes,
+    Import::FdPread,
+    Import::FdPrestatDirName,
+    Import::FdPwrite,
+    Import::FdRead,
+    Import::FdReaddir,
+    Import::FdRenumber,
+    Import::FdSeek,
+    Import::FdSync,
+    Import::FdTell,
+    Import::PathCreateDirectory,
+    Import::PathFilestatGet,
+    Import::PathFilestatSetTimes,
+    Import::PathLink,
+    Import::PathOpen,
+    Import::PathReadlink,
+    Import::PathRemoveDirectory,
+    Import::PathRename,
+    Import::PathSymlink,
+    Import::PathUnlinkFile,
+    Import::ProcRaise,
+    Import::SockAccept,
+    Import::SockRecv,
+    Import::SockSend,
+    Import::SockShutdown,
+];
+
+/// Whether filterbox implements `import` (every `proxy_*` hostcall and the WASI functions
+/// SDKs use) or links it to a stub that answers `ENOSYS`.
+pub fn is_implemented(import: Import) -> bool {
+    !WASI_STUBS.contains(&import)
+}
+
 /// Largest `random_get` a guest may ask for at once, as the reference host allows.
 const RANDOM_GET_MAX_BYTES: u32 = 64 * 1024;
 
@@ -831,20 +875,47 @@ impl Hostcalls for VmState {
             return Status::NotFound.as_i32();
         };
         let config = &state.shared.config;
-        // What the plugin set wins, on this context then on the root.
-        let set = [state.context(), state.root_context]
-            .into_iter()
-            .find_map(|c| state.properties.get(&(c, raw.to_vec())).cloned());
+        // What the plugin or the embedder set wins, on this context then on the root.
+        let set = match state.properties.is_empty() {
+            true => None,
+            false => [state.context(), state.root_context]
+                .into_iter()
+                .find_map(|c| state.properties.get(&(c, raw.to_vec())).cloned()),
+        };
         let value = match path.as_slice() {
             _ if set.is_some() => set,
             [b"plugin_name"] => Some(Bytes::copy_from_slice(config.name.as_bytes())),
             [b"plugin_root_id"] => Some(Bytes::copy_from_slice(config.root_id.as_bytes())),
             [b"plugin_vm_id"] => Some(Bytes::copy_from_slice(config.vm_id.as_bytes())),
-            // A panicking provider is the embedder's bug: the guest gets InternalFailure.
-            _ => match catch_unwind(AssertUnwindSafe(|| state.shared.properties.property(&path))) {
-                Ok(value) => value,
-                Err(_) => return Status::InternalFailure.as_i32(),
-            },
+            [b"request" | b"response", ..] if state.context_kind() == Some(ContextKind::Http) => {
+                crate::attributes::stream_attribute(
+                    &path,
+                    state.map(MapType::HttpRequestHeaders),
+                    state.map(MapType::HttpResponseHeaders),
+                    state.map(MapType::HttpResponseTrailers),
+                    state.stream_info.get(&state.context()),
+                )
+            }
+            _ => None,
+        };
+        // Then the embedder, under either of Envoy's spellings. A panicking provider is the
+        // embedder's bug: the guest gets InternalFailure.
+        let value = match value {
+            Some(value) => Some(value),
+            None => {
+                let provider = &state.shared.properties;
+                let ask = || {
+                    provider.property(&path).or_else(|| {
+                        let other = crate::attributes::alias(&path)?;
+                        let other: Vec<&[u8]> = other.iter().map(Vec::as_slice).collect();
+                        provider.property(&other)
+                    })
+                };
+                match catch_unwind(AssertUnwindSafe(ask)) {
+                    Ok(value) => value,
+                    Err(_) => return Status::InternalFailure.as_i32(),
+                }
+            }
         };
         match value {
             Some(value) => return_bytes(cx, &value, ret_ptr_ptr, ret_size_ptr).as_i32(),

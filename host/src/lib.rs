@@ -27,14 +27,19 @@
 //! backoff up to a crash-loop limit, and counts everything in [`HostMetrics`]. Every VM runs
 //! under the plugin's [`Limits`]: memory and table ceilings, and a deadline per callback.
 //!
-//! What is implemented and what is not: every hostcall of the ABI is linked; the ones this
-//! version does not implement yet answer `Unimplemented` (WASI: `ENOSYS`) and log once per VM.
-//! Choices where the spec and the reference host differ are documented on the hostcalls
-//! (see the `hostcalls` module source and the README).
+//! Every hostcall and callback of ABI 0.1.0, 0.2.0 and 0.2.1 is implemented: HTTP and gRPC
+//! callouts go through the plugin's [`Callouts`] ([`HyperCallouts`] by default with the
+//! `hyper-client` feature), shared data and queues through a [`SharedState`], plugin metrics
+//! into a [`MetricRegistry`]; events that arrive from other threads wait in the VM until
+//! [`Vm::dispatch_pending`] (or [`Vm::run_due`], [`Vm::wait_and_run`]) delivers them on the
+//! VM's thread. WASI functions no plugin may use (files, sockets) answer `ENOSYS`. Choices
+//! where the spec and the reference host differ are documented on the hostcalls and in the
+//! README.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod attributes;
 mod callout;
 mod config;
 mod embedder;
@@ -51,6 +56,7 @@ mod state;
 mod vm;
 mod worker;
 
+pub use attributes::PropertyValue;
 pub use callout::{
     CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
     HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts,
@@ -58,6 +64,7 @@ pub use callout::{
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 pub use headers::HeaderMap;
+pub use hostcalls::is_implemented;
 #[cfg(feature = "hyper-client")]
 pub use hyper_client::HyperCallouts;
 pub use inbox::Wake;

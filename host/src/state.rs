@@ -141,6 +141,8 @@ pub(crate) struct VmState {
     pub(crate) done_requested: bool,
     /// The root context answered false from `proxy_on_done` and has not called `proxy_done`.
     pub(crate) done_pending: bool,
+    /// What is remembered of each HTTP stream for `request.*` attributes.
+    pub(crate) stream_info: HashMap<u32, crate::attributes::StreamInfo>,
     /// The code of a `proc_exit` the guest called during the current call.
     pub(crate) exit_code: Option<i32>,
     /// Values set with `proxy_set_property`, by context and encoded path.
@@ -174,6 +176,7 @@ impl VmState {
             done_pending: false,
             properties: HashMap::new(),
             exit_code: None,
+            stream_info: HashMap::new(),
             warned_unimplemented: ImportSet::default(),
         }
     }

@@ -403,6 +403,11 @@ impl Vm {
     /// Creates an HTTP stream context (`proxy_on_context_create(id, root)`).
     pub fn create_http_stream(&mut self) -> Result<HttpStream, VmError> {
         let id = self.create_context(ContextKind::Http, self.root_context)?;
+        let info = crate::attributes::StreamInfo {
+            started: Some(std::time::SystemTime::now()),
+            request_headers: None,
+        };
+        self.state().stream_info.insert(id, info);
         Ok(HttpStream {
             vm: self.serial,
             id,
@@ -501,7 +506,14 @@ impl Vm {
             i32::from(end_of_stream),
         ];
         let action = self.with_map(map, headers, |vm| vm.filter_call(stream, callback, &args))?;
-        let parked = &mut self.state().parked;
+        let state = self.state();
+        if map == MapType::HttpRequestHeaders
+            && let Some(info) = state.stream_info.get_mut(&stream.id)
+        {
+            // For request.* attributes in later callbacks.
+            info.request_headers = Some(headers.clone());
+        }
+        let parked = &mut state.parked;
         match action {
             Action::Pause => parked.insert((stream.id, map), headers.clone()),
             _ => parked.remove(&(stream.id, map)),
@@ -657,6 +669,24 @@ impl Vm {
         state.events.retain(|(context, _)| *context != id);
         state.properties.retain(|(context, _), _| *context != id);
         state.parked.retain(|(context, _), _| *context != id);
+        state.stream_info.remove(&id);
+    }
+
+    /// Sets a property of `stream` that `proxy_get_property` answers with `value` (see
+    /// [`PropertyValue`](crate::PropertyValue) for Envoy's encodings): how an embedder supplies
+    /// per-stream attributes such as `source.address`, `connection.id` or
+    /// `request.protocol`. A plugin's own `proxy_set_property` writes the same place.
+    pub fn set_stream_property(&mut self, stream: &HttpStream, path: &[&str], value: Bytes) {
+        let path = filterbox_abi::property_path::encode(path);
+        self.state().properties.insert((stream.id, path), value);
+    }
+
+    /// Sets a property every context of this VM sees unless a stream sets its own (node
+    /// metadata, cluster and listener names).
+    pub fn set_root_property(&mut self, path: &[&str], value: Bytes) {
+        let path = filterbox_abi::property_path::encode(path);
+        let root = self.root_context;
+        self.state().properties.insert((root, path), value);
     }
 
     /// Takes what the plugin asked of `stream` (resume, close) since the last call.
