@@ -1084,3 +1084,104 @@ pub(crate) fn envoy_attributes(h: &Harness) -> CaseResult {
     );
     Ok(())
 }
+
+/// A client that never answers: it keeps every reply handle until it is dropped.
+#[derive(Default)]
+struct Silent(parking_lot::Mutex<Vec<HttpCallReply>>);
+
+impl Callouts for Silent {
+    fn http_call(&self, _: HttpCallRequest, reply: HttpCallReply) -> Result<(), CalloutError> {
+        self.0.lock().push(reply);
+        Ok(())
+    }
+
+    fn grpc_open(&self, _: GrpcRequest, _: GrpcReply) -> Result<Box<dyn GrpcStream>, CalloutError> {
+        Err(CalloutError::Unsupported)
+    }
+}
+
+/// A plugin that writes as fast as it can into every host-held store (shared data keys,
+/// one queue, metric definitions, pending HTTP calls) is stopped at each bound with
+/// `InternalFailure`, after exactly as many successes as the bound allows; the VM stays
+/// healthy.
+pub(crate) fn floods_stop_at_their_bounds(h: &Harness) -> CaseResult {
+    let headers_pairs = encode_pairs(&[(":method", "GET"), (":path", "/"), (":authority", "a")]);
+    // Each flood calls `$call` with the loop counter stored at 200 (a fresh key or name)
+    // until it fails, then reports how many calls succeeded and the failing status.
+    let flood = |call: &str| {
+        format!(
+            "(local.set $i (i32.const 0)) (local.set $ok (i32.const 0))
+             (block $done (loop $next
+               (i32.store (i32.const 200) (local.get $i))
+               (local.set $s {call})
+               (br_if $done (local.get $s))
+               (local.set $ok (i32.add (local.get $ok) (i32.const 1)))
+               (local.set $i (i32.add (local.get $i) (i32.const 1)))
+               (br_if $next (i32.lt_u (local.get $i) (i32.const 1000)))))
+             (call $report (local.get $ok)) (call $report (local.get $s))"
+        )
+    };
+    let body = [
+        flood("(call $proxy_set_shared_data (i32.const 200) (i32.const 4) (i32.const 300) (i32.const 100) (i32.const 0))"),
+        "(drop (call $proxy_register_shared_queue (i32.const 210) (i32.const 1) (i32.const 220)))".into(),
+        flood("(call $proxy_enqueue_shared_queue (i32.load (i32.const 220)) (i32.const 300) (i32.const 100))"),
+        flood("(call $proxy_define_metric (i32.const 0) (i32.const 200) (i32.const 4) (i32.const 230))"),
+        flood(&format!(
+            "(call $proxy_http_call (i32.const 240) (i32.const 7) (i32.const 500) (i32.const {}) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 250))",
+            headers_pairs.len()
+        )),
+    ]
+    .join("\n");
+    let wasm = module(
+        &imports(&[
+            Import::ProxySetSharedData,
+            Import::ProxyRegisterSharedQueue,
+            Import::ProxyEnqueueSharedQueue,
+            Import::ProxyDefineMetric,
+            Import::ProxyHttpCall,
+        ]),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            &format!("(local $i i32) (local $ok i32) (local $s i32) {body} (i32.const 0)"),
+        )],
+        &format!(
+            r#"(data (i32.const 210) "q") (data (i32.const 240) "backend") (data (i32.const 500) "{}")"#,
+            wat_bytes(&headers_pairs)
+        ),
+    )?;
+    let limits = Limits {
+        max_pending_callouts: 30,
+        callback_deadline_ms: Some(2000),
+        ..Limits::default()
+    };
+    let world = SharedState::new(
+        SharedLimits::default()
+            .with_max_keys(50)
+            .with_max_queue_messages(20),
+    );
+    let silent = Arc::new(Silent::default());
+    let (plugin, logs) = h
+        .load_with(&wasm, config("floods").with_limits(limits), |b| {
+            b.shared_state(world)
+                .metric_registry(Arc::new(filterbox::MetricRegistry::new(40)))
+                .callouts(silent.clone())
+        })
+        .map_err(|e| e.to_string())?;
+    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_request_headers(&stream, &mut headers(&[]), true)
+        .map_err(vm_error)?;
+    let full = Status::InternalFailure.as_u32();
+    let got = reports(&logs);
+    ensure!(
+        got == [50, full, 20, full, 40, full, 30, full],
+        "successes and statuses (data, queue, metrics, callouts): {got:?}"
+    );
+    ensure!(
+        silent.0.lock().len() == 30,
+        "calls sent: {}",
+        silent.0.lock().len()
+    );
+    ensure!(vm.failure().is_none(), "VM failed: {:?}", vm.failure());
+    Ok(())
+}

@@ -248,6 +248,11 @@ pub static CASES: &[Case] = &[
         run: hostile::host_bounds,
     },
     Case {
+        name: "floods-stop-at-their-bounds",
+        group: "hostile",
+        run: calls::floods_stop_at_their_bounds,
+    },
+    Case {
         name: "rust-sdk-http-call",
         group: "callouts",
         run: calls::rust_sdk_http_call,
