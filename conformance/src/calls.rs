@@ -1185,3 +1185,43 @@ pub(crate) fn floods_stop_at_their_bounds(h: &Harness) -> CaseResult {
     ensure!(vm.failure().is_none(), "VM failed: {:?}", vm.failure());
     Ok(())
 }
+
+/// `proxy_validate_configuration` sees the candidate configuration (not the applied one) and
+/// its answer is returned; the metadata callbacks get the element count and their return
+/// value decides the action.
+pub(crate) fn validate_configuration_and_metadata(h: &Harness) -> CaseResult {
+    // Accepts a candidate whose first byte is 'y'; logs what it read.
+    let extra = r#"(func (export "proxy_validate_configuration") (param i32 i32) (result i32)
+          (drop (call $proxy_get_buffer_bytes (i32.const 7) (i32.const 0) (local.get 1) (i32.const 3000) (i32.const 3004)))
+          (drop (call $log (i32.const 2) (i32.load (i32.const 3000)) (i32.load (i32.const 3004))))
+          (i32.eq (i32.load8_u (i32.load (i32.const 3000))) (i32.const 121)))
+        (func (export "proxy_on_request_metadata") (param i32 i32) (result i32)
+          (call $report (local.get 1)) (i32.const 0))
+        (func (export "proxy_on_response_metadata") (param i32 i32) (result i32)
+          (call $report (local.get 1)) (i32.const 1))"#;
+    let wasm = module(&imports(&[Import::ProxyGetBufferBytes]), &[], extra)?;
+    let (mut vm, logs) = h.start(&wasm, config("validate").with_configuration("applied"))?;
+    ensure!(
+        vm.validate_configuration(b"yes please").map_err(vm_error)?,
+        "refused 'yes please'"
+    );
+    ensure!(
+        !vm.validate_configuration(b"nope").map_err(vm_error)?,
+        "accepted nope"
+    );
+    ensure!(
+        logged(&logs, "yes please") && logged(&logs, "nope") && !logged(&logs, "applied"),
+        "what validation read: {:?}",
+        logs.messages()
+    );
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let request = vm.on_request_metadata(&stream, 3).map_err(vm_error)?;
+    let response = vm.on_response_metadata(&stream, 5).map_err(vm_error)?;
+    ensure!(
+        request == Action::Continue && response == Action::Pause,
+        "actions: {request:?} {response:?}"
+    );
+    ensure!(reports(&logs) == [3, 5], "counts: {:?}", reports(&logs));
+    vm.finish_stream(stream).map_err(vm_error)?;
+    Ok(())
+}

@@ -323,6 +323,11 @@ pub static CASES: &[Case] = &[
         run: calls::envoy_attributes,
     },
     Case {
+        name: "validate-configuration-and-metadata",
+        group: "contexts",
+        run: calls::validate_configuration_and_metadata,
+    },
+    Case {
         name: "tcp-connection",
         group: "l4",
         run: calls::tcp_connection,

@@ -141,6 +141,9 @@ pub(crate) struct VmState {
     pub(crate) done_requested: bool,
     /// The root context answered false from `proxy_on_done` and has not called `proxy_done`.
     pub(crate) done_pending: bool,
+    /// A configuration being validated (`proxy_validate_configuration`): what the plugin
+    /// configuration buffer reads during that call.
+    pub(crate) validating: Option<Bytes>,
     /// What is remembered of each HTTP stream for `request.*` attributes.
     pub(crate) stream_info: HashMap<u32, crate::attributes::StreamInfo>,
     /// The code of a `proc_exit` the guest called during the current call.
@@ -177,6 +180,7 @@ impl VmState {
             properties: HashMap::new(),
             exit_code: None,
             stream_info: HashMap::new(),
+            validating: None,
             warned_unimplemented: ImportSet::default(),
         }
     }
@@ -254,7 +258,10 @@ impl VmState {
             },
             BufferType::VmConfiguration => Ok(&self.shared.config.vm_configuration),
             BufferType::PluginConfiguration if self.phase == Phase::Configure => {
-                Ok(&self.shared.config.configuration)
+                match &self.validating {
+                    Some(candidate) => Ok(candidate),
+                    None => Ok(&self.shared.config.configuration),
+                }
             }
             BufferType::PluginConfiguration => Err(Status::NotFound),
         }

@@ -932,6 +932,23 @@ impl Vm {
         }
     }
 
+    /// Asks the plugin whether `configuration` would be acceptable
+    /// (`proxy_validate_configuration`), without applying it: during the call the plugin
+    /// configuration buffer reads `configuration`. A plugin without the export accepts
+    /// everything, as in the reference host.
+    pub fn validate_configuration(&mut self, configuration: &[u8]) -> Result<bool, VmError> {
+        let root = self.root_context;
+        let state = self.state();
+        state.validating = Some(Bytes::copy_from_slice(configuration));
+        state.phase = Phase::Configure;
+        let args = [root as i32, wasm_i32(configuration.len())];
+        let result = self.call(root, Callback::ProxyValidateConfiguration, &args);
+        let state = self.state();
+        state.validating = None;
+        state.phase = Phase::Other;
+        Ok(!matches!(result?, Returned::Value(0)))
+    }
+
     /// Whether the root context has been shut down.
     pub fn is_done(&self) -> bool {
         self.done
