@@ -160,8 +160,9 @@ impl Connection {
 
 static NEXT_VM: AtomicU64 = AtomicU64::new(1);
 
-/// One instance of a plugin with its root context, started and configured. `Send`, not `Sync`:
-/// a proxy keeps one per worker thread and runs that thread's streams on it.
+/// One instance of a plugin with its root context, started and configured. Never `Sync`, and
+/// `Send` only in builds without the wasmer backend (wasmer's instances hold thread-bound
+/// pointers): a proxy makes one on each worker thread and runs that thread's streams on it.
 pub struct Vm {
     plugin: Plugin,
     instance: Instance<VmState>,

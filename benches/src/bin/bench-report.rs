@@ -1,0 +1,21 @@
+//! Runs every benchmark scenario on every built engine and writes BENCHMARKS.md.
+//!
+//! `cargo run -p filterbox-benches --release --bin bench-report [-- --quick] [--out FILE]`
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "BENCHMARKS.md".into());
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; numbers are only meaningful with --release");
+    }
+    let report = filterbox_benches::report::run(quick).map_err(anyhow::Error::msg)?;
+    std::fs::write(&out, report)?;
+    eprintln!("wrote {out}");
+    Ok(())
+}

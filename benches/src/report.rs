@@ -1,0 +1,297 @@
+//! The report: times every scenario on every built engine with a small harness (median of
+//! batches), measures memory per VM and thread scaling, and writes BENCHMARKS.md.
+
+use crate::{Scenario, header_plugin, native_scenarios, request_headers, scenarios};
+use filterbox::{Engine, EngineConfig, EngineKind, Vm};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// Nanoseconds per run of `run`: warm up, then the median of 15 batches filling `budget`.
+pub fn measure(run: &mut dyn FnMut(), budget: Duration) -> f64 {
+    let warm = Instant::now();
+    let mut n = 0u64;
+    while warm.elapsed() < budget / 10 || n < 2 {
+        run();
+        n += 1;
+    }
+    let per = warm.elapsed().as_secs_f64() / n as f64;
+    let batches = 15;
+    let batch = ((budget.as_secs_f64() / batches as f64 / per) as u64).max(1);
+    let mut times: Vec<f64> = (0..batches)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..batch {
+                run();
+            }
+            t.elapsed().as_secs_f64() * 1e9 / batch as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[batches / 2]
+}
+
+fn human(ns: f64) -> String {
+    match ns {
+        n if n >= 1e6 => format!("{:.2} ms", n / 1e6),
+        n if n >= 1e3 => format!("{:.2} µs", n / 1e3),
+        n => format!("{n:.0} ns"),
+    }
+}
+
+/// Resident set size of this process in bytes.
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Versions of the engine crates in the lock file this was built from.
+fn engine_versions() -> String {
+    let lock = include_str!("../../Cargo.lock");
+    let mut out = Vec::new();
+    for name in ["wasmtime", "wasmer", "wasmi"] {
+        let needle = format!("name = \"{name}\"\nversion = \"");
+        if let Some(at) = lock.find(&needle) {
+            let rest = &lock[at + needle.len()..];
+            if let Some(end) = rest.find('"') {
+                out.push(format!("{name} {}", &rest[..end]));
+            }
+        }
+    }
+    out.join(", ")
+}
+
+/// One measured row.
+struct Row {
+    name: String,
+    ns_per_op: f64,
+    floor: Option<&'static str>,
+    native: Option<String>,
+}
+
+fn run_all(list: Vec<Scenario>, budget: Duration) -> Vec<Row> {
+    list.into_iter()
+        .map(|mut s| {
+            eprintln!("  {}", s.name);
+            let ns = measure(&mut s.run, budget) / f64::from(s.ops);
+            Row {
+                name: s.name,
+                ns_per_op: ns,
+                floor: s.floor,
+                native: s.native,
+            }
+        })
+        .collect()
+}
+
+/// Measures everything and returns BENCHMARKS.md.
+pub fn run(quick: bool) -> Result<String, String> {
+    let budget = if quick {
+        Duration::from_millis(150)
+    } else {
+        Duration::from_secs(2)
+    };
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Written by `cargo run -p filterbox-benches --release --bin bench-report{}`. Each time \
+         is the median of 15 batches after a warm-up ({} per scenario); hostcall scenarios make \
+         100 calls per callback and report the time per call, beside the bare engine's \
+         wasm→host call in the same loop shape.\n",
+        if quick { " -- --quick" } else { "" },
+        human(budget.as_nanos() as f64)
+    );
+    let _ = writeln!(
+        md,
+        "- CPU: {} ({} threads available)\n- allocator: the system allocator (glibc malloc); \
+         release profile\n- engines: {}\n",
+        cpu_model(),
+        std::thread::available_parallelism().map_or(0, usize::from),
+        engine_versions()
+    );
+
+    eprintln!("native");
+    let native = run_all(native_scenarios(), budget);
+    let native_ns: HashMap<String, f64> = native
+        .iter()
+        .map(|r| (r.name.clone(), r.ns_per_op))
+        .collect();
+    let _ = writeln!(md, "## Native filter\n\n| scenario | time |\n|---|---|");
+    for r in &native {
+        let _ = writeln!(md, "| {} | {} |", r.name, human(r.ns_per_op));
+    }
+    let mut summary: HashMap<(EngineKind, String), f64> = HashMap::new();
+    for kind in EngineKind::built() {
+        eprintln!("{kind}");
+        let rows = run_all(scenarios(kind, quick)?, budget);
+        let by_name: HashMap<&str, f64> = rows
+            .iter()
+            .map(|r| (r.name.as_str(), r.ns_per_op))
+            .collect();
+        let _ = writeln!(
+            md,
+            "\n## {kind}\n\n| scenario | time per op | × floor | × native | above native |\n|---|---|---|---|---|"
+        );
+        for r in &rows {
+            let floor = r.floor.and_then(|f| by_name.get(f));
+            let nat = r.native.as_ref().and_then(|n| native_ns.get(n));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                r.name,
+                human(r.ns_per_op),
+                floor.map_or("".into(), |f| format!("{:.1}", r.ns_per_op / f)),
+                nat.map_or("".into(), |n| format!("{:.1}", r.ns_per_op / n)),
+                nat.map_or("".into(), |n| human(r.ns_per_op - n)),
+            );
+            summary.insert((kind, r.name.clone()), r.ns_per_op);
+        }
+    }
+    md.push_str(&memory_section(quick)?);
+    md.push_str(&threads_section(quick)?);
+    md.push_str(&targets_section(&summary, &native_ns));
+    Ok(md)
+}
+
+fn memory_section(quick: bool) -> Result<String, String> {
+    let counts: &[usize] = if quick {
+        &[1, 10, 100]
+    } else {
+        &[1, 10, 100, 1000]
+    };
+    let mut md = String::from(
+        "\n## Memory per VM (header plugin)\n\n| engine | VMs | RSS per extra VM | linear memory per VM |\n|---|---|---|---|\n",
+    );
+    for kind in EngineKind::built() {
+        let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
+        let plugin = header_plugin(&engine)?;
+        // One VM first, so the code and the engine are counted once, not per VM.
+        let first = Vm::new(&plugin).map_err(|e| e.to_string())?;
+        for &n in counts {
+            let before = rss_bytes().unwrap_or(0);
+            let mut vms = Vec::with_capacity(n);
+            for _ in 0..n {
+                vms.push(Vm::new(&plugin).map_err(|e| e.to_string())?);
+            }
+            let after = rss_bytes().unwrap_or(0);
+            let linear: usize = vms.iter_mut().map(Vm::memory_size).sum();
+            let _ = writeln!(
+                md,
+                "| {kind} | {n} | {:.0} KiB | {:.0} KiB |",
+                after.saturating_sub(before) as f64 / n as f64 / 1024.0,
+                linear as f64 / n as f64 / 1024.0
+            );
+        }
+        drop(first);
+    }
+    Ok(md)
+}
+
+fn threads_section(quick: bool) -> Result<String, String> {
+    let streams = if quick { 2_000 } else { 50_000 };
+    let mut md = format!(
+        "\n## Threads ({streams} streams of the header plugin per thread, one VM per thread)\n\n| engine | 1 thread | 2 threads | speed-up |\n|---|---|---|---|\n"
+    );
+    for kind in EngineKind::built() {
+        let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
+        let plugin = header_plugin(&engine)?;
+        // Each thread makes its own VM (a wasmer VM cannot move between threads) and waits
+        // for the others before the clock starts.
+        let rate = |threads: usize| -> f64 {
+            let ready = std::sync::Barrier::new(threads + 1);
+            let done = std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        let mut vm = [Vm::new(&plugin).expect("vm")];
+                        let request = request_headers(0);
+                        ready.wait();
+                        for _ in 0..streams {
+                            crate::lifecycle(&mut vm, &request);
+                        }
+                    });
+                }
+                ready.wait();
+                Instant::now()
+            });
+            (threads * streams) as f64 / done.elapsed().as_secs_f64()
+        };
+        let (one, two) = (rate(1), rate(2));
+        let _ = writeln!(
+            md,
+            "| {kind} | {:.0} streams/s | {:.0} streams/s | {:.2}× |",
+            one,
+            two,
+            two / one
+        );
+    }
+    Ok(md)
+}
+
+fn targets_section(
+    summary: &HashMap<(EngineKind, String), f64>,
+    native: &HashMap<String, f64>,
+) -> String {
+    let get = |kind, name: &str| summary.get(&(kind, name.to_owned())).copied();
+    let native3 = native.get("native/lifecycle_3_headers").copied();
+    let mut md = String::from("\n## Targets\n\n| target | measured |\n|---|---|\n");
+    if let (Some(t), Some(n)) = (
+        get(EngineKind::Wasmtime, "stream/lifecycle_3_headers"),
+        native3,
+    ) {
+        let _ = writeln!(
+            md,
+            "| wasmtime lifecycle ≤ 2 µs above native and ≤ 3× native | {} above, {:.1}× |",
+            human(t - n),
+            t / n
+        );
+    }
+    if let (Some(t), Some(n)) = (
+        get(EngineKind::Wasmi, "stream/lifecycle_3_headers"),
+        native3,
+    ) {
+        let _ = writeln!(
+            md,
+            "| wasmi lifecycle ≤ 5 µs above native | {} above |",
+            human(t - n)
+        );
+    }
+    if let Some(floor) = get(EngineKind::Wasmtime, crate::floors::HOST_CALL) {
+        let worst = summary
+            .iter()
+            .filter(|((k, n), _)| *k == EngineKind::Wasmtime && n.starts_with("hostcall/"))
+            .map(|((_, n), t)| (n.clone(), t / floor))
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((name, ratio)) = worst {
+            let _ = writeln!(
+                md,
+                "| each hostcall ≤ 1.5× its floor on wasmtime | worst {name}: {ratio:.1}× |"
+            );
+        }
+    }
+    if let Some(t) = get(EngineKind::Wasmtime, "vm/new_and_start_pooling") {
+        let _ = writeln!(
+            md,
+            "| new VM with pooling ≤ 10 µs | {} (includes plugin start) |",
+            human(t)
+        );
+    }
+    if let Some(t) = get(EngineKind::Wasmtime, "stream/create_delete") {
+        let _ = writeln!(md, "| stream context create+delete ≤ 1 µs | {} |", human(t));
+    }
+    md.push_str("\nRSS per VM, chain linearity and thread scaling: see the tables above.\n");
+    md
+}
