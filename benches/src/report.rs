@@ -83,7 +83,10 @@ struct Row {
 }
 
 fn run_all(list: Vec<Scenario>, budget: Duration) -> Vec<Row> {
+    // For profiling one scenario: FILTERBOX_BENCH_FILTER=lifecycle_3 perf record ...
+    let filter = std::env::var("FILTERBOX_BENCH_FILTER").unwrap_or_default();
     list.into_iter()
+        .filter(|s| s.name.contains(&filter))
         .map(|mut s| {
             eprintln!("  {}", s.name);
             let ns = measure(&mut s.run, budget) / f64::from(s.ops);

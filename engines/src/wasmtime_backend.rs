@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use wasmtime::{
     EngineWeak, Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
-    TypedFunc, Val,
+    TypedFunc, ValRaw,
 };
 
 /// The epoch period: deadlines are counted in these ticks.
@@ -417,28 +417,32 @@ impl<H: Hostcalls> WtInstance<H> {
     }
 
     pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        const MAX_CALLBACK_PARAMS: usize = 6;
         let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
             return Ok(Returned::Missing);
         };
         let (func, arity) = (*func, *arity);
-        let mut params = [Val::I32(0); 6];
-        for (slot, arg) in params.iter_mut().zip(args) {
-            *slot = Val::I32(*arg);
+        // Every callback takes only i32s and returns one i32 or nothing (ABI table), and
+        // MAX_CALLBACK_PARAMS bounds the arity.
+        let mut slots = [ValRaw::i32(0); MAX_CALLBACK_PARAMS];
+        for (slot, arg) in slots.iter_mut().zip(args.iter().take(arity)) {
+            *slot = ValRaw::i32(*arg);
         }
-        let mut results = [Val::I32(0)];
         let returns = usize::from(callback.result().is_some());
-        let (params, results) = (
-            params.get(..arity).unwrap_or(&[]),
-            results.get_mut(..returns).unwrap_or(&mut []),
-        );
+        let len = arity.max(returns).min(MAX_CALLBACK_PARAMS);
         if self.interruptible {
             self.store.set_epoch_deadline(self.deadline_ticks);
         }
-        let outcome = func.call(&mut self.store, params, results);
+        let slots = slots.get_mut(..len).unwrap_or(&mut []);
+        // SAFETY: the export's type was checked against the ABI when the module was linked
+        // (`check_callbacks`): `arity` i32 parameters and `returns` i32 results. `slots` holds
+        // max(arity, returns) slots, the parameters are written as i32s, and no reference
+        // types are involved; the function belongs to this store.
+        let outcome = unsafe { func.call_unchecked(&mut self.store, slots as *mut [ValRaw]) };
         self.store.data_mut().pending_trap = None;
         outcome.map_err(|e| classify(&e))?;
-        Ok(match results.first() {
-            Some(Val::I32(v)) => Returned::Value(*v),
+        Ok(match (returns, slots.first()) {
+            (1, Some(v)) => Returned::Value(v.get_i32()),
             _ => Returned::Nothing,
         })
     }
