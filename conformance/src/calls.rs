@@ -11,9 +11,9 @@ use crate::{ensure, guests};
 use bytes::{Bytes, BytesMut};
 use filterbox::abi::{Callback, Import, MapType, PeerType, Status, StreamType, property_path};
 use filterbox::{
-    Action, CalloutError, Callouts, GrpcReply, GrpcRequest, GrpcStream, HttpCallReply,
-    HttpCallRequest, Limits, LogLevel, MetricValue, PluginConfig, SharedLimits, SharedState,
-    StreamEvent, TrapKind, Vm, VmError,
+    Action, CalloutError, Callouts, GrpcReply, GrpcRequest, GrpcStream, HeaderMap, HttpCallReply,
+    HttpCallRequest, HttpStream, Limits, LogLevel, MetricValue, PluginConfig, SharedLimits,
+    SharedState, StreamEvent, TrapKind, Vm, VmError,
 };
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -70,6 +70,37 @@ fn drive_until(vm: &mut Vm, what: &str, mut done: impl FnMut(&mut Vm) -> bool) -
     Ok(())
 }
 
+/// A stream whose request headers (none) have been through the plugin.
+fn empty_request(vm: &mut Vm) -> Result<HttpStream, Failure> {
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_request_headers(&stream, &mut headers(&[]), true)
+        .map_err(vm_error)?;
+    Ok(stream)
+}
+
+/// Sends a GET of `path` that the plugin must pause on, drives the VM until the plugin
+/// resumes the request, and returns the stream and the headers as the plugin left them.
+fn pause_until_resumed(vm: &mut Vm, path: &str) -> Result<(HttpStream, HeaderMap), Failure> {
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[(":method", "GET"), (":path", path), (":authority", "x")]);
+    let action = vm
+        .on_request_headers(&stream, &mut request, true)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Pause,
+        "request headers of {path}: {action:?}"
+    );
+    let mut events = Vec::new();
+    drive_until(vm, "the plugin to resume the request", |vm| {
+        events.extend(vm.take_stream_events(&stream));
+        events.contains(&StreamEvent::Continue(StreamType::HttpRequest))
+    })?;
+    let resumed = vm
+        .take_paused_headers(&stream, MapType::HttpRequestHeaders)
+        .ok_or("no paused headers")?;
+    Ok((stream, resumed))
+}
+
 fn servers() -> Result<&'static Servers, Failure> {
     Servers::get().map_err(|e| Failure::Fail(format!("loopback servers: {e}")))
 }
@@ -89,20 +120,7 @@ pub(crate) fn rust_sdk_http_call(h: &Harness) -> CaseResult {
         })
         .map_err(|e| e.to_string())?;
     let mut vm = Vm::new(&plugin).map_err(vm_error)?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    let mut request = headers(&[(":method", "GET"), (":path", "/a"), (":authority", "x")]);
-    let action = vm
-        .on_request_headers(&stream, &mut request, true)
-        .map_err(vm_error)?;
-    ensure!(action == Action::Pause, "request headers: {action:?}");
-    let mut events = Vec::new();
-    drive_until(&mut vm, "the HTTP call to resume the request", |vm| {
-        events.extend(vm.take_stream_events(&stream));
-        events.contains(&StreamEvent::Continue(StreamType::HttpRequest))
-    })?;
-    let resumed = vm
-        .take_paused_headers(&stream, MapType::HttpRequestHeaders)
-        .ok_or("no paused headers")?;
+    let (stream, resumed) = pause_until_resumed(&mut vm, "/a")?;
     let lookup = resumed.get_str("x-lookup");
     ensure!(lookup == Some("200 found"), "x-lookup: {lookup:?}");
     vm.finish_stream(stream).map_err(vm_error)?;
@@ -227,9 +245,7 @@ pub(crate) fn http_call_statuses(h: &Harness) -> CaseResult {
             .load_with(&wasm, config, |b| b.callouts(callouts))
             .map_err(|e| e.to_string())?;
         let mut vm = Vm::new(&plugin).map_err(vm_error)?;
-        let stream = vm.create_http_stream().map_err(vm_error)?;
-        vm.on_request_headers(&stream, &mut headers(&[]), true)
-            .map_err(vm_error)?;
+        empty_request(&mut vm)?;
         let lines = |logs: &LogCapture| {
             logs.messages()
                 .into_iter()
@@ -356,9 +372,7 @@ pub(crate) fn grpc_statuses(h: &Harness) -> CaseResult {
         .load_with(&wasm, config("grpc"), |b| b.callouts(callouts))
         .map_err(|e| e.to_string())?;
     let mut vm = Vm::new(&plugin).map_err(vm_error)?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    vm.on_request_headers(&stream, &mut headers(&[]), true)
-        .map_err(vm_error)?;
+    empty_request(&mut vm)?;
     let wanted = ["echo: hi", "nope", "initial", "pong: hi", "trailing"];
     drive_until(&mut vm, "the gRPC answers", |_| {
         wanted.iter().all(|w| logged(&logs, w)) && reports(&logs).len() >= 12
@@ -435,9 +449,7 @@ pub(crate) fn shared_data(h: &Harness) -> CaseResult {
             .load_with(wasm, config, |b| b.shared_state(world.clone()))
             .map_err(|e| e.to_string())?;
         let mut vm = Vm::new(&plugin).map_err(vm_error)?;
-        let stream = vm.create_http_stream().map_err(vm_error)?;
-        vm.on_request_headers(&stream, &mut headers(&[]), true)
-            .map_err(vm_error)?;
+        empty_request(&mut vm)?;
         Ok(logs)
     };
     let logs = run(&writer, "one")?;
@@ -516,9 +528,7 @@ pub(crate) fn shared_queues(h: &Harness) -> CaseResult {
     vm.set_wake(Some(Arc::new(move || {
         counter.fetch_add(1, Ordering::Relaxed);
     })));
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    vm.on_request_headers(&stream, &mut headers(&[]), true)
-        .map_err(vm_error)?;
+    empty_request(&mut vm)?;
     let got = reports(&logs);
     ensure!(
         got == [0, 0, 0, 1, 7, 1, 1, 0, 0],
@@ -529,9 +539,7 @@ pub(crate) fn shared_queues(h: &Harness) -> CaseResult {
     std::thread::scope(|s| {
         s.spawn(|| -> CaseResult {
             let mut vm = Vm::new(&producer_plugin).map_err(vm_error)?;
-            let stream = vm.create_http_stream().map_err(vm_error)?;
-            vm.on_request_headers(&stream, &mut headers(&[]), true)
-                .map_err(vm_error)?;
+            empty_request(&mut vm)?;
             Ok(())
         })
         .join()
@@ -632,9 +640,7 @@ pub(crate) fn metrics(h: &Harness) -> CaseResult {
         r#"(data (i32.const 100) "cgh")"#,
     )?;
     let (mut vm, logs) = h.start(&wasm, config("metrics"))?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    vm.on_request_headers(&stream, &mut headers(&[]), true)
-        .map_err(vm_error)?;
+    empty_request(&mut vm)?;
     let got = reports(&logs);
     ensure!(
         got == [0, 0, 0, 2, 2, 0, 0, 0, 0, 2, 2, 1, 0, 7],
@@ -698,9 +704,7 @@ pub(crate) fn foreign_functions(h: &Harness) -> CaseResult {
         })
         .map_err(|e| e.to_string())?;
     let mut vm = Vm::new(&plugin).map_err(vm_error)?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    vm.on_request_headers(&stream, &mut headers(&[]), true)
-        .map_err(vm_error)?;
+    empty_request(&mut vm)?;
     vm.on_foreign_function(7, b"from the host")
         .map_err(vm_error)?;
     let got = reports(&logs);
@@ -754,9 +758,7 @@ pub(crate) fn contexts_and_properties(h: &Harness) -> CaseResult {
         &extra,
     )?;
     let (mut vm, logs) = h.start(&wasm, config("contexts"))?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    vm.on_request_headers(&stream, &mut headers(&[]), true)
-        .map_err(vm_error)?;
+    let stream = empty_request(&mut vm)?;
     vm.finish_stream(stream).map_err(vm_error)?;
     let got = reports(&logs);
     ensure!(got == [1, 0, 0, 0, 0, 2], "statuses: {got:?}");
@@ -897,20 +899,7 @@ pub(crate) fn abi_0_1_0_plugin(h: &Harness) -> CaseResult {
         "plain request: {action:?} {request:?}"
     );
     vm.finish_stream(stream).map_err(vm_error)?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    let mut request = headers(&[(":method", "GET"), (":path", "/pause"), (":authority", "x")]);
-    let action = vm
-        .on_request_headers(&stream, &mut request, true)
-        .map_err(vm_error)?;
-    ensure!(action == Action::Pause, "paused request: {action:?}");
-    let mut events = Vec::new();
-    drive_until(&mut vm, "proxy_continue_request", |vm| {
-        events.extend(vm.take_stream_events(&stream));
-        events.contains(&StreamEvent::Continue(StreamType::HttpRequest))
-    })?;
-    let resumed = vm
-        .take_paused_headers(&stream, MapType::HttpRequestHeaders)
-        .ok_or("no paused headers")?;
+    let (stream, resumed) = pause_until_resumed(&mut vm, "/pause")?;
     ensure!(
         resumed.get_str("x-lookup") == Some("found") && resumed.get_str("x-abi") == Some("0.1.0"),
         "resumed headers: {resumed:?}"
@@ -1168,9 +1157,7 @@ pub(crate) fn floods_stop_at_their_bounds(h: &Harness) -> CaseResult {
         })
         .map_err(|e| e.to_string())?;
     let mut vm = Vm::new(&plugin).map_err(vm_error)?;
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    vm.on_request_headers(&stream, &mut headers(&[]), true)
-        .map_err(vm_error)?;
+    empty_request(&mut vm)?;
     let full = Status::InternalFailure.as_u32();
     let got = reports(&logs);
     ensure!(
