@@ -290,6 +290,11 @@ impl PluginBuilder {
             metrics: HostMetrics::default(),
             denied,
             shared_state: shared_state.unwrap_or_else(SharedState::global),
+            reads_properties: module
+                .info()
+                .imports
+                .iter()
+                .any(|i| i.provided_by() == Some(Import::ProxyGetProperty)),
             metric_registry: metric_registry.unwrap_or_default(),
             callouts,
             foreign_functions,

@@ -24,6 +24,9 @@ pub(crate) struct PluginShared {
     /// Bit per `Import`: outside `allowed_capabilities`, answered by a stub.
     pub(crate) denied: ImportSet,
     pub(crate) shared_state: SharedState,
+    /// The module imports `proxy_get_property`: only then are streams remembered for
+    /// `request.*` attributes (a header copy per stream otherwise spent for nothing).
+    pub(crate) reads_properties: bool,
     pub(crate) metric_registry: Arc<MetricRegistry>,
     pub(crate) callouts: Arc<dyn Callouts>,
     pub(crate) foreign_functions: HashMap<String, Arc<dyn ForeignFunction>>,

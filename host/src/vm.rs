@@ -404,11 +404,13 @@ impl Vm {
     /// Creates an HTTP stream context (`proxy_on_context_create(id, root)`).
     pub fn create_http_stream(&mut self) -> Result<HttpStream, VmError> {
         let id = self.create_context(ContextKind::Http, self.root_context)?;
-        let info = crate::attributes::StreamInfo {
-            started: Some(std::time::SystemTime::now()),
-            request_headers: None,
-        };
-        self.state().stream_info.insert(id, info);
+        if self.plugin.shared().reads_properties {
+            let info = crate::attributes::StreamInfo {
+                started: Some(std::time::SystemTime::now()),
+                request_headers: None,
+            };
+            self.state().stream_info.insert(id, info);
+        }
         Ok(HttpStream {
             vm: self.serial,
             id,
