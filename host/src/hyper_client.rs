@@ -282,9 +282,8 @@ async fn grpc_exchange(
             Ok(mut data) => {
                 buffer.extend_from_slice(&data.copy_to_bytes(data.remaining()));
                 // Every whole length-prefixed message in the buffer.
-                while buffer.len() >= 5 {
-                    let len = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]);
-                    let len = len as usize;
+                while let [flag, l0, l1, l2, l3, ..] = buffer[..] {
+                    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
                     if len > limit {
                         return (
                             GrpcStatus::ResourceExhausted.as_u32(),
@@ -294,7 +293,7 @@ async fn grpc_exchange(
                     if buffer.len() < 5 + len {
                         break;
                     }
-                    if buffer[0] != 0 {
+                    if flag != 0 {
                         return (
                             GrpcStatus::Internal.as_u32(),
                             "compressed messages are not supported".into(),
