@@ -1212,3 +1212,68 @@ pub(crate) fn validate_configuration_and_metadata(h: &Harness) -> CaseResult {
     vm.finish_stream(stream).map_err(vm_error)?;
     Ok(())
 }
+
+/// The hostcalls without pointers or with only an out-pointer, each with its effect:
+/// `clear_route_cache`, `continue_request`/`continue_response` (0.1.0, linked for every
+/// version), `continue_stream`/`close_stream` become stream events in order;
+/// `get_header_map_size` is Envoy's byte count; `get_log_level` the configured level;
+/// `get_current_time_nanoseconds` the wall clock (checked to be a plausible date).
+pub(crate) fn stream_control_and_queries(h: &Harness) -> CaseResult {
+    let body = r#"
+        (call $report (call $proxy_clear_route_cache))
+        (call $report (call $proxy_continue_request))
+        (call $report (call $proxy_continue_response))
+        (call $report (call $proxy_continue_stream (i32.const 1)))
+        (call $report (call $proxy_close_stream (i32.const 0)))
+        (call $report (call $proxy_close_stream (i32.const 9)))
+        (call $report (call $proxy_get_header_map_size (i32.const 0) (i32.const 3000)))
+        (call $report (i32.load (i32.const 3000)))
+        (call $report (call $proxy_get_log_level (i32.const 3004)))
+        (call $report (i32.load (i32.const 3004)))
+        (call $report (call $proxy_get_current_time_nanoseconds (i32.const 3008)))
+        ;; Wall-clock nanoseconds: after 2020-09-13 (1.6e18) and before 2100 (4.1e18).
+        (call $report (i32.and
+            (i64.gt_u (i64.load (i32.const 3008)) (i64.const 1600000000000000000))
+            (i64.lt_u (i64.load (i32.const 3008)) (i64.const 4102444800000000000))))
+        (i32.const 0)"#;
+    let wasm = module(
+        &imports(&[
+            Import::ProxyClearRouteCache,
+            Import::ProxyContinueRequest,
+            Import::ProxyContinueResponse,
+            Import::ProxyContinueStream,
+            Import::ProxyCloseStream,
+            Import::ProxyGetHeaderMapSize,
+            Import::ProxyGetLogLevel,
+            Import::ProxyGetCurrentTimeNanoseconds,
+        ]),
+        &[(Callback::ProxyOnRequestHeaders, body)],
+        "",
+    )?;
+    let config = config("control").with_log_level(LogLevel::Warn);
+    let (mut vm, logs) = h.start(&wasm, config)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    // ":path" + "/ab" = 8 bytes.
+    vm.on_request_headers(&stream, &mut headers(&[(":path", "/ab")]), true)
+        .map_err(vm_error)?;
+    let got = reports(&logs);
+    let warn = LogLevel::Warn.as_u32();
+    ensure!(
+        got == [0, 0, 0, 0, 0, 2, 0, 8, 0, warn, 0, 1],
+        "statuses and values: {got:?}"
+    );
+    let events = vm.take_stream_events(&stream);
+    ensure!(
+        events
+            == [
+                StreamEvent::ClearRouteCache,
+                StreamEvent::Continue(StreamType::HttpRequest),
+                StreamEvent::Continue(StreamType::HttpResponse),
+                StreamEvent::Continue(StreamType::HttpResponse),
+                StreamEvent::Close(StreamType::HttpRequest),
+            ],
+        "events: {events:?}"
+    );
+    vm.finish_stream(stream).map_err(vm_error)?;
+    Ok(())
+}

@@ -328,6 +328,11 @@ pub static CASES: &[Case] = &[
         run: calls::validate_configuration_and_metadata,
     },
     Case {
+        name: "stream-control-and-queries",
+        group: "contexts",
+        run: calls::stream_control_and_queries,
+    },
+    Case {
         name: "tcp-connection",
         group: "l4",
         run: calls::tcp_connection,
