@@ -53,6 +53,20 @@ pub fn scenarios(kind: EngineKind) -> Result<Vec<Scenario>, String> {
 
 type Floors = (Box<dyn FnMut()>, Box<dyn FnMut()>);
 
+/// The two floor closures over one store they share (each engine's store is `&mut`-only).
+fn share<S: 'static>(
+    store: S,
+    mut f: impl FnMut(&mut S) + 'static,
+    mut g: impl FnMut(&mut S) + 'static,
+) -> Floors {
+    let store = std::rc::Rc::new(std::cell::RefCell::new(store));
+    let other = store.clone();
+    (
+        Box::new(move || f(&mut store.borrow_mut())),
+        Box::new(move || g(&mut other.borrow_mut())),
+    )
+}
+
 #[cfg(feature = "wasmtime")]
 fn wasmtime_floor(wasm: &[u8]) -> Result<Floors, String> {
     use wasmtime::{Engine, Linker, Module, Store};
@@ -72,11 +86,10 @@ fn wasmtime_floor(wasm: &[u8]) -> Result<Floors, String> {
     let g = instance
         .get_typed_func::<(), ()>(&mut store, "g")
         .map_err(|e| fail("g", e))?;
-    let store = std::rc::Rc::new(std::cell::RefCell::new(store));
-    let s2 = store.clone();
-    Ok((
-        Box::new(move || f.call(&mut *store.borrow_mut(), ()).expect("f")),
-        Box::new(move || g.call(&mut *s2.borrow_mut(), ()).expect("g")),
+    Ok(share(
+        store,
+        move |s| f.call(s, ()).expect("f"),
+        move |s| g.call(s, ()).expect("g"),
     ))
 }
 
@@ -104,11 +117,10 @@ fn wasmi_floor(wasm: &[u8]) -> Result<Floors, String> {
     let g = instance
         .get_typed_func::<(), ()>(&store, "g")
         .map_err(|e| fail("g", e))?;
-    let store = std::rc::Rc::new(std::cell::RefCell::new(store));
-    let s2 = store.clone();
-    Ok((
-        Box::new(move || f.call(&mut *store.borrow_mut(), ()).expect("f")),
-        Box::new(move || g.call(&mut *s2.borrow_mut(), ()).expect("g")),
+    Ok(share(
+        store,
+        move |s| f.call(s, ()).expect("f"),
+        move |s| g.call(s, ()).expect("g"),
     ))
 }
 
@@ -138,11 +150,10 @@ fn wasmer_floor(kind: EngineKind, wasm: &[u8]) -> Result<Floors, String> {
         .exports
         .get_typed_function(&store, "g")
         .map_err(|e| fail("g", e))?;
-    let store = std::rc::Rc::new(std::cell::RefCell::new(store));
-    let s2 = store.clone();
-    Ok((
-        Box::new(move || f.call(&mut *store.borrow_mut()).expect("f")),
-        Box::new(move || g.call(&mut *s2.borrow_mut()).expect("g")),
+    Ok(share(
+        store,
+        move |s| f.call(s).expect("f"),
+        move |s| g.call(s).expect("g"),
     ))
 }
 

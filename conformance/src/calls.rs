@@ -101,6 +101,20 @@ fn pause_until_resumed(vm: &mut Vm, path: &str) -> Result<(HttpStream, HeaderMap
     Ok((stream, resumed))
 }
 
+/// Loads `wasm` with a callout client to the loopback servers and starts a VM.
+fn start_with_servers(
+    h: &Harness,
+    wasm: &[u8],
+    config: PluginConfig,
+) -> Result<(Vm, Arc<LogCapture>), Failure> {
+    let callouts = servers()?.callouts()?;
+    let (plugin, logs) = h
+        .load_with(wasm, config, |b| b.callouts(callouts))
+        .map_err(|e| e.to_string())?;
+    let vm = Vm::new(&plugin).map_err(|e| format!("{e}; logs: {:?}", logs.messages()))?;
+    Ok((vm, logs))
+}
+
 fn servers() -> Result<&'static Servers, Failure> {
     Servers::get().map_err(|e| Failure::Fail(format!("loopback servers: {e}")))
 }
@@ -113,13 +127,8 @@ fn logged(logs: &LogCapture, line: &str) -> bool {
 /// The Rust-SDK plugin pauses a request on an HTTP call to a real upstream, resumes it from
 /// the answer with a header added, and counts, stores and enqueues along the way.
 pub(crate) fn rust_sdk_http_call(h: &Harness) -> CaseResult {
-    let callouts = servers()?.callouts()?;
-    let (plugin, logs) = h
-        .load_with(guests::CALLOUTS, config("callouts"), |b| {
-            b.callouts(callouts)
-        })
-        .map_err(|e| e.to_string())?;
-    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    let (mut vm, logs) = start_with_servers(h, guests::CALLOUTS, config("callouts"))?;
+    let plugin = vm.plugin().clone();
     let (stream, resumed) = pause_until_resumed(&mut vm, "/a")?;
     let lookup = resumed.get_str("x-lookup");
     ensure!(lookup == Some("200 found"), "x-lookup: {lookup:?}");
@@ -151,13 +160,8 @@ pub(crate) fn rust_sdk_http_call(h: &Harness) -> CaseResult {
 /// The Rust-SDK plugin's first tick makes a unary gRPC call and opens a gRPC stream to a
 /// real HTTP/2 server; both answers come back through the SDK's callbacks.
 pub(crate) fn rust_sdk_grpc(h: &Harness) -> CaseResult {
-    let callouts = servers()?.callouts()?;
-    let (plugin, logs) = h
-        .load_with(guests::CALLOUTS, config("callouts"), |b| {
-            b.callouts(callouts)
-        })
-        .map_err(|e| e.to_string())?;
-    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    let (mut vm, logs) = start_with_servers(h, guests::CALLOUTS, config("callouts"))?;
+    let plugin = vm.plugin().clone();
     let wanted = [
         "grpc unary status 0 body echo: hello",
         "grpc stream metadata x-echo=yes",
@@ -367,11 +371,7 @@ pub(crate) fn grpc_statuses(h: &Harness) -> CaseResult {
         )],
         extra,
     )?;
-    let callouts = servers()?.callouts()?;
-    let (plugin, logs) = h
-        .load_with(&wasm, config("grpc"), |b| b.callouts(callouts))
-        .map_err(|e| e.to_string())?;
-    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    let (mut vm, logs) = start_with_servers(h, &wasm, config("grpc"))?;
     empty_request(&mut vm)?;
     let wanted = ["echo: hi", "nope", "initial", "pong: hi", "trailing"];
     drive_until(&mut vm, "the gRPC answers", |_| {
@@ -873,17 +873,10 @@ pub(crate) fn tcp_connection(h: &Harness) -> CaseResult {
 /// `proxy_on_configure`, header callbacks without `end_of_stream`, an HTTP call answered
 /// through the 0.1.0 callback and the request resumed with `proxy_continue_request`.
 pub(crate) fn abi_0_1_0_plugin(h: &Harness) -> CaseResult {
-    let callouts = servers()?.callouts()?;
     let config = config("abi010").with_configuration("cfg-text");
-    let (plugin, logs) = h
-        .load_with(guests::ABI010, config, |b| b.callouts(callouts))
-        .map_err(|e| e.to_string())?;
-    ensure!(
-        plugin.abi_version() == filterbox::AbiVersion::V0_1_0,
-        "ABI {:?}",
-        plugin.abi_version()
-    );
-    let mut vm = Vm::new(&plugin).map_err(vm_error)?;
+    let (mut vm, logs) = start_with_servers(h, guests::ABI010, config)?;
+    let abi = vm.plugin().abi_version();
+    ensure!(abi == filterbox::AbiVersion::V0_1_0, "ABI {abi:?}");
     ensure!(
         logged(&logs, "configuration cfg-text"),
         "logs: {:?}",

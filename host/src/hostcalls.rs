@@ -200,6 +200,14 @@ fn edit_map(
     Status::Ok.as_i32()
 }
 
+/// The status of an operation that returns nothing on success.
+fn status_of<E: Into<Status>>(result: Result<(), E>) -> i32 {
+    match result {
+        Ok(()) => Status::Ok.as_i32(),
+        Err(e) => e.into().as_i32(),
+    }
+}
+
 fn map_type(value: i32) -> Result<MapType, Status> {
     MapType::from_u32(value as u32).ok_or(Status::BadArgument)
 }
@@ -581,10 +589,7 @@ impl Hostcalls for VmState {
     ) -> i32 {
         let (state, memory) = cx.split();
         let value = tri!(read(&memory, value_ptr, value_size));
-        match state.shared.shared_state.enqueue(queue_id as u32, value) {
-            Ok(()) => Status::Ok.as_i32(),
-            Err(e) => Status::from(crate::shared::SharedError::from(e)).as_i32(),
-        }
+        status_of(state.shared.shared_state.enqueue(queue_id as u32, value))
     }
 
     fn proxy_dequeue_shared_queue(
@@ -602,7 +607,7 @@ impl Hostcalls for VmState {
         match cx.host().shared.shared_state.dequeue(queue_id as u32) {
             Ok(Some(message)) => return_bytes(cx, &message, ret_ptr_ptr, ret_size_ptr).as_i32(),
             Ok(None) => Status::Empty.as_i32(),
-            Err(e) => Status::from(crate::shared::SharedError::from(e)).as_i32(),
+            Err(e) => Status::from(e).as_i32(),
         }
     }
 
@@ -629,18 +634,12 @@ impl Hostcalls for VmState {
 
     fn proxy_increment_metric(cx: Cx<'_>, metric_id: i32, offset: i64) -> i32 {
         let registry = &cx.host().shared.metric_registry;
-        match registry.increment(metric_id as u32, offset) {
-            Ok(()) => Status::Ok.as_i32(),
-            Err(e) => Status::from(e).as_i32(),
-        }
+        status_of(registry.increment(metric_id as u32, offset))
     }
 
     fn proxy_record_metric(cx: Cx<'_>, metric_id: i32, value: i64) -> i32 {
         let registry = &cx.host().shared.metric_registry;
-        match registry.record(metric_id as u32, value as u64) {
-            Ok(()) => Status::Ok.as_i32(),
-            Err(e) => Status::from(e).as_i32(),
-        }
+        status_of(registry.record(metric_id as u32, value as u64))
     }
 
     fn proxy_get_metric(cx: Cx<'_>, metric_id: i32, ret_value_ptr: i32) -> i32 {

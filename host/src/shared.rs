@@ -303,11 +303,11 @@ impl core::fmt::Display for QueueError {
 
 impl std::error::Error for QueueError {}
 
-impl From<QueueError> for SharedError {
+impl From<QueueError> for filterbox_abi::Status {
     fn from(e: QueueError) -> Self {
         match e {
-            QueueError::NotFound => SharedError::NotFound,
-            QueueError::Full => SharedError::Full,
+            QueueError::NotFound => SharedError::NotFound.into(),
+            QueueError::Full => SharedError::Full.into(),
         }
     }
 }
