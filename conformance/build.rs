@@ -28,8 +28,15 @@ fn main() {
     // Guests get their own target dir beside the host's, so the two builds never wait on
     // each other's lock and the guest build is cached across host rebuilds.
     let target_dir = guest_target_dir(&out_dir);
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // Under `cargo +nightly` (cargo fuzz) the host toolchain is not the guests': drop the
+    // override and go through rustup's `cargo`, so rust-toolchain.toml picks the toolchain
+    // that has the wasm32-wasip1 target.
+    let cargo = match env::var_os("RUSTUP_TOOLCHAIN") {
+        Some(_) => "cargo".into(),
+        None => env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+    };
     let mut command = Command::new(cargo);
+    command.env_remove("RUSTUP_TOOLCHAIN");
     command
         .current_dir(&guests)
         .args([

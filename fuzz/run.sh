@@ -1,10 +1,36 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for SECONDS each (default 60): bash fuzz/run.sh [SECONDS]
+# Runs every fuzz target (or the ones named) for SECONDS each, one after another:
+#   bash fuzz/run.sh [SECONDS] [TARGET...]      (default 60 s, every target)
+# JOBS=N runs N targets at once. Needs the nightly toolchain; installs cargo-fuzz if absent.
+# Each target starts from fuzz/seeds/<target> and fuzz/regressions/<target> and keeps what it
+# finds in fuzz/corpus/<target> (not committed); a crash lands in fuzz/artifacts/<target>:
+# fix it, then copy the input into fuzz/regressions/<target>/ so `cargo test` replays it.
 set -euo pipefail
 cd "$(dirname "$0")"
 seconds="${1:-60}"
+shift || true
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-for target in $(cargo +nightly fuzz list); do
-    echo "== $target ($seconds s)"
-    cargo +nightly fuzz run "$target" -- -max_total_time="$seconds"
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || mapfile -t targets < <(cargo +nightly fuzz list)
+cargo +nightly fuzz build
+run_one() {
+    local target="$1" extra=()
+    mkdir -p "corpus/$target" "seeds/$target" "regressions/$target" logs
+    [ -f "dicts/$target.dict" ] && extra+=("-dict=dicts/$target.dict")
+    echo "== $target ($seconds s), log: fuzz/logs/$target.log"
+    cargo +nightly fuzz run "$target" "corpus/$target" "seeds/$target" "regressions/$target" -- \
+        -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
+        "${extra[@]}" >"logs/$target.log" 2>&1
+    local status=$?
+    grep -E "^(stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added|stat::peak_rss_mb)" "logs/$target.log" || true
+    grep -E "cov: [0-9]+" "logs/$target.log" | tail -1 || true
+    return $status
+}
+jobs="${JOBS:-1}"
+failed=0
+for target in "${targets[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n || failed=1; done
+    run_one "$target" &
 done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n || failed=1; done
+exit $failed

@@ -9,6 +9,7 @@
 
 mod calls;
 mod cases;
+pub mod fuzzing;
 pub mod guests;
 mod harness;
 mod hostile;

@@ -353,4 +353,164 @@ mod tests {
         let json = serde_json::to_string(&closed).unwrap();
         assert_eq!(serde_json::from_str::<PluginConfig>(&json).unwrap(), closed);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            proptest::string::string_regex("[ -~\\n\u{80}-\u{10FF}]{0,24}").expect("regex")
+        }
+
+        fn limits() -> impl Strategy<Value = Limits> {
+            (
+                any::<usize>(),
+                any::<usize>(),
+                proptest::option::of(any::<u64>()),
+                proptest::option::of(any::<u64>()),
+                (any::<usize>(), any::<usize>(), any::<usize>()),
+                (any::<usize>(), any::<usize>()),
+            )
+                .prop_map(
+                    |(memory, table, deadline, start, (hc, hb, body), (log, callouts))| Limits {
+                        memory_bytes: memory,
+                        table_elements: table,
+                        callback_deadline_ms: deadline,
+                        start_deadline_ms: start,
+                        max_header_count: hc,
+                        max_header_bytes: hb,
+                        max_body_bytes: body,
+                        max_log_line_bytes: log,
+                        max_pending_callouts: callouts,
+                    },
+                )
+        }
+
+        fn config() -> impl Strategy<Value = PluginConfig> {
+            (
+                (text(), text(), text(), text(), text()),
+                (0..EngineKind::ALL.len(), 0..LogLevel::ALL.len()),
+                proptest::collection::vec((text(), text()), 0..3),
+                limits(),
+                (
+                    proptest::option::of(any::<u32>()),
+                    any::<bool>(),
+                    any::<u64>(),
+                    any::<u32>(),
+                ),
+                proptest::option::of(proptest::collection::vec(text(), 0..3)),
+                any::<bool>(),
+            )
+                .prop_map(
+                    |(
+                        (name, root_id, vm_id, configuration, vm_configuration),
+                        (engine, level),
+                        environment_variables,
+                        limits,
+                        (closed, reload, backoff, crash_loop_limit),
+                        allowed_capabilities,
+                        refuse,
+                    )| PluginConfig {
+                        name,
+                        root_id,
+                        vm_id,
+                        configuration: configuration.into_bytes(),
+                        vm_configuration: vm_configuration.into_bytes(),
+                        engine: EngineKind::ALL[engine],
+                        log_level: LogLevel::ALL[level],
+                        environment_variables,
+                        limits,
+                        failure_policy: match closed {
+                            Some(status) => FailurePolicy::FailClosed { status },
+                            None => FailurePolicy::FailOpen,
+                        },
+                        reload: ReloadPolicy {
+                            enabled: reload,
+                            backoff_initial_ms: backoff,
+                            backoff_max_ms: backoff,
+                            crash_loop_limit,
+                        },
+                        allowed_capabilities,
+                        denied_capability: match refuse {
+                            true => DeniedCapability::Refuse,
+                            false => DeniedCapability::Stub,
+                        },
+                    },
+                )
+        }
+
+        /// JSON made of the config's own field names and odd values, so the parser gets
+        /// past the first key and into the custom deserializers.
+        fn json_soup() -> impl Strategy<Value = String> {
+            let key = proptest::sample::select(vec![
+                "name",
+                "engine",
+                "log_level",
+                "configuration",
+                "limits",
+                "memory_bytes",
+                "callback_deadline_ms",
+                "failure_policy",
+                "fail_closed",
+                "status",
+                "reload",
+                "environment_variables",
+                "allowed_capabilities",
+                "denied_capability",
+                "x",
+            ]);
+            let value = proptest::sample::select(vec![
+                "null",
+                "0",
+                "-1",
+                "18446744073709551616",
+                "1e400",
+                "\"wasmi\"",
+                "\"v8\"",
+                "\"TRACE\"",
+                "\"fail_open\"",
+                "[]",
+                "[[\"a\",\"b\"]]",
+                "{}",
+                "true",
+                "\"\\ud800\"",
+            ]);
+            proptest::collection::vec((key, value, any::<bool>()), 0..6).prop_map(|fields| {
+                let mut out = String::from("{");
+                for (n, (key, value, nest)) in fields.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    match nest {
+                        true => out.push_str(&format!("\"{key}\": {{\"{key}\": {value}}}")),
+                        false => out.push_str(&format!("\"{key}\": {value}")),
+                    }
+                }
+                out.push('}');
+                out
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn any_text_config_round_trips_through_json(config in config()) {
+                let json = serde_json::to_string(&config).expect("text configs serialize");
+                let back: PluginConfig = serde_json::from_str(&json).expect("and parse back");
+                prop_assert_eq!(back, config);
+            }
+
+            #[test]
+            fn odd_json_is_parsed_or_refused_without_panicking(json in json_soup()) {
+                if let Ok(config) = serde_json::from_str::<PluginConfig>(&json) {
+                    let again = serde_json::to_string(&config).expect("serializes");
+                    prop_assert_eq!(serde_json::from_str::<PluginConfig>(&again).ok(), Some(config));
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+                let _ = serde_json::from_slice::<PluginConfig>(&bytes);
+            }
+        }
+    }
 }

@@ -82,7 +82,7 @@ pub struct Plugin {
 struct PluginInner {
     shared: Arc<PluginShared>,
     module: Module,
-    pre: InstancePre<VmState>,
+    pre: Arc<InstancePre<VmState>>,
     cache: Option<CacheOutcome>,
 }
 
@@ -236,10 +236,78 @@ impl PluginBuilder {
 
     /// Checks the module's ABI version, compiles it and links it with filterbox's hostcalls.
     pub fn build(self, wasm: &[u8]) -> Result<Plugin, PluginError> {
+        let fail = |reason| PluginError {
+            plugin: self.config.name.clone(),
+            engine: self.config.engine,
+            reason,
+        };
+        let abi = ModuleInfo::parse(wasm)
+            .and_then(|info| info.abi_version())
+            .map_err(|e| fail(LoadError::Abi(e)))?;
+        let engine = match &self.engine {
+            Some(engine) if engine.kind() != self.config.engine => {
+                return Err(fail(LoadError::EngineMismatch {
+                    supplied: engine.kind(),
+                }));
+            }
+            Some(engine) => engine.clone(),
+            None => {
+                let mut engine_config = EngineConfig::default();
+                if let Some(deadline) = self.config.limits.start_deadline() {
+                    engine_config.start_deadline = deadline;
+                }
+                Engine::new(self.config.engine, &engine_config)
+                    .map_err(|e| fail(LoadError::Engine(e)))?
+            }
+        };
+        let (module, cache) = match &self.cache {
+            Some(cache) => engine
+                .compile_cached(wasm, cache)
+                .map(|(module, outcome)| (module, Some(outcome))),
+            None => engine.compile(wasm).map(|module| (module, None)),
+        }
+        .map_err(|e| fail(LoadError::Engine(e)))?;
+        let pre = module
+            .link::<VmState>(abi)
+            .map_err(|e| fail(LoadError::Engine(e)))?;
+        self.assemble(abi, module, Arc::new(pre), cache)
+    }
+
+    /// Builds a plugin on the module `compiled` was built from, without compiling or linking
+    /// again: how a new plugin configuration (or new hooks) is applied to a loaded module, for
+    /// a hot reload or for many short-lived plugins of one module. The config must name
+    /// `compiled`'s engine; capabilities are checked again against the new config.
+    pub fn build_from(self, compiled: &Plugin) -> Result<Plugin, PluginError> {
+        if compiled.engine() != self.config.engine {
+            return Err(PluginError {
+                plugin: self.config.name.clone(),
+                engine: self.config.engine,
+                reason: LoadError::EngineMismatch {
+                    supplied: compiled.engine(),
+                },
+            });
+        }
+        let inner = &compiled.inner;
+        self.assemble(
+            inner.shared.abi,
+            inner.module.clone(),
+            inner.pre.clone(),
+            inner.cache.clone(),
+        )
+    }
+
+    /// The plugin of a compiled and linked module with this builder's config and hooks.
+    fn assemble(
+        self,
+        abi: AbiVersion,
+        module: Module,
+        pre: Arc<InstancePre<VmState>>,
+        cache: Option<CacheOutcome>,
+    ) -> Result<Plugin, PluginError> {
         let PluginBuilder {
             config,
-            engine,
-            cache,
+            engine: _,
+            cache: _,
             log,
             properties,
             shared_state,
@@ -247,41 +315,16 @@ impl PluginBuilder {
             callouts,
             foreign_functions,
         } = self;
-        let fail = |reason| PluginError {
-            plugin: config.name.clone(),
-            engine: config.engine,
-            reason,
-        };
-        let abi = ModuleInfo::parse(wasm)
-            .and_then(|info| info.abi_version())
-            .map_err(|e| fail(LoadError::Abi(e)))?;
-        let engine = match engine {
-            Some(engine) if engine.kind() != config.engine => {
-                return Err(fail(LoadError::EngineMismatch {
-                    supplied: engine.kind(),
-                }));
-            }
-            Some(engine) => engine,
-            None => {
-                let mut engine_config = EngineConfig::default();
-                if let Some(deadline) = config.limits.start_deadline() {
-                    engine_config.start_deadline = deadline;
-                }
-                Engine::new(config.engine, &engine_config)
-                    .map_err(|e| fail(LoadError::Engine(e)))?
+        let denied = match denied_imports(&config, module.info()) {
+            Ok(denied) => denied,
+            Err(reason) => {
+                return Err(PluginError {
+                    plugin: config.name.clone(),
+                    engine: config.engine,
+                    reason,
+                });
             }
         };
-        let (module, cache) = match &cache {
-            Some(cache) => engine
-                .compile_cached(wasm, cache)
-                .map(|(module, outcome)| (module, Some(outcome))),
-            None => engine.compile(wasm).map(|module| (module, None)),
-        }
-        .map_err(|e| fail(LoadError::Engine(e)))?;
-        let denied = denied_imports(&config, module.info()).map_err(fail)?;
-        let pre = module
-            .link::<VmState>(abi)
-            .map_err(|e| fail(LoadError::Engine(e)))?;
         let shared = Arc::new(PluginShared {
             config,
             abi,
