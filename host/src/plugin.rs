@@ -384,3 +384,60 @@ fn denied_imports(config: &PluginConfig, info: &ModuleInfo) -> Result<ImportSet,
     }
     Ok(denied)
 }
+
+#[cfg(all(test, feature = "wasmtime"))]
+mod tests {
+    use super::*;
+    use crate::{HeaderMap, Vm};
+
+    /// Adds its whole plugin configuration as the value of request header `x-config`.
+    const CONFIG_ECHO: &str = r#"(module
+        (import "env" "proxy_get_buffer_bytes" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+        (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 16) "x-config")
+        (func (export "proxy_abi_version_0_2_1"))
+        (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "proxy_on_configure") (param i32 i32) (result i32)
+            (drop (call $get (i32.const 7) (i32.const 0) (i32.const 512) (i32.const 0) (i32.const 4)))
+            (i32.const 1))
+        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (drop (call $add (i32.const 0) (i32.const 16) (i32.const 8)
+                (i32.load (i32.const 0)) (i32.load (i32.const 4))))
+            (i32.const 0)))"#;
+
+    fn x_config(plugin: &Plugin) -> Option<String> {
+        let mut vm = Vm::new(plugin).ok()?;
+        let stream = vm.create_http_stream().ok()?;
+        let mut headers = HeaderMap::new();
+        vm.on_request_headers(&stream, &mut headers, true).ok()?;
+        headers.get_str("x-config").map(str::to_owned)
+    }
+
+    #[test]
+    fn build_from_reuses_the_module_with_a_new_config() {
+        let wasm = wat::parse_str(CONFIG_ECHO).expect("parses");
+        let first = Plugin::builder(PluginConfig::named("p").with_configuration("one"))
+            .build(&wasm)
+            .expect("loads");
+        let second = Plugin::builder(PluginConfig::named("p").with_configuration("two"))
+            .build_from(&first)
+            .expect("rebuilt");
+        assert_eq!(x_config(&first).as_deref(), Some("one"));
+        assert_eq!(x_config(&second).as_deref(), Some("two"));
+        assert_eq!(second.abi_version(), AbiVersion::V0_2_1);
+
+        let other_engine = PluginConfig::named("p").with_engine(EngineKind::Wasmi);
+        let error = Plugin::builder(other_engine)
+            .build_from(&first)
+            .expect_err("engine mismatch");
+        assert!(matches!(error.reason, LoadError::EngineMismatch { .. }), "{error}");
+        let refused = PluginConfig::named("p")
+            .with_allowed_capabilities(["proxy_log"], DeniedCapability::Refuse);
+        let error = Plugin::builder(refused)
+            .build_from(&first)
+            .expect_err("capabilities are checked again");
+        assert!(matches!(error.reason, LoadError::DeniedImports(_)), "{error}");
+    }
+}
