@@ -45,6 +45,8 @@ mod config;
 mod embedder;
 mod headers;
 mod hostcalls;
+#[cfg(feature = "http")]
+mod http_parts;
 #[cfg(feature = "hyper-client")]
 mod hyper_client;
 mod inbox;
@@ -65,6 +67,8 @@ pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPo
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 pub use headers::HeaderMap;
 pub use hostcalls::is_implemented;
+#[cfg(feature = "http")]
+pub use http_parts::HttpPartsError;
 #[cfg(feature = "hyper-client")]
 pub use hyper_client::HyperCallouts;
 pub use inbox::Wake;

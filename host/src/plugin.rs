@@ -432,12 +432,18 @@ mod tests {
         let error = Plugin::builder(other_engine)
             .build_from(&first)
             .expect_err("engine mismatch");
-        assert!(matches!(error.reason, LoadError::EngineMismatch { .. }), "{error}");
+        assert!(
+            matches!(error.reason, LoadError::EngineMismatch { .. }),
+            "{error}"
+        );
         let refused = PluginConfig::named("p")
             .with_allowed_capabilities(["proxy_log"], DeniedCapability::Refuse);
         let error = Plugin::builder(refused)
             .build_from(&first)
             .expect_err("capabilities are checked again");
-        assert!(matches!(error.reason, LoadError::DeniedImports(_)), "{error}");
+        assert!(
+            matches!(error.reason, LoadError::DeniedImports(_)),
+            "{error}"
+        );
     }
 }
