@@ -31,12 +31,17 @@ fn main() {
     // Under `cargo +nightly` (cargo fuzz) the host toolchain is not the guests': drop the
     // override and go through rustup's `cargo`, so rust-toolchain.toml picks the toolchain
     // that has the wasm32-wasip1 target.
-    let cargo = match env::var_os("RUSTUP_TOOLCHAIN") {
-        Some(_) => "cargo".into(),
-        None => env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+    let mut command = match env::var_os("RUSTUP_TOOLCHAIN") {
+        Some(_) => {
+            let mut command = Command::new("cargo");
+            match project_channel(&manifest_dir) {
+                Some(channel) => command.env("RUSTUP_TOOLCHAIN", channel),
+                None => command.env_remove("RUSTUP_TOOLCHAIN"),
+            };
+            command
+        }
+        None => Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())),
     };
-    let mut command = Command::new(cargo);
-    command.env_remove("RUSTUP_TOOLCHAIN");
     command
         .current_dir(&guests)
         .args([
@@ -56,7 +61,7 @@ fn main() {
             || key.starts_with("CARGO_HTTP_")
             || key.starts_with("CARGO_REGISTRIES_");
         if (key.starts_with("CARGO_") && !keep)
-            || key.starts_with("RUSTC_")
+            || key.starts_with("RUSTC")
             || key == "RUSTFLAGS"
             || key == "RUSTDOCFLAGS"
         {
@@ -79,6 +84,15 @@ fn main() {
         std::fs::copy(&built, out_dir.join(&file))
             .unwrap_or_else(|e| panic!("guest {guest} was not built at {}: {e}", built.display()));
     }
+}
+
+/// The `channel` rust-toolchain.toml names, for the guest build under another toolchain.
+fn project_channel(manifest_dir: &Path) -> Option<String> {
+    let file = manifest_dir.parent()?.join("rust-toolchain.toml");
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.trim_start().starts_with("channel"))?;
+    let value = line.split_once('=')?.1.trim().trim_matches('"');
+    (!value.is_empty()).then(|| value.to_owned())
 }
 
 /// Builds the AssemblyScript guest with npm packages pinned by its lock file: copies the
