@@ -90,7 +90,9 @@ fn main() {
 fn project_channel(manifest_dir: &Path) -> Option<String> {
     let file = manifest_dir.parent()?.join("rust-toolchain.toml");
     let text = std::fs::read_to_string(file).ok()?;
-    let line = text.lines().find(|l| l.trim_start().starts_with("channel"))?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("channel"))?;
     let value = line.split_once('=')?.1.trim().trim_matches('"');
     (!value.is_empty()).then(|| value.to_owned())
 }

@@ -19,7 +19,7 @@ run_one() {
     [ -f "dicts/$target.dict" ] && extra+=("-dict=dicts/$target.dict")
     echo "== $target ($seconds s), log: fuzz/logs/$target.log"
     cargo +nightly fuzz run "$target" "corpus/$target" "seeds/$target" "regressions/$target" -- \
-        -max_total_time="$seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
+        -max_total_time="$seconds" -timeout=120 -rss_limit_mb=3072 -print_final_stats=1 \
         "${extra[@]}" >"logs/$target.log" 2>&1
     local status=$?
     grep -E "^(stat::number_of_executed_units|stat::average_exec_per_sec|stat::new_units_added|stat::peak_rss_mb)" "logs/$target.log" || true
