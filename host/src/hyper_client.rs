@@ -13,7 +13,7 @@ use core::pin::Pin;
 use core::task::{Context, Poll};
 use filterbox_abi::GrpcStatus;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderName, HeaderValue, Method, Request, Uri};
+use http::{HeaderValue, Method, Request, Uri};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -102,31 +102,6 @@ fn bad_request(why: impl fmt::Display) -> CalloutError {
     CalloutError::BadRequest(why.to_string())
 }
 
-/// Copies the regular (non-pseudo) headers into `out`.
-fn copy_headers(from: &HeaderMap, out: &mut http::HeaderMap) -> Result<(), CalloutError> {
-    for (name, value) in from.iter() {
-        if name.starts_with(b":") {
-            continue;
-        }
-        let name = HeaderName::from_bytes(name).map_err(bad_request)?;
-        let value = HeaderValue::from_bytes(value).map_err(bad_request)?;
-        out.append(name, value);
-    }
-    Ok(())
-}
-
-fn to_map(headers: &http::HeaderMap) -> HeaderMap {
-    headers
-        .iter()
-        .map(|(k, v)| {
-            (
-                Bytes::copy_from_slice(k.as_str().as_bytes()),
-                Bytes::copy_from_slice(v.as_bytes()),
-            )
-        })
-        .collect()
-}
-
 fn status_response(status: u16, body: &'static str) -> HttpCallOutcome {
     let headers = [(":status", status.to_string())].into_iter().collect();
     HttpCallOutcome::Response(HttpCallResponse {
@@ -156,7 +131,7 @@ impl Callouts for HyperCallouts {
             .body(OnceBody::new(call.body, &call.trailers)?)
             .map_err(bad_request)?;
         let headers = request.headers_mut();
-        copy_headers(&call.headers, headers)?;
+        *headers = call.headers.to_http().map_err(bad_request)?;
         // The plugin's :authority is the Host the upstream sees.
         if let Some(authority) = pseudo(":authority")
             && !headers.contains_key(http::header::HOST)
@@ -185,10 +160,13 @@ impl Callouts for HyperCallouts {
                 let mut headers: HeaderMap = [(":status", parts.status.as_str().to_owned())]
                     .into_iter()
                     .collect();
-                headers.extend(to_map(&parts.headers));
+                headers.extend(HeaderMap::from_http(&parts.headers));
                 match http_body_util::Limited::new(body, limit).collect().await {
                     Ok(collected) => {
-                        let trailers = collected.trailers().map(to_map).unwrap_or_default();
+                        let trailers = collected
+                            .trailers()
+                            .map(HeaderMap::from_http)
+                            .unwrap_or_default();
                         HttpCallOutcome::Response(HttpCallResponse {
                             headers,
                             body: collected.to_bytes(),
@@ -229,7 +207,7 @@ impl Callouts for HyperCallouts {
             .body(ChannelBody { rx })
             .map_err(bad_request)?;
         let headers = request.headers_mut();
-        copy_headers(&call.initial_metadata, headers)?;
+        *headers = call.initial_metadata.to_http().map_err(bad_request)?;
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
@@ -271,7 +249,9 @@ async fn grpc_exchange(
     }
     // A "trailers-only" response carries the status in its headers.
     let header_status = grpc_status(&parts.headers);
-    reply.send(GrpcEvent::InitialMetadata(to_map(&parts.headers)));
+    reply.send(GrpcEvent::InitialMetadata(HeaderMap::from_http(
+        &parts.headers,
+    )));
     let mut buffer = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = match frame {
@@ -309,7 +289,7 @@ async fn grpc_exchange(
         };
         if let Ok(trailers) = frame.into_trailers() {
             let status = grpc_status(&trailers);
-            reply.send(GrpcEvent::TrailingMetadata(to_map(&trailers)));
+            reply.send(GrpcEvent::TrailingMetadata(HeaderMap::from_http(&trailers)));
             return status.unwrap_or((GrpcStatus::Unknown.as_u32(), "no grpc-status".into()));
         }
     }
@@ -374,11 +354,7 @@ impl OnceBody {
     fn new(data: Bytes, trailers: &HeaderMap) -> Result<Self, CalloutError> {
         let trailers = match trailers.is_empty() {
             true => None,
-            false => {
-                let mut map = http::HeaderMap::new();
-                copy_headers(trailers, &mut map)?;
-                Some(map)
-            }
+            false => Some(trailers.to_http().map_err(bad_request)?),
         };
         Ok(OnceBody {
             data: (!data.is_empty()).then_some(data),
