@@ -9,7 +9,7 @@
 
 use crate::guests;
 use crate::harness::LogCapture;
-use crate::hostile::import_decl;
+use crate::hostile::{callback_params, import_decl};
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::{Bytes, BytesMut};
 use filterbox::abi::{AbiVersion, Callback, Import, ImportModule, ValType, pairs, property_path};
@@ -153,13 +153,6 @@ fn program_imports(version: AbiVersion) -> Vec<Import> {
         .collect()
 }
 
-fn wat_type(t: ValType) -> &'static str {
-    match t {
-        ValType::I32 => "i32",
-        ValType::I64 => "i64",
-    }
-}
-
 /// The callbacks a program-running guest exports: all of `version` but the start functions
 /// and allocators, each running the program up to its next yield.
 fn program_callbacks(version: AbiVersion) -> String {
@@ -178,15 +171,7 @@ fn program_callbacks(version: AbiVersion) -> String {
         {
             continue;
         }
-        let params: Vec<&str> = callback
-            .params(version)
-            .iter()
-            .map(|t| wat_type(*t))
-            .collect();
-        let params = match params.is_empty() {
-            true => String::new(),
-            false => format!("(param {})", params.join(" ")),
-        };
+        let params = callback_params(callback, version);
         let (result, body) = match (callback.result(), callback) {
             (Some(_), Callback::ProxyOnConfigure) => (
                 "(result i32)",
@@ -353,15 +338,27 @@ fn program_module(version: AbiVersion) -> Vec<u8> {
     wat::parse_str(&text).unwrap_or_else(|e| panic!("the program guest does not parse: {e}"))
 }
 
-/// The program guest on `kind` for `version`, compiled once per process.
-fn program_plugin(kind: EngineKind, version: AbiVersion) -> &'static Plugin {
-    static PLUGINS: OnceLock<
-        parking_lot::Mutex<HashMap<(EngineKind, AbiVersion), &'static Plugin>>,
-    > = OnceLock::new();
-    let mut plugins = PLUGINS.get_or_init(Default::default).lock();
+/// Plugins compiled once per process and key: harnesses run millions of inputs, and a
+/// compile per input would be most of the work.
+type PluginCache<K> = OnceLock<parking_lot::Mutex<HashMap<K, &'static Plugin>>>;
+
+fn cached<K: std::hash::Hash + Eq>(
+    cache: &'static PluginCache<K>,
+    key: K,
+    compile: impl FnOnce() -> Plugin,
+) -> &'static Plugin {
+    let mut plugins = cache.get_or_init(Default::default).lock();
     plugins
-        .entry((kind, version))
-        .or_insert_with(|| Box::leak(Box::new(compile(kind, &program_module(version), "program"))))
+        .entry(key)
+        .or_insert_with(|| Box::leak(Box::new(compile())))
+}
+
+/// The program guest on `kind` for `version`.
+fn program_plugin(kind: EngineKind, version: AbiVersion) -> &'static Plugin {
+    static PLUGINS: PluginCache<(EngineKind, AbiVersion)> = OnceLock::new();
+    cached(&PLUGINS, (kind, version), || {
+        compile(kind, &program_module(version), "program")
+    })
 }
 
 /// One hostcall program and the stream around it, decoded from the fuzzer's bytes.
@@ -584,18 +581,14 @@ fn smith_exports() -> &'static [u8] {
             Callback::ProxyOnDelete,
             Callback::ProxyOnTick,
         ] {
-            let params: String = callback
-                .params(AbiVersion::V0_2_1)
-                .iter()
-                .map(|t| format!(" {}", wat_type(*t)))
-                .collect();
+            let params = callback_params(callback, AbiVersion::V0_2_1);
             let result = match callback.result() {
                 Some(_) => "(result i32)",
                 None => "",
             };
             let _ = write!(
                 text,
-                r#"(func (export "{}") (param{params}) {result} unreachable)"#,
+                r#"(func (export "{}") {params} {result} unreachable)"#,
                 callback.name()
             );
         }
@@ -810,8 +803,11 @@ pub fn streams(data: &[u8]) {
     };
     let mut request = HeaderMap::new();
     let mut response = HeaderMap::new();
-    let (mut request_body, mut response_body) = (BytesMut::new(), BytesMut::new());
-    let (mut request_sent, mut response_sent) = (Vec::new(), Vec::new());
+    let check = BodyCheck {
+        plugin: name,
+        configuration,
+    };
+    let (mut request_body, mut response_body) = (Buffered::default(), Buffered::default());
     for step in steps {
         match step {
             StreamStep::RequestHeaders(pairs, end) => {
@@ -822,18 +818,9 @@ pub fn streams(data: &[u8]) {
                 }
             }
             StreamStep::RequestBody(chunk, end) => {
-                request_body.extend_from_slice(&chunk);
-                request_sent.extend_from_slice(&chunk);
-                let result = vm.on_request_body(&stream, &mut request_body, end);
-                check_body(
-                    name,
-                    configuration,
-                    end,
-                    &result,
-                    &request_sent,
-                    &request_body,
-                );
-                forward(&result, &mut request_body, &mut request_sent);
+                request_body.step(&chunk, end, check, |body| {
+                    vm.on_request_body(&stream, body, end)
+                });
             }
             StreamStep::RequestTrailers(pairs) => {
                 let _ = vm.on_request_trailers(&stream, &mut header_map(&pairs));
@@ -843,18 +830,9 @@ pub fn streams(data: &[u8]) {
                 let _ = vm.on_response_headers(&stream, &mut response, end);
             }
             StreamStep::ResponseBody(chunk, end) => {
-                response_body.extend_from_slice(&chunk);
-                response_sent.extend_from_slice(&chunk);
-                let result = vm.on_response_body(&stream, &mut response_body, end);
-                check_body(
-                    name,
-                    configuration,
-                    end,
-                    &result,
-                    &response_sent,
-                    &response_body,
-                );
-                forward(&result, &mut response_body, &mut response_sent);
+                response_body.step(&chunk, end, check, |body| {
+                    vm.on_response_body(&stream, body, end)
+                });
             }
             StreamStep::ResponseTrailers(pairs) => {
                 let _ = vm.on_response_trailers(&stream, &mut header_map(&pairs));
@@ -865,10 +843,8 @@ pub fn streams(data: &[u8]) {
             StreamStep::NextStream => {
                 let _ = vm.take_stream_events(&stream);
                 let _ = vm.finish_stream(stream);
-                request_body.clear();
-                response_body.clear();
-                request_sent.clear();
-                response_sent.clear();
+                request_body = Buffered::default();
+                response_body = Buffered::default();
                 stream = match vm.create_http_stream() {
                     Ok(stream) => stream,
                     Err(_) => return,
@@ -887,12 +863,62 @@ pub fn streams(data: &[u8]) {
     let _ = vm.finish_stream(stream);
 }
 
-/// After a body callback: a paused body stays buffered (the next call sees it grown), a
-/// continued one is forwarded and the buffer starts empty.
-fn forward(result: &Result<Action, VmError>, body: &mut BytesMut, sent: &mut Vec<u8>) {
-    if !matches!(result, Ok(Action::Pause)) {
-        body.clear();
-        sent.clear();
+/// One direction's body as a proxy buffers it: what the plugin holds (`body`, which it may
+/// rewrite) and what it was given since the last forwarded body (`sent`).
+#[derive(Default)]
+struct Buffered {
+    body: BytesMut,
+    sent: Vec<u8>,
+}
+
+impl Buffered {
+    /// Adds `chunk`, runs the body callback on everything buffered, checks the result, and
+    /// forwards (empties the buffer) unless the plugin paused: a paused body accumulates.
+    fn step(
+        &mut self,
+        chunk: &[u8],
+        end: bool,
+        check: BodyCheck,
+        callback: impl FnOnce(&mut BytesMut) -> Result<Action, VmError>,
+    ) {
+        self.body.extend_from_slice(chunk);
+        self.sent.extend_from_slice(chunk);
+        let result = callback(&mut self.body);
+        check.body(end, &result, &self.sent, &self.body);
+        if !matches!(result, Ok(Action::Pause)) {
+            self.body.clear();
+            self.sent.clear();
+        }
+    }
+}
+
+/// Which plugin a stream runs, for the behaviour checks.
+#[derive(Clone, Copy)]
+struct BodyCheck<'a> {
+    plugin: &'a str,
+    configuration: &'a str,
+}
+
+impl BodyCheck<'_> {
+    /// The body plugin pauses until the end of the stream, then replaces `<from>` with
+    /// `<to>` in all it was given since the last forwarded body.
+    fn body(self, end: bool, result: &Result<Action, VmError>, sent: &[u8], body: &[u8]) {
+        if self.plugin != "body" || result.is_err() {
+            return;
+        }
+        let Some((from, to)) = self.configuration.split_once("=>") else {
+            return;
+        };
+        match end {
+            false => assert!(
+                matches!(result, Ok(Action::Pause)),
+                "body continued before the end: {result:?}"
+            ),
+            true => {
+                let expected = String::from_utf8_lossy(sent).replace(from, to);
+                assert_eq!(body, expected.as_bytes(), "body rewrite of {sent:?}");
+            }
+        }
     }
 }
 
@@ -910,34 +936,6 @@ fn check_deny(pairs: &[(String, String)], result: &Result<Action, VmError>) {
         match result {
             Ok(Action::Respond(r)) => assert_eq!(r.status_code, 403, "deny answered {r:?}"),
             other => panic!("deny let {pairs:?} through: {other:?}"),
-        }
-    }
-}
-
-/// The body plugin pauses until the end of the stream, then replaces `<from>` with `<to>` in
-/// all it was given since the last forwarded body.
-fn check_body(
-    name: &str,
-    configuration: &str,
-    end: bool,
-    result: &Result<Action, VmError>,
-    sent: &[u8],
-    body: &[u8],
-) {
-    if name != "body" || result.is_err() {
-        return;
-    }
-    let Some((from, to)) = configuration.split_once("=>") else {
-        return;
-    };
-    match end {
-        false => assert!(
-            matches!(result, Ok(Action::Pause)),
-            "body continued before the end: {result:?}"
-        ),
-        true => {
-            let expected = String::from_utf8_lossy(sent).replace(from, to);
-            assert_eq!(body, expected.as_bytes(), "body rewrite of {sent:?}");
         }
     }
 }
@@ -1059,10 +1057,8 @@ fn calls_nondeterministic(input: &ProgramInput) -> bool {
 
 /// A module that does nothing, to load configs on.
 fn tiny_plugin(kind: EngineKind) -> &'static Plugin {
-    static PLUGINS: OnceLock<parking_lot::Mutex<HashMap<EngineKind, &'static Plugin>>> =
-        OnceLock::new();
-    let mut plugins = PLUGINS.get_or_init(Default::default).lock();
-    plugins.entry(kind).or_insert_with(|| {
+    static PLUGINS: PluginCache<EngineKind> = OnceLock::new();
+    cached(&PLUGINS, kind, || {
         let wasm = wat::parse_str(
             r#"(module
                 (import "env" "proxy_log" (func (param i32 i32 i32) (result i32)))
@@ -1073,7 +1069,7 @@ fn tiny_plugin(kind: EngineKind) -> &'static Plugin {
                 (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0)))"#,
         )
         .unwrap_or_else(|e| panic!("tiny module: {e}"));
-        Box::leak(Box::new(compile(kind, &wasm, "tiny")))
+        compile(kind, &wasm, "tiny")
     })
 }
 

@@ -41,18 +41,23 @@ fn wat_type(t: ValType) -> &'static str {
     }
 }
 
-/// An export of `callback` with its ABI 0.2.1 type whose body is `body`, or, with `None`, a
-/// well-behaved one: true for the start callbacks and `proxy_on_done`, 0 (continue) else.
-fn callback_export(callback: Callback, body: Option<&str>) -> String {
+/// The WAT parameter list of `callback` on `version` (empty for none).
+pub(crate) fn callback_params(callback: Callback, version: AbiVersion) -> String {
     let params: Vec<&str> = callback
-        .params(AbiVersion::V0_2_1)
+        .params(version)
         .iter()
         .map(|t| wat_type(*t))
         .collect();
-    let params = match params.is_empty() {
+    match params.is_empty() {
         true => String::new(),
         false => format!("(param {})", params.join(" ")),
-    };
+    }
+}
+
+/// An export of `callback` with its ABI 0.2.1 type whose body is `body`, or, with `None`, a
+/// well-behaved one: true for the start callbacks and `proxy_on_done`, 0 (continue) else.
+fn callback_export(callback: Callback, body: Option<&str>) -> String {
+    let params = callback_params(callback, AbiVersion::V0_2_1);
     let (result, default) = match (callback.result(), callback) {
         (None, _) => ("", ""),
         (
