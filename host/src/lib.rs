@@ -50,6 +50,8 @@ mod http_parts;
 #[cfg(feature = "hyper-client")]
 mod hyper_client;
 mod inbox;
+#[cfg(feature = "tower")]
+mod layer;
 mod metrics;
 mod plugin;
 mod plugin_metrics;
@@ -72,6 +74,11 @@ pub use http_parts::HttpPartsError;
 #[cfg(feature = "hyper-client")]
 pub use hyper_client::HyperCallouts;
 pub use inbox::Wake;
+#[cfg(feature = "tower")]
+pub use layer::{
+    BoxError, ChainError, FilterChain, FilterChainBuilder, FilterError, FilterLayer, FilterService,
+    FilteredBody, SharedChain,
+};
 pub use metrics::HostMetrics;
 pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use plugin_metrics::{MetricRegistry, MetricValue};

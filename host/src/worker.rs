@@ -2,9 +2,10 @@
 //! policy applied to the streams it could not serve.
 
 use crate::vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
-use crate::{FailurePolicy, HeaderMap, Plugin};
+use crate::{FailurePolicy, HeaderMap, Plugin, Wake};
 use bytes::BytesMut;
 use core::fmt;
+use filterbox_abi::MapType;
 use std::time::{Duration, Instant};
 
 /// A stream the plugin could not serve: why, and what the failure policy says the proxy
@@ -91,6 +92,8 @@ pub struct Worker {
     retry_at: Option<Instant>,
     last_error: Option<VmError>,
     crash_looped: bool,
+    /// Given to every VM this worker builds, so events still reach a rebuilt VM.
+    wake: Option<Wake>,
 }
 
 impl fmt::Debug for Worker {
@@ -117,6 +120,7 @@ impl Worker {
             retry_at: None,
             last_error: None,
             crash_looped: false,
+            wake: None,
         })
     }
 
@@ -128,6 +132,15 @@ impl Worker {
     /// The live VM, if there is one now.
     pub fn vm(&mut self) -> Option<&mut Vm> {
         self.vm.as_mut()
+    }
+
+    /// Calls `wake` whenever an event arrives for the worker's VM (see [`Vm::set_wake`]),
+    /// for this VM and every VM the worker builds after it; then call [`Worker::run_due`].
+    pub fn set_wake(&mut self, wake: Option<Wake>) {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.set_wake(wake.clone());
+        }
+        self.wake = wake;
     }
 
     /// Whether the worker gave up rebuilding after the crash-loop limit.
@@ -256,6 +269,19 @@ impl Worker {
         match (&stream.stream, self.live_vm(stream.generation)) {
             (Some(s), Some(vm)) => vm.take_stream_events(s),
             _ => Vec::new(),
+        }
+    }
+
+    /// The headers of a stream that paused in a header callback, as the plugin left them:
+    /// see [`Vm::take_paused_headers`].
+    pub fn take_paused_headers(
+        &mut self,
+        stream: &WorkerStream,
+        map: MapType,
+    ) -> Option<HeaderMap> {
+        match (&stream.stream, self.live_vm(stream.generation)) {
+            (Some(s), Some(vm)) => vm.take_paused_headers(s, map),
+            _ => None,
         }
     }
 
@@ -408,7 +434,8 @@ impl Worker {
             return;
         }
         match Vm::new(&self.plugin) {
-            Ok(vm) => {
+            Ok(mut vm) => {
+                vm.set_wake(self.wake.clone());
                 self.plugin.metrics().vm_restarted();
                 tracing::info!(plugin = %self.plugin.config().name, "VM rebuilt");
                 self.vm = Some(vm);

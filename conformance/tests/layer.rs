@@ -1,0 +1,192 @@
+//! The tower layer with real SDK-built plugins around a service that records what reached it.
+
+use bytes::Bytes;
+use filterbox::{FilterChain, FilterLayer, FilteredBody, Plugin, PluginConfig};
+use filterbox_conformance::guests;
+use filterbox_conformance::servers::Servers;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// What reached the inner service: headers as name → value, and the body.
+#[derive(Clone, Default)]
+struct Upstream {
+    seen: Arc<Mutex<Vec<(http::HeaderMap, Bytes)>>>,
+}
+
+impl Service<http::Request<FilteredBody>> for Upstream {
+    type Response = http::Response<FilteredBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<FilteredBody>) -> Self::Future {
+        let seen = self.seen.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let body = match body.collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(never) => match never {},
+            };
+            seen.lock().push((parts.headers, body.clone()));
+            let response = http::Response::builder()
+                .header("x-upstream", "yes")
+                .body(FilteredBody::full(body))
+                .unwrap_or_default();
+            Ok(response)
+        })
+    }
+}
+
+/// A request body that arrives in the given chunks.
+struct Chunks(VecDeque<Bytes>);
+
+impl Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn plugin(name: &str, wasm: &[u8], configuration: &str) -> Plugin {
+    Plugin::load(
+        PluginConfig::named(name).with_configuration(configuration),
+        wasm,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn request(path: &str, chunks: &[&str]) -> http::Request<Chunks> {
+    let body = Chunks(chunks.iter().map(|c| Bytes::from(c.to_string())).collect());
+    http::Request::builder()
+        .method(if chunks.is_empty() { "GET" } else { "POST" })
+        .uri(path)
+        .header("host", "example.test")
+        .body(body)
+        .expect("request")
+}
+
+async fn send<S>(service: &mut S, request: http::Request<Chunks>) -> (http::Response<()>, Bytes)
+where
+    S: Service<http::Request<Chunks>, Response = http::Response<FilteredBody>>,
+    S::Error: std::fmt::Debug,
+{
+    let response = service.call(request).await.expect("exchange");
+    let (parts, body) = response.into_parts();
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    (http::Response::from_parts(parts, ()), body)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn a_chain_adds_headers_denies_and_rewrites_bodies_chunk_by_chunk() {
+    runtime().block_on(async {
+        let chain = FilterChain::builder()
+            .slots(2)
+            .build(vec![
+                plugin(
+                    "headers",
+                    guests::HEADERS,
+                    "add x-added one\nresponse-add x-response two",
+                ),
+                plugin("deny", guests::DENY, "/admin"),
+                plugin("body", guests::BODY, "foo=>bar"),
+            ])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+
+        let (response, body) = send(&mut service, request("/ok", &[])).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-response"], "two");
+        assert_eq!(response.headers()["x-upstream"], "yes");
+        assert!(body.is_empty());
+        {
+            let seen = upstream.seen.lock();
+            assert_eq!(seen.len(), 1);
+            assert_eq!(seen[0].0["x-added"], "one");
+            assert_eq!(seen[0].0["host"], "example.test");
+        }
+
+        let (response, body) = send(&mut service, request("/admin/x", &[])).await;
+        assert_eq!(response.status(), 403);
+        assert_eq!(response.headers()["x-denied-by"], "filterbox-guest");
+        assert_eq!(body, "denied by policy\n");
+        assert_eq!(
+            upstream.seen.lock().len(),
+            1,
+            "a denied request reached the upstream"
+        );
+
+        // "foo" split across chunks: only a plugin that saw the body accumulate rewrites it.
+        let (response, body) = send(&mut service, request("/post", &["a fo", "o b", "foo"])).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(upstream.seen.lock()[1].1, "a bar bbar");
+        assert_eq!(body, "a bar bbar");
+    });
+}
+
+#[test]
+fn a_paused_request_resumes_when_the_plugins_http_call_answers() {
+    let servers = Servers::get().expect("servers");
+    runtime().block_on(async {
+        let callouts = servers.callouts().expect("callouts");
+        let plugin = Plugin::builder(PluginConfig::named("callouts"))
+            .callouts(callouts)
+            .build(guests::CALLOUTS)
+            .expect("plugin");
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+        for round in 0..3 {
+            let (response, _) = send(&mut service, request(&format!("/r{round}"), &[])).await;
+            assert_eq!(response.status(), 200);
+        }
+        let seen = upstream.seen.lock();
+        assert_eq!(seen.len(), 3);
+        for (headers, _) in seen.iter() {
+            assert_eq!(headers["x-lookup"], "200 found");
+        }
+    });
+}
+
+#[test]
+fn a_chain_refuses_a_plugin_that_does_not_configure() {
+    let deny = plugin("deny", guests::DENY, "");
+    let bad = plugin("headers", guests::HEADERS, "frobnicate everything");
+    let error = FilterChain::new(vec![deny, bad]).expect_err("bad config accepted");
+    assert!(matches!(error, filterbox::ChainError::Start(_)), "{error}");
+    assert!(error.to_string().contains("proxy_on_configure"), "{error}");
+}

@@ -1,0 +1,1147 @@
+//! A tower [`Layer`] that runs a chain of plugins around any `Service<http::Request<_>>`.
+//!
+//! The model is thread-per-worker: a [`FilterChain`] holds the compiled plugins once and a
+//! number of *slots*. Each slot is a thread that owns one VM per plugin (a [`Worker`]) and
+//! runs every callback of the exchanges given to it, so VMs never move between threads (a
+//! wasmer instance must not) and guest code never blocks the async runtime's threads. An
+//! exchange is given to the slot of the runtime thread that starts it and stays there; its
+//! future sends the slot one command per phase and awaits the answer.
+//!
+//! Between commands the slot thread delivers what arrives for its VMs from elsewhere (HTTP
+//! and gRPC call answers, queue messages) and runs their ticks; an exchange a plugin paused
+//! waits until the plugin resumes it, answers it, or the chain's pause timeout passes.
+
+use crate::http_parts::HttpPartsError;
+use crate::vm::{Action, LocalResponse, StreamEvent};
+use crate::worker::{Failure, Worker, WorkerStream};
+use crate::{HeaderMap, Plugin, VmError};
+use bytes::{Buf, Bytes, BytesMut};
+use core::fmt;
+use filterbox_abi::{MapType, StreamType};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use parking_lot::RwLock;
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, oneshot};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// An error that boxes whatever a body or the inner service failed with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a [`FilterChain`] could not be built.
+#[derive(Debug)]
+pub enum ChainError {
+    /// A slot thread could not be started.
+    Thread(std::io::Error),
+    /// A plugin's first VM did not start (instantiation, `proxy_on_vm_start` or
+    /// `proxy_on_configure` failed), so the chain is refused before it takes traffic.
+    Start(VmError),
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::Thread(error) => write!(f, "starting a slot thread: {error}"),
+            ChainError::Start(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl std::error::Error for ChainError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ChainError::Thread(error) => Some(error),
+            ChainError::Start(error) => Some(error),
+        }
+    }
+}
+
+/// Why a filtered exchange failed without an HTTP answer.
+#[derive(Debug)]
+pub enum FilterError {
+    /// Reading the request body failed.
+    RequestBody(BoxError),
+    /// Reading the response body failed.
+    ResponseBody(BoxError),
+    /// The inner service failed.
+    Service(BoxError),
+}
+
+impl fmt::Display for FilterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FilterError::RequestBody(e) => write!(f, "reading the request body: {e}"),
+            FilterError::ResponseBody(e) => write!(f, "reading the response body: {e}"),
+            FilterError::Service(e) => write!(f, "inner service: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FilterError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            FilterError::RequestBody(e)
+            | FilterError::ResponseBody(e)
+            | FilterError::Service(e) => Some(e.as_ref()),
+        }
+    }
+}
+
+/// Builds a [`FilterChain`].
+#[derive(Debug, Clone)]
+pub struct FilterChainBuilder {
+    slots: usize,
+    pause_timeout: Duration,
+    max_body_bytes: usize,
+}
+
+impl Default for FilterChainBuilder {
+    fn default() -> Self {
+        FilterChainBuilder {
+            slots: std::thread::available_parallelism().map_or(1, usize::from),
+            pause_timeout: Duration::from_secs(30),
+            max_body_bytes: 16 << 20,
+        }
+    }
+}
+
+impl FilterChainBuilder {
+    /// How many slot threads (each with its own VM per plugin) the chain runs; default: the
+    /// machine's parallelism. Zero counts as one.
+    pub fn slots(mut self, slots: usize) -> Self {
+        self.slots = slots.max(1);
+        self
+    }
+
+    /// How long a plugin may keep an exchange paused before it is answered 504 (default 30 s).
+    pub fn pause_timeout(mut self, timeout: Duration) -> Self {
+        self.pause_timeout = timeout;
+        self
+    }
+
+    /// The most body bytes the chain reads for one direction (default 16 MiB); a larger
+    /// request is answered 413, a larger response 502.
+    pub fn max_body_bytes(mut self, bytes: usize) -> Self {
+        self.max_body_bytes = bytes;
+        self
+    }
+
+    /// Starts the slot threads and on each one VM per plugin, started and configured: a
+    /// plugin that cannot start refuses the whole chain, before it takes traffic. Blocks
+    /// until the VMs are up. Requests run through `plugins` in order, responses in reverse.
+    pub fn build(self, plugins: Vec<Plugin>) -> Result<FilterChain, ChainError> {
+        let mut slots = Vec::with_capacity(self.slots);
+        for index in 0..self.slots {
+            slots.push(SlotHandle::spawn(index, &plugins)?);
+        }
+        Ok(FilterChain {
+            inner: Arc::new(ChainInner {
+                plugins,
+                slots,
+                pause_timeout: self.pause_timeout,
+                max_body_bytes: self.max_body_bytes,
+            }),
+        })
+    }
+}
+
+/// Compiled plugins and the slot threads that run them, ready to filter exchanges; cheap to
+/// clone. Each exchange holds the chain it started on, so a chain replaced in a
+/// [`SharedChain`] keeps its VMs until its last exchange ends; then its threads stop.
+#[derive(Clone)]
+pub struct FilterChain {
+    inner: Arc<ChainInner>,
+}
+
+impl fmt::Debug for FilterChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self
+            .inner
+            .plugins
+            .iter()
+            .map(|p| p.config().name.as_str())
+            .collect();
+        f.debug_struct("FilterChain")
+            .field("plugins", &names)
+            .field("slots", &self.inner.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct ChainInner {
+    plugins: Vec<Plugin>,
+    slots: Vec<SlotHandle>,
+    pause_timeout: Duration,
+    max_body_bytes: usize,
+}
+
+impl Drop for ChainInner {
+    fn drop(&mut self) {
+        for slot in &self.slots {
+            let _ = slot.commands.send(Command::Stop);
+        }
+    }
+}
+
+/// What a slot thread is asked to do.
+enum Command {
+    /// Run this on the slot's VMs.
+    Run(Box<dyn FnOnce(&mut SlotState) + Send>),
+    /// An event arrived for one of the slot's VMs.
+    Wake,
+    /// The chain is gone: drop the VMs and end the thread.
+    Stop,
+}
+
+/// The chain's side of a slot thread.
+struct SlotHandle {
+    commands: mpsc::Sender<Command>,
+    /// Notified after the slot delivered events: paused exchanges look at theirs again.
+    progress: Arc<Notify>,
+}
+
+impl SlotHandle {
+    fn spawn(index: usize, plugins: &[Plugin]) -> Result<SlotHandle, ChainError> {
+        let (commands, receiver) = mpsc::channel();
+        let progress = Arc::new(Notify::new());
+        let (started, start_result) = mpsc::channel();
+        let wake_sender = commands.clone();
+        let wake: crate::Wake = Arc::new(move || {
+            let _ = wake_sender.send(Command::Wake);
+        });
+        let plugins = plugins.to_vec();
+        let thread_progress = progress.clone();
+        std::thread::Builder::new()
+            .name(format!("filterbox-slot-{index}"))
+            .spawn(move || {
+                let mut workers = Vec::with_capacity(plugins.len());
+                for plugin in &plugins {
+                    match Worker::new(plugin) {
+                        Ok(mut worker) => {
+                            worker.set_wake(Some(wake.clone()));
+                            workers.push(worker);
+                        }
+                        Err(error) => {
+                            let _ = started.send(Err(error));
+                            return;
+                        }
+                    }
+                }
+                let _ = started.send(Ok(()));
+                let state = SlotState {
+                    workers,
+                    exchanges: HashMap::new(),
+                };
+                state.serve(&receiver, &thread_progress);
+            })
+            .map_err(ChainError::Thread)?;
+        match start_result.recv() {
+            Ok(Ok(())) => Ok(SlotHandle { commands, progress }),
+            Ok(Err(error)) => Err(ChainError::Start(error)),
+            Err(_) => Err(ChainError::Thread(std::io::Error::other(
+                "the slot thread ended while starting its VMs",
+            ))),
+        }
+    }
+}
+
+/// Which way a phase runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    fn stream_type(self) -> StreamType {
+        match self {
+            Direction::Request => StreamType::HttpRequest,
+            Direction::Response => StreamType::HttpResponse,
+        }
+    }
+
+    fn header_map(self) -> MapType {
+        match self {
+            Direction::Request => MapType::HttpRequestHeaders,
+            Direction::Response => MapType::HttpResponseHeaders,
+        }
+    }
+
+    /// The plugins' indices in the order this direction runs them.
+    fn order(self, plugins: usize) -> Vec<usize> {
+        match self {
+            Direction::Request => (0..plugins).collect(),
+            Direction::Response => (0..plugins).rev().collect(),
+        }
+    }
+}
+
+/// Where a phase stopped.
+enum Step {
+    /// Every plugin let it through.
+    Continue,
+    /// Answer the client with this.
+    Respond(LocalResponse),
+    /// The plugin at `position` of the phase's order (plugin `index`) paused it.
+    Paused { position: usize, index: usize },
+}
+
+/// One exchange's streams, one per plugin, and what each plugin has paused on of the body.
+struct Streams {
+    streams: Vec<Option<WorkerStream>>,
+    buffers: Vec<BytesMut>,
+}
+
+/// A slot thread's VMs and the exchanges running on them.
+struct SlotState {
+    workers: Vec<Worker>,
+    exchanges: HashMap<u64, Streams>,
+}
+
+impl SlotState {
+    /// Runs commands until the chain stops; delivers events when woken and ticks when due.
+    fn serve(mut self, commands: &mpsc::Receiver<Command>, progress: &Notify) {
+        loop {
+            let tick = self.workers.iter().filter_map(Worker::next_tick).min();
+            let received = match tick {
+                Some(tick) => {
+                    match commands.recv_timeout(tick.saturating_duration_since(Instant::now())) {
+                        Ok(command) => Some(command),
+                        Err(mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                None => match commands.recv() {
+                    Ok(command) => Some(command),
+                    Err(mpsc::RecvError) => return,
+                },
+            };
+            let woken = match received {
+                Some(Command::Stop) => return,
+                Some(Command::Run(job)) => {
+                    // Guest panics are already traps; this keeps the slot alive for a bug of
+                    // ours, and the exchange that hit it gets no answer (503).
+                    if std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut self))).is_err() {
+                        tracing::error!("a filter chain command panicked");
+                    }
+                    false
+                }
+                Some(Command::Wake) | None => true,
+            };
+            let now = Instant::now();
+            if woken || tick.is_some_and(|tick| tick <= now) {
+                for worker in &mut self.workers {
+                    if let Err(error) = worker.run_due(now) {
+                        tracing::warn!(plugin = %worker.plugin().config().name, "{error}");
+                    }
+                }
+                progress.notify_waiters();
+            }
+        }
+    }
+
+    /// The streams of exchange `id`, created on first use.
+    fn streams(&mut self, id: u64) -> &mut Streams {
+        let workers = &mut self.workers;
+        self.exchanges.entry(id).or_insert_with(|| Streams {
+            streams: workers
+                .iter_mut()
+                .map(|w| Some(w.create_stream()))
+                .collect(),
+            buffers: vec![BytesMut::new(); workers.len()],
+        })
+    }
+
+    /// Runs one callback of plugin `index` for exchange `id`; a failure becomes its policy's
+    /// action.
+    fn call(
+        &mut self,
+        id: u64,
+        index: usize,
+        callback: impl FnOnce(&mut Worker, &mut WorkerStream) -> Result<Action, Failure>,
+    ) -> Action {
+        self.streams(id);
+        let stream = self
+            .exchanges
+            .get_mut(&id)
+            .and_then(|s| s.streams.get_mut(index));
+        let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) else {
+            return Action::Continue;
+        };
+        match callback(worker, stream) {
+            Ok(action) => action,
+            Err(failure) => {
+                tracing::warn!("{failure}");
+                failure.into_action()
+            }
+        }
+    }
+
+    /// Header callbacks of `direction` from position `from` of its order.
+    fn headers(
+        &mut self,
+        id: u64,
+        direction: Direction,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+        from: usize,
+    ) -> Step {
+        for (position, index) in direction
+            .order(self.workers.len())
+            .into_iter()
+            .enumerate()
+            .skip(from)
+        {
+            let action = self.call(id, index, |worker, stream| match direction {
+                Direction::Request => worker.on_request_headers(stream, headers, end_of_stream),
+                Direction::Response => worker.on_response_headers(stream, headers, end_of_stream),
+            });
+            match action {
+                Action::Continue => {}
+                Action::Respond(response) => return Step::Respond(response),
+                Action::Pause => return Step::Paused { position, index },
+            }
+        }
+        Step::Continue
+    }
+
+    /// Trailer callbacks of `direction` from position `from` of its order.
+    fn trailers(
+        &mut self,
+        id: u64,
+        direction: Direction,
+        trailers: &mut HeaderMap,
+        from: usize,
+    ) -> Step {
+        for (position, index) in direction
+            .order(self.workers.len())
+            .into_iter()
+            .enumerate()
+            .skip(from)
+        {
+            let action = self.call(id, index, |worker, stream| match direction {
+                Direction::Request => worker.on_request_trailers(stream, trailers),
+                Direction::Response => worker.on_response_trailers(stream, trailers),
+            });
+            match action {
+                Action::Continue => {}
+                Action::Respond(response) => return Step::Respond(response),
+                Action::Pause => return Step::Paused { position, index },
+            }
+        }
+        Step::Continue
+    }
+
+    /// Runs body bytes through the plugins of `direction` from position `from`: each plugin
+    /// sees what it paused on so far plus the new bytes, and what it lets through goes to the
+    /// next. Returns what left the last plugin. A pause at the end of the stream waits for the
+    /// plugin to resume ([`SlotState::resume_body`]); any other pause keeps the bytes.
+    fn body(
+        &mut self,
+        id: u64,
+        direction: Direction,
+        mut input: BytesMut,
+        end_of_stream: bool,
+        from: usize,
+    ) -> (Step, BytesMut) {
+        for (position, index) in direction
+            .order(self.workers.len())
+            .into_iter()
+            .enumerate()
+            .skip(from)
+        {
+            let mut body = match self.streams(id).buffers.get_mut(position) {
+                Some(buffer) => {
+                    buffer.extend_from_slice(&input);
+                    std::mem::take(buffer)
+                }
+                None => break,
+            };
+            let action = self.call(id, index, |worker, stream| match direction {
+                Direction::Request => worker.on_request_body(stream, &mut body, end_of_stream),
+                Direction::Response => worker.on_response_body(stream, &mut body, end_of_stream),
+            });
+            match action {
+                Action::Continue => input = body,
+                Action::Respond(response) => return (Step::Respond(response), BytesMut::new()),
+                Action::Pause => {
+                    if let Some(buffer) = self.streams(id).buffers.get_mut(position) {
+                        *buffer = body;
+                    }
+                    let step = match end_of_stream {
+                        true => Step::Paused { position, index },
+                        false => Step::Continue,
+                    };
+                    return (step, BytesMut::new());
+                }
+            }
+        }
+        (Step::Continue, input)
+    }
+
+    /// Goes on with a body the plugin at `position` paused on at the end of the stream.
+    fn resume_body(&mut self, id: u64, direction: Direction, position: usize) -> (Step, BytesMut) {
+        let held = match self.streams(id).buffers.get_mut(position) {
+            Some(buffer) => std::mem::take(buffer),
+            None => BytesMut::new(),
+        };
+        self.body(id, direction, held, true, position + 1)
+    }
+
+    /// What plugins still hold of the body, in order (released once trailers went through).
+    fn release_buffers(&mut self, id: u64) -> BytesMut {
+        let mut released = BytesMut::new();
+        for buffer in &mut self.streams(id).buffers {
+            released.extend_from_slice(buffer);
+            buffer.clear();
+        }
+        released
+    }
+
+    /// Whether plugin `index` resumed `direction`, answered the stream, or failed it; `None`
+    /// while it is still paused. A resumed header phase gives the headers as the plugin left
+    /// them.
+    fn poll_resumed(
+        &mut self,
+        id: u64,
+        index: usize,
+        direction: Direction,
+    ) -> Option<Result<Option<HeaderMap>, LocalResponse>> {
+        let stream = self.exchanges.get(&id).and_then(|s| s.streams.get(index));
+        let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) else {
+            return Some(Ok(None));
+        };
+        if let Some(failure) = stream.failure() {
+            return Some(match failure.action() {
+                Action::Respond(response) => Err(response.clone()),
+                Action::Continue | Action::Pause => Ok(None),
+            });
+        }
+        for event in worker.take_stream_events(stream) {
+            match event {
+                StreamEvent::Continue(kind) if kind == direction.stream_type() => {
+                    return Some(Ok(
+                        worker.take_paused_headers(stream, direction.header_map())
+                    ));
+                }
+                StreamEvent::Respond(response) => return Some(Err(response)),
+                StreamEvent::Close(_) => {
+                    return Some(Err(local(502, "filterbox_stream_closed_by_plugin")));
+                }
+                StreamEvent::Continue(_) | StreamEvent::ClearRouteCache => {}
+            }
+        }
+        None
+    }
+
+    /// Runs `proxy_on_log` (if `log`) and ends every stream of exchange `id`.
+    fn end(&mut self, id: u64, log: Option<(HeaderMap, HeaderMap)>) {
+        let Some(mut streams) = self.exchanges.remove(&id) else {
+            return;
+        };
+        let (mut request, mut response) = log.clone().unwrap_or_default();
+        for (worker, stream) in self.workers.iter_mut().zip(streams.streams.iter_mut()) {
+            let Some(mut stream) = stream.take() else {
+                continue;
+            };
+            if log.is_some() {
+                if let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response) {
+                    tracing::warn!("{failure}");
+                }
+            }
+            if let Err(failure) = worker.finish_stream(stream) {
+                tracing::warn!("{failure}");
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The slot of this runtime thread, given out round-robin on first use.
+    static THREAD_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
+}
+static NEXT_THREAD_SLOT: AtomicUsize = AtomicUsize::new(0);
+static NEXT_EXCHANGE: AtomicU64 = AtomicU64::new(1);
+
+impl FilterChain {
+    /// A builder with the default slots, pause timeout and body limit.
+    pub fn builder() -> FilterChainBuilder {
+        FilterChainBuilder::default()
+    }
+
+    /// A chain with the defaults; see [`FilterChainBuilder::build`].
+    pub fn new(plugins: Vec<Plugin>) -> Result<FilterChain, ChainError> {
+        FilterChainBuilder::default().build(plugins)
+    }
+
+    /// The plugins, in request order.
+    pub fn plugins(&self) -> &[Plugin] {
+        &self.inner.plugins
+    }
+
+    /// The slot of the calling thread.
+    fn slot_index(&self) -> usize {
+        let index = THREAD_SLOT.with(|cell| match cell.get() {
+            Some(index) => index,
+            None => {
+                let index = NEXT_THREAD_SLOT.fetch_add(1, Ordering::Relaxed);
+                cell.set(Some(index));
+                index
+            }
+        });
+        index % self.inner.slots.len().max(1)
+    }
+}
+
+/// A [`FilterChain`] that can be replaced while it serves: exchanges already started finish
+/// on the chain they started on, new ones take the new chain. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SharedChain {
+    current: Arc<RwLock<FilterChain>>,
+}
+
+impl SharedChain {
+    /// Serves `chain` until it is replaced.
+    pub fn new(chain: FilterChain) -> Self {
+        SharedChain {
+            current: Arc::new(RwLock::new(chain)),
+        }
+    }
+
+    /// The chain new exchanges start on.
+    pub fn current(&self) -> FilterChain {
+        self.current.read().clone()
+    }
+
+    /// Puts `chain` in place for new exchanges and returns the one it replaces.
+    pub fn replace(&self, chain: FilterChain) -> FilterChain {
+        std::mem::replace(&mut *self.current.write(), chain)
+    }
+}
+
+/// The tower layer: wraps a service in a [`FilterService`].
+#[derive(Clone, Debug)]
+pub struct FilterLayer {
+    chain: SharedChain,
+}
+
+impl FilterLayer {
+    /// Runs every exchange through `chain`.
+    pub fn new(chain: FilterChain) -> Self {
+        FilterLayer {
+            chain: SharedChain::new(chain),
+        }
+    }
+
+    /// Runs every exchange through whatever chain `chain` holds when the exchange starts.
+    pub fn shared(chain: SharedChain) -> Self {
+        FilterLayer { chain }
+    }
+}
+
+impl<S> Layer<S> for FilterLayer {
+    type Service = FilterService<S>;
+
+    fn layer(&self, inner: S) -> FilterService<S> {
+        FilterService {
+            chain: self.chain.clone(),
+            inner,
+        }
+    }
+}
+
+/// Runs the chain's plugins on a request, passes what they let through to the inner service,
+/// and runs them (in reverse order) on its response. Bodies go through the plugins frame by
+/// frame with the proxy-wasm buffering semantics (a plugin that pauses on a chunk sees the
+/// body accumulate on the next call); what leaves the chain is collected and handed on as
+/// one [`FilteredBody`] (so the chain reads at most its `max_body_bytes` per direction).
+/// Local responses (a plugin's, the failure policy's, a limit's) go to the client without
+/// running the response callbacks; `proxy_on_log` runs for every exchange.
+#[derive(Clone, Debug)]
+pub struct FilterService<S> {
+    chain: SharedChain,
+    inner: S,
+}
+
+impl<S, B, RB> Service<http::Request<B>> for FilterService<S>
+where
+    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError> + Send,
+    RB: Body + Send + Unpin + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError> + Send,
+{
+    type Response = http::Response<FilteredBody>;
+    type Error = FilterError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, FilterError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FilterError>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| FilterError::Service(e.into()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone that was driven to ready serves this call (tower's usual dance).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let chain = self.chain.current();
+        Box::pin(async move {
+            let mut exchange = Exchange::new(chain);
+            let result = exchange.run(inner, request).await;
+            exchange.end(true);
+            result
+        })
+    }
+}
+
+/// One exchange on its slot. Ends its streams (`proxy_on_done`, `proxy_on_delete`) when
+/// dropped, so a client that goes away leaves no stream contexts behind.
+struct Exchange {
+    chain: FilterChain,
+    slot: usize,
+    id: u64,
+    ended: bool,
+    request_headers: HeaderMap,
+    response_headers: HeaderMap,
+}
+
+impl Exchange {
+    fn new(chain: FilterChain) -> Exchange {
+        let slot = chain.slot_index();
+        Exchange {
+            chain,
+            slot,
+            id: NEXT_EXCHANGE.fetch_add(1, Ordering::Relaxed),
+            ended: false,
+            request_headers: HeaderMap::new(),
+            response_headers: HeaderMap::new(),
+        }
+    }
+
+    fn handle(&self) -> Option<&SlotHandle> {
+        self.chain.inner.slots.get(self.slot)
+    }
+
+    /// Runs `job` on the slot thread and returns its result; a slot that is gone answers 503.
+    async fn on_slot<R: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut SlotState) -> R + Send + 'static,
+    ) -> Result<R, LocalResponse> {
+        let unavailable = || local(503, "filterbox_slot_unavailable");
+        let (reply, answer) = oneshot::channel();
+        let command = Command::Run(Box::new(move |state| {
+            let _ = reply.send(job(state));
+        }));
+        let handle = self.handle().ok_or_else(unavailable)?;
+        handle.commands.send(command).map_err(|_| unavailable())?;
+        answer.await.map_err(|_| unavailable())
+    }
+
+    /// Waits until plugin `index` resumes `direction` (giving the headers as it left them,
+    /// in a header phase), answers the exchange, or the pause times out (504).
+    async fn wait_resumed(
+        &self,
+        index: usize,
+        direction: Direction,
+    ) -> Result<Option<HeaderMap>, LocalResponse> {
+        let deadline = tokio::time::Instant::now() + self.chain.inner.pause_timeout;
+        let progress = match self.handle() {
+            Some(handle) => handle.progress.clone(),
+            None => return Err(local(503, "filterbox_slot_unavailable")),
+        };
+        let id = self.id;
+        loop {
+            let notified = progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(resumed) = self
+                .on_slot(move |s| s.poll_resumed(id, index, direction))
+                .await?
+            {
+                return resumed;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                let plugin = self
+                    .chain
+                    .inner
+                    .plugins
+                    .get(index)
+                    .map(|p| p.config().name.clone());
+                tracing::warn!(
+                    plugin = plugin.unwrap_or_default(),
+                    "exchange paused past the pause timeout"
+                );
+                return Err(local(504, "filterbox_pause_timeout"));
+            }
+            // A plugin can also resume from a callback of another exchange, which does not
+            // notify: look again now and then.
+            let _ =
+                tokio::time::timeout_at(deadline.min(now + Duration::from_millis(50)), notified)
+                    .await;
+        }
+    }
+
+    /// The header phase of `direction`; returns the headers as the plugins left them.
+    async fn headers_phase(
+        &self,
+        direction: Direction,
+        mut headers: HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<HeaderMap, LocalResponse> {
+        let (id, mut from) = (self.id, 0);
+        loop {
+            let (step, back) = self
+                .on_slot(move |s| {
+                    let step = s.headers(id, direction, &mut headers, end_of_stream, from);
+                    (step, headers)
+                })
+                .await?;
+            headers = back;
+            match step {
+                Step::Continue => return Ok(headers),
+                Step::Respond(response) => return Err(response),
+                Step::Paused { position, index } => {
+                    if let Some(parked) = self.wait_resumed(index, direction).await? {
+                        headers = parked;
+                    }
+                    from = position + 1;
+                }
+            }
+        }
+    }
+
+    /// The trailer phase of `direction`.
+    async fn trailers_phase(
+        &self,
+        direction: Direction,
+        mut trailers: HeaderMap,
+    ) -> Result<HeaderMap, LocalResponse> {
+        let (id, mut from) = (self.id, 0);
+        loop {
+            let (step, back) = self
+                .on_slot(move |s| (s.trailers(id, direction, &mut trailers, from), trailers))
+                .await?;
+            trailers = back;
+            match step {
+                Step::Continue => return Ok(trailers),
+                Step::Respond(response) => return Err(response),
+                Step::Paused { position, index } => {
+                    self.wait_resumed(index, direction).await?;
+                    from = position + 1;
+                }
+            }
+        }
+    }
+
+    /// One body chunk through the plugins of `direction`; returns what left the chain.
+    async fn body_chunk(
+        &self,
+        direction: Direction,
+        chunk: Bytes,
+        end_of_stream: bool,
+    ) -> Result<BytesMut, LocalResponse> {
+        let id = self.id;
+        let input = BytesMut::from(chunk);
+        let (mut step, mut out) = self
+            .on_slot(move |s| s.body(id, direction, input, end_of_stream, 0))
+            .await?;
+        loop {
+            match step {
+                Step::Continue => return Ok(out),
+                Step::Respond(response) => return Err(response),
+                Step::Paused { position, index } => {
+                    // Nothing more will come: the plugin has to resume (after a callout, say).
+                    self.wait_resumed(index, direction).await?;
+                    (step, out) = self
+                        .on_slot(move |s| s.resume_body(id, direction, position))
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// Reads `body` frame by frame through the plugins of `direction`; returns the filtered
+    /// body and trailers, or the local response a plugin (or the body limit) gave.
+    async fn body_phase<B>(
+        &self,
+        direction: Direction,
+        mut body: B,
+        too_large: u32,
+    ) -> Result<Result<FilteredBody, LocalResponse>, BoxError>
+    where
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        if body.is_end_stream() {
+            return Ok(Ok(FilteredBody::empty()));
+        }
+        let limit = self.chain.inner.max_body_bytes;
+        let (mut out, mut received, mut trailers) = (BytesMut::new(), 0usize, None);
+        while let Some(frame) = body.frame().await {
+            let frame = match frame.map_err(Into::into)?.into_data() {
+                Ok(mut data) => {
+                    let chunk = data.copy_to_bytes(data.remaining());
+                    received = received.saturating_add(chunk.len());
+                    if received > limit {
+                        return Ok(Err(local(too_large, "filterbox_body_too_large")));
+                    }
+                    match self.body_chunk(direction, chunk, false).await {
+                        Ok(passed) => out.extend_from_slice(&passed),
+                        Err(response) => return Ok(Err(response)),
+                    }
+                    continue;
+                }
+                Err(frame) => frame,
+            };
+            if let Ok(map) = frame.into_trailers() {
+                trailers = Some(HeaderMap::from_http(&map));
+            }
+        }
+        let Some(trailers) = trailers else {
+            return Ok(match self.body_chunk(direction, Bytes::new(), true).await {
+                Ok(passed) => {
+                    out.extend_from_slice(&passed);
+                    Ok(FilteredBody::full(out.freeze()))
+                }
+                Err(response) => Err(response),
+            });
+        };
+        let trailers = match self.trailers_phase(direction, trailers).await {
+            Ok(trailers) => trailers,
+            Err(response) => return Ok(Err(response)),
+        };
+        let id = self.id;
+        match self.on_slot(move |s| s.release_buffers(id)).await {
+            Ok(released) => out.extend_from_slice(&released),
+            Err(response) => return Ok(Err(response)),
+        }
+        Ok(match trailers.to_http() {
+            Ok(trailers) => Ok(FilteredBody {
+                data: Some(out.freeze()).filter(|d| !d.is_empty()),
+                trailers: Some(trailers),
+            }),
+            Err(error) => Err(invalid_edit(error)),
+        })
+    }
+
+    /// The whole exchange: request phase, inner service, response phase.
+    async fn run<S, B, RB>(
+        &mut self,
+        mut inner: S,
+        request: http::Request<B>,
+    ) -> Result<http::Response<FilteredBody>, FilterError>
+    where
+        S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
+        S::Error: Into<BoxError>,
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+        RB: Body + Unpin,
+        RB::Error: Into<BoxError>,
+    {
+        let (mut parts, body) = request.into_parts();
+        let headers = HeaderMap::from_request_parts(&parts);
+        // `proxy_on_log` sees these if the request phase ends in a local response.
+        self.request_headers = headers.clone();
+        let headers = match self
+            .headers_phase(Direction::Request, headers, body.is_end_stream())
+            .await
+        {
+            Ok(headers) => headers,
+            Err(response) => return Ok(self.local_response(response)),
+        };
+        self.request_headers = headers;
+        if let Err(error) = self.request_headers.to_request_parts(&mut parts) {
+            return Ok(self.local_response(invalid_edit(error)));
+        }
+        let body = match self
+            .body_phase(Direction::Request, body, 413)
+            .await
+            .map_err(FilterError::RequestBody)?
+        {
+            Ok(body) => body,
+            Err(response) => return Ok(self.local_response(response)),
+        };
+        if body.trailers.is_none() {
+            set_content_length(&mut parts.headers, &body);
+        }
+        let response = inner
+            .call(http::Request::from_parts(parts, body))
+            .await
+            .map_err(|e| FilterError::Service(e.into()))?;
+        let (mut parts, body) = response.into_parts();
+        let headers = HeaderMap::from_response_parts(&parts);
+        let headers = match self
+            .headers_phase(Direction::Response, headers, body.is_end_stream())
+            .await
+        {
+            Ok(headers) => headers,
+            Err(response) => return Ok(self.local_response(response)),
+        };
+        self.response_headers = headers;
+        if let Err(error) = self.response_headers.to_response_parts(&mut parts) {
+            return Ok(self.local_response(invalid_edit(error)));
+        }
+        let body = match self
+            .body_phase(Direction::Response, body, 502)
+            .await
+            .map_err(FilterError::ResponseBody)?
+        {
+            Ok(body) => body,
+            Err(response) => return Ok(self.local_response(response)),
+        };
+        if body.trailers.is_none() {
+            set_content_length(&mut parts.headers, &body);
+        }
+        Ok(http::Response::from_parts(parts, body))
+    }
+
+    /// The HTTP response for a plugin's (or the chain's) local response.
+    fn local_response(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
+        let status = u16::try_from(local.status_code)
+            .ok()
+            .and_then(|s| http::StatusCode::from_u16(s).ok())
+            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = http::Response::new(FilteredBody::full(local.body));
+        *response.status_mut() = status;
+        let mut seen = HeaderMap::new();
+        seen.add(":status", status.as_str().to_owned());
+        // Headers a plugin put in a local response that `http` refuses are left out.
+        for (name, value) in local.headers.iter() {
+            if let (Ok(header), Ok(header_value)) = (
+                http::HeaderName::from_bytes(name),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                response.headers_mut().append(header, header_value);
+                seen.add(name.clone(), value.clone());
+            }
+        }
+        self.response_headers = seen;
+        response
+    }
+
+    /// Ends the exchange's streams on its slot, after `proxy_on_log` if `log`. Nobody waits.
+    fn end(&mut self, log: bool) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        let id = self.id;
+        let headers = log.then(|| {
+            (
+                std::mem::take(&mut self.request_headers),
+                std::mem::take(&mut self.response_headers),
+            )
+        });
+        if let Some(handle) = self.handle() {
+            let _ = handle
+                .commands
+                .send(Command::Run(Box::new(move |s| s.end(id, headers))));
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        // An exchange dropped mid-way (the client went away) still frees its contexts.
+        self.end(false);
+    }
+}
+
+/// Sets `content-length` to the filtered body's size (a plugin may have changed it); an
+/// empty body that had no length keeps having none.
+fn set_content_length(headers: &mut http::HeaderMap, body: &FilteredBody) {
+    let length = body.data.as_ref().map_or(0, Bytes::len);
+    if length == 0 && !headers.contains_key(http::header::CONTENT_LENGTH) {
+        return;
+    }
+    headers.remove(http::header::TRANSFER_ENCODING);
+    headers.insert(
+        http::header::CONTENT_LENGTH,
+        http::HeaderValue::from(length),
+    );
+}
+
+fn local(status: u32, details: &str) -> LocalResponse {
+    LocalResponse {
+        status_code: status,
+        details: details.to_owned(),
+        body: Bytes::new(),
+        headers: HeaderMap::new(),
+        grpc_status: None,
+    }
+}
+
+/// A plugin left headers `http` cannot carry: answer 500 rather than forward garbage.
+fn invalid_edit(error: HttpPartsError) -> LocalResponse {
+    tracing::warn!("plugin left invalid headers: {error}");
+    local(500, "filterbox_invalid_headers")
+}
+
+/// A body the chain has finished with: all its data at once, then its trailers.
+#[derive(Debug, Default)]
+pub struct FilteredBody {
+    data: Option<Bytes>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl FilteredBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        FilteredBody::default()
+    }
+
+    /// A body of `data`.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let data: Bytes = data.into();
+        FilteredBody {
+            data: Some(data).filter(|d| !d.is_empty()),
+            trailers: None,
+        }
+    }
+}
+
+impl Body for FilteredBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.data, &self.trailers) {
+            (data, None) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            (data, Some(_)) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(data.as_ref().map_or(0, |d| d.len() as u64));
+                hint
+            }
+        }
+    }
+}
