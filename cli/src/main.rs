@@ -10,6 +10,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod serve;
+
 #[derive(Parser)]
 #[command(
     name = "filterbox",
@@ -42,6 +44,12 @@ enum Command {
     },
     /// List the engines filterbox knows and whether this build has them.
     Engines,
+    /// Run a reverse proxy with a chain of plugins (reloads its config on change or SIGHUP).
+    Serve {
+        /// The config file (YAML): listeners, upstreams, admin, plugins.
+        #[arg(long, default_value = "filterbox.yaml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +84,10 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             filter,
         } => conformance(&mut out, format, &engines, filter.as_deref())?,
         Command::Inspect { plugin } => inspect(&mut out, &plugin).map(|()| ExitCode::SUCCESS)?,
+        Command::Serve { config } => {
+            serve::serve(&config)?;
+            ExitCode::SUCCESS
+        }
         Command::Engines => {
             for kind in EngineKind::ALL {
                 writeln!(

@@ -554,10 +554,10 @@ impl SlotState {
             let Some(mut stream) = stream.take() else {
                 continue;
             };
-            if log.is_some() {
-                if let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response) {
-                    tracing::warn!("{failure}");
-                }
+            if log.is_some()
+                && let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response)
+            {
+                tracing::warn!("{failure}");
             }
             if let Err(failure) = worker.finish_stream(stream) {
                 tracing::warn!("{failure}");

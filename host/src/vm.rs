@@ -95,6 +95,19 @@ pub enum VmError {
     },
 }
 
+impl VmError {
+    /// The name of the plugin the error is about.
+    pub fn plugin(&self) -> &str {
+        match self {
+            VmError::Instantiate { plugin, .. }
+            | VmError::Rejected { plugin, .. }
+            | VmError::Trap { plugin, .. }
+            | VmError::Failed { plugin, .. }
+            | VmError::ForeignStream { plugin } => plugin,
+        }
+    }
+}
+
 impl fmt::Display for VmError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

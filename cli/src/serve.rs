@@ -1,0 +1,740 @@
+//! `filterbox serve`: a small reverse proxy on hyper that runs a chain of plugins, with an
+//! admin listener and hot reload of its config file.
+//!
+//! The config names follow Envoy's `PluginConfig` / `VmConfig` (`name`, `root_id`,
+//! `configuration`, `failure_policy`, `vm_config.vm_id`, `vm_config.runtime`,
+//! `vm_config.code.local.filename`, `vm_config.environment_variables`), so an Envoy user
+//! recognises them; filterbox's own settings (`limits`, `reload`, `log_level`, capabilities)
+//! sit beside them.
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use filterbox::{
+    EngineKind, FailurePolicy, FilterChain, FilterLayer, FilteredBody, HyperCallouts, Limits,
+    MetricRegistry, Plugin, PluginConfig, ReloadPolicy, SharedChain,
+};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::RwLock;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The whole `filterbox.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Where the proxy accepts requests, and where each listener sends them.
+    pub listeners: Vec<ListenerConfig>,
+    /// Upstream name → base URL (`http://host:port`); also the targets of plugins' HTTP and
+    /// gRPC calls.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, String>,
+    /// The admin listener (`/stats`, `/ready`).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The plugins every request goes through, in order (responses in reverse order).
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+    /// Slot threads, each with its own VM per plugin (default: one per core).
+    #[serde(default)]
+    pub slots: Option<usize>,
+    /// How long a plugin may keep a request paused, in milliseconds (default 30 000).
+    #[serde(default)]
+    pub pause_timeout_ms: Option<u64>,
+    /// Largest body read per direction, in bytes (default 16 MiB).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `host:port` to bind.
+    pub address: SocketAddr,
+    /// The upstream (a key of `upstreams`) requests go to.
+    pub upstream: String,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` to bind.
+    pub address: SocketAddr,
+}
+
+/// One plugin, Envoy-style.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// The plugin's name (logs, metrics, `plugin_name`).
+    pub name: String,
+    /// The root id the plugin registered.
+    #[serde(default)]
+    pub root_id: String,
+    /// What the plugin reads in `proxy_on_configure`.
+    #[serde(default)]
+    pub configuration: String,
+    /// `FAIL_CLOSED` (default, as in Envoy: answer 503, no rebuild), `FAIL_RELOAD` (answer
+    /// 503 and rebuild the VM) or `FAIL_OPEN` (skip the plugin, rebuild the VM).
+    #[serde(default)]
+    pub failure_policy: EnvoyFailurePolicy,
+    /// The VM.
+    pub vm_config: VmConfigEntry,
+    /// filterbox's resource limits (defaults otherwise).
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    /// filterbox's rebuild policy, for `FAIL_RELOAD` and `FAIL_OPEN` (defaults otherwise).
+    #[serde(default)]
+    pub reload: Option<ReloadPolicy>,
+    /// `trace` … `critical` (default `info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// Imports the plugin may use (default: all).
+    #[serde(default)]
+    pub allowed_capabilities: Option<Vec<String>>,
+}
+
+/// Envoy's `FailurePolicy`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum EnvoyFailurePolicy {
+    /// Answer 503; the plugin stays failed.
+    #[default]
+    #[serde(rename = "FAIL_CLOSED")]
+    Closed,
+    /// Answer 503 and rebuild the VM.
+    #[serde(rename = "FAIL_RELOAD")]
+    Reload,
+    /// Let requests through and rebuild the VM.
+    #[serde(rename = "FAIL_OPEN")]
+    Open,
+}
+
+/// Envoy's `VmConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigEntry {
+    /// VMs with one id share data and queues.
+    #[serde(default)]
+    pub vm_id: String,
+    /// `wasmtime`, `wasmer-cranelift`, `wasmer-singlepass`, `wasmi`, or Envoy's
+    /// `envoy.wasm.runtime.<name>` (default wasmtime).
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// Where the module is.
+    pub code: CodeEntry,
+    /// What the plugin reads in `proxy_on_vm_start`.
+    #[serde(default)]
+    pub configuration: String,
+    /// Environment the plugin sees through WASI.
+    #[serde(default)]
+    pub environment_variables: EnvEntry,
+}
+
+/// Envoy's `AsyncDataSource`, local files only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeEntry {
+    /// The file.
+    pub local: LocalFile,
+}
+
+/// A local file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalFile {
+    /// Path to the `.wasm` file, relative to the config file.
+    pub filename: PathBuf,
+}
+
+/// Envoy's `EnvironmentVariables`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvEntry {
+    /// Variables copied from filterbox's own environment.
+    #[serde(default)]
+    pub host_env_keys: Vec<String>,
+    /// Fixed variables.
+    #[serde(default)]
+    pub key_values: BTreeMap<String, String>,
+}
+
+impl ServeConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<ServeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let config: ServeConfig = serde_yaml::from_str(&text)
+            .with_context(|| format!("parsing config {}", path.display()))?;
+        if config.listeners.is_empty() {
+            bail!("{}: no listeners", path.display());
+        }
+        for listener in &config.listeners {
+            if !config.upstreams.contains_key(&listener.upstream) {
+                bail!(
+                    "{}: listener {} names upstream {:?}, which is not in upstreams",
+                    path.display(),
+                    listener.address,
+                    listener.upstream
+                );
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl PluginEntry {
+    fn plugin_config(&self) -> Result<PluginConfig> {
+        let engine = match self.vm_config.runtime.as_deref() {
+            None => EngineKind::Wasmtime,
+            Some(name) => {
+                let name = name.strip_prefix("envoy.wasm.runtime.").unwrap_or(name);
+                EngineKind::from_name(name).map_err(|e| anyhow::anyhow!("{e}"))?
+            }
+        };
+        let mut env: Vec<(String, String)> = self
+            .vm_config
+            .environment_variables
+            .host_env_keys
+            .iter()
+            .filter_map(|key| std::env::var(key).ok().map(|value| (key.clone(), value)))
+            .collect();
+        env.extend(
+            self.vm_config
+                .environment_variables
+                .key_values
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let mut config = PluginConfig::named(&self.name)
+            .with_configuration(self.configuration.as_bytes())
+            .with_vm_configuration(self.vm_config.configuration.as_bytes())
+            .with_vm_id(&self.vm_config.vm_id)
+            .with_engine(engine);
+        config.root_id = self.root_id.clone();
+        config.environment_variables = env;
+        if let Some(limits) = &self.limits {
+            config.limits = limits.clone();
+        }
+        config.reload = self.reload.clone().unwrap_or_default();
+        match self.failure_policy {
+            EnvoyFailurePolicy::Closed => {
+                config.failure_policy = FailurePolicy::FailClosed { status: 503 };
+                config.reload.enabled = false;
+            }
+            EnvoyFailurePolicy::Reload => {
+                config.failure_policy = FailurePolicy::FailClosed { status: 503 };
+            }
+            EnvoyFailurePolicy::Open => config.failure_policy = FailurePolicy::FailOpen,
+        }
+        if let Some(level) = &self.log_level {
+            config.log_level = filterbox::LogLevel::ALL
+                .iter()
+                .copied()
+                .find(|l| l.name().eq_ignore_ascii_case(level))
+                .ok_or_else(|| anyhow::anyhow!("unknown log level {level:?} (trace … critical)"))?;
+        }
+        config.allowed_capabilities = self.allowed_capabilities.clone();
+        Ok(config)
+    }
+}
+
+/// Plugins, chain and upstream URLs built from one config: what a reload swaps.
+struct Generation {
+    chain: FilterChain,
+    upstreams: BTreeMap<String, http::Uri>,
+}
+
+/// Builds every plugin and starts the chain (each VM started and configured once), so a
+/// config that cannot serve is refused here. Errors name the plugin, its file and engine.
+fn build_generation(
+    config: &ServeConfig,
+    base: &Path,
+    registry: &Arc<MetricRegistry>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Generation> {
+    let mut upstreams = BTreeMap::new();
+    let mut callouts = HyperCallouts::new(runtime.clone());
+    for (name, url) in &config.upstreams {
+        let uri: http::Uri = url
+            .parse()
+            .with_context(|| format!("upstream {name:?}: bad URL {url:?}"))?;
+        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+            bail!("upstream {name:?}: {url:?} is not an http://host:port URL");
+        }
+        upstreams.insert(name.clone(), uri);
+        callouts = callouts
+            .upstream(name.clone(), url)
+            .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
+    }
+    let callouts = Arc::new(callouts);
+    let mut plugins = Vec::with_capacity(config.plugins.len());
+    for entry in &config.plugins {
+        let file = base.join(&entry.vm_config.code.local.filename);
+        let plugin_config = entry
+            .plugin_config()
+            .with_context(|| format!("plugin {:?}", entry.name))?;
+        let engine = plugin_config.engine;
+        let wasm = std::fs::read(&file)
+            .with_context(|| format!("plugin {:?}: reading {}", entry.name, file.display()))?;
+        let plugin = Plugin::builder(plugin_config)
+            .callouts(callouts.clone())
+            .metric_registry(registry.clone())
+            .build(&wasm)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "plugin {:?} ({}) on {engine}: {e}",
+                    entry.name,
+                    file.display()
+                )
+            })?;
+        plugins.push(plugin);
+    }
+    let mut builder = FilterChain::builder();
+    if let Some(slots) = config.slots {
+        builder = builder.slots(slots);
+    }
+    if let Some(ms) = config.pause_timeout_ms {
+        builder = builder.pause_timeout(Duration::from_millis(ms));
+    }
+    if let Some(bytes) = config.max_body_bytes {
+        builder = builder.max_body_bytes(bytes);
+    }
+    let chain = builder.build(plugins).map_err(|error| {
+        // Name the file and engine of the plugin that would not start.
+        let source = match &error {
+            filterbox::ChainError::Start(vm) => config
+                .plugins
+                .iter()
+                .find(|p| p.name == vm.plugin())
+                .map(|p| {
+                    format!(
+                        " ({})",
+                        base.join(&p.vm_config.code.local.filename).display()
+                    )
+                }),
+            filterbox::ChainError::Thread(_) => None,
+        };
+        anyhow::anyhow!(
+            "starting the plugin chain: {error}{}",
+            source.unwrap_or_default()
+        )
+    })?;
+    Ok(Generation { chain, upstreams })
+}
+
+/// What every connection shares.
+struct Shared {
+    chain: SharedChain,
+    upstreams: RwLock<Arc<BTreeMap<String, http::Uri>>>,
+    client: Client<HttpConnector, FilteredBody>,
+    registry: Arc<MetricRegistry>,
+    requests: AtomicU64,
+    upstream_errors: AtomicU64,
+    reloads: AtomicU64,
+    reloads_refused: AtomicU64,
+}
+
+/// The inner service: forwards a filtered request to the listener's upstream.
+#[derive(Clone)]
+struct Upstream {
+    shared: Arc<Shared>,
+    name: Arc<str>,
+}
+
+impl Service<http::Request<FilteredBody>> for Upstream {
+    type Response = http::Response<Incoming>;
+    type Error = anyhow::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: http::Request<FilteredBody>) -> Self::Future {
+        let shared = self.shared.clone();
+        let name = self.name.clone();
+        Box::pin(async move {
+            let base = shared.upstreams.read().get(&*name).cloned();
+            let base = base.with_context(|| format!("upstream {name:?} is gone"))?;
+            let mut parts = base.into_parts();
+            parts.path_and_query = request.uri().path_and_query().cloned();
+            *request.uri_mut() = http::Uri::from_parts(parts)?;
+            Ok(shared.client.request(request).await?)
+        })
+    }
+}
+
+type ProxyBody = http_body_util::Either<FilteredBody, Full<Bytes>>;
+
+/// Runs the proxy until the process is stopped.
+pub fn serve(config_path: &Path) -> Result<()> {
+    let config = ServeConfig::load(config_path)?;
+    let base = config_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("filterbox-serve")
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(async move {
+        let registry = Arc::new(MetricRegistry::new(10_000));
+        let handle = tokio::runtime::Handle::current();
+        let first = {
+            let (config, base, registry, handle) = (
+                config.clone(),
+                base.clone(),
+                registry.clone(),
+                handle.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                build_generation(&config, &base, &registry, &handle)
+            })
+            .await??
+        };
+        let shared = Arc::new(Shared {
+            chain: SharedChain::new(first.chain),
+            upstreams: RwLock::new(Arc::new(first.upstreams)),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            registry,
+            requests: AtomicU64::new(0),
+            upstream_errors: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reloads_refused: AtomicU64::new(0),
+        });
+        for listener in &config.listeners {
+            let socket = TcpListener::bind(listener.address)
+                .await
+                .with_context(|| format!("binding listener {}", listener.address))?;
+            let service = FilterLayer::shared(shared.chain.clone()).layer(Upstream {
+                shared: shared.clone(),
+                name: listener.upstream.as_str().into(),
+            });
+            tracing::info!(address = %listener.address, upstream = %listener.upstream, "listening");
+            tokio::spawn(accept_loop(socket, service, shared.clone()));
+        }
+        if let Some(admin) = &config.admin {
+            let socket = TcpListener::bind(admin.address)
+                .await
+                .with_context(|| format!("binding admin listener {}", admin.address))?;
+            tracing::info!(address = %admin.address, "admin listening");
+            tokio::spawn(admin_loop(socket, shared.clone()));
+        }
+        eprintln!(
+            "filterbox: serving {} plugin(s) on {}",
+            config.plugins.len(),
+            config
+                .listeners
+                .iter()
+                .map(|l| l.address.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        watch(config_path.to_path_buf(), config, base, shared).await
+    })
+}
+
+async fn accept_loop<S>(socket: TcpListener, service: S, shared: Arc<Shared>)
+where
+    S: Service<
+            http::Request<Incoming>,
+            Response = http::Response<FilteredBody>,
+            Error = filterbox::FilterError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    loop {
+        let (stream, _) = match socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!("accept: {error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (service, shared) = (service.clone(), shared.clone());
+        tokio::spawn(async move {
+            let handler = service_fn(move |request: http::Request<Incoming>| {
+                let mut service = service.clone();
+                let shared = shared.clone();
+                async move {
+                    shared.requests.fetch_add(1, Ordering::Relaxed);
+                    let response: http::Response<ProxyBody> = match service.call(request).await {
+                        Ok(response) => response.map(http_body_util::Either::Left),
+                        Err(error) => {
+                            shared.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!("{error}");
+                            text(
+                                http::StatusCode::BAD_GATEWAY,
+                                format!("filterbox: {error}\n"),
+                            )
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), handler);
+            if let Err(error) = connection.await {
+                tracing::debug!("connection: {error}");
+            }
+        });
+    }
+}
+
+fn text(status: http::StatusCode, body: String) -> http::Response<ProxyBody> {
+    let mut response =
+        http::Response::new(http_body_util::Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    response
+}
+
+async fn admin_loop(socket: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let Ok((stream, _)) = socket.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let handler = service_fn(move |request: http::Request<Incoming>| {
+                let shared = shared.clone();
+                async move {
+                    let response = match request.uri().path() {
+                        "/ready" => text(http::StatusCode::OK, "ready\n".into()),
+                        "/stats" | "/stats/prometheus" => {
+                            text(http::StatusCode::OK, render_stats(&shared))
+                        }
+                        _ => text(http::StatusCode::NOT_FOUND, "try /stats or /ready\n".into()),
+                    };
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), handler)
+                .await;
+        });
+    }
+}
+
+/// Prometheus text: plugin metrics, host metrics per plugin, and the proxy's own counters.
+fn render_stats(shared: &Shared) -> String {
+    let mut plugins = String::new();
+    shared.registry.render_prometheus(&mut plugins);
+    let mut host = String::new();
+    for plugin in shared.chain.current().plugins() {
+        plugin
+            .metrics()
+            .render_prometheus(&plugin.config().name, &mut host);
+    }
+    let mut out = plugins;
+    out.push_str(&merge_families(&host));
+    let mut counter = |name: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+        );
+    };
+    counter(
+        "filterbox_serve_requests_total",
+        "Requests the listeners received.",
+        shared.requests.load(Ordering::Relaxed),
+    );
+    counter(
+        "filterbox_serve_upstream_errors_total",
+        "Requests answered 502 because the upstream or a body failed.",
+        shared.upstream_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        "filterbox_serve_reloads_total",
+        "Configs reloaded.",
+        shared.reloads.load(Ordering::Relaxed),
+    );
+    counter(
+        "filterbox_serve_reloads_refused_total",
+        "New configs refused (the old one kept serving).",
+        shared.reloads_refused.load(Ordering::Relaxed),
+    );
+    out
+}
+
+/// Groups the samples of each metric family under one `# HELP` / `# TYPE` pair, as the text
+/// format requires when several plugins report the same family.
+fn merge_families(text: &str) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: BTreeMap<String, (Vec<String>, Vec<String>)> = BTreeMap::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let meta = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "));
+        if let Some(rest) = meta {
+            current = rest.split(' ').next().unwrap_or_default().to_owned();
+        }
+        let family = families.entry(current.clone()).or_insert_with(|| {
+            order.push(current.clone());
+            (Vec::new(), Vec::new())
+        });
+        match meta {
+            Some(_) if !family.0.iter().any(|l| l == line) => family.0.push(line.to_owned()),
+            Some(_) => {}
+            None => family.1.push(line.to_owned()),
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        if let Some((meta, samples)) = families.get(&name) {
+            for line in meta.iter().chain(samples) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Reloads on SIGHUP and when the config file changes (checked every second).
+async fn watch(
+    path: PathBuf,
+    mut config: ServeConfig,
+    base: PathBuf,
+    shared: Arc<Shared>,
+) -> Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let mut last = std::fs::read(&path).ok();
+    let mut interval = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let forced = tokio::select! {
+            _ = hangup.recv() => true,
+            _ = interval.tick() => false,
+        };
+        let now = std::fs::read(&path).ok();
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        match reload(&path, &config, &base, &shared).await {
+            Ok(new) => {
+                config = new;
+                shared.reloads.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("reloaded {}", path.display());
+                eprintln!("filterbox: reloaded {}", path.display());
+            }
+            Err(error) => {
+                shared.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "refused new config {}: {error:#}; the old one keeps serving",
+                    path.display()
+                );
+                eprintln!(
+                    "filterbox: refused new config {}: {error:#}; the old one keeps serving",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Builds and starts the new config, then swaps it in: exchanges already running finish on
+/// the old chain, whose VMs go away with its last exchange.
+async fn reload(
+    path: &Path,
+    old: &ServeConfig,
+    base: &Path,
+    shared: &Arc<Shared>,
+) -> Result<ServeConfig> {
+    let new = ServeConfig::load(path)?;
+    if new.listeners != old.listeners || new.admin != old.admin {
+        tracing::warn!("listener and admin changes take effect on restart only");
+    }
+    let generation = {
+        let (config, base, registry) = (new.clone(), base.to_path_buf(), shared.registry.clone());
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || build_generation(&config, &base, &registry, &handle))
+            .await??
+    };
+    *shared.upstreams.write() = Arc::new(generation.upstreams);
+    shared.chain.replace(generation.chain);
+    Ok(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envoy_style_plugin_entry_becomes_a_plugin_config() {
+        let yaml = r#"
+listeners: [{ address: "127.0.0.1:8080", upstream: backend }]
+upstreams: { backend: "http://127.0.0.1:9000" }
+plugins:
+  - name: add
+    root_id: add_root
+    configuration: "add x-a 1"
+    failure_policy: FAIL_OPEN
+    vm_config:
+      vm_id: shared
+      runtime: envoy.wasm.runtime.wasmi
+      code: { local: { filename: add.wasm } }
+      configuration: vm
+      environment_variables: { key_values: { A: b } }
+"#;
+        let config: ServeConfig = serde_yaml::from_str(yaml).expect("parse");
+        let plugin = config.plugins[0].plugin_config().expect("convert");
+        assert_eq!(plugin.name, "add");
+        assert_eq!(plugin.root_id, "add_root");
+        assert_eq!(plugin.vm_id, "shared");
+        assert_eq!(plugin.engine, EngineKind::Wasmi);
+        assert_eq!(plugin.configuration, b"add x-a 1");
+        assert_eq!(plugin.vm_configuration, b"vm");
+        assert_eq!(plugin.failure_policy, FailurePolicy::FailOpen);
+        assert_eq!(plugin.environment_variables, vec![("A".into(), "b".into())]);
+    }
+
+    #[test]
+    fn fail_closed_does_not_rebuild_and_unknown_fields_are_refused() {
+        let entry: PluginEntry = serde_yaml::from_str(
+            "{ name: p, vm_config: { code: { local: { filename: p.wasm } } } }",
+        )
+        .expect("parse");
+        let config = entry.plugin_config().expect("convert");
+        assert!(!config.reload.enabled);
+        assert_eq!(
+            config.failure_policy,
+            FailurePolicy::FailClosed { status: 503 }
+        );
+        let error = serde_yaml::from_str::<PluginEntry>(
+            "{ name: p, fail_opn: true, vm_config: { code: { local: { filename: p.wasm } } } }",
+        )
+        .expect_err("typo accepted");
+        assert!(error.to_string().contains("fail_opn"), "{error}");
+    }
+
+    #[test]
+    fn families_reported_by_several_plugins_get_one_type_line() {
+        let text = "# HELP a x\n# TYPE a counter\na{plugin=\"p\"} 1\n# HELP a x\n# TYPE a counter\na{plugin=\"q\"} 2\n";
+        assert_eq!(
+            merge_families(text),
+            "# HELP a x\n# TYPE a counter\na{plugin=\"p\"} 1\na{plugin=\"q\"} 2\n"
+        );
+    }
+}

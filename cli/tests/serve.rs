@@ -1,0 +1,273 @@
+//! End to end: `filterbox serve` on 127.0.0.1 in front of a real upstream, with a chain of two
+//! Rust-SDK plugins (one adds headers, one denies by rule); the config is reloaded (a bad one
+//! refused, a good one taken) while clients keep sending, and no request may fail.
+
+use bytes::Bytes;
+use filterbox_conformance::guests;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// The proxy process, killed when the test ends however it ends.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    socket.local_addr().expect("addr")
+}
+
+/// An upstream that answers `saw x-added=<value>` and counts the requests it got.
+async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
+    let socket = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = socket.accept().await else {
+                continue;
+            };
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: http::Request<Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    let added = request
+                        .headers()
+                        .get("x-added")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .to_owned();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(format!("saw x-added={added}")),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn write_config(
+    dir: &Path,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    upstream: SocketAddr,
+    add: &str,
+) {
+    let config = format!(
+        r#"listeners: [{{ address: "{listen}", upstream: backend }}]
+upstreams: {{ backend: "http://{upstream}" }}
+admin: {{ address: "{admin}" }}
+slots: 2
+plugins:
+  - name: add-headers
+    configuration: "{add}\nresponse-add x-filtered yes"
+    failure_policy: FAIL_RELOAD
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+  - name: deny
+    configuration: /admin
+    vm_config: {{ vm_id: deny, code: {{ local: {{ filename: deny.wasm }} }} }}
+"#
+    );
+    // Written whole and renamed, so the proxy never reads half a file.
+    let tmp = dir.join("filterbox.yaml.tmp");
+    std::fs::write(&tmp, config).expect("write config");
+    std::fs::rename(&tmp, dir.join("filterbox.yaml")).expect("rename config");
+}
+
+async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: String,
+    header: Option<(&str, &str)>,
+) -> Result<(u16, http::HeaderMap, String), String> {
+    let mut request = http::Request::get(&url);
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+fn stat(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_request() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        std::fs::write(dir.join("deny.wasm"), guests::DENY).expect("deny.wasm");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream(hits.clone()).await;
+        let (listen, admin) = (free_port(), free_port());
+        write_config(&dir, listen, admin, upstream, "add x-added one");
+        let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+            .args(["serve", "--config"])
+            .arg(dir.join("filterbox.yaml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start filterbox serve");
+        let proxy = Proxy(child);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+
+        let started = Instant::now();
+        while get(&client, format!("http://{admin}/ready"), None)
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "serve never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // Through both plugins to the upstream and back.
+        let (status, headers, body) = get(&client, format!("http://{listen}/hello"), None)
+            .await
+            .expect("hello");
+        assert_eq!(status, 200);
+        assert_eq!(body, "saw x-added=one");
+        assert_eq!(headers["x-filtered"], "yes");
+        assert_eq!(hits.load(Ordering::SeqCst), 1);
+
+        // Denied by rule (path prefix, then header): answered by the plugin, never forwarded.
+        for (path, header) in [("/admin/users", None), ("/fine", Some(("x-deny", "1")))] {
+            let (status, headers, body) = get(&client, format!("http://{listen}{path}"), header)
+                .await
+                .expect("deny");
+            assert_eq!(status, 403, "{path}");
+            assert_eq!(headers["x-denied-by"], "filterbox-guest");
+            assert_eq!(body, "denied by policy\n");
+        }
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            1,
+            "a denied request reached the upstream"
+        );
+
+        // Load: 4 clients × 150 requests while the config changes under them.
+        let mut clients = Vec::new();
+        for worker in 0..4 {
+            let client = client.clone();
+            clients.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for i in 0..150 {
+                    let url = format!("http://{listen}/load/{worker}/{i}");
+                    match get(&client, url, None).await {
+                        Ok((200, _, body)) => seen.push(body),
+                        Ok((status, _, body)) => return Err(format!("status {status}: {body}")),
+                        Err(error) => return Err(error),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(seen)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A config whose plugin refuses its configuration: refused, the old chain serves on.
+        write_config(&dir, listen, admin, upstream, "frobnicate");
+        let _ = Command::new("kill")
+            .args(["-HUP", &proxy.0.id().to_string()])
+            .status();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        write_config(&dir, listen, admin, upstream, "add x-added two");
+        let _ = Command::new("kill")
+            .args(["-HUP", &proxy.0.id().to_string()])
+            .status();
+
+        let mut bodies = Vec::new();
+        for client in clients {
+            match client.await.expect("client task") {
+                Ok(seen) => bodies.extend(seen),
+                Err(error) => panic!("a request failed during reload: {error}"),
+            }
+        }
+        assert_eq!(bodies.len(), 600);
+        assert!(
+            bodies
+                .iter()
+                .all(|b| b == "saw x-added=one" || b == "saw x-added=two"),
+            "a request saw neither chain"
+        );
+
+        // Once reloaded, new requests take the new chain.
+        let started = Instant::now();
+        loop {
+            let (_, _, body) = get(&client, format!("http://{listen}/after"), None)
+                .await
+                .expect("after");
+            if body == "saw x-added=two" {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the good config never took over"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, _, stats) = get(&client, format!("http://{admin}/stats"), None)
+            .await
+            .expect("stats");
+        assert!(
+            stat(&stats, "filterbox_serve_reloads_total") >= 1,
+            "{stats}"
+        );
+        assert!(
+            stat(&stats, "filterbox_serve_reloads_refused_total") >= 1,
+            "{stats}"
+        );
+        assert!(
+            stats.contains("filterbox_vms_active{plugin=\"deny\"}"),
+            "{stats}"
+        );
+        drop(proxy);
+    });
+}
