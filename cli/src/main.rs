@@ -10,6 +10,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod run;
 mod serve;
 
 #[derive(Parser)]
@@ -25,6 +26,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run one plugin on one request (and response) and print what it did: the request as
+    /// forwarded or its local response, the response, logs, metrics (--trace: hostcalls).
+    Run(Box<run::RunArgs>),
     /// Run the conformance suite on every built engine (or the ones named) and print the table.
     Conformance {
         /// Output: a case × engine table, or one JSON object per case and engine.
@@ -59,14 +63,20 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("FILTERBOX_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    if let Command::Run(args) = &cli.command
+        && args.trace
+        && let Ok(directive) = "filterbox::hostcall=trace".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FILTERBOX_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match run_cli(Cli::parse()) {
+    match run_cli(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("filterbox: {e:#}");
@@ -84,6 +94,10 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
             filter,
         } => conformance(&mut out, format, &engines, filter.as_deref())?,
         Command::Inspect { plugin } => inspect(&mut out, &plugin).map(|()| ExitCode::SUCCESS)?,
+        Command::Run(args) => {
+            out = run::run(&args)?;
+            ExitCode::SUCCESS
+        }
         Command::Serve { config } => {
             serve::serve(&config)?;
             ExitCode::SUCCESS

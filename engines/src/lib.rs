@@ -415,6 +415,11 @@ macro_rules! define_hostcalls_trait {
                 None
             }
 
+            /// Runs after every import with its raw arguments and its result (`None` for an
+            /// import that returns nothing), whether it ran or `admit` answered it: the place
+            /// for a hostcall trace. By default nothing.
+            fn returned(cx: &mut dyn Caller<Self>, import: Import, args: &[i64], result: Option<i32>) {}
+
             $(
                 #[doc = concat!("`", stringify!($module), ".", stringify!($name), "`")]
                 fn $name(cx: &mut dyn Caller<Self>, $($arg: $ty),*) -> $ret {
@@ -429,28 +434,41 @@ filterbox_abi::for_each_import!(define_hostcalls_trait);
 /// A hostcall result that an [`Hostcalls::admit`] answer can stand in for.
 pub(crate) trait FromAnswer {
     fn from_answer(answer: i32) -> Self;
+    fn answer(&self) -> Option<i32>;
 }
 
 impl FromAnswer for i32 {
     fn from_answer(answer: i32) -> Self {
         answer
     }
+
+    fn answer(&self) -> Option<i32> {
+        Some(*self)
+    }
 }
 
 impl FromAnswer for () {
     fn from_answer(_: i32) -> Self {}
+
+    fn answer(&self) -> Option<i32> {
+        None
+    }
 }
 
-/// Runs one import through [`Hostcalls::admit`] and then, if admitted, its method.
+/// Runs one import through [`Hostcalls::admit`] and then, if admitted, its method; then
+/// [`Hostcalls::returned`].
 pub(crate) fn dispatch<H: Hostcalls, R: FromAnswer>(
     cx: &mut dyn Caller<H>,
     import: Import,
+    args: &[i64],
     call: impl FnOnce(&mut dyn Caller<H>) -> R,
 ) -> R {
-    match H::admit(cx, import) {
+    let result = match H::admit(cx, import) {
         Some(answer) => R::from_answer(answer),
         None => call(cx),
-    }
+    };
+    H::returned(cx, import, args, result.answer());
+    result
 }
 
 /// What a callback call returned.

@@ -377,7 +377,7 @@ macro_rules! define_imports {
                             env,
                             |mut env: FunctionEnvMut<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, HostTrap> {
                                 let result = catch_unwind(AssertUnwindSafe(|| {
-                                    crate::dispatch(&mut WrCaller { env: &mut env }, filterbox_abi::Import::$variant, |cx| H::$name(cx, $($arg),*))
+                                    crate::dispatch(&mut WrCaller { env: &mut env }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
                                 }));
                                 finish(&mut env, stringify!($name), result)
                             },

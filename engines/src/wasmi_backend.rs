@@ -171,7 +171,7 @@ macro_rules! define_imports {
                         stringify!($name),
                         |mut caller: wasmi::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, wasmi::Error> {
                             let result = catch_unwind(AssertUnwindSafe(|| {
-                                crate::dispatch(&mut WiCaller { caller: &mut caller }, filterbox_abi::Import::$variant, |cx| H::$name(cx, $($arg),*))
+                                crate::dispatch(&mut WiCaller { caller: &mut caller }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
                             }));
                             finish(&mut caller, stringify!($name), result)
                         },

@@ -245,7 +245,7 @@ macro_rules! define_imports {
                         stringify!($name),
                         |mut caller: wasmtime::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> wasmtime::Result<$ret> {
                             let result = catch_unwind(AssertUnwindSafe(|| {
-                                crate::dispatch(&mut WtCaller { caller: &mut caller }, filterbox_abi::Import::$variant, |cx| H::$name(cx, $($arg),*))
+                                crate::dispatch(&mut WtCaller { caller: &mut caller }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
                             }));
                             finish(&mut caller, stringify!($name), result)
                         },

@@ -334,6 +334,32 @@ impl Hostcalls for VmState {
     /// holds the start function to the same plus WASI and log-level/time queries). A refused
     /// call answers `BadArgument` (WASI: `ENOTCAPABLE`); a denied capability answers like an
     /// unimplemented import.
+    /// With `filterbox::hostcall=trace` enabled in the tracing subscriber, logs every
+    /// hostcall: plugin, name, raw arguments and result (a status name for `proxy_*` calls).
+    fn returned(cx: Cx<'_>, import: Import, args: &[i64], result: Option<i32>) {
+        if !tracing::enabled!(target: "filterbox::hostcall", tracing::Level::TRACE) {
+            return;
+        }
+        let args: Vec<String> = args.iter().map(i64::to_string).collect();
+        let result = match (result, import.module()) {
+            (None, _) => String::new(),
+            (Some(code), ImportModule::Env) => {
+                match u32::try_from(code).ok().and_then(Status::from_u32) {
+                    Some(status) => format!(" -> {status}"),
+                    None => format!(" -> {code}"),
+                }
+            }
+            (Some(code), _) => format!(" -> {code}"),
+        };
+        tracing::trace!(
+            target: "filterbox::hostcall",
+            plugin = %cx.host().shared.config.name,
+            "{}({}){result}",
+            import.name(),
+            args.join(", ")
+        );
+    }
+
     fn admit(cx: Cx<'_>, import: Import) -> Option<i32> {
         let state = cx.host();
         if state.shared.denied.contains(import) {

@@ -1,0 +1,531 @@
+//! `filterbox run plugin.wasm`: one plugin, one request (and response), everything printed.
+//! The plugin author's quickest test loop.
+
+use anyhow::{Context as _, Result, bail};
+use bytes::{Bytes, BytesMut};
+use filterbox::abi::{MapType, StreamType};
+use filterbox::{
+    Action, EngineKind, HeaderMap, HttpStream, HyperCallouts, LocalResponse, LogLevel, LogSink,
+    Plugin, PluginConfig, StreamEvent, Vm,
+};
+use parking_lot::Mutex;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What `filterbox run` was asked.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The plugin's .wasm file.
+    plugin: PathBuf,
+    /// Plugin configuration (what `proxy_on_configure` reads); `@file` reads a file.
+    #[arg(long, default_value = "")]
+    config: String,
+    /// VM configuration (what `proxy_on_vm_start` reads); `@file` reads a file.
+    #[arg(long, default_value = "")]
+    vm_config: String,
+    /// Root id the plugin registered.
+    #[arg(long, default_value = "")]
+    root_id: String,
+    /// Engine: wasmtime, wasmer-cranelift, wasmer-singlepass, wasmi.
+    #[arg(long, default_value = "wasmtime")]
+    engine: String,
+    /// Request method.
+    #[arg(long, short = 'X', default_value = "GET")]
+    method: String,
+    /// Request path (with query).
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Request header `name: value` (repeatable).
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// Request body; `@file` reads a file.
+    #[arg(long, short = 'd', default_value = "")]
+    body: String,
+    /// The whole request as a raw HTTP/1.1 file (request line, headers, blank line, body);
+    /// replaces --method, --path, --header and --body.
+    #[arg(long)]
+    request: Option<PathBuf>,
+    /// Status of the upstream's response.
+    #[arg(long, default_value_t = 200)]
+    response_status: u16,
+    /// Upstream response header `name: value` (repeatable).
+    #[arg(long = "response-header")]
+    response_headers: Vec<String>,
+    /// Upstream response body; `@file` reads a file.
+    #[arg(long, default_value = "")]
+    response_body: String,
+    /// The upstream's response as a raw HTTP/1.1 file (status line, headers, blank line,
+    /// body); replaces the --response-* options.
+    #[arg(long)]
+    response: Option<PathBuf>,
+    /// Upstream `name=http://host:port` for the plugin's HTTP and gRPC calls (repeatable).
+    #[arg(long = "upstream")]
+    upstreams: Vec<String>,
+    /// How long to wait for a plugin that pauses (for a callout, say), in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    wait_ms: u64,
+    /// Print every hostcall the plugin makes (name, arguments, result) on stderr.
+    #[arg(long)]
+    pub trace: bool,
+}
+
+/// Plugin log lines, kept for the report.
+#[derive(Default)]
+struct Logs(Mutex<Vec<(LogLevel, String)>>);
+
+impl LogSink for Logs {
+    fn log(&self, _plugin: &str, level: LogLevel, message: &str) {
+        self.0.lock().push((level, message.to_owned()));
+    }
+}
+
+/// Text given inline or as `@file`.
+fn text_arg(value: &str) -> Result<Vec<u8>> {
+    match value.strip_prefix('@') {
+        Some(file) => std::fs::read(file).with_context(|| format!("reading {file}")),
+        None => Ok(value.as_bytes().to_vec()),
+    }
+}
+
+fn header_arg(map: &mut HeaderMap, line: &str) -> Result<()> {
+    let Some((name, value)) = line.split_once(':') else {
+        bail!("header {line:?} is not `name: value`");
+    };
+    map.add(name.trim().to_ascii_lowercase(), value.trim().to_owned());
+    Ok(())
+}
+
+/// A raw HTTP/1.1 message: the start line's words, headers, body.
+fn parse_raw(path: &Path) -> Result<(Vec<String>, HeaderMap, Bytes)> {
+    let raw = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|at| (at, 4))
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|at| (at, 2)));
+    let (head, body) = match split {
+        Some((at, gap)) => (&raw[..at], Bytes::copy_from_slice(&raw[at + gap..])),
+        None => (&raw[..], Bytes::new()),
+    };
+    let head = String::from_utf8_lossy(head);
+    let mut lines = head.lines();
+    let start = lines
+        .next()
+        .with_context(|| format!("{}: empty", path.display()))?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let mut headers = HeaderMap::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        header_arg(&mut headers, line).with_context(|| path.display().to_string())?;
+    }
+    Ok((start, headers, body))
+}
+
+/// Runs the plugin on the request and response and returns the report.
+pub fn run(args: &RunArgs) -> Result<String> {
+    let wasm = std::fs::read(&args.plugin)
+        .with_context(|| format!("reading {}", args.plugin.display()))?;
+    let engine = EngineKind::from_name(&args.engine).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let name = args
+        .plugin
+        .file_stem()
+        .map_or_else(|| "plugin".to_owned(), |s| s.to_string_lossy().into_owned());
+    let mut config = PluginConfig::named(&name)
+        .with_configuration(text_arg(&args.config)?)
+        .with_vm_configuration(text_arg(&args.vm_config)?)
+        .with_engine(engine)
+        .with_log_level(LogLevel::Trace);
+    config.root_id = args.root_id.clone();
+    let logs = Arc::new(Logs::default());
+    let mut builder = Plugin::builder(config).log_sink(logs.clone());
+    // Callouts need a runtime; it lives as long as the run.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    if !args.upstreams.is_empty() {
+        let mut callouts = HyperCallouts::new(runtime.handle().clone());
+        for upstream in &args.upstreams {
+            let Some((name, url)) = upstream.split_once('=') else {
+                bail!("upstream {upstream:?} is not name=http://host:port");
+            };
+            callouts = callouts
+                .upstream(name, url)
+                .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
+        }
+        builder = builder.callouts(Arc::new(callouts));
+    }
+    let file = args.plugin.display();
+    let plugin = builder
+        .build(&wasm)
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let mut out = String::new();
+    let mut vm = match Vm::new(&plugin) {
+        Ok(vm) => vm,
+        Err(error) => {
+            print_logs(&mut out, &logs);
+            bail!("{out}{file}: {error}");
+        }
+    };
+
+    let (mut request, request_body) = match &args.request {
+        Some(path) => {
+            let (start, mut headers, body) = parse_raw(path)?;
+            let (method, target) = match start.as_slice() {
+                [method, target, ..] => (method.clone(), target.clone()),
+                _ => bail!(
+                    "{}: the first line is not `METHOD /path HTTP/1.1`",
+                    path.display()
+                ),
+            };
+            let mut map = pseudo_request(&method, &target, &headers);
+            map.extend_from(&mut headers);
+            (map, body)
+        }
+        None => {
+            let mut headers = HeaderMap::new();
+            for line in &args.headers {
+                header_arg(&mut headers, line)?;
+            }
+            let mut map = pseudo_request(&args.method, &args.path, &headers);
+            map.extend_from(&mut headers);
+            (map, Bytes::from(text_arg(&args.body)?))
+        }
+    };
+    let (mut response, response_body) = match &args.response {
+        Some(path) => {
+            let (start, mut headers, body) = parse_raw(path)?;
+            let status = start.get(1).cloned().unwrap_or_else(|| "200".into());
+            let mut map = HeaderMap::new();
+            map.add(":status", status);
+            map.extend_from(&mut headers);
+            (map, body)
+        }
+        None => {
+            let mut map = HeaderMap::new();
+            map.add(":status", args.response_status.to_string());
+            for line in &args.response_headers {
+                header_arg(&mut map, line)?;
+            }
+            (map, Bytes::from(text_arg(&args.response_body)?))
+        }
+    };
+
+    let wait = Duration::from_millis(args.wait_ms);
+    let stream = vm
+        .create_http_stream()
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let mut exchange = Exchange {
+        vm: &mut vm,
+        stream: &stream,
+        wait,
+    };
+    let outcome = exchange.run(&mut request, request_body, &mut response, response_body);
+    let log = vm.on_log(&stream, &mut request, &mut response);
+    let finished = vm.finish_stream(stream);
+    let _ = writeln!(
+        out,
+        "plugin: {file} (ABI {}, {engine})",
+        plugin.abi_version()
+    );
+    match outcome {
+        Ok(Outcome::Forwarded {
+            request_body,
+            response_body,
+        }) => {
+            let _ = writeln!(out, "\n== request, as forwarded upstream");
+            print_message(&mut out, &request, &request_body);
+            let _ = writeln!(out, "\n== response, as sent to the client");
+            print_message(&mut out, &response, &response_body);
+        }
+        Ok(Outcome::Local(local)) => {
+            let _ = writeln!(
+                out,
+                "\n== local response from the plugin ({}); the upstream was not called",
+                if local.details.is_empty() {
+                    "no details"
+                } else {
+                    &local.details
+                }
+            );
+            let mut headers = HeaderMap::new();
+            headers.add(":status", local.status_code.to_string());
+            for (name, value) in local.headers.iter() {
+                headers.add(name.clone(), value.clone());
+            }
+            print_message(&mut out, &headers, &local.body);
+        }
+        Err(error) => {
+            let _ = writeln!(out, "\n== the exchange failed: {error}");
+        }
+    }
+    for result in [log, finished] {
+        if let Err(error) = result {
+            let _ = writeln!(out, "(ending the stream: {error})");
+        }
+    }
+    print_logs(&mut out, &logs);
+    let mut metrics = String::new();
+    plugin.metric_registry().render_prometheus(&mut metrics);
+    let metrics: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#')).collect();
+    let _ = writeln!(out, "\n== plugin metrics ({})", metrics.len());
+    for line in metrics {
+        let _ = writeln!(out, "{line}");
+    }
+    let host = plugin.metrics();
+    let _ = writeln!(
+        out,
+        "\n== host\nmemory high water: {} bytes\nVMs failed: {}",
+        host.memory_high_water_bytes(),
+        host.vms_failed()
+    );
+    drop(vm);
+    drop(runtime);
+    Ok(out)
+}
+
+/// Pseudo headers of a request; `:authority` from `host` if there is one.
+fn pseudo_request(method: &str, path: &str, headers: &HeaderMap) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    map.add(":method", method.to_owned());
+    map.add(":path", path.to_owned());
+    map.add(":scheme", "http");
+    let authority = headers.get_str("host").unwrap_or("localhost").to_owned();
+    map.add(":authority", authority);
+    map
+}
+
+trait Extend {
+    fn extend_from(&mut self, other: &mut HeaderMap);
+}
+
+impl Extend for HeaderMap {
+    fn extend_from(&mut self, other: &mut HeaderMap) {
+        for (name, value) in other.iter() {
+            self.add(name.clone(), value.clone());
+        }
+        other.clear();
+    }
+}
+
+enum Outcome {
+    Forwarded {
+        request_body: Bytes,
+        response_body: Bytes,
+    },
+    Local(LocalResponse),
+}
+
+/// One stream on the VM, with pauses waited out.
+struct Exchange<'a> {
+    vm: &'a mut Vm,
+    stream: &'a HttpStream,
+    wait: Duration,
+}
+
+impl Exchange<'_> {
+    fn run(
+        &mut self,
+        request: &mut HeaderMap,
+        request_body: Bytes,
+        response: &mut HeaderMap,
+        response_body: Bytes,
+    ) -> Result<Outcome> {
+        let stream = self.stream;
+        let action = self
+            .vm
+            .on_request_headers(stream, request, request_body.is_empty())?;
+        if let Some(local) = self.settle(action, StreamType::HttpRequest, Some(request))? {
+            return Ok(Outcome::Local(local));
+        }
+        let mut body = BytesMut::from(request_body);
+        if !body.is_empty() {
+            let action = self.vm.on_request_body(stream, &mut body, true)?;
+            if let Some(local) = self.settle(action, StreamType::HttpRequest, None)? {
+                return Ok(Outcome::Local(local));
+            }
+        }
+        let action = self
+            .vm
+            .on_response_headers(stream, response, response_body.is_empty())?;
+        if let Some(local) = self.settle(action, StreamType::HttpResponse, Some(response))? {
+            return Ok(Outcome::Local(local));
+        }
+        let mut response_buffer = BytesMut::from(response_body);
+        if !response_buffer.is_empty() {
+            let action = self
+                .vm
+                .on_response_body(stream, &mut response_buffer, true)?;
+            if let Some(local) = self.settle(action, StreamType::HttpResponse, None)? {
+                return Ok(Outcome::Local(local));
+            }
+        }
+        Ok(Outcome::Forwarded {
+            request_body: body.freeze(),
+            response_body: response_buffer.freeze(),
+        })
+    }
+
+    /// Continue: nothing to do. Respond: the local response. Pause: run the VM's events
+    /// until the plugin resumes or answers, or the wait is over.
+    fn settle(
+        &mut self,
+        action: Action,
+        direction: StreamType,
+        headers: Option<&mut HeaderMap>,
+    ) -> Result<Option<LocalResponse>> {
+        match action {
+            Action::Continue => return Ok(None),
+            Action::Respond(local) => return Ok(Some(local)),
+            Action::Pause => {}
+        }
+        let deadline = Instant::now() + self.wait;
+        loop {
+            for event in self.vm.take_stream_events(self.stream) {
+                match event {
+                    StreamEvent::Respond(local) => return Ok(Some(local)),
+                    StreamEvent::Continue(kind) if kind == direction => {
+                        let map = match direction {
+                            StreamType::HttpResponse => MapType::HttpResponseHeaders,
+                            _ => MapType::HttpRequestHeaders,
+                        };
+                        if let (Some(headers), Some(parked)) =
+                            (headers, self.vm.take_paused_headers(self.stream, map))
+                        {
+                            *headers = parked;
+                        }
+                        return Ok(None);
+                    }
+                    StreamEvent::Close(_) => bail!("the plugin closed the stream"),
+                    StreamEvent::Continue(_) | StreamEvent::ClearRouteCache => {}
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "the plugin paused the {} and did not resume it within {} ms",
+                    if direction == StreamType::HttpRequest {
+                        "request"
+                    } else {
+                        "response"
+                    },
+                    self.wait.as_millis()
+                );
+            }
+            self.vm.wait_and_run(left.min(Duration::from_millis(50)))?;
+        }
+    }
+}
+
+fn print_message(out: &mut String, headers: &HeaderMap, body: &[u8]) {
+    for (name, value) in headers.iter() {
+        let _ = writeln!(
+            out,
+            "{}: {}",
+            String::from_utf8_lossy(name),
+            String::from_utf8_lossy(value)
+        );
+    }
+    if !body.is_empty() {
+        let _ = writeln!(out, "\n{}", String::from_utf8_lossy(body));
+    }
+}
+
+fn print_logs(out: &mut String, logs: &Logs) {
+    let logs = logs.0.lock();
+    let _ = writeln!(out, "\n== plugin logs ({})", logs.len());
+    for (level, message) in logs.iter() {
+        let _ = writeln!(out, "[{}] {message}", level.name().to_ascii_lowercase());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    fn run_with(dir: &Path, wasm: &[u8], args: &[&str]) -> Result<String> {
+        let file = dir.join("plugin.wasm");
+        std::fs::write(&file, wasm)?;
+        let mut argv = vec!["run".to_owned(), file.display().to_string()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        run(&Cli::try_parse_from(argv)?.args)
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("filterbox-run-{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn run_prints_the_forwarded_request_the_response_and_the_logs() {
+        let report = run_with(
+            &dir("headers"),
+            filterbox_conformance::guests::HEADERS,
+            &[
+                "--config",
+                "add x-added one\nresponse-add x-r two",
+                "--path",
+                "/p",
+                "-H",
+                "host: h",
+            ],
+        )
+        .expect("run");
+        assert!(
+            report.contains("== request, as forwarded upstream"),
+            "{report}"
+        );
+        assert!(report.contains("x-added: one"), "{report}");
+        assert!(report.contains(":authority: h"), "{report}");
+        assert!(report.contains("x-r: two"), "{report}");
+        assert!(report.contains("[info] configured 2 rules"), "{report}");
+    }
+
+    #[test]
+    fn run_prints_a_local_response_from_a_raw_request_file() {
+        let dir = dir("deny");
+        let request = dir.join("request.http");
+        std::fs::write(&request, "GET /admin/x HTTP/1.1\r\nhost: example\r\n\r\n").expect("write");
+        let report = run_with(
+            &dir,
+            filterbox_conformance::guests::DENY,
+            &["--request", &request.display().to_string()],
+        )
+        .expect("run");
+        assert!(
+            report.contains("== local response from the plugin"),
+            "{report}"
+        );
+        assert!(report.contains(":status: 403"), "{report}");
+        assert!(report.contains("denied by policy"), "{report}");
+    }
+
+    #[test]
+    fn a_plugin_that_does_not_configure_is_named_with_its_file_and_reason() {
+        let error = run_with(
+            &dir("bad"),
+            filterbox_conformance::guests::HEADERS,
+            &["--config", "nonsense"],
+        )
+        .expect_err("bad config accepted");
+        let message = format!("{error:#}");
+        assert!(message.contains("plugin.wasm"), "{message}");
+        assert!(
+            message.contains("proxy_on_configure returned false"),
+            "{message}"
+        );
+        assert!(message.contains("bad rule: nonsense"), "{message}");
+    }
+}
