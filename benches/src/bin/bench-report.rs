@@ -14,7 +14,17 @@ fn main() -> anyhow::Result<()> {
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; numbers are only meaningful with --release");
     }
-    let report = filterbox_benches::report::run(quick).map_err(anyhow::Error::msg)?;
+    let mut report = filterbox_benches::report::run(quick).map_err(anyhow::Error::msg)?;
+    // bench-proxy's block (wrk through `filterbox serve`) is measured separately: keep it.
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let (start, end) = ("<!-- proxy-bench -->", "<!-- /proxy-bench -->");
+    if let (Some(from), Some(to)) = (old.find(start), old.find(end))
+        && from < to
+    {
+        report.push('\n');
+        report.push_str(&old[from..to + end.len()]);
+        report.push('\n');
+    }
     std::fs::write(&out, report)?;
     eprintln!("wrote {out}");
     Ok(())

@@ -1,0 +1,281 @@
+//! Load-tests `filterbox serve` with wrk on loopback: requests per second and p99 latency
+//! straight to an upstream, then through the proxy with 0, 1 and 5 plugins. Writes the table
+//! into BENCHMARKS.md between its proxy markers (bench-report keeps that block).
+//!
+//! `cargo build --release -p filterbox-cli && cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--connections N] [--filterbox PATH] [--out FILE]`
+//!
+//! Needs `wrk` (Debian: `apt-get install wrk`).
+
+use anyhow::{Context as _, Result, bail};
+use bytes::Bytes;
+use filterbox_conformance::guests;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const START: &str = "<!-- proxy-bench -->";
+const END: &str = "<!-- /proxy-bench -->";
+
+struct Args {
+    seconds: u64,
+    connections: u32,
+    filterbox: PathBuf,
+    out: PathBuf,
+}
+
+fn args() -> Result<Args> {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let value = |name: &str| {
+        raw.iter()
+            .position(|a| a == name)
+            .and_then(|i| raw.get(i + 1))
+            .cloned()
+    };
+    Ok(Args {
+        seconds: value("--seconds")
+            .map_or(Ok(15), |v| v.parse())
+            .context("--seconds")?,
+        connections: value("--connections")
+            .map_or(Ok(32), |v| v.parse())
+            .context("--connections")?,
+        filterbox: value("--filterbox")
+            .map_or_else(|| PathBuf::from("target/release/filterbox"), PathBuf::from),
+        out: value("--out").map_or_else(|| PathBuf::from("BENCHMARKS.md"), PathBuf::from),
+    })
+}
+
+/// The proxy process, killed however the run ends.
+struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An upstream that answers every request `200 hello`, on its own one-thread runtime.
+fn start_upstream() -> Result<(SocketAddr, tokio::runtime::Runtime)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let addr = listener.local_addr()?;
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let service = service_fn(|_: http::Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                        Bytes::from_static(b"hello\n"),
+                    )))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok((addr, runtime))
+}
+
+fn free_port() -> Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+/// The plugin entries of an `n`-plugin chain: header rewrites and a deny rule that never
+/// matches, so every request reaches the upstream through every plugin.
+fn plugins(n: usize) -> String {
+    let kinds = [
+        ("add", "add x-bench-a 1", "headers.wasm"),
+        ("deny", "/admin", "deny.wasm"),
+        ("replace", "replace x-bench-b 2", "headers.wasm"),
+        ("response", "response-add x-bench-c 3", "headers.wasm"),
+        ("copy", "copy-header x-bench-a x-bench-d", "headers.wasm"),
+    ];
+    let mut out = String::from("plugins:\n");
+    for (name, configuration, file) in kinds.iter().take(n) {
+        let _ = writeln!(
+            out,
+            "  - {{ name: {name}, configuration: \"{configuration}\", vm_config: {{ code: {{ local: {{ filename: {file} }} }} }} }}"
+        );
+    }
+    if n == 0 {
+        out = "plugins: []\n".into();
+    }
+    out
+}
+
+fn wait_for(addr: SocketAddr, proxy: &mut Proxy) -> Result<()> {
+    let started = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if let Some(status) = proxy.0.try_wait()? {
+            bail!("filterbox serve exited: {status}");
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("filterbox serve did not listen on {addr} within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Requests per second and p99 latency (ms) of one wrk run.
+fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, f64)> {
+    let output = Command::new("wrk")
+        .args([
+            "-t",
+            "1",
+            "-c",
+            &connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .context("running wrk (Debian: apt-get install wrk)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!(
+            "wrk failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    if let Some(line) = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
+    {
+        bail!("wrk saw failures ({}): {text}", line.trim());
+    }
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(str::trim)
+        .and_then(duration_ms)
+        .with_context(|| format!("no 99% latency in wrk output: {text}"))?;
+    Ok((rps, p99))
+}
+
+/// wrk's `1.23ms` / `456.00us` / `1.20s` in milliseconds.
+fn duration_ms(text: &str) -> Option<f64> {
+    for (unit, scale) in [("us", 0.001), ("ms", 1.0), ("s", 1000.0)] {
+        if let Some(number) = text.strip_suffix(unit) {
+            return number.parse::<f64>().ok().map(|n| n * scale);
+        }
+    }
+    None
+}
+
+fn main() -> Result<()> {
+    let args = args()?;
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build of the upstream; use --release");
+    }
+    if !args.filterbox.exists() {
+        bail!(
+            "{} not found: cargo build --release -p filterbox-cli",
+            args.filterbox.display()
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("filterbox-bench-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("headers.wasm"), guests::HEADERS)?;
+    std::fs::write(dir.join("deny.wasm"), guests::DENY)?;
+    let (upstream, _runtime) = start_upstream()?;
+
+    let mut rows = Vec::new();
+    let (rps, p99) = measure(&format!("http://{upstream}/bench"), &args)?;
+    rows.push(("direct to upstream".to_owned(), rps, p99));
+    for n in [0, 1, 5] {
+        let listen = free_port()?;
+        let config = format!(
+            "listeners: [{{ address: \"{listen}\", upstream: backend }}]\nupstreams: {{ backend: \"http://{upstream}\" }}\n{}",
+            plugins(n)
+        );
+        let path = dir.join(format!("serve-{n}.yaml"));
+        std::fs::write(&path, config)?;
+        let mut proxy = Proxy(
+            Command::new(&args.filterbox)
+                .args(["serve", "--config"])
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", args.filterbox.display()))?,
+        );
+        wait_for(listen, &mut proxy)?;
+        let (rps, p99) = measure(&format!("http://{listen}/bench"), &args)?;
+        rows.push((
+            format!(
+                "filterbox serve, {n} plugin{}",
+                if n == 1 { "" } else { "s" }
+            ),
+            rps,
+            p99,
+        ));
+    }
+    let block = table(&rows, &args);
+    print!("{block}");
+    write_block(&args.out, &block)?;
+    eprintln!("updated {}", args.out.display());
+    Ok(())
+}
+
+/// A short warm-up, then the measured run.
+fn measure(url: &str, args: &Args) -> Result<(f64, f64)> {
+    eprintln!("{url}");
+    wrk(url, 2, args.connections)?;
+    wrk(url, args.seconds, args.connections)
+}
+
+fn table(rows: &[(String, f64, f64)], args: &Args) -> String {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut out = format!(
+        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime). \
+         `wrk -t1 -c{} -d{}s --latency` against `GET /bench`; the upstream (hyper, one thread) answers `200 hello`. \
+         Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches. \
+         wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits.\n\n\
+         | path | requests/s | p99 latency |\n|---|---|---|\n",
+        args.connections, args.seconds
+    );
+    for (name, rps, p99) in rows {
+        let _ = writeln!(out, "| {name} | {rps:.0} | {p99:.2} ms |");
+    }
+    out.push_str(END);
+    out.push('\n');
+    out
+}
+
+/// Replaces the proxy block of `file` (or appends one).
+fn write_block(file: &Path, block: &str) -> Result<()> {
+    let old = std::fs::read_to_string(file).unwrap_or_default();
+    let new = match (old.find(START), old.find(END)) {
+        (Some(start), Some(end)) if start < end => {
+            format!(
+                "{}{block}{}",
+                &old[..start],
+                &old[end + END.len()..].trim_start_matches('\n')
+            )
+        }
+        _ if old.is_empty() => block.to_owned(),
+        _ => format!("{}\n{block}", old.trim_end_matches('\n').to_owned() + "\n"),
+    };
+    std::fs::write(file, new)?;
+    Ok(())
+}
