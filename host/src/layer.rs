@@ -969,6 +969,8 @@ impl Exchange {
         if let Err(error) = self.request_headers.to_request_parts(&mut parts) {
             return Ok(self.local_response(invalid_edit(error)));
         }
+        // A message that never had a body keeps its framing headers (HEAD, 304).
+        let had_body = !body.is_end_stream();
         let body = match self
             .body_phase(Direction::Request, body, 413)
             .await
@@ -977,7 +979,7 @@ impl Exchange {
             Ok(body) => body,
             Err(response) => return Ok(self.local_response(response)),
         };
-        if body.trailers.is_none() {
+        if had_body && body.trailers.is_none() {
             set_content_length(&mut parts.headers, &body);
         }
         let response = inner
@@ -997,6 +999,7 @@ impl Exchange {
         if let Err(error) = self.response_headers.to_response_parts(&mut parts) {
             return Ok(self.local_response(invalid_edit(error)));
         }
+        let had_body = !body.is_end_stream();
         let body = match self
             .body_phase(Direction::Response, body, 502)
             .await
@@ -1005,7 +1008,7 @@ impl Exchange {
             Ok(body) => body,
             Err(response) => return Ok(self.local_response(response)),
         };
-        if body.trailers.is_none() {
+        if had_body && body.trailers.is_none() {
             set_content_length(&mut parts.headers, &body);
         }
         Ok(http::Response::from_parts(parts, body))
@@ -1030,6 +1033,12 @@ impl Exchange {
                 response.headers_mut().append(header, header_value);
                 seen.add(name.clone(), value.clone());
             }
+        }
+        if let Some(code) = local.grpc_status {
+            response
+                .headers_mut()
+                .insert("grpc-status", http::HeaderValue::from(code.as_u32()));
+            seen.add("grpc-status", code.as_u32().to_string());
         }
         self.response_headers = seen;
         response
@@ -1063,13 +1072,9 @@ impl Drop for Exchange {
     }
 }
 
-/// Sets `content-length` to the filtered body's size (a plugin may have changed it); an
-/// empty body that had no length keeps having none.
+/// Sets `content-length` to the filtered body's size (a plugin may have changed it).
 fn set_content_length(headers: &mut http::HeaderMap, body: &FilteredBody) {
     let length = body.data.as_ref().map_or(0, Bytes::len);
-    if length == 0 && !headers.contains_key(http::header::CONTENT_LENGTH) {
-        return;
-    }
     headers.remove(http::header::TRANSFER_ENCODING);
     headers.insert(
         http::header::CONTENT_LENGTH,

@@ -22,6 +22,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! In a tower or hyper service, [`FilterLayer`] (feature `tower`) does this for a whole chain
+//! of plugins: a [`FilterChain`] runs one VM per plugin on each of its slot threads, and each
+//! exchange goes through the request phase, the inner service and the response phase, with
+//! pauses, local responses and body buffering as the ABI describes.
+//!
 //! A [`Vm`] that traps stays failed. [`Worker`] wraps one for a worker thread: it applies the
 //! plugin's [`FailurePolicy`] to the streams a failed VM cannot serve, rebuilds the VM with
 //! backoff up to a crash-loop limit, and counts everything in [`HostMetrics`]. Every VM runs
