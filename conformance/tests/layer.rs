@@ -190,3 +190,93 @@ fn a_chain_refuses_a_plugin_that_does_not_configure() {
     assert!(matches!(error, filterbox::ChainError::Start(_)), "{error}");
     assert!(error.to_string().contains("proxy_on_configure"), "{error}");
 }
+
+/// An inner service that holds each request until the test lets it go.
+#[derive(Clone)]
+struct Gate {
+    open: Arc<tokio::sync::Semaphore>,
+    arrived: Arc<std::sync::atomic::AtomicUsize>,
+    seen: Upstream,
+}
+
+impl Service<http::Request<FilteredBody>> for Gate {
+    type Response = http::Response<FilteredBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<FilteredBody>) -> Self::Future {
+        let (open, mut seen) = (self.open.clone(), self.seen.clone());
+        self.arrived
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if let Ok(permit) = open.acquire().await {
+                permit.forget();
+            }
+            seen.call(request).await
+        })
+    }
+}
+
+#[test]
+fn a_replaced_chain_finishes_its_exchanges_then_drops_its_vms() {
+    runtime().block_on(async {
+        let old_plugin = plugin("headers", guests::HEADERS, "add x-chain old");
+        let shared = filterbox::SharedChain::new(
+            FilterChain::builder()
+                .slots(1)
+                .build(vec![old_plugin.clone()])
+                .expect("old chain"),
+        );
+        let gate = Gate {
+            open: Arc::new(tokio::sync::Semaphore::new(0)),
+            arrived: Arc::default(),
+            seen: Upstream::default(),
+        };
+        let mut service = filterbox::FilterLayer::shared(shared.clone()).layer(gate.clone());
+        let mut in_flight = service.clone();
+        let early = tokio::spawn(async move { send(&mut in_flight, request("/early", &[])).await });
+        // The early exchange is inside the gate, on the old chain.
+        let started = std::time::Instant::now();
+        while gate.arrived.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "never reached the gate"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let new_chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin("headers", guests::HEADERS, "add x-chain new")])
+            .expect("new chain");
+        drop(shared.replace(new_chain));
+        assert_eq!(
+            old_plugin.metrics().vms_active(),
+            1,
+            "the old VM left mid-exchange"
+        );
+
+        gate.open.add_permits(2);
+        let (response, _) = early.await.expect("early exchange");
+        assert_eq!(response.status(), 200);
+        let (response, _) = send(&mut service, request("/late", &[])).await;
+        assert_eq!(response.status(), 200);
+        {
+            let seen = gate.seen.seen.lock();
+            assert_eq!(seen[0].0["x-chain"], "old");
+            assert_eq!(seen[1].0["x-chain"], "new");
+        }
+        // With its last exchange gone, the old chain's slot thread drops its VM.
+        let started = std::time::Instant::now();
+        while old_plugin.metrics().vms_active() != 0 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "old VM never dropped"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+}
