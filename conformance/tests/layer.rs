@@ -280,3 +280,81 @@ fn a_replaced_chain_finishes_its_exchanges_then_drops_its_vms() {
         }
     });
 }
+
+/// A plugin that traps in `proxy_on_request_headers` when the request has `x-boom`.
+fn trapping_plugin(policy: filterbox::FailurePolicy, engine: filterbox::EngineKind) -> Plugin {
+    let wasm = guests::wat_module(
+        Some("proxy_abi_version_0_2_1"),
+        r#"(data (i32.const 100) "x-boom")
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (if (i32.eqz (call $get_header (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 204)))
+                (then unreachable))
+            (i32.const 0))"#,
+    )
+    .expect("wat");
+    let config = PluginConfig::named("boom")
+        .with_failure_policy(policy)
+        .with_engine(engine);
+    Plugin::load(config, &wasm).expect("boom")
+}
+
+fn boom(path: &str) -> http::Request<Chunks> {
+    let mut request = request(path, &[]);
+    request
+        .headers_mut()
+        .insert("x-boom", http::HeaderValue::from_static("1"));
+    request
+}
+
+#[test]
+fn a_trap_in_the_chain_gets_the_failure_policy_and_the_vm_is_rebuilt_on_every_engine() {
+    let policies = [
+        filterbox::FailurePolicy::FailClosed { status: 503 },
+        filterbox::FailurePolicy::FailOpen,
+    ];
+    let runs = filterbox::EngineKind::built()
+        .into_iter()
+        .flat_map(|engine| policies.map(|policy| (engine, policy)));
+    runtime().block_on(async {
+        for (engine, policy) in runs {
+            let trapping = trapping_plugin(policy, engine);
+            let headers = Plugin::load(
+                PluginConfig::named("headers")
+                    .with_configuration("add x-added one")
+                    .with_engine(engine),
+                guests::HEADERS,
+            )
+            .expect("headers");
+            let chain = FilterChain::builder()
+                .slots(1)
+                .build(vec![trapping.clone(), headers])
+                .expect("chain");
+            let upstream = Upstream::default();
+            let mut service = FilterLayer::new(chain).layer(upstream.clone());
+
+            let (response, _) = send(&mut service, boom("/boom")).await;
+            match policy {
+                filterbox::FailurePolicy::FailClosed { .. } => {
+                    assert_eq!(response.status(), 503);
+                    assert!(
+                        upstream.seen.lock().is_empty(),
+                        "fail-closed let the request through"
+                    );
+                }
+                filterbox::FailurePolicy::FailOpen => {
+                    assert_eq!(response.status(), 200);
+                    // The next plugin still ran.
+                    assert_eq!(upstream.seen.lock()[0].0["x-added"], "one");
+                }
+            }
+            // The trap stayed in its VM: the next request runs on a rebuilt one.
+            let before = upstream.seen.lock().len();
+            let (response, _) = send(&mut service, request("/fine", &[])).await;
+            assert_eq!(response.status(), 200, "{engine} {policy:?}");
+            assert_eq!(upstream.seen.lock().len(), before + 1);
+            assert_eq!(trapping.metrics().vms_failed(), 1, "{engine} {policy:?}");
+            assert_eq!(trapping.metrics().vms_restarted(), 1, "{engine} {policy:?}");
+        }
+    });
+}
