@@ -377,8 +377,42 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             let mut parts = base.into_parts();
             parts.path_and_query = request.uri().path_and_query().cloned();
             *request.uri_mut() = http::Uri::from_parts(parts)?;
-            Ok(shared.client.request(request).await?)
+            // The upstream connection is the client's own: HTTP/1.1 to the upstream whatever
+            // the client spoke.
+            *request.version_mut() = http::Version::HTTP_11;
+            strip_hop_by_hop(request.headers_mut());
+            let mut response = shared.client.request(request).await?;
+            strip_hop_by_hop(response.headers_mut());
+            Ok(response)
         })
+    }
+}
+
+/// Drops the headers that describe one connection (RFC 9110 §7.6.1), and those `connection`
+/// names, so they are not forwarded to the next hop.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
     }
 }
 
@@ -492,8 +526,9 @@ where
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), handler);
+            // HTTP/1.1 or, with prior knowledge, HTTP/2.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), handler);
             if let Err(error) = connection.await {
                 tracing::debug!("connection: {error}");
             }
@@ -727,6 +762,23 @@ plugins:
         )
         .expect_err("typo accepted");
         assert!(error.to_string().contains("fail_opn"), "{error}");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        let mut headers = http::HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("transfer-encoding", "chunked"),
+            ("x-kept", "yes"),
+        ] {
+            headers.insert(name, http::HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-kept"], "yes");
     }
 
     #[test]

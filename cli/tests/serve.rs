@@ -178,6 +178,16 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         assert_eq!(headers["x-filtered"], "yes");
         assert_eq!(hits.load(Ordering::SeqCst), 1);
 
+        // The same over HTTP/2 (prior knowledge).
+        let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let (status, _, body) = get(&h2, format!("http://{listen}/h2"), None)
+            .await
+            .expect("h2");
+        assert_eq!((status, body.as_str()), (200, "saw x-added=one"));
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+
         // Denied by rule (path prefix, then header): answered by the plugin, never forwarded.
         for (path, header) in [("/admin/users", None), ("/fine", Some(("x-deny", "1")))] {
             let (status, headers, body) = get(&client, format!("http://{listen}{path}"), header)
@@ -189,7 +199,7 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         }
         assert_eq!(
             hits.load(Ordering::SeqCst),
-            1,
+            2,
             "a denied request reached the upstream"
         );
 
