@@ -34,10 +34,7 @@ impl Service<http::Request<FilteredBody>> for Upstream {
         let seen = self.seen.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let body = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(never) => match never {},
-            };
+            let body = body.collect().await.expect("request body").to_bytes();
             seen.lock().push((parts.headers, body.clone()));
             let response = http::Response::builder()
                 .header("x-upstream", "yes")
@@ -92,10 +89,7 @@ where
 {
     let response = service.call(request).await.expect("exchange");
     let (parts, body) = response.into_parts();
-    let body = match body.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(never) => match never {},
-    };
+    let body = body.collect().await.expect("response body").to_bytes();
     (http::Response::from_parts(parts, ()), body)
 }
 
@@ -356,5 +350,121 @@ fn a_trap_in_the_chain_gets_the_failure_policy_and_the_vm_is_rebuilt_on_every_en
             assert_eq!(trapping.metrics().vms_failed(), 1, "{engine} {policy:?}");
             assert_eq!(trapping.metrics().vms_restarted(), 1, "{engine} {policy:?}");
         }
+    });
+}
+
+/// A response body the test feeds chunk by chunk.
+struct Feed(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for Feed {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+/// An inner service whose response body is whatever the test feeds it.
+#[derive(Clone)]
+struct Feeding(Arc<Mutex<Option<tokio::sync::mpsc::Receiver<Bytes>>>>);
+
+impl Service<http::Request<FilteredBody>> for Feeding {
+    type Response = http::Response<Feed>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<FilteredBody>) -> Self::Future {
+        let (_, empty) = tokio::sync::mpsc::channel(1);
+        let feed = self.0.lock().take().unwrap_or(empty);
+        std::future::ready(Ok(http::Response::new(Feed(feed))))
+    }
+}
+
+#[test]
+fn a_body_no_plugin_pauses_on_streams_through_and_one_that_pauses_accumulates() {
+    runtime().block_on(async {
+        let wait = std::time::Duration::from_secs(10);
+        // Headers-only plugin: each chunk reaches the client before the next is produced.
+        let (feed, fed) = tokio::sync::mpsc::channel(1);
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin(
+                "headers",
+                guests::HEADERS,
+                "response-add x-r yes",
+            )])
+            .expect("chain");
+        let mut service = FilterLayer::new(chain).layer(Feeding(Arc::new(Mutex::new(Some(fed)))));
+        let response = service
+            .call(request("/stream", &[]))
+            .await
+            .expect("exchange");
+        assert_eq!(response.headers()["x-r"], "yes");
+        let mut body = response.into_body();
+        for chunk in ["one ", "two ", "three"] {
+            feed.send(Bytes::from(chunk)).await.expect("feed");
+            let frame = tokio::time::timeout(wait, body.frame())
+                .await
+                .expect("a chunk was held back")
+                .expect("frame")
+                .expect("data");
+            assert_eq!(frame.into_data().expect("data frame"), chunk);
+        }
+        drop(feed);
+        assert!(body.frame().await.is_none());
+
+        // The body plugin pauses until the end: nothing comes out before the last chunk, then
+        // the rewrite of the whole body, "foo" split across chunks included.
+        let (feed, fed) = tokio::sync::mpsc::channel(4);
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin("body", guests::BODY, "foo=>bar")])
+            .expect("chain");
+        let mut service = FilterLayer::new(chain).layer(Feeding(Arc::new(Mutex::new(Some(fed)))));
+        let response = service
+            .call(request("/buffered", &[]))
+            .await
+            .expect("exchange");
+        let mut body = response.into_body();
+        feed.send(Bytes::from("a fo")).await.expect("feed");
+        feed.send(Bytes::from("o b")).await.expect("feed");
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), body.frame()).await;
+        assert!(early.is_err(), "a paused body came out early");
+        drop(feed);
+        let rest = body.collect().await.expect("body").to_bytes();
+        assert_eq!(rest, "a bar b");
+    });
+}
+
+#[test]
+fn a_plugin_may_hold_at_most_max_body_bytes() {
+    runtime().block_on(async {
+        let chain = FilterChain::builder()
+            .slots(1)
+            .max_body_bytes(8)
+            .build(vec![plugin("body", guests::BODY, "foo=>bar")])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+        let (response, _) = send(&mut service, request("/big", &["12345", "67890"])).await;
+        assert_eq!(response.status(), 413);
+        assert!(
+            upstream.seen.lock().is_empty(),
+            "an over-limit body was forwarded"
+        );
+        // Within the limit it goes through.
+        let (response, body) = send(&mut service, request("/small", &["foo", "foo"])).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(body, "barbar");
     });
 }

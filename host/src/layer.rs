@@ -23,7 +23,6 @@ use http_body_util::BodyExt;
 use parking_lot::RwLock;
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -75,6 +74,9 @@ pub enum FilterError {
     ResponseBody(BoxError),
     /// The inner service failed.
     Service(BoxError),
+    /// A plugin answered the exchange (or a limit was hit) after the response headers had
+    /// gone to the client: the response body ends with this error, which resets the stream.
+    Reset(LocalResponse),
 }
 
 impl fmt::Display for FilterError {
@@ -83,6 +85,11 @@ impl fmt::Display for FilterError {
             FilterError::RequestBody(e) => write!(f, "reading the request body: {e}"),
             FilterError::ResponseBody(e) => write!(f, "reading the response body: {e}"),
             FilterError::Service(e) => write!(f, "inner service: {e}"),
+            FilterError::Reset(response) => write!(
+                f,
+                "the filter chain answered {} ({}) after the response headers were sent",
+                response.status_code, response.details
+            ),
         }
     }
 }
@@ -93,6 +100,7 @@ impl std::error::Error for FilterError {
             FilterError::RequestBody(e)
             | FilterError::ResponseBody(e)
             | FilterError::Service(e) => Some(e.as_ref()),
+            FilterError::Reset(_) => None,
         }
     }
 }
@@ -129,8 +137,9 @@ impl FilterChainBuilder {
         self
     }
 
-    /// The most body bytes the chain reads for one direction (default 16 MiB); a larger
-    /// request is answered 413, a larger response 502.
+    /// The most body bytes one plugin may hold paused (default 16 MiB): past it a request
+    /// is answered 413 and a response 502 (or reset, if its headers are gone). Bodies no
+    /// plugin pauses on stream through whatever their size.
     pub fn max_body_bytes(mut self, bytes: usize) -> Self {
         self.max_body_bytes = bytes;
         self
@@ -142,14 +151,13 @@ impl FilterChainBuilder {
     pub fn build(self, plugins: Vec<Plugin>) -> Result<FilterChain, ChainError> {
         let mut slots = Vec::with_capacity(self.slots);
         for index in 0..self.slots {
-            slots.push(SlotHandle::spawn(index, &plugins)?);
+            slots.push(SlotHandle::spawn(index, &plugins, self.max_body_bytes)?);
         }
         Ok(FilterChain {
             inner: Arc::new(ChainInner {
                 plugins,
                 slots,
                 pause_timeout: self.pause_timeout,
-                max_body_bytes: self.max_body_bytes,
             }),
         })
     }
@@ -182,7 +190,6 @@ struct ChainInner {
     plugins: Vec<Plugin>,
     slots: Vec<SlotHandle>,
     pause_timeout: Duration,
-    max_body_bytes: usize,
 }
 
 impl Drop for ChainInner {
@@ -211,7 +218,7 @@ struct SlotHandle {
 }
 
 impl SlotHandle {
-    fn spawn(index: usize, plugins: &[Plugin]) -> Result<SlotHandle, ChainError> {
+    fn spawn(index: usize, plugins: &[Plugin], max_held: usize) -> Result<SlotHandle, ChainError> {
         let (commands, receiver) = mpsc::channel();
         let progress = Arc::new(Notify::new());
         let (started, start_result) = mpsc::channel();
@@ -241,6 +248,7 @@ impl SlotHandle {
                 let state = SlotState {
                     workers,
                     exchanges: HashMap::new(),
+                    max_held,
                 };
                 state.serve(&receiver, &thread_progress);
             })
@@ -306,6 +314,8 @@ struct Streams {
 struct SlotState {
     workers: Vec<Worker>,
     exchanges: HashMap<u64, Streams>,
+    /// The most body bytes one plugin may hold paused.
+    max_held: usize,
 }
 
 impl SlotState {
@@ -467,6 +477,16 @@ impl SlotState {
                 }
                 None => break,
             };
+            if body.len() > self.max_held {
+                let status = match direction {
+                    Direction::Request => 413,
+                    Direction::Response => 502,
+                };
+                return (
+                    Step::Respond(local(status, "filterbox_body_too_large")),
+                    BytesMut::new(),
+                );
+            }
             let action = self.call(id, index, |worker, stream| match direction {
                 Direction::Request => worker.on_request_body(stream, &mut body, end_of_stream),
                 Direction::Response => worker.on_response_body(stream, &mut body, end_of_stream),
@@ -661,12 +681,13 @@ impl<S> Layer<S> for FilterLayer {
 }
 
 /// Runs the chain's plugins on a request, passes what they let through to the inner service,
-/// and runs them (in reverse order) on its response. Bodies go through the plugins frame by
-/// frame with the proxy-wasm buffering semantics (a plugin that pauses on a chunk sees the
-/// body accumulate on the next call); what leaves the chain is collected and handed on as
-/// one [`FilteredBody`] (so the chain reads at most its `max_body_bytes` per direction).
-/// Local responses (a plugin's, the failure policy's, a limit's) go to the client without
-/// running the response callbacks; `proxy_on_log` runs for every exchange.
+/// and runs them (in reverse order) on its response. Bodies stream through the plugins frame
+/// by frame with the proxy-wasm buffering semantics: a plugin that pauses on a chunk holds it
+/// and sees the body accumulate on the next call; what a plugin lets through goes on at once
+/// (the request body while the inner service runs, the response body from a task). Local
+/// responses (a plugin's, the failure policy's, a limit's) go to the client without running
+/// the response callbacks; `proxy_on_log` runs for every exchange, once its response body
+/// has been read (or dropped).
 #[derive(Clone, Debug)]
 pub struct FilterService<S> {
     chain: SharedChain,
@@ -700,12 +721,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let chain = self.chain.current();
-        Box::pin(async move {
-            let mut exchange = Exchange::new(chain);
-            let result = exchange.run(inner, request).await;
-            exchange.end(true);
-            result
-        })
+        Box::pin(Exchange::new(chain).run(inner, request))
     }
 }
 
@@ -885,41 +901,38 @@ impl Exchange {
         }
     }
 
-    /// Reads `body` frame by frame through the plugins of `direction`; returns the filtered
-    /// body and trailers, or the local response a plugin (or the body limit) gave.
-    async fn body_phase<B>(
+    /// Reads `body` frame by frame through the plugins of `direction` and sends what leaves
+    /// the chain to `out` as it goes (each plugin sees a body it pauses on accumulate).
+    async fn pump<B>(
         &self,
         direction: Direction,
         mut body: B,
-        too_large: u32,
-    ) -> Result<Result<FilteredBody, LocalResponse>, BoxError>
+        out: &BodySender,
+    ) -> Result<(), PumpEnd>
     where
         B: Body + Unpin,
         B::Error: Into<BoxError>,
     {
-        if body.is_end_stream() {
-            return Ok(Ok(FilteredBody::empty()));
-        }
-        let limit = self.chain.inner.max_body_bytes;
-        let (mut out, mut received, mut trailers) = (BytesMut::new(), 0usize, None);
-        let mut ended = false;
+        let send = |frame: Frame<Bytes>| async move {
+            out.send(Ok(frame)).await.map_err(|_| PumpEnd::Gone)
+        };
+        let mut trailers = None;
         while let Some(frame) = body.frame().await {
-            let frame = match frame.map_err(Into::into)?.into_data() {
+            let frame = match frame.map_err(|e| PumpEnd::Body(e.into()))?.into_data() {
                 Ok(mut data) => {
                     let chunk = data.copy_to_bytes(data.remaining());
-                    received = received.saturating_add(chunk.len());
-                    if received > limit {
-                        return Ok(Err(local(too_large, "filterbox_body_too_large")));
-                    }
                     // A body that knows it is done (a content length reached) ends with this
                     // chunk, as Envoy marks the last data frame, saving an empty call.
-                    ended = body.is_end_stream();
-                    match self.body_chunk(direction, chunk, ended).await {
-                        Ok(passed) => out.extend_from_slice(&passed),
-                        Err(response) => return Ok(Err(response)),
+                    let ended = body.is_end_stream();
+                    let passed = self
+                        .body_chunk(direction, chunk, ended)
+                        .await
+                        .map_err(PumpEnd::Local)?;
+                    if !passed.is_empty() {
+                        send(Frame::data(passed.freeze())).await?;
                     }
                     if ended {
-                        break;
+                        return Ok(());
                     }
                     continue;
                 }
@@ -929,43 +942,43 @@ impl Exchange {
                 trailers = Some(HeaderMap::from_http(&map));
             }
         }
-        if ended {
-            return Ok(Ok(FilteredBody::full(out.freeze())));
-        }
         let Some(trailers) = trailers else {
-            return Ok(match self.body_chunk(direction, Bytes::new(), true).await {
-                Ok(passed) => {
-                    out.extend_from_slice(&passed);
-                    Ok(FilteredBody::full(out.freeze()))
-                }
-                Err(response) => Err(response),
-            });
+            let passed = self
+                .body_chunk(direction, Bytes::new(), true)
+                .await
+                .map_err(PumpEnd::Local)?;
+            if !passed.is_empty() {
+                send(Frame::data(passed.freeze())).await?;
+            }
+            return Ok(());
         };
-        let trailers = match self.trailers_phase(direction, trailers).await {
-            Ok(trailers) => trailers,
-            Err(response) => return Ok(Err(response)),
-        };
+        let trailers = self
+            .trailers_phase(direction, trailers)
+            .await
+            .map_err(PumpEnd::Local)?;
+        // What plugins still held once the trailers went through is released, in order.
         let id = self.id;
         let released = match self.chain.inner.plugins.is_empty() {
-            true => Ok(BytesMut::new()),
-            false => self.on_slot(move |s| s.release_buffers(id)).await,
+            true => BytesMut::new(),
+            false => self
+                .on_slot(move |s| s.release_buffers(id))
+                .await
+                .map_err(PumpEnd::Local)?,
         };
-        match released {
-            Ok(released) => out.extend_from_slice(&released),
-            Err(response) => return Ok(Err(response)),
+        if !released.is_empty() {
+            send(Frame::data(released.freeze())).await?;
         }
-        Ok(match trailers.to_http() {
-            Ok(trailers) => Ok(FilteredBody {
-                data: Some(out.freeze()).filter(|d| !d.is_empty()),
-                trailers: Some(trailers),
-            }),
-            Err(error) => Err(invalid_edit(error)),
-        })
+        let trailers = trailers
+            .to_http()
+            .map_err(|e| PumpEnd::Local(invalid_edit(e)))?;
+        send(Frame::trailers(trailers)).await
     }
 
-    /// The whole exchange: request phase, inner service, response phase.
+    /// The whole exchange: request phase (its body streamed to the inner service while the
+    /// service runs), then the response phase, whose body streams from a task that ends the
+    /// exchange when the body is done.
     async fn run<S, B, RB>(
-        &mut self,
+        mut self,
         mut inner: S,
         request: http::Request<B>,
     ) -> Result<http::Response<FilteredBody>, FilterError>
@@ -974,8 +987,9 @@ impl Exchange {
         S::Error: Into<BoxError>,
         B: Body + Unpin,
         B::Error: Into<BoxError>,
-        RB: Body + Unpin,
-        RB::Error: Into<BoxError>,
+        RB: Body + Send + Unpin + 'static,
+        RB::Data: Send,
+        RB::Error: Into<BoxError> + Send,
     {
         let (mut parts, body) = request.into_parts();
         let headers = HeaderMap::from_request_parts(&parts);
@@ -992,23 +1006,42 @@ impl Exchange {
         if let Err(error) = self.request_headers.to_request_parts(&mut parts) {
             return Ok(self.local_response(invalid_edit(error)));
         }
-        // A message that never had a body keeps its framing headers (HEAD, 304).
         let had_body = !body.is_end_stream();
-        let body = match self
-            .body_phase(Direction::Request, body, 413)
-            .await
-            .map_err(FilterError::RequestBody)?
-        {
-            Ok(body) => body,
-            Err(response) => return Ok(self.local_response(response)),
+        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+        let request_body = match had_body {
+            true => FilteredBody::stream(receiver),
+            false => FilteredBody::empty(),
         };
-        if had_body && body.trailers.is_none() {
-            set_content_length(&mut parts.headers, &body);
-        }
-        let response = inner
-            .call(http::Request::from_parts(parts, body))
-            .await
-            .map_err(|e| FilterError::Service(e.into()))?;
+        let early = {
+            let this = &self;
+            let pump = async move {
+                match had_body {
+                    true => this.pump(Direction::Request, body, &sender).await,
+                    false => Ok(()),
+                }
+                // `sender` drops here: the body the service reads ends.
+            };
+            let call = inner.call(http::Request::from_parts(parts, request_body));
+            tokio::pin!(pump, call);
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    ended = &mut pump, if pumping => match ended {
+                        Ok(()) | Err(PumpEnd::Gone) => pumping = false,
+                        Err(PumpEnd::Local(response)) => break Early::Local(response),
+                        Err(PumpEnd::Body(error)) => break Early::Failed(FilterError::RequestBody(error)),
+                    },
+                    // An upstream that answers before reading the whole body ends the
+                    // request phase there.
+                    response = &mut call => break Early::Response(response.map_err(|e| FilterError::Service(e.into()))),
+                }
+            }
+        };
+        let response = match early {
+            Early::Response(response) => response?,
+            Early::Local(response) => return Ok(self.local_response(response)),
+            Early::Failed(error) => return Err(error),
+        };
         let (mut parts, body) = response.into_parts();
         let headers = HeaderMap::from_response_parts(&parts);
         let headers = match self
@@ -1022,19 +1055,34 @@ impl Exchange {
         if let Err(error) = self.response_headers.to_response_parts(&mut parts) {
             return Ok(self.local_response(invalid_edit(error)));
         }
-        let had_body = !body.is_end_stream();
-        let body = match self
-            .body_phase(Direction::Response, body, 502)
-            .await
-            .map_err(FilterError::ResponseBody)?
-        {
-            Ok(body) => body,
-            Err(response) => return Ok(self.local_response(response)),
-        };
-        if had_body && body.trailers.is_none() {
-            set_content_length(&mut parts.headers, &body);
+        if body.is_end_stream() {
+            self.end(true);
+            return Ok(http::Response::from_parts(parts, FilteredBody::empty()));
         }
-        Ok(http::Response::from_parts(parts, body))
+        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+        tokio::spawn(async move {
+            let error = match self.pump(Direction::Response, body, &sender).await {
+                Ok(()) | Err(PumpEnd::Gone) => None,
+                Err(PumpEnd::Body(error)) => Some(FilterError::ResponseBody(error)),
+                Err(PumpEnd::Local(response)) => {
+                    // The response headers are gone: the client can only see the body break.
+                    tracing::warn!(
+                        status = response.status_code,
+                        details = %response.details,
+                        "a plugin answered after the response headers were sent; resetting"
+                    );
+                    Some(FilterError::Reset(response))
+                }
+            };
+            if let Some(error) = error {
+                let _ = sender.send(Err(error)).await;
+            }
+            self.end(true);
+        });
+        Ok(http::Response::from_parts(
+            parts,
+            FilteredBody::stream(receiver),
+        ))
     }
 
     /// The HTTP response for a plugin's (or the chain's) local response.
@@ -1064,6 +1112,7 @@ impl Exchange {
             seen.add("grpc-status", code.as_u32().to_string());
         }
         self.response_headers = seen;
+        self.end(true);
         response
     }
 
@@ -1098,16 +1147,6 @@ impl Drop for Exchange {
     }
 }
 
-/// Sets `content-length` to the filtered body's size (a plugin may have changed it).
-fn set_content_length(headers: &mut http::HeaderMap, body: &FilteredBody) {
-    let length = body.data.as_ref().map_or(0, Bytes::len);
-    headers.remove(http::header::TRANSFER_ENCODING);
-    headers.insert(
-        http::header::CONTENT_LENGTH,
-        http::HeaderValue::from(length),
-    );
-}
-
 fn local(status: u32, details: &str) -> LocalResponse {
     LocalResponse {
         status_code: status,
@@ -1124,11 +1163,43 @@ fn invalid_edit(error: HttpPartsError) -> LocalResponse {
     local(500, "filterbox_invalid_headers")
 }
 
-/// A body the chain has finished with: all its data at once, then its trailers.
+/// How many body frames may wait between the chain and the reader of a filtered body.
+const BODY_FRAMES_IN_FLIGHT: usize = 4;
+
+type BodySender = tokio::sync::mpsc::Sender<Result<Frame<Bytes>, FilterError>>;
+
+/// Why a body pump stopped early.
+enum PumpEnd {
+    /// A plugin (or a limit) answered the exchange.
+    Local(LocalResponse),
+    /// The body being read failed.
+    Body(BoxError),
+    /// Nobody reads the filtered body any more.
+    Gone,
+}
+
+/// How the request phase ended.
+enum Early<R> {
+    Response(Result<R, FilterError>),
+    Local(LocalResponse),
+    Failed(FilterError),
+}
+
+/// A body that went through the chain: what the plugins let through, frame by frame as they
+/// let it through (so a body no plugin pauses on streams), then its trailers. A plugin that
+/// changes a body's length owns the `content-length` header, as in Envoy (SDK plugins remove
+/// it in their header callback).
 #[derive(Debug, Default)]
 pub struct FilteredBody {
-    data: Option<Bytes>,
-    trailers: Option<http::HeaderMap>,
+    kind: BodyKind,
+}
+
+#[derive(Debug, Default)]
+enum BodyKind {
+    #[default]
+    Empty,
+    Full(Bytes),
+    Stream(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, FilterError>>),
 }
 
 impl FilteredBody {
@@ -1141,38 +1212,47 @@ impl FilteredBody {
     pub fn full(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
         FilteredBody {
-            data: Some(data).filter(|d| !d.is_empty()),
-            trailers: None,
+            kind: match data.is_empty() {
+                true => BodyKind::Empty,
+                false => BodyKind::Full(data),
+            },
+        }
+    }
+
+    fn stream(receiver: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, FilterError>>) -> Self {
+        FilteredBody {
+            kind: BodyKind::Stream(receiver),
         }
     }
 }
 
 impl Body for FilteredBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = FilterError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if let Some(data) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, FilterError>>> {
+        match &mut self.kind {
+            BodyKind::Empty => Poll::Ready(None),
+            BodyKind::Full(_) => match std::mem::take(&mut self.kind) {
+                BodyKind::Full(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                _ => Poll::Ready(None),
+            },
+            BodyKind::Stream(receiver) => receiver.poll_recv(cx),
         }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
+        matches!(self.kind, BodyKind::Empty)
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.data, &self.trailers) {
-            (data, None) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            (data, Some(_)) => {
-                let mut hint = SizeHint::new();
-                hint.set_lower(data.as_ref().map_or(0, |d| d.len() as u64));
-                hint
-            }
+        match &self.kind {
+            BodyKind::Empty => SizeHint::with_exact(0),
+            BodyKind::Full(data) => SizeHint::with_exact(data.len() as u64),
+            BodyKind::Stream(_) => SizeHint::default(),
         }
     }
 }
