@@ -646,21 +646,27 @@ fn merge_families(text: &str) -> String {
     out
 }
 
-/// Reloads on SIGHUP and when the config file changes (checked every second).
+/// Reloads on SIGHUP and when the config file changes (checked every second); returns on
+/// SIGTERM or SIGINT.
 async fn watch(
     path: PathBuf,
     mut config: ServeConfig,
     base: PathBuf,
     shared: Arc<Shared>,
 ) -> Result<()> {
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .context("installing the SIGHUP handler")?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut last = std::fs::read(&path).ok();
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     loop {
         let forced = tokio::select! {
             _ = hangup.recv() => true,
             _ = interval.tick() => false,
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
         };
         let now = std::fs::read(&path).ok();
         if !forced && now == last {

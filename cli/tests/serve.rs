@@ -278,6 +278,22 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
             stats.contains("filterbox_vms_active{plugin=\"deny\"}"),
             "{stats}"
         );
-        drop(proxy);
+        // SIGTERM ends it cleanly.
+        let mut proxy = proxy;
+        let _ = Command::new("kill")
+            .args(["-TERM", &proxy.0.id().to_string()])
+            .status();
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = proxy.0.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "serve ignored SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(status.success(), "serve exited with {status}");
     });
 }

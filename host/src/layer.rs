@@ -1061,7 +1061,12 @@ impl Exchange {
         }
         let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
         tokio::spawn(async move {
-            let error = match self.pump(Direction::Response, body, &sender).await {
+            // A client that goes away ends the pump even while the upstream is silent.
+            let pumped = tokio::select! {
+                pumped = self.pump(Direction::Response, body, &sender) => pumped,
+                () = sender.closed() => Err(PumpEnd::Gone),
+            };
+            let error = match pumped {
                 Ok(()) | Err(PumpEnd::Gone) => None,
                 Err(PumpEnd::Body(error)) => Some(FilterError::ResponseBody(error)),
                 Err(PumpEnd::Local(response)) => {
