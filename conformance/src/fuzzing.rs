@@ -696,19 +696,26 @@ fn run_module(kind: EngineKind, wasm: &[u8], deadlines: bool) -> Transcript {
     t
 }
 
+/// The engines `modules` and `differential` run on: every built engine, except that under
+/// cargo fuzz (`--cfg fuzzing`) wasmer runs only when `FILTERBOX_FUZZ_WASMER=1` says the
+/// build has no AddressSanitizer: wasmer's trap unwinding trips ASan's no-return stack check
+/// on the first trap (ASan itself warns "false positive error reports may follow").
+/// `cargo test`'s replay always runs all of them.
+fn module_engines() -> Vec<EngineKind> {
+    let mut engines = EngineKind::built();
+    let wasmer = std::env::var("FILTERBOX_FUZZ_WASMER").is_ok_and(|v| v == "1");
+    if cfg!(fuzzing) && !wasmer {
+        engines.retain(|k| matches!(k, EngineKind::Wasmtime | EngineKind::Wasmi));
+    }
+    engines
+}
+
 /// Whole modules: wasm-smith modules with proxy-wasm imports and exports mixed in, loaded
 /// on a fuzzer-chosen engine and driven through a stream under deadlines and limits. The
 /// host never crashes, memory stays under its limit, and nothing outlives the VM.
 pub fn modules(data: &[u8]) {
     let mut u = Unstructured::new(data);
-    let mut built = EngineKind::built();
-    // Under AddressSanitizer (cargo fuzz builds with `--cfg fuzzing`), wasmer's trap
-    // unwinding trips ASan's no-return stack check on the first trap (ASan itself warns
-    // "false positive error reports may follow"); wasmer runs in `cargo test`'s replay and in
-    // the differential target instead.
-    if cfg!(fuzzing) {
-        built.retain(|k| matches!(k, EngineKind::Wasmtime | EngineKind::Wasmi));
-    }
+    let built = module_engines();
     let Ok(kind) = u.choose(&built).copied() else {
         return;
     };
@@ -959,12 +966,7 @@ pub fn differential(data: &[u8]) {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
-    let mut engines = EngineKind::built();
-    // wasmer's trap unwinding and AddressSanitizer do not mix (see `modules`): under cargo
-    // fuzz, wasmtime and wasmi are compared; `cargo test`'s replay compares all four.
-    if cfg!(fuzzing) {
-        engines.retain(|k| matches!(k, EngineKind::Wasmtime | EngineKind::Wasmi));
-    }
+    let engines = module_engines();
     let transcripts: Vec<(EngineKind, Transcript)> = match selector % 2 {
         0 => {
             let Some(input) = ProgramInput::decode(rest) else {
