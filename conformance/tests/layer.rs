@@ -468,3 +468,53 @@ fn a_plugin_may_hold_at_most_max_body_bytes() {
         assert_eq!(body, "barbar");
     });
 }
+
+/// Plugin log lines, kept.
+#[derive(Default)]
+struct Lines(Mutex<Vec<String>>);
+
+impl filterbox::LogSink for Lines {
+    fn log(&self, _plugin: &str, _level: filterbox::LogLevel, message: &str) {
+        self.0.lock().push(message.to_owned());
+    }
+}
+
+#[test]
+fn on_log_sees_the_final_status_of_forwarded_and_locally_answered_exchanges() {
+    runtime().block_on(async {
+        let lines = Arc::new(Lines::default());
+        let logger = Plugin::builder(PluginConfig::named("logger"))
+            .log_sink(lines.clone())
+            .build(guests::LOGGER)
+            .expect("logger");
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![logger, plugin("deny", guests::DENY, "/admin")])
+            .expect("chain");
+        let mut service = FilterLayer::new(chain).layer(Upstream::default());
+        let (response, _) = send(&mut service, request("/ok", &[])).await;
+        assert_eq!(response.status(), 200);
+        let (response, _) = send(&mut service, request("/admin", &[])).await;
+        assert_eq!(response.status(), 403);
+        // `proxy_on_log` runs on the slot after the exchange; give it a moment.
+        let started = std::time::Instant::now();
+        loop {
+            let logged: Vec<String> = lines
+                .0
+                .lock()
+                .iter()
+                .filter(|l| l.starts_with("log status"))
+                .cloned()
+                .collect();
+            if logged.len() == 2 {
+                assert_eq!(logged, ["log status 200", "log status 403"]);
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(10),
+                "{logged:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    });
+}

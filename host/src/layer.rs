@@ -1038,9 +1038,13 @@ impl Exchange {
             }
         };
         let response = match early {
-            Early::Response(response) => response?,
+            Early::Response(Ok(response)) => response,
             Early::Local(response) => return Ok(self.local_response(response)),
-            Early::Failed(error) => return Err(error),
+            Early::Response(Err(error)) | Early::Failed(error) => {
+                // `proxy_on_log` runs for failed exchanges too (an access log wants them).
+                self.end(true);
+                return Err(error);
+            }
         };
         let (mut parts, body) = response.into_parts();
         let headers = HeaderMap::from_response_parts(&parts);
