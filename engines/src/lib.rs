@@ -685,8 +685,9 @@ impl<H: Hostcalls> InstancePre<H> {
     }
 }
 
-/// One instance of a module with its host state. `Send`, not `Sync`: it belongs to one thread
-/// at a time.
+/// One instance of a module with its host state. Never `Sync`, and `Send` only in builds
+/// without the wasmer backend (wasmer's instances hold thread-bound pointers): keep each
+/// instance on the thread that made it.
 pub struct Instance<H: Hostcalls> {
     inner: InstanceInner<H>,
 }
