@@ -20,6 +20,7 @@ use core::fmt;
 use filterbox_abi::{MapType, StreamType};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
 use parking_lot::RwLock;
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -906,6 +907,7 @@ impl Exchange {
     async fn pump<B>(
         &self,
         direction: Direction,
+        mut first: Option<Frame<B::Data>>,
         mut body: B,
         out: &BodySender,
     ) -> Result<(), PumpEnd>
@@ -917,8 +919,15 @@ impl Exchange {
             out.send(Ok(frame)).await.map_err(|_| PumpEnd::Gone)
         };
         let mut trailers = None;
-        while let Some(frame) = body.frame().await {
-            let frame = match frame.map_err(|e| PumpEnd::Body(e.into()))?.into_data() {
+        loop {
+            let frame = match first.take() {
+                Some(frame) => frame,
+                None => match body.frame().await {
+                    Some(frame) => frame.map_err(|e| PumpEnd::Body(e.into()))?,
+                    None => break,
+                },
+            };
+            let frame = match frame.into_data() {
                 Ok(mut data) => {
                     let chunk = data.copy_to_bytes(data.remaining());
                     // A body that knows it is done (a content length reached) ends with this
@@ -985,12 +994,23 @@ impl Exchange {
     where
         S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
         S::Error: Into<BoxError>,
-        B: Body + Unpin,
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
         B::Error: Into<BoxError>,
         RB: Body + Send + Unpin + 'static,
         RB::Data: Send,
         RB::Error: Into<BoxError> + Send,
     {
+        if self.chain.inner.plugins.is_empty() {
+            // Nothing to run: the bodies pass through untouched (lengths and all).
+            self.ended = true;
+            let request = request.map(|body| FilteredBody::boxed(body, FilterError::RequestBody));
+            let response = inner
+                .call(request)
+                .await
+                .map_err(|e| FilterError::Service(e.into()))?;
+            return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
+        }
         let (mut parts, body) = request.into_parts();
         let headers = HeaderMap::from_request_parts(&parts);
         // `proxy_on_log` sees these if the request phase ends in a local response.
@@ -1016,7 +1036,7 @@ impl Exchange {
             let this = &self;
             let pump = async move {
                 match had_body {
-                    true => this.pump(Direction::Request, body, &sender).await,
+                    true => this.pump(Direction::Request, None, body, &sender).await,
                     false => Ok(()),
                 }
                 // `sender` drops here: the body the service reads ends.
@@ -1063,13 +1083,46 @@ impl Exchange {
             self.end(true);
             return Ok(http::Response::from_parts(parts, FilteredBody::empty()));
         }
-        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
-        tokio::spawn(async move {
-            // A client that goes away ends the pump even while the upstream is silent.
-            let pumped = tokio::select! {
-                pumped = self.pump(Direction::Response, body, &sender) => pumped,
-                () = sender.closed() => Err(PumpEnd::Gone),
+        // The headers go out with the first body frame. A body that is whole in that frame
+        // (the common small response) is filtered here and sent in one piece: no pump, and a
+        // plugin that answers on it can still replace the response.
+        let mut body = body;
+        let first = match body.frame().await {
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(error)) => {
+                self.end(true);
+                return Err(FilterError::ResponseBody(error.into()));
+            }
+            None => None,
+        };
+        let (whole, first) = match first.map(Frame::into_data) {
+            None => (Some(Bytes::new()), None),
+            Some(Ok(mut data)) if body.is_end_stream() => {
+                (Some(data.copy_to_bytes(data.remaining())), None)
+            }
+            Some(Ok(data)) => (None, Some(Frame::data(data))),
+            Some(Err(frame)) => (None, Some(frame)),
+        };
+        if let Some(chunk) = whole {
+            return match self.body_chunk(Direction::Response, chunk, true).await {
+                Ok(passed) => {
+                    self.end(true);
+                    // Known in full, its length can be right whatever the plugins did.
+                    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+                        let length = http::HeaderValue::from(passed.len());
+                        parts.headers.insert(http::header::CONTENT_LENGTH, length);
+                    }
+                    let body = FilteredBody::full(passed.freeze());
+                    Ok(http::Response::from_parts(parts, body))
+                }
+                Err(response) => Ok(self.local_response(response)),
             };
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+        // Whoever reads the body drives the pump (no task of its own: one fewer thread hop
+        // per frame); a reader that drops the body drops the pump and with it the exchange.
+        let pump = Box::pin(async move {
+            let pumped = self.pump(Direction::Response, first, body, &sender).await;
             let error = match pumped {
                 Ok(()) | Err(PumpEnd::Gone) => None,
                 Err(PumpEnd::Body(error)) => Some(FilterError::ResponseBody(error)),
@@ -1090,7 +1143,7 @@ impl Exchange {
         });
         Ok(http::Response::from_parts(
             parts,
-            FilteredBody::stream(receiver),
+            FilteredBody::pumped(receiver, pump),
         ))
     }
 
@@ -1203,12 +1256,31 @@ pub struct FilteredBody {
     kind: BodyKind,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 enum BodyKind {
     #[default]
     Empty,
     Full(Bytes),
     Stream(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, FilterError>>),
+    /// Frames from a pump that this body drives as it is read.
+    Pumped {
+        frames: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, FilterError>>,
+        pump: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    },
+    /// A body no plugin sees, passed through as it is.
+    Boxed(UnsyncBoxBody<Bytes, FilterError>),
+}
+
+impl fmt::Debug for BodyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BodyKind::Empty => "Empty",
+            BodyKind::Full(_) => "Full",
+            BodyKind::Stream(_) => "Stream",
+            BodyKind::Pumped { .. } => "Pumped",
+            BodyKind::Boxed(_) => "Boxed",
+        })
+    }
 }
 
 impl FilteredBody {
@@ -1224,6 +1296,34 @@ impl FilteredBody {
             kind: match data.is_empty() {
                 true => BodyKind::Empty,
                 false => BodyKind::Full(data),
+            },
+        }
+    }
+
+    /// `body` as it is, its errors wrapped by `error`.
+    fn boxed<B>(body: B, error: fn(BoxError) -> FilterError) -> Self
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let body = body
+            .map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
+            .map_err(move |e| error(e.into()))
+            .boxed_unsync();
+        FilteredBody {
+            kind: BodyKind::Boxed(body),
+        }
+    }
+
+    fn pumped(
+        frames: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, FilterError>>,
+        pump: Pin<Box<dyn Future<Output = ()> + Send>>,
+    ) -> Self {
+        FilteredBody {
+            kind: BodyKind::Pumped {
+                frames,
+                pump: Some(pump),
             },
         }
     }
@@ -1250,18 +1350,37 @@ impl Body for FilteredBody {
                 _ => Poll::Ready(None),
             },
             BodyKind::Stream(receiver) => receiver.poll_recv(cx),
+            BodyKind::Pumped { frames, pump } => {
+                if let Poll::Ready(frame) = frames.poll_recv(cx) {
+                    return Poll::Ready(frame);
+                }
+                // Run the pump until it sends a frame, waits, or ends (its sender then drops
+                // and the frames end once read).
+                if let Some(running) = pump
+                    && running.as_mut().poll(cx).is_ready()
+                {
+                    *pump = None;
+                }
+                frames.poll_recv(cx)
+            }
+            BodyKind::Boxed(body) => Pin::new(body).poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.kind, BodyKind::Empty)
+        match &self.kind {
+            BodyKind::Empty => true,
+            BodyKind::Boxed(body) => body.is_end_stream(),
+            BodyKind::Full(_) | BodyKind::Stream(_) | BodyKind::Pumped { .. } => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             BodyKind::Empty => SizeHint::with_exact(0),
             BodyKind::Full(data) => SizeHint::with_exact(data.len() as u64),
-            BodyKind::Stream(_) => SizeHint::default(),
+            BodyKind::Stream(_) | BodyKind::Pumped { .. } => SizeHint::default(),
+            BodyKind::Boxed(body) => body.size_hint(),
         }
     }
 }
