@@ -299,11 +299,11 @@ fn pseudo_request(method: &str, path: &str, headers: &HeaderMap) -> HeaderMap {
     map
 }
 
-trait Extend {
+trait AppendAll {
     fn extend_from(&mut self, other: &mut HeaderMap);
 }
 
-impl Extend for HeaderMap {
+impl AppendAll for HeaderMap {
     fn extend_from(&mut self, other: &mut HeaderMap) {
         for (name, value) in other.iter() {
             self.add(name.clone(), value.clone());

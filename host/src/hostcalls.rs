@@ -329,11 +329,6 @@ fn realtime_nanos() -> u64 {
 }
 
 impl Hostcalls for VmState {
-    /// Refuses what the phase or the plugin's capabilities do not allow (REFERENCE §1.3: the
-    /// reference host lets the allocator log, write to fds and read clocks, and filterbox
-    /// holds the start function to the same plus WASI and log-level/time queries). A refused
-    /// call answers `BadArgument` (WASI: `ENOTCAPABLE`); a denied capability answers like an
-    /// unimplemented import.
     /// With `filterbox::hostcall=trace` enabled in the tracing subscriber, logs every
     /// hostcall: plugin, name, raw arguments and result (a status name for `proxy_*` calls).
     fn returned(cx: Cx<'_>, import: Import, args: &[i64], result: Option<i32>) {
@@ -360,6 +355,11 @@ impl Hostcalls for VmState {
         );
     }
 
+    /// Refuses what the phase or the plugin's capabilities do not allow (REFERENCE §1.3: the
+    /// reference host lets the allocator log, write to fds and read clocks, and filterbox
+    /// holds the start function to the same plus WASI and log-level/time queries). A refused
+    /// call answers `BadArgument` (WASI: `ENOTCAPABLE`); a denied capability answers like an
+    /// unimplemented import.
     fn admit(cx: Cx<'_>, import: Import) -> Option<i32> {
         let state = cx.host();
         if state.shared.denied.contains(import) {
