@@ -377,8 +377,8 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             let mut parts = base.into_parts();
             parts.path_and_query = request.uri().path_and_query().cloned();
             *request.uri_mut() = http::Uri::from_parts(parts)?;
-            // The upstream connection is the client's own: HTTP/1.1 to the upstream whatever
-            // the client spoke.
+            // The upstream hop is filterbox's own connection: HTTP/1.1, whatever the client
+            // spoke (hyper sets `host` from the URI when an HTTP/2 client sent none).
             *request.version_mut() = http::Version::HTTP_11;
             strip_hop_by_hop(request.headers_mut());
             let mut response = shared.client.request(request).await?;
