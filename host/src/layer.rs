@@ -305,6 +305,20 @@ enum Step {
     Paused { position: usize, index: usize },
 }
 
+/// Which header map a map phase runs over.
+#[derive(Clone, Copy, Debug)]
+enum MapPhase {
+    Headers { end_of_stream: bool },
+    Trailers,
+}
+
+/// The header phase of a message with `body`.
+fn headers_phase(body: &impl Body) -> MapPhase {
+    MapPhase::Headers {
+        end_of_stream: body.is_end_stream(),
+    }
+}
+
 /// One exchange's streams, one per plugin, and what each plugin has paused on of the body.
 struct Streams {
     streams: Vec<Option<WorkerStream>>,
@@ -398,13 +412,13 @@ impl SlotState {
         }
     }
 
-    /// Header callbacks of `direction` from position `from` of its order.
-    fn headers(
+    /// The header (or trailer) callbacks of `direction` over `map`, from position `from` of
+    /// its order, until a plugin pauses or answers.
+    fn map_phase(
         &mut self,
         id: u64,
-        direction: Direction,
-        headers: &mut HeaderMap,
-        end_of_stream: bool,
+        (direction, phase): (Direction, MapPhase),
+        map: &mut HeaderMap,
         from: usize,
     ) -> Step {
         for (position, index) in direction
@@ -413,36 +427,17 @@ impl SlotState {
             .enumerate()
             .skip(from)
         {
-            let action = self.call(id, index, |worker, stream| match direction {
-                Direction::Request => worker.on_request_headers(stream, headers, end_of_stream),
-                Direction::Response => worker.on_response_headers(stream, headers, end_of_stream),
-            });
-            match action {
-                Action::Continue => {}
-                Action::Respond(response) => return Step::Respond(response),
-                Action::Pause => return Step::Paused { position, index },
-            }
-        }
-        Step::Continue
-    }
-
-    /// Trailer callbacks of `direction` from position `from` of its order.
-    fn trailers(
-        &mut self,
-        id: u64,
-        direction: Direction,
-        trailers: &mut HeaderMap,
-        from: usize,
-    ) -> Step {
-        for (position, index) in direction
-            .order(self.workers.len())
-            .into_iter()
-            .enumerate()
-            .skip(from)
-        {
-            let action = self.call(id, index, |worker, stream| match direction {
-                Direction::Request => worker.on_request_trailers(stream, trailers),
-                Direction::Response => worker.on_response_trailers(stream, trailers),
+            let action = self.call(id, index, |worker, stream| match (direction, phase) {
+                (Direction::Request, MapPhase::Headers { end_of_stream }) => {
+                    worker.on_request_headers(stream, map, end_of_stream)
+                }
+                (Direction::Response, MapPhase::Headers { end_of_stream }) => {
+                    worker.on_response_headers(stream, map, end_of_stream)
+                }
+                (Direction::Request, MapPhase::Trailers) => worker.on_request_trailers(stream, map),
+                (Direction::Response, MapPhase::Trailers) => {
+                    worker.on_response_trailers(stream, map)
+                }
             });
             match action {
                 Action::Continue => {}
@@ -814,58 +809,34 @@ impl Exchange {
         }
     }
 
-    /// The header phase of `direction`; returns the headers as the plugins left them.
-    async fn headers_phase(
+    /// The header (or trailer) phase of `direction`; returns the map as the plugins left it.
+    async fn map_phase(
         &self,
         direction: Direction,
-        mut headers: HeaderMap,
-        end_of_stream: bool,
+        phase: MapPhase,
+        mut map: HeaderMap,
     ) -> Result<HeaderMap, LocalResponse> {
         if self.chain.inner.plugins.is_empty() {
-            return Ok(headers);
+            return Ok(map);
         }
         let (id, mut from) = (self.id, 0);
         loop {
             let (step, back) = self
                 .on_slot(move |s| {
-                    let step = s.headers(id, direction, &mut headers, end_of_stream, from);
-                    (step, headers)
+                    let step = s.map_phase(id, (direction, phase), &mut map, from);
+                    (step, map)
                 })
                 .await?;
-            headers = back;
+            map = back;
             match step {
-                Step::Continue => return Ok(headers),
+                Step::Continue => return Ok(map),
                 Step::Respond(response) => return Err(response),
                 Step::Paused { position, index } => {
-                    if let Some(parked) = self.wait_resumed(index, direction).await? {
-                        headers = parked;
+                    let parked = self.wait_resumed(index, direction).await?;
+                    // A plugin resumed from elsewhere may have changed the headers it paused on.
+                    if let (MapPhase::Headers { .. }, Some(parked)) = (phase, parked) {
+                        map = parked;
                     }
-                    from = position + 1;
-                }
-            }
-        }
-    }
-
-    /// The trailer phase of `direction`.
-    async fn trailers_phase(
-        &self,
-        direction: Direction,
-        mut trailers: HeaderMap,
-    ) -> Result<HeaderMap, LocalResponse> {
-        if self.chain.inner.plugins.is_empty() {
-            return Ok(trailers);
-        }
-        let (id, mut from) = (self.id, 0);
-        loop {
-            let (step, back) = self
-                .on_slot(move |s| (s.trailers(id, direction, &mut trailers, from), trailers))
-                .await?;
-            trailers = back;
-            match step {
-                Step::Continue => return Ok(trailers),
-                Step::Respond(response) => return Err(response),
-                Step::Paused { position, index } => {
-                    self.wait_resumed(index, direction).await?;
                     from = position + 1;
                 }
             }
@@ -962,7 +933,7 @@ impl Exchange {
             return Ok(());
         };
         let trailers = self
-            .trailers_phase(direction, trailers)
+            .map_phase(direction, MapPhase::Trailers, trailers)
             .await
             .map_err(PumpEnd::Local)?;
         // What plugins still held once the trailers went through is released, in order.
@@ -1016,7 +987,7 @@ impl Exchange {
         // `proxy_on_log` sees these if the request phase ends in a local response.
         self.request_headers = headers.clone();
         let headers = match self
-            .headers_phase(Direction::Request, headers, body.is_end_stream())
+            .map_phase(Direction::Request, headers_phase(&body), headers)
             .await
         {
             Ok(headers) => headers,
@@ -1069,7 +1040,7 @@ impl Exchange {
         let (mut parts, body) = response.into_parts();
         let headers = HeaderMap::from_response_parts(&parts);
         let headers = match self
-            .headers_phase(Direction::Response, headers, body.is_end_stream())
+            .map_phase(Direction::Response, headers_phase(&body), headers)
             .await
         {
             Ok(headers) => headers,
