@@ -286,12 +286,13 @@ impl Direction {
         }
     }
 
-    /// The plugins' indices in the order this direction runs them.
-    fn order(self, plugins: usize) -> Vec<usize> {
-        match self {
-            Direction::Request => (0..plugins).collect(),
-            Direction::Response => (0..plugins).rev().collect(),
-        }
+    /// From position `from` of the order this direction runs `plugins` plugins in: each
+    /// position with its plugin's index (requests in chain order, responses reversed).
+    fn positions(self, plugins: usize, from: usize) -> impl Iterator<Item = (usize, usize)> {
+        (from..plugins).map(move |position| match self {
+            Direction::Request => (position, position),
+            Direction::Response => (position, plugins - 1 - position),
+        })
     }
 }
 
@@ -421,12 +422,7 @@ impl SlotState {
         map: &mut HeaderMap,
         from: usize,
     ) -> Step {
-        for (position, index) in direction
-            .order(self.workers.len())
-            .into_iter()
-            .enumerate()
-            .skip(from)
-        {
+        for (position, index) in direction.positions(self.workers.len(), from) {
             let action = self.call(id, index, |worker, stream| match (direction, phase) {
                 (Direction::Request, MapPhase::Headers { end_of_stream }) => {
                     worker.on_request_headers(stream, map, end_of_stream)
@@ -460,12 +456,7 @@ impl SlotState {
         end_of_stream: bool,
         from: usize,
     ) -> (Step, BytesMut) {
-        for (position, index) in direction
-            .order(self.workers.len())
-            .into_iter()
-            .enumerate()
-            .skip(from)
-        {
+        for (position, index) in direction.positions(self.workers.len(), from) {
             let mut body = match self.streams(id).buffers.get_mut(position) {
                 Some(buffer) => {
                     buffer.extend_from_slice(&input);
