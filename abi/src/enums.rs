@@ -1,4 +1,4 @@
-//! Every enum of the ABI with its exact numeric value (REFERENCE §2).
+//! Every enum of the ABI with its exact numeric value (ABI.md §2).
 
 /// Declares a `#[repr(u32)]` enum with exact wire values, `as_u32`, `as_i32` and a checked
 /// `from_u32` that rejects unknown values instead of guessing.
@@ -167,7 +167,7 @@ wire_enum! {
 }
 
 wire_enum! {
-    /// WASI preview1 errno values that a proxy-wasm host returns (REFERENCE §2.12).
+    /// WASI preview1 errno values that a proxy-wasm host returns (ABI.md §2.12).
     WasiErrno {
         Success = 0,
         Badf = 8,

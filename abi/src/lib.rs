@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn table_has_every_hostcall_of_the_reference() {
         let hostcalls = Import::ALL.iter().filter(|i| i.is_hostcall()).count();
-        assert_eq!(hostcalls, 43, "REFERENCE §4.0 lists 43 proxy_* hostcalls");
+        assert_eq!(hostcalls, 43, "ABI.md §4.0 lists 43 proxy_* hostcalls");
         let wasi = Import::ALL
             .iter()
             .filter(|i| i.module() == ImportModule::Wasi)

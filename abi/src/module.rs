@@ -1,4 +1,4 @@
-//! What a module imports and exports, and which ABI version it declares (REFERENCE §1.4).
+//! What a module imports and exports, and which ABI version it declares (ABI.md §1.4).
 
 use crate::{AbiVersion, Callback, Import};
 use core::fmt;

@@ -1,5 +1,5 @@
 //! The header-map ("pairs") format used by `proxy_get/set_header_map_pairs`,
-//! `proxy_send_local_response`, `proxy_http_call` and map-valued properties (REFERENCE §3.1):
+//! `proxy_send_local_response`, `proxy_http_call` and map-valued properties (ABI.md §3.1):
 //!
 //! ```text
 //! u32 N                                  number of pairs (all integers little-endian)

@@ -1,4 +1,4 @@
-//! Property paths (REFERENCE §3.2): segments joined by a single NUL byte, no trailing NUL
+//! Property paths (ABI.md §3.2): segments joined by a single NUL byte, no trailing NUL
 //! (`["request", "headers", ":path"]` is `request\0headers\0:path`).
 
 use core::fmt;

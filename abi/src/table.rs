@@ -19,7 +19,7 @@
 macro_rules! for_each_import {
     ($m:ident) => {
         $m! {
-            // --- proxy-wasm hostcalls (REFERENCE §4.0), in the reference's order ---
+            // --- proxy-wasm hostcalls (ABI.md §4.0), in the reference's order ---
             ProxyLog: env proxy_log(level: i32, message_ptr: i32, message_size: i32) -> i32, ALL;
             ProxyGetLogLevel: env proxy_get_log_level(ret_level_ptr: i32) -> i32, V0_2_1;
             ProxyGetCurrentTimeNanoseconds: env proxy_get_current_time_nanoseconds(ret_time_ptr: i32) -> i32, ALL;
@@ -63,10 +63,10 @@ macro_rules! for_each_import {
             ProxySetEffectiveContext: env proxy_set_effective_context(context_id: i32) -> i32, ALL;
             ProxyDone: env proxy_done() -> i32, ALL;
             ProxyCallForeignFunction: env proxy_call_foreign_function(name_ptr: i32, name_size: i32, args_ptr: i32, args_size: i32, ret_results_ptr_ptr: i32, ret_results_size_ptr: i32) -> i32, ALL;
-            // --- helpers every host registers (REFERENCE §4.0, §9.1) ---
+            // --- helpers every host registers (ABI.md §4.0, §9.1) ---
             PthreadEqual: env pthread_equal(a: i32, b: i32) -> i32, ALL;
             EmscriptenNotifyMemoryGrowth: env emscripten_notify_memory_growth(memory_index: i32) -> (), ALL;
-            // --- WASI preview1 (REFERENCE §9.1), alphabetical ---
+            // --- WASI preview1 (ABI.md §9.1), alphabetical ---
             ArgsGet: wasi args_get(argv_ptr: i32, argv_buf_ptr: i32) -> i32, ALL;
             ArgsSizesGet: wasi args_sizes_get(ret_argc_ptr: i32, ret_buf_size_ptr: i32) -> i32, ALL;
             ClockResGet: wasi clock_res_get(clock_id: i32, ret_resolution_ptr: i32) -> i32, ALL;
@@ -117,7 +117,7 @@ macro_rules! for_each_import {
     };
 }
 
-/// Calls `$m!` with every export the host may call (REFERENCE §6.1), one entry per line:
+/// Calls `$m!` with every export the host may call (ABI.md §6.1), one entry per line:
 ///
 /// ```text
 /// Variant: name(param: type, ...) -> result, versions;

@@ -1,9 +1,10 @@
-//! The ABI table against the hostcall list of the reference (`../shared/abi/REFERENCE.md`
-//! §4.0, beside the repository): every row's name, parameter names and types, and versions.
+//! The ABI table against the hostcall list of the project's ABI document (`abi/ABI.md` §4.0,
+//! written from the specification and the reference host): every row's name, parameter types
+//! and versions.
 
 use filterbox_abi::{AbiVersion, Import, ValType};
 
-const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/abi/REFERENCE.md");
+const REFERENCE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/ABI.md");
 
 /// One row of the §4.0 table: name, `(type, param name)` pairs, versions.
 type Row = (String, Vec<(String, String)>, String);
@@ -11,7 +12,7 @@ type Row = (String, Vec<(String, String)>, String);
 /// Every row of the §4.0 table.
 fn reference_rows() -> Vec<Row> {
     let text = std::fs::read_to_string(REFERENCE)
-        .unwrap_or_else(|e| panic!("{REFERENCE} must sit beside the repository: {e}"));
+        .unwrap_or_else(|e| panic!("cannot read {REFERENCE}: {e}"));
     let start = text
         .find("### 4.0 Summary table")
         .expect("§4.0 in the reference");

@@ -154,7 +154,13 @@ fn conformance(
             }
         }
     }
-    let failed = reports.iter().any(|r| r.outcome == Outcome::Fail);
+    // A skip says an engine is not in this build; a built engine that skips is a failure.
+    let built = EngineKind::built();
+    let failed = reports.iter().any(|r| {
+        r.outcome == Outcome::Fail
+            || (r.outcome == Outcome::Skip
+                && built.iter().any(|e| e.name() == r.engine))
+    });
     Ok(if failed {
         ExitCode::FAILURE
     } else {

@@ -92,8 +92,11 @@ pub struct PluginEntry {
     /// What the plugin reads in `proxy_on_configure`.
     #[serde(default)]
     pub configuration: String,
-    /// `FAIL_CLOSED` (default, as in Envoy: answer 503, no rebuild), `FAIL_RELOAD` (answer
-    /// 503 and rebuild the VM) or `FAIL_OPEN` (skip the plugin, rebuild the VM).
+    /// `FAIL_RELOAD` (default: answer 503 and rebuild the VM, up to the crash-loop limit),
+    /// `FAIL_CLOSED` (answer 503, no rebuild: one overrun of a deadline on a loaded machine
+    /// would fail every later request until restart) or `FAIL_OPEN` (skip the plugin,
+    /// rebuild the VM). Envoy's default is `FAIL_CLOSED`; filterbox's is the one a server
+    /// recovers from.
     #[serde(default)]
     pub failure_policy: EnvoyFailurePolicy,
     /// The VM.
@@ -116,10 +119,10 @@ pub struct PluginEntry {
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 pub enum EnvoyFailurePolicy {
     /// Answer 503; the plugin stays failed.
-    #[default]
     #[serde(rename = "FAIL_CLOSED")]
     Closed,
-    /// Answer 503 and rebuild the VM.
+    /// Answer 503 and rebuild the VM (the default).
+    #[default]
     #[serde(rename = "FAIL_RELOAD")]
     Reload,
     /// Let requests through and rebuild the VM.
@@ -185,6 +188,16 @@ impl ServeConfig {
             .with_context(|| format!("parsing config {}", path.display()))?;
         if config.listeners.is_empty() {
             bail!("{}: no listeners", path.display());
+        }
+        let mut names = std::collections::HashSet::new();
+        for plugin in &config.plugins {
+            if !names.insert(plugin.name.as_str()) {
+                bail!(
+                    "{}: two plugins are named {:?}; names must be unique (metrics and logs use them)",
+                    path.display(),
+                    plugin.name
+                );
+            }
         }
         for listener in &config.listeners {
             if !config.upstreams.contains_key(&listener.upstream) {
@@ -262,12 +275,41 @@ struct Generation {
     upstreams: BTreeMap<String, http::Uri>,
 }
 
+/// The largest plugin file `serve` reads (Go SDK plugins are tens of MiB at most).
+const MAX_PLUGIN_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads a plugin file: a regular file of at most [`MAX_PLUGIN_FILE_BYTES`]. A FIFO or a
+/// device (`/dev/zero`) is refused before anything is read, so neither can hang or exhaust
+/// the host.
+fn read_plugin_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        bail!("not a regular file");
+    }
+    if metadata.len() > MAX_PLUGIN_FILE_BYTES {
+        bail!(
+            "{} bytes, over the {} MiB a plugin may have",
+            metadata.len(),
+            MAX_PLUGIN_FILE_BYTES >> 20
+        );
+    }
+    let mut wasm = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PLUGIN_FILE_BYTES + 1)
+        .read_to_end(&mut wasm)?;
+    if wasm.len() as u64 > MAX_PLUGIN_FILE_BYTES {
+        bail!("grew past {} MiB while read", MAX_PLUGIN_FILE_BYTES >> 20);
+    }
+    Ok(wasm)
+}
+
 /// Builds every plugin and starts the chain (each VM started and configured once), so a
 /// config that cannot serve is refused here. Errors name the plugin, its file and engine.
 fn build_generation(
     config: &ServeConfig,
     base: &Path,
-    registry: &Arc<MetricRegistry>,
+    registries: &Registries,
     runtime: &tokio::runtime::Handle,
 ) -> Result<Generation> {
     let mut upstreams = BTreeMap::new();
@@ -292,11 +334,11 @@ fn build_generation(
             .plugin_config()
             .with_context(|| format!("plugin {:?}", entry.name))?;
         let engine = plugin_config.engine;
-        let wasm = std::fs::read(&file)
+        let wasm = read_plugin_file(&file)
             .with_context(|| format!("plugin {:?}: reading {}", entry.name, file.display()))?;
         let plugin = Plugin::builder(plugin_config)
             .callouts(callouts.clone())
-            .metric_registry(registry.clone())
+            .metric_registry(registries.of(&entry.name))
             .build(&wasm)
             .map_err(|e| {
                 anyhow::anyhow!(
@@ -345,7 +387,7 @@ struct Shared {
     chain: SharedChain,
     upstreams: RwLock<Arc<BTreeMap<String, http::Uri>>>,
     client: Client<HttpConnector, FilteredBody>,
-    registry: Arc<MetricRegistry>,
+    registries: Registries,
     requests: AtomicU64,
     upstream_errors: AtomicU64,
     reloads: AtomicU64,
@@ -380,39 +422,11 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             // The upstream hop is filterbox's own connection: HTTP/1.1, whatever the client
             // spoke (hyper sets `host` from the URI when an HTTP/2 client sent none).
             *request.version_mut() = http::Version::HTTP_11;
-            strip_hop_by_hop(request.headers_mut());
+            filterbox::strip_hop_by_hop(request.headers_mut());
             let mut response = shared.client.request(request).await?;
-            strip_hop_by_hop(response.headers_mut());
+            filterbox::strip_hop_by_hop(response.headers_mut());
             Ok(response)
         })
-    }
-}
-
-/// Drops the headers that describe one connection (RFC 9110 §7.6.1), and those `connection`
-/// names, so they are not forwarded to the next hop.
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
-        headers.remove(name);
     }
 }
 
@@ -427,18 +441,18 @@ pub fn serve(config_path: &Path) -> Result<()> {
         .thread_name("filterbox-serve")
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(async move {
-        let registry = Arc::new(MetricRegistry::new(10_000));
+    let served = runtime.block_on(async move {
+        let registries = Registries::default();
         let handle = tokio::runtime::Handle::current();
         let first = {
-            let (config, base, registry, handle) = (
+            let (config, base, registries, handle) = (
                 config.clone(),
                 base.clone(),
-                registry.clone(),
+                registries.clone(),
                 handle.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                build_generation(&config, &base, &registry, &handle)
+                build_generation(&config, &base, &registries, &handle)
             })
             .await??
         };
@@ -446,7 +460,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
             chain: SharedChain::new(first.chain),
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             client: Client::builder(TokioExecutor::new()).build_http(),
-            registry,
+            registries,
             requests: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
@@ -468,6 +482,12 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 .await
                 .with_context(|| format!("binding admin listener {}", admin.address))?;
             tracing::info!(address = %admin.address, "admin listening");
+            if !admin.address.ip().is_loopback() {
+                tracing::warn!(
+                    address = %admin.address,
+                    "the admin listener is reachable from other hosts; /stats shows every plugin's metrics"
+                );
+            }
             tokio::spawn(admin_loop(socket, shared.clone()));
         }
         eprintln!(
@@ -481,8 +501,19 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 .join(", ")
         );
         watch(config_path.to_path_buf(), config, base, shared).await
-    })
+    });
+    // A reload still building on a blocking thread (a stuck plugin read) must not hold up
+    // the exit.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    served
 }
+
+/// How long a client may take to send a request's head (and an idle keep-alive connection
+/// may wait for the next one).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an accept loop waits after a failed accept (EMFILE: out of descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 async fn accept_loop<S>(socket: TcpListener, service: S, shared: Arc<Shared>)
 where
@@ -500,7 +531,7 @@ where
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!("accept: {error}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
@@ -526,8 +557,13 @@ where
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            // HTTP/1.1 or, with prior knowledge, HTTP/2.
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            // HTTP/1.1 or, with prior knowledge, HTTP/2. A client gets HEADER_READ_TIMEOUT
+            // to send a request head, so half-sent requests cannot hold connections for ever.
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             let connection = builder.serve_connection(TokioIo::new(stream), handler);
             if let Err(error) = connection.await {
                 tracing::debug!("connection: {error}");
@@ -545,8 +581,15 @@ fn text(status: http::StatusCode, body: String) -> http::Response<ProxyBody> {
 
 async fn admin_loop(socket: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = socket.accept().await else {
-            continue;
+        let stream = match socket.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors (or another passing error): wait instead of
+                // spinning on accept.
+                tracing::warn!("admin accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -573,7 +616,12 @@ async fn admin_loop(socket: TcpListener, shared: Arc<Shared>) {
 /// Prometheus text: plugin metrics, host metrics per plugin, and the proxy's own counters.
 fn render_stats(shared: &Shared) -> String {
     let mut plugins = String::new();
-    shared.registry.render_prometheus(&mut plugins);
+    for (name, registry) in shared.registries.all() {
+        let mut text = String::new();
+        registry.render_prometheus(&mut text);
+        plugins.push_str(&label_samples(&text, &name));
+    }
+    let plugins = merge_families(&plugins);
     let mut host = String::new();
     for plugin in shared.chain.current().plugins() {
         plugin
@@ -608,6 +656,53 @@ fn render_stats(shared: &Shared) -> String {
         "New configs refused (the old one kept serving).",
         shared.reloads_refused.load(Ordering::Relaxed),
     );
+    out
+}
+
+/// The metrics plugins define, one registry per plugin name: a plugin can neither use up
+/// another's metric slots nor reach another's metrics by guessing ids. A registry outlives
+/// reloads, so a reloaded plugin's counters go on.
+#[derive(Clone, Default)]
+struct Registries(Arc<parking_lot::Mutex<BTreeMap<String, Arc<MetricRegistry>>>>);
+
+impl Registries {
+    /// Metrics one plugin may define.
+    const MAX_METRICS_PER_PLUGIN: usize = 10_000;
+
+    fn of(&self, plugin: &str) -> Arc<MetricRegistry> {
+        self.0
+            .lock()
+            .entry(plugin.to_owned())
+            .or_insert_with(|| Arc::new(MetricRegistry::new(Self::MAX_METRICS_PER_PLUGIN)))
+            .clone()
+    }
+
+    fn all(&self) -> Vec<(String, Arc<MetricRegistry>)> {
+        let registries = self.0.lock();
+        registries
+            .iter()
+            .map(|(name, registry)| (name.clone(), registry.clone()))
+            .collect()
+    }
+}
+
+/// Adds a `plugin` label to every sample line of Prometheus text, so that two plugins that
+/// define a metric of the same name report two series of one family.
+fn label_samples(text: &str, plugin: &str) -> String {
+    let plugin = plugin.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with('#') {
+            out.push_str(line);
+        } else if let Some((name, rest)) = line.split_once('{') {
+            let _ = write!(out, "{name}{{plugin=\"{plugin}\",{rest}");
+        } else if let Some((name, value)) = line.split_once(' ') {
+            let _ = write!(out, "{name}{{plugin=\"{plugin}\"}} {value}");
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
     out
 }
 
@@ -673,7 +768,14 @@ async fn watch(
             continue;
         }
         last = now;
-        match reload(&path, &config, &base, &shared).await {
+        // A reload can be slow (compiling) or stuck (a plugin path that blocks): shutdown
+        // signals still end the process meanwhile.
+        let reloaded = tokio::select! {
+            reloaded = reload(&path, &config, &base, &shared) => reloaded,
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        };
+        match reloaded {
             Ok(new) => {
                 config = new;
                 shared.reloads.fetch_add(1, Ordering::Relaxed);
@@ -707,10 +809,21 @@ async fn reload(
     if new.listeners != old.listeners || new.admin != old.admin {
         tracing::warn!("listener and admin changes take effect on restart only");
     }
+    // The running listeners keep their upstreams until a restart: each must still exist.
+    for listener in &old.listeners {
+        if !new.upstreams.contains_key(&listener.upstream) {
+            bail!(
+                "listener {} sends to upstream {:?}, which the new config removes (listeners change on restart only)",
+                listener.address,
+                listener.upstream
+            );
+        }
+    }
     let generation = {
-        let (config, base, registry) = (new.clone(), base.to_path_buf(), shared.registry.clone());
+        let (config, base, registries) =
+            (new.clone(), base.to_path_buf(), shared.registries.clone());
         let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || build_generation(&config, &base, &registry, &handle))
+        tokio::task::spawn_blocking(move || build_generation(&config, &base, &registries, &handle))
             .await??
     };
     *shared.upstreams.write() = Arc::new(generation.upstreams);
@@ -721,6 +834,41 @@ async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_plugin_has_its_own_registry_and_its_samples_carry_its_name() {
+        let registries = Registries::default();
+        assert!(!Arc::ptr_eq(&registries.of("a"), &registries.of("b")));
+        assert!(Arc::ptr_eq(&registries.of("a"), &registries.of("a")));
+        let text = "# TYPE hits counter\nhits 3\n# TYPE t histogram\nt_bucket{le=\"1\"} 2\n";
+        assert_eq!(
+            label_samples(text, "p\"q"),
+            "# TYPE hits counter\nhits{plugin=\"p\\\"q\"} 3\n# TYPE t histogram\n\
+             t_bucket{plugin=\"p\\\"q\",le=\"1\"} 2\n"
+        );
+    }
+
+    #[test]
+    fn plugin_files_must_be_regular_files() {
+        let error = read_plugin_file(Path::new("/dev/zero")).expect_err("/dev/zero read");
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+    }
+
+    #[test]
+    fn configs_with_two_plugins_of_one_name_are_refused() {
+        let path = std::env::temp_dir().join(format!("filterbox-dup-{}.yaml", std::process::id()));
+        let yaml = r#"
+listeners: [{ address: "127.0.0.1:8080", upstream: backend }]
+upstreams: { backend: "http://127.0.0.1:9000" }
+plugins:
+  - { name: same, vm_config: { code: { local: { filename: a.wasm } } } }
+  - { name: same, vm_config: { code: { local: { filename: b.wasm } } } }
+"#;
+        std::fs::write(&path, yaml).expect("write config");
+        let error = ServeConfig::load(&path).expect_err("duplicate names accepted");
+        let _ = std::fs::remove_file(&path);
+        assert!(error.to_string().contains("two plugins are named"), "{error}");
+    }
 
     #[test]
     fn an_envoy_style_plugin_entry_becomes_a_plugin_config() {
@@ -752,17 +900,23 @@ plugins:
     }
 
     #[test]
-    fn fail_closed_does_not_rebuild_and_unknown_fields_are_refused() {
+    fn fail_reload_is_the_default_fail_closed_does_not_rebuild_and_unknown_fields_are_refused() {
         let entry: PluginEntry = serde_yaml::from_str(
             "{ name: p, vm_config: { code: { local: { filename: p.wasm } } } }",
         )
         .expect("parse");
         let config = entry.plugin_config().expect("convert");
-        assert!(!config.reload.enabled);
+        assert!(config.reload.enabled);
         assert_eq!(
             config.failure_policy,
             FailurePolicy::FailClosed { status: 503 }
         );
+        let entry: PluginEntry = serde_yaml::from_str(
+            "{ name: p, failure_policy: FAIL_CLOSED, vm_config: { code: { local: { filename: p.wasm } } } }",
+        )
+        .expect("parse");
+        let config = entry.plugin_config().expect("convert");
+        assert!(!config.reload.enabled);
         let error = serde_yaml::from_str::<PluginEntry>(
             "{ name: p, fail_opn: true, vm_config: { code: { local: { filename: p.wasm } } } }",
         )
@@ -782,7 +936,7 @@ plugins:
         ] {
             headers.insert(name, http::HeaderValue::from_static(value));
         }
-        strip_hop_by_hop(&mut headers);
+        filterbox::strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert_eq!(headers["x-kept"], "yes");
     }

@@ -299,7 +299,7 @@ pub(crate) fn http_call_statuses(h: &Harness) -> CaseResult {
 }
 
 /// A client that accepts every call and drops its reply handle.
-struct Dropping;
+pub(crate) struct Dropping;
 
 impl Callouts for Dropping {
     fn http_call(&self, _: HttpCallRequest, reply: HttpCallReply) -> Result<(), CalloutError> {

@@ -3,7 +3,7 @@
 use crate::ensure;
 use crate::guests::{self, wat_module};
 use crate::harness::{CaseResult, Failure, Harness, headers, pairs_of};
-use crate::{calls, hostile};
+use crate::{calls, envoy_parity, hardening, hostile};
 use bytes::BytesMut;
 use filterbox::abi::{AbiError, Callback};
 use filterbox::{
@@ -246,6 +246,41 @@ pub static CASES: &[Case] = &[
         name: "host-bounds",
         group: "isolation",
         run: hostile::host_bounds,
+    },
+    Case {
+        name: "amplifying-hostcalls-stay-bounded",
+        group: "hostile",
+        run: hardening::amplifying_hostcalls_stay_bounded,
+    },
+    Case {
+        name: "deadlines-hold-in-hostcall-loops",
+        group: "hostile",
+        run: hardening::deadlines_hold_in_hostcall_loops,
+    },
+    Case {
+        name: "handed-over-buffers-are-bounded",
+        group: "hostile",
+        run: hardening::handed_over_buffers_are_bounded,
+    },
+    Case {
+        name: "callouts-end-with-their-vm",
+        group: "callouts",
+        run: hardening::callouts_end_with_their_vm,
+    },
+    Case {
+        name: "close-stream-resets-whatever-the-callback-returns",
+        group: "contexts",
+        run: envoy_parity::close_stream_resets_whatever_the_callback_returns,
+    },
+    Case {
+        name: "local-response-wins-over-a-resume-in-the-same-callback",
+        group: "local-response",
+        run: envoy_parity::local_response_wins_over_a_resume_in_the_same_callback,
+    },
+    Case {
+        name: "large-functions-run-under-deadlines",
+        group: "lifecycle",
+        run: hardening::large_functions_run_under_deadlines,
     },
     Case {
         name: "floods-stop-at-their-bounds",

@@ -15,10 +15,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How far past its deadline a stopped loop may run before the case fails. Generous: it is
-/// a proof that the loop is stopped, not a timing test (wasmer counts operators, not time,
-/// and a loaded CI machine adds scheduling delays).
-const SLACK: Duration = Duration::from_secs(2);
+/// How far past its deadline a stopped loop may run before the case fails. Deadlines are
+/// wall-clock time on every engine (wasmer's watchdog, wasmi's clock between fuel slices and
+/// before hostcalls, wasmtime's epochs), so this only covers scheduling delays on a loaded
+/// machine and unoptimised builds, not the engine.
+pub(crate) const SLACK: Duration = Duration::from_millis(500);
 
 /// Stream callbacks in the order a full stream calls them.
 const STREAM_CALLBACKS: [Callback; 10] = [
@@ -73,8 +74,8 @@ fn callback_export(callback: Callback, body: Option<&str>) -> String {
     )
 }
 
-const OK: u32 = 0;
-const BAD_ARGUMENT: u32 = 2;
+pub(crate) const OK: u32 = 0;
+pub(crate) const BAD_ARGUMENT: u32 = 2;
 
 /// A runaway loop; `unreachable` after it only satisfies the validator's result type.
 const LOOP: &str = "(loop $forever (br $forever)) (unreachable)";
@@ -120,7 +121,7 @@ pub(crate) fn module(
 }
 
 /// The config the cases use: short deadlines so loops end quickly, immediate rebuilds.
-fn config(name: &str) -> PluginConfig {
+pub(crate) fn config(name: &str) -> PluginConfig {
     let limits = Limits {
         callback_deadline_ms: Some(20),
         start_deadline_ms: Some(100),
@@ -143,7 +144,7 @@ pub(crate) fn reports(logs: &LogCapture) -> Vec<u32> {
 }
 
 /// Loads `wasm` and starts a worker on it.
-fn worker(
+pub(crate) fn worker(
     h: &Harness,
     wasm: &[u8],
     config: PluginConfig,
@@ -158,7 +159,7 @@ fn worker(
 
 /// Drives one whole stream (every phase, small bodies, trailers) and returns the first
 /// failure, or `None` if the plugin served it.
-fn full_stream(worker: &mut Worker, request: &[(&str, &str)]) -> Option<filterbox::Failure> {
+pub(crate) fn full_stream(worker: &mut Worker, request: &[(&str, &str)]) -> Option<filterbox::Failure> {
     let mut stream = worker.create_stream();
     let outcome = run_phases(worker, &mut stream, request);
     let finished = worker.finish_stream(stream);
@@ -186,7 +187,7 @@ fn run_phases(
 
 /// Checks that a failure is a trap of `kind` and that the stream got the default
 /// fail-closed answer (503).
-fn expect_trap(failure: &filterbox::Failure, kind: TrapKind, what: &str) -> CaseResult {
+pub(crate) fn expect_trap(failure: &filterbox::Failure, kind: TrapKind, what: &str) -> CaseResult {
     let trap = failure
         .trap()
         .ok_or_else(|| format!("{what}: no trap in {failure}"))?;
@@ -198,7 +199,7 @@ fn expect_trap(failure: &filterbox::Failure, kind: TrapKind, what: &str) -> Case
 }
 
 /// After the worker is gone, no VM of the plugin and none of its memory may be left.
-fn expect_nothing_leaked(plugin: &Plugin) -> CaseResult {
+pub(crate) fn expect_nothing_leaked(plugin: &Plugin) -> CaseResult {
     let m = plugin.metrics();
     ensure!(
         m.vms_active() == 0 && m.memory_live_bytes() == 0,

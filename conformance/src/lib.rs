@@ -11,6 +11,8 @@ mod calls;
 mod cases;
 pub mod fuzzing;
 pub mod guests;
+mod envoy_parity;
+mod hardening;
 mod harness;
 mod hostile;
 pub mod servers;

@@ -522,3 +522,53 @@ fn on_log_sees_the_final_status_of_forwarded_and_locally_answered_exchanges() {
         }
     });
 }
+
+/// A plugin answering with its own framing (`content-length` of another size,
+/// `transfer-encoding`) and hop-by-hop headers: the proxy frames the body itself, so those
+/// never reach the client as the plugin gave them (they would split the response on a
+/// keep-alive connection). Other headers and the body come through.
+#[test]
+fn a_local_response_cannot_set_its_own_framing() {
+    // Pairs: content-length: 5, transfer-encoding: chunked, connection: close, x-kept: 1.
+    let wasm = wat::parse_str(
+        r#"(module
+            (import "env" "proxy_send_local_response"
+                (func $respond (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 100) "hello world")
+            (data (i32.const 200)
+                "\04\00\00\00"
+                "\0e\00\00\00\01\00\00\00" "\11\00\00\00\07\00\00\00"
+                "\0a\00\00\00\05\00\00\00" "\06\00\00\00\01\00\00\00"
+                "content-length\005\00" "transfer-encoding\00chunked\00"
+                "connection\00close\00" "x-kept\001\00")
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+            (func (export "proxy_on_context_create") (param i32 i32))
+            (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                (drop (call $respond (i32.const 200) (i32.const 0) (i32.const 0)
+                    (i32.const 100) (i32.const 11) (i32.const 200) (i32.const 105) (i32.const -1)))
+                (i32.const 1)))"#,
+    )
+    .expect("wat");
+    runtime().block_on(async {
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin("framing", &wasm, "")])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+        let (response, body) = send(&mut service, request("/", &[])).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(body, "hello world");
+        assert_eq!(response.headers()["x-kept"], "1");
+        for name in ["content-length", "transfer-encoding", "connection"] {
+            assert!(
+                response.headers().get(name).is_none(),
+                "{name}: {:?}",
+                response.headers().get(name)
+            );
+        }
+        assert!(upstream.seen.lock().is_empty(), "the request went upstream");
+    });
+}

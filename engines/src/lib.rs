@@ -182,6 +182,9 @@ pub struct InstanceLimits {
     pub max_memory_bytes: usize,
     /// The most elements a table may hold.
     pub max_table_elements: usize,
+    /// How long the module's start section may run (`None`: the engine's
+    /// [`EngineConfig::start_deadline`]).
+    pub start_deadline: Option<Duration>,
 }
 
 impl Default for InstanceLimits {
@@ -189,6 +192,7 @@ impl Default for InstanceLimits {
         InstanceLimits {
             max_memory_bytes: 128 << 20,
             max_table_elements: 100_000,
+            start_deadline: None,
         }
     }
 }
@@ -203,6 +207,12 @@ impl InstanceLimits {
     /// Limits with this table ceiling.
     pub fn with_max_table_elements(mut self, elements: usize) -> Self {
         self.max_table_elements = elements;
+        self
+    }
+
+    /// Limits with this deadline for the start section.
+    pub fn with_start_deadline(mut self, deadline: Option<Duration>) -> Self {
+        self.start_deadline = deadline;
         self
     }
 
@@ -386,6 +396,12 @@ pub trait Caller<H> {
     /// range is inside memory before the host writes through it. A trap in the allocator fails
     /// the instance once the hostcall returns.
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError>;
+    /// Whether the running call is past its deadline. Checked before every hostcall, so a
+    /// loop whose body is a hostcall stops in time on engines that measure deadlines by
+    /// counting work (wasmi's fuel, wasmer's metering) and do not count the host's share.
+    fn deadline_passed(&mut self) -> bool {
+        false
+    }
 }
 
 macro_rules! default_body {
@@ -463,6 +479,14 @@ pub(crate) fn dispatch<H: Hostcalls, R: FromAnswer>(
     args: &[i64],
     call: impl FnOnce(&mut dyn Caller<H>) -> R,
 ) -> R {
+    if cx.deadline_passed() {
+        cx.trap(Trap {
+            kind: TrapKind::Interrupted,
+            message: format!("deadline passed before the hostcall {}", import.name()),
+        });
+        // The answer is never seen: the guest traps as the hostcall returns.
+        return R::from_answer(-1);
+    }
     let result = match H::admit(cx, import) {
         Some(answer) => R::from_answer(answer),
         None => call(cx),
@@ -713,9 +737,12 @@ impl<H: Hostcalls> Instance<H> {
     /// - wasmtime checks a 1 ms epoch at loop heads and function entries, so a call stops
     ///   between the deadline and a tick after it;
     /// - wasmi runs on fuel in slices and looks at the clock between slices;
-    /// - wasmer counts wasm operators (metering) and converts the deadline to a count at a
-    ///   fixed rate measured on x86-64 ([`WASMER_OPS_PER_MS`]), so its deadline is a budget
-    ///   of work, not of wall time: time spent inside hostcalls is not counted.
+    /// - wasmer counts wasm operators (metering, at [`WASMER_OPS_PER_MS`]) and a watchdog
+    ///   thread interrupts a call still running a millisecond tick after its deadline, so a
+    ///   slow or loaded machine does not stretch it.
+    ///
+    /// On every engine the clock is also read before each hostcall, so time spent inside
+    /// hostcalls counts: a call past its deadline traps as it next enters the host.
     ///
     /// Without [`EngineConfig::interruptible`] this does nothing.
     pub fn set_deadline(&mut self, deadline: Option<Duration>) {
@@ -789,7 +816,7 @@ pub(crate) fn check_callbacks(
 }
 
 /// The allocator the host calls: `proxy_on_memory_allocate`, else `malloc` (the spec's order;
-/// malloc-first leaks every buffer in TinyGo plugins, REFERENCE §1.3).
+/// malloc-first leaks every buffer in TinyGo plugins, ABI.md §1.3).
 pub(crate) fn pick_allocator(present: &[bool]) -> Result<Callback, EngineError> {
     [Callback::ProxyOnMemoryAllocate, Callback::Malloc]
         .into_iter()

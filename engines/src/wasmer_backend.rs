@@ -9,8 +9,8 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 use wasmer::sys::vm::{
     MemoryError as VmMemoryError, MemoryStyle, TableStyle, VMMemory, VMMemoryDefinition, VMTable,
     VMTableDefinition,
@@ -42,6 +42,95 @@ fn points_for(deadline: Option<Duration>) -> u64 {
             .max(1)
             .saturating_mul(crate::WASMER_OPS_PER_MS),
         None => u64::MAX,
+    }
+}
+
+/// How often the watchdog looks for calls past their deadline.
+const WATCHDOG_TICK: Duration = Duration::from_millis(1);
+
+/// A call being watched: its deadline and how to interrupt its store.
+struct Watched {
+    id: u64,
+    deadline: Instant,
+    interrupter: wasmer::Interrupter,
+}
+
+/// The calls running under a deadline, and the next watch id.
+struct Watchlist {
+    calls: Vec<Watched>,
+    next_id: u64,
+}
+
+static WATCHLIST: OnceLock<Result<Mutex<Watchlist>, String>> = OnceLock::new();
+
+/// Locks a mutex whether or not a holder panicked (the list stays consistent: every change
+/// is one push or one removal).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The watchlist, starting the watchdog thread the first time. Metering counts operators at a
+/// fixed rate, which a loaded or slow machine stretches into seconds; the watchdog interrupts
+/// (a signal to the running thread, wasmer's `experimental-host-interrupt`) any call still
+/// running a tick after its deadline, and again every tick until the call ends.
+fn watchlist() -> Result<&'static Mutex<Watchlist>, EngineError> {
+    let list = WATCHLIST.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("filterbox-wasmer-watchdog".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(WATCHDOG_TICK);
+                    let Some(Ok(list)) = WATCHLIST.get() else {
+                        continue;
+                    };
+                    // The interrupt is sent with the lock held: a call removes its entry
+                    // under the same lock once it has returned, so no interrupt meant for
+                    // one call can reach the next call on the same store.
+                    let list = lock(list);
+                    let now = Instant::now();
+                    for call in list.calls.iter().filter(|c| c.deadline <= now) {
+                        call.interrupter.interrupt();
+                    }
+                }
+            })
+            .map(|_| {
+                Mutex::new(Watchlist {
+                    calls: Vec::new(),
+                    next_id: 0,
+                })
+            })
+            .map_err(|e| format!("cannot start the wasmer watchdog thread: {e}"))
+    });
+    list.as_ref().map_err(|e| EngineError::Config(e.clone()))
+}
+
+/// A call on the watchlist; dropping it (after the call returned) takes it off.
+struct Watch {
+    id: u64,
+    list: &'static Mutex<Watchlist>,
+}
+
+impl Watch {
+    /// Watches the next call on `store` until `deadline`; `None` when there is no deadline or
+    /// the watchdog could not start (metering still bounds the call then).
+    fn start(store: &Store, deadline: Option<Instant>) -> Option<Watch> {
+        let deadline = deadline?;
+        let list = watchlist().ok()?;
+        let mut guard = lock(list);
+        let id = guard.next_id;
+        guard.next_id = id.wrapping_add(1);
+        guard.calls.push(Watched {
+            id,
+            deadline,
+            interrupter: store.interrupter(),
+        });
+        Some(Watch { id, list })
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        lock(self.list).calls.retain(|c| c.id != self.id);
     }
 }
 
@@ -157,6 +246,7 @@ pub(crate) struct WrEngine {
     kind: EngineKind,
     interruptible: bool,
     start_points: u64,
+    start_deadline: Duration,
 }
 
 impl WrEngine {
@@ -167,6 +257,7 @@ impl WrEngine {
             kind,
             interruptible: config.interruptible,
             start_points,
+            start_deadline: config.start_deadline,
         })
     }
 
@@ -261,6 +352,8 @@ pub(crate) struct StoreData<H> {
     memory: Option<Memory>,
     allocator: Option<TypedFunction<i32, i32>>,
     pending_trap: Option<Trap>,
+    /// When the running call must end (`None`: no deadline or not interruptible).
+    deadline: Option<Instant>,
 }
 
 fn classify(err: &RuntimeError) -> Trap {
@@ -330,6 +423,13 @@ impl<H: Send + 'static> Caller<H> for WrCaller<'_, '_, H> {
 
     fn trap(&mut self, trap: Trap) {
         self.env.data_mut().pending_trap = Some(trap);
+    }
+
+    fn deadline_passed(&mut self) -> bool {
+        self.env
+            .data()
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
@@ -459,11 +559,20 @@ impl WrInstancePre {
         limits: &InstanceLimits,
     ) -> Result<WrInstance<H>, EngineError> {
         let mut store = Store::new(self.engine.engine.clone());
+        let deadline = self
+            .engine
+            .interruptible
+            .then(|| {
+                let deadline = limits.start_deadline.unwrap_or(self.engine.start_deadline);
+                Instant::now().checked_add(deadline)
+            })
+            .flatten();
         let data = StoreData {
             host,
             memory: None,
             allocator: None,
             pending_trap: None,
+            deadline,
         };
         let env = FunctionEnv::new(&mut store, data);
         let imports = define_imports::<H>(&mut store, &env, &self.imports);
@@ -473,7 +582,9 @@ impl WrInstancePre {
                 u32::try_from(limits.max_table_elements).unwrap_or(u32::MAX),
             )))
         });
+        let watch = Watch::start(&store, deadline);
         let instance = wasmer::Instance::new(&mut store, &self.module, &imports);
+        drop(watch);
         LIMITS.with(|l| l.set(None));
         let instance = instance.map_err(|e| match e {
             wasmer::InstantiationError::Start(err) => {
@@ -529,12 +640,15 @@ impl WrInstancePre {
         let data = env.as_mut(&mut store);
         data.memory = Some(memory);
         data.allocator = Some(allocator);
+        data.deadline = None;
         Ok(WrInstance {
             store,
             env,
             funcs,
             points,
             deadline_points: u64::MAX,
+            deadline: None,
+            interruptible: self.engine.interruptible,
         })
     }
 }
@@ -547,6 +661,9 @@ pub(crate) struct WrInstance<H: 'static> {
     points: Option<(Global, Global)>,
     /// Points each call may spend.
     deadline_points: u64,
+    /// How long each call may run in wall-clock time.
+    deadline: Option<Duration>,
+    interruptible: bool,
 }
 
 /// A callback export as a typed function, so a call allocates nothing (wasmer's untyped
@@ -625,8 +742,17 @@ impl<H: Hostcalls> WrInstance<H> {
             let _ = left.set(&mut self.store, Value::I64(self.deadline_points as i64));
             let _ = exhausted.set(&mut self.store, Value::I32(0));
         }
+        let deadline = match self.interruptible {
+            true => self.deadline.and_then(|d| Instant::now().checked_add(d)),
+            false => None,
+        };
+        self.env.as_mut(&mut self.store).deadline = deadline;
+        let watch = Watch::start(&self.store, deadline);
         let outcome = func.call(&mut self.store, params);
-        self.env.as_mut(&mut self.store).pending_trap = None;
+        drop(watch);
+        let data = self.env.as_mut(&mut self.store);
+        data.pending_trap = None;
+        data.deadline = None;
         outcome.map_err(|e| {
             let mut trap = classify(&e);
             if self.points_exhausted() {
@@ -646,6 +772,7 @@ impl<H: Hostcalls> WrInstance<H> {
 
     pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
         self.deadline_points = points_for(deadline);
+        self.deadline = deadline;
     }
 
     pub(crate) fn host(&self) -> &H {

@@ -35,6 +35,7 @@ pub(crate) struct WiEngine {
     engine: wasmi::Engine,
     interruptible: bool,
     start_fuel: u64,
+    start_deadline: Duration,
 }
 
 impl WiEngine {
@@ -43,10 +44,17 @@ impl WiEngine {
         // as a stack overflow, which is what max_wasm_stack is for on the JIT engines.
         let mut c = wasmi::Config::default();
         c.consume_fuel(config.interruptible);
+        // wasmi's default translates each function on its first call and charges the
+        // translation to the call's fuel; when what is left of a slice is less than that,
+        // the call ends with an out-of-fuel error that cannot be resumed, so a large
+        // function (Go SDK plugins' `_initialize`) could never run under a deadline.
+        // Translating everything when the module is compiled takes that off the calls.
+        c.compilation_mode(wasmi::CompilationMode::Eager);
         Ok(WiEngine {
             engine: wasmi::Engine::new(&c),
             interruptible: config.interruptible,
             start_fuel: fuel_for(config.start_deadline),
+            start_deadline: config.start_deadline,
         })
     }
 
@@ -116,6 +124,13 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
 
     fn trap(&mut self, trap: Trap) {
         self.caller.data_mut().pending_trap = Some(trap);
+    }
+
+    fn deadline_passed(&mut self) -> bool {
+        self.caller
+            .data()
+            .deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
@@ -202,6 +217,7 @@ pub(crate) struct WiInstancePre<H> {
     abi: AbiVersion,
     interruptible: bool,
     start_fuel: u64,
+    start_deadline: Duration,
 }
 
 impl<H> Clone for WiInstancePre<H> {
@@ -214,6 +230,7 @@ impl<H> Clone for WiInstancePre<H> {
             abi: self.abi,
             interruptible: self.interruptible,
             start_fuel: self.start_fuel,
+            start_deadline: self.start_deadline,
         }
     }
 }
@@ -248,6 +265,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
             abi,
             interruptible: engine.interruptible,
             start_fuel: engine.start_fuel,
+            start_deadline: engine.start_deadline,
         })
     }
 
@@ -266,13 +284,19 @@ impl<H: Hostcalls> WiInstancePre<H> {
                 .table_elements(limits.max_table_elements)
                 .trap_on_grow_failure(false)
                 .build(),
-            deadline: None,
+            // The start section's hostcalls check this; its fuel is a fixed budget.
+            deadline: self
+                .interruptible
+                .then(|| {
+                    Instant::now().checked_add(limits.start_deadline.unwrap_or(self.start_deadline))
+                })
+                .flatten(),
         };
         let mut store = Store::new(self.module.engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
             store
-                .set_fuel(self.start_fuel)
+                .set_fuel(limits.start_deadline.map_or(self.start_fuel, fuel_for))
                 .map_err(|e| EngineError::Instantiate(e.to_string()))?;
         }
         let instance = self
@@ -304,6 +328,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
         let data = store.data_mut();
         data.memory = Some(memory);
         data.allocator = Some(allocator);
+        data.deadline = None;
         Ok(WiInstance {
             store,
             funcs,

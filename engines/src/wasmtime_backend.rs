@@ -355,7 +355,10 @@ impl<H: Hostcalls> WtInstancePre<H> {
         let mut store = Store::new(self.pre.module().engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
-            store.set_epoch_deadline(self.start_ticks);
+            store.set_epoch_deadline(match limits.start_deadline {
+                Some(deadline) => ticks(Some(deadline)),
+                None => self.start_ticks,
+            });
         }
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             match e.downcast_ref::<wasmtime::Trap>() {

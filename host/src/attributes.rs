@@ -1,5 +1,5 @@
-//! Envoy's attributes for `proxy_get_property` (REFERENCE §8): what filterbox answers from the
-//! stream itself, and the value encoding shared with embedders (REFERENCE §3.3).
+//! Envoy's attributes for `proxy_get_property` (ABI.md §8): what filterbox answers from the
+//! stream itself, and the value encoding shared with embedders (ABI.md §3.3).
 
 use crate::HeaderMap;
 use bytes::Bytes;

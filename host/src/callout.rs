@@ -8,11 +8,11 @@
 //! dropped without an answer reports a failure, so a call can never hang forever.
 
 use crate::HeaderMap;
-use crate::inbox::{Inbox, Pending};
+use crate::inbox::{Gone, Inbox, Pending};
 use bytes::Bytes;
 use core::fmt;
 use filterbox_abi::GrpcStatus;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// An HTTP call a plugin asked for.
@@ -97,17 +97,32 @@ impl std::error::Error for CalloutError {}
 #[derive(Debug)]
 pub struct HttpCallReply {
     inbox: Weak<Inbox>,
+    gone: Arc<Gone>,
     token: u32,
     sent: bool,
 }
 
 impl HttpCallReply {
-    pub(crate) fn new(inbox: Weak<Inbox>, token: u32) -> Self {
+    pub(crate) fn new(inbox: &Arc<Inbox>, token: u32) -> Self {
         HttpCallReply {
-            inbox,
+            inbox: Arc::downgrade(inbox),
+            gone: inbox.gone(),
             token,
             sent: false,
         }
+    }
+
+    /// Whether the VM that made the call is gone (it trapped and was rebuilt, its plugin was
+    /// reloaded, or it was dropped): nobody will hear the answer, so stop the call and free
+    /// what it holds.
+    pub fn is_abandoned(&self) -> bool {
+        self.gone.is_set()
+    }
+
+    /// Resolves once [`HttpCallReply::is_abandoned`] turns true: race the call against it.
+    #[cfg(feature = "tokio")]
+    pub async fn abandoned(&self) {
+        self.gone.wait().await
     }
 
     /// Delivers the outcome to the VM (dropped if the VM is gone).
@@ -184,17 +199,31 @@ impl GrpcEvent {
 #[derive(Debug)]
 pub struct GrpcReply {
     inbox: Weak<Inbox>,
+    gone: Arc<Gone>,
     token: u32,
     closed: bool,
 }
 
 impl GrpcReply {
-    pub(crate) fn new(inbox: Weak<Inbox>, token: u32) -> Self {
+    pub(crate) fn new(inbox: &Arc<Inbox>, token: u32) -> Self {
         GrpcReply {
-            inbox,
+            inbox: Arc::downgrade(inbox),
+            gone: inbox.gone(),
             token,
             closed: false,
         }
+    }
+
+    /// Whether the VM that opened the call is gone: stop the call (see
+    /// [`HttpCallReply::is_abandoned`]).
+    pub fn is_abandoned(&self) -> bool {
+        self.gone.is_set()
+    }
+
+    /// Resolves once [`GrpcReply::is_abandoned`] turns true.
+    #[cfg(feature = "tokio")]
+    pub async fn abandoned(&self) {
+        self.gone.wait().await
     }
 
     /// Delivers one event. Nothing is delivered after a close.

@@ -64,7 +64,8 @@ pub struct Limits {
     /// How long the start function, `proxy_on_vm_start` and `proxy_on_configure` may each
     /// run, in milliseconds (`null`: no limit).
     pub start_deadline_ms: Option<u64>,
-    /// Most headers a plugin may leave in one header map (`BadArgument` past it).
+    /// Most headers a plugin may leave in one header map (`BadArgument` past it); also
+    /// bounds the headers of local responses and callouts. At most 16,384.
     pub max_header_count: usize,
     /// Most bytes of names and values in one header map (`BadArgument` past it).
     pub max_header_bytes: usize,
@@ -92,12 +93,29 @@ impl Default for Limits {
     }
 }
 
+/// Most headers [`Limits::max_header_count`] may allow: the `http` crate's header maps hold
+/// at most 24,576 entries (and panic past that), and a proxy must be able to carry what a
+/// plugin leaves.
+pub(crate) const MAX_HEADER_COUNT: usize = 16_384;
+
 impl Limits {
+    /// Refuses limits filterbox cannot honour.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if self.max_header_count > MAX_HEADER_COUNT {
+            return Err(format!(
+                "max_header_count {} is over {MAX_HEADER_COUNT}, the most HTTP header maps hold",
+                self.max_header_count
+            ));
+        }
+        Ok(())
+    }
+
     /// What the engine enforces for each instance.
     pub(crate) fn instance(&self) -> InstanceLimits {
         InstanceLimits::default()
             .with_max_memory_bytes(self.memory_bytes)
             .with_max_table_elements(self.table_elements)
+            .with_start_deadline(self.start_deadline())
     }
 
     pub(crate) fn callback_deadline(&self) -> Option<Duration> {

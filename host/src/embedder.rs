@@ -31,7 +31,7 @@ impl LogSink for TracingLogSink {
 /// Answers `proxy_get_property` for the names filterbox does not answer itself
 /// (it answers `plugin_name`, `plugin_root_id` and `plugin_vm_id`).
 pub trait PropertyProvider: Send + Sync {
-    /// The encoded value at `path` (REFERENCE §3.3), or `None` if there is none.
+    /// The encoded value at `path` (ABI.md §3.3), or `None` if there is none.
     fn property(&self, path: &[&[u8]]) -> Option<Bytes>;
 }
 

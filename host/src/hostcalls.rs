@@ -1,4 +1,4 @@
-//! The hostcalls: what each `proxy_*` and WASI import does (REFERENCE §4, §9).
+//! The hostcalls: what each `proxy_*` and WASI import does (ABI.md §4, §9).
 //!
 //! Every guest pointer and length goes through [`GuestMemory`]'s checked access; results that
 //! need guest memory are allocated with the guest allocator and written through a checked
@@ -7,6 +7,7 @@
 
 use crate::callout::{GrpcReply, GrpcRequest, HttpCallReply, HttpCallRequest};
 use crate::headers::lower;
+use crate::config::Limits;
 use crate::state::{ContextKind, OpenGrpc, Phase, VmState};
 use crate::{HeaderMap, LocalResponse, StreamEvent};
 use bytes::Bytes;
@@ -16,7 +17,6 @@ use filterbox_abi::{
 };
 use filterbox_engines::{Caller, GuestMemory, Hostcalls, MemoryError, Trap, TrapKind};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -68,6 +68,10 @@ pub fn is_implemented(import: Import) -> bool {
 
 /// Largest `random_get` a guest may ask for at once, as the reference host allows.
 const RANDOM_GET_MAX_BYTES: u32 = 64 * 1024;
+
+/// Most bytes of a local response's details (Envoy's response-code details) kept; the rest
+/// is dropped.
+const MAX_DETAILS_BYTES: usize = 1024;
 
 /// Most iovecs one `fd_write` may pass, as POSIX's IOV_MAX.
 const IOV_MAX: u32 = 1024;
@@ -220,10 +224,25 @@ fn stream_type(value: i32) -> Result<StreamType, Status> {
     StreamType::from_u32(value as u32).ok_or(Status::BadArgument)
 }
 
-/// Decodes a guest pairs buffer. A malformed one is `BadArgument`: the reference host treats it
-/// as an empty map and answers `Ok`, which silently clears headers; filterbox says so instead.
-fn decode_pairs(bytes: &[u8]) -> Result<Vec<(Bytes, Bytes)>, Status> {
+/// Decodes a guest pairs buffer holding at most the headers `limits` allow (`BadArgument`
+/// past them). The buffer's size is checked before it is decoded, so a huge one costs the
+/// host nothing. A malformed one is `BadArgument` too: the reference host treats it as an
+/// empty map and answers `Ok`, which silently clears headers; filterbox says so instead.
+fn decode_pairs(bytes: &[u8], limits: &Limits) -> Result<Vec<(Bytes, Bytes)>, Status> {
+    // Each pair costs 8 bytes of sizes and 2 NULs on top of its name and value.
+    let largest = limits
+        .max_header_count
+        .saturating_mul(10)
+        .saturating_add(limits.max_header_bytes)
+        .saturating_add(4);
+    if bytes.len() > largest {
+        return Err(Status::BadArgument);
+    }
     let decoded = pairs::decode(bytes).map_err(|_| Status::BadArgument)?;
+    let held: usize = decoded.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if decoded.len() > limits.max_header_count || held > limits.max_header_bytes {
+        return Err(Status::BadArgument);
+    }
     Ok(decoded
         .into_iter()
         .map(|(k, v)| (lower(k), Bytes::copy_from_slice(v)))
@@ -235,8 +254,25 @@ fn read_str(memory: &GuestMemory<'_>, ptr: i32, len: i32) -> Result<String, Stat
     Ok(String::from_utf8_lossy(bytes).into_owned())
 }
 
-fn decode_map(memory: &GuestMemory<'_>, ptr: i32, len: i32) -> Result<HeaderMap, Status> {
-    Ok(decode_pairs(read(memory, ptr, len)?)?.into_iter().collect())
+fn decode_map(
+    memory: &GuestMemory<'_>,
+    ptr: i32,
+    len: i32,
+    limits: &Limits,
+) -> Result<HeaderMap, Status> {
+    Ok(decode_pairs(read(memory, ptr, len)?, limits)?
+        .into_iter()
+        .collect())
+}
+
+/// A copy of a body the plugin hands over (a local response's, a callout's): at most
+/// `max_body_bytes`, `BadArgument` past it.
+fn read_body(memory: &GuestMemory<'_>, ptr: i32, len: i32, limits: &Limits) -> Result<Bytes, Status> {
+    let bytes = read(memory, ptr, len)?;
+    if bytes.len() > limits.max_body_bytes {
+        return Err(Status::BadArgument);
+    }
+    Ok(Bytes::copy_from_slice(bytes))
 }
 
 /// A callout timeout: Envoy reads it as a signed int, so values past `i32::MAX` are
@@ -272,9 +308,10 @@ fn grpc_open(
     let upstream = tri!(read_str(&memory, upstream.0, upstream.1));
     let service = tri!(read_str(&memory, service.0, service.1));
     let method = tri!(read_str(&memory, method.0, method.1));
-    let initial_metadata = tri!(decode_map(&memory, metadata.0, metadata.1));
+    let limits = &state.shared.config.limits;
+    let initial_metadata = tri!(decode_map(&memory, metadata.0, metadata.1, limits));
     let message = match message {
-        Some((ptr, len)) => Some(Bytes::copy_from_slice(tri!(read(&memory, ptr, len)))),
+        Some((ptr, len)) => Some(tri!(read_body(&memory, ptr, len, limits))),
         None => None,
     };
     // The out-pointer is checked before anything is sent.
@@ -292,7 +329,7 @@ fn grpc_open(
         initial_metadata,
         timeout: if unary { timeout } else { None },
     };
-    let reply = GrpcReply::new(Arc::downgrade(&state.inbox), token);
+    let reply = GrpcReply::new(&state.inbox, token);
     let callouts = state.shared.callouts.clone();
     let mut stream = tri!(embedder(|| {
         callouts
@@ -355,7 +392,7 @@ impl Hostcalls for VmState {
         );
     }
 
-    /// Refuses what the phase or the plugin's capabilities do not allow (REFERENCE §1.3: the
+    /// Refuses what the phase or the plugin's capabilities do not allow (ABI.md §1.3: the
     /// reference host lets the allocator log, write to fds and read clocks, and filterbox
     /// holds the start function to the same plus WASI and log-level/time queries). A refused
     /// call answers `BadArgument` (WASI: `ENOTCAPABLE`); a denied capability answers like an
@@ -406,7 +443,7 @@ impl Hostcalls for VmState {
         };
         let (state, memory) = cx.split();
         let message = tri!(read(&memory, message_ptr, message_size));
-        match state.shared.log(level, &String::from_utf8_lossy(message)) {
+        match state.shared.log_bytes(level, message, message.len()) {
             true => Status::Ok.as_i32(),
             // The embedder's sink panicked.
             false => Status::InternalFailure.as_i32(),
@@ -500,9 +537,14 @@ impl Hostcalls for VmState {
             return Status::BadArgument.as_i32();
         }
         let limits = &state.shared.config.limits;
-        let held: usize = state.properties.values().map(Bytes::len).sum();
+        // Paths count with values: both are held until the context ends.
+        let held: usize = state
+            .properties
+            .iter()
+            .map(|((_, path), value)| path.len() + value.len())
+            .sum();
         if state.properties.len() >= limits.max_header_count
-            || held + value.len() > limits.max_header_bytes
+            || held + path.len() + value.len() > limits.max_header_bytes
         {
             return Status::BadArgument.as_i32();
         }
@@ -736,9 +778,10 @@ impl Hostcalls for VmState {
     ) -> i32 {
         let (state, mut memory) = cx.split();
         let upstream = tri!(read_str(&memory, upstream_ptr, upstream_size));
-        let headers = tri!(decode_map(&memory, headers_ptr, headers_size));
-        let body = Bytes::copy_from_slice(tri!(read(&memory, body_ptr, body_size)));
-        let trailers = tri!(decode_map(&memory, trailers_ptr, trailers_size));
+        let limits = &state.shared.config.limits;
+        let headers = tri!(decode_map(&memory, headers_ptr, headers_size, limits));
+        let body = tri!(read_body(&memory, body_ptr, body_size, limits));
+        let trailers = tri!(decode_map(&memory, trailers_ptr, trailers_size, limits));
         // As the reference host: the token out-pointer is zeroed (and so checked) first.
         if write_words(&mut memory, &[(ret_token_ptr, 0)]) != Status::Ok {
             return Status::InvalidMemoryAccess.as_i32();
@@ -760,7 +803,7 @@ impl Hostcalls for VmState {
             trailers,
             timeout,
         };
-        let reply = HttpCallReply::new(Arc::downgrade(&state.inbox), token);
+        let reply = HttpCallReply::new(&state.inbox, token);
         let callouts = state.shared.callouts.clone();
         tri!(embedder(|| {
             callouts
@@ -837,7 +880,8 @@ impl Hostcalls for VmState {
             return Status::BadArgument.as_i32();
         }
         let (state, memory) = cx.split();
-        let message = Bytes::copy_from_slice(tri!(read(&memory, message_ptr, message_size)));
+        let limits = &state.shared.config.limits;
+        let message = tri!(read_body(&memory, message_ptr, message_size, limits));
         let Some(open) = state.grpc.get_mut(&token) else {
             return Status::NotFound.as_i32();
         };
@@ -1074,12 +1118,11 @@ impl Hostcalls for VmState {
     ) -> i32 {
         let map = tri!(self::map_type(map_type));
         let (state, memory) = cx.split();
-        let entries = tri!(decode_pairs(tri!(read(&memory, pairs_ptr, pairs_size))));
         let limits = &state.shared.config.limits;
-        let bytes: usize = entries.iter().map(|(k, v)| k.len() + v.len()).sum();
-        if entries.len() > limits.max_header_count || bytes > limits.max_header_bytes {
-            return Status::BadArgument.as_i32();
-        }
+        let entries = tri!(decode_pairs(
+            tri!(read(&memory, pairs_ptr, pairs_size)),
+            limits
+        ));
         let Some(headers) = state.map_mut(map) else {
             return Status::BadArgument.as_i32();
         };
@@ -1193,9 +1236,14 @@ impl Hostcalls for VmState {
         grpc_status: i32,
     ) -> i32 {
         let (state, memory) = cx.split();
+        let limits = &state.shared.config.limits;
         let details = tri!(read(&memory, details_ptr, details_size));
-        let body = tri!(read(&memory, body_ptr, body_size));
-        let headers = tri!(decode_pairs(tri!(read(&memory, headers_ptr, headers_size))));
+        let details = details.get(..MAX_DETAILS_BYTES).unwrap_or(details);
+        let body = tri!(read_body(&memory, body_ptr, body_size, limits));
+        let headers = tri!(decode_pairs(
+            tri!(read(&memory, headers_ptr, headers_size)),
+            limits
+        ));
         if state.phase == Phase::Log {
             // The exchange is over; there is no response left to replace.
             return Status::BadArgument.as_i32();
@@ -1214,7 +1262,7 @@ impl Hostcalls for VmState {
             LocalResponse {
                 status_code: status_code as u32,
                 details: String::from_utf8_lossy(details).into_owned(),
-                body: Bytes::copy_from_slice(body),
+                body,
                 headers: headers.into_iter().collect(),
                 // SDKs pass -1 for "not a gRPC response"; anything outside 0..=16 means none.
                 grpc_status: GrpcStatus::from_u32(grpc_status as u32),
@@ -1285,22 +1333,33 @@ impl Hostcalls for VmState {
             return WasiErrno::Inval.as_i32();
         }
         let (state, mut memory) = cx.split();
+        // Every iovec is checked, but only what one log line can hold is copied: iovecs may
+        // all point at the same large range of guest memory.
+        let keep = state.shared.config.limits.max_log_line_bytes.saturating_add(1);
         let mut text = Vec::new();
+        let mut written: u64 = 0;
         for i in 0..iovs_len as u32 {
             let Some(at) = (iovs_ptr as u32).checked_add(i.saturating_mul(8)) else {
                 return WasiErrno::Fault.as_i32();
             };
             let buf = wasi_tri!(memory.read_u32(at));
             let len = wasi_tri!(memory.read_u32(at.wrapping_add(4)));
-            text.extend_from_slice(wasi_tri!(memory.read(buf, len)));
+            let bytes = wasi_tri!(memory.read(buf, len));
+            written += u64::from(len);
+            let room = keep.saturating_sub(text.len());
+            text.extend_from_slice(bytes.get(..room).unwrap_or(bytes));
         }
-        let Ok(written) = u32::try_from(text.len()) else {
+        let Ok(written) = u32::try_from(written) else {
             return WasiErrno::Inval.as_i32();
         };
         // One call is one log line; the trailing newline of println! is not part of it.
-        let line = text.strip_suffix(b"\n").unwrap_or(&text);
-        if !line.is_empty() {
-            let _ = state.shared.log(level, &String::from_utf8_lossy(line));
+        let total = written as usize;
+        let (line, total) = match text.strip_suffix(b"\n") {
+            Some(line) if text.len() == total => (line, total - 1),
+            _ => (&text[..], total),
+        };
+        if total > 0 {
+            let _ = state.shared.log_bytes(level, line, total);
         }
         wasi_tri!(memory.write_u32(ret_nwritten_ptr as u32, written));
         WasiErrno::Success.as_i32()

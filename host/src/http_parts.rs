@@ -10,6 +10,7 @@ use http::{Method, StatusCode, Uri, request, response};
 
 /// Why a header map a plugin left could not become `http` parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HttpPartsError {
     /// A header name is not a valid HTTP token (or is an unknown pseudo header).
     BadName(Bytes),
@@ -24,6 +25,8 @@ pub enum HttpPartsError {
     BadUri(String),
     /// `:status` is not a status code from 100 to 999.
     BadStatus(Bytes),
+    /// More headers than an `http` header map can hold.
+    TooManyHeaders,
 }
 
 impl fmt::Display for HttpPartsError {
@@ -37,6 +40,7 @@ impl fmt::Display for HttpPartsError {
             HttpPartsError::BadMethod(m) => write!(f, "invalid :method {:?}", text(m)),
             HttpPartsError::BadUri(reason) => write!(f, "invalid request URI: {reason}"),
             HttpPartsError::BadStatus(s) => write!(f, "invalid :status {:?}", text(s)),
+            HttpPartsError::TooManyHeaders => f.write_str("more headers than HTTP can carry"),
         }
     }
 }
@@ -108,7 +112,7 @@ impl HeaderMap {
     pub fn to_request_parts(&self, parts: &mut request::Parts) -> Result<(), HttpPartsError> {
         let mut method = None;
         let (mut scheme, mut authority, mut path) = (None, None, None);
-        let mut headers = http::HeaderMap::with_capacity(self.len());
+        let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter() {
             match name.as_ref() {
                 b":method" => method = Some(value),
@@ -134,9 +138,17 @@ impl HeaderMap {
                     (None, None) => {}
                 }
                 match (authority, old.authority) {
-                    // An origin-form request (no scheme) carries its authority in `host`.
                     (Some(a), _) if has_scheme => builder = builder.authority(a.as_ref()),
-                    (Some(_), _) => {}
+                    // An origin-form request (no scheme) carries its authority in `host`, so
+                    // a plugin's `:authority` rewrite is a `host` rewrite (as in Envoy).
+                    (Some(a), _) => {
+                        let value = HeaderValue::from_maybe_shared(a.clone()).map_err(|_| {
+                            HttpPartsError::BadValue {
+                                name: Bytes::from_static(b":authority"),
+                            }
+                        })?;
+                        headers.insert(http::header::HOST, value);
+                    }
                     (None, Some(a)) => builder = builder.authority(a),
                     (None, None) => {}
                 }
@@ -162,7 +174,7 @@ impl HeaderMap {
     /// `parts.headers`. On error `parts` is unchanged.
     pub fn to_response_parts(&self, parts: &mut response::Parts) -> Result<(), HttpPartsError> {
         let mut status = None;
-        let mut headers = http::HeaderMap::with_capacity(self.len());
+        let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter() {
             match name.as_ref() {
                 b":status" => {
@@ -171,6 +183,9 @@ impl HeaderMap {
                             .map_err(|_| HttpPartsError::BadStatus(value.clone()))?,
                     )
                 }
+                // The proxy frames the message for its own connection; a plugin's framing
+                // would describe another body or another hop (response splitting).
+                name if is_hop_by_hop(name) => {}
                 _ => append(&mut headers, name, value)?,
             }
         }
@@ -183,12 +198,54 @@ impl HeaderMap {
 
     /// The map without pseudo headers, as `http` headers (trailers, local-response headers).
     pub fn to_http(&self) -> Result<http::HeaderMap, HttpPartsError> {
-        let mut headers = http::HeaderMap::with_capacity(self.len());
+        let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter().filter(|(n, _)| !n.starts_with(b":")) {
             append(&mut headers, name, value)?;
         }
         Ok(headers)
     }
+}
+
+/// The headers that describe one connection (RFC 9110 §7.6.1) or frame the message on it.
+/// A proxy sets these for each hop itself; it never forwards them.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether `name` (lower case) is one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.as_bytes() == name)
+}
+
+/// Drops the headers that describe one connection (RFC 9110 §7.6.1), and those `connection`
+/// names, so that they are not forwarded to the next hop.
+pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// An `http` header map for `n` headers; `http` holds at most 24,576 and panics past it.
+fn with_capacity(n: usize) -> Result<http::HeaderMap, HttpPartsError> {
+    http::HeaderMap::try_with_capacity(n).map_err(|_| HttpPartsError::TooManyHeaders)
 }
 
 fn append(
@@ -199,7 +256,9 @@ fn append(
     let header = HeaderName::from_bytes(name).map_err(|_| HttpPartsError::BadName(name.clone()))?;
     let value = HeaderValue::from_maybe_shared(value.clone())
         .map_err(|_| HttpPartsError::BadValue { name: name.clone() })?;
-    headers.append(header, value);
+    headers
+        .try_append(header, value)
+        .map_err(|_| HttpPartsError::TooManyHeaders)?;
     Ok(())
 }
 
@@ -292,6 +351,52 @@ mod tests {
             assert_eq!(parts.uri, "/", "{what}");
             assert_eq!(parts.method, Method::POST, "{what}");
         }
+    }
+
+    #[test]
+    fn authority_rewrites_of_origin_form_requests_rewrite_host() {
+        let mut parts = request("/p");
+        let mut map = HeaderMap::from_request_parts(&parts);
+        map.replace(":authority", "other.test");
+        map.to_request_parts(&mut parts).expect("valid");
+        assert_eq!(parts.uri, "/p");
+        assert_eq!(
+            parts.headers.get_all("host").iter().collect::<Vec<_>>(),
+            ["other.test"]
+        );
+    }
+
+    #[test]
+    fn plugins_cannot_frame_responses_and_too_many_headers_are_an_error() {
+        let (mut parts, ()) = http::Response::builder()
+            .status(200)
+            .body(())
+            .expect("response")
+            .into_parts();
+        let mut map = HeaderMap::from_response_parts(&parts);
+        map.add("transfer-encoding", "chunked");
+        map.add("connection", "close");
+        map.add("x-kept", "1");
+        map.to_response_parts(&mut parts).expect("valid");
+        assert!(parts.headers.get("transfer-encoding").is_none());
+        assert!(parts.headers.get("connection").is_none());
+        assert!(parts.headers.get("x-kept").is_some());
+
+        let mut huge = HeaderMap::new();
+        for i in 0..30_000 {
+            huge.add(format!("x-{i}"), "v");
+        }
+        assert_eq!(huge.to_http(), Err(HttpPartsError::TooManyHeaders));
+        assert_eq!(
+            huge.to_response_parts(&mut parts),
+            Err(HttpPartsError::TooManyHeaders)
+        );
+        let mut strip = http::HeaderMap::new();
+        strip.insert("connection", "x-private".parse().expect("value"));
+        strip.insert("x-private", "1".parse().expect("value"));
+        strip.insert("x-public", "1".parse().expect("value"));
+        strip_hop_by_hop(&mut strip);
+        assert_eq!(strip.keys().collect::<Vec<_>>(), ["x-public"]);
     }
 
     #[test]

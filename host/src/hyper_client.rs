@@ -176,11 +176,19 @@ impl Callouts for HyperCallouts {
                     Err(_) => HttpCallOutcome::Failed("reset".into()),
                 }
             };
-            let outcome = match timeout {
-                Some(timeout) => tokio::time::timeout(timeout, exchange)
-                    .await
-                    .unwrap_or_else(|_| status_response(504, "upstream request timeout")),
-                None => exchange.await,
+            let call = async {
+                match timeout {
+                    Some(timeout) => tokio::time::timeout(timeout, exchange)
+                        .await
+                        .unwrap_or_else(|_| status_response(504, "upstream request timeout")),
+                    None => exchange.await,
+                }
+            };
+            // A call whose VM is gone stops at once: nobody hears its answer, and what it
+            // holds (a connection, a response being read) must not outlive the VM.
+            let outcome = tokio::select! {
+                outcome = call => outcome,
+                () = reply.abandoned() => return,
             };
             reply.send(outcome);
         });

@@ -34,9 +34,54 @@ pub(crate) struct Inbox {
     wake: Mutex<Option<Wake>>,
     #[cfg(feature = "tokio")]
     notify: tokio::sync::Notify,
+    /// Told when the inbox (and so its VM) is gone, so that callouts still running for it
+    /// can stop.
+    gone: Arc<Gone>,
+}
+
+/// Whether an inbox is gone, and who waits to hear it.
+#[derive(Debug, Default)]
+pub(crate) struct Gone {
+    flag: std::sync::atomic::AtomicBool,
+    #[cfg(feature = "tokio")]
+    notify: tokio::sync::Notify,
+}
+
+impl Gone {
+    pub(crate) fn is_set(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once the inbox is gone.
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read, so a drop in between is not missed.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.gone
+            .flag
+            .store(true, std::sync::atomic::Ordering::Release);
+        #[cfg(feature = "tokio")]
+        self.gone.notify.notify_waiters();
+    }
 }
 
 impl Inbox {
+    /// The signal that this inbox is gone.
+    pub(crate) fn gone(&self) -> Arc<Gone> {
+        self.gone.clone()
+    }
+
     pub(crate) fn push(&self, event: Pending) {
         self.pending.lock().push_back(event);
         self.arrived.notify_all();

@@ -1119,13 +1119,18 @@ impl Exchange {
         *response.status_mut() = status;
         let mut seen = HeaderMap::new();
         seen.add(":status", status.as_str().to_owned());
-        // Headers a plugin put in a local response that `http` refuses are left out.
+        // Headers a plugin put in a local response that `http` refuses are left out, and so
+        // are framing and hop-by-hop ones: the proxy frames the body it sends (a plugin's
+        // `content-length` next to a body of another length would split the response).
         for (name, value) in local.headers.iter() {
+            if name.as_ref() == b"content-length" || crate::http_parts::is_hop_by_hop(name) {
+                continue;
+            }
             if let (Ok(header), Ok(header_value)) = (
                 http::HeaderName::from_bytes(name),
                 http::HeaderValue::from_bytes(value),
-            ) {
-                response.headers_mut().append(header, header_value);
+            ) && response.headers_mut().try_append(header, header_value).is_ok()
+            {
                 seen.add(name.clone(), value.clone());
             }
         }

@@ -43,6 +43,8 @@ pub enum LoadError {
     /// The module imports functions `allowed_capabilities` leaves out, and the config says
     /// to refuse such plugins.
     DeniedImports(Vec<String>),
+    /// A limit in the config is over what filterbox can honour (the reason says which).
+    Limit(String),
 }
 
 impl fmt::Display for PluginError {
@@ -65,6 +67,7 @@ impl fmt::Display for PluginError {
                 "the module imports {} outside allowed_capabilities",
                 names.join(", ")
             ),
+            LoadError::Limit(reason) => write!(f, "limits: {reason}"),
         }
     }
 }
@@ -241,6 +244,10 @@ impl PluginBuilder {
             engine: self.config.engine,
             reason,
         };
+        self.config
+            .limits
+            .check()
+            .map_err(|reason| fail(LoadError::Limit(reason)))?;
         let abi = ModuleInfo::parse(wasm)
             .and_then(|info| info.abi_version())
             .map_err(|e| fail(LoadError::Abi(e)))?;

@@ -1,4 +1,4 @@
-//! Metrics plugins define (`proxy_define_metric` and friends, REFERENCE §4.10): counters,
+//! Metrics plugins define (`proxy_define_metric` and friends, ABI.md §4.10): counters,
 //! gauges and histograms in a registry the embedder reads and renders as Prometheus text.
 
 use core::fmt;

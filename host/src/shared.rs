@@ -1,4 +1,4 @@
-//! State shared between VMs: the key-value store and the message queues (REFERENCE §4.8, §4.9).
+//! State shared between VMs: the key-value store and the message queues (ABI.md §4.8, §4.9).
 //!
 //! Both are namespaced by `vm_id`: every VM whose plugin has the same `vm_id` sees the same
 //! data and queues, on any thread. One [`SharedState`] is one such world; by default every
@@ -26,6 +26,10 @@ pub struct SharedLimits {
     pub max_queue_messages: usize,
     /// Bytes waiting in one queue.
     pub max_queue_bytes: usize,
+    /// Bytes one `vm_id` holds in all: keys and values, queue names and waiting messages.
+    pub max_vm_id_bytes: usize,
+    /// Bytes the whole world holds, across every `vm_id`.
+    pub max_total_bytes: usize,
 }
 
 impl Default for SharedLimits {
@@ -36,6 +40,8 @@ impl Default for SharedLimits {
             max_queues: 1024,
             max_queue_messages: 10_000,
             max_queue_bytes: 16 << 20,
+            max_vm_id_bytes: 64 << 20,
+            max_total_bytes: 256 << 20,
         }
     }
 }
@@ -70,6 +76,18 @@ impl SharedLimits {
         self.max_queue_bytes = n;
         self
     }
+
+    /// Sets [`SharedLimits::max_vm_id_bytes`].
+    pub fn with_max_vm_id_bytes(mut self, n: usize) -> Self {
+        self.max_vm_id_bytes = n;
+        self
+    }
+
+    /// Sets [`SharedLimits::max_total_bytes`].
+    pub fn with_max_total_bytes(mut self, n: usize) -> Self {
+        self.max_total_bytes = n;
+        self
+    }
 }
 
 /// Why a shared-state operation did not happen.
@@ -97,9 +115,13 @@ struct Namespace {
     data_bytes: usize,
     /// Queue name → token.
     queue_names: HashMap<Bytes, u32>,
+    /// Everything the namespace holds: data, queue names and waiting messages.
+    bytes: usize,
 }
 
 struct Queue {
+    /// The namespace that registered it, whose budget its messages use.
+    vm_id: String,
     messages: VecDeque<Bytes>,
     bytes: usize,
     /// Who hears `proxy_on_queue_ready`: the VM that registered last, and its root context.
@@ -111,6 +133,8 @@ struct Queue {
 struct World {
     namespaces: HashMap<String, Namespace>,
     queues: HashMap<u32, Queue>,
+    /// Bytes held across all namespaces.
+    bytes: usize,
     next_cas: u32,
     next_queue: u32,
 }
@@ -143,6 +167,12 @@ fn next_nonzero(counter: &mut u32) -> u32 {
 }
 
 impl SharedState {
+    /// Whether `vm_id`'s namespace (holding `held` bytes now) may grow by `more` bytes.
+    fn has_room(&self, world: &World, held: usize, more: usize) -> bool {
+        held.saturating_add(more) <= self.limits.max_vm_id_bytes
+            && world.bytes.saturating_add(more) <= self.limits.max_total_bytes
+    }
+
     /// An empty world with `limits`.
     pub fn new(limits: SharedLimits) -> Self {
         SharedState {
@@ -190,10 +220,21 @@ impl SharedState {
         let old_bytes = old.map_or(0, |(v, _)| key.len() + v.len());
         let keys = ns.data.len() + usize::from(old.is_none());
         let bytes = ns.data_bytes - old_bytes + key.len() + value.len();
+        let grows = bytes.saturating_sub(ns.data_bytes);
+        let held = ns.bytes;
         if keys > self.limits.max_keys || bytes > self.limits.max_data_bytes {
             return Err(SharedError::Full);
         }
+        // Same checks as has_room, with the namespace still borrowed.
+        if held.saturating_add(grows) > self.limits.max_vm_id_bytes
+            || world.bytes.saturating_add(grows) > self.limits.max_total_bytes
+        {
+            return Err(SharedError::Full);
+        }
         let token = next_nonzero(&mut world.next_cas);
+        // The namespace shrinks by what the old value held and grows by the new one.
+        ns.bytes = ns.bytes + bytes - ns.data_bytes;
+        world.bytes = world.bytes + bytes - ns.data_bytes;
         ns.data_bytes = bytes;
         ns.data.insert(
             Bytes::copy_from_slice(key),
@@ -221,7 +262,10 @@ impl SharedState {
             queue.owner_root = root;
             return Ok(token);
         }
-        if ns.queue_names.len() >= self.limits.max_queues {
+        if ns.queue_names.len() >= self.limits.max_queues
+            || ns.bytes.saturating_add(name.len()) > self.limits.max_vm_id_bytes
+            || world.bytes.saturating_add(name.len()) > self.limits.max_total_bytes
+        {
             return Err(SharedError::Full);
         }
         let token = loop {
@@ -231,9 +275,12 @@ impl SharedState {
             }
         };
         ns.queue_names.insert(Bytes::copy_from_slice(name), token);
+        ns.bytes += name.len();
+        world.bytes += name.len();
         world.queues.insert(
             token,
             Queue {
+                vm_id: vm_id.to_owned(),
                 messages: VecDeque::new(),
                 bytes: 0,
                 owner: Arc::downgrade(owner),
@@ -253,15 +300,23 @@ impl SharedState {
     /// message, as the reference host). Works from any thread.
     pub fn enqueue(&self, token: u32, message: &[u8]) -> Result<(), QueueError> {
         let (owner, root) = {
-            let mut world = self.world.lock();
-            let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
+            let mut guard = self.world.lock();
+            let world = &mut *guard;
+            let queue = world.queues.get(&token).ok_or(QueueError::NotFound)?;
+            let held = world.namespaces.get(&queue.vm_id).map_or(0, |ns| ns.bytes);
             if queue.messages.len() >= self.limits.max_queue_messages
                 || queue.bytes + message.len() > self.limits.max_queue_bytes
+                || !self.has_room(world, held, message.len())
             {
                 return Err(QueueError::Full);
             }
+            let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
             queue.bytes += message.len();
             queue.messages.push_back(Bytes::copy_from_slice(message));
+            if let Some(ns) = world.namespaces.get_mut(&queue.vm_id) {
+                ns.bytes += message.len();
+            }
+            world.bytes += message.len();
             (queue.owner.clone(), queue.owner_root)
         };
         // Woken outside the lock: the owner's waker is embedder code.
@@ -273,11 +328,16 @@ impl SharedState {
 
     /// Takes the oldest message of queue `token`: `Ok(None)` when it is empty.
     pub fn dequeue(&self, token: u32) -> Result<Option<Bytes>, QueueError> {
-        let mut world = self.world.lock();
+        let mut guard = self.world.lock();
+        let world = &mut *guard;
         let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
         let message = queue.messages.pop_front();
         if let Some(m) = &message {
             queue.bytes -= m.len();
+            if let Some(ns) = world.namespaces.get_mut(&queue.vm_id) {
+                ns.bytes -= m.len();
+            }
+            world.bytes -= m.len();
         }
         Ok(message)
     }
@@ -347,6 +407,30 @@ mod tests {
         s.set("vm", b"a", b"", 0).unwrap(); // shrinks to 6
         s.set("vm", b"b", b"12345678", 0).unwrap(); // 1 + 9 = 10
         s.set("other", b"c", b"123456789", 0).unwrap(); // per vm_id
+    }
+
+    #[test]
+    fn one_budget_per_vm_id_across_data_and_queues_and_one_for_all() {
+        let s = SharedState::new(
+            SharedLimits::default()
+                .with_max_vm_id_bytes(100)
+                .with_max_total_bytes(150),
+        );
+        let inbox = Arc::new(Inbox::default());
+        s.set("vm", b"k", &[0; 59], 0).unwrap(); // 60
+        let q = s.register_queue("vm", b"q", &inbox, 1).unwrap(); // 61
+        s.enqueue(q, &[0; 39]).unwrap(); // 100
+        assert_eq!(s.enqueue(q, b"x"), Err(QueueError::Full));
+        assert_eq!(s.set("vm", b"k2", b"", 0), Err(SharedError::Full));
+        // Taking a message frees its bytes for data.
+        s.dequeue(q).unwrap();
+        s.set("vm", b"k2", &[0; 37], 0).unwrap(); // 61 + 39 = 100
+        // Another vm_id has its own budget, but the world's cap holds across both.
+        s.set("other", b"k", &[0; 49], 0).unwrap(); // world 150
+        assert_eq!(s.set("other", b"j", b"", 0), Err(SharedError::Full));
+        // Replacing a value by a smaller one gives room back to both.
+        s.set("vm", b"k", b"", 0).unwrap(); // vm 42, world 91
+        s.set("other", b"j", &[0; 49], 0).unwrap(); // other 100, world 141
     }
 
     #[test]

@@ -53,21 +53,30 @@ impl PluginShared {
     /// Sends a plugin log line to the sink, cut to the configured length. A panicking sink
     /// is the embedder's bug: it is caught and reported as `false`, never unwound into wasm.
     pub(crate) fn log(&self, level: LogLevel, message: &str) -> bool {
+        self.log_bytes(level, message.as_bytes(), message.len())
+    }
+
+    /// [`PluginShared::log`] of guest bytes: `kept` is what the guest wrote, or its first
+    /// bytes when the host stopped reading there, and `total` its whole length. Only what
+    /// fits in the line is converted from UTF-8 (invalid bytes become U+FFFD), so the host
+    /// never holds more than a few times `max_log_line_bytes` for one line.
+    pub(crate) fn log_bytes(&self, level: LogLevel, kept: &[u8], total: usize) -> bool {
         let max = self.config.limits.max_log_line_bytes;
-        let cut;
-        let message = if message.len() > max {
-            let mut end = max;
-            while !message.is_char_boundary(end) {
-                end -= 1;
+        let head = kept.get(..max).unwrap_or(kept);
+        let cut_at = head.len();
+        let mut line = String::from_utf8_lossy(head).into_owned();
+        if total > cut_at {
+            // A character cut in two shows as a replacement character; drop it.
+            if let Err(e) = std::str::from_utf8(head)
+                && e.error_len().is_none()
+            {
+                line.pop();
             }
-            let rest = message.len() - end;
-            cut = format!("{}... [{rest} more bytes cut]", &message[..end]);
-            &cut
-        } else {
-            message
-        };
+            let rest = total - cut_at;
+            line.push_str(&format!("... [{rest} more bytes cut]"));
+        }
         catch_unwind(AssertUnwindSafe(|| {
-            self.log.log(&self.config.name, level, message)
+            self.log.log(&self.config.name, level, &line)
         }))
         .is_ok()
     }
@@ -241,7 +250,7 @@ impl VmState {
     }
 
     /// The bytes of buffer `buffer`, as Envoy answers outside and inside the callbacks that own
-    /// them (REFERENCE §4.3): stream buffers read as empty when not handed in; the HTTP-call
+    /// them (ABI.md §4.3): stream buffers read as empty when not handed in; the HTTP-call
     /// body and the plugin configuration are `NotFound` outside their callbacks.
     pub(crate) fn buffer(&self, buffer: BufferType) -> Result<&[u8], filterbox_abi::Status> {
         use filterbox_abi::Status;

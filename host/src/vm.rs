@@ -489,7 +489,14 @@ impl Vm {
     ) -> Result<Action, VmError> {
         self.check_serial(vm)?;
         self.state().local_response = None;
+        let before = self.state().events.len();
         let returned = self.call(id, callback, args);
+        // A stream the callback closed is reset whatever the callback returns (as in
+        // Envoy): it pauses here, and its `Close` event tells the embedder to reset it.
+        let closed = self.state().events.get(before..).is_some_and(|new| {
+            new.iter()
+                .any(|(c, e)| *c == id && matches!(e, StreamEvent::Close(_)))
+        });
         let local = match self.state().local_response.take() {
             Some((context, response)) if context == id => Some(response),
             Some((context, response)) => {
@@ -502,6 +509,7 @@ impl Vm {
         };
         Ok(match (local, returned?) {
             (Some(response), _) => Action::Respond(response),
+            (None, _) if closed => Action::Pause,
             (None, Returned::Value(0) | Returned::Missing | Returned::Nothing) => Action::Continue,
             (None, Returned::Value(_)) => Action::Pause,
         })
@@ -995,9 +1003,15 @@ impl Vm {
     /// it becomes a [`StreamEvent::Respond`] of its stream.
     fn deliver(&mut self, event: Pending) -> Result<bool, VmError> {
         self.state().local_response = None;
+        let before = self.state().events.len();
         let delivered = self.deliver_event(event);
         let state = self.state();
         if let Some((context, response)) = state.local_response.take() {
+            // The local response wins over a resume of the same stream in the same callback
+            // (`send_http_response` then `resume_http_request`), as in Envoy.
+            let mut added = state.events.split_off(before.min(state.events.len()));
+            added.retain(|(c, e)| !(*c == context && matches!(e, StreamEvent::Continue(_))));
+            state.events.extend(added);
             state.events.push((context, StreamEvent::Respond(response)));
         }
         delivered

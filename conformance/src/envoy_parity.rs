@@ -1,0 +1,102 @@
+//! Behaviours where filterbox follows what Envoy does with real plugins rather than the letter
+//! of the specification: a closed stream is reset whatever its callback returns, and a local
+//! response wins over a resume sent in the same callback.
+
+use crate::calls::Dropping;
+use crate::ensure;
+use crate::harness::{CaseResult, Harness, headers};
+use crate::hostile::{OK, config, import_decl, module, reports};
+use filterbox::abi::{Callback, Import, StreamType};
+use filterbox::{Action, StreamEvent};
+use std::sync::Arc;
+
+fn vm_error(e: filterbox::VmError) -> crate::Failure {
+    crate::Failure::Fail(e.to_string())
+}
+
+/// `proxy_close_stream` from a header callback that then returns Continue (the Rust SDK's
+/// `reset_http_request()` does): the stream does not go on; it pauses with a `Close` event
+/// for the embedder to reset it, as Envoy resets it.
+pub(crate) fn close_stream_resets_whatever_the_callback_returns(h: &Harness) -> CaseResult {
+    let wasm = module(
+        &import_decl(Import::ProxyCloseStream),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(call $report (call $proxy_close_stream (i32.const 0))) (i32.const 0)",
+        )],
+        "",
+    )?;
+    let (mut vm, logs) = h.start(&wasm, config("close"))?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let action = vm
+        .on_request_headers(&stream, &mut headers(&[(":path", "/")]), true)
+        .map_err(vm_error)?;
+    let events = vm.take_stream_events(&stream);
+    vm.finish_stream(stream).map_err(vm_error)?;
+    ensure!(reports(&logs) == [OK], "statuses {:?}", reports(&logs));
+    ensure!(action == Action::Pause, "action {action:?}");
+    ensure!(
+        events == [StreamEvent::Close(StreamType::HttpRequest)],
+        "events {events:?}"
+    );
+    Ok(())
+}
+
+/// In an HTTP call's answer, `proxy_send_local_response` and then `proxy_continue_stream`
+/// for the same stream (the Rust SDK's `send_http_response(403, ..)` followed by
+/// `resume_http_request()`): the stream gets the local response and no resume.
+pub(crate) fn local_response_wins_over_a_resume_in_the_same_callback(h: &Harness) -> CaseResult {
+    let imports = [
+        Import::ProxyHttpCall,
+        Import::ProxySetEffectiveContext,
+        Import::ProxySendLocalResponse,
+        Import::ProxyContinueStream,
+    ]
+    .map(import_decl)
+    .join("\n");
+    let wasm = module(
+        &imports,
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(global.set $stream (local.get 0))
+             (call $report (call $proxy_http_call (i32.const 16) (i32.const 7)
+                 (i32.const 64) (i32.const 67) (i32.const 0) (i32.const 0)
+                 (i32.const 0) (i32.const 0) (i32.const 1000) (i32.const 8)))
+             (i32.const 1)",
+        )],
+        r#"(global $stream (mut i32) (i32.const 0))
+           (data (i32.const 16) "backend")
+           (data (i32.const 64)
+               "\03\00\00\00" "\07\00\00\00\03\00\00\00" "\05\00\00\00\01\00\00\00"
+               "\0a\00\00\00\07\00\00\00"
+               ":method\00GET\00" ":path\00/\00" ":authority\00backend\00")
+           (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+               (call $report (call $proxy_set_effective_context (global.get $stream)))
+               (call $report (call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0)
+                   (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0) (i32.const -1)))
+               (call $report (call $proxy_continue_stream (i32.const 0))))"#,
+    )?;
+    let (plugin, logs) = h
+        .load_with(&wasm, config("respond-then-resume"), |b| {
+            b.callouts(Arc::new(Dropping))
+        })
+        .map_err(|e| format!("load failed: {e}"))?;
+    let mut vm = filterbox::Vm::new(&plugin).map_err(vm_error)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let action = vm
+        .on_request_headers(&stream, &mut headers(&[(":path", "/")]), true)
+        .map_err(vm_error)?;
+    ensure!(action == Action::Pause, "action {action:?}");
+    vm.dispatch_pending().map_err(vm_error)?;
+    let events = vm.take_stream_events(&stream);
+    vm.finish_stream(stream).map_err(vm_error)?;
+    ensure!(
+        reports(&logs) == [OK, OK, OK, OK],
+        "statuses {:?}",
+        reports(&logs)
+    );
+    match events.as_slice() {
+        [StreamEvent::Respond(r)] if r.status_code == 403 => Ok(()),
+        other => Err(format!("events {other:?}").into()),
+    }
+}

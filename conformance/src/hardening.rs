@@ -1,0 +1,322 @@
+//! Hostile modules against the host's own resources: hostcalls that would make the host copy
+//! or convert far more than their result can hold, loops whose body is a hostcall (which
+//! engines counting guest work alone do not see), and buffers sized to be expensive to
+//! decode. Each case failed on a host without the bound it checks.
+
+use crate::harness::{CaseResult, Harness, headers};
+use crate::hostile::{
+    BAD_ARGUMENT, OK, SLACK, config, expect_nothing_leaked, expect_trap, full_stream, import_decl,
+    module, reports, worker,
+};
+use crate::ensure;
+use filterbox::abi::{Callback, Import};
+use filterbox::{TrapKind, Worker};
+use std::time::{Duration, Instant};
+
+/// WASI's `EINVAL`.
+const EINVAL: u32 = 28;
+
+/// Resident memory of this process (Linux): the peak since the last reset and the current
+/// size, in bytes. `None` where `/proc` does not tell.
+fn resident() -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("VmHWM:")?, field("VmRSS:")?))
+}
+
+/// How far the process's resident memory peaked above where it was while `run` ran, or `None`
+/// where that cannot be measured (no `/proc`, or the peak cannot be reset).
+fn peak_growth<T>(run: impl FnOnce() -> T) -> (T, Option<u64>) {
+    // Writing 5 to clear_refs resets the peak (VmHWM) to the current size.
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok();
+    let before = resident().filter(|_| reset);
+    let result = run();
+    let growth = before.and_then(|(_, rss)| resident().map(|(peak, _)| peak.saturating_sub(rss)));
+    (result, growth)
+}
+
+/// `fd_write` with 1000 iovecs that all point at the same 4 MiB, and `proxy_log` of 48 MiB
+/// of bytes that are not UTF-8: each is one cut log line, and the host's memory grows by no
+/// more than the guest's own (a host that gathers every iovec first holds 4000 MiB, one that
+/// converts the whole message holds three times its size).
+pub(crate) fn amplifying_hostcalls_stay_bounded(h: &Harness) -> CaseResult {
+    let wasm = module(
+        &import_decl(Import::FdWrite),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(local $i i32)
+             ;; 64 MiB of memory: iovecs at 64 KiB, their bytes at 1 MiB, the log text at 8 MiB.
+             (drop (memory.grow (i32.const 1023)))
+             (loop $iovecs
+                 (i32.store (i32.add (i32.const 65536) (i32.shl (local.get $i) (i32.const 3))) (i32.const 1048576))
+                 (i32.store (i32.add (i32.const 65540) (i32.shl (local.get $i) (i32.const 3))) (i32.const 4194304))
+                 (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                 (br_if $iovecs (i32.lt_u (local.get $i) (i32.const 1000))))
+             (call $report (call $fd_write (i32.const 1) (i32.const 65536) (i32.const 1000) (i32.const 8)))
+             (call $report (i32.ne (i32.load (i32.const 8)) (i32.const 4194304000)))
+             (memory.fill (i32.const 8388608) (i32.const 255) (i32.const 50331648))
+             (call $report (call $log (i32.const 2) (i32.const 8388608) (i32.const 50331648)))
+             (i32.const 0)",
+        )],
+        "",
+    )?;
+    let (mut worker, plugin, logs) = worker(h, &wasm, config("amplify"))?;
+    let (failure, growth) = peak_growth(|| full_stream(&mut worker, &[(":path", "/")]));
+    if let Some(failure) = failure {
+        return Err(format!("the stream failed: {failure}").into());
+    }
+    let statuses = reports(&logs);
+    ensure!(statuses == [OK, 0, OK], "statuses {statuses:?}");
+    let max_line = filterbox::Limits::default().max_log_line_bytes;
+    let cut: Vec<String> = logs
+        .messages()
+        .into_iter()
+        .filter(|m| m.ends_with("more bytes cut]"))
+        .collect();
+    ensure!(
+        cut.len() == 2
+            && cut[0].ends_with("... [4194287616 more bytes cut]")
+            && cut[1].ends_with("... [50315264 more bytes cut]")
+            && cut.iter().all(|m| m.len() <= 3 * max_line + 64),
+        "cut lines: {:?}",
+        cut.iter().map(|m| m.len()).collect::<Vec<_>>()
+    );
+    // The guest's 64 MiB (which wasmi touches whole when it grows) and room for the rest.
+    const ALLOWED: u64 = 128 << 20;
+    if let Some(growth) = growth {
+        ensure!(
+            growth < ALLOWED,
+            "resident memory peaked {} MiB above where it was",
+            growth >> 20
+        );
+    }
+    drop(worker);
+    expect_nothing_leaked(&plugin)
+}
+
+/// Loops whose body is one hostcall (`random_get` of 64 KiB, `proxy_set_shared_data` of
+/// 4 MiB), in a stream callback and in `_initialize`: each stops at its deadline on every
+/// engine, though the guest itself does almost no work between calls.
+pub(crate) fn deadlines_hold_in_hostcall_loops(h: &Harness) -> CaseResult {
+    let imports = format!(
+        "{}\n{}",
+        import_decl(Import::RandomGet),
+        import_decl(Import::ProxySetSharedData)
+    );
+    let random = "(loop $l (drop (call $random_get (i32.const 0) (i32.const 65536))) (br $l))
+                  (unreachable)";
+    let shared = "(drop (memory.grow (i32.const 64)))
+                  (loop $l
+                      (drop (call $proxy_set_shared_data (i32.const 16) (i32.const 1)
+                          (i32.const 65536) (i32.const 4194304) (i32.const 0)))
+                      (br $l))
+                  (unreachable)";
+    for (what, body) in [("random_get", random), ("proxy_set_shared_data", shared)] {
+        let wasm = module(&imports, &[(Callback::ProxyOnRequestHeaders, body)], "")?;
+        let (mut worker, plugin, _) = worker(h, &wasm, config("hostcall-loop"))?;
+        let started = Instant::now();
+        let failure = full_stream(&mut worker, &[(":path", "/")])
+            .ok_or_else(|| format!("{what}: the loop was not stopped"))?;
+        let elapsed = started.elapsed();
+        expect_trap(&failure, TrapKind::Interrupted, what)?;
+        ensure!(
+            elapsed < Duration::from_millis(20) + SLACK,
+            "{what}: stopped after {elapsed:?} (deadline 20 ms)"
+        );
+        drop(worker);
+        expect_nothing_leaked(&plugin)?;
+    }
+    let wasm = module(
+        &imports,
+        &[],
+        &format!(r#"(func (export "_initialize") {random})"#),
+    )?;
+    let (plugin, _) = h
+        .load(&wasm, config("hostcall-loop-start"))
+        .map_err(|e| format!("load failed: {e}"))?;
+    let started = Instant::now();
+    let error = match Worker::new(&plugin) {
+        Ok(_) => return Err("_initialize: the loop was not stopped".into()),
+        Err(e) => e.to_string(),
+    };
+    let elapsed = started.elapsed();
+    ensure!(
+        error.contains("interrupted"),
+        "_initialize: wanted a deadline trap, got {error}"
+    );
+    ensure!(
+        elapsed < Duration::from_millis(100) + SLACK,
+        "_initialize: stopped after {elapsed:?} (deadline 100 ms)"
+    );
+    expect_nothing_leaked(&plugin)
+}
+
+/// A function of about 36 KB (as Go SDK plugins and large Rust plugins have) runs under a
+/// 20 ms deadline on every engine: an engine that translates functions lazily and charges
+/// the translation to the call's fuel could never call it.
+pub(crate) fn large_functions_run_under_deadlines(h: &Harness) -> CaseResult {
+    let body = "(i32.const 1) (i32.add) ".repeat(12_000);
+    let wasm = module(
+        "",
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(call $report (i32.ne (call $big) (i32.const 12000))) (i32.const 0)",
+        )],
+        &format!("(func $big (result i32) (i32.const 0) {body})"),
+    )?;
+    let (mut worker, plugin, logs) = worker(h, &wasm, config("large-function"))?;
+    for _ in 0..2 {
+        if let Some(failure) = full_stream(&mut worker, &[(":path", "/")]) {
+            return Err(format!("the large function did not run: {failure}").into());
+        }
+    }
+    let statuses = reports(&logs);
+    ensure!(statuses == [OK, OK], "results {statuses:?}");
+    drop(worker);
+    expect_nothing_leaked(&plugin)
+}
+
+/// Pair buffers and bodies a plugin hands over are bounded before the host decodes or copies
+/// them: a local response with more headers than `max_header_count` (announced by a buffer
+/// of empty pairs) or a larger body than `max_body_bytes`, a header map set with too many
+/// pairs, and a property whose path and value together pass `max_header_bytes`, are
+/// `BadArgument`; `random_get` past 64 KiB is `EINVAL`; the same within the limits is `Ok`.
+pub(crate) fn handed_over_buffers_are_bounded(h: &Harness) -> CaseResult {
+    let imports = [
+        Import::ProxySendLocalResponse,
+        Import::ProxySetHeaderMapPairs,
+        Import::ProxySetProperty,
+        Import::RandomGet,
+    ]
+    .map(import_decl)
+    .join("\n");
+    // A pairs buffer of n empty pairs is the count, then n zero sizes and 2n NULs: zero
+    // memory after a count at 65536.
+    let wasm = module(
+        &imports,
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(drop (memory.grow (i32.const 1)))
+             (i32.store (i32.const 65536) (i32.const 300))
+             ;; 300 pairs: over the limit of 100.
+             (call $report (call $proxy_set_header_map_pairs (i32.const 0) (i32.const 65536) (i32.const 3004)))
+             (call $report (call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0)
+                 (i32.const 0) (i32.const 0) (i32.const 65536) (i32.const 3004) (i32.const -1)))
+             ;; a body of 16 bytes: over the limit of 8.
+             (call $report (call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0)
+                 (i32.const 32) (i32.const 16) (i32.const 0) (i32.const 0) (i32.const -1)))
+             ;; a property of a 40-byte path and a 30-byte value: over 64 bytes; 20 and 30 fit.
+             (memory.fill (i32.const 69000) (i32.const 97) (i32.const 40))
+             (call $report (call $proxy_set_property (i32.const 69000) (i32.const 40) (i32.const 70000) (i32.const 30)))
+             (call $report (call $proxy_set_property (i32.const 69000) (i32.const 20) (i32.const 70000) (i32.const 30)))
+             (call $report (call $random_get (i32.const 70000) (i32.const 65537)))
+             ;; 3 pairs and 8 bytes: within.
+             (i32.store (i32.const 65536) (i32.const 3))
+             (call $report (call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0)
+                 (i32.const 32) (i32.const 8) (i32.const 65536) (i32.const 34) (i32.const -1)))
+             (i32.const 1)",
+        )],
+        "",
+    )?;
+    let mut config = config("handed-over");
+    config.limits.max_header_count = 100;
+    config.limits.max_body_bytes = 8;
+    config.limits.max_header_bytes = 64;
+    let (mut worker, _, logs) = worker(h, &wasm, config)?;
+    let mut stream = worker.create_stream();
+    let mut req = headers(&[(":path", "/")]);
+    let action = worker
+        .on_request_headers(&mut stream, &mut req, true)
+        .map_err(|f| f.to_string())?;
+    worker.finish_stream(stream).map_err(|f| f.to_string())?;
+    let statuses = reports(&logs);
+    ensure!(
+        statuses == [BAD_ARGUMENT, BAD_ARGUMENT, BAD_ARGUMENT, BAD_ARGUMENT, OK, EINVAL, OK],
+        "statuses {statuses:?}"
+    );
+    match action {
+        filterbox::Action::Respond(r) if r.status_code == 403 && r.body.len() == 8 => Ok(()),
+        other => Err(format!("wanted the 403 within the limits, got {other:?}").into()),
+    }
+}
+
+/// An HTTP call still waiting when its VM goes away ends with the VM: the upstream sees its
+/// connection closed. (A host that lets it run holds the connection and the call's buffers
+/// until the upstream answers, if ever.)
+pub(crate) fn callouts_end_with_their_vm(h: &Harness) -> CaseResult {
+    use std::io::Read;
+    use std::sync::Arc;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| format!("binding a loopback upstream: {e}"))?;
+    let address = listener.local_addr().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let callouts = filterbox::HyperCallouts::new(runtime.handle().clone())
+        .upstream("silent", &format!("http://{address}"))
+        .map_err(|e| e.to_string())?;
+    // Pairs :method GET, :path /, :authority silent.
+    let wasm = module(
+        &import_decl(Import::ProxyHttpCall),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(call $report (call $proxy_http_call (i32.const 16) (i32.const 6)
+                 (i32.const 64) (i32.const 66) (i32.const 0) (i32.const 0)
+                 (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 8)))
+             (i32.const 1)",
+        )],
+        r#"(data (i32.const 16) "silent")
+           (data (i32.const 64)
+               "\03\00\00\00" "\07\00\00\00\03\00\00\00" "\05\00\00\00\01\00\00\00"
+               "\0a\00\00\00\06\00\00\00"
+               ":method\00GET\00" ":path\00/\00" ":authority\00silent\00")"#,
+    )?;
+    let (plugin, logs) = h
+        .load_with(&wasm, config("silent-upstream"), |b| {
+            b.callouts(Arc::new(callouts))
+        })
+        .map_err(|e| format!("load failed: {e}"))?;
+    let mut worker = Worker::new(&plugin).map_err(|e| format!("start failed: {e}"))?;
+    let mut stream = worker.create_stream();
+    let action = worker
+        .on_request_headers(&mut stream, &mut headers(&[(":path", "/")]), true)
+        .map_err(|f| f.to_string())?;
+    ensure!(
+        action == filterbox::Action::Pause && reports(&logs) == [OK],
+        "the call did not start: {action:?}, statuses {:?}",
+        reports(&logs)
+    );
+    let (mut upstream, _) = listener
+        .accept()
+        .map_err(|e| format!("the call never reached the upstream: {e}"))?;
+    // The VM goes away with the call still waiting.
+    worker.finish_stream(stream).map_err(|f| f.to_string())?;
+    drop(worker);
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut buffer = [0u8; 4096];
+    loop {
+        match upstream.read(&mut buffer) {
+            Ok(0) => break,
+            // The request itself; keep reading until the connection ends.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => {
+                return Err(
+                    format!("the call outlived its VM: the connection is still open ({e})").into(),
+                );
+            }
+        }
+    }
+    expect_nothing_leaked(&plugin)
+}
