@@ -278,9 +278,9 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::local_response_wins_over_a_resume_in_the_same_callback,
     },
     Case {
-        name: "large-functions-run-under-deadlines",
+        name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
-        run: hardening::large_functions_run_under_deadlines,
+        run: hardening::large_functions_and_bulk_copies_run_under_deadlines,
     },
     Case {
         name: "floods-stop-at-their-bounds",

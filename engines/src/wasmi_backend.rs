@@ -411,7 +411,10 @@ impl<H: Hostcalls> WiInstance<H> {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return Err(wasmi::Error::from(wasmi::TrapCode::OutOfFuel));
                     }
-                    self.store.set_fuel(slice)?;
+                    // One instruction may need more than a slice (`memory.fill` and
+                    // `memory.copy` cost fuel per byte): give it what it needs, or it would
+                    // never run. The clock is read again when that is spent.
+                    self.store.set_fuel(slice.max(rest.required_fuel()))?;
                     call = rest.resume(&mut self.store, results)?;
                 }
             }
