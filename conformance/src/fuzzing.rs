@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use filterbox::abi::{AbiVersion, Callback, Import, ImportModule, ValType, pairs, property_path};
 use filterbox::{
     Action, Engine, EngineConfig, EngineKind, HeaderMap, Limits, MetricRegistry, Plugin,
-    PluginConfig, SharedState, TrapKind, Vm, VmError,
+    PluginConfig, SharedState, Trap, TrapKind, Vm, VmError,
 };
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -475,6 +475,7 @@ fn run_program(kind: EngineKind, input: &ProgramInput) -> Transcript {
     ));
     t.push(format!("shutdown: {}", outcome(&vm.shutdown())));
     if let Some(trap) = vm.failure() {
+        assert_no_host_panic(trap);
         assert!(
             trap.kind != TrapKind::Unreachable,
             "a hostcall answered a status out of range: {trap}; logs: {:?}",
@@ -488,8 +489,15 @@ fn run_program(kind: EngineKind, input: &ProgramInput) -> Transcript {
     t
 }
 
+/// A panic inside the host (a hostcall, the dispatch around it) reaches the VM as a trap of
+/// kind `Host`: the guest survives it, but it is a host bug, so a replay must fail on it.
+fn assert_no_host_panic(trap: &Trap) {
+    assert!(trap.kind != TrapKind::Host, "the host panicked: {trap}");
+}
+
 fn check_statuses(error: &VmError) {
     if let VmError::Trap { trap, .. } = error {
+        assert_no_host_panic(trap);
         assert!(
             trap.kind != TrapKind::Unreachable,
             "a hostcall answered a status out of range while starting: {trap}"
@@ -799,15 +807,15 @@ pub fn streams(data: &[u8]) {
         return;
     };
     let config = PluginConfig::named(name).with_configuration(configuration.as_bytes().to_vec());
-    let Some((plugin, _logs)) = fresh_plugin(stream_plugin(name), config) else {
-        return;
-    };
-    let Ok(mut vm) = Vm::new(&plugin) else {
-        return;
-    };
-    let Ok(mut stream) = vm.create_http_stream() else {
-        return;
-    };
+    // These are the suite's own well-behaved guests: any configuration they are given here
+    // loads and starts, so a failure to is a host bug.
+    let (plugin, _logs) = fresh_plugin(stream_plugin(name), config)
+        .unwrap_or_else(|| panic!("{name} does not load with {configuration:?}"));
+    let mut vm = Vm::new(&plugin)
+        .unwrap_or_else(|e| panic!("{name} does not start with {configuration:?}: {e}"));
+    let mut stream = vm
+        .create_http_stream()
+        .unwrap_or_else(|e| panic!("{name}: no stream: {e}"));
     let mut request = HeaderMap::new();
     let mut response = HeaderMap::new();
     let check = BodyCheck {
@@ -866,6 +874,9 @@ pub fn streams(data: &[u8]) {
         }
         let limit = plugin.config().limits.memory_bytes;
         assert!(vm.memory_size() <= limit, "memory past its limit");
+        if let Some(trap) = vm.failure() {
+            assert_no_host_panic(trap);
+        }
     }
     let _ = vm.finish_stream(stream);
 }
