@@ -278,6 +278,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::local_response_wins_over_a_resume_in_the_same_callback,
     },
     Case {
+        name: "callback-results-read-as-envoy-reads-them",
+        group: "headers",
+        run: envoy_parity::callback_results_read_as_envoy_reads_them,
+    },
+    Case {
         name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
         run: hardening::large_functions_and_bulk_copies_run_under_deadlines,

@@ -100,3 +100,63 @@ pub(crate) fn local_response_wins_over_a_resume_in_the_same_callback(h: &Harness
         other => Err(format!("events {other:?}").into()),
     }
 }
+
+/// Callback results beyond 0 and 1, as C++ SDK plugins return them and Envoy reads them: a
+/// header callback's 2 (`ContinueAndEndStream`) continues and 3 (`StopAllIterationAndBuffer`)
+/// stops; a body callback's 1 stops and keeps the body for the next call, 3
+/// (`StopIterationNoBuffer`) stops and keeps nothing.
+pub(crate) fn callback_results_read_as_envoy_reads_them(h: &Harness) -> CaseResult {
+    // Each callback returns the value of the request header x-r, which it reads first.
+    let result_of_header = "(drop (call $proxy_get_header_map_value (i32.const 0) (i32.const 16) (i32.const 3)
+                               (i32.const 32) (i32.const 36)))
+                           (i32.sub (i32.load8_u (i32.load (i32.const 32))) (i32.const 48))";
+    let wasm = module(
+        &import_decl(Import::ProxyGetHeaderMapValue),
+        &[(Callback::ProxyOnRequestHeaders, result_of_header)],
+        r#"(data (i32.const 16) "x-r")"#,
+    )?;
+    let (mut vm, _) = h.start(&wasm, config("results"))?;
+    for (value, wanted) in [
+        ("0", Action::Continue),
+        ("1", Action::Pause),
+        ("2", Action::Continue),
+        ("3", Action::Pause),
+        ("4", Action::Pause),
+    ] {
+        let stream = vm.create_http_stream().map_err(vm_error)?;
+        let action = vm
+            .on_request_headers(&stream, &mut headers(&[(":path", "/"), ("x-r", value)]), false)
+            .map_err(vm_error)?;
+        vm.finish_stream(stream).map_err(vm_error)?;
+        ensure!(action == wanted, "headers returning {value}: {action:?}");
+    }
+    // The body callback returns the body's first byte minus '0'.
+    let wasm = module(
+        &import_decl(Import::ProxyGetBufferBytes),
+        &[(
+            Callback::ProxyOnRequestBody,
+            "(drop (call $proxy_get_buffer_bytes (i32.const 0) (i32.const 0) (i32.const 1)
+                 (i32.const 32) (i32.const 36)))
+             (i32.sub (i32.load8_u (i32.load (i32.const 32))) (i32.const 48))",
+        )],
+        "",
+    )?;
+    let (mut vm, _) = h.start(&wasm, config("body-results"))?;
+    for (value, wanted, kept) in [
+        ("1", Action::Pause, "1abc"),
+        ("3", Action::Pause, ""),
+        ("0", Action::Continue, "0abc"),
+    ] {
+        let stream = vm.create_http_stream().map_err(vm_error)?;
+        let mut body = bytes::BytesMut::from(format!("{value}abc").as_bytes());
+        let action = vm
+            .on_request_body(&stream, &mut body, false)
+            .map_err(vm_error)?;
+        vm.finish_stream(stream).map_err(vm_error)?;
+        ensure!(
+            action == wanted && body == kept.as_bytes(),
+            "body returning {value}: {action:?}, body left {body:?}"
+        );
+    }
+    Ok(())
+}

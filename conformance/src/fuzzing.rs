@@ -806,7 +806,12 @@ pub fn streams(data: &[u8]) {
     let Ok(steps) = Vec::<StreamStep>::arbitrary_take_rest(u) else {
         return;
     };
-    let config = PluginConfig::named(name).with_configuration(configuration.as_bytes().to_vec());
+    let mut config =
+        PluginConfig::named(name).with_configuration(configuration.as_bytes().to_vec());
+    if name == "assemblyscript" {
+        // The AssemblyScript SDK finds its root context by this id (and exits without it).
+        config.root_id = "as_root".into();
+    }
     // These are the suite's own well-behaved guests: any configuration they are given here
     // loads and starts, so a failure to is a host bug.
     let (plugin, _logs) = fresh_plugin(stream_plugin(name), config)

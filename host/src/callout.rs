@@ -67,12 +67,14 @@ pub enum CalloutError {
 
 impl CalloutError {
     /// The status the guest gets: as Envoy answers, an unknown upstream is `BadArgument` for
-    /// HTTP and `ParseFailure` for gRPC; a bad request `BadArgument`; a failure to send
-    /// `InternalFailure`.
+    /// HTTP and `ParseFailure` for gRPC; a bad request `BadArgument` for HTTP and
+    /// `InternalFailure` for gRPC (an invalid service or method: the Rust SDK panics on
+    /// anything else); a failure to send `InternalFailure`.
     pub fn status(&self, grpc: bool) -> filterbox_abi::Status {
         use filterbox_abi::Status;
         match self {
             CalloutError::UnknownUpstream(_) if grpc => Status::ParseFailure,
+            CalloutError::BadRequest(_) if grpc => Status::InternalFailure,
             CalloutError::UnknownUpstream(_) | CalloutError::BadRequest(_) => Status::BadArgument,
             CalloutError::Failed(_) => Status::InternalFailure,
             CalloutError::Unsupported => Status::Unimplemented,

@@ -11,6 +11,23 @@ use filterbox_engines::{EngineError, EngineKind, Instance, Returned, Trap, TrapK
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// A body callback's `StopIterationNoBuffer` (C++ SDK `FilterDataStatus`).
+const STOP_ITERATION_NO_BUFFER: i32 = 3;
+
+/// Whether a filter callback's result lets the stream go on (ABI.md §2.2). 0 does everywhere;
+/// so does a header callback's 2 (`ContinueAndEndStream`, which Envoy treats as Continue) and
+/// anything a metadata callback returns (Envoy ignores it). Every other value stops: 1 and the
+/// C++ SDK's stop-all values 3 and 4 for headers, and 1, 2 and 3 for bodies.
+fn continues(callback: Callback, value: i32) -> bool {
+    match callback {
+        Callback::ProxyOnRequestHeaders | Callback::ProxyOnResponseHeaders => {
+            matches!(value, 0 | 2)
+        }
+        Callback::ProxyOnRequestMetadata | Callback::ProxyOnResponseMetadata => true,
+        _ => value == 0,
+    }
+}
+
 /// What the proxy must do after a stream callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -483,10 +500,21 @@ impl Vm {
 
     fn filter_call_on(
         &mut self,
-        (vm, id): (u64, u32),
+        on: (u64, u32),
         callback: Callback,
         args: &[i32],
     ) -> Result<Action, VmError> {
+        self.filter_call_returning(on, callback, args)
+            .map(|(action, _)| action)
+    }
+
+    /// [`Vm::filter_call_on`], with the value the callback returned (if it returned one).
+    fn filter_call_returning(
+        &mut self,
+        (vm, id): (u64, u32),
+        callback: Callback,
+        args: &[i32],
+    ) -> Result<(Action, Option<i32>), VmError> {
         self.check_serial(vm)?;
         self.state().local_response = None;
         let before = self.state().events.len();
@@ -507,12 +535,19 @@ impl Vm {
             }
             None => None,
         };
-        Ok(match (local, returned?) {
+        let returned = returned?;
+        let action = match (local, returned) {
             (Some(response), _) => Action::Respond(response),
             (None, _) if closed => Action::Pause,
-            (None, Returned::Value(0) | Returned::Missing | Returned::Nothing) => Action::Continue,
+            (None, Returned::Missing | Returned::Nothing) => Action::Continue,
+            (None, Returned::Value(value)) if continues(callback, value) => Action::Continue,
             (None, Returned::Value(_)) => Action::Pause,
-        })
+        };
+        let value = match returned {
+            Returned::Value(value) => Some(value),
+            Returned::Missing | Returned::Nothing => None,
+        };
+        Ok((action, value))
     }
 
     fn headers_call(
@@ -565,7 +600,15 @@ impl Vm {
             wasm_i32(body.len()),
             i32::from(end_of_stream),
         ];
-        self.with_body(kind, body, |vm| vm.filter_call(stream, callback, &args))
+        let on = (stream.vm, stream.id);
+        let (action, value) =
+            self.with_body(kind, body, |vm| vm.filter_call_returning(on, callback, &args))?;
+        if action == Action::Pause && value == Some(STOP_ITERATION_NO_BUFFER) {
+            // The plugin took what it was given: nothing is kept for its next call, which
+            // sees only new data (Envoy's StopIterationNoBuffer).
+            body.clear();
+        }
+        Ok(action)
     }
 
     fn trailers_call(
