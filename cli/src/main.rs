@@ -158,8 +158,7 @@ fn conformance(
     let built = EngineKind::built();
     let failed = reports.iter().any(|r| {
         r.outcome == Outcome::Fail
-            || (r.outcome == Outcome::Skip
-                && built.iter().any(|e| e.name() == r.engine))
+            || (r.outcome == Outcome::Skip && built.iter().any(|e| e.name() == r.engine))
     });
     Ok(if failed {
         ExitCode::FAILURE

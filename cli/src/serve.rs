@@ -867,7 +867,10 @@ plugins:
         std::fs::write(&path, yaml).expect("write config");
         let error = ServeConfig::load(&path).expect_err("duplicate names accepted");
         let _ = std::fs::remove_file(&path);
-        assert!(error.to_string().contains("two plugins are named"), "{error}");
+        assert!(
+            error.to_string().contains("two plugins are named"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -107,7 +107,8 @@ pub(crate) fn local_response_wins_over_a_resume_in_the_same_callback(h: &Harness
 /// (`StopIterationNoBuffer`) stops and keeps nothing.
 pub(crate) fn callback_results_read_as_envoy_reads_them(h: &Harness) -> CaseResult {
     // Each callback returns the value of the request header x-r, which it reads first.
-    let result_of_header = "(drop (call $proxy_get_header_map_value (i32.const 0) (i32.const 16) (i32.const 3)
+    let result_of_header =
+        "(drop (call $proxy_get_header_map_value (i32.const 0) (i32.const 16) (i32.const 3)
                                (i32.const 32) (i32.const 36)))
                            (i32.sub (i32.load8_u (i32.load (i32.const 32))) (i32.const 48))";
     let wasm = module(
@@ -125,7 +126,11 @@ pub(crate) fn callback_results_read_as_envoy_reads_them(h: &Harness) -> CaseResu
     ] {
         let stream = vm.create_http_stream().map_err(vm_error)?;
         let action = vm
-            .on_request_headers(&stream, &mut headers(&[(":path", "/"), ("x-r", value)]), false)
+            .on_request_headers(
+                &stream,
+                &mut headers(&[(":path", "/"), ("x-r", value)]),
+                false,
+            )
             .map_err(vm_error)?;
         vm.finish_stream(stream).map_err(vm_error)?;
         ensure!(action == wanted, "headers returning {value}: {action:?}");

@@ -3,12 +3,12 @@
 //! engines counting guest work alone do not see), and buffers sized to be expensive to
 //! decode. Each case failed on a host without the bound it checks.
 
+use crate::ensure;
 use crate::harness::{CaseResult, Harness, headers};
 use crate::hostile::{
     BAD_ARGUMENT, OK, SLACK, config, expect_nothing_leaked, expect_trap, full_stream, import_decl,
     module, reports, worker,
 };
-use crate::ensure;
 use filterbox::abi::{Callback, Import};
 use filterbox::{TrapKind, Worker};
 use std::time::{Duration, Instant};
@@ -249,7 +249,16 @@ pub(crate) fn handed_over_buffers_are_bounded(h: &Harness) -> CaseResult {
     worker.finish_stream(stream).map_err(|f| f.to_string())?;
     let statuses = reports(&logs);
     ensure!(
-        statuses == [BAD_ARGUMENT, BAD_ARGUMENT, BAD_ARGUMENT, BAD_ARGUMENT, OK, EINVAL, OK],
+        statuses
+            == [
+                BAD_ARGUMENT,
+                BAD_ARGUMENT,
+                BAD_ARGUMENT,
+                BAD_ARGUMENT,
+                OK,
+                EINVAL,
+                OK
+            ],
         "statuses {statuses:?}"
     );
     match action {
@@ -323,9 +332,10 @@ pub(crate) fn callouts_end_with_their_vm(h: &Harness) -> CaseResult {
             Ok(_) => continue,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
             Err(e) => {
-                return Err(
-                    format!("the call outlived its VM: the connection is still open ({e})").into(),
-                );
+                return Err(format!(
+                    "the call outlived its VM: the connection is still open ({e})"
+                )
+                .into());
             }
         }
     }

@@ -159,7 +159,10 @@ pub(crate) fn worker(
 
 /// Drives one whole stream (every phase, small bodies, trailers) and returns the first
 /// failure, or `None` if the plugin served it.
-pub(crate) fn full_stream(worker: &mut Worker, request: &[(&str, &str)]) -> Option<filterbox::Failure> {
+pub(crate) fn full_stream(
+    worker: &mut Worker,
+    request: &[(&str, &str)],
+) -> Option<filterbox::Failure> {
     let mut stream = worker.create_stream();
     let outcome = run_phases(worker, &mut stream, request);
     let finished = worker.finish_stream(stream);

@@ -9,9 +9,9 @@
 
 mod calls;
 mod cases;
+mod envoy_parity;
 pub mod fuzzing;
 pub mod guests;
-mod envoy_parity;
 mod hardening;
 mod harness;
 mod hostile;

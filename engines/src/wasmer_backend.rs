@@ -66,7 +66,9 @@ static WATCHLIST: OnceLock<Result<Mutex<Watchlist>, String>> = OnceLock::new();
 /// Locks a mutex whether or not a holder panicked (the list stays consistent: every change
 /// is one push or one removal).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The watchlist, starting the watchdog thread the first time. Metering counts operators at a

@@ -6,8 +6,8 @@
 //! and answers `Unimplemented` (`ENOSYS` for WASI).
 
 use crate::callout::{GrpcReply, GrpcRequest, HttpCallReply, HttpCallRequest};
-use crate::headers::lower;
 use crate::config::Limits;
+use crate::headers::lower;
 use crate::state::{ContextKind, OpenGrpc, Phase, VmState};
 use crate::{HeaderMap, LocalResponse, StreamEvent};
 use bytes::Bytes;
@@ -267,7 +267,12 @@ fn decode_map(
 
 /// A copy of a body the plugin hands over (a local response's, a callout's): at most
 /// `max_body_bytes`, `BadArgument` past it.
-fn read_body(memory: &GuestMemory<'_>, ptr: i32, len: i32, limits: &Limits) -> Result<Bytes, Status> {
+fn read_body(
+    memory: &GuestMemory<'_>,
+    ptr: i32,
+    len: i32,
+    limits: &Limits,
+) -> Result<Bytes, Status> {
     let bytes = read(memory, ptr, len)?;
     if bytes.len() > limits.max_body_bytes {
         return Err(Status::BadArgument);
@@ -1335,7 +1340,12 @@ impl Hostcalls for VmState {
         let (state, mut memory) = cx.split();
         // Every iovec is checked, but only what one log line can hold is copied: iovecs may
         // all point at the same large range of guest memory.
-        let keep = state.shared.config.limits.max_log_line_bytes.saturating_add(1);
+        let keep = state
+            .shared
+            .config
+            .limits
+            .max_log_line_bytes
+            .saturating_add(1);
         let mut text = Vec::new();
         let mut written: u64 = 0;
         for i in 0..iovs_len as u32 {

@@ -1129,7 +1129,10 @@ impl Exchange {
             if let (Ok(header), Ok(header_value)) = (
                 http::HeaderName::from_bytes(name),
                 http::HeaderValue::from_bytes(value),
-            ) && response.headers_mut().try_append(header, header_value).is_ok()
+            ) && response
+                .headers_mut()
+                .try_append(header, header_value)
+                .is_ok()
             {
                 seen.add(name.clone(), value.clone());
             }

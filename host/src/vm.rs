@@ -601,8 +601,9 @@ impl Vm {
             i32::from(end_of_stream),
         ];
         let on = (stream.vm, stream.id);
-        let (action, value) =
-            self.with_body(kind, body, |vm| vm.filter_call_returning(on, callback, &args))?;
+        let (action, value) = self.with_body(kind, body, |vm| {
+            vm.filter_call_returning(on, callback, &args)
+        })?;
         if action == Action::Pause && value == Some(STOP_ITERATION_NO_BUFFER) {
             // The plugin took what it was given: nothing is kept for its next call, which
             // sees only new data (Envoy's StopIterationNoBuffer).
