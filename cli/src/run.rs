@@ -340,13 +340,13 @@ impl Exchange<'_> {
             .vm
             .on_request_headers(stream, request, request_body.is_empty())?;
         if let Some(local) = self.settle(action, StreamType::HttpRequest, Some(request))? {
-            return Ok(Outcome::Local(local));
+            return Ok(Outcome::Local(self.through_response_phase(local)?));
         }
         let mut body = BytesMut::from(request_body);
         if !body.is_empty() {
             let action = self.vm.on_request_body(stream, &mut body, true)?;
             if let Some(local) = self.settle(action, StreamType::HttpRequest, None)? {
-                return Ok(Outcome::Local(local));
+                return Ok(Outcome::Local(self.through_response_phase(local)?));
             }
         }
         let action = self
@@ -368,6 +368,44 @@ impl Exchange<'_> {
             request_body: body.freeze(),
             response_body: response_buffer.freeze(),
         })
+    }
+
+    /// A local response sent before the upstream was called goes through the plugin's own
+    /// response phase, as Envoy sends it (the plugin may add headers to it, or change its
+    /// body). If the plugin answers again there, the first response stands.
+    fn through_response_phase(&mut self, mut local: LocalResponse) -> Result<LocalResponse> {
+        let stream = self.stream;
+        let mut headers = HeaderMap::new();
+        headers.add(":status", local.status_code.to_string());
+        for (name, value) in local.headers.iter() {
+            headers.add(name.clone(), value.clone());
+        }
+        let action = self
+            .vm
+            .on_response_headers(stream, &mut headers, local.body.is_empty())?;
+        if self
+            .settle(action, StreamType::HttpResponse, Some(&mut headers))?
+            .is_some()
+        {
+            return Ok(local);
+        }
+        let mut body = BytesMut::from(local.body.clone());
+        if !body.is_empty() {
+            let action = self.vm.on_response_body(stream, &mut body, true)?;
+            if self
+                .settle(action, StreamType::HttpResponse, None)?
+                .is_some()
+            {
+                return Ok(local);
+            }
+        }
+        if let Some(status) = headers.get_str(":status").and_then(|s| s.parse().ok()) {
+            local.status_code = status;
+        }
+        headers.remove(":status");
+        local.headers = headers;
+        local.body = body.freeze();
+        Ok(local)
     }
 
     /// Continue: nothing to do. Respond: the local response. Pause: run the VM's events

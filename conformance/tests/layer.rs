@@ -135,6 +135,9 @@ fn a_chain_adds_headers_denies_and_rewrites_bodies_chunk_by_chunk() {
         assert_eq!(response.status(), 403);
         assert_eq!(response.headers()["x-denied-by"], "filterbox-guest");
         assert_eq!(body, "denied by policy\n");
+        // As in Envoy, the local response went through the plugins' response phase: the
+        // headers plugin (before the deny plugin in the chain) added its response header.
+        assert_eq!(response.headers()["x-response"], "two");
         assert_eq!(
             upstream.seen.lock().len(),
             1,

@@ -982,11 +982,11 @@ impl Exchange {
             .await
         {
             Ok(headers) => headers,
-            Err(response) => return Ok(self.local_response(response)),
+            Err(response) => return Ok(self.local_reply(response).await),
         };
         self.request_headers = headers;
         if let Err(error) = self.request_headers.to_request_parts(&mut parts) {
-            return Ok(self.local_response(invalid_edit(error)));
+            return Ok(self.local_reply(invalid_edit(error)).await);
         }
         let had_body = !body.is_end_stream();
         let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
@@ -1021,7 +1021,7 @@ impl Exchange {
         };
         let response = match early {
             Early::Response(Ok(response)) => response,
-            Early::Local(response) => return Ok(self.local_response(response)),
+            Early::Local(response) => return Ok(self.local_reply(response).await),
             Early::Response(Err(error)) | Early::Failed(error) => {
                 // `proxy_on_log` runs for failed exchanges too (an access log wants them).
                 self.end(true);
@@ -1109,12 +1109,53 @@ impl Exchange {
         ))
     }
 
-    /// The HTTP response for a plugin's (or the chain's) local response.
+    /// A local response sent before the upstream answered (a plugin's, or the chain's own),
+    /// sent as Envoy sends one: through every plugin's response phase, in response order, so
+    /// that plugins add their response headers to it (a rate limiter's `Retry-After`) and see
+    /// its body. If a plugin answers again, or its pause times out, the first response goes
+    /// out as it was.
+    async fn local_reply(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
+        let mut headers = HeaderMap::new();
+        let status = local_status(local.status_code);
+        headers.add(":status", status.as_str().to_owned());
+        for (name, value) in local.headers.iter() {
+            if !is_framing(name) {
+                headers.add(name.clone(), value.clone());
+            }
+        }
+        if let Some(code) = local.grpc_status {
+            headers.replace("grpc-status", code.as_u32().to_string());
+        }
+        let phase = MapPhase::Headers {
+            end_of_stream: local.body.is_empty(),
+        };
+        let Ok(headers) = self.map_phase(Direction::Response, phase, headers).await else {
+            return self.local_response(local);
+        };
+        let body = match local.body.is_empty() {
+            true => BytesMut::new(),
+            false => match self
+                .body_chunk(Direction::Response, local.body.clone(), true)
+                .await
+            {
+                Ok(body) => body,
+                Err(_) => return self.local_response(local),
+            },
+        };
+        let mut parts = http::Response::new(()).into_parts().0;
+        if headers.to_response_parts(&mut parts).is_err() {
+            return self.local_response(local);
+        }
+        self.response_headers = headers;
+        self.end(true);
+        http::Response::from_parts(parts, FilteredBody::full(body.freeze()))
+    }
+
+    /// The HTTP response for a plugin's (or the chain's) local response, sent as it is: for
+    /// answers after the response phase began (as Envoy sends those directly) and when the
+    /// response phase of [`Exchange::local_reply`] cannot run.
     fn local_response(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let status = u16::try_from(local.status_code)
-            .ok()
-            .and_then(|s| http::StatusCode::from_u16(s).ok())
-            .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        let status = local_status(local.status_code);
         let mut response = http::Response::new(FilteredBody::full(local.body));
         *response.status_mut() = status;
         let mut seen = HeaderMap::new();
@@ -1123,7 +1164,7 @@ impl Exchange {
         // are framing and hop-by-hop ones: the proxy frames the body it sends (a plugin's
         // `content-length` next to a body of another length would split the response).
         for (name, value) in local.headers.iter() {
-            if name.as_ref() == b"content-length" || crate::http_parts::is_hop_by_hop(name) {
+            if is_framing(name) {
                 continue;
             }
             if let (Ok(header), Ok(header_value)) = (
@@ -1177,6 +1218,20 @@ impl Drop for Exchange {
         // An exchange dropped mid-way (the client went away) still frees its contexts.
         self.end(false);
     }
+}
+
+/// A local response's status as HTTP has it (500 for one out of range).
+fn local_status(code: u32) -> http::StatusCode {
+    u16::try_from(code)
+        .ok()
+        .and_then(|s| http::StatusCode::from_u16(s).ok())
+        .unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// Headers a plugin may not set on a local response: the proxy frames the body it sends (a
+/// plugin's `content-length` next to a body of another length would split the response).
+fn is_framing(name: &[u8]) -> bool {
+    name == b"content-length" || crate::http_parts::is_hop_by_hop(name)
 }
 
 fn local(status: u32, details: &str) -> LocalResponse {
