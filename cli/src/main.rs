@@ -212,5 +212,14 @@ fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
             .map_or_else(String::new, |c| format!("  (callback {})", c.name()));
         writeln!(out, "  {} {:?}{role}", export.name, export.kind)?;
     }
+    // Linking checks every callback export's type against the ABI (and everything else a
+    // load checks); say what it found.
+    match filterbox::Plugin::load(filterbox::PluginConfig::named("inspect"), &wasm) {
+        Ok(_) => writeln!(
+            out,
+            "load check (wasmtime): ok, every callback export has its ABI type"
+        )?,
+        Err(error) => writeln!(out, "load check (wasmtime): {error}")?,
+    }
     Ok(())
 }

@@ -283,6 +283,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::callback_results_read_as_envoy_reads_them,
     },
     Case {
+        name: "abi-0-1-0-header-callbacks-with-end-of-stream",
+        group: "versions",
+        run: envoy_parity::abi_0_1_0_header_callbacks_with_end_of_stream,
+    },
+    Case {
         name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
         run: hardening::large_functions_and_bulk_copies_run_under_deadlines,

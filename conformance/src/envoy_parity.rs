@@ -165,3 +165,36 @@ pub(crate) fn callback_results_read_as_envoy_reads_them(h: &Harness) -> CaseResu
     }
     Ok(())
 }
+
+/// An ABI 0.1.0 module whose header callbacks take 0.2's third parameter (`end_of_stream`),
+/// as early TinyGo SDK builds do: it loads, stays a 0.1.0 module for its hostcalls, and its
+/// header callbacks get `end_of_stream`.
+pub(crate) fn abi_0_1_0_header_callbacks_with_end_of_stream(h: &Harness) -> CaseResult {
+    let wasm = crate::guests::wat_module(
+        Some("proxy_abi_version_0_1_0"),
+        r#"(func (export "proxy_on_context_create") (param i32 i32))
+           (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+               (call $report (local.get 2)) (i32.const 0))
+           (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+               (call $report (local.get 2)) (i32.const 0))"#,
+    )?;
+    let (mut vm, logs) = h.start(&wasm, config("tinygo-0-1-0"))?;
+    ensure!(
+        vm.plugin().abi_version() == filterbox::AbiVersion::V0_1_0,
+        "ABI {:?}",
+        vm.plugin().abi_version()
+    );
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_request_headers(&stream, &mut headers(&[(":path", "/")]), false)
+        .map_err(vm_error)?;
+    vm.on_response_headers(&stream, &mut headers(&[(":status", "200")]), true)
+        .map_err(vm_error)?;
+    vm.finish_stream(stream).map_err(vm_error)?;
+    // `$report` logs 'a' + value: end_of_stream false, then true.
+    ensure!(
+        logs.messages() == ["a", "b"],
+        "end_of_stream seen: {:?}",
+        logs.messages()
+    );
+    Ok(())
+}

@@ -785,11 +785,28 @@ fn type_names(types: &[filterbox_abi::ValType]) -> Vec<&'static str> {
 }
 
 /// Checks every callback a module exports against the type the ABI gives it and says which
-/// are present (indexed by `Callback as usize`). `export_type` answers for a function export.
+/// are present (indexed by `Callback as usize`), with the ABI version whose callback types the
+/// module has. `export_type` answers for a function export.
+///
+/// That version is the module's own, except for ABI 0.1.0 modules whose header callbacks take
+/// 0.2's third parameter (`end_of_stream`; early TinyGo SDK builds, still in the wild): they
+/// are accepted and called with it, as mosn's host does.
 pub(crate) fn check_callbacks(
     abi: AbiVersion,
     mut export_type: impl FnMut(&str) -> Option<ExportType>,
-) -> Result<Vec<bool>, EngineError> {
+) -> Result<(Vec<bool>, AbiVersion), EngineError> {
+    let takes_end_of_stream = |export_type: &mut dyn FnMut(&str) -> Option<ExportType>| {
+        [
+            Callback::ProxyOnRequestHeaders,
+            Callback::ProxyOnResponseHeaders,
+        ]
+        .iter()
+        .any(|c| export_type(c.name()).is_some_and(|(params, _)| params.len() == 3))
+    };
+    let abi = match abi {
+        AbiVersion::V0_1_0 if takes_end_of_stream(&mut export_type) => AbiVersion::V0_2_0,
+        abi => abi,
+    };
     let mut present = Vec::with_capacity(Callback::COUNT);
     for &callback in Callback::ALL {
         let Some((params, results)) = export_type(callback.name()) else {
@@ -812,7 +829,7 @@ pub(crate) fn check_callbacks(
         }
         present.push(true);
     }
-    Ok(present)
+    Ok((present, abi))
 }
 
 /// The allocator the host calls: `proxy_on_memory_allocate`, else `malloc` (the spec's order;

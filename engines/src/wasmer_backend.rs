@@ -533,7 +533,7 @@ impl WrInstancePre {
             }
             _ => return Err(EngineError::MissingExport("memory")),
         }
-        let present = crate::check_callbacks(abi, |name| match exports.get(name) {
+        let (present, abi) = crate::check_callbacks(abi, |name| match exports.get(name) {
             Some(ExternType::Function(ty)) => Some((
                 ty.params().iter().map(type_name).collect(),
                 ty.results().iter().map(type_name).collect(),

@@ -247,7 +247,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
         ) {
             return Err(EngineError::MissingExport("memory"));
         }
-        let present = crate::check_callbacks(abi, |name| match module.get_export(name) {
+        let (present, abi) = crate::check_callbacks(abi, |name| match module.get_export(name) {
             Some(wasmi::ExternType::Func(ty)) => Some((
                 ty.params().iter().map(type_name).collect(),
                 ty.results().iter().map(type_name).collect(),

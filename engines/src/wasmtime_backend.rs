@@ -305,7 +305,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
             _ => None,
         }
         .ok_or(EngineError::MissingExport("memory"))?;
-        let present = crate::check_callbacks(abi, |name| match module.get_export(name) {
+        let (present, abi) = crate::check_callbacks(abi, |name| match module.get_export(name) {
             Some(wasmtime::ExternType::Func(ty)) => Some((
                 ty.params().map(type_name).collect(),
                 ty.results().map(type_name).collect(),
