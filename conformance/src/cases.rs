@@ -288,6 +288,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::abi_0_1_0_header_callbacks_with_end_of_stream,
     },
     Case {
+        name: "output-lines-are-logged-whole",
+        group: "logging",
+        run: envoy_parity::output_lines_are_logged_whole,
+    },
+    Case {
         name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
         run: hardening::large_functions_and_bulk_copies_run_under_deadlines,

@@ -198,3 +198,47 @@ pub(crate) fn abi_0_1_0_header_callbacks_with_end_of_stream(h: &Harness) -> Case
     );
     Ok(())
 }
+
+/// WASI output written in pieces (Go's runtime writes a panic a few bytes at a time) is
+/// logged a line at a time: pieces join until their newline, and what is left without one
+/// is logged when the callback ends. Stdout logs at Info, stderr at Error.
+pub(crate) fn output_lines_are_logged_whole(h: &Harness) -> CaseResult {
+    // iovecs at 64: "par", "tial\nsec", "ond\nrest" (data at 16, 19, 27).
+    let wasm = module(
+        &import_decl(Import::FdWrite),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            "(i32.store (i32.const 64) (i32.const 16)) (i32.store (i32.const 68) (i32.const 3))
+             (i32.store (i32.const 72) (i32.const 19)) (i32.store (i32.const 76) (i32.const 8))
+             (i32.store (i32.const 80) (i32.const 27)) (i32.store (i32.const 84) (i32.const 8))
+             (drop (call $fd_write (i32.const 2) (i32.const 64) (i32.const 1) (i32.const 8)))
+             (drop (call $fd_write (i32.const 2) (i32.const 72) (i32.const 2) (i32.const 8)))
+             (drop (call $fd_write (i32.const 1) (i32.const 64) (i32.const 1) (i32.const 8)))
+             (i32.const 0)",
+        )],
+        r#"(data (i32.const 16) "partial\nsecond\nrest")"#,
+    )?;
+    let (mut vm, logs) = h.start(&wasm, config("output"))?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_request_headers(&stream, &mut headers(&[(":path", "/")]), true)
+        .map_err(vm_error)?;
+    vm.finish_stream(stream).map_err(vm_error)?;
+    use filterbox::LogLevel::{Error, Info};
+    let lines = logs.lines();
+    // At the end of the callback, stdout's unfinished line is logged, then stderr's.
+    let wanted = [
+        (Error, "partial"),
+        (Error, "second"),
+        (Info, "par"),
+        (Error, "rest"),
+    ];
+    ensure!(
+        lines.len() == wanted.len()
+            && lines
+                .iter()
+                .zip(wanted)
+                .all(|((level, text), (l, t))| *level == l && text == t),
+        "lines: {lines:?}"
+    );
+    Ok(())
+}

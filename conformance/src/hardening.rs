@@ -83,10 +83,12 @@ pub(crate) fn amplifying_hostcalls_stay_bounded(h: &Harness) -> CaseResult {
         .into_iter()
         .filter(|m| m.ends_with("more bytes cut]"))
         .collect();
+    // fd_write's line ends with the callback (it has no newline), after proxy_log's.
+    let ends = |suffix: &str| cut.iter().any(|m| m.ends_with(suffix));
     ensure!(
         cut.len() == 2
-            && cut[0].ends_with("... [4194287616 more bytes cut]")
-            && cut[1].ends_with("... [50315264 more bytes cut]")
+            && ends("... [4194287616 more bytes cut]")
+            && ends("... [50315264 more bytes cut]")
             && cut.iter().all(|m| m.len() <= 3 * max_line + 64),
         "cut lines: {:?}",
         cut.iter().map(|m| m.len()).collect::<Vec<_>>()

@@ -1338,15 +1338,9 @@ impl Hostcalls for VmState {
             return WasiErrno::Inval.as_i32();
         }
         let (state, mut memory) = cx.split();
-        // Every iovec is checked, but only what one log line can hold is copied: iovecs may
-        // all point at the same large range of guest memory.
-        let keep = state
-            .shared
-            .config
-            .limits
-            .max_log_line_bytes
-            .saturating_add(1);
-        let mut text = Vec::new();
+        // Every iovec is checked; the bytes are read in place and only what log lines hold
+        // is copied (iovecs may all point at the same large range of guest memory).
+        let mut chunks = Vec::with_capacity(iovs_len as usize);
         let mut written: u64 = 0;
         for i in 0..iovs_len as u32 {
             let Some(at) = (iovs_ptr as u32).checked_add(i.saturating_mul(8)) else {
@@ -1354,23 +1348,14 @@ impl Hostcalls for VmState {
             };
             let buf = wasi_tri!(memory.read_u32(at));
             let len = wasi_tri!(memory.read_u32(at.wrapping_add(4)));
-            let bytes = wasi_tri!(memory.read(buf, len));
+            chunks.push(wasi_tri!(memory.read(buf, len)));
             written += u64::from(len);
-            let room = keep.saturating_sub(text.len());
-            text.extend_from_slice(bytes.get(..room).unwrap_or(bytes));
         }
         let Ok(written) = u32::try_from(written) else {
             return WasiErrno::Inval.as_i32();
         };
-        // One call is one log line; the trailing newline of println! is not part of it.
-        let total = written as usize;
-        let (line, total) = match text.strip_suffix(b"\n") {
-            Some(line) if text.len() == total => (line, total - 1),
-            _ => (&text[..], total),
-        };
-        if total > 0 {
-            let _ = state.shared.log_bytes(level, line, total);
-        }
+        state.write_output((fd - 1) as usize, level, &chunks);
+        drop(chunks);
         wasi_tri!(memory.write_u32(ret_nwritten_ptr as u32, written));
         WasiErrno::Success.as_i32()
     }

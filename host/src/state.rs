@@ -164,6 +164,70 @@ pub(crate) struct VmState {
     pub(crate) properties: HashMap<(u32, Vec<u8>), Bytes>,
     /// Already warned that these are unimplemented or denied.
     warned_unimplemented: ImportSet,
+    /// What WASI `fd_write` got for stdout and stderr since the last newline.
+    pub(crate) output_lines: [PartialLine; 2],
+}
+
+/// A line a plugin writes to stdout or stderr in pieces (Go's runtime writes a panic message
+/// a few bytes at a time): logged once, when its newline comes or the callback ends. Holds at
+/// most `max_log_line_bytes + 1` bytes; `total` counts what was cut.
+#[derive(Debug, Default)]
+pub(crate) struct PartialLine {
+    kept: Vec<u8>,
+    total: usize,
+}
+
+/// The most bytes of one `fd_write` call searched for line ends; the rest of a larger call
+/// only counts towards its line's length (it is cut anyway).
+const MAX_OUTPUT_SCAN: usize = 1 << 20;
+
+impl VmState {
+    /// WASI output (`fd_write` to 1 or 2): each complete line is one log line at `level`.
+    pub(crate) fn write_output(&mut self, stream: usize, level: LogLevel, chunks: &[&[u8]]) {
+        let keep = self
+            .shared
+            .config
+            .limits
+            .max_log_line_bytes
+            .saturating_add(1);
+        let mut scanned = 0;
+        for chunk in chunks {
+            let (searched, rest) = chunk.split_at(chunk.len().min(MAX_OUTPUT_SCAN - scanned));
+            scanned += searched.len();
+            for piece in searched.split_inclusive(|b| *b == b'\n') {
+                let (text, ends) = match piece.strip_suffix(b"\n") {
+                    Some(text) => (text, true),
+                    None => (piece, false),
+                };
+                let Some(line) = self.output_lines.get_mut(stream) else {
+                    return;
+                };
+                let room = keep.saturating_sub(line.kept.len());
+                line.kept
+                    .extend_from_slice(text.get(..room).unwrap_or(text));
+                line.total += text.len();
+                if ends {
+                    let line = std::mem::take(line);
+                    let _ = self.shared.log_bytes(level, &line.kept, line.total);
+                }
+            }
+            if let Some(line) = self.output_lines.get_mut(stream) {
+                line.total += rest.len();
+            }
+        }
+    }
+
+    /// Logs what is left of unfinished output lines (at the end of a callback).
+    pub(crate) fn flush_output(&mut self) {
+        for (stream, level) in [(0, LogLevel::Info), (1, LogLevel::Error)] {
+            if let Some(line) = self.output_lines.get_mut(stream)
+                && line.total > 0
+            {
+                let line = std::mem::take(line);
+                let _ = self.shared.log_bytes(level, &line.kept, line.total);
+            }
+        }
+    }
 }
 
 impl VmState {
@@ -194,6 +258,7 @@ impl VmState {
             stream_info: HashMap::new(),
             validating: None,
             warned_unimplemented: ImportSet::default(),
+            output_lines: Default::default(),
         }
     }
 

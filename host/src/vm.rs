@@ -383,6 +383,7 @@ impl Vm {
         let started = Instant::now();
         let mut outcome = self.instance.call(callback, args);
         let state = self.state();
+        state.flush_output();
         if let Err(trap) = &outcome
             && trap.kind == TrapKind::Exit
             && state.exit_code == Some(0)
