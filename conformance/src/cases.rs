@@ -263,6 +263,11 @@ pub static CASES: &[Case] = &[
         run: hardening::handed_over_buffers_are_bounded,
     },
     Case {
+        name: "ticks-use-at-most-their-share",
+        group: "hostile",
+        run: hardening::ticks_use_at_most_their_share,
+    },
+    Case {
         name: "callouts-end-with-their-vm",
         group: "callouts",
         run: hardening::callouts_end_with_their_vm,

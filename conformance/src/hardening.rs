@@ -343,3 +343,49 @@ pub(crate) fn callouts_end_with_their_vm(h: &Harness) -> CaseResult {
     }
     expect_nothing_leaked(&plugin)
 }
+
+/// A plugin asking for a tick every millisecond whose ticks each run 5 ms would keep a core
+/// busy with no traffic; its ticks are held to `max_tick_cpu_percent` (10%) of a core, and
+/// the postponed ticks are counted.
+pub(crate) fn ticks_use_at_most_their_share(h: &Harness) -> CaseResult {
+    let wasm = module(
+        &[
+            Import::ProxySetTickPeriodMilliseconds,
+            Import::ProxyGetCurrentTimeNanoseconds,
+        ]
+        .map(import_decl)
+        .join("\n"),
+        &[(
+            Callback::ProxyOnVmStart,
+            "(drop (call $proxy_set_tick_period_milliseconds (i32.const 1))) (i32.const 1)",
+        )],
+        r#"(func (export "proxy_on_tick") (param i32)
+               (local $until i64)
+               (drop (call $proxy_get_current_time_nanoseconds (i32.const 32)))
+               (local.set $until (i64.add (i64.load (i32.const 32)) (i64.const 5000000)))
+               (loop $spin
+                   (drop (call $proxy_get_current_time_nanoseconds (i32.const 32)))
+                   (br_if $spin (i64.lt_u (i64.load (i32.const 32)) (local.get $until)))))"#,
+    )?;
+    let (plugin, _) = h
+        .load(&wasm, config("busy-ticks"))
+        .map_err(|e| format!("load failed: {e}"))?;
+    let mut vm = filterbox::Vm::new(&plugin).map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(300) {
+        vm.wait_and_run(Duration::from_millis(5))
+            .map_err(|e| e.to_string())?;
+    }
+    let ticks = plugin.metrics().callback_calls(Callback::ProxyOnTick);
+    // At 10% of a core, 5 ms ticks come at most every 50 ms: 7 in 300 ms, with room for one
+    // more; unbounded, about 50 would run.
+    ensure!(
+        (1..=8).contains(&ticks),
+        "{ticks} ticks of 5 ms ran in 300 ms"
+    );
+    ensure!(
+        plugin.metrics().ticks_postponed() >= 1,
+        "no tick was counted as postponed"
+    );
+    Ok(())
+}

@@ -75,6 +75,11 @@ pub struct Limits {
     pub max_log_line_bytes: usize,
     /// Most HTTP and gRPC callouts one VM may have waiting; more answer `InternalFailure`.
     pub max_pending_callouts: usize,
+    /// The most of one core a VM's ticks may use, in percent: after a tick that ran for `t`,
+    /// the next comes no sooner than its period and no sooner than the idle time that keeps
+    /// the ticks at this share (a 1 ms period whose ticks run 5 ms each gets a tick every
+    /// 50 ms at 10%). Postponed ticks count in `filterbox_ticks_postponed_total`.
+    pub max_tick_cpu_percent: u32,
 }
 
 impl Default for Limits {
@@ -89,6 +94,7 @@ impl Default for Limits {
             max_body_bytes: 16 << 20,
             max_log_line_bytes: 16 << 10,
             max_pending_callouts: 1024,
+            max_tick_cpu_percent: 10,
         }
     }
 }
@@ -101,6 +107,12 @@ pub(crate) const MAX_HEADER_COUNT: usize = 16_384;
 impl Limits {
     /// Refuses limits filterbox cannot honour.
     pub(crate) fn check(&self) -> Result<(), String> {
+        if !(1..=100).contains(&self.max_tick_cpu_percent) {
+            return Err(format!(
+                "max_tick_cpu_percent {} is not a percentage from 1 to 100",
+                self.max_tick_cpu_percent
+            ));
+        }
         if self.max_header_count > MAX_HEADER_COUNT {
             return Err(format!(
                 "max_header_count {} is over {MAX_HEADER_COUNT}, the most HTTP header maps hold",

@@ -48,6 +48,7 @@ pub struct HostMetrics {
     crash_looped: AtomicI64,
     streams_failed_closed: AtomicU64,
     streams_failed_open: AtomicU64,
+    ticks_postponed: AtomicU64,
     traps: [AtomicU64; TrapKind::ALL.len()],
     callbacks: Vec<Histogram>,
     memory_live_bytes: AtomicI64,
@@ -64,6 +65,7 @@ impl Default for HostMetrics {
             crash_looped: AtomicI64::new(0),
             streams_failed_closed: AtomicU64::new(0),
             streams_failed_open: AtomicU64::new(0),
+            ticks_postponed: AtomicU64::new(0),
             traps: Default::default(),
             callbacks: (0..Callback::COUNT).map(|_| Histogram::default()).collect(),
             memory_live_bytes: AtomicI64::new(0),
@@ -106,6 +108,16 @@ impl HostMetrics {
     /// Streams let through by the fail-open policy.
     pub fn streams_failed_open(&self) -> u64 {
         self.streams_failed_open.load(Relaxed)
+    }
+
+    /// Ticks that came later than their period because the plugin's ticks used more than
+    /// their share of a core ([`Limits::max_tick_cpu_percent`](crate::Limits)).
+    pub fn ticks_postponed(&self) -> u64 {
+        self.ticks_postponed.load(Relaxed)
+    }
+
+    pub(crate) fn tick_postponed(&self) {
+        self.ticks_postponed.fetch_add(1, Relaxed);
     }
 
     /// Traps of one class.
@@ -230,6 +242,12 @@ impl HostMetrics {
             "counter",
             "Streams let through by the fail-open policy.",
             self.streams_failed_open().to_string(),
+        );
+        line(
+            "filterbox_ticks_postponed_total",
+            "counter",
+            "Ticks held back because the plugin's ticks used more than their share of a core.",
+            self.ticks_postponed().to_string(),
         );
         line(
             "filterbox_memory_live_bytes",

@@ -911,13 +911,36 @@ impl Vm {
 
     /// Calls `proxy_on_tick` on the root context now and schedules the next tick one period
     /// from now. For an embedder that drives the timer by hand.
+    ///
+    /// The next tick also waits long enough to hold the plugin's ticks to
+    /// [`Limits::max_tick_cpu_percent`](crate::Limits) of a core.
     pub fn on_tick(&mut self) -> Result<(), VmError> {
+        let started = Instant::now();
         if let Some((period, _)) = self.state().tick {
-            self.state().tick = Some((period, Instant::now() + period));
+            self.state().tick = Some((period, started + period));
         }
         let root = self.root_context;
-        self.call(root, Callback::ProxyOnTick, &[root as i32])
-            .map(drop)
+        let called = self.call(root, Callback::ProxyOnTick, &[root as i32]);
+        let percent = u64::from(
+            self.plugin
+                .config()
+                .limits
+                .max_tick_cpu_percent
+                .clamp(1, 100),
+        );
+        let ran = started.elapsed();
+        // Busy for `ran`, then idle for ran × (100 − p) / p: the ticks use p% of a core.
+        let idle = ran.saturating_mul(u32::try_from(100 - percent).unwrap_or(0))
+            / u32::try_from(percent).unwrap_or(1);
+        let state = self.state();
+        if let Some((period, next)) = state.tick {
+            let earliest = started + ran + idle;
+            if earliest > next {
+                state.tick = Some((period, earliest));
+                self.plugin.metrics().tick_postponed();
+            }
+        }
+        called.map(drop)
     }
 
     /// Whether events wait for [`Vm::dispatch_pending`].
