@@ -1,10 +1,9 @@
 //! `filterbox`: run the conformance suite, inspect plugins, list engines.
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 use filterbox::abi::{ImportModule, ModuleInfo};
 use filterbox::{AbiVersion, EngineKind};
-use filterbox_conformance::{Outcome, run, table};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -12,6 +11,8 @@ use std::process::ExitCode;
 
 mod run;
 mod serve;
+#[cfg(feature = "suite")]
+mod suite;
 
 #[derive(Parser)]
 #[command(
@@ -30,10 +31,11 @@ enum Command {
     /// forwarded or its local response, the response, logs, metrics (--trace: hostcalls).
     Run(Box<run::RunArgs>),
     /// Run the conformance suite on every built engine (or the ones named) and print the table.
+    #[cfg(feature = "suite")]
     Conformance {
         /// Output: a case × engine table, or one JSON object per case and engine.
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = suite::Format::Table)]
+        format: suite::Format,
         /// Engines to run on (repeatable); default: every engine in this build.
         #[arg(long = "engine")]
         engines: Vec<String>,
@@ -54,12 +56,6 @@ enum Command {
         #[arg(long, default_value = "filterbox.yaml")]
         config: PathBuf,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
-    Table,
-    Json,
 }
 
 fn main() -> ExitCode {
@@ -88,11 +84,12 @@ fn main() -> ExitCode {
 fn run_cli(cli: Cli) -> Result<ExitCode> {
     let mut out = String::new();
     let code = match cli.command {
+        #[cfg(feature = "suite")]
         Command::Conformance {
             format,
             engines,
             filter,
-        } => conformance(&mut out, format, &engines, filter.as_deref())?,
+        } => suite::conformance(&mut out, format, &engines, filter.as_deref())?,
         Command::Inspect { plugin } => inspect(&mut out, &plugin).map(|()| ExitCode::SUCCESS)?,
         Command::Run(args) => {
             out = run::run(&args)?;
@@ -123,48 +120,6 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
         _ => Ok(code),
     }
-}
-
-fn conformance(
-    out: &mut String,
-    format: Format,
-    names: &[String],
-    filter: Option<&str>,
-) -> Result<ExitCode> {
-    let engines = if names.is_empty() {
-        EngineKind::built()
-    } else {
-        names
-            .iter()
-            .map(|n| EngineKind::from_name(n))
-            .collect::<Result<Vec<_>, _>>()?
-    };
-    if engines.is_empty() {
-        bail!("this build has no engine; enable one of the engine features");
-    }
-    let reports = run(&engines, filter);
-    if reports.is_empty() {
-        bail!("no case matches {:?}", filter.unwrap_or_default());
-    }
-    match format {
-        Format::Table => out.push_str(&table(&reports)),
-        Format::Json => {
-            for r in &reports {
-                writeln!(out, "{}", r.json_line())?;
-            }
-        }
-    }
-    // A skip says an engine is not in this build; a built engine that skips is a failure.
-    let built = EngineKind::built();
-    let failed = reports.iter().any(|r| {
-        r.outcome == Outcome::Fail
-            || (r.outcome == Outcome::Skip && built.iter().any(|e| e.name() == r.engine))
-    });
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
 fn inspect(out: &mut String, path: &PathBuf) -> Result<()> {
