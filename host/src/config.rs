@@ -538,8 +538,14 @@ mod tests {
             }
 
             #[test]
-            fn arbitrary_bytes_never_panic_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
-                let _ = serde_json::from_slice::<PluginConfig>(&bytes);
+            fn arbitrary_bytes_are_parsed_or_refused_with_a_reason(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+                match serde_json::from_slice::<PluginConfig>(&bytes) {
+                    Ok(config) => {
+                        let again = serde_json::to_string(&config).expect("serializes");
+                        prop_assert_eq!(serde_json::from_str::<PluginConfig>(&again).ok(), Some(config));
+                    }
+                    Err(error) => prop_assert!(!error.to_string().is_empty()),
+                }
             }
         }
     }
