@@ -424,6 +424,13 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             *request.version_mut() = http::Version::HTTP_11;
             filterbox::strip_hop_by_hop(request.headers_mut());
             let mut response = shared.client.request(request).await?;
+            // Upgrades are not proxied (their headers are hop-by-hop and dropped): a 101
+            // passed on would switch a client that never asked to.
+            if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                anyhow::bail!(
+                    "upstream answered 101 Switching Protocols; upgrades are not proxied"
+                );
+            }
             filterbox::strip_hop_by_hop(response.headers_mut());
             Ok(response)
         })
@@ -512,6 +519,25 @@ pub fn serve(config_path: &Path) -> Result<()> {
 /// may wait for the next one).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The answer to a request `serve` does not forward: a CONNECT (it proxies no tunnels), or
+/// one with more than one `Host` (which one the upstream and the plugins believe would
+/// differ).
+fn refuse<B>(request: &http::Request<B>) -> Option<http::Response<ProxyBody>> {
+    if request.method() == http::Method::CONNECT {
+        return Some(text(
+            http::StatusCode::METHOD_NOT_ALLOWED,
+            "filterbox: CONNECT is not proxied\n".into(),
+        ));
+    }
+    if request.headers().get_all(http::header::HOST).iter().count() > 1 {
+        return Some(text(
+            http::StatusCode::BAD_REQUEST,
+            "filterbox: more than one Host header\n".into(),
+        ));
+    }
+    None
+}
+
 /// How long an accept loop waits after a failed accept (EMFILE: out of descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -543,6 +569,9 @@ where
                 let shared = shared.clone();
                 async move {
                     shared.requests.fetch_add(1, Ordering::Relaxed);
+                    if let Some(refused) = refuse(&request) {
+                        return Ok::<_, std::convert::Infallible>(refused);
+                    }
                     let response: http::Response<ProxyBody> = match service.call(request).await {
                         Ok(response) => response.map(http_body_util::Either::Left),
                         Err(error) => {

@@ -188,6 +188,33 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         assert_eq!((status, body.as_str()), (200, "saw x-added=one"));
         assert_eq!(hits.load(Ordering::SeqCst), 2);
 
+        // Requests serve does not forward: two Host headers (400), CONNECT (405).
+        for (request, wanted) in [
+            (
+                "GET /two HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "HTTP/1.1 400",
+            ),
+            (
+                "CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n",
+                "HTTP/1.1 405",
+            ),
+        ] {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut socket = tokio::net::TcpStream::connect(listen)
+                .await
+                .expect("connect");
+            socket.write_all(request.as_bytes()).await.expect("send");
+            let mut answer = vec![0u8; 256];
+            let n = socket.read(&mut answer).await.expect("answer");
+            let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+            assert!(answer.starts_with(wanted), "{request:?}: {answer}");
+        }
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            2,
+            "a refused request reached the upstream"
+        );
+
         // Denied by rule (path prefix, then header): answered by the plugin, never forwarded.
         for (path, header) in [("/admin/users", None), ("/fine", Some(("x-deny", "1")))] {
             let (status, headers, body) = get(&client, format!("http://{listen}{path}"), header)
