@@ -575,3 +575,34 @@ fn a_local_response_cannot_set_its_own_framing() {
         assert!(upstream.seen.lock().is_empty(), "the request went upstream");
     });
 }
+
+/// A local response to a gRPC call goes out as Envoy sends it: a trailers-only response
+/// (HTTP 200, `content-type: application/grpc`, `grpc-status` mapped from the HTTP status,
+/// the body as a percent-encoded `grpc-message`) with no body.
+#[test]
+fn a_local_response_to_a_grpc_call_is_trailers_only() {
+    runtime().block_on(async {
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin("deny", guests::DENY, "/admin")])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+        let mut call = request("/admin/Service/Method", &[]);
+        call.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        let (response, body) = send(&mut service, call).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "application/grpc");
+        assert_eq!(response.headers()["grpc-status"], "7"); // PermissionDenied, from 403
+        assert_eq!(response.headers()["grpc-message"], "denied by policy%0A");
+        assert!(body.is_empty(), "body {body:?}");
+        assert!(upstream.seen.lock().is_empty(), "the call went upstream");
+        // The same answer to a plain request keeps its status and body.
+        let (response, body) = send(&mut service, request("/admin/x", &[])).await;
+        assert_eq!(response.status(), 403);
+        assert_eq!(body, "denied by policy\n");
+    });
+}

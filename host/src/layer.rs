@@ -17,7 +17,7 @@ use crate::worker::{Failure, Worker, WorkerStream};
 use crate::{HeaderMap, Plugin, VmError};
 use bytes::{Buf, Bytes, BytesMut};
 use core::fmt;
-use filterbox_abi::{MapType, StreamType};
+use filterbox_abi::{GrpcStatus, MapType, StreamType};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -1115,29 +1115,16 @@ impl Exchange {
     /// its body. If a plugin answers again, or its pause times out, the first response goes
     /// out as it was.
     async fn local_reply(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let mut headers = HeaderMap::new();
-        let status = local_status(local.status_code);
-        headers.add(":status", status.as_str().to_owned());
-        for (name, value) in local.headers.iter() {
-            if !is_framing(name) {
-                headers.add(name.clone(), value.clone());
-            }
-        }
-        if let Some(code) = local.grpc_status {
-            headers.replace("grpc-status", code.as_u32().to_string());
-        }
+        let (headers, body) = local_message(&local, is_grpc(&self.request_headers));
         let phase = MapPhase::Headers {
-            end_of_stream: local.body.is_empty(),
+            end_of_stream: body.is_empty(),
         };
         let Ok(headers) = self.map_phase(Direction::Response, phase, headers).await else {
             return self.local_response(local);
         };
-        let body = match local.body.is_empty() {
+        let body = match body.is_empty() {
             true => BytesMut::new(),
-            false => match self
-                .body_chunk(Direction::Response, local.body.clone(), true)
-                .await
-            {
+            false => match self.body_chunk(Direction::Response, body, true).await {
                 Ok(body) => body,
                 Err(_) => return self.local_response(local),
             },
@@ -1153,36 +1140,32 @@ impl Exchange {
 
     /// The HTTP response for a plugin's (or the chain's) local response, sent as it is: for
     /// answers after the response phase began (as Envoy sends those directly) and when the
-    /// response phase of [`Exchange::local_reply`] cannot run.
+    /// response phase of [`Exchange::local_reply`] cannot run. Headers `http` refuses are
+    /// left out.
     fn local_response(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let status = local_status(local.status_code);
-        let mut response = http::Response::new(FilteredBody::full(local.body));
-        *response.status_mut() = status;
+        let (headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        let mut response = http::Response::new(FilteredBody::full(body));
         let mut seen = HeaderMap::new();
-        seen.add(":status", status.as_str().to_owned());
-        // Headers a plugin put in a local response that `http` refuses are left out, and so
-        // are framing and hop-by-hop ones: the proxy frames the body it sends (a plugin's
-        // `content-length` next to a body of another length would split the response).
-        for (name, value) in local.headers.iter() {
-            if is_framing(name) {
-                continue;
-            }
-            if let (Ok(header), Ok(header_value)) = (
-                http::HeaderName::from_bytes(name),
-                http::HeaderValue::from_bytes(value),
-            ) && response
-                .headers_mut()
-                .try_append(header, header_value)
-                .is_ok()
-            {
+        for (name, value) in headers.iter() {
+            let kept = match name.as_ref() {
+                b":status" => {
+                    let code = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
+                    *response.status_mut() = local_status(code.unwrap_or(0));
+                    true
+                }
+                _ => match (
+                    http::HeaderName::from_bytes(name),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    (Ok(header), Ok(value)) => {
+                        response.headers_mut().try_append(header, value).is_ok()
+                    }
+                    _ => false,
+                },
+            };
+            if kept {
                 seen.add(name.clone(), value.clone());
             }
-        }
-        if let Some(code) = local.grpc_status {
-            response
-                .headers_mut()
-                .insert("grpc-status", http::HeaderValue::from(code.as_u32()));
-            seen.add("grpc-status", code.as_u32().to_string());
         }
         self.response_headers = seen;
         self.end(true);
@@ -1218,6 +1201,72 @@ impl Drop for Exchange {
         // An exchange dropped mid-way (the client went away) still frees its contexts.
         self.end(false);
     }
+}
+
+/// Whether the request is a gRPC call (its `content-type` is `application/grpc…`).
+fn is_grpc(request: &HeaderMap) -> bool {
+    request
+        .get_str("content-type")
+        .is_some_and(|t| t.starts_with("application/grpc"))
+}
+
+/// A local response as the client gets it: the response headers (with `:status`) and body.
+/// Framing and hop-by-hop headers a plugin set are left out: the proxy frames the body it
+/// sends. A gRPC call gets what Envoy sends: a trailers-only response (HTTP 200,
+/// `content-type: application/grpc`, `grpc-status` from the plugin or mapped from the HTTP
+/// status, the body as `grpc-message`) with no body.
+fn local_message(local: &LocalResponse, grpc: bool) -> (HeaderMap, Bytes) {
+    let status = local_status(local.status_code);
+    let mut headers = HeaderMap::new();
+    headers.add(
+        ":status",
+        if grpc { "200" } else { status.as_str() }.to_owned(),
+    );
+    for (name, value) in local.headers.iter() {
+        if !is_framing(name) {
+            headers.add(name.clone(), value.clone());
+        }
+    }
+    if !grpc {
+        if let Some(code) = local.grpc_status {
+            headers.replace("grpc-status", code.as_u32().to_string());
+        }
+        return (headers, local.body.clone());
+    }
+    let code = local
+        .grpc_status
+        .map_or_else(|| grpc_status_of(status), GrpcStatus::as_u32);
+    headers.replace("content-type", "application/grpc");
+    headers.replace("grpc-status", code.to_string());
+    if !local.body.is_empty() {
+        headers.replace("grpc-message", percent_encode(&local.body));
+    }
+    (headers, Bytes::new())
+}
+
+/// The gRPC status Envoy gives a local reply of HTTP `status` that names none.
+fn grpc_status_of(status: http::StatusCode) -> u32 {
+    let code = match status.as_u16() {
+        400 => GrpcStatus::Internal,
+        401 => GrpcStatus::Unauthenticated,
+        403 => GrpcStatus::PermissionDenied,
+        404 => GrpcStatus::Unimplemented,
+        429 | 502 | 503 | 504 => GrpcStatus::Unavailable,
+        _ => GrpcStatus::Unknown,
+    };
+    code.as_u32()
+}
+
+/// `grpc-message` encoding: printable ASCII but `%` as it is, every other byte `%XX`.
+fn percent_encode(text: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &byte in text {
+        match byte {
+            b' '..=b'~' if byte != b'%' => out.push(char::from(byte)),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
 }
 
 /// A local response's status as HTTP has it (500 for one out of range).
