@@ -28,6 +28,16 @@ pub struct RunArgs {
     /// Root id the plugin registered.
     #[arg(long, default_value = "")]
     root_id: String,
+    /// VM id (`plugin_vm_id`; VMs with one id share data and queues).
+    #[arg(long, default_value = "")]
+    vm_id: String,
+    /// Environment variable `NAME=value` the plugin sees through WASI (repeatable).
+    #[arg(long = "env")]
+    environment: Vec<String>,
+    /// Limits as JSON, the fields `limits` takes in a plugin config (the rest default), e.g.
+    /// `{"callback_deadline_ms": 100, "memory_bytes": 67108864}`; `@file` reads a file.
+    #[arg(long)]
+    limits: Option<String>,
     /// Engine: wasmtime, wasmer-cranelift, wasmer-singlepass, wasmi.
     #[arg(long, default_value = "wasmtime")]
     engine: String,
@@ -139,6 +149,19 @@ pub fn run(args: &RunArgs) -> Result<String> {
         .with_engine(engine)
         .with_log_level(LogLevel::Trace);
     config.root_id = args.root_id.clone();
+    config.vm_id = args.vm_id.clone();
+    for variable in &args.environment {
+        let Some((name, value)) = variable.split_once('=') else {
+            bail!("--env {variable:?} is not NAME=value");
+        };
+        config
+            .environment_variables
+            .push((name.to_owned(), value.to_owned()));
+    }
+    if let Some(limits) = &args.limits {
+        config.limits = serde_json::from_slice(&text_arg(limits)?)
+            .with_context(|| format!("--limits {limits:?}"))?;
+    }
     let logs = Arc::new(Logs::default());
     let mut builder = Plugin::builder(config).log_sink(logs.clone());
     // Callouts need a runtime; it lives as long as the run.
@@ -216,9 +239,14 @@ pub fn run(args: &RunArgs) -> Result<String> {
     };
 
     let wait = Duration::from_millis(args.wait_ms);
-    let stream = vm
-        .create_http_stream()
-        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let stream = match vm.create_http_stream() {
+        Ok(stream) => stream,
+        Err(error) => {
+            // The plugin's own words (a panic message, say) say more than the trap.
+            print_logs(&mut out, &logs);
+            bail!("{out}{file}: {error}");
+        }
+    };
     let mut exchange = Exchange {
         vm: &mut vm,
         stream: &stream,
@@ -548,6 +576,37 @@ mod tests {
         );
         assert!(report.contains(":status: 403"), "{report}");
         assert!(report.contains("denied by policy"), "{report}");
+    }
+
+    #[test]
+    fn run_takes_the_vm_id_environment_and_limits() {
+        let dir = dir("settings");
+        let report = run_with(
+            &dir,
+            filterbox_conformance::guests::HEADERS,
+            &[
+                "--config",
+                "copy-property x-vm plugin_vm_id",
+                "--vm-id",
+                "shared",
+                "--env",
+                "MODE=test",
+                "--limits",
+                r#"{"callback_deadline_ms": 50}"#,
+            ],
+        )
+        .expect("run");
+        assert!(report.contains("x-vm: shared"), "{report}");
+        let error = run_with(
+            &dir,
+            filterbox_conformance::guests::HEADERS,
+            &["--limits", r#"{"callback_deadline": 50}"#],
+        )
+        .expect_err("an unknown limit accepted");
+        assert!(
+            format!("{error:#}").contains("callback_deadline"),
+            "{error:#}"
+        );
     }
 
     #[test]
