@@ -668,8 +668,9 @@ pub(crate) fn metrics(h: &Harness) -> CaseResult {
 }
 
 /// Foreign functions: a registered one answers (results through the allocator), an unknown
-/// name is `NotFound`, a function's error status reaches the guest; the embedder calls back
-/// with `proxy_on_foreign_function` and the arguments in the call-data buffer.
+/// name is `NotFound`, a function's error status reaches the guest; the built-in `compress`
+/// and `uncompress` round-trip; the embedder calls back with `proxy_on_foreign_function` and
+/// the arguments in the call-data buffer.
 pub(crate) fn foreign_functions(h: &Harness) -> CaseResult {
     let call = |name: (u32, u32)| {
         format!(
@@ -677,14 +678,21 @@ pub(crate) fn foreign_functions(h: &Harness) -> CaseResult {
             name.0, name.1
         )
     };
+    // The built-ins: "abc" compressed, then uncompressed and logged.
+    let builtins = "(call $report (call $proxy_call_foreign_function (i32.const 140) (i32.const 8)
+            (i32.const 120) (i32.const 3) (i32.const 3020) (i32.const 3024)))
+        (call $report (call $proxy_call_foreign_function (i32.const 150) (i32.const 10)
+            (i32.load (i32.const 3020)) (i32.load (i32.const 3024)) (i32.const 3030) (i32.const 3034)))
+        (drop (call $log (i32.const 2) (i32.load (i32.const 3030)) (i32.load (i32.const 3034))))";
     let body = format!(
-        "{} (drop (call $log (i32.const 2) (i32.load (i32.const 3000)) (i32.load (i32.const 3004)))) {} {} (i32.const 0)",
+        "{} (drop (call $log (i32.const 2) (i32.load (i32.const 3000)) (i32.load (i32.const 3004)))) {} {} {builtins} (i32.const 0)",
         call((100, 7)),
         call((110, 4)),
         call((130, 4))
     );
     let extra = r#"(data (i32.const 100) "reverse") (data (i32.const 110) "nope")
         (data (i32.const 120) "abc") (data (i32.const 130) "fail")
+        (data (i32.const 140) "compress") (data (i32.const 150) "uncompress")
         (func (export "proxy_on_foreign_function") (param i32 i32 i32)
           (call $report (local.get 1))
           (drop (call $proxy_get_buffer_bytes (i32.const 8) (i32.const 0) (local.get 2) (i32.const 3010) (i32.const 3014)))
@@ -712,9 +720,9 @@ pub(crate) fn foreign_functions(h: &Harness) -> CaseResult {
     vm.on_foreign_function(7, b"from the host")
         .map_err(vm_error)?;
     let got = reports(&logs);
-    ensure!(got == [0, 1, 2, 7], "statuses: {got:?}");
+    ensure!(got == [0, 1, 2, 0, 0, 7], "statuses: {got:?}");
     ensure!(
-        logged(&logs, "cba") && logged(&logs, "from the host"),
+        logged(&logs, "cba") && logged(&logs, "abc") && logged(&logs, "from the host"),
         "logs: {:?}",
         logs.messages()
     );

@@ -399,19 +399,22 @@ mod tests {
                 proptest::option::of(any::<u64>()),
                 proptest::option::of(any::<u64>()),
                 (any::<usize>(), any::<usize>(), any::<usize>()),
-                (any::<usize>(), any::<usize>()),
+                (any::<usize>(), any::<usize>(), any::<u32>()),
             )
                 .prop_map(
-                    |(memory, table, deadline, start, (hc, hb, body), (log, callouts))| Limits {
-                        memory_bytes: memory,
-                        table_elements: table,
-                        callback_deadline_ms: deadline,
-                        start_deadline_ms: start,
-                        max_header_count: hc,
-                        max_header_bytes: hb,
-                        max_body_bytes: body,
-                        max_log_line_bytes: log,
-                        max_pending_callouts: callouts,
+                    |(memory, table, deadline, start, (hc, hb, body), (log, callouts, tick))| {
+                        Limits {
+                            memory_bytes: memory,
+                            table_elements: table,
+                            callback_deadline_ms: deadline,
+                            start_deadline_ms: start,
+                            max_header_count: hc,
+                            max_header_bytes: hb,
+                            max_body_bytes: body,
+                            max_log_line_bytes: log,
+                            max_pending_callouts: callouts,
+                            max_tick_cpu_percent: tick,
+                        }
                     },
                 )
         }

@@ -48,6 +48,7 @@ mod attributes;
 mod callout;
 mod config;
 mod embedder;
+mod foreign;
 mod headers;
 mod hostcalls;
 #[cfg(feature = "http")]

@@ -107,6 +107,9 @@ impl Plugin {
 
     /// A builder to set the engine and the embedder hooks.
     pub fn builder(config: PluginConfig) -> PluginBuilder {
+        let foreign_functions = crate::foreign::builtins(config.limits.max_body_bytes)
+            .into_iter()
+            .collect();
         PluginBuilder {
             config,
             engine: None,
@@ -116,7 +119,7 @@ impl Plugin {
             shared_state: None,
             metric_registry: None,
             callouts: Arc::new(NoCallouts),
-            foreign_functions: HashMap::new(),
+            foreign_functions,
         }
     }
 
@@ -221,7 +224,9 @@ impl PluginBuilder {
         self
     }
 
-    /// Registers a function the plugin can call with `proxy_call_foreign_function`.
+    /// Registers a function the plugin can call with `proxy_call_foreign_function`. Every
+    /// plugin has Envoy's `compress` and `uncompress` (zlib; `uncompress` refuses to inflate
+    /// past `max_body_bytes`); a function registered under one of those names replaces it.
     pub fn foreign_function(
         mut self,
         name: impl Into<String>,
