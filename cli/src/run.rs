@@ -264,11 +264,14 @@ pub fn run(args: &RunArgs) -> Result<String> {
         Ok(Outcome::Forwarded {
             request_body,
             response_body,
+            trailers: [request_trailers, response_trailers],
         }) => {
             let _ = writeln!(out, "\n== request, as forwarded upstream");
             print_message(&mut out, &request, &request_body);
+            print_trailers(&mut out, request_trailers.as_ref());
             let _ = writeln!(out, "\n== response, as sent to the client");
             print_message(&mut out, &response, &response_body);
+            print_trailers(&mut out, response_trailers.as_ref());
         }
         Ok(Outcome::Local(local)) => {
             let _ = writeln!(
@@ -344,6 +347,8 @@ enum Outcome {
     Forwarded {
         request_body: Bytes,
         response_body: Bytes,
+        /// Trailers the plugin added at the end of each body.
+        trailers: [Option<HeaderMap>; 2],
     },
     Local(LocalResponse),
 }
@@ -395,6 +400,12 @@ impl Exchange<'_> {
         Ok(Outcome::Forwarded {
             request_body: body.freeze(),
             response_body: response_buffer.freeze(),
+            trailers: [
+                self.vm
+                    .take_added_trailers(stream, MapType::HttpRequestTrailers),
+                self.vm
+                    .take_added_trailers(stream, MapType::HttpResponseTrailers),
+            ],
         })
     }
 
@@ -498,6 +509,14 @@ fn print_message(out: &mut String, headers: &HeaderMap, body: &[u8]) {
     }
     if !body.is_empty() {
         let _ = writeln!(out, "\n{}", String::from_utf8_lossy(body));
+    }
+}
+
+/// Trailers the plugin added to a message.
+fn print_trailers(out: &mut String, trailers: Option<&HeaderMap>) {
+    if let Some(trailers) = trailers {
+        let _ = writeln!(out, "-- trailers added by the plugin");
+        print_message(out, trailers, &[]);
     }
 }
 

@@ -298,6 +298,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::output_lines_are_logged_whole,
     },
     Case {
+        name: "trailers-added-at-the-end-of-the-body",
+        group: "body",
+        run: envoy_parity::trailers_added_at_the_end_of_the_body,
+    },
+    Case {
         name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
         run: hardening::large_functions_and_bulk_copies_run_under_deadlines,

@@ -242,3 +242,56 @@ pub(crate) fn output_lines_are_logged_whole(h: &Harness) -> CaseResult {
     );
     Ok(())
 }
+
+/// A body callback with `end_of_stream` may add trailers to a message that had none (Envoy's
+/// `addDecodedTrailers`/`addEncodedTrailers`, which the Rust SDK's trailer setters reach):
+/// the embedder takes them to send after the body. Before the end of the body there is no
+/// trailer map to add to (`BadArgument`).
+pub(crate) fn trailers_added_at_the_end_of_the_body(h: &Harness) -> CaseResult {
+    use filterbox::abi::MapType;
+    let add = |map: u32| {
+        format!(
+            "(call $report (call $proxy_add_header_map_value (i32.const {map}) (i32.const 16)
+                 (i32.const 3) (i32.const 24) (i32.const 2)))"
+        )
+    };
+    let wasm = module(
+        &import_decl(Import::ProxyAddHeaderMapValue),
+        &[
+            (
+                Callback::ProxyOnRequestBody,
+                &format!("{} (i32.const 0)", add(1)),
+            ),
+            (
+                Callback::ProxyOnResponseBody,
+                &format!("{} (i32.const 0)", add(3)),
+            ),
+        ],
+        r#"(data (i32.const 16) "x-t") (data (i32.const 24) "ok")"#,
+    )?;
+    let (mut vm, logs) = h.start(&wasm, config("add-trailers"))?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut body = bytes::BytesMut::from(&b"part"[..]);
+    vm.on_request_body(&stream, &mut body, false)
+        .map_err(vm_error)?;
+    let early = vm.take_added_trailers(&stream, MapType::HttpRequestTrailers);
+    vm.on_request_body(&stream, &mut body, true)
+        .map_err(vm_error)?;
+    let request = vm.take_added_trailers(&stream, MapType::HttpRequestTrailers);
+    vm.on_response_body(&stream, &mut body, true)
+        .map_err(vm_error)?;
+    let response = vm.take_added_trailers(&stream, MapType::HttpResponseTrailers);
+    vm.finish_stream(stream).map_err(vm_error)?;
+    ensure!(
+        reports(&logs) == [crate::hostile::BAD_ARGUMENT, OK, OK],
+        "statuses {:?}",
+        reports(&logs)
+    );
+    let is_ok =
+        |t: &Option<filterbox::HeaderMap>| t.as_ref().and_then(|t| t.get_str("x-t")) == Some("ok");
+    ensure!(
+        early.is_none() && is_ok(&request) && is_ok(&response),
+        "added: {early:?} {request:?} {response:?}"
+    );
+    Ok(())
+}

@@ -606,3 +606,43 @@ fn a_local_response_to_a_grpc_call_is_trailers_only() {
         assert_eq!(body, "denied by policy\n");
     });
 }
+
+/// Trailers a plugin adds in its last response-body callback (the response had none) reach
+/// the client after the body.
+#[test]
+fn trailers_a_plugin_adds_at_the_end_of_the_body_reach_the_client() {
+    let wasm = wat::parse_str(
+        r#"(module
+            (import "env" "proxy_add_header_map_value"
+                (func $add (param i32 i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 16) "x-checksum") (data (i32.const 32) "ok")
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+            (func (export "proxy_on_context_create") (param i32 i32))
+            (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+                (if (local.get 2) (then
+                    (drop (call $add (i32.const 3) (i32.const 16) (i32.const 10) (i32.const 32) (i32.const 2)))))
+                (i32.const 0)))"#,
+    )
+    .expect("wat");
+    runtime().block_on(async {
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![plugin("trailers", &wasm, "")])
+            .expect("chain");
+        let mut service = FilterLayer::new(chain).layer(Upstream::default());
+        let response = service
+            .call(request("/", &["hello"]))
+            .await
+            .expect("exchange");
+        let collected = response.into_body().collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        assert_eq!(collected.to_bytes(), "hello");
+        assert_eq!(
+            trailers.as_ref().and_then(|t| t.get("x-checksum")),
+            Some(&http::HeaderValue::from_static("ok")),
+            "{trailers:?}"
+        );
+    });
+}

@@ -286,6 +286,13 @@ impl Direction {
         }
     }
 
+    fn trailer_map(self) -> MapType {
+        match self {
+            Direction::Request => MapType::HttpRequestTrailers,
+            Direction::Response => MapType::HttpResponseTrailers,
+        }
+    }
+
     /// From position `from` of the order this direction runs `plugins` plugins in: each
     /// position with its plugin's index (requests in chain order, responses reversed).
     fn positions(self, plugins: usize, from: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -324,6 +331,9 @@ fn headers_phase(body: &impl Body) -> MapPhase {
 struct Streams {
     streams: Vec<Option<WorkerStream>>,
     buffers: Vec<BytesMut>,
+    /// Trailers plugins added to a message that had none (request, response), in the order
+    /// the plugins ran.
+    added_trailers: [HeaderMap; 2],
 }
 
 /// A slot thread's VMs and the exchanges running on them.
@@ -385,6 +395,7 @@ impl SlotState {
                 .map(|w| Some(w.create_stream()))
                 .collect(),
             buffers: vec![BytesMut::new(); workers.len()],
+            added_trailers: Default::default(),
         })
     }
 
@@ -474,10 +485,23 @@ impl SlotState {
                     BytesMut::new(),
                 );
             }
-            let action = self.call(id, index, |worker, stream| match direction {
-                Direction::Request => worker.on_request_body(stream, &mut body, end_of_stream),
-                Direction::Response => worker.on_response_body(stream, &mut body, end_of_stream),
+            let mut added = None;
+            let action = self.call(id, index, |worker, stream| {
+                let action = match direction {
+                    Direction::Request => worker.on_request_body(stream, &mut body, end_of_stream),
+                    Direction::Response => {
+                        worker.on_response_body(stream, &mut body, end_of_stream)
+                    }
+                };
+                added = worker.take_added_trailers(stream, direction.trailer_map());
+                action
             });
+            if let Some(added) = added {
+                let held = &mut self.streams(id).added_trailers[direction as usize];
+                for (name, value) in added.iter() {
+                    held.add(name.clone(), value.clone());
+                }
+            }
             match action {
                 Action::Continue => input = body,
                 Action::Respond(response) => return (Step::Respond(response), BytesMut::new()),
@@ -503,6 +527,12 @@ impl SlotState {
             None => BytesMut::new(),
         };
         self.body(id, direction, held, true, position + 1)
+    }
+
+    /// The trailers plugins added to `direction`'s message, if any.
+    fn take_added_trailers(&mut self, id: u64, direction: Direction) -> Option<HeaderMap> {
+        let held = std::mem::take(&mut self.streams(id).added_trailers[direction as usize]);
+        (!held.is_empty()).then_some(held)
     }
 
     /// What plugins still hold of the body, in order (released once trailers went through).
@@ -834,6 +864,26 @@ impl Exchange {
         }
     }
 
+    /// The trailers plugins added at the end of `direction`'s body (none had come), as `http`
+    /// trailers; `None` if they added none.
+    async fn added_trailers(
+        &self,
+        direction: Direction,
+    ) -> Option<Result<http::HeaderMap, LocalResponse>> {
+        if self.chain.inner.plugins.is_empty() {
+            return None;
+        }
+        let id = self.id;
+        let added = match self
+            .on_slot(move |s| s.take_added_trailers(id, direction))
+            .await
+        {
+            Ok(added) => added?,
+            Err(response) => return Some(Err(response)),
+        };
+        Some(added.to_http().map_err(invalid_edit))
+    }
+
     /// One body chunk through the plugins of `direction`; returns what left the chain.
     async fn body_chunk(
         &self,
@@ -903,6 +953,9 @@ impl Exchange {
                         send(Frame::data(passed.freeze())).await?;
                     }
                     if ended {
+                        if let Some(added) = self.added_trailers(direction).await {
+                            send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
+                        }
                         return Ok(());
                     }
                     continue;
@@ -920,6 +973,9 @@ impl Exchange {
                 .map_err(PumpEnd::Local)?;
             if !passed.is_empty() {
                 send(Frame::data(passed.freeze())).await?;
+            }
+            if let Some(added) = self.added_trailers(direction).await {
+                send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
             }
             return Ok(());
         };
@@ -1068,13 +1124,21 @@ impl Exchange {
         if let Some(chunk) = whole {
             return match self.body_chunk(Direction::Response, chunk, true).await {
                 Ok(passed) => {
+                    let added = match self.added_trailers(Direction::Response).await {
+                        Some(Err(response)) => return Ok(self.local_response(response)),
+                        Some(Ok(trailers)) => Some(trailers),
+                        None => None,
+                    };
                     self.end(true);
                     // Known in full, its length can be right whatever the plugins did.
                     if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
                         let length = http::HeaderValue::from(passed.len());
                         parts.headers.insert(http::header::CONTENT_LENGTH, length);
                     }
-                    let body = FilteredBody::full(passed.freeze());
+                    let body = match added {
+                        None => FilteredBody::full(passed.freeze()),
+                        Some(trailers) => FilteredBody::with_trailers(passed.freeze(), trailers),
+                    };
                     Ok(http::Response::from_parts(parts, body))
                 }
                 Err(response) => Ok(self.local_response(response)),
@@ -1372,6 +1436,15 @@ impl FilteredBody {
                 false => BodyKind::Full(data),
             },
         }
+    }
+
+    /// A body of `data` followed by `trailers`.
+    fn with_trailers(data: Bytes, trailers: http::HeaderMap) -> Self {
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        // Two frames fit in a fresh channel of two.
+        let _ = sender.try_send(Ok(Frame::data(data)));
+        let _ = sender.try_send(Ok(Frame::trailers(trailers)));
+        FilteredBody::stream(receiver)
     }
 
     /// `body` as it is, its errors wrapped by `error`.

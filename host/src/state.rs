@@ -166,6 +166,9 @@ pub(crate) struct VmState {
     warned_unimplemented: ImportSet,
     /// What WASI `fd_write` got for stdout and stderr since the last newline.
     pub(crate) output_lines: [PartialLine; 2],
+    /// Trailers a plugin added in the last body callback of a message that had none, by
+    /// context and trailer map, until the embedder takes them.
+    pub(crate) added_trailers: HashMap<(u32, MapType), HeaderMap>,
 }
 
 /// A line a plugin writes to stdout or stderr in pieces (Go's runtime writes a panic message
@@ -259,6 +262,7 @@ impl VmState {
             validating: None,
             warned_unimplemented: ImportSet::default(),
             output_lines: Default::default(),
+            added_trailers: HashMap::new(),
         }
     }
 

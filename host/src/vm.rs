@@ -581,6 +581,13 @@ impl Vm {
         Ok(action)
     }
 
+    /// Trailers the plugin added to a message that had none, from its body callback with
+    /// `end_of_stream` (`map` is [`MapType::HttpRequestTrailers`] or
+    /// [`MapType::HttpResponseTrailers`]). Send them after the body; `None` if it added none.
+    pub fn take_added_trailers(&mut self, stream: &HttpStream, map: MapType) -> Option<HeaderMap> {
+        self.state().added_trailers.remove(&(stream.id, map))
+    }
+
     /// The headers of `stream` as the plugin left them after pausing in a header callback:
     /// a plugin that resumes from a later callback (an HTTP-call answer, a tick) may have
     /// changed them since. Take them when the stream is resumed; `None` if the stream did not
@@ -602,9 +609,28 @@ impl Vm {
             i32::from(end_of_stream),
         ];
         let on = (stream.vm, stream.id);
-        let (action, value) = self.with_body(kind, body, |vm| {
-            vm.filter_call_returning(on, callback, &args)
-        })?;
+        let call = |vm: &mut Self, body: &mut BytesMut| {
+            vm.with_body(kind, body, |vm| {
+                vm.filter_call_returning(on, callback, &args)
+            })
+        };
+        let (action, value) = match end_of_stream {
+            // The last body callback of a message may add trailers it did not have (Envoy's
+            // addDecodedTrailers/addEncodedTrailers): the plugin gets an empty map to fill.
+            true => {
+                let map = match kind {
+                    BufferType::HttpRequestBody => MapType::HttpRequestTrailers,
+                    _ => MapType::HttpResponseTrailers,
+                };
+                let mut added = HeaderMap::new();
+                let result = self.with_map(map, &mut added, |vm| call(vm, body));
+                if !added.is_empty() {
+                    self.state().added_trailers.insert((stream.id, map), added);
+                }
+                result?
+            }
+            false => call(self, body)?,
+        };
         if action == Action::Pause && value == Some(STOP_ITERATION_NO_BUFFER) {
             // The plugin took what it was given: nothing is kept for its next call, which
             // sees only new data (Envoy's StopIterationNoBuffer).
@@ -738,6 +764,9 @@ impl Vm {
         state.events.retain(|(context, _)| *context != id);
         state.properties.retain(|(context, _), _| *context != id);
         state.parked.retain(|(context, _), _| *context != id);
+        state
+            .added_trailers
+            .retain(|(context, _), _| *context != id);
         state.stream_info.remove(&id);
     }
 

@@ -272,6 +272,18 @@ impl Worker {
         }
     }
 
+    /// Trailers the plugin added in its last body callback: see [`Vm::take_added_trailers`].
+    pub fn take_added_trailers(
+        &mut self,
+        stream: &WorkerStream,
+        map: MapType,
+    ) -> Option<HeaderMap> {
+        match (&stream.stream, self.live_vm(stream.generation)) {
+            (Some(s), Some(vm)) => vm.take_added_trailers(s, map),
+            _ => None,
+        }
+    }
+
     /// The headers of a stream that paused in a header callback, as the plugin left them:
     /// see [`Vm::take_paused_headers`].
     pub fn take_paused_headers(
