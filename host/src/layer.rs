@@ -418,7 +418,9 @@ impl SlotState {
         match callback(worker, stream) {
             Ok(action) => action,
             Err(failure) => {
-                tracing::warn!("{failure}");
+                // The worker logged the trap when it happened; every later phase of the
+                // stream gets the same failure, which is not news.
+                tracing::debug!("{failure}");
                 failure.into_action()
             }
         }
@@ -591,13 +593,14 @@ impl SlotState {
             let Some(mut stream) = stream.take() else {
                 continue;
             };
+            // A failure here was logged by the worker when its trap happened.
             if log.is_some()
                 && let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response)
             {
-                tracing::warn!("{failure}");
+                tracing::debug!("{failure}");
             }
             if let Err(failure) = worker.finish_stream(stream) {
-                tracing::warn!("{failure}");
+                tracing::debug!("{failure}");
             }
         }
     }
