@@ -120,11 +120,13 @@ pub struct EngineConfig {
     /// Initialize linear memories from copy-on-write images of the module's data (wasmtime).
     pub memory_init_cow: bool,
     /// Compile in the mechanism that stops guest code at a deadline (wasmtime: epoch
-    /// interruption; wasmer: metering; wasmi: fuel). On by default; without it
-    /// [`Instance::set_deadline`] has no effect and an infinite loop runs forever.
+    /// interruption; wasmer: metering plus a watchdog thread that interrupts calls by signal;
+    /// wasmi: fuel). On by default; without it [`Instance::set_deadline`] has no effect and an
+    /// infinite loop runs forever.
     pub interruptible: bool,
-    /// How long a module's wasm start section may run while it is instantiated (on wasmer
-    /// this is a metering budget fixed per engine; see [`Instance::set_deadline`]).
+    /// How long a module's wasm start section may run while it is instantiated, unless the
+    /// instance's [`InstanceLimits::start_deadline`] says otherwise (on wasmer the metering
+    /// budget compiled into the module is this one; the watchdog uses the instance's).
     pub start_deadline: Duration,
 }
 
