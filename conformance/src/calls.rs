@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 /// How long a case waits for callouts to come back before it fails.
 const PATIENCE: Duration = Duration::from_secs(15);
 
-fn imports(list: &[Import]) -> String {
+/// The WAT imports of `list`, one per line.
+pub(crate) fn imports(list: &[Import]) -> String {
     list.iter().map(|i| import_decl(*i) + "\n").collect()
 }
 

@@ -2,7 +2,7 @@
 //! of the specification: a closed stream is reset whatever its callback returns, and a local
 //! response wins over a resume sent in the same callback.
 
-use crate::calls::Dropping;
+use crate::calls::{Dropping, imports};
 use crate::ensure;
 use crate::harness::{CaseResult, Harness, headers};
 use crate::hostile::{OK, config, import_decl, module, reports};
@@ -46,14 +46,12 @@ pub(crate) fn close_stream_resets_whatever_the_callback_returns(h: &Harness) -> 
 /// for the same stream (the Rust SDK's `send_http_response(403, ..)` followed by
 /// `resume_http_request()`): the stream gets the local response and no resume.
 pub(crate) fn local_response_wins_over_a_resume_in_the_same_callback(h: &Harness) -> CaseResult {
-    let imports = [
+    let imports = imports(&[
         Import::ProxyHttpCall,
         Import::ProxySetEffectiveContext,
         Import::ProxySendLocalResponse,
         Import::ProxyContinueStream,
-    ]
-    .map(import_decl)
-    .join("\n");
+    ]);
     let wasm = module(
         &imports,
         &[(

@@ -3,6 +3,7 @@
 //! engines counting guest work alone do not see), and buffers sized to be expensive to
 //! decode. Each case failed on a host without the bound it checks.
 
+use crate::calls::imports;
 use crate::ensure;
 use crate::harness::{CaseResult, Harness, headers};
 use crate::hostile::{
@@ -110,11 +111,7 @@ pub(crate) fn amplifying_hostcalls_stay_bounded(h: &Harness) -> CaseResult {
 /// 4 MiB), in a stream callback and in `_initialize`: each stops at its deadline on every
 /// engine, though the guest itself does almost no work between calls.
 pub(crate) fn deadlines_hold_in_hostcall_loops(h: &Harness) -> CaseResult {
-    let imports = format!(
-        "{}\n{}",
-        import_decl(Import::RandomGet),
-        import_decl(Import::ProxySetSharedData)
-    );
+    let imports = imports(&[Import::RandomGet, Import::ProxySetSharedData]);
     let random = "(loop $l (drop (call $random_get (i32.const 0) (i32.const 65536))) (br $l))
                   (unreachable)";
     let shared = "(drop (memory.grow (i32.const 64)))
@@ -202,14 +199,12 @@ pub(crate) fn large_functions_and_bulk_copies_run_under_deadlines(h: &Harness) -
 /// pairs, and a property whose path and value together pass `max_header_bytes`, are
 /// `BadArgument`; `random_get` past 64 KiB is `EINVAL`; the same within the limits is `Ok`.
 pub(crate) fn handed_over_buffers_are_bounded(h: &Harness) -> CaseResult {
-    let imports = [
+    let imports = imports(&[
         Import::ProxySendLocalResponse,
         Import::ProxySetHeaderMapPairs,
         Import::ProxySetProperty,
         Import::RandomGet,
-    ]
-    .map(import_decl)
-    .join("\n");
+    ]);
     // A pairs buffer of n empty pairs is the count, then n zero sizes and 2n NULs: zero
     // memory after a count at 65536.
     let wasm = module(
@@ -349,12 +344,10 @@ pub(crate) fn callouts_end_with_their_vm(h: &Harness) -> CaseResult {
 /// the postponed ticks are counted.
 pub(crate) fn ticks_use_at_most_their_share(h: &Harness) -> CaseResult {
     let wasm = module(
-        &[
+        &imports(&[
             Import::ProxySetTickPeriodMilliseconds,
             Import::ProxyGetCurrentTimeNanoseconds,
-        ]
-        .map(import_decl)
-        .join("\n"),
+        ]),
         &[(
             Callback::ProxyOnVmStart,
             "(drop (call $proxy_set_tick_period_milliseconds (i32.const 1))) (i32.const 1)",
