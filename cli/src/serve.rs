@@ -14,7 +14,7 @@ use filterbox::{
     MetricRegistry, Plugin, PluginConfig, ReloadPolicy, SharedChain,
 };
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -60,6 +60,11 @@ pub struct ServeConfig {
     /// Largest body read per direction, in bytes (default 16 MiB).
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
+    /// How long a client may leave a request body waiting for its next bytes, in
+    /// milliseconds (default 30 000): a stalled upload then ends (502) and frees what the
+    /// plugins held of it.
+    #[serde(default)]
+    pub body_idle_timeout_ms: Option<u64>,
 }
 
 /// One listener.
@@ -385,6 +390,8 @@ fn build_generation(
 /// What every connection shares.
 struct Shared {
     chain: SharedChain,
+    /// How long a request body may wait for its client.
+    body_idle: Duration,
     upstreams: RwLock<Arc<BTreeMap<String, http::Uri>>>,
     client: Client<HttpConnector, FilteredBody>,
     registries: Registries,
@@ -468,6 +475,9 @@ pub fn serve(config_path: &Path) -> Result<()> {
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             client: Client::builder(TokioExecutor::new()).build_http(),
             registries,
+            body_idle: config
+                .body_idle_timeout_ms
+                .map_or(BODY_IDLE_TIMEOUT, Duration::from_millis),
             requests: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
@@ -515,6 +525,68 @@ pub fn serve(config_path: &Path) -> Result<()> {
     served
 }
 
+/// How long a request body may wait for its client's next bytes by default.
+const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request body that fails when its client sends nothing for `idle` while the proxy waits
+/// for it: a stalled upload cannot hold a connection and the plugins' buffers for ever. Only
+/// time spent waiting on the client counts (not time the plugins keep the body unread).
+struct IdleBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl IdleBody {
+    fn new(inner: Incoming, idle: Duration) -> Self {
+        IdleBody {
+            inner,
+            idle,
+            timer: None,
+        }
+    }
+}
+
+impl Body for IdleBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.timer = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                        "the client sent no request body for {} ms",
+                        idle.as_millis()
+                    )
+                    .into()))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// How long a client may take to send a request's head (and an idle keep-alive connection
 /// may wait for the next one).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -544,7 +616,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 async fn accept_loop<S>(socket: TcpListener, service: S, shared: Arc<Shared>)
 where
     S: Service<
-            http::Request<Incoming>,
+            http::Request<IdleBody>,
             Response = http::Response<FilteredBody>,
             Error = filterbox::FilterError,
         > + Clone
@@ -572,6 +644,8 @@ where
                     if let Some(refused) = refuse(&request) {
                         return Ok::<_, std::convert::Infallible>(refused);
                     }
+                    let idle = shared.body_idle;
+                    let request = request.map(|body| IdleBody::new(body, idle));
                     let response: http::Response<ProxyBody> = match service.call(request).await {
                         Ok(response) => response.map(http_body_util::Either::Left),
                         Err(error) => {

@@ -54,7 +54,12 @@ async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("none")
                         .to_owned();
+                    let upload = request.uri().path() == "/upload";
                     async move {
+                        // An upload is read whole before the answer.
+                        if upload {
+                            let _ = request.into_body().collect().await;
+                        }
                         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                             Bytes::from(format!("saw x-added={added}")),
                         )))
@@ -81,6 +86,7 @@ fn write_config(
 upstreams: {{ backend: "http://{upstream}" }}
 admin: {{ address: "{admin}" }}
 slots: 2
+body_idle_timeout_ms: 500
 plugins:
   - name: add-headers
     configuration: "{add}\nresponse-add x-filtered yes"
@@ -305,6 +311,26 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
             stats.contains("filterbox_vms_active{plugin=\"deny\"}"),
             "{stats}"
         );
+        // An upload that stalls (10 of 100 bytes sent) ends after the body idle timeout
+        // (500 ms here) instead of holding the connection and what the plugins buffered.
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut socket = tokio::net::TcpStream::connect(listen)
+                .await
+                .expect("connect");
+            let head = "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789";
+            socket.write_all(head.as_bytes()).await.expect("send");
+            let mut answer = vec![0u8; 256];
+            let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut answer))
+                .await
+                .expect("a stalled upload is still open after 20 s");
+            let answer = String::from_utf8_lossy(&answer[..read.unwrap_or(0)]).into_owned();
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 502"),
+                "stalled upload: {answer}"
+            );
+        }
+
         // SIGTERM ends it cleanly.
         let mut proxy = proxy;
         let _ = Command::new("kill")
