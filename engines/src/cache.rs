@@ -13,6 +13,37 @@ use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"FBXMOD1\n";
 
+/// A [`Hasher`](std::hash::Hasher) that feeds SHA-256, for engine fingerprints in cache file
+/// names: std's `DefaultHasher` may change from one Rust release to the next, SHA-256 does
+/// not.
+#[derive(Default)]
+pub(crate) struct Fingerprint(Sha256);
+
+impl std::hash::Hasher for Fingerprint {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_le_bytes(first)
+    }
+}
+
+impl Fingerprint {
+    /// The first 128 bits of the digest, in hex.
+    pub(crate) fn hex(self) -> String {
+        self.0
+            .finalize()
+            .iter()
+            .take(16)
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
 /// A directory of compiled modules.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModuleCache {

@@ -271,19 +271,21 @@ impl WrEngine {
         }
     }
 
-    /// The compiler and target (wasmer's id), the wasmer release line and whether metering
-    /// is compiled in. Wasmer's own artifact header also refuses artifacts of an
-    /// incompatible version.
+    /// The compiler and target (wasmer's id), the wasmer release line, whether metering is
+    /// compiled in and with what start budget, hashed with SHA-256. Wasmer's own artifact
+    /// header also refuses artifacts of an incompatible version.
     pub(crate) fn fingerprint(&self) -> String {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        use std::hash::Hash;
+        let mut hasher = crate::cache::Fingerprint::default();
+        // The metering budget of the start section is compiled into the module too.
         (
             WASMER_LINE,
             self.engine.deterministic_id(),
             self.interruptible,
+            self.start_points,
         )
             .hash(&mut hasher);
-        format!("{:016x}", hasher.finish())
+        hasher.hex()
     }
 
     pub(crate) fn deserialize(

@@ -109,12 +109,12 @@ impl WtEngine {
 
     /// Covers wasmtime's version and every setting that changes generated code.
     pub(crate) fn fingerprint(&self) -> String {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        use std::hash::Hash;
+        let mut hasher = crate::cache::Fingerprint::default();
         self.engine
             .precompile_compatibility_hash()
             .hash(&mut hasher);
-        format!("{:016x}", hasher.finish())
+        hasher.hex()
     }
 
     pub(crate) fn deserialize(&self, artifact: &[u8]) -> Result<wasmtime::Module, String> {
