@@ -303,6 +303,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::trailers_added_at_the_end_of_the_body,
     },
     Case {
+        name: "request-headers-are-not-readable-in-the-response-phase",
+        group: "headers",
+        run: envoy_parity::request_headers_are_not_readable_in_the_response_phase,
+    },
+    Case {
         name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
         run: hardening::large_functions_and_bulk_copies_run_under_deadlines,

@@ -293,3 +293,37 @@ pub(crate) fn trailers_added_at_the_end_of_the_body(h: &Harness) -> CaseResult {
     );
     Ok(())
 }
+
+/// Request headers are not readable from response callbacks, as in Envoy (Kong's host
+/// allows it): a value lookup is `BadArgument`, the pairs read as empty.
+pub(crate) fn request_headers_are_not_readable_in_the_response_phase(h: &Harness) -> CaseResult {
+    let wasm = module(
+        &imports(&[
+            Import::ProxyGetHeaderMapValue,
+            Import::ProxyGetHeaderMapPairs,
+        ]),
+        &[(
+            Callback::ProxyOnResponseHeaders,
+            "(call $report (call $proxy_get_header_map_value (i32.const 0) (i32.const 16)
+                 (i32.const 5) (i32.const 32) (i32.const 36)))
+             (call $report (call $proxy_get_header_map_pairs (i32.const 0) (i32.const 32)
+                 (i32.const 36)))
+             (call $report (i32.load (i32.const 36)))
+             (i32.const 0)",
+        )],
+        r#"(data (i32.const 16) ":path")"#,
+    )?;
+    let (mut vm, logs) = h.start(&wasm, config("request-in-response"))?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_request_headers(&stream, &mut headers(&[(":path", "/")]), true)
+        .map_err(vm_error)?;
+    vm.on_response_headers(&stream, &mut headers(&[(":status", "200")]), true)
+        .map_err(vm_error)?;
+    vm.finish_stream(stream).map_err(vm_error)?;
+    ensure!(
+        reports(&logs) == [crate::hostile::BAD_ARGUMENT, OK, 0],
+        "statuses and size: {:?}",
+        reports(&logs)
+    );
+    Ok(())
+}
