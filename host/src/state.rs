@@ -209,7 +209,8 @@ impl VmState {
                 line.kept
                     .extend_from_slice(text.get(..room).unwrap_or(text));
                 line.total += text.len();
-                if ends {
+                // An empty line (a lone newline) is not logged, as before line buffering.
+                if ends && line.total > 0 {
                     let line = std::mem::take(line);
                     let _ = self.shared.log_bytes(level, &line.kept, line.total);
                 }
