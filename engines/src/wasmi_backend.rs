@@ -34,7 +34,6 @@ fn fuel_for(deadline: Duration) -> u64 {
 pub(crate) struct WiEngine {
     engine: wasmi::Engine,
     interruptible: bool,
-    start_fuel: u64,
     start_deadline: Duration,
 }
 
@@ -53,7 +52,6 @@ impl WiEngine {
         Ok(WiEngine {
             engine: wasmi::Engine::new(&c),
             interruptible: config.interruptible,
-            start_fuel: fuel_for(config.start_deadline),
             start_deadline: config.start_deadline,
         })
     }
@@ -216,7 +214,6 @@ pub(crate) struct WiInstancePre<H> {
     allocator: Callback,
     abi: AbiVersion,
     interruptible: bool,
-    start_fuel: u64,
     start_deadline: Duration,
 }
 
@@ -229,7 +226,6 @@ impl<H> Clone for WiInstancePre<H> {
             allocator: self.allocator,
             abi: self.abi,
             interruptible: self.interruptible,
-            start_fuel: self.start_fuel,
             start_deadline: self.start_deadline,
         }
     }
@@ -264,7 +260,6 @@ impl<H: Hostcalls> WiInstancePre<H> {
             allocator,
             abi,
             interruptible: engine.interruptible,
-            start_fuel: engine.start_fuel,
             start_deadline: engine.start_deadline,
         })
     }
@@ -274,6 +269,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
         host: H,
         limits: &InstanceLimits,
     ) -> Result<WiInstance<H>, EngineError> {
+        let start_deadline = limits.start_deadline.unwrap_or(self.start_deadline);
         let data = StoreData {
             host,
             memory: None,
@@ -287,16 +283,14 @@ impl<H: Hostcalls> WiInstancePre<H> {
             // The start section's hostcalls check this; its fuel is a fixed budget.
             deadline: self
                 .interruptible
-                .then(|| {
-                    Instant::now().checked_add(limits.start_deadline.unwrap_or(self.start_deadline))
-                })
+                .then(|| Instant::now().checked_add(start_deadline))
                 .flatten(),
         };
         let mut store = Store::new(self.module.engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
             store
-                .set_fuel(limits.start_deadline.map_or(self.start_fuel, fuel_for))
+                .set_fuel(fuel_for(start_deadline))
                 .map_err(|e| EngineError::Instantiate(e.to_string()))?;
         }
         let instance = self

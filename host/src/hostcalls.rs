@@ -1355,7 +1355,6 @@ impl Hostcalls for VmState {
             return WasiErrno::Inval.as_i32();
         };
         state.write_output((fd - 1) as usize, level, &chunks);
-        drop(chunks);
         wasi_tri!(memory.write_u32(ret_nwritten_ptr as u32, written));
         WasiErrno::Success.as_i32()
     }

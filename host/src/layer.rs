@@ -1182,7 +1182,7 @@ impl Exchange {
     /// its body. If a plugin answers again, or its pause times out, the first response goes
     /// out as it was.
     async fn local_reply(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let (headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        let (_, headers, body) = local_message(&local, is_grpc(&self.request_headers));
         let phase = MapPhase::Headers {
             end_of_stream: body.is_empty(),
         };
@@ -1210,16 +1210,13 @@ impl Exchange {
     /// response phase of [`Exchange::local_reply`] cannot run. Headers `http` refuses are
     /// left out.
     fn local_response(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let (headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        let (status, headers, body) = local_message(&local, is_grpc(&self.request_headers));
         let mut response = http::Response::new(FilteredBody::full(body));
+        *response.status_mut() = status;
         let mut seen = HeaderMap::new();
         for (name, value) in headers.iter() {
             let kept = match name.as_ref() {
-                b":status" => {
-                    let code = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
-                    *response.status_mut() = local_status(code.unwrap_or(0));
-                    true
-                }
+                b":status" => true,
                 _ => match (
                     http::HeaderName::from_bytes(name),
                     http::HeaderValue::from_bytes(value),
@@ -1277,18 +1274,16 @@ fn is_grpc(request: &HeaderMap) -> bool {
         .is_some_and(|t| t.starts_with("application/grpc"))
 }
 
-/// A local response as the client gets it: the response headers (with `:status`) and body.
-/// Framing and hop-by-hop headers a plugin set are left out: the proxy frames the body it
-/// sends. A gRPC call gets what Envoy sends: a trailers-only response (HTTP 200,
-/// `content-type: application/grpc`, `grpc-status` from the plugin or mapped from the HTTP
-/// status, the body as `grpc-message`) with no body.
-fn local_message(local: &LocalResponse, grpc: bool) -> (HeaderMap, Bytes) {
+/// A local response as the client gets it: the status, the response headers (with that
+/// `:status`) and the body. Framing and hop-by-hop headers a plugin set are left out: the
+/// proxy frames the body it sends. A gRPC call gets what Envoy sends: a trailers-only
+/// response (HTTP 200, `content-type: application/grpc`, `grpc-status` from the plugin or
+/// mapped from the HTTP status, the body as `grpc-message`) with no body.
+fn local_message(local: &LocalResponse, grpc: bool) -> (http::StatusCode, HeaderMap, Bytes) {
     let status = local_status(local.status_code);
+    let sent = if grpc { http::StatusCode::OK } else { status };
     let mut headers = HeaderMap::new();
-    headers.add(
-        ":status",
-        if grpc { "200" } else { status.as_str() }.to_owned(),
-    );
+    headers.add(":status", sent.as_str().to_owned());
     for (name, value) in local.headers.iter() {
         if !is_framing(name) {
             headers.add(name.clone(), value.clone());
@@ -1298,7 +1293,7 @@ fn local_message(local: &LocalResponse, grpc: bool) -> (HeaderMap, Bytes) {
         if let Some(code) = local.grpc_status {
             headers.replace("grpc-status", code.as_u32().to_string());
         }
-        return (headers, local.body.clone());
+        return (sent, headers, local.body.clone());
     }
     let code = local
         .grpc_status
@@ -1308,7 +1303,7 @@ fn local_message(local: &LocalResponse, grpc: bool) -> (HeaderMap, Bytes) {
     if !local.body.is_empty() {
         headers.replace("grpc-message", percent_encode(&local.body));
     }
-    (headers, Bytes::new())
+    (sent, headers, Bytes::new())
 }
 
 /// The gRPC status Envoy gives a local reply of HTTP `status` that names none.

@@ -166,13 +166,16 @@ fn next_nonzero(counter: &mut u32) -> u32 {
     *counter
 }
 
-impl SharedState {
-    /// Whether `vm_id`'s namespace (holding `held` bytes now) may grow by `more` bytes.
-    fn has_room(&self, world: &World, held: usize, more: usize) -> bool {
-        held.saturating_add(more) <= self.limits.max_vm_id_bytes
-            && world.bytes.saturating_add(more) <= self.limits.max_total_bytes
+impl SharedLimits {
+    /// Whether a namespace holding `held` bytes, in a world holding `total`, may grow by
+    /// `more` bytes.
+    fn has_room(&self, held: usize, total: usize, more: usize) -> bool {
+        held.saturating_add(more) <= self.max_vm_id_bytes
+            && total.saturating_add(more) <= self.max_total_bytes
     }
+}
 
+impl SharedState {
     /// An empty world with `limits`.
     pub fn new(limits: SharedLimits) -> Self {
         SharedState {
@@ -221,13 +224,9 @@ impl SharedState {
         let keys = ns.data.len() + usize::from(old.is_none());
         let bytes = ns.data_bytes - old_bytes + key.len() + value.len();
         let grows = bytes.saturating_sub(ns.data_bytes);
-        let held = ns.bytes;
-        if keys > self.limits.max_keys || bytes > self.limits.max_data_bytes {
-            return Err(SharedError::Full);
-        }
-        // Same checks as has_room, with the namespace still borrowed.
-        if held.saturating_add(grows) > self.limits.max_vm_id_bytes
-            || world.bytes.saturating_add(grows) > self.limits.max_total_bytes
+        if keys > self.limits.max_keys
+            || bytes > self.limits.max_data_bytes
+            || !self.limits.has_room(ns.bytes, world.bytes, grows)
         {
             return Err(SharedError::Full);
         }
@@ -263,8 +262,7 @@ impl SharedState {
             return Ok(token);
         }
         if ns.queue_names.len() >= self.limits.max_queues
-            || ns.bytes.saturating_add(name.len()) > self.limits.max_vm_id_bytes
-            || world.bytes.saturating_add(name.len()) > self.limits.max_total_bytes
+            || !self.limits.has_room(ns.bytes, world.bytes, name.len())
         {
             return Err(SharedError::Full);
         }
@@ -306,7 +304,7 @@ impl SharedState {
             let held = world.namespaces.get(&queue.vm_id).map_or(0, |ns| ns.bytes);
             if queue.messages.len() >= self.limits.max_queue_messages
                 || queue.bytes + message.len() > self.limits.max_queue_bytes
-                || !self.has_room(world, held, message.len())
+                || !self.limits.has_room(held, world.bytes, message.len())
             {
                 return Err(QueueError::Full);
             }
