@@ -29,7 +29,7 @@ pub(crate) fn imports(list: &[Import]) -> String {
 }
 
 /// A WAT data string for arbitrary bytes.
-fn wat_bytes(bytes: &[u8]) -> String {
+pub(crate) fn wat_bytes(bytes: &[u8]) -> String {
     bytes.iter().fold(String::new(), |mut out, b| {
         let _ = write!(out, "\\{b:02x}");
         out
@@ -37,7 +37,7 @@ fn wat_bytes(bytes: &[u8]) -> String {
 }
 
 /// The proxy-wasm pairs encoding of `pairs`.
-fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn encode_pairs(pairs: &[(&str, &str)]) -> Vec<u8> {
     let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
     for (k, v) in pairs {
         out.extend_from_slice(&(k.len() as u32).to_le_bytes());

@@ -273,6 +273,11 @@ pub static CASES: &[Case] = &[
         run: hardening::callouts_end_with_their_vm,
     },
     Case {
+        name: "callout-bytes-are-bounded",
+        group: "hostile",
+        run: hardening::callout_bytes_are_bounded,
+    },
+    Case {
         name: "close-stream-resets-whatever-the-callback-returns",
         group: "contexts",
         run: envoy_parity::close_stream_resets_whatever_the_callback_returns,

@@ -3,15 +3,19 @@
 //! engines counting guest work alone do not see), and buffers sized to be expensive to
 //! decode. Each case failed on a host without the bound it checks.
 
-use crate::calls::imports;
+use crate::calls::{encode_pairs, imports, wat_bytes};
 use crate::ensure;
 use crate::harness::{CaseResult, Harness, headers};
 use crate::hostile::{
     BAD_ARGUMENT, OK, SLACK, config, expect_nothing_leaked, expect_trap, full_stream, import_decl,
     module, reports, worker,
 };
-use filterbox::abi::{Callback, Import};
-use filterbox::{TrapKind, Worker};
+use filterbox::abi::{Callback, Import, Status};
+use filterbox::{
+    CalloutError, Callouts, GrpcReply, GrpcRequest, GrpcStream, HeaderMap, HttpCallOutcome,
+    HttpCallReply, HttpCallRequest, HttpCallResponse, Limits, TrapKind, Vm, Worker,
+};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// WASI's `EINVAL`.
@@ -269,7 +273,6 @@ pub(crate) fn handed_over_buffers_are_bounded(h: &Harness) -> CaseResult {
 /// until the upstream answers, if ever.)
 pub(crate) fn callouts_end_with_their_vm(h: &Harness) -> CaseResult {
     use std::io::Read;
-    use std::sync::Arc;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| format!("binding a loopback upstream: {e}"))?;
     let address = listener.local_addr().map_err(|e| e.to_string())?;
@@ -381,4 +384,118 @@ pub(crate) fn ticks_use_at_most_their_share(h: &Harness) -> CaseResult {
         "no tick was counted as postponed"
     );
     Ok(())
+}
+
+/// A client that holds every HTTP call (request and reply handle) until the case lets go.
+#[derive(Default)]
+struct Holding(parking_lot::Mutex<Vec<(HttpCallRequest, HttpCallReply)>>);
+
+impl Callouts for Holding {
+    fn http_call(
+        &self,
+        request: HttpCallRequest,
+        reply: HttpCallReply,
+    ) -> Result<(), CalloutError> {
+        self.0.lock().push((request, reply));
+        Ok(())
+    }
+
+    fn grpc_open(&self, _: GrpcRequest, _: GrpcReply) -> Result<Box<dyn GrpcStream>, CalloutError> {
+        Err(CalloutError::Unsupported)
+    }
+}
+
+/// What one VM's callouts hold at once is bounded by `max_pending_callout_bytes`: a request
+/// body the client still holds counts until it is dropped (the next call that does not fit
+/// answers `InternalFailure`), and an answer over the budget fails the call
+/// (`BrokenConnection`) rather than reaching the plugin. (Before the bound, 20 healthy calls
+/// held 690 MB.)
+pub(crate) fn callout_bytes_are_bounded(h: &Harness) -> CaseResult {
+    const BUDGET: usize = 64 << 10;
+    let request = encode_pairs(&[(":method", "GET"), (":path", "/"), (":authority", "b")]);
+    // Each stream makes one call with a 40,000-byte body: two cannot wait at once.
+    let wasm = module(
+        &imports(&[Import::ProxyHttpCall, Import::ProxyGetStatus]),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            &format!(
+                "(call $report (call $proxy_http_call (i32.const 100) (i32.const 1)
+                     (i32.const 200) (i32.const {}) (i32.const 8192) (i32.const 40000)
+                     (i32.const 0) (i32.const 0) (i32.const 5000) (i32.const 3000)))
+                 (i32.const 0)",
+                request.len()
+            ),
+        )],
+        &format!(
+            r#"(data (i32.const 100) "b")
+               (data (i32.const 200) "{}")
+               ;; A failure reports proxy_get_status's code; an answer, whether its body
+               ;; is the 1,000 bytes sent.
+               (func (export "proxy_on_http_call_response") (param i32 i32 i32 i32 i32)
+                 (if (i32.eqz (local.get 2))
+                   (then
+                     (drop (call $proxy_get_status (i32.const 3008) (i32.const 3012) (i32.const 3016)))
+                     (call $report (i32.load (i32.const 3008))))
+                   (else (call $report (i32.eq (local.get 3) (i32.const 1000))))))"#,
+            wat_bytes(&request)
+        ),
+    )?;
+    let holding = Arc::new(Holding::default());
+    let limits = Limits {
+        max_pending_callout_bytes: BUDGET,
+        ..config("callout-bytes").limits
+    };
+    let client: Arc<dyn Callouts> = holding.clone();
+    let (plugin, logs) = h
+        .load_with(&wasm, config("callout-bytes").with_limits(limits), |b| {
+            b.callouts(client)
+        })
+        .map_err(|e| format!("load failed: {e}"))?;
+    let mut vm = Vm::new(&plugin).map_err(|e| format!("start failed: {e}"))?;
+    let request = |vm: &mut Vm| -> CaseResult {
+        let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
+        vm.on_request_headers(&stream, &mut headers(&[]), true)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    };
+    let take = |holding: &Holding| holding.0.lock().pop().ok_or("the client got no call");
+    request(&mut vm)?;
+    request(&mut vm)?;
+    let got = reports(&logs);
+    ensure!(
+        got == [OK, Status::InternalFailure.as_u32()],
+        "a second 40,000-byte call fit in a 64 KiB budget while the first was held: {got:?}"
+    );
+    // The client lets go of the request; its answer is too large to hold.
+    let (sent, reply) = take(&holding)?;
+    drop(sent);
+    match reply.reserve(BUDGET + 1) {
+        Err(over) if over.limit() == BUDGET => {}
+        other => return Err(format!("reserving past the budget: {other:?}").into()),
+    }
+    let answer = |body: usize| {
+        HttpCallOutcome::Response(HttpCallResponse {
+            headers: [(":status", "200")].into_iter().collect(),
+            body: vec![b'x'; body].into(),
+            trailers: HeaderMap::new(),
+        })
+    };
+    reply.send(answer(100_000));
+    vm.dispatch_pending().map_err(|e| e.to_string())?;
+    // Everything was given back: a call fits again, and a small answer arrives whole.
+    request(&mut vm)?;
+    let (_, reply) = take(&holding)?;
+    reply.send(answer(1000));
+    vm.dispatch_pending().map_err(|e| e.to_string())?;
+    request(&mut vm)?;
+    let got = reports(&logs);
+    let broken = Status::BrokenConnection.as_u32();
+    ensure!(
+        got == [OK, Status::InternalFailure.as_u32(), broken, OK, 1, OK],
+        "statuses {got:?}, wanted [0, 10, {broken}, 0, 1, 0] (logs: {:?})",
+        logs.messages()
+    );
+    drop(vm);
+    holding.0.lock().clear();
+    expect_nothing_leaked(&plugin)
 }

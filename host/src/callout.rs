@@ -12,8 +12,135 @@ use crate::inbox::{Gone, Inbox, Pending};
 use bytes::Bytes;
 use core::fmt;
 use filterbox_abi::GrpcStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+/// The bytes one VM's callouts hold at once: request bodies and gRPC messages until the
+/// client drops them (sent, or the call ended), answers from when the client reads them until
+/// the plugin's callback has run. Bounded by
+/// [`Limits::max_pending_callout_bytes`](crate::Limits::max_pending_callout_bytes).
+#[derive(Debug)]
+pub(crate) struct CalloutBytes {
+    held: AtomicUsize,
+    max: usize,
+}
+
+impl CalloutBytes {
+    pub(crate) fn new(max: usize) -> Arc<Self> {
+        Arc::new(CalloutBytes {
+            held: AtomicUsize::new(0),
+            max,
+        })
+    }
+
+    /// Bytes held now.
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Counts `bytes` more, unless that would pass the limit.
+    fn take(&self, bytes: usize) -> bool {
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(bytes).filter(|&total| total <= self.max)
+            })
+            .is_ok()
+    }
+
+    /// `data`, counted for as long as any clone of the returned `Bytes` lives (the client
+    /// drops a request body once it is sent); `None` if it does not fit.
+    pub(crate) fn counted(self: &Arc<Self>, data: Bytes) -> Option<Bytes> {
+        let claim = Claim::new(self);
+        if !claim.grow(data.len()) {
+            return None;
+        }
+        if data.is_empty() {
+            return Some(data);
+        }
+        Some(Bytes::from_owner(Counted {
+            data,
+            _claim: claim,
+        }))
+    }
+}
+
+/// Bytes counted against a VM's callout budget until dropped.
+#[derive(Debug)]
+pub(crate) struct Claim {
+    budget: Arc<CalloutBytes>,
+    bytes: AtomicUsize,
+}
+
+impl Claim {
+    pub(crate) fn new(budget: &Arc<CalloutBytes>) -> Self {
+        Claim {
+            budget: budget.clone(),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Counts `bytes` more in this claim, unless the budget is spent.
+    fn grow(&self, bytes: usize) -> bool {
+        let taken = self.budget.take(bytes);
+        if taken {
+            self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        }
+        taken
+    }
+
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.budget
+            .held
+            .fetch_sub(*self.bytes.get_mut(), Ordering::AcqRel);
+    }
+}
+
+/// Bytes that keep their claim alive.
+struct Counted {
+    data: Bytes,
+    _claim: Claim,
+}
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// An answer would take its VM past
+/// [`Limits::max_pending_callout_bytes`](crate::Limits::max_pending_callout_bytes): fail the
+/// call rather than read on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    limit: usize,
+}
+
+impl OverBudget {
+    /// The VM's budget in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl fmt::Display for OverBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "over the {}-byte budget for the VM's pending callouts",
+            self.limit
+        )
+    }
+}
+
+impl std::error::Error for OverBudget {}
 
 /// An HTTP call a plugin asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +229,8 @@ pub struct HttpCallReply {
     gone: Arc<Gone>,
     token: u32,
     sent: bool,
+    /// What the answer holds of the VM's callout budget, from when the client reads it.
+    claim: Claim,
 }
 
 impl HttpCallReply {
@@ -111,6 +240,20 @@ impl HttpCallReply {
             gone: inbox.gone(),
             token,
             sent: false,
+            claim: Claim::new(inbox.budget()),
+        }
+    }
+
+    /// Counts `bytes` of the answer (a body chunk just read) against the VM's budget for
+    /// pending callouts. Call it as the answer is read, so that many large answers cannot be
+    /// buffered at once; on `Err`, stop reading and send a failure. [`HttpCallReply::send`]
+    /// counts whatever was not reserved, and fails the call if it does not fit.
+    pub fn reserve(&self, bytes: usize) -> Result<(), OverBudget> {
+        match self.claim.grow(bytes) {
+            true => Ok(()),
+            false => Err(OverBudget {
+                limit: self.claim.budget.max,
+            }),
         }
     }
 
@@ -134,12 +277,23 @@ impl HttpCallReply {
 
     fn deliver(&mut self, outcome: HttpCallOutcome) {
         self.sent = true;
-        if let Some(inbox) = self.inbox.upgrade() {
-            inbox.push(Pending::HttpResponse {
-                token: self.token,
-                outcome,
-            });
+        let Some(inbox) = self.inbox.upgrade() else {
+            return;
+        };
+        let mut outcome = outcome;
+        if let HttpCallOutcome::Response(response) = &outcome {
+            let size =
+                response.headers.byte_size() + response.body.len() + response.trailers.byte_size();
+            if let Err(over) = self.reserve(size.saturating_sub(self.claim.bytes())) {
+                outcome = HttpCallOutcome::Failed(format!("response of {size} bytes is {over}"));
+            }
         }
+        let claim = std::mem::replace(&mut self.claim, Claim::new(inbox.budget()));
+        inbox.push(Pending::HttpResponse {
+            token: self.token,
+            outcome,
+            claim,
+        });
     }
 }
 
@@ -228,18 +382,40 @@ impl GrpcReply {
         self.gone.wait().await
     }
 
-    /// Delivers one event. Nothing is delivered after a close.
+    /// Whether a close was delivered (sent, or because a message was over the VM's budget
+    /// for pending callouts): stop the call, nothing more is heard.
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Delivers one event. Nothing is delivered after a close. A message that would take the
+    /// VM past its budget for pending callouts closes the call with `RESOURCE_EXHAUSTED`
+    /// instead.
     pub fn send(&mut self, event: GrpcEvent) {
         if self.closed {
             return;
         }
-        self.closed = matches!(event, GrpcEvent::Close { .. });
-        if let Some(inbox) = self.inbox.upgrade() {
-            inbox.push(Pending::Grpc {
-                token: self.token,
-                event,
-            });
+        let Some(inbox) = self.inbox.upgrade() else {
+            self.closed = true;
+            return;
+        };
+        let claim = Claim::new(inbox.budget());
+        let mut event = event;
+        if let GrpcEvent::Message(message) = &event
+            && !claim.grow(message.len())
+        {
+            let over = OverBudget {
+                limit: inbox.budget().max,
+            };
+            let why = format!("message of {} bytes is {over}", message.len());
+            event = GrpcEvent::close(GrpcStatus::ResourceExhausted, why);
         }
+        self.closed = matches!(event, GrpcEvent::Close { .. });
+        inbox.push(Pending::Grpc {
+            token: self.token,
+            event,
+            claim,
+        });
     }
 }
 
@@ -289,5 +465,68 @@ impl Callouts for NoCallouts {
 
     fn grpc_open(&self, _: GrpcRequest, _: GrpcReply) -> Result<Box<dyn GrpcStream>, CalloutError> {
         Err(CalloutError::Unsupported)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counted_bytes_hold_their_budget_until_the_last_clone_drops() {
+        let budget = CalloutBytes::new(100);
+        let held = budget.counted(Bytes::from(vec![7u8; 60])).expect("fits");
+        let clone = held.clone();
+        assert_eq!(budget.held(), 60);
+        assert!(budget.counted(Bytes::from(vec![7u8; 41])).is_none());
+        drop(held);
+        assert_eq!(budget.held(), 60, "a clone still holds the bytes");
+        assert_eq!(&clone[..], &[7u8; 60][..]);
+        drop(clone);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn a_grpc_message_over_the_budget_closes_the_call() {
+        let inbox = Arc::new(Inbox::new(100));
+        let mut reply = GrpcReply::new(&inbox, 2);
+        reply.send(GrpcEvent::Message(Bytes::from(vec![1u8; 80])));
+        assert_eq!(inbox.budget().held(), 80);
+        reply.send(GrpcEvent::Message(Bytes::from(vec![1u8; 80])));
+        assert!(reply.is_closed());
+        let events: Vec<_> = inbox.take().into_iter().collect();
+        assert!(matches!(
+            events.as_slice(),
+            [
+                Pending::Grpc { event: GrpcEvent::Message(_), .. },
+                Pending::Grpc { event: GrpcEvent::Close { status, .. }, .. },
+            ] if *status == GrpcStatus::ResourceExhausted.as_u32()
+        ));
+        drop(events);
+        assert_eq!(
+            inbox.budget().held(),
+            0,
+            "delivered events give their bytes back"
+        );
+    }
+
+    #[test]
+    fn an_http_answer_over_the_budget_fails_the_call() {
+        let inbox = Arc::new(Inbox::new(100));
+        let reply = HttpCallReply::new(&inbox, 1);
+        assert!(reply.reserve(60).is_ok());
+        assert_eq!(reply.reserve(41).map_err(|e| e.limit()), Err(100));
+        reply.send(HttpCallOutcome::Response(HttpCallResponse {
+            body: Bytes::from(vec![0u8; 101]),
+            ..HttpCallResponse::default()
+        }));
+        let events: Vec<_> = inbox.take().into_iter().collect();
+        assert!(matches!(
+            events.as_slice(),
+            [Pending::HttpResponse { outcome: HttpCallOutcome::Failed(why), .. }]
+                if why.contains("100-byte budget")
+        ));
+        drop(events);
+        assert_eq!(inbox.budget().held(), 0);
     }
 }

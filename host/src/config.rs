@@ -75,6 +75,12 @@ pub struct Limits {
     pub max_log_line_bytes: usize,
     /// Most HTTP and gRPC callouts one VM may have waiting; more answer `InternalFailure`.
     pub max_pending_callouts: usize,
+    /// Most bytes one VM's callouts may hold at once: request bodies and gRPC messages until
+    /// the client has sent them, answers from when the client reads them until the plugin's
+    /// callback has run. A call whose request does not fit answers `InternalFailure`; an
+    /// answer that does not fit fails the call (`BrokenConnection` for HTTP, gRPC
+    /// `RESOURCE_EXHAUSTED`).
+    pub max_pending_callout_bytes: usize,
     /// The most of one core a VM's ticks may use, in percent: after a tick that ran for `t`,
     /// the next comes no sooner than its period and no sooner than the idle time that keeps
     /// the ticks at this share (a 1 ms period whose ticks run 5 ms each gets a tick every
@@ -94,6 +100,7 @@ impl Default for Limits {
             max_body_bytes: 16 << 20,
             max_log_line_bytes: 16 << 10,
             max_pending_callouts: 1024,
+            max_pending_callout_bytes: 64 << 20,
             max_tick_cpu_percent: 10,
         }
     }
@@ -399,10 +406,17 @@ mod tests {
                 proptest::option::of(any::<u64>()),
                 proptest::option::of(any::<u64>()),
                 (any::<usize>(), any::<usize>(), any::<usize>()),
-                (any::<usize>(), any::<usize>(), any::<u32>()),
+                (any::<usize>(), any::<usize>(), any::<usize>(), any::<u32>()),
             )
                 .prop_map(
-                    |(memory, table, deadline, start, (hc, hb, body), (log, callouts, tick))| {
+                    |(
+                        memory,
+                        table,
+                        deadline,
+                        start,
+                        (hc, hb, body),
+                        (log, callouts, callout_bytes, tick),
+                    )| {
                         Limits {
                             memory_bytes: memory,
                             table_elements: table,
@@ -413,6 +427,7 @@ mod tests {
                             max_body_bytes: body,
                             max_log_line_bytes: log,
                             max_pending_callouts: callouts,
+                            max_pending_callout_bytes: callout_bytes,
                             max_tick_cpu_percent: tick,
                         }
                     },

@@ -325,6 +325,11 @@ fn grpc_open(
     if state.pending_callouts() >= state.shared.config.limits.max_pending_callouts {
         return Status::InternalFailure.as_i32();
     }
+    let message = match message.map(|m| state.inbox.budget().counted(m)) {
+        Some(None) => return Status::InternalFailure.as_i32(),
+        Some(Some(counted)) => Some(counted),
+        None => None,
+    };
     let unary = message.is_some();
     let token = state.next_token(if unary { 1 } else { 2 });
     let request = GrpcRequest {
@@ -800,6 +805,9 @@ impl Hostcalls for VmState {
         if state.pending_callouts() >= state.shared.config.limits.max_pending_callouts {
             return Status::InternalFailure.as_i32();
         }
+        let Some(body) = state.inbox.budget().counted(body) else {
+            return Status::InternalFailure.as_i32();
+        };
         let token = state.next_token(0);
         let request = HttpCallRequest {
             upstream,
@@ -889,6 +897,11 @@ impl Hostcalls for VmState {
         let message = tri!(read_body(&memory, message_ptr, message_size, limits));
         let Some(open) = state.grpc.get_mut(&token) else {
             return Status::NotFound.as_i32();
+        };
+        // Held by the client until sent: a stream whose upstream does not read fills the
+        // budget, and then sends fail.
+        let Some(message) = state.inbox.budget().counted(message) else {
+            return Status::InternalFailure.as_i32();
         };
         let stream = &mut open.stream;
         tri!(embedder(|| {

@@ -161,19 +161,13 @@ impl Callouts for HyperCallouts {
                     .into_iter()
                     .collect();
                 headers.extend(HeaderMap::from_http(&parts.headers));
-                match http_body_util::Limited::new(body, limit).collect().await {
-                    Ok(collected) => {
-                        let trailers = collected
-                            .trailers()
-                            .map(HeaderMap::from_http)
-                            .unwrap_or_default();
-                        HttpCallOutcome::Response(HttpCallResponse {
-                            headers,
-                            body: collected.to_bytes(),
-                            trailers,
-                        })
-                    }
-                    Err(_) => HttpCallOutcome::Failed("reset".into()),
+                match read_answer(body, limit, &reply).await {
+                    Ok((body, trailers)) => HttpCallOutcome::Response(HttpCallResponse {
+                        headers,
+                        body,
+                        trailers,
+                    }),
+                    Err(why) => HttpCallOutcome::Failed(why),
                 }
             };
             let call = async {
@@ -239,6 +233,37 @@ impl Callouts for HyperCallouts {
     }
 }
 
+/// Reads an HTTP call's response body and trailers, each chunk counted against the VM's
+/// callout budget as it arrives.
+async fn read_answer(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+    reply: &HttpCallReply,
+) -> Result<(Bytes, HeaderMap), String> {
+    let mut data = BytesMut::new();
+    let mut trailers = HeaderMap::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| "reset".to_owned())?;
+        match frame.into_data() {
+            Ok(chunk) => {
+                if data.len().saturating_add(chunk.len()) > limit {
+                    return Err(format!("response body over the {limit}-byte limit"));
+                }
+                reply
+                    .reserve(chunk.len())
+                    .map_err(|over| format!("response body {over}"))?;
+                data.extend_from_slice(&chunk);
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    trailers.extend(HeaderMap::from_http(&t));
+                }
+            }
+        }
+    }
+    Ok((data.freeze(), trailers))
+}
+
 /// Runs one gRPC exchange, delivering metadata and messages; returns the final status.
 async fn grpc_exchange(
     client: Client<HttpConnector, ChannelBody>,
@@ -290,6 +315,10 @@ async fn grpc_exchange(
                     let mut message = buffer.split_to(5 + len);
                     message.advance(5);
                     reply.send(GrpcEvent::Message(message.freeze()));
+                    if reply.is_closed() {
+                        // Over the VM's callout budget: the reply closed the call.
+                        return (GrpcStatus::ResourceExhausted.as_u32(), String::new());
+                    }
                 }
                 continue;
             }
@@ -324,11 +353,14 @@ struct HyperGrpcStream {
 impl GrpcStream for HyperGrpcStream {
     fn send(&mut self, message: Bytes, end_of_stream: bool) {
         if let Some(tx) = &self.tx {
-            let mut framed = BytesMut::with_capacity(5 + message.len());
-            framed.extend_from_slice(&[0]);
-            framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-            framed.extend_from_slice(&message);
-            let _ = tx.send(framed.freeze());
+            // The frame header and the message go as two pieces: the message is not copied,
+            // so what it holds of the VM's callout budget is given back once it is sent.
+            // (A message came from guest memory: it is under 4 GiB.)
+            let len = u32::try_from(message.len()).unwrap_or(u32::MAX);
+            let mut header = [0u8; 5];
+            header[1..].copy_from_slice(&len.to_be_bytes());
+            let _ = tx.send(Bytes::copy_from_slice(&header));
+            let _ = tx.send(message);
         }
         if end_of_stream {
             self.tx = None;

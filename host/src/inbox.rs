@@ -1,7 +1,7 @@
 //! Where events for one VM wait until the VM's own thread delivers them: queue wake-ups from
 //! any VM or thread, callout responses from the embedder's client.
 
-use crate::callout::{GrpcEvent, HttpCallOutcome};
+use crate::callout::{CalloutBytes, Claim, GrpcEvent, HttpCallOutcome};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,17 +17,19 @@ pub(crate) enum Pending {
     HttpResponse {
         token: u32,
         outcome: HttpCallOutcome,
+        /// The answer's bytes, counted until it has been delivered.
+        claim: Claim,
     },
     Grpc {
         token: u32,
         event: GrpcEvent,
+        claim: Claim,
     },
 }
 
 /// Called (on the thread that produced the event) when a VM has something to deliver.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
-#[derive(Default)]
 pub(crate) struct Inbox {
     pending: Mutex<VecDeque<Pending>>,
     arrived: Condvar,
@@ -37,6 +39,8 @@ pub(crate) struct Inbox {
     /// Told when the inbox (and so its VM) is gone, so that callouts still running for it
     /// can stop.
     gone: Arc<Gone>,
+    /// What the VM's callouts hold.
+    budget: Arc<CalloutBytes>,
 }
 
 /// Whether an inbox is gone, and who waits to hear it.
@@ -77,6 +81,24 @@ impl Drop for Inbox {
 }
 
 impl Inbox {
+    /// An empty inbox whose callouts may hold `max_callout_bytes` at once.
+    pub(crate) fn new(max_callout_bytes: usize) -> Self {
+        Inbox {
+            pending: Mutex::default(),
+            arrived: Condvar::new(),
+            wake: Mutex::default(),
+            #[cfg(feature = "tokio")]
+            notify: tokio::sync::Notify::new(),
+            gone: Arc::default(),
+            budget: CalloutBytes::new(max_callout_bytes),
+        }
+    }
+
+    /// The VM's budget for pending callouts.
+    pub(crate) fn budget(&self) -> &Arc<CalloutBytes> {
+        &self.budget
+    }
+
     /// The signal that this inbox is gone.
     pub(crate) fn gone(&self) -> Arc<Gone> {
         self.gone.clone()

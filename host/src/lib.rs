@@ -69,7 +69,7 @@ mod worker;
 pub use attributes::PropertyValue;
 pub use callout::{
     CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
-    HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts,
+    HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts, OverBudget,
 };
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};

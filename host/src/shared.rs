@@ -414,7 +414,7 @@ mod tests {
                 .with_max_vm_id_bytes(100)
                 .with_max_total_bytes(150),
         );
-        let inbox = Arc::new(Inbox::default());
+        let inbox = Arc::new(Inbox::new(0));
         s.set("vm", b"k", &[0; 59], 0).unwrap(); // 60
         let q = s.register_queue("vm", b"q", &inbox, 1).unwrap(); // 61
         s.enqueue(q, &[0; 39]).unwrap(); // 100
@@ -434,7 +434,7 @@ mod tests {
     #[test]
     fn queues_are_fifo_bounded_and_wake_their_owner() {
         let s = SharedState::new(SharedLimits::default().with_max_queue_messages(2));
-        let inbox = Arc::new(Inbox::default());
+        let inbox = Arc::new(Inbox::new(0));
         let token = s.register_queue("vm", b"q", &inbox, 7).unwrap();
         assert_eq!(s.resolve_queue("vm", b"q"), Some(token));
         assert_eq!(s.resolve_queue("vm", b"other"), None);

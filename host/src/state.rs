@@ -236,6 +236,7 @@ impl VmState {
 
 impl VmState {
     pub(crate) fn new(shared: Arc<PluginShared>) -> Self {
+        let inbox = Arc::new(Inbox::new(shared.config.limits.max_pending_callout_bytes));
         VmState {
             shared,
             contexts: HashMap::new(),
@@ -248,7 +249,7 @@ impl VmState {
             parked: HashMap::new(),
             events: Vec::new(),
             in_allocator: false,
-            inbox: Arc::default(),
+            inbox,
             root_context: 0,
             tick: None,
             status: (0, Bytes::new()),

@@ -1123,13 +1123,22 @@ impl Vm {
                 let args = [root as i32, token as i32];
                 self.call(root, Callback::ProxyOnQueueReady, &args)?;
             }
-            Pending::HttpResponse { token, outcome } => {
+            // The claim is given back once the callback has run.
+            Pending::HttpResponse {
+                token,
+                outcome,
+                claim: _claim,
+            } => {
                 let Some(root) = self.state().http_calls.remove(&token) else {
                     return Ok(false);
                 };
                 self.deliver_http(root, token, outcome)?;
             }
-            Pending::Grpc { token, event } => return self.deliver_grpc(token, event),
+            Pending::Grpc {
+                token,
+                event,
+                claim: _claim,
+            } => return self.deliver_grpc(token, event),
         }
         Ok(true)
     }
