@@ -65,6 +65,10 @@ pub struct ServeConfig {
     /// plugins held of it.
     #[serde(default)]
     pub body_idle_timeout_ms: Option<u64>,
+    /// The most body bytes the plugins may hold paused at once, across every exchange
+    /// (default 256 MiB): an exchange that would hold more is answered 503.
+    #[serde(default)]
+    pub max_held_body_bytes: Option<usize>,
 }
 
 /// One listener.
@@ -363,6 +367,9 @@ fn build_generation(
     }
     if let Some(bytes) = config.max_body_bytes {
         builder = builder.max_body_bytes(bytes);
+    }
+    if let Some(bytes) = config.max_held_body_bytes {
+        builder = builder.max_held_bytes(bytes);
     }
     let chain = builder.build(plugins).map_err(|error| {
         // Name the file and engine of the plugin that would not start.

@@ -476,6 +476,80 @@ fn a_plugin_may_hold_at_most_max_body_bytes() {
     });
 }
 
+#[test]
+fn paused_bodies_across_exchanges_hold_at_most_max_held_bytes() {
+    runtime().block_on(async {
+        let chain = FilterChain::builder()
+            .slots(1)
+            .max_body_bytes(100)
+            .max_held_bytes(16)
+            .build(vec![plugin("body", guests::BODY, "foo=>bar")])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+        // Two slow uploads: 10 bytes each, then nothing until the test lets them end. The
+        // plugin holds what came (it pauses until the end of the body): one fits in 16 bytes,
+        // the other is refused.
+        let mut feeds = Vec::new();
+        let mut exchanges = tokio::task::JoinSet::new();
+        for path in ["/one", "/two"] {
+            let (feed, fed) = tokio::sync::mpsc::channel(1);
+            feed.send(Bytes::from("0123456789")).await.expect("feed");
+            feeds.push(feed);
+            let request = http::Request::post(path)
+                .header("host", "example.test")
+                .body(Feed(fed))
+                .expect("request");
+            let mut service = service.clone();
+            exchanges.spawn(async move {
+                let response = service.call(request).await.expect("exchange");
+                let (parts, body) = response.into_parts();
+                let body = body.collect().await.expect("body").to_bytes();
+                (parts.status, body)
+            });
+        }
+        let wait = std::time::Duration::from_secs(30);
+        let (status, _) = tokio::time::timeout(wait, exchanges.join_next())
+            .await
+            .expect("both uploads are held: held bodies passed the chain's limit")
+            .expect("an exchange")
+            .expect("exchange task");
+        assert_eq!(status, 503);
+        // The uploads end: the one held goes through, and what it held is given back.
+        for feed in feeds {
+            let _ = feed.send(Bytes::from("foo")).await;
+        }
+        let (status, body) = tokio::time::timeout(wait, exchanges.join_next())
+            .await
+            .expect("the held upload did not finish")
+            .expect("an exchange")
+            .expect("exchange task");
+        assert_eq!((status.as_u16(), body), (200, Bytes::from("0123456789bar")));
+        assert_eq!(
+            upstream.seen.lock().len(),
+            1,
+            "the refused upload was forwarded"
+        );
+        let (response, body) = send(&mut service, request("/three", &["abcdefghij"])).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(body, "abcdefghij");
+        // Nothing is held now: another slow upload fits.
+        let (feed, fed) = tokio::sync::mpsc::channel(1);
+        feed.send(Bytes::from("0123456789")).await.expect("feed");
+        let request = http::Request::post("/four")
+            .header("host", "example.test")
+            .body(Feed(fed))
+            .expect("request");
+        let call = service.call(request);
+        drop(feed);
+        let response = tokio::time::timeout(wait, call)
+            .await
+            .expect("the last upload")
+            .expect("exchange");
+        assert_eq!(response.status(), 200, "the held bytes were not given back");
+    });
+}
+
 /// Plugin log lines, kept.
 #[derive(Default)]
 struct Lines(Mutex<Vec<String>>);

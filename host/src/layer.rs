@@ -112,6 +112,7 @@ pub struct FilterChainBuilder {
     slots: usize,
     pause_timeout: Duration,
     max_body_bytes: usize,
+    max_held_bytes: usize,
 }
 
 impl Default for FilterChainBuilder {
@@ -120,6 +121,7 @@ impl Default for FilterChainBuilder {
             slots: std::thread::available_parallelism().map_or(1, usize::from),
             pause_timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
+            max_held_bytes: 256 << 20,
         }
     }
 }
@@ -146,13 +148,22 @@ impl FilterChainBuilder {
         self
     }
 
+    /// The most body bytes the plugins may hold paused at once across every exchange of the
+    /// chain (default 256 MiB), so that many slow uploads cannot add up to more than this:
+    /// an exchange whose plugin would hold more is answered 503 (request) or 502 (response).
+    pub fn max_held_bytes(mut self, bytes: usize) -> Self {
+        self.max_held_bytes = bytes;
+        self
+    }
+
     /// Starts the slot threads and on each one VM per plugin, started and configured: a
     /// plugin that cannot start refuses the whole chain, before it takes traffic. Blocks
     /// until the VMs are up. Requests run through `plugins` in order, responses in reverse.
     pub fn build(self, plugins: Vec<Plugin>) -> Result<FilterChain, ChainError> {
         let mut slots = Vec::with_capacity(self.slots);
+        let held = HeldBudget::new(self.max_body_bytes, self.max_held_bytes);
         for index in 0..self.slots {
-            slots.push(SlotHandle::spawn(index, &plugins, self.max_body_bytes)?);
+            slots.push(SlotHandle::spawn(index, &plugins, held.clone())?);
         }
         Ok(FilterChain {
             inner: Arc::new(ChainInner {
@@ -219,7 +230,11 @@ struct SlotHandle {
 }
 
 impl SlotHandle {
-    fn spawn(index: usize, plugins: &[Plugin], max_held: usize) -> Result<SlotHandle, ChainError> {
+    fn spawn(
+        index: usize,
+        plugins: &[Plugin],
+        held: Arc<HeldBudget>,
+    ) -> Result<SlotHandle, ChainError> {
         let (commands, receiver) = mpsc::channel();
         let progress = Arc::new(Notify::new());
         let (started, start_result) = mpsc::channel();
@@ -249,7 +264,7 @@ impl SlotHandle {
                 let state = SlotState {
                     workers,
                     exchanges: HashMap::new(),
-                    max_held,
+                    held,
                 };
                 state.serve(&receiver, &thread_progress);
             })
@@ -327,10 +342,73 @@ fn headers_phase(body: &impl Body) -> MapPhase {
     }
 }
 
+/// What the body bytes plugins hold paused may add up to: per plugin and exchange, and
+/// across the whole chain.
+#[derive(Debug)]
+struct HeldBudget {
+    per_plugin: usize,
+    total: usize,
+    held: AtomicUsize,
+}
+
+impl HeldBudget {
+    fn new(per_plugin: usize, total: usize) -> Arc<Self> {
+        Arc::new(HeldBudget {
+            per_plugin,
+            total,
+            held: AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether `bytes` more may be held.
+    fn has_room(&self, bytes: usize) -> bool {
+        self.held
+            .load(Ordering::Acquire)
+            .checked_add(bytes)
+            .is_some_and(|total| total <= self.total)
+    }
+}
+
+/// Body bytes one plugin holds paused, counted in the chain's [`HeldBudget`].
+struct Held {
+    bytes: BytesMut,
+    budget: Arc<HeldBudget>,
+}
+
+impl Held {
+    fn new(budget: &Arc<HeldBudget>) -> Self {
+        Held {
+            bytes: BytesMut::new(),
+            budget: budget.clone(),
+        }
+    }
+
+    /// Takes the bytes out (they are no longer held).
+    fn take(&mut self) -> BytesMut {
+        self.budget
+            .held
+            .fetch_sub(self.bytes.len(), Ordering::AcqRel);
+        std::mem::take(&mut self.bytes)
+    }
+
+    /// Holds `bytes` instead of what was held.
+    fn put(&mut self, bytes: BytesMut) {
+        drop(self.take());
+        self.budget.held.fetch_add(bytes.len(), Ordering::AcqRel);
+        self.bytes = bytes;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.take());
+    }
+}
+
 /// One exchange's streams, one per plugin, and what each plugin has paused on of the body.
 struct Streams {
     streams: Vec<Option<WorkerStream>>,
-    buffers: Vec<BytesMut>,
+    buffers: Vec<Held>,
     /// Trailers plugins added to a message that had none (request, response), in the order
     /// the plugins ran.
     added_trailers: [HeaderMap; 2],
@@ -340,8 +418,8 @@ struct Streams {
 struct SlotState {
     workers: Vec<Worker>,
     exchanges: HashMap<u64, Streams>,
-    /// The most body bytes one plugin may hold paused.
-    max_held: usize,
+    /// What plugins may hold paused of bodies.
+    held: Arc<HeldBudget>,
 }
 
 impl SlotState {
@@ -389,12 +467,13 @@ impl SlotState {
     /// The streams of exchange `id`, created on first use.
     fn streams(&mut self, id: u64) -> &mut Streams {
         let workers = &mut self.workers;
+        let held = &self.held;
         self.exchanges.entry(id).or_insert_with(|| Streams {
             streams: workers
                 .iter_mut()
                 .map(|w| Some(w.create_stream()))
                 .collect(),
-            buffers: vec![BytesMut::new(); workers.len()],
+            buffers: workers.iter().map(|_| Held::new(held)).collect(),
             added_trailers: Default::default(),
         })
     }
@@ -472,12 +551,13 @@ impl SlotState {
         for (position, index) in direction.positions(self.workers.len(), from) {
             let mut body = match self.streams(id).buffers.get_mut(position) {
                 Some(buffer) => {
-                    buffer.extend_from_slice(&input);
-                    std::mem::take(buffer)
+                    let mut body = buffer.take();
+                    body.extend_from_slice(&input);
+                    body
                 }
                 None => break,
             };
-            if body.len() > self.max_held {
+            if body.len() > self.held.per_plugin {
                 let status = match direction {
                     Direction::Request => 413,
                     Direction::Response => 502,
@@ -508,8 +588,24 @@ impl SlotState {
                 Action::Continue => input = body,
                 Action::Respond(response) => return (Step::Respond(response), BytesMut::new()),
                 Action::Pause => {
+                    if !self.held.has_room(body.len()) {
+                        let status = match direction {
+                            Direction::Request => 503,
+                            Direction::Response => 502,
+                        };
+                        tracing::warn!(
+                            "the plugins hold {} body bytes, the most allowed: an exchange is \
+                             answered {status} rather than hold {} more",
+                            self.held.total,
+                            body.len()
+                        );
+                        return (
+                            Step::Respond(local(status, "filterbox_held_bodies_over_limit")),
+                            BytesMut::new(),
+                        );
+                    }
                     if let Some(buffer) = self.streams(id).buffers.get_mut(position) {
-                        *buffer = body;
+                        buffer.put(body);
                     }
                     let step = match end_of_stream {
                         true => Step::Paused { position, index },
@@ -525,7 +621,7 @@ impl SlotState {
     /// Goes on with a body the plugin at `position` paused on at the end of the stream.
     fn resume_body(&mut self, id: u64, direction: Direction, position: usize) -> (Step, BytesMut) {
         let held = match self.streams(id).buffers.get_mut(position) {
-            Some(buffer) => std::mem::take(buffer),
+            Some(buffer) => buffer.take(),
             None => BytesMut::new(),
         };
         self.body(id, direction, held, true, position + 1)
@@ -541,8 +637,7 @@ impl SlotState {
     fn release_buffers(&mut self, id: u64) -> BytesMut {
         let mut released = BytesMut::new();
         for buffer in &mut self.streams(id).buffers {
-            released.extend_from_slice(buffer);
-            buffer.clear();
+            released.extend_from_slice(&buffer.take());
         }
         released
     }
