@@ -61,7 +61,7 @@ pub struct ServeConfig {
     #[serde(default)]
     pub max_body_bytes: Option<usize>,
     /// How long a client may leave a request body waiting for its next bytes, in
-    /// milliseconds (default 30 000): a stalled upload then ends (502) and frees what the
+    /// milliseconds (default 30 000): a stalled upload then ends (408) and frees what the
     /// plugins held of it.
     #[serde(default)]
     pub body_idle_timeout_ms: Option<u64>,
@@ -404,6 +404,7 @@ struct Shared {
     registries: Registries,
     requests: AtomicU64,
     upstream_errors: AtomicU64,
+    request_body_errors: AtomicU64,
     reloads: AtomicU64,
     reloads_refused: AtomicU64,
 }
@@ -487,6 +488,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 .map_or(BODY_IDLE_TIMEOUT, Duration::from_millis),
             requests: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
+            request_body_errors: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
         });
@@ -574,11 +576,7 @@ impl Body for IdleBody {
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                        "the client sent no request body for {} ms",
-                        idle.as_millis()
-                    )
-                    .into()))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle(idle))))),
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -593,6 +591,22 @@ impl Body for IdleBody {
         self.inner.size_hint()
     }
 }
+
+/// A client sent no request body bytes for this long.
+#[derive(Debug)]
+struct BodyIdle(Duration);
+
+impl std::fmt::Display for BodyIdle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the client sent no request body for {} ms",
+            self.0.as_millis()
+        )
+    }
+}
+
+impl std::error::Error for BodyIdle {}
 
 /// How long a client may take to send a request's head (and an idle keep-alive connection
 /// may wait for the next one).
@@ -655,6 +669,17 @@ where
                     let request = request.map(|body| IdleBody::new(body, idle));
                     let response: http::Response<ProxyBody> = match service.call(request).await {
                         Ok(response) => response.map(http_body_util::Either::Left),
+                        // The client's fault: a malformed (chunked) body or one that
+                        // stalled. The upstream request was dropped unfinished with it.
+                        Err(filterbox::FilterError::RequestBody(error)) => {
+                            shared.request_body_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!("request body: {error}");
+                            let status = match error.is::<BodyIdle>() {
+                                true => http::StatusCode::REQUEST_TIMEOUT,
+                                false => http::StatusCode::BAD_REQUEST,
+                            };
+                            text(status, format!("filterbox: request body: {error}\n"))
+                        }
                         Err(error) => {
                             shared.upstream_errors.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!("{error}");
@@ -753,8 +778,13 @@ fn render_stats(shared: &Shared) -> String {
     );
     counter(
         "filterbox_serve_upstream_errors_total",
-        "Requests answered 502 because the upstream or a body failed.",
+        "Requests answered 502 because the upstream or a response body failed.",
         shared.upstream_errors.load(Ordering::Relaxed),
+    );
+    counter(
+        "filterbox_serve_request_body_errors_total",
+        "Requests answered 400 (malformed body) or 408 (stalled body).",
+        shared.request_body_errors.load(Ordering::Relaxed),
     );
     counter(
         "filterbox_serve_reloads_total",

@@ -33,8 +33,9 @@ fn free_port() -> SocketAddr {
     socket.local_addr().expect("addr")
 }
 
-/// An upstream that answers `saw x-added=<value>` and counts the requests it got.
-async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
+/// An upstream that answers `saw x-added=<value>` and counts the requests it got, and in
+/// `uploads` the uploads (`/upload`) it read whole.
+async fn upstream(hits: Arc<AtomicUsize>, uploads: Arc<AtomicUsize>) -> SocketAddr {
     let socket = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind upstream");
@@ -45,6 +46,7 @@ async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
                 continue;
             };
             let hits = hits.clone();
+            let uploads = uploads.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: http::Request<Incoming>| {
                     hits.fetch_add(1, Ordering::SeqCst);
@@ -55,10 +57,11 @@ async fn upstream(hits: Arc<AtomicUsize>) -> SocketAddr {
                         .unwrap_or("none")
                         .to_owned();
                     let upload = request.uri().path() == "/upload";
+                    let uploads = uploads.clone();
                     async move {
                         // An upload is read whole before the answer.
-                        if upload {
-                            let _ = request.into_body().collect().await;
+                        if upload && request.into_body().collect().await.is_ok() {
+                            uploads.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
                             Bytes::from(format!("saw x-added={added}")),
@@ -149,7 +152,8 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
         std::fs::write(dir.join("deny.wasm"), guests::DENY).expect("deny.wasm");
         let hits = Arc::new(AtomicUsize::new(0));
-        let upstream = upstream(hits.clone()).await;
+        let uploads = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream(hits.clone(), uploads.clone()).await;
         let (listen, admin) = (free_port(), free_port());
         write_config(&dir, listen, admin, upstream, "add x-added one");
         let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
@@ -312,24 +316,37 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
             "{stats}"
         );
         // An upload that stalls (10 of 100 bytes sent) ends after the body idle timeout
-        // (500 ms here) instead of holding the connection and what the plugins buffered.
-        {
+        // (500 ms here) with a 408 instead of holding the connection and what the plugins
+        // buffered; a malformed chunked body is the client's error (400). Neither reaches the
+        // upstream whole.
+        for (request, wanted) in [
+            (
+                "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789",
+                "HTTP/1.1 408",
+            ),
+            (
+                "POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 5\r\nhello\r\nZZ\r\n",
+                "HTTP/1.1 400",
+            ),
+        ] {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut socket = tokio::net::TcpStream::connect(listen)
                 .await
                 .expect("connect");
-            let head = "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n0123456789";
-            socket.write_all(head.as_bytes()).await.expect("send");
+            socket.write_all(request.as_bytes()).await.expect("send");
             let mut answer = vec![0u8; 256];
             let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut answer))
                 .await
-                .expect("a stalled upload is still open after 20 s");
+                .expect("a broken upload is still open after 20 s");
             let answer = String::from_utf8_lossy(&answer[..read.unwrap_or(0)]).into_owned();
-            assert!(
-                answer.is_empty() || answer.starts_with("HTTP/1.1 502"),
-                "stalled upload: {answer}"
-            );
+            assert!(answer.starts_with(wanted), "{request:?}: {answer}");
         }
+        assert_eq!(
+            uploads.load(Ordering::SeqCst),
+            0,
+            "a broken upload reached the upstream whole"
+        );
 
         // SIGTERM ends it cleanly.
         let mut proxy = proxy;
