@@ -140,6 +140,8 @@ pub fn codecs(data: &[u8]) {
 /// Where the guest keeps the program (its plugin configuration), its result letters and the
 /// two words `proxy_get_buffer_bytes` answers into. Below `PROGRAM` the fuzzer may write.
 const PROGRAM: u32 = 0x30000;
+/// The memory limit of program guests, in 64 KiB pages (they start with 4).
+const PROGRAM_MEMORY_PAGES: usize = 16;
 const PROGRAM_MAX: u32 = 0xF000;
 const RESULTS: u32 = 0x3F000;
 const RETURN_SLOTS: u32 = 0x3FFF0;
@@ -201,7 +203,10 @@ fn program_callbacks(version: AbiVersion) -> String {
 /// - `op%4 == 1` call: u8 import index, then 8 bytes per parameter: calls that import and
 ///   traps (`unreachable`) if a proxy hostcall answers a status outside `proxy_status_t` or
 ///   a WASI function an errno outside WASI's;
-/// - `op%4 == 2` yield: u8 action: the callback returns (0 continue, 1 pause);
+/// - `op%4 == 2` yield: u8 action: the callback returns (bit 0: 0 continue, 1 pause); with
+///   bit 1 set it first grows memory by `action >> 2` pages (the limit is
+///   [`PROGRAM_MEMORY_PAGES`], so a program can reach it and the check that memory stays
+///   within its limit can fail);
 /// - `op%4 == 3` allocator: i32: what `proxy_on_memory_allocate` answers from now on
 ///   (-1: a working bump allocator again).
 ///
@@ -322,7 +327,10 @@ fn program_module(version: AbiVersion) -> Vec<u8> {
                     (call $record (call $dispatch (local.get $len) (local.get $a)))
                     (br $step)))
                 (if (i32.eq (local.get $op) (i32.const 2)) (then
-                    (local.set $action (i32.and (i32.load8_u (i32.add (global.get $pc) (i32.const 1))) (i32.const 1)))
+                    (local.set $action (i32.load8_u (i32.add (global.get $pc) (i32.const 1))))
+                    (if (i32.and (local.get $action) (i32.const 2)) (then
+                        (drop (memory.grow (i32.shr_u (local.get $action) (i32.const 2))))))
+                    (local.set $action (i32.and (local.get $action) (i32.const 1)))
                     (global.set $pc (i32.add (global.get $pc) (i32.const 2)))
                     (call $flush)
                     (return (local.get $action))))
@@ -422,6 +430,7 @@ fn program_config(program: &[u8]) -> PluginConfig {
         // Programs are bounded; no deadline keeps runs alike on every engine.
         callback_deadline_ms: None,
         start_deadline_ms: None,
+        memory_bytes: PROGRAM_MEMORY_PAGES << 16,
         ..Limits::default()
     };
     PluginConfig::named("program")
@@ -1164,6 +1173,11 @@ pub mod program {
         p.extend_from_slice(&[2, action]);
     }
 
+    /// Appends a yield that first grows memory by `pages` (at most 63).
+    pub fn grow_and_yield(p: &mut Vec<u8>, pages: u8, action: u8) {
+        p.extend_from_slice(&[2, (pages.min(63) << 2) | 2 | (action & 1)]);
+    }
+
     /// A program that logs, reads a header, pauses the request, passes a bad pointer and
     /// enqueues onto a queue it registered (a wake-up for `on_queue_ready`).
     pub fn sample() -> Vec<u8> {
@@ -1210,6 +1224,29 @@ mod tests {
         assert_eq!(t[0], "Pause", "{t:#?}");
         assert!(t.iter().any(|l| l == "pending: 1"), "queue wake-up: {t:#?}");
         assert!(t.iter().any(|l| l == "aaagaa"), "{t:#?}");
+    }
+
+    #[test]
+    fn a_program_that_grows_memory_stops_at_its_limit_on_every_engine() {
+        // 4 pages, +8 (fits: 12), +8 (refused: 20 > 16), +4 (fits: 16), +1 (refused).
+        let mut p = Vec::new();
+        for pages in [8, 8, 4, 1] {
+            program::grow_and_yield(&mut p, pages, 0);
+        }
+        let input = ProgramInput::decode(&program::input(&p)).expect("decodes");
+        for kind in EngineKind::built() {
+            let compiled = program_plugin(kind, input.version);
+            let (plugin, _) =
+                fresh_plugin(compiled, program_config(&input.program)).expect("loads");
+            let mut vm = Vm::new(&plugin).expect("starts");
+            let mut t = Transcript::new();
+            drive_stream(&mut vm, &input.request, &mut t);
+            assert_eq!(
+                vm.memory_size(),
+                PROGRAM_MEMORY_PAGES << 16,
+                "{kind:?}: {t:?}"
+            );
+        }
     }
 
     #[test]
