@@ -273,6 +273,11 @@ pub static CASES: &[Case] = &[
         run: hardening::callouts_end_with_their_vm,
     },
     Case {
+        name: "proc-exit-in-the-allocator-ends-the-vm",
+        group: "hostile",
+        run: hardening::proc_exit_in_the_allocator_ends_the_vm,
+    },
+    Case {
         name: "callout-bytes-are-bounded",
         group: "hostile",
         run: hardening::callout_bytes_are_bounded,

@@ -499,3 +499,53 @@ pub(crate) fn callout_bytes_are_bounded(h: &Harness) -> CaseResult {
     holding.0.lock().clear();
     expect_nothing_leaked(&plugin)
 }
+
+/// `proc_exit` (or any trap) inside `proxy_on_memory_allocate`, which the host calls in the
+/// middle of a hostcall, ends the VM: the hostcall that asked for memory does not return to
+/// the guest, which would otherwise run on with whatever its allocator left behind.
+pub(crate) fn proc_exit_in_the_allocator_ends_the_vm(h: &Harness) -> CaseResult {
+    for (name, allocator) in [
+        ("proc_exit", "(call $proc_exit (i32.const 3))"),
+        ("unreachable", "(unreachable)"),
+    ] {
+        let text = format!(
+            r#"(module
+                (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+                {pairs}
+                {exit}
+                (memory (export "memory") 1)
+                (data (i32.const 16) "ran on")
+                (func (export "proxy_abi_version_0_2_1"))
+                (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+                    {allocator}
+                    (i32.const 1024))
+                (func (export "proxy_on_context_create") (param i32 i32))
+                (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+                    (drop (call $proxy_get_header_map_pairs (i32.const 0) (i32.const 100) (i32.const 104)))
+                    (drop (call $log (i32.const 2) (i32.const 16) (i32.const 6)))
+                    (i32.const 0)))"#,
+            pairs = import_decl(Import::ProxyGetHeaderMapPairs),
+            exit = import_decl(Import::ProcExit),
+        );
+        let wasm = wat::parse_str(&text).map_err(|e| format!("WAT: {e}"))?;
+        let (mut worker, plugin, logs) = worker(h, &wasm, config("exit-in-allocator"))?;
+        let failure = full_stream(&mut worker, &[(":path", "/")]).ok_or_else(|| {
+            format!(
+                "{name} in the allocator: the stream went through; logs {:?}",
+                logs.messages()
+            )
+        })?;
+        let kind = match name {
+            "proc_exit" => TrapKind::Exit,
+            _ => TrapKind::Unreachable,
+        };
+        expect_trap(&failure, kind, &format!("{name} in the allocator"))?;
+        ensure!(
+            !logs.messages().iter().any(|m| m == "ran on"),
+            "{name} in the allocator: the guest ran on after the hostcall"
+        );
+        drop(worker);
+        expect_nothing_leaked(&plugin)?;
+    }
+    Ok(())
+}

@@ -413,9 +413,17 @@ impl Hostcalls for VmState {
             return Some(Self::unimplemented(cx, import));
         }
         let allowed = if state.in_allocator {
+            // `proc_exit` too: an allocator that gives up (C's `abort`, TinyGo's runtime)
+            // must end the VM, not return into the hostcall that asked for memory. And
+            // emscripten's `sbrk` reports growth from inside `malloc`.
             matches!(
                 import,
-                Import::ProxyLog | Import::FdWrite | Import::ClockTimeGet | Import::PollOneoff
+                Import::ProxyLog
+                    | Import::FdWrite
+                    | Import::ClockTimeGet
+                    | Import::PollOneoff
+                    | Import::ProcExit
+                    | Import::EmscriptenNotifyMemoryGrowth
             )
         } else if state.phase == Phase::Start {
             import.module() == ImportModule::Wasi
