@@ -6,7 +6,9 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const GUESTS: &[&str] = &["headers", "body", "deny", "logger", "callouts", "abi010"];
+const GUESTS: &[&str] = &[
+    "headers", "body", "deny", "logger", "callouts", "abi010", "parity",
+];
 
 fn main() {
     let manifest_dir =

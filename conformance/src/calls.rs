@@ -103,7 +103,7 @@ fn pause_until_resumed(vm: &mut Vm, path: &str) -> Result<(HttpStream, HeaderMap
 }
 
 /// Loads `wasm` with a callout client to the loopback servers and starts a VM.
-fn start_with_servers(
+pub(crate) fn start_with_servers(
     h: &Harness,
     wasm: &[u8],
     config: PluginConfig,

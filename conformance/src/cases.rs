@@ -318,6 +318,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::request_headers_are_not_readable_in_the_response_phase,
     },
     Case {
+        name: "rust-sdk-calls-as-envoy-answers-them",
+        group: "local-response",
+        run: envoy_parity::rust_sdk_calls_as_envoy_answers_them,
+    },
+    Case {
         name: "large-functions-and-bulk-copies-run-under-deadlines",
         group: "lifecycle",
         run: hardening::large_functions_and_bulk_copies_run_under_deadlines,

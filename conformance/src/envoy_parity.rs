@@ -327,3 +327,88 @@ pub(crate) fn request_headers_are_not_readable_in_the_response_phase(h: &Harness
     );
     Ok(())
 }
+
+/// The same behaviours through a plugin built with the Rust SDK (`guests/parity`), as its
+/// author writes them: `reset_http_request()` then `Continue` resets the stream;
+/// `send_http_response(403)` then `resume_http_request()` in a call's answer sends the 403;
+/// `add_http_response_trailer` at the end of the body adds a trailer (the SDK panics on
+/// anything but `Ok`); a gRPC call with an invalid method gets `InternalFailure` (the SDK
+/// panics on anything but that and `ParseFailure`).
+pub(crate) fn rust_sdk_calls_as_envoy_answers_them(h: &Harness) -> CaseResult {
+    use filterbox::abi::MapType;
+    let start = |mode: &str| {
+        let config = filterbox::PluginConfig::named(format!("parity-{mode}"))
+            .with_configuration(mode.as_bytes().to_vec());
+        crate::calls::start_with_servers(h, crate::guests::PARITY, config)
+    };
+    let request = || headers(&[(":method", "GET"), (":path", "/"), (":authority", "x")]);
+
+    let (mut vm, logs) = start("reset")?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let action = vm
+        .on_request_headers(&stream, &mut request(), true)
+        .map_err(vm_error)?;
+    let events = vm.take_stream_events(&stream);
+    ensure!(
+        action == Action::Pause && events == [StreamEvent::Close(StreamType::HttpRequest)],
+        "reset_http_request: {action:?}, events {events:?}, logs {:?}",
+        logs.messages()
+    );
+
+    let (mut vm, logs) = start("deny-after-call")?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let action = vm
+        .on_request_headers(&stream, &mut request(), true)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Pause,
+        "the call did not pause: {action:?}"
+    );
+    let started = std::time::Instant::now();
+    let mut events = Vec::new();
+    while events.is_empty() && started.elapsed() < std::time::Duration::from_secs(30) {
+        vm.wait_and_run(std::time::Duration::from_millis(50))
+            .map_err(vm_error)?;
+        events = vm.take_stream_events(&stream);
+    }
+    match events.as_slice() {
+        [StreamEvent::Respond(r)]
+            if r.status_code == 403 && r.headers.get_str("x-denied-by") == Some("parity") => {}
+        other => {
+            return Err(format!(
+                "send_http_response then resume_http_request: events {other:?}, logs {:?}",
+                logs.messages()
+            )
+            .into());
+        }
+    }
+
+    let (mut vm, logs) = start("trailers")?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_response_headers(&stream, &mut headers(&[(":status", "200")]), false)
+        .map_err(vm_error)?;
+    let mut body = bytes::BytesMut::from(&b"twelve bytes"[..]);
+    vm.on_response_body(&stream, &mut body, true)
+        .map_err(vm_error)?;
+    let added = vm.take_added_trailers(&stream, MapType::HttpResponseTrailers);
+    ensure!(
+        added.as_ref().and_then(|t| t.get_str("x-body-bytes")) == Some("12"),
+        "add_http_response_trailer at the end of the body: {added:?}, failure {:?}, logs {:?}",
+        vm.failure(),
+        logs.messages()
+    );
+
+    let (mut vm, logs) = start("grpc-bad-method")?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let action = vm.on_request_headers(&stream, &mut request(), true);
+    ensure!(
+        matches!(action, Ok(Action::Continue))
+            && logs
+                .messages()
+                .iter()
+                .any(|m| m == "grpc call: InternalFailure"),
+        "dispatch_grpc_call with a bad method: {action:?}, logs {:?}",
+        logs.messages()
+    );
+    Ok(())
+}

@@ -15,6 +15,11 @@ pub const CALLOUTS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_call
 /// Adds `x-abi: 0.1.0`, logs its configuration, pauses `/pause` on an HTTP call (Rust SDK
 /// 0.1.x, ABI 0.1.0); see `guests/abi010/src/lib.rs`.
 pub const ABI010: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_abi010.wasm"));
+/// Rust-SDK calls whose effect Envoy defines (`reset_http_request`, a local reply then a
+/// resume, a local reply through the plugin's response phase, trailers added at the end of
+/// the body, a gRPC call with a bad method), one per configuration (Rust SDK, ABI 0.2.1); see
+/// `guests/parity/src/lib.rs`.
+pub const PARITY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_parity.wasm"));
 /// Adds headers, counts requests and denies `/deny` (AssemblyScript SDK
 /// `@solo-io/proxy-runtime` 0.1.8, ABI 0.2.0, root id `as_root`); see
 /// `guests/assemblyscript/assembly/index.ts`.
@@ -29,6 +34,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("logger", LOGGER),
     ("callouts", CALLOUTS),
     ("abi010", ABI010),
+    ("parity", PARITY),
     ("assemblyscript", ASSEMBLYSCRIPT),
 ];
 

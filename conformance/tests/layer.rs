@@ -550,6 +550,33 @@ fn paused_bodies_across_exchanges_hold_at_most_max_held_bytes() {
     });
 }
 
+#[test]
+fn a_local_reply_goes_through_the_plugins_response_phase_as_in_envoy() {
+    runtime().block_on(async {
+        // A rate limiter written with the Rust SDK answers 429 from its request headers and
+        // adds `retry-after` in its response headers; the headers plugin before it in the
+        // chain adds its response header to the 429 too.
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![
+                plugin("headers", guests::HEADERS, "response-add x-r yes"),
+                plugin("ratelimit", guests::PARITY, "ratelimit"),
+            ])
+            .expect("chain");
+        let upstream = Upstream::default();
+        let mut service = FilterLayer::new(chain).layer(upstream.clone());
+        let (response, body) = send(&mut service, request("/limited", &[])).await;
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()["retry-after"], "1");
+        assert_eq!(response.headers()["x-r"], "yes");
+        assert_eq!(body, "slow down\n");
+        assert!(
+            upstream.seen.lock().is_empty(),
+            "a limited request went upstream"
+        );
+    });
+}
+
 /// Plugin log lines, kept.
 #[derive(Default)]
 struct Lines(Mutex<Vec<String>>);
