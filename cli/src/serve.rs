@@ -51,6 +51,12 @@ pub struct ServeConfig {
     /// The plugins every request goes through, in order (responses in reverse order).
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
+    /// Service plugins (Envoy's bootstrap `WasmService`, singleton): one VM each, on a thread
+    /// of its own, given no requests; they run ticks, queues, callouts and shared data (a
+    /// queue receiver the filter plugins enqueue to). Same fields as `plugins`. A reload
+    /// starts the new ones before the old ones stop.
+    #[serde(default)]
+    pub services: Vec<PluginEntry>,
     /// Slot threads, each with its own VM per plugin (default: one per core).
     #[serde(default)]
     pub slots: Option<usize>,
@@ -199,7 +205,7 @@ impl ServeConfig {
             bail!("{}: no listeners", path.display());
         }
         let mut names = std::collections::HashSet::new();
-        for plugin in &config.plugins {
+        for plugin in config.plugins.iter().chain(&config.services) {
             if !names.insert(plugin.name.as_str()) {
                 bail!(
                     "{}: two plugins are named {:?}; names must be unique (metrics and logs use them)",
@@ -282,6 +288,7 @@ impl PluginEntry {
 struct Generation {
     chain: FilterChain,
     upstreams: BTreeMap<String, http::Uri>,
+    services: Vec<filterbox::Service>,
 }
 
 /// The largest plugin file `serve` reads (Go SDK plugins are tens of MiB at most).
@@ -336,8 +343,7 @@ fn build_generation(
             .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
     }
     let callouts = Arc::new(callouts);
-    let mut plugins = Vec::with_capacity(config.plugins.len());
-    for entry in &config.plugins {
+    let load = |entry: &PluginEntry| -> Result<Plugin> {
         let file = base.join(&entry.vm_config.code.local.filename);
         let plugin_config = entry
             .plugin_config()
@@ -345,7 +351,7 @@ fn build_generation(
         let engine = plugin_config.engine;
         let wasm = read_plugin_file(&file)
             .with_context(|| format!("plugin {:?}: reading {}", entry.name, file.display()))?;
-        let plugin = Plugin::builder(plugin_config)
+        Plugin::builder(plugin_config)
             .callouts(callouts.clone())
             .metric_registry(registries.of(&entry.name))
             .build(&wasm)
@@ -355,9 +361,27 @@ fn build_generation(
                     entry.name,
                     file.display()
                 )
-            })?;
-        plugins.push(plugin);
-    }
+            })
+    };
+    let plugins = config
+        .plugins
+        .iter()
+        .map(load)
+        .collect::<Result<Vec<_>>>()?;
+    let services = config
+        .services
+        .iter()
+        .map(|entry| {
+            let plugin = load(entry)?;
+            filterbox::Service::start(&plugin).map_err(|e| {
+                anyhow::anyhow!(
+                    "service {:?} ({}): {e}",
+                    entry.name,
+                    base.join(&entry.vm_config.code.local.filename).display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut builder = FilterChain::builder();
     if let Some(slots) = config.slots {
         builder = builder.slots(slots);
@@ -391,12 +415,18 @@ fn build_generation(
             source.unwrap_or_default()
         )
     })?;
-    Ok(Generation { chain, upstreams })
+    Ok(Generation {
+        chain,
+        upstreams,
+        services,
+    })
 }
 
 /// What every connection shares.
 struct Shared {
     chain: SharedChain,
+    /// The running service plugins (replaced whole on reload).
+    services: parking_lot::Mutex<Vec<filterbox::Service>>,
     /// How long a request body may wait for its client.
     body_idle: Duration,
     upstreams: RwLock<Arc<BTreeMap<String, http::Uri>>>,
@@ -480,6 +510,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
         };
         let shared = Arc::new(Shared {
             chain: SharedChain::new(first.chain),
+            services: parking_lot::Mutex::new(first.services),
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             client: Client::builder(TokioExecutor::new()).build_http(),
             registries,
@@ -517,8 +548,9 @@ pub fn serve(config_path: &Path) -> Result<()> {
             tokio::spawn(admin_loop(socket, shared.clone()));
         }
         eprintln!(
-            "filterbox: serving {} plugin(s) on {}",
+            "filterbox: serving {} plugin(s) and {} service(s) on {}",
             config.plugins.len(),
+            config.services.len(),
             config
                 .listeners
                 .iter()
@@ -526,7 +558,11 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        watch(config_path.to_path_buf(), config, base, shared).await
+        let watched = watch(config_path.to_path_buf(), config, base, shared.clone()).await;
+        // Services end cleanly (`proxy_on_done`), off the runtime's threads.
+        let services = std::mem::take(&mut *shared.services.lock());
+        let _ = tokio::task::spawn_blocking(move || drop(services)).await;
+        watched
     });
     // A reload still building on a blocking thread (a stuck plugin read) must not hold up
     // the exit.
@@ -763,6 +799,12 @@ fn render_stats(shared: &Shared) -> String {
             .metrics()
             .render_prometheus(&plugin.config().name, &mut host);
     }
+    for service in shared.services.lock().iter() {
+        let plugin = service.plugin();
+        plugin
+            .metrics()
+            .render_prometheus(&plugin.config().name, &mut host);
+    }
     let mut out = plugins;
     out.push_str(&merge_families(&host));
     let mut counter = |name: &str, help: &str, value: u64| {
@@ -968,6 +1010,9 @@ async fn reload(
     };
     *shared.upstreams.write() = Arc::new(generation.upstreams);
     shared.chain.replace(generation.chain);
+    let old = std::mem::replace(&mut *shared.services.lock(), generation.services);
+    // Stopping waits for each service's running callback: not on the runtime's threads.
+    tokio::task::spawn_blocking(move || drop(old));
     Ok(new)
 }
 

@@ -380,3 +380,82 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         assert!(status.success(), "serve exited with {status}");
     });
 }
+
+#[test]
+fn serve_runs_service_plugins_beside_the_chain() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("serve-service-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        std::fs::write(dir.join("parity.wasm"), guests::PARITY).expect("parity.wasm");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let upstream = upstream(hits.clone(), Arc::default()).await;
+        let (listen, admin) = (free_port(), free_port());
+        // The service ticks and counts in shared data; the filter plugin (same vm_id) copies
+        // the count into the header the upstream echoes. The service is given no request.
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: backend }}]
+upstreams: {{ backend: "http://{upstream}" }}
+admin: {{ address: "{admin}" }}
+slots: 1
+services:
+  - name: ticker
+    configuration: service
+    vm_config: {{ vm_id: together, code: {{ local: {{ filename: parity.wasm }} }} }}
+plugins:
+  - name: reader
+    configuration: copy-shared x-added service-ticks
+    vm_config: {{ vm_id: together, code: {{ local: {{ filename: headers.wasm }} }} }}
+"#
+        );
+        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+        let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+            .args(["serve", "--config"])
+            .arg(dir.join("filterbox.yaml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start filterbox serve");
+        let _proxy = Proxy(child);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let started = Instant::now();
+        let mut counts = Vec::new();
+        // Two different counts: the service's ticks go on with no requests of their own.
+        while counts.len() < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the service's ticks never showed: {counts:?}"
+            );
+            if let Ok((200, _, body)) = get(&client, format!("http://{listen}/"), None).await
+                && let Some(count) = body.strip_prefix("saw x-added=")
+                && count.parse::<u64>().is_ok()
+                && !counts.contains(&count.to_owned())
+            {
+                counts.push(count.to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (_, _, stats) = get(&client, format!("http://{admin}/stats"), None)
+            .await
+            .expect("stats");
+        assert!(
+            stats.contains("filterbox_vms_active{plugin=\"ticker\"} 1"),
+            "{stats}"
+        );
+        assert!(
+            stats.contains("plugin=\"ticker\",callback=\"proxy_on_tick\""),
+            "{stats}"
+        );
+        assert!(
+            !stats.contains("plugin=\"ticker\",callback=\"proxy_on_request_headers\""),
+            "the service was given requests: {stats}"
+        );
+    });
+}

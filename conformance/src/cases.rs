@@ -278,6 +278,11 @@ pub static CASES: &[Case] = &[
         run: hardening::proc_exit_in_the_allocator_ends_the_vm,
     },
     Case {
+        name: "service-plugin-runs-on-its-own",
+        group: "lifecycle",
+        run: hardening::service_plugin_runs_on_its_own,
+    },
+    Case {
         name: "callout-bytes-are-bounded",
         group: "hostile",
         run: hardening::callout_bytes_are_bounded,

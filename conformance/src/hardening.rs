@@ -549,3 +549,86 @@ pub(crate) fn proc_exit_in_the_allocator_ends_the_vm(h: &Harness) -> CaseResult 
     }
     Ok(())
 }
+
+/// A service plugin (Envoy's bootstrap `WasmService`) runs on its own, with no streams: its
+/// ticks run, a message another VM (here the host) enqueues to the queue it registered is
+/// delivered, a trap retires its VM and a new one takes over (the queue registered again),
+/// and stopping it drops the VM.
+pub(crate) fn service_plugin_runs_on_its_own(h: &Harness) -> CaseResult {
+    let wasm = module(
+        &imports(&[
+            Import::ProxyRegisterSharedQueue,
+            Import::ProxyDequeueSharedQueue,
+            Import::ProxySetSharedData,
+            Import::ProxySetTickPeriodMilliseconds,
+        ]),
+        &[(
+            Callback::ProxyOnConfigure,
+            "(drop (call $proxy_register_shared_queue (i32.const 16) (i32.const 4) (i32.const 8)))
+             (drop (call $proxy_set_tick_period_milliseconds (i32.const 10)))
+             (i32.const 1)",
+        )],
+        r#"(data (i32.const 16) "jobs")
+           (data (i32.const 24) "last_job")
+           (data (i32.const 48) "ticked")
+           (func (export "proxy_on_queue_ready") (param i32 i32)
+               (drop (call $proxy_dequeue_shared_queue (local.get 1) (i32.const 32) (i32.const 36)))
+               ;; A message starting with 'b' is a bug in the plugin.
+               (if (i32.eq (i32.load8_u (i32.load (i32.const 32))) (i32.const 98)) (then unreachable))
+               (drop (call $proxy_set_shared_data (i32.const 24) (i32.const 8)
+                   (i32.load (i32.const 32)) (i32.load (i32.const 36)) (i32.const 0))))
+           (func (export "proxy_on_tick") (param i32)
+               (drop (call $proxy_set_shared_data (i32.const 48) (i32.const 6)
+                   (i32.const 48) (i32.const 6) (i32.const 0))))"#,
+    )?;
+    let mut config = config("service").with_vm_id("service-case");
+    config.reload.backoff_initial_ms = 1;
+    config.reload.backoff_max_ms = 1;
+    let (plugin, logs) = h
+        .load(&wasm, config)
+        .map_err(|e| format!("load failed: {e}"))?;
+    let service = filterbox::Service::start(&plugin).map_err(|e| e.to_string())?;
+    let shared = plugin.shared_state();
+    let vm_id = plugin.config().vm_id.clone();
+    let wait = |what: &str, done: &dyn Fn() -> bool| -> CaseResult {
+        let started = Instant::now();
+        while !done() {
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "service: timed out waiting for {what}; logs {:?}",
+                logs.messages()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    };
+    let value = |key: &[u8]| shared.get(&vm_id, key).map(|(v, _)| v);
+    wait("its first tick", &|| value(b"ticked").is_some())?;
+    let send = |message: &[u8]| -> CaseResult {
+        let queue = shared
+            .resolve_queue(&vm_id, b"jobs")
+            .ok_or("the service registered no queue")?;
+        shared
+            .enqueue(queue, message)
+            .map_err(|e| format!("enqueue: {e:?}").into())
+    };
+    send(b"job-1")?;
+    wait("job-1", &|| {
+        value(b"last_job").as_deref() == Some(&b"job-1"[..])
+    })?;
+    send(b"boom")?;
+    wait("a new VM after the trap", &|| {
+        plugin.metrics().vms_restarted() >= 1
+    })?;
+    send(b"job-2")?;
+    wait("job-2 on the new VM", &|| {
+        value(b"last_job").as_deref() == Some(&b"job-2"[..])
+    })?;
+    ensure!(
+        plugin.metrics().traps(TrapKind::Unreachable) == 1,
+        "traps: {}",
+        plugin.metrics().traps(TrapKind::Unreachable)
+    );
+    service.stop();
+    expect_nothing_leaked(&plugin)
+}

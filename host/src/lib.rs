@@ -27,6 +27,9 @@
 //! exchange goes through the request phase, the inner service and the response phase, with
 //! pauses, local responses and body buffering as the ABI describes.
 //!
+//! A plugin that serves no streams (Envoy's bootstrap `WasmService`: a queue receiver, a
+//! fetcher that keeps shared data fresh) runs as a [`Service`] on a thread of its own.
+//!
 //! A [`Vm`] that traps stays failed. [`Worker`] wraps one for a worker thread: it applies the
 //! plugin's [`FailurePolicy`] to the streams a failed VM cannot serve, rebuilds the VM with
 //! backoff up to a crash-loop limit, and counts everything in [`HostMetrics`]. Every VM runs
@@ -61,6 +64,7 @@ mod layer;
 mod metrics;
 mod plugin;
 mod plugin_metrics;
+mod service;
 mod shared;
 mod state;
 mod vm;
@@ -88,6 +92,7 @@ pub use layer::{
 pub use metrics::HostMetrics;
 pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use plugin_metrics::{MetricRegistry, MetricValue};
+pub use service::{Service, ServiceError};
 pub use shared::{QueueError, SharedLimits, SharedState};
 pub use vm::{Action, Connection, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};

@@ -436,6 +436,21 @@ impl Worker {
         self.retry_at = Some(Instant::now() + delay);
     }
 
+    /// For a worker that serves no streams (a service): rebuilds the VM if its backoff has
+    /// passed, and tells when the next rebuild is due if there is still no VM.
+    pub(crate) fn revive_due(&mut self) -> Option<Instant> {
+        self.revive();
+        match self.vm {
+            Some(_) => None,
+            None => self.retry_at,
+        }
+    }
+
+    /// A callback ran to its end: the VM is healthy, and the crash-loop count starts over.
+    pub(crate) fn ran_cleanly(&mut self) {
+        self.consecutive_failures = 0;
+    }
+
     /// Builds a new VM if there is none and its backoff has passed.
     fn revive(&mut self) {
         if self.vm.is_some() {

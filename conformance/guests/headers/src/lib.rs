@@ -8,6 +8,7 @@
 //! copy-property <name> <path>   add a request header with a property's value (path in dots)
 //! copy-vm-config <name>         add a request header with the VM configuration
 //! copy-header <from> <to>       add request header <to> with the value of <from>, or "missing"
+//! copy-shared <name> <key>      add a request header with shared data <key>, or "missing"
 //! ```
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -27,6 +28,7 @@ enum Rule {
     CopyProperty(String, Vec<String>),
     CopyVmConfig(String),
     CopyHeader(String, String),
+    CopyShared(String, String),
 }
 
 #[derive(Default)]
@@ -58,6 +60,7 @@ impl RootContext for Root {
                 ["copy-property", n, p] => Rule::CopyProperty(n.to_string(), p.split('.').map(String::from).collect()),
                 ["copy-vm-config", n] => Rule::CopyVmConfig(n.to_string()),
                 ["copy-header", from, to] => Rule::CopyHeader(from.to_string(), to.to_string()),
+                ["copy-shared", n, key] => Rule::CopyShared(n.to_string(), key.to_string()),
                 _ => {
                     proxy_wasm::hostcalls::log(LogLevel::Error, &format!("bad rule: {line}")).ok();
                     return false;
@@ -105,6 +108,11 @@ impl HttpContext for Filter {
                 Rule::CopyHeader(from, to) => {
                     let value = self.get_http_request_header(from);
                     self.add_http_request_header(to, value.as_deref().unwrap_or("missing"));
+                }
+                Rule::CopyShared(n, key) => {
+                    let (value, _) = self.get_shared_data(key);
+                    let value = value.map(|v| String::from_utf8_lossy(&v).into_owned());
+                    self.add_http_request_header(n, value.as_deref().unwrap_or("missing"));
                 }
                 Rule::ResponseAdd(..) => {}
             }

@@ -7,7 +7,9 @@
 //! - `ratelimit`: answers 429 from the request headers, and adds `retry-after: 1` in its
 //!   response headers (which Envoy runs for a local reply too);
 //! - `trailers`: at the end of the response body adds the trailer `x-body-bytes`;
-//! - `grpc-bad-method`: a gRPC call with a method name that is not one, logging the status.
+//! - `grpc-bad-method`: a gRPC call with a method name that is not one, logging the status;
+//! - `service`: a root context only (a service plugin): every 10 ms tick stores the number of
+//!   ticks so far in shared data `service-ticks`.
 
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -16,12 +18,13 @@ use std::time::Duration;
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { mode: String::new() })
+        Box::new(Root { mode: String::new(), ticks: 0 })
     });
 }}
 
 struct Root {
     mode: String,
+    ticks: u64,
 }
 
 impl Context for Root {}
@@ -30,7 +33,18 @@ impl RootContext for Root {
     fn on_configure(&mut self, _: usize) -> bool {
         let bytes = self.get_plugin_configuration().unwrap_or_default();
         self.mode = String::from_utf8_lossy(&bytes).trim().to_owned();
+        if self.mode == "service" {
+            self.set_tick_period(Duration::from_millis(10));
+        }
         true
+    }
+
+    fn on_tick(&mut self) {
+        self.ticks += 1;
+        let ticks = self.ticks.to_string();
+        if let Err(status) = self.set_shared_data("service-ticks", Some(ticks.as_bytes()), None) {
+            proxy_wasm::hostcalls::log(LogLevel::Error, &format!("set_shared_data: {status:?}")).ok();
+        }
     }
 
     fn create_http_context(&self, _: u32) -> Option<Box<dyn HttpContext>> {

@@ -1,0 +1,197 @@
+//! Service plugins: a plugin that runs on its own, outside any filter chain, as Envoy's
+//! bootstrap `WasmService` with `singleton: true`. It gets a root context and nothing else (no
+//! HTTP streams) and lives on ticks, queue messages, callout answers and shared data: a queue
+//! receiver the filter plugins' VMs enqueue to, a fetcher that keeps shared data fresh.
+
+use crate::worker::Worker;
+use crate::{Plugin, VmError};
+use core::fmt;
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a stopping service lets a plugin that asked to finish (`proxy_on_done` answered
+/// false) deliver what it waits for before its VM is dropped anyway.
+const FINISH_GRACE: Duration = Duration::from_secs(1);
+
+/// A service plugin running on its own thread: one VM, rebuilt after a trap as the plugin's
+/// [`ReloadPolicy`](crate::ReloadPolicy) says. Dropping it stops it (see [`Service::stop`]).
+///
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use filterbox::{Plugin, PluginConfig, Service};
+/// let wasm = std::fs::read("queue-receiver.wasm")?;
+/// let plugin = Plugin::load(PluginConfig::named("receiver"), &wasm)?;
+/// let service = Service::start(&plugin)?; // ticks, queues and callouts run from here on
+/// // ... the filter plugins enqueue to the receiver's queue ...
+/// service.stop();
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Service {
+    plugin: Plugin,
+    commands: mpsc::Sender<Command>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Command {
+    /// An event waits for the VM.
+    Wake,
+    Stop,
+}
+
+/// Why a service did not start.
+#[derive(Debug)]
+pub enum ServiceError {
+    /// The plugin's VM did not start (instantiation, `proxy_on_vm_start` or
+    /// `proxy_on_configure` failed).
+    Start(VmError),
+    /// The service thread could not be started.
+    Thread(std::io::Error),
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ServiceError::Start(error) => write!(f, "the service did not start: {error}"),
+            ServiceError::Thread(error) => write!(f, "starting the service thread: {error}"),
+        }
+    }
+}
+
+impl std::error::Error for ServiceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ServiceError::Start(error) => Some(error),
+            ServiceError::Thread(error) => Some(error),
+        }
+    }
+}
+
+impl Service {
+    /// Starts the plugin's VM (start function, `proxy_on_vm_start`, `proxy_on_configure`), an
+    /// error if it does not start, and a thread `filterbox-service-<name>` that runs its
+    /// ticks, queue messages and callout answers until the service is stopped.
+    pub fn start(plugin: &Plugin) -> Result<Service, ServiceError> {
+        let (commands, received) = mpsc::channel();
+        let (started, start_result) = mpsc::channel();
+        let wake_sender = commands.clone();
+        let wake: crate::Wake = Arc::new(move || {
+            let _ = wake_sender.send(Command::Wake);
+        });
+        let thread_plugin = plugin.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("filterbox-service-{}", plugin.config().name))
+            .spawn(move || {
+                let mut worker = match Worker::new(&thread_plugin) {
+                    Ok(worker) => worker,
+                    Err(error) => {
+                        let _ = started.send(Err(error));
+                        return;
+                    }
+                };
+                worker.set_wake(Some(wake));
+                let _ = started.send(Ok(()));
+                run(&mut worker, &received);
+                finish(&mut worker);
+            })
+            .map_err(ServiceError::Thread)?;
+        match start_result.recv() {
+            Ok(Ok(())) => Ok(Service {
+                plugin: plugin.clone(),
+                commands,
+                thread: Some(thread),
+            }),
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                Err(ServiceError::Start(error))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(ServiceError::Thread(std::io::Error::other(
+                    "the service thread ended before its VM started",
+                )))
+            }
+        }
+    }
+
+    /// The plugin this service runs.
+    pub fn plugin(&self) -> &Plugin {
+        &self.plugin
+    }
+
+    /// Stops the service once the callback running now returns: the plugin's root context
+    /// is shut down (`proxy_on_done`; a plugin that asks to finish first gets up to a second
+    /// to deliver what it waits for) and the VM dropped. Blocks until then.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        let _ = self.commands.send(Command::Stop);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!(plugin = %self.plugin.config().name, "the service thread panicked");
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Runs what is due until told to stop: events as they arrive, the tick when it is due, a
+/// rebuild when a failed VM's backoff has passed.
+fn run(worker: &mut Worker, commands: &mpsc::Receiver<Command>) {
+    loop {
+        let now = Instant::now();
+        let rebuild_at = worker.revive_due();
+        match worker.run_due(now) {
+            Ok(ran) if ran > 0 => worker.ran_cleanly(),
+            Ok(_) => {}
+            // The worker logged it and dropped the VM; the next rebuild is scheduled.
+            Err(_) => continue,
+        }
+        let next = [worker.next_tick(), rebuild_at].into_iter().flatten().min();
+        let command = match next {
+            Some(at) => match commands.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+            None => match commands.recv() {
+                Ok(command) => Some(command),
+                Err(mpsc::RecvError) => return,
+            },
+        };
+        if let Some(Command::Stop) = command {
+            return;
+        }
+    }
+}
+
+/// Shuts the root context down, letting a plugin that asks to finish deliver its events for
+/// up to [`FINISH_GRACE`].
+fn finish(worker: &mut Worker) {
+    let Some(vm) = worker.vm() else {
+        return;
+    };
+    let name = vm.plugin().config().name.clone();
+    match vm.shutdown() {
+        Ok(true) => {}
+        Ok(false) => {
+            let until = Instant::now() + FINISH_GRACE;
+            while !vm.is_done() && Instant::now() < until {
+                if let Err(error) = vm.wait_and_run(until.saturating_duration_since(Instant::now()))
+                {
+                    tracing::warn!(plugin = %name, "while finishing: {error}");
+                    return;
+                }
+            }
+        }
+        Err(error) => tracing::warn!(plugin = %name, "shutdown: {error}"),
+    }
+}
