@@ -1,12 +1,13 @@
 //! `filterbox run plugin.wasm`: one plugin, one request (and response), everything printed.
-//! The plugin author's quickest test loop.
+//! The plugin author's quickest test loop. `--service-ms` runs a root-only plugin instead (its
+//! ticks, queues and callouts for a while), `--tcp` one L4 connection.
 
 use anyhow::{Context as _, Result, bail};
 use bytes::{Bytes, BytesMut};
-use filterbox::abi::{MapType, StreamType};
+use filterbox::abi::{MapType, PeerType, StreamType};
 use filterbox::{
-    Action, EngineKind, HeaderMap, HttpStream, HyperCallouts, LocalResponse, LogLevel, LogSink,
-    Plugin, PluginConfig, StreamEvent, Vm,
+    Action, CacheOutcome, EngineKind, HeaderMap, HttpStream, HyperCallouts, LocalResponse,
+    LogLevel, LogSink, ModuleCache, Plugin, PluginConfig, StreamEvent, Vm,
 };
 use parking_lot::Mutex;
 use std::fmt::Write as _;
@@ -76,9 +77,70 @@ pub struct RunArgs {
     /// How long to wait for a plugin that pauses (for a callout, say), in milliseconds.
     #[arg(long, default_value_t = 5000)]
     wait_ms: u64,
+    /// A property the plugin reads, `path=value` with the path in dots (Envoy's
+    /// `metadata.filter_metadata.ns.key`, `source.address`, ...; repeatable). Set on the
+    /// stream; for `--service-ms` and `--tcp` on the root context, which every context sees.
+    #[arg(long = "property")]
+    properties: Vec<String>,
+    /// Run the plugin as a service (root context only, no request): start it, run its ticks,
+    /// queue messages and callouts for this many milliseconds, shut it down, and print its
+    /// logs and metrics.
+    #[arg(long, conflicts_with = "tcp")]
+    service_ms: Option<u64>,
+    /// Run one L4 (TCP) connection instead of an HTTP exchange: `--downstream-data` from the
+    /// client, `--upstream-data` from the upstream, then both sides close.
+    #[arg(long)]
+    tcp: bool,
+    /// Bytes the client sends on the `--tcp` connection; `@file` reads a file.
+    #[arg(long, default_value = "")]
+    downstream_data: String,
+    /// Bytes the upstream answers on the `--tcp` connection; `@file` reads a file.
+    #[arg(long, default_value = "")]
+    upstream_data: String,
+    /// Where compiled modules are kept between runs (default: `$XDG_CACHE_HOME/filterbox`
+    /// or `~/.cache/filterbox`), so a large plugin compiles once.
+    #[arg(long, conflicts_with = "no_cache")]
+    cache_dir: Option<PathBuf>,
+    /// Compile the plugin afresh and keep nothing.
+    #[arg(long)]
+    no_cache: bool,
     /// Print every hostcall the plugin makes (name, arguments, result) on stderr.
     #[arg(long)]
     pub trace: bool,
+}
+
+impl RunArgs {
+    /// The module cache to use, if any.
+    fn module_cache(&self) -> Option<ModuleCache> {
+        if self.no_cache {
+            return None;
+        }
+        if let Some(dir) = &self.cache_dir {
+            return Some(ModuleCache::new(dir));
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+        Some(ModuleCache::new(base.join("filterbox")))
+    }
+
+    /// The `--property` values as (path, value).
+    fn properties(&self) -> Result<Vec<(Vec<String>, Bytes)>> {
+        self.properties
+            .iter()
+            .map(|property| {
+                let Some((path, value)) = property.split_once('=') else {
+                    bail!("--property {property:?} is not path=value");
+                };
+                let path: Vec<String> = path.split('.').map(str::to_owned).collect();
+                if path.iter().any(String::is_empty) {
+                    bail!("--property {property:?}: an empty segment in the path");
+                }
+                Ok((path, Bytes::from(value.to_owned())))
+            })
+            .collect()
+    }
 }
 
 /// Plugin log lines, kept for the report.
@@ -182,6 +244,10 @@ pub fn run(args: &RunArgs) -> Result<String> {
         }
         builder = builder.callouts(Arc::new(callouts));
     }
+    if let Some(cache) = args.module_cache() {
+        builder = builder.module_cache(cache);
+    }
+    let properties = args.properties()?;
     let file = args.plugin.display();
     let plugin = builder
         .build(&wasm)
@@ -194,6 +260,26 @@ pub fn run(args: &RunArgs) -> Result<String> {
             bail!("{out}{file}: {error}");
         }
     };
+    let _ = writeln!(
+        out,
+        "plugin: {file} (ABI {}, {engine}; {})",
+        plugin.abi_version(),
+        cache_note(plugin.cache_outcome())
+    );
+    if let Some(ms) = args.service_ms {
+        for (path, value) in &properties {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            vm.set_root_property(&path, value.clone());
+        }
+        run_service(&mut vm, Duration::from_millis(ms), &mut out);
+        print_tail(&mut out, &logs, &plugin);
+        return Ok(out);
+    }
+    if args.tcp {
+        run_connection(&mut vm, args, &properties, &mut out)?;
+        print_tail(&mut out, &logs, &plugin);
+        return Ok(out);
+    }
 
     let (mut request, request_body) = match &args.request {
         Some(path) => {
@@ -247,6 +333,10 @@ pub fn run(args: &RunArgs) -> Result<String> {
             bail!("{out}{file}: {error}");
         }
     };
+    for (path, value) in &properties {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        vm.set_stream_property(&stream, &path, value.clone());
+    }
     let mut exchange = Exchange {
         vm: &mut vm,
         stream: &stream,
@@ -255,11 +345,6 @@ pub fn run(args: &RunArgs) -> Result<String> {
     let outcome = exchange.run(&mut request, request_body, &mut response, response_body);
     let log = vm.on_log(&stream, &mut request, &mut response);
     let finished = vm.finish_stream(stream);
-    let _ = writeln!(
-        out,
-        "plugin: {file} (ABI {}, {engine})",
-        plugin.abi_version()
-    );
     match outcome {
         Ok(Outcome::Forwarded {
             request_body,
@@ -299,7 +384,27 @@ pub fn run(args: &RunArgs) -> Result<String> {
             let _ = writeln!(out, "(ending the stream: {error})");
         }
     }
-    print_logs(&mut out, &logs);
+    print_tail(&mut out, &logs, &plugin);
+    drop(vm);
+    drop(runtime);
+    Ok(out)
+}
+
+/// What the module cache did, for the report.
+fn cache_note(outcome: Option<&CacheOutcome>) -> String {
+    match outcome {
+        None => "compiled, not cached".into(),
+        Some(CacheOutcome::Hit) => "loaded from the module cache".into(),
+        Some(CacheOutcome::Miss) => "compiled and cached".into(),
+        Some(CacheOutcome::Rebuilt(why)) => format!("compiled again and cached ({why})"),
+        Some(CacheOutcome::Unsupported) => "compiled (this engine caches nothing)".into(),
+        Some(CacheOutcome::NotStored(why)) => format!("compiled, not cached: {why}"),
+    }
+}
+
+/// The plugin's logs, its metrics and the host's view, after any kind of run.
+fn print_tail(out: &mut String, logs: &Logs, plugin: &Plugin) {
+    print_logs(out, logs);
     let mut metrics = String::new();
     plugin.metric_registry().render_prometheus(&mut metrics);
     let metrics: Vec<&str> = metrics.lines().filter(|l| !l.starts_with('#')).collect();
@@ -314,9 +419,96 @@ pub fn run(args: &RunArgs) -> Result<String> {
         host.memory_high_water_bytes(),
         host.vms_failed()
     );
-    drop(vm);
-    drop(runtime);
-    Ok(out)
+}
+
+/// Runs a root-only plugin for `span`: ticks, queue messages, callout answers; then asks it
+/// to shut down (giving it the rest of a second to finish if it asks to).
+fn run_service(vm: &mut Vm, span: Duration, out: &mut String) {
+    let until = Instant::now() + span;
+    let mut callbacks = 0;
+    let mut failure = None;
+    while Instant::now() < until {
+        match vm.wait_and_run(until.saturating_duration_since(Instant::now())) {
+            Ok(ran) => callbacks += ran,
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n== service: {} ms, {callbacks} callback(s) ran",
+        span.as_millis()
+    );
+    if let Some(error) = failure {
+        let _ = writeln!(out, "the plugin failed: {error}");
+        return;
+    }
+    match vm.shutdown() {
+        Ok(true) => {}
+        Ok(false) => {
+            let grace = Instant::now() + Duration::from_secs(1);
+            while !vm.is_done() && Instant::now() < grace {
+                if let Err(error) = vm.wait_and_run(grace.saturating_duration_since(Instant::now()))
+                {
+                    let _ = writeln!(out, "while finishing: {error}");
+                    return;
+                }
+            }
+        }
+        Err(error) => {
+            let _ = writeln!(out, "shutting down: {error}");
+        }
+    }
+}
+
+/// Runs one L4 connection: the client's bytes, the upstream's, then both sides close.
+fn run_connection(
+    vm: &mut Vm,
+    args: &RunArgs,
+    properties: &[(Vec<String>, Bytes)],
+    out: &mut String,
+) -> Result<()> {
+    // Root properties: every context sees them, the connection's too.
+    for (path, value) in properties {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        vm.set_root_property(&path, value.clone());
+    }
+    let (connection, action) = vm.create_connection()?;
+    let _ = writeln!(out, "\n== connection opened: {}", action_name(&action));
+    let mut downstream = BytesMut::from(&text_arg(&args.downstream_data)?[..]);
+    let action = vm.on_downstream_data(&connection, &mut downstream, false)?;
+    let _ = writeln!(
+        out,
+        "\n== client data, as forwarded upstream ({})",
+        action_name(&action)
+    );
+    let _ = writeln!(out, "{}", String::from_utf8_lossy(&downstream));
+    let mut upstream = BytesMut::from(&text_arg(&args.upstream_data)?[..]);
+    let action = vm.on_upstream_data(&connection, &mut upstream, false)?;
+    let _ = writeln!(
+        out,
+        "\n== upstream data, as sent to the client ({})",
+        action_name(&action)
+    );
+    let _ = writeln!(out, "{}", String::from_utf8_lossy(&upstream));
+    vm.on_downstream_connection_close(&connection, PeerType::Remote)?;
+    vm.on_upstream_connection_close(&connection, PeerType::Remote)?;
+    let events = vm.take_connection_events(&connection);
+    if !events.is_empty() {
+        let _ = writeln!(out, "\n== plugin asked: {events:?}");
+    }
+    vm.finish_connection(connection)?;
+    Ok(())
+}
+
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::Continue => "continue",
+        Action::Pause => "paused",
+        Action::Respond(_) => "local response",
+    }
 }
 
 /// Pseudo headers of a request; `:authority` from `host` if there is one.
@@ -544,6 +736,10 @@ mod tests {
         std::fs::write(&file, wasm)?;
         let mut argv = vec!["run".to_owned(), file.display().to_string()];
         argv.extend(args.iter().map(|a| a.to_string()));
+        // Tests keep their compiled modules to themselves, not in the user's cache.
+        if !args.contains(&"--cache-dir") {
+            argv.push("--no-cache".into());
+        }
         run(&Cli::try_parse_from(argv)?.args)
     }
 
@@ -643,5 +839,107 @@ mod tests {
             "{message}"
         );
         assert!(message.contains("bad rule: nonsense"), "{message}");
+    }
+
+    #[test]
+    fn run_keeps_compiled_modules_in_its_cache() {
+        let dir = dir("cache");
+        let cache = dir.join("modules");
+        let _ = std::fs::remove_dir_all(&cache);
+        let cache = cache.display().to_string();
+        let args = ["--cache-dir", cache.as_str()];
+        let first = run_with(&dir, filterbox_conformance::guests::HEADERS, &args).expect("run");
+        assert!(first.contains("compiled and cached"), "{first}");
+        let second = run_with(&dir, filterbox_conformance::guests::HEADERS, &args).expect("run");
+        assert!(second.contains("loaded from the module cache"), "{second}");
+    }
+
+    #[test]
+    fn run_sets_properties_the_plugin_reads() {
+        let report = run_with(
+            &dir("properties"),
+            filterbox_conformance::guests::HEADERS,
+            &[
+                "--config",
+                "copy-property x-meta metadata.filter_metadata.ns.key",
+                "--property",
+                "metadata.filter_metadata.ns.key=from-cli",
+            ],
+        )
+        .expect("run");
+        assert!(report.contains("x-meta: from-cli"), "{report}");
+        let error = run_with(
+            &dir("properties"),
+            filterbox_conformance::guests::HEADERS,
+            &["--property", "a..b=c"],
+        )
+        .expect_err("an empty path segment accepted");
+        assert!(format!("{error:#}").contains("empty segment"), "{error:#}");
+    }
+
+    #[test]
+    fn run_runs_a_service_plugin_for_a_while() {
+        let report = run_with(
+            &dir("service"),
+            filterbox_conformance::guests::PARITY,
+            &["--config", "service", "--service-ms", "200"],
+        )
+        .expect("run");
+        let ran = report
+            .lines()
+            .find_map(|l| l.strip_prefix("== service: 200 ms, "))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse::<u32>().ok());
+        // Ticks every 10 ms: a loaded machine still gets a few in 200 ms.
+        assert!(ran.is_some_and(|n| n >= 2), "{report}");
+        assert!(!report.contains("== request"), "{report}");
+    }
+
+    #[test]
+    fn run_runs_one_tcp_connection() {
+        let wasm = wat::parse_str(
+            r#"(module
+                (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+                (import "env" "proxy_get_buffer_bytes"
+                    (func $get (param i32 i32 i32 i32 i32) (result i32)))
+                (memory (export "memory") 1)
+                (global $next (mut i32) (i32.const 4096))
+                (func (export "proxy_abi_version_0_2_1"))
+                (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+                    (local $p i32)
+                    (local.set $p (global.get $next))
+                    (global.set $next (i32.add (global.get $next) (i32.const 1024)))
+                    (local.get $p))
+                (func (export "proxy_on_context_create") (param i32 i32))
+                (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
+                ;; Logs what the client sent.
+                (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32)
+                    (drop (call $get (i32.const 2) (i32.const 0) (local.get 1) (i32.const 16) (i32.const 20)))
+                    (drop (call $log (i32.const 2) (i32.load (i32.const 16)) (i32.load (i32.const 20))))
+                    (i32.const 0))
+                (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0)))"#,
+        )
+        .expect("WAT");
+        let report = run_with(
+            &dir("tcp"),
+            &wasm,
+            &[
+                "--tcp",
+                "--downstream-data",
+                "ping",
+                "--upstream-data",
+                "pong",
+            ],
+        )
+        .expect("run");
+        assert!(
+            report.contains("== connection opened: continue"),
+            "{report}"
+        );
+        assert!(report.contains("[info] ping"), "{report}");
+        assert!(
+            report.contains("== upstream data, as sent to the client (continue)\npong"),
+            "{report}"
+        );
     }
 }
