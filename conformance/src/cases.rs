@@ -323,6 +323,11 @@ pub static CASES: &[Case] = &[
         run: envoy_parity::request_headers_are_not_readable_in_the_response_phase,
     },
     Case {
+        name: "set-envoy-filter-state-is-read-as-a-property",
+        group: "properties",
+        run: envoy_parity::set_envoy_filter_state_is_read_as_a_property,
+    },
+    Case {
         name: "rust-sdk-calls-as-envoy-answers-them",
         group: "local-response",
         run: envoy_parity::rust_sdk_calls_as_envoy_answers_them,

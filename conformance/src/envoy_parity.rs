@@ -412,3 +412,59 @@ pub(crate) fn rust_sdk_calls_as_envoy_answers_them(h: &Harness) -> CaseResult {
     );
     Ok(())
 }
+
+/// Envoy's `set_envoy_filter_state` foreign function (the SDKs' examples call it with a
+/// serialized `SetEnvoyFilterStateArguments`): the value is then the property
+/// `filter_state.<key>` for the plugin and for the embedder; arguments that are not that
+/// message are `BadArgument`.
+pub(crate) fn set_envoy_filter_state_is_read_as_a_property(h: &Harness) -> CaseResult {
+    let call = |args: (u32, u32)| {
+        format!(
+            "(call $report (call $proxy_call_foreign_function (i32.const 16) (i32.const 22)
+                 (i32.const {}) (i32.const {}) (i32.const 8) (i32.const 12)))",
+            args.0, args.1
+        )
+    };
+    let wasm = module(
+        &imports(&[Import::ProxyCallForeignFunction, Import::ProxyGetProperty]),
+        &[(
+            Callback::ProxyOnRequestHeaders,
+            &format!(
+                "{}
+                 (call $report (call $proxy_get_property (i32.const 96) (i32.const 19)
+                     (i32.const 8) (i32.const 12)))
+                 (drop (call $log (i32.const 2) (i32.load (i32.const 8)) (i32.load (i32.const 12))))
+                 {}
+                 (i32.const 0)",
+                call((64, 17)),
+                call((128, 1))
+            ),
+        )],
+        r#"(data (i32.const 16) "set_envoy_filter_state")
+           ;; path "my.key", value "hello", span 1
+           (data (i32.const 64) "\0a\06my.key\12\05hello\18\01")
+           (data (i32.const 96) "filter_state\00my.key")
+           (data (i32.const 128) "\0b")"#,
+    )?;
+    let (mut vm, logs) = h.start(&wasm, config("filter-state"))?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    vm.on_request_headers(&stream, &mut headers(&[(":path", "/")]), true)
+        .map_err(vm_error)?;
+    let seen = vm.stream_property(&stream, &["filter_state", "my.key"]);
+    vm.finish_stream(stream).map_err(vm_error)?;
+    ensure!(
+        reports(&logs) == [OK, OK, crate::hostile::BAD_ARGUMENT],
+        "statuses {:?}",
+        reports(&logs)
+    );
+    ensure!(
+        logs.messages().iter().any(|m| m == "hello"),
+        "the plugin did not read its filter state: {:?}",
+        logs.messages()
+    );
+    ensure!(
+        seen.as_deref() == Some(&b"hello"[..]),
+        "the embedder reads {seen:?}"
+    );
+    Ok(())
+}

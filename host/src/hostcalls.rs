@@ -172,6 +172,27 @@ fn write_words(memory: &mut GuestMemory<'_>, words: &[(i32, u32)]) -> Status {
     Status::Ok
 }
 
+/// Stores a property of the current context (`proxy_set_property`, filter state), within
+/// the property limits: paths count with values, both held until the context ends.
+fn set_property(state: &mut VmState, path: Vec<u8>, value: &[u8]) -> Result<(), Status> {
+    let limits = &state.shared.config.limits;
+    let held: usize = state
+        .properties
+        .iter()
+        .map(|((_, path), value)| path.len() + value.len())
+        .sum();
+    if state.properties.len() >= limits.max_header_count
+        || held + path.len() + value.len() > limits.max_header_bytes
+    {
+        return Err(Status::BadArgument);
+    }
+    let context = state.context();
+    state
+        .properties
+        .insert((context, path), Bytes::copy_from_slice(value));
+    Ok(())
+}
+
 /// Reads a key and a value from guest memory and applies `edit` to a writable map: the shared
 /// shape of add, replace and remove (which passes an empty value).
 fn edit_map(
@@ -554,22 +575,7 @@ impl Hostcalls for VmState {
         if property_path::decode(path).is_err() {
             return Status::BadArgument.as_i32();
         }
-        let limits = &state.shared.config.limits;
-        // Paths count with values: both are held until the context ends.
-        let held: usize = state
-            .properties
-            .iter()
-            .map(|((_, path), value)| path.len() + value.len())
-            .sum();
-        if state.properties.len() >= limits.max_header_count
-            || held + path.len() + value.len() > limits.max_header_bytes
-        {
-            return Status::BadArgument.as_i32();
-        }
-        let context = state.context();
-        state
-            .properties
-            .insert((context, path.to_vec()), Bytes::copy_from_slice(value));
+        tri!(set_property(state, path.to_vec(), value));
         Status::Ok.as_i32()
     }
 
@@ -751,14 +757,22 @@ impl Hostcalls for VmState {
         let (state, memory) = cx.split();
         let name = tri!(read(&memory, name_ptr, name_size));
         let args = tri!(read(&memory, args_ptr, args_size));
-        let Some(function) = std::str::from_utf8(name)
-            .ok()
-            .and_then(|name| state.shared.foreign_functions.get(name))
-            .cloned()
-        else {
-            return Status::NotFound.as_i32();
+        let name = std::str::from_utf8(name).ok();
+        let results = match name.and_then(|name| state.shared.foreign_functions.get(name)) {
+            Some(function) => {
+                let function = function.clone();
+                tri!(embedder(|| function.call(args)))
+            }
+            None if name == Some(crate::foreign::SET_ENVOY_FILTER_STATE) => {
+                let Some((key, value)) = crate::foreign::filter_state_args(args) else {
+                    return Status::BadArgument.as_i32();
+                };
+                let path = property_path::encode(&[&b"filter_state"[..], key]);
+                tri!(set_property(state, path, value));
+                Bytes::new()
+            }
+            None => return Status::NotFound.as_i32(),
         };
-        let results = tri!(embedder(|| function.call(args)));
         // As the reference host: a zero out-pointer means "do not write this one", and
         // nothing is allocated in the guest when there is nowhere to put the pointer.
         let ptr_ptr = (ret_results_ptr_ptr != 0).then_some(ret_results_ptr_ptr);

@@ -779,6 +779,14 @@ impl Vm {
         self.state().properties.insert((stream.id, path), value);
     }
 
+    /// A property set on `stream` by the plugin (`proxy_set_property`, Envoy's filter state
+    /// through `set_envoy_filter_state`: path `["filter_state", key]`) or by the embedder;
+    /// how an embedder reads what a plugin left for the access log or the next filter.
+    pub fn stream_property(&mut self, stream: &HttpStream, path: &[&str]) -> Option<Bytes> {
+        let path = filterbox_abi::property_path::encode(path);
+        self.state().properties.get(&(stream.id, path)).cloned()
+    }
+
     /// Sets a property every context of this VM sees unless a stream sets its own (node
     /// metadata, cluster and listener names).
     pub fn set_root_property(&mut self, path: &[&str], value: Bytes) {
