@@ -166,7 +166,11 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
     out.extend(hostcall_scenarios(&engine)?);
     out.extend(body_scenarios(&engine)?);
 
-    // VM creation.
+    // VM creation: the instance alone (`Vm::instantiate`), then with the plugin's own start.
+    let p = plugin.clone();
+    out.push(Scenario::new("vm/instantiate", move || {
+        black_box(Vm::instantiate(&p).expect("instance"));
+    }));
     let p = plugin.clone();
     out.push(Scenario::new("vm/new_and_start", move || {
         black_box(Vm::new(&p).expect("vm"));
@@ -178,6 +182,10 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
         )
         .map_err(|e| fail("pooling engine", e))?;
         let p = header_plugin(&pooled)?;
+        let q = p.clone();
+        out.push(Scenario::new("vm/instantiate_pooling", move || {
+            black_box(Vm::instantiate(&q).expect("instance"));
+        }));
         out.push(Scenario::new("vm/new_and_start_pooling", move || {
             black_box(Vm::new(&p).expect("vm"));
         }));

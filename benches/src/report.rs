@@ -83,12 +83,24 @@ struct Row {
 }
 
 fn run_all(list: Vec<Scenario>, budget: Duration) -> Vec<Row> {
-    // For profiling one scenario: FILTERBOX_BENCH_FILTER=lifecycle_3 perf record ...
+    // For profiling one scenario: FILTERBOX_BENCH_FILTER=lifecycle_3
+    // FILTERBOX_BENCH_PROFILE_SECS=20 perf record ... (the scenario first runs that long, so
+    // the profile is mostly it rather than the set-up's compiling).
     let filter = std::env::var("FILTERBOX_BENCH_FILTER").unwrap_or_default();
+    let profile = std::env::var("FILTERBOX_BENCH_PROFILE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs);
     list.into_iter()
         .filter(|s| s.name.contains(&filter))
         .map(|mut s| {
             eprintln!("  {}", s.name);
+            if let Some(span) = profile {
+                let until = Instant::now() + span;
+                while Instant::now() < until {
+                    (s.run)();
+                }
+            }
             let ns = measure(&mut s.run, budget) / f64::from(s.ops);
             Row {
                 name: s.name,

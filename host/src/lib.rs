@@ -94,7 +94,9 @@ pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use plugin_metrics::{MetricRegistry, MetricValue};
 pub use service::{Service, ServiceError};
 pub use shared::{QueueError, SharedLimits, SharedState};
-pub use vm::{Action, Connection, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
+pub use vm::{
+    Action, Connection, HttpStream, LocalResponse, StreamEvent, UnstartedVm, Vm, VmError,
+};
 pub use worker::{Failure, Worker, WorkerStream};
 
 pub use filterbox_abi as abi;

@@ -2,8 +2,10 @@
 
 use filterbox_abi::Callback;
 use filterbox_engines::TrapKind;
+use parking_lot::Mutex;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 /// Upper bounds of the callback latency buckets, in microseconds (then `+Inf`).
@@ -33,9 +35,65 @@ impl Histogram {
         self.sum_nanos.fetch_add(nanos, Relaxed);
     }
 
-    fn count(&self) -> u64 {
-        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    /// Adds this histogram's counts and sum to `into`.
+    fn add_to(&self, into: &mut HistogramSnapshot) {
+        for (total, count) in into.counts.iter_mut().zip(&self.counts) {
+            *total += count.load(Relaxed);
+        }
+        into.sum_nanos += self.sum_nanos.load(Relaxed);
     }
+
+    /// Adds `from` into this histogram.
+    fn absorb(&self, from: &Histogram) {
+        for (count, more) in self.counts.iter().zip(&from.counts) {
+            count.fetch_add(more.load(Relaxed), Relaxed);
+        }
+        self.sum_nanos
+            .fetch_add(from.sum_nanos.load(Relaxed), Relaxed);
+    }
+}
+
+/// A histogram's values at one moment.
+#[derive(Default)]
+struct HistogramSnapshot {
+    counts: [u64; BUCKETS_US.len() + 1],
+    sum_nanos: u64,
+}
+
+impl HistogramSnapshot {
+    fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+/// Callback latency of one VM, one histogram per callback. Only the VM's thread writes it,
+/// so VMs on different threads never write the same cache lines; readers merge every VM's.
+pub(crate) struct CallbackStats {
+    histograms: Vec<Histogram>,
+}
+
+impl Default for CallbackStats {
+    fn default() -> Self {
+        CallbackStats {
+            histograms: (0..Callback::COUNT).map(|_| Histogram::default()).collect(),
+        }
+    }
+}
+
+impl CallbackStats {
+    /// One call of `callback` that took `elapsed`.
+    pub(crate) fn record(&self, callback: Callback, elapsed: Duration) {
+        if let Some(h) = self.histograms.get(callback as usize) {
+            h.record(elapsed);
+        }
+    }
+}
+
+/// The callback statistics of a plugin's VMs: the live VMs' own, and what dropped VMs left.
+#[derive(Default)]
+struct CallbackSets {
+    live: Vec<Weak<CallbackStats>>,
+    retired: CallbackStats,
 }
 
 /// Counters and gauges about one plugin's VMs, shared by every VM and worker of the plugin.
@@ -50,7 +108,7 @@ pub struct HostMetrics {
     streams_failed_open: AtomicU64,
     ticks_postponed: AtomicU64,
     traps: [AtomicU64; TrapKind::ALL.len()],
-    callbacks: Vec<Histogram>,
+    callbacks: Mutex<CallbackSets>,
     memory_live_bytes: AtomicI64,
     memory_high_water_bytes: AtomicU64,
 }
@@ -67,7 +125,7 @@ impl Default for HostMetrics {
             streams_failed_open: AtomicU64::new(0),
             ticks_postponed: AtomicU64::new(0),
             traps: Default::default(),
-            callbacks: (0..Callback::COUNT).map(|_| Histogram::default()).collect(),
+            callbacks: Mutex::default(),
             memory_live_bytes: AtomicI64::new(0),
             memory_high_water_bytes: AtomicU64::new(0),
         }
@@ -127,9 +185,46 @@ impl HostMetrics {
 
     /// How many times `callback` was called.
     pub fn callback_calls(&self, callback: Callback) -> u64 {
-        self.callbacks
+        self.callback_histograms()
             .get(callback as usize)
-            .map_or(0, Histogram::count)
+            .map_or(0, HistogramSnapshot::count)
+    }
+
+    /// Statistics for a new VM's callbacks, counted here until the VM drops them
+    /// ([`HostMetrics::retire_callback_stats`]).
+    pub(crate) fn callback_stats(&self) -> Arc<CallbackStats> {
+        let stats = Arc::new(CallbackStats::default());
+        let mut sets = self.callbacks.lock();
+        sets.live.retain(|live| live.strong_count() > 0);
+        sets.live.push(Arc::downgrade(&stats));
+        stats
+    }
+
+    /// A VM is dropped: what it counted joins the retired totals.
+    pub(crate) fn retire_callback_stats(&self, stats: Arc<CallbackStats>) {
+        let mut sets = self.callbacks.lock();
+        for (total, more) in sets.retired.histograms.iter().zip(&stats.histograms) {
+            total.absorb(more);
+        }
+        let gone = Arc::downgrade(&stats);
+        drop(stats);
+        sets.live
+            .retain(|live| !live.ptr_eq(&gone) && live.strong_count() > 0);
+    }
+
+    /// Every callback's histogram, summed over live and dropped VMs.
+    fn callback_histograms(&self) -> Vec<HistogramSnapshot> {
+        let mut out: Vec<HistogramSnapshot> = (0..Callback::COUNT)
+            .map(|_| HistogramSnapshot::default())
+            .collect();
+        let sets = self.callbacks.lock();
+        let live: Vec<Arc<CallbackStats>> = sets.live.iter().filter_map(Weak::upgrade).collect();
+        for stats in live.iter().map(AsRef::as_ref).chain([&sets.retired]) {
+            for (into, h) in out.iter_mut().zip(&stats.histograms) {
+                h.add_to(into);
+            }
+        }
+        out
     }
 
     /// Bytes of linear memory held by live VMs.
@@ -177,12 +272,6 @@ impl HostMetrics {
     pub(crate) fn trap(&self, kind: TrapKind) {
         if let Some(t) = self.traps.get(kind as usize) {
             t.fetch_add(1, Relaxed);
-        }
-    }
-
-    pub(crate) fn callback(&self, callback: Callback, elapsed: Duration) {
-        if let Some(h) = self.callbacks.get(callback as usize) {
-            h.record(elapsed);
         }
     }
 
@@ -278,7 +367,7 @@ impl HostMetrics {
             out,
             "# HELP {name} Time in guest callbacks.\n# TYPE {name} histogram"
         );
-        for (callback, h) in Callback::ALL.iter().zip(&self.callbacks) {
+        for (callback, h) in Callback::ALL.iter().zip(&self.callback_histograms()) {
             let total = h.count();
             if total == 0 {
                 continue;
@@ -286,12 +375,12 @@ impl HostMetrics {
             let labels = format!("plugin=\"{plugin}\",callback=\"{}\"", callback.name());
             let mut cumulative = 0;
             for (bound, count) in BUCKETS_US.iter().zip(&h.counts) {
-                cumulative += count.load(Relaxed);
+                cumulative += count;
                 let le = *bound as f64 / 1e6;
                 let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
             }
             let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
-            let sum = h.sum_nanos.load(Relaxed) as f64 / 1e9;
+            let sum = h.sum_nanos as f64 / 1e9;
             let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
             let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
         }

@@ -10,6 +10,10 @@ use crate::{HeaderMap, LocalResponse, PluginConfig, StreamEvent};
 use bytes::{Bytes, BytesMut};
 use filterbox_abi::{AbiVersion, BufferType, Import, LogLevel, MapType, StreamType};
 use std::collections::HashMap;
+
+/// A map keyed by context ids (and host enums): keys the host picks, so a fast hash is safe
+/// (maps keyed by guest bytes keep the default, DoS-resistant one).
+pub(crate) type ContextMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,7 +120,7 @@ pub(crate) enum Phase {
 
 pub(crate) struct VmState {
     pub(crate) shared: Arc<PluginShared>,
-    pub(crate) contexts: HashMap<u32, ContextKind>,
+    pub(crate) contexts: ContextMap<u32, ContextKind>,
     /// The context the host is calling into.
     pub(crate) current_context: u32,
     /// Set by `proxy_set_effective_context` for the rest of one call.
@@ -130,7 +134,7 @@ pub(crate) struct VmState {
     pub(crate) local_response: Option<(u32, LocalResponse)>,
     /// Header maps of paused streams, by context and `MapType`: a plugin resumed from a
     /// later callback (a callout answer, a tick) still reads and changes them there.
-    pub(crate) parked: HashMap<(u32, MapType), HeaderMap>,
+    pub(crate) parked: ContextMap<(u32, MapType), HeaderMap>,
     /// Stream events (continue, close) requested by the plugin, by context id.
     pub(crate) events: Vec<(u32, StreamEvent)>,
     /// Inside the guest allocator, called from a hostcall.
@@ -144,9 +148,9 @@ pub(crate) struct VmState {
     /// What `proxy_get_status` answers: set while delivering a failed callout or a gRPC close.
     pub(crate) status: (u32, Bytes),
     /// HTTP calls waiting for an answer: token → root context.
-    pub(crate) http_calls: HashMap<u32, u32>,
+    pub(crate) http_calls: ContextMap<u32, u32>,
     /// Open gRPC calls and streams by token.
-    pub(crate) grpc: HashMap<u32, OpenGrpc>,
+    pub(crate) grpc: ContextMap<u32, OpenGrpc>,
     /// Last callout token handed out (HTTP `& 3 == 0`, gRPC call 1, gRPC stream 2).
     pub(crate) last_token: u32,
     /// `proxy_done` was called while the root context's `proxy_on_done` was pending.
@@ -157,7 +161,7 @@ pub(crate) struct VmState {
     /// configuration buffer reads during that call.
     pub(crate) validating: Option<Bytes>,
     /// What is remembered of each HTTP stream for `request.*` attributes.
-    pub(crate) stream_info: HashMap<u32, crate::attributes::StreamInfo>,
+    pub(crate) stream_info: ContextMap<u32, crate::attributes::StreamInfo>,
     /// The code of a `proc_exit` the guest called during the current call.
     pub(crate) exit_code: Option<i32>,
     /// Values set with `proxy_set_property`, by context and encoded path.
@@ -168,7 +172,7 @@ pub(crate) struct VmState {
     pub(crate) output_lines: [PartialLine; 2],
     /// Trailers a plugin added in the last body callback of a message that had none, by
     /// context and trailer map, until the embedder takes them.
-    pub(crate) added_trailers: HashMap<(u32, MapType), HeaderMap>,
+    pub(crate) added_trailers: ContextMap<(u32, MapType), HeaderMap>,
 }
 
 /// A line a plugin writes to stdout or stderr in pieces (Go's runtime writes a panic message
@@ -239,32 +243,32 @@ impl VmState {
         let inbox = Arc::new(Inbox::new(shared.config.limits.max_pending_callout_bytes));
         VmState {
             shared,
-            contexts: HashMap::new(),
+            contexts: ContextMap::default(),
             current_context: 0,
             effective_context: None,
             phase: Phase::Other,
             maps: Default::default(),
             body: None,
             local_response: None,
-            parked: HashMap::new(),
+            parked: ContextMap::default(),
             events: Vec::new(),
             in_allocator: false,
             inbox,
             root_context: 0,
             tick: None,
             status: (0, Bytes::new()),
-            http_calls: HashMap::new(),
-            grpc: HashMap::new(),
+            http_calls: ContextMap::default(),
+            grpc: ContextMap::default(),
             last_token: 0,
             done_requested: false,
             done_pending: false,
             properties: HashMap::new(),
             exit_code: None,
-            stream_info: HashMap::new(),
+            stream_info: ContextMap::default(),
             validating: None,
             warned_unimplemented: ImportSet::default(),
             output_lines: Default::default(),
-            added_trailers: HashMap::new(),
+            added_trailers: ContextMap::default(),
         }
     }
 
