@@ -1,5 +1,6 @@
-//! Builds the guest plugins in `guests/` for wasm32-wasip1 with the Rust proxy-wasm SDK and
-//! puts the `.wasm` files in OUT_DIR, where `src/guests.rs` embeds them. Nothing built is
+//! Builds the guest plugins in `guests/` for wasm32-wasip1 with the Rust proxy-wasm SDK (and
+//! the AssemblyScript and C++ ones with their toolchains) and puts the `.wasm` files in
+//! OUT_DIR, where `src/guests.rs` embeds them. Nothing built is
 //! committed: a fresh clone needs only the toolchain and the wasm32-wasip1 target.
 
 use std::env;
@@ -80,6 +81,7 @@ fn main() {
         );
     }
     build_assemblyscript(&guests.join("assemblyscript"), &target_dir, &out_dir);
+    build_cpp(&guests.join("cpp"), &out_dir);
     for guest in GUESTS {
         let file = format!("guest_{guest}.wasm");
         let built = target_dir.join("wasm32-wasip1/release").join(&file);
@@ -157,6 +159,50 @@ fn build_assemblyscript(source: &Path, target_dir: &Path, out_dir: &Path) {
             "abort=abort_proc_exit",
             "-O",
         ],
+    );
+}
+
+/// The C++ compilers tried, in order, unless `FILTERBOX_CXX` names one.
+const CXX: &[&str] = &["clang++-14", "clang++"];
+
+/// Builds the C++ guest with clang, libc++ and wasi-libc for wasm32-wasi, as a reactor that
+/// exports `malloc` (as C++ SDK plugins do).
+fn build_cpp(source: &Path, out_dir: &Path) {
+    let file = source.join("plugin.cc");
+    println!("cargo:rerun-if-changed={}", file.display());
+    println!("cargo:rerun-if-env-changed=FILTERBOX_CXX");
+    let compilers: Vec<String> = match env::var("FILTERBOX_CXX") {
+        Ok(cxx) => vec![cxx],
+        Err(_) => CXX.iter().map(|c| c.to_string()).collect(),
+    };
+    let wasm = out_dir.join("guest_cpp.wasm");
+    let mut tried = Vec::new();
+    for cxx in &compilers {
+        let status = Command::new(cxx)
+            .args([
+                "--target=wasm32-wasi",
+                "-O2",
+                "-fno-exceptions",
+                "-mexec-model=reactor",
+                "-Wl,--export=malloc",
+                "-Wl,--export=free",
+                "-o",
+            ])
+            .arg(&wasm)
+            .arg(&file)
+            .status();
+        match status {
+            Ok(status) if status.success() => return,
+            Ok(status) => tried.push(format!("{cxx}: {status}")),
+            Err(error) => tried.push(format!("{cxx}: {error}")),
+        }
+    }
+    panic!(
+        "building the C++ guest plugin failed ({}). It needs clang with libc++ and wasi-libc \
+         for wasm32-wasi; on Debian: apt-get install clang-14 lld-14 wasi-libc \
+         libc++-14-dev-wasm32 libc++abi-14-dev-wasm32 libclang-rt-14-dev-wasm32 (or set \
+         FILTERBOX_CXX to such a compiler).",
+        tried.join("; ")
     );
 }
 

@@ -920,6 +920,67 @@ pub(crate) fn abi_0_1_0_plugin(h: &Harness) -> CaseResult {
 /// configuration size where `proxy_get_buffer_bytes` wants the size out-pointer, so the host
 /// (as Envoy) writes the size to address 3, in the reserved low bytes of AssemblyScript's
 /// memory; an empty one makes the SDK free a stale buffer.
+/// The C++ guest (clang + libc++ + wasi-libc, reactor, `malloc` as its allocator): its
+/// static constructors ran in `_initialize` before `proxy_on_vm_start`, it reads its
+/// configuration and the request path through buffers the host allocated with its `malloc`
+/// (and it frees), adds headers both ways, and answers `/deny` with a local response.
+pub(crate) fn cpp_plugin(h: &Harness) -> CaseResult {
+    let (mut vm, logs) = h.start(guests::CPP, config("cpp").with_configuration("from-config"))?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[(":method", "GET"), (":path", "/x"), (":authority", "a")]);
+    let action = vm
+        .on_request_headers(&stream, &mut request, false)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Continue && request.get_str("x-cpp") == Some("from-config"),
+        "request: {action:?} {request:?}; logs {:?}",
+        logs.messages()
+    );
+    let mut response = headers(&[(":status", "200")]);
+    let action = vm
+        .on_response_headers(&stream, &mut response, true)
+        .map_err(vm_error)?;
+    ensure!(
+        action == Action::Continue && response.get_str("x-cpp-response") == Some("yes"),
+        "response: {action:?} {response:?}"
+    );
+    vm.finish_stream(stream).map_err(vm_error)?;
+    let stream = vm.create_http_stream().map_err(vm_error)?;
+    let mut request = headers(&[
+        (":method", "GET"),
+        (":path", "/deny/me"),
+        (":authority", "a"),
+    ]);
+    match vm
+        .on_request_headers(&stream, &mut request, true)
+        .map_err(vm_error)?
+    {
+        Action::Respond(r)
+            if r.status_code == 403
+                && r.body == "denied by c++\n"
+                && r.headers.get_str("x-denied-by") == Some("cpp") => {}
+        other => return Err(format!("/deny/me: {other:?}").into()),
+    }
+    vm.finish_stream(stream).map_err(vm_error)?;
+    let lines = logs.messages();
+    let wanted = [
+        "hello from c++",
+        "configured: from-config",
+        "stream 2 saw /x",
+        "stream 3 saw /deny/me",
+    ];
+    ensure!(
+        wanted.iter().all(|w| lines.iter().any(|l| l == w)),
+        "logs: {lines:?}"
+    );
+    ensure!(
+        vm.context_count() == 1,
+        "contexts left: {}",
+        vm.context_count()
+    );
+    Ok(())
+}
+
 pub(crate) fn assemblyscript_plugin(h: &Harness) -> CaseResult {
     let mut config = config("assemblyscript").with_configuration("abc");
     config.root_id = "as_root".into();

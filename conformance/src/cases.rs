@@ -403,6 +403,11 @@ pub static CASES: &[Case] = &[
         run: calls::abi_0_1_0_plugin,
     },
     Case {
+        name: "cpp-plugin",
+        group: "versions",
+        run: calls::cpp_plugin,
+    },
+    Case {
         name: "assemblyscript-plugin",
         group: "versions",
         run: calls::assemblyscript_plugin,

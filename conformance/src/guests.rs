@@ -26,6 +26,11 @@ pub const PARITY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_parity
 pub const ASSEMBLYSCRIPT: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/guest_assemblyscript.wasm"));
 
+/// A filter written in C++ against the ABI and built with clang, libc++ and wasi-libc as a
+/// reactor that allocates through `malloc`, as C++ SDK plugins do (ABI 0.2.1); see
+/// `guests/cpp/plugin.cc`.
+pub const CPP: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_cpp.wasm"));
+
 /// Every built guest plugin by name, for the CLI and tests.
 pub const ALL: &[(&str, &[u8])] = &[
     ("headers", HEADERS),
@@ -36,6 +41,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("abi010", ABI010),
     ("parity", PARITY),
     ("assemblyscript", ASSEMBLYSCRIPT),
+    ("cpp", CPP),
 ];
 
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.
