@@ -131,6 +131,22 @@ async fn get(
     ))
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A fresh directory for one test's config and plugin files.
+fn test_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
 fn stat(stats: &str, name: &str) -> u64 {
     stats
         .lines()
@@ -140,15 +156,8 @@ fn stat(stats: &str, name: &str) -> u64 {
 
 #[test]
 fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_request() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("serve-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+    runtime().block_on(async {
+        let dir = test_dir("serve");
         std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
         std::fs::write(dir.join("deny.wasm"), guests::DENY).expect("deny.wasm");
         let hits = Arc::new(AtomicUsize::new(0));
@@ -383,15 +392,8 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
 
 #[test]
 fn serve_runs_service_plugins_beside_the_chain() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("serve-service-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+    runtime().block_on(async {
+        let dir = test_dir("serve-service");
         std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
         std::fs::write(dir.join("parity.wasm"), guests::PARITY).expect("parity.wasm");
         let hits = Arc::new(AtomicUsize::new(0));

@@ -920,19 +920,24 @@ pub(crate) fn abi_0_1_0_plugin(h: &Harness) -> CaseResult {
 /// configuration size where `proxy_get_buffer_bytes` wants the size out-pointer, so the host
 /// (as Envoy) writes the size to address 3, in the reserved low bytes of AssemblyScript's
 /// memory; an empty one makes the SDK free a stale buffer.
-/// The C++ guest (clang + libc++ + wasi-libc, reactor, `malloc` as its allocator): its
-/// static constructors ran in `_initialize` before `proxy_on_vm_start`, it reads its
-/// configuration and the request path through buffers the host allocated with its `malloc`
-/// (and it frees), adds headers both ways, and answers `/deny` with a local response.
-pub(crate) fn cpp_plugin(h: &Harness) -> CaseResult {
-    let (mut vm, logs) = h.start(guests::CPP, config("cpp").with_configuration("from-config"))?;
+/// A GET of `/x` through both header phases of `vm`: each must continue, the request leaving
+/// with header `added[0]` and the response with `added[1]`. Returns the stream and the maps.
+fn get_x_through(
+    vm: &mut Vm,
+    logs: &LogCapture,
+    added: [(&str, &str); 2],
+) -> Result<(HttpStream, HeaderMap, HeaderMap), Failure> {
+    let [
+        (request_name, request_value),
+        (response_name, response_value),
+    ] = added;
     let stream = vm.create_http_stream().map_err(vm_error)?;
     let mut request = headers(&[(":method", "GET"), (":path", "/x"), (":authority", "a")]);
     let action = vm
         .on_request_headers(&stream, &mut request, false)
         .map_err(vm_error)?;
     ensure!(
-        action == Action::Continue && request.get_str("x-cpp") == Some("from-config"),
+        action == Action::Continue && request.get_str(request_name) == Some(request_value),
         "request: {action:?} {request:?}; logs {:?}",
         logs.messages()
     );
@@ -941,9 +946,20 @@ pub(crate) fn cpp_plugin(h: &Harness) -> CaseResult {
         .on_response_headers(&stream, &mut response, true)
         .map_err(vm_error)?;
     ensure!(
-        action == Action::Continue && response.get_str("x-cpp-response") == Some("yes"),
+        action == Action::Continue && response.get_str(response_name) == Some(response_value),
         "response: {action:?} {response:?}"
     );
+    Ok((stream, request, response))
+}
+
+/// The C++ guest (clang + libc++ + wasi-libc, reactor, `malloc` as its allocator): its
+/// static constructors ran in `_initialize` before `proxy_on_vm_start`, it reads its
+/// configuration and the request path through buffers the host allocated with its `malloc`
+/// (and it frees), adds headers both ways, and answers `/deny` with a local response.
+pub(crate) fn cpp_plugin(h: &Harness) -> CaseResult {
+    let (mut vm, logs) = h.start(guests::CPP, config("cpp").with_configuration("from-config"))?;
+    let added = [("x-cpp", "from-config"), ("x-cpp-response", "yes")];
+    let (stream, _, _) = get_x_through(&mut vm, &logs, added)?;
     vm.finish_stream(stream).map_err(vm_error)?;
     let stream = vm.create_http_stream().map_err(vm_error)?;
     let mut request = headers(&[
@@ -990,24 +1006,8 @@ pub(crate) fn assemblyscript_plugin(h: &Harness) -> CaseResult {
         "ABI {:?}",
         vm.plugin().abi_version()
     );
-    let stream = vm.create_http_stream().map_err(vm_error)?;
-    let mut request = headers(&[(":method", "GET"), (":path", "/x"), (":authority", "a")]);
-    let action = vm
-        .on_request_headers(&stream, &mut request, false)
-        .map_err(vm_error)?;
-    ensure!(
-        action == Action::Continue && request.get_str("x-as") == Some("/x"),
-        "request: {action:?} {request:?}; logs {:?}",
-        logs.messages()
-    );
-    let mut response = headers(&[(":status", "200")]);
-    let action = vm
-        .on_response_headers(&stream, &mut response, true)
-        .map_err(vm_error)?;
-    ensure!(
-        action == Action::Continue && response.get_str("x-as-response") == Some("yes"),
-        "response: {action:?} {response:?}"
-    );
+    let added = [("x-as", "/x"), ("x-as-response", "yes")];
+    let (stream, mut request, mut response) = get_x_through(&mut vm, &logs, added)?;
     vm.on_log(&stream, &mut request, &mut response)
         .map_err(vm_error)?;
     vm.finish_stream(stream).map_err(vm_error)?;

@@ -404,8 +404,11 @@ mod tests {
         let m = HostMetrics::default();
         m.vm_created();
         m.trap(TrapKind::Interrupted);
-        m.callback(Callback::ProxyOnLog, Duration::from_micros(3));
-        m.callback(Callback::ProxyOnLog, Duration::from_millis(500));
+        // Two VMs' own statistics, one of them dropped: both are counted.
+        let (first, second) = (m.callback_stats(), m.callback_stats());
+        first.record(Callback::ProxyOnLog, Duration::from_micros(3));
+        second.record(Callback::ProxyOnLog, Duration::from_millis(500));
+        m.retire_callback_stats(first);
         m.memory_changed(0, 65536);
         let mut out = String::new();
         m.render_prometheus("p\"q", &mut out);
@@ -424,5 +427,8 @@ mod tests {
         );
         assert!(out.contains("filterbox_memory_high_water_bytes{plugin=\"p\\\"q\"} 65536"));
         assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
+        m.retire_callback_stats(second);
+        assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
+        assert!(m.callbacks.lock().live.is_empty(), "dropped VMs stay listed");
     }
 }
