@@ -429,6 +429,9 @@ mod tests {
         assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
         m.retire_callback_stats(second);
         assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
-        assert!(m.callbacks.lock().live.is_empty(), "dropped VMs stay listed");
+        assert!(
+            m.callbacks.lock().live.is_empty(),
+            "dropped VMs stay listed"
+        );
     }
 }
