@@ -131,6 +131,18 @@ async fn get(
     ))
 }
 
+/// `filterbox serve` on the `filterbox.yaml` in `dir`.
+fn start_serve(dir: &Path) -> Proxy {
+    let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+        .args(["serve", "--config"])
+        .arg(dir.join("filterbox.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start filterbox serve");
+    Proxy(child)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -165,14 +177,7 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         let upstream = upstream(hits.clone(), uploads.clone()).await;
         let (listen, admin) = (free_port(), free_port());
         write_config(&dir, listen, admin, upstream, "add x-added one");
-        let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
-            .args(["serve", "--config"])
-            .arg(dir.join("filterbox.yaml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start filterbox serve");
-        let proxy = Proxy(child);
+        let proxy = start_serve(&dir);
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
 
@@ -417,14 +422,7 @@ plugins:
 "#
         );
         std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
-            .args(["serve", "--config"])
-            .arg(dir.join("filterbox.yaml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start filterbox serve");
-        let _proxy = Proxy(child);
+        let _proxy = start_serve(&dir);
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let started = Instant::now();
