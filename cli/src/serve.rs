@@ -408,7 +408,7 @@ fn build_generation(
                         base.join(&p.vm_config.code.local.filename).display()
                     )
                 }),
-            filterbox::ChainError::Thread(_) => None,
+            _ => None,
         };
         anyhow::anyhow!(
             "starting the plugin chain: {error}{}",

@@ -234,6 +234,7 @@ pub(crate) const WASM_PAGE: usize = 64 * 1024;
 
 /// Why an engine could not be made, a module compiled or linked, or an instance made.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EngineError {
     /// No engine has this name.
     UnknownEngine(String),

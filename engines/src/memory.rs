@@ -6,6 +6,7 @@ use filterbox_abi::Status;
 /// Why a guest memory access or allocation failed. Every variant maps to
 /// [`Status::InvalidMemoryAccess`] at the ABI boundary.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MemoryError {
     /// `[ptr, ptr + len)` is not inside the memory.
     OutOfBounds {

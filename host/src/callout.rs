@@ -181,6 +181,7 @@ pub enum HttpCallOutcome {
 
 /// Why a call could not be started. The guest sees the status of [`CalloutError::status`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CalloutError {
     /// No upstream has that name (or the embedder does not allow it).
     UnknownUpstream(String),

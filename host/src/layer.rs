@@ -40,6 +40,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a [`FilterChain`] could not be built.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ChainError {
     /// A slot thread could not be started.
     Thread(std::io::Error),
@@ -68,6 +69,7 @@ impl std::error::Error for ChainError {
 
 /// Why a filtered exchange failed without an HTTP answer.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum FilterError {
     /// Reading the request body failed.
     RequestBody(BoxError),

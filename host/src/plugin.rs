@@ -28,6 +28,7 @@ pub struct PluginError {
 
 /// What went wrong loading a plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LoadError {
     /// The module is not a proxy-wasm module of a supported ABI version.
     Abi(AbiError),

@@ -42,6 +42,7 @@ enum Command {
 
 /// Why a service did not start.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ServiceError {
     /// The plugin's VM did not start (instantiation, `proxy_on_vm_start` or
     /// `proxy_on_configure` failed).

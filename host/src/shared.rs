@@ -343,6 +343,7 @@ impl SharedState {
 
 /// Why [`SharedState::enqueue`] or [`SharedState::dequeue`] failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum QueueError {
     /// No queue has that token.
     NotFound,

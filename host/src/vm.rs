@@ -74,6 +74,7 @@ pub enum StreamEvent {
 
 /// Why a VM could not start or a call failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VmError {
     /// The module could not be instantiated (or its start section trapped).
     Instantiate {
