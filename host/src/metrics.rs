@@ -53,38 +53,57 @@ impl Histogram {
     }
 }
 
-/// A histogram's values at one moment.
+/// A callback's histogram and untimed calls at one moment.
 #[derive(Default)]
 struct HistogramSnapshot {
     counts: [u64; BUCKETS_US.len() + 1],
     sum_nanos: u64,
+    untimed: u64,
 }
 
 impl HistogramSnapshot {
+    /// Timed calls.
     fn count(&self) -> u64 {
         self.counts.iter().sum()
     }
+
+    /// Every call, timed or not.
+    fn calls(&self) -> u64 {
+        self.count() + self.untimed
+    }
 }
 
-/// Callback latency of one VM, one histogram per callback. Only the VM's thread writes it,
-/// so VMs on different threads never write the same cache lines; readers merge every VM's.
+/// Callback latency of one VM, one histogram per callback, and the calls not timed. Only the
+/// VM's thread writes it, so VMs on different threads never write the same cache lines;
+/// readers merge every VM's.
 pub(crate) struct CallbackStats {
     histograms: Vec<Histogram>,
+    untimed: Vec<AtomicU64>,
 }
 
 impl Default for CallbackStats {
     fn default() -> Self {
         CallbackStats {
             histograms: (0..Callback::COUNT).map(|_| Histogram::default()).collect(),
+            untimed: (0..Callback::COUNT).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
 
 impl CallbackStats {
-    /// One call of `callback` that took `elapsed`.
-    pub(crate) fn record(&self, callback: Callback, elapsed: Duration) {
-        if let Some(h) = self.histograms.get(callback as usize) {
-            h.record(elapsed);
+    /// One call of `callback`, and what it took if it was timed.
+    pub(crate) fn record(&self, callback: Callback, elapsed: Option<Duration>) {
+        match elapsed {
+            Some(elapsed) => {
+                if let Some(h) = self.histograms.get(callback as usize) {
+                    h.record(elapsed);
+                }
+            }
+            None => {
+                if let Some(n) = self.untimed.get(callback as usize) {
+                    n.fetch_add(1, Relaxed);
+                }
+            }
         }
     }
 }
@@ -187,7 +206,7 @@ impl HostMetrics {
     pub fn callback_calls(&self, callback: Callback) -> u64 {
         self.callback_histograms()
             .get(callback as usize)
-            .map_or(0, HistogramSnapshot::count)
+            .map_or(0, HistogramSnapshot::calls)
     }
 
     /// Statistics for a new VM's callbacks, counted here until the VM drops them
@@ -206,6 +225,9 @@ impl HostMetrics {
         for (total, more) in sets.retired.histograms.iter().zip(&stats.histograms) {
             total.absorb(more);
         }
+        for (total, more) in sets.retired.untimed.iter().zip(&stats.untimed) {
+            total.fetch_add(more.load(Relaxed), Relaxed);
+        }
         let gone = Arc::downgrade(&stats);
         drop(stats);
         sets.live
@@ -220,8 +242,9 @@ impl HostMetrics {
         let sets = self.callbacks.lock();
         let live: Vec<Arc<CallbackStats>> = sets.live.iter().filter_map(Weak::upgrade).collect();
         for stats in live.iter().map(AsRef::as_ref).chain([&sets.retired]) {
-            for (into, h) in out.iter_mut().zip(&stats.histograms) {
+            for ((into, h), untimed) in out.iter_mut().zip(&stats.histograms).zip(&stats.untimed) {
                 h.add_to(into);
+                into.untimed += untimed.load(Relaxed);
             }
         }
         out
@@ -362,12 +385,25 @@ impl HostMetrics {
                 self.traps(kind)
             );
         }
+        let histograms = self.callback_histograms();
+        let name = "filterbox_callback_calls_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Guest callbacks called, timed or not.\n# TYPE {name} counter"
+        );
+        for (callback, h) in Callback::ALL.iter().zip(&histograms) {
+            if h.calls() > 0 {
+                let labels = format!("plugin=\"{plugin}\",callback=\"{}\"", callback.name());
+                let _ = writeln!(out, "{name}{{{labels}}} {}", h.calls());
+            }
+        }
         let name = "filterbox_callback_duration_seconds";
         let _ = writeln!(
             out,
-            "# HELP {name} Time in guest callbacks.\n# TYPE {name} histogram"
+            "# HELP {name} Time in guest callbacks (unless the plugin was built without \
+             callback latency).\n# TYPE {name} histogram"
         );
-        for (callback, h) in Callback::ALL.iter().zip(&self.callback_histograms()) {
+        for (callback, h) in Callback::ALL.iter().zip(&histograms) {
             let total = h.count();
             if total == 0 {
                 continue;
@@ -406,8 +442,9 @@ mod tests {
         m.trap(TrapKind::Interrupted);
         // Two VMs' own statistics, one of them dropped: both are counted.
         let (first, second) = (m.callback_stats(), m.callback_stats());
-        first.record(Callback::ProxyOnLog, Duration::from_micros(3));
-        second.record(Callback::ProxyOnLog, Duration::from_millis(500));
+        first.record(Callback::ProxyOnLog, Some(Duration::from_micros(3)));
+        second.record(Callback::ProxyOnLog, Some(Duration::from_millis(500)));
+        second.record(Callback::ProxyOnLog, None);
         m.retire_callback_stats(first);
         m.memory_changed(0, 65536);
         let mut out = String::new();
@@ -426,9 +463,16 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("filterbox_memory_high_water_bytes{plugin=\"p\\\"q\"} 65536"));
-        assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
+        // The untimed call is counted, not timed.
+        assert!(
+            out.contains(
+                "filterbox_callback_calls_total{plugin=\"p\\\"q\",callback=\"proxy_on_log\"} 3"
+            ),
+            "{out}"
+        );
+        assert_eq!(m.callback_calls(Callback::ProxyOnLog), 3);
         m.retire_callback_stats(second);
-        assert_eq!(m.callback_calls(Callback::ProxyOnLog), 2);
+        assert_eq!(m.callback_calls(Callback::ProxyOnLog), 3);
         assert!(
             m.callbacks.lock().live.is_empty(),
             "dropped VMs stay listed"

@@ -121,6 +121,7 @@ impl Plugin {
             metric_registry: None,
             callouts: Arc::new(NoCallouts),
             foreign_functions,
+            callback_latency: true,
         }
     }
 
@@ -184,9 +185,20 @@ pub struct PluginBuilder {
     metric_registry: Option<Arc<MetricRegistry>>,
     callouts: Arc<dyn Callouts>,
     foreign_functions: HashMap<String, Arc<dyn ForeignFunction>>,
+    callback_latency: bool,
 }
 
 impl PluginBuilder {
+    /// Whether each callback's latency goes into `filterbox_callback_duration_seconds`
+    /// (default: yes). Timing reads the clock twice per callback; without it callbacks are
+    /// still counted (`filterbox_callback_calls_total`, [`HostMetrics::callback_calls`]).
+    ///
+    /// [`HostMetrics::callback_calls`]: crate::HostMetrics::callback_calls
+    pub fn callback_latency(mut self, on: bool) -> Self {
+        self.callback_latency = on;
+        self
+    }
+
     /// Compiles on `engine` (shared with other plugins) instead of a new one. Its kind must be
     /// the one the config names.
     pub fn engine(mut self, engine: &Engine) -> Self {
@@ -327,6 +339,7 @@ impl PluginBuilder {
             metric_registry,
             callouts,
             foreign_functions,
+            callback_latency,
         } = self;
         let denied = match denied_imports(&config, module.info()) {
             Ok(denied) => denied,
@@ -354,6 +367,7 @@ impl PluginBuilder {
             metric_registry: metric_registry.unwrap_or_default(),
             callouts,
             foreign_functions,
+            callback_latency,
         });
         Ok(Plugin {
             inner: Arc::new(PluginInner {

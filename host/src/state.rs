@@ -34,6 +34,8 @@ pub(crate) struct PluginShared {
     pub(crate) metric_registry: Arc<MetricRegistry>,
     pub(crate) callouts: Arc<dyn Callouts>,
     pub(crate) foreign_functions: HashMap<String, Arc<dyn ForeignFunction>>,
+    /// Time every callback for the latency histogram (else only count it).
+    pub(crate) callback_latency: bool,
 }
 
 /// A set of imports, one bit each.

@@ -412,7 +412,11 @@ impl Vm {
         state.effective_context = None;
         state.exit_code = None;
         // quanta reads the TSC where it is invariant: a few ns against clock_gettime's ~25.
-        let started = quanta::Instant::now();
+        let started = self
+            .plugin
+            .shared()
+            .callback_latency
+            .then(quanta::Instant::now);
         let mut outcome = self.instance.call(callback, args);
         let state = self.state();
         state.flush_output();
@@ -424,7 +428,7 @@ impl Vm {
             // proc_exit(0) ends a start function cleanly (Go's wasip1 runtime does that).
             outcome = Ok(Returned::Nothing);
         }
-        let elapsed = started.elapsed();
+        let elapsed = started.map(|started| started.elapsed());
         self.note_memory();
         self.callback_stats.record(callback, elapsed);
         match outcome {
