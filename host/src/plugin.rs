@@ -239,7 +239,8 @@ impl PluginBuilder {
 
     /// Registers a function the plugin can call with `proxy_call_foreign_function`. Every
     /// plugin has Envoy's `compress` and `uncompress` (zlib; `uncompress` refuses to inflate
-    /// past `max_body_bytes`); a function registered under one of those names replaces it.
+    /// past `max_body_bytes`) and `set_envoy_filter_state` (the value becomes the property
+    /// `filter_state.<key>`); a function registered under one of those names replaces it.
     pub fn foreign_function(
         mut self,
         name: impl Into<String>,
