@@ -445,17 +445,10 @@ fn run_service(vm: &mut Vm, span: Duration, out: &mut String) {
         let _ = writeln!(out, "the plugin failed: {error}");
         return;
     }
-    match vm.shutdown() {
+    match vm.shutdown_within(Duration::from_secs(1)) {
         Ok(true) => {}
         Ok(false) => {
-            let grace = Instant::now() + Duration::from_secs(1);
-            while !vm.is_done() && Instant::now() < grace {
-                if let Err(error) = vm.wait_and_run(grace.saturating_duration_since(Instant::now()))
-                {
-                    let _ = writeln!(out, "while finishing: {error}");
-                    return;
-                }
-            }
+            let _ = writeln!(out, "the plugin did not finish within 1 s of proxy_on_done");
         }
         Err(error) => {
             let _ = writeln!(out, "shutting down: {error}");

@@ -180,19 +180,12 @@ fn finish(worker: &mut Worker) {
     let Some(vm) = worker.vm() else {
         return;
     };
-    let name = vm.plugin().config().name.clone();
-    match vm.shutdown() {
+    match vm.shutdown_within(FINISH_GRACE) {
         Ok(true) => {}
-        Ok(false) => {
-            let until = Instant::now() + FINISH_GRACE;
-            while !vm.is_done() && Instant::now() < until {
-                if let Err(error) = vm.wait_and_run(until.saturating_duration_since(Instant::now()))
-                {
-                    tracing::warn!(plugin = %name, "while finishing: {error}");
-                    return;
-                }
-            }
-        }
-        Err(error) => tracing::warn!(plugin = %name, "shutdown: {error}"),
+        Ok(false) => tracing::warn!(
+            plugin = %vm.plugin().config().name,
+            "did not finish within {} ms of proxy_on_done", FINISH_GRACE.as_millis()
+        ),
+        Err(error) => tracing::warn!(plugin = %vm.plugin().config().name, "shutdown: {error}"),
     }
 }

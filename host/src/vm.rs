@@ -1114,6 +1114,19 @@ impl Vm {
         Ok(!matches!(result?, Returned::Value(0)))
     }
 
+    /// [`Vm::shutdown`], and for a plugin that asks to finish first, its events delivered
+    /// until it calls `proxy_done` or `grace` passes. Returns whether the root context is gone.
+    pub fn shutdown_within(&mut self, grace: Duration) -> Result<bool, VmError> {
+        if self.shutdown()? {
+            return Ok(true);
+        }
+        let until = Instant::now() + grace;
+        while !self.done && Instant::now() < until {
+            self.wait_and_run(until.saturating_duration_since(Instant::now()))?;
+        }
+        Ok(self.done)
+    }
+
     /// Whether the root context has been shut down.
     pub fn is_done(&self) -> bool {
         self.done
