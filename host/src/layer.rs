@@ -13,7 +13,7 @@
 
 use crate::http_parts::HttpPartsError;
 use crate::vm::{Action, LocalResponse, StreamEvent};
-use crate::worker::{Failure, Worker, WorkerStream};
+use crate::worker::{Failure, ThreadStart, Worker, WorkerStream, recv_until, spawn_workers};
 use crate::{HeaderMap, Plugin, VmError};
 use bytes::{Buf, Bytes, BytesMut};
 use core::fmt;
@@ -239,44 +239,28 @@ impl SlotHandle {
     ) -> Result<SlotHandle, ChainError> {
         let (commands, receiver) = mpsc::channel();
         let progress = Arc::new(Notify::new());
-        let (started, start_result) = mpsc::channel();
         let wake_sender = commands.clone();
         let wake: crate::Wake = Arc::new(move || {
             let _ = wake_sender.send(Command::Wake);
         });
-        let plugins = plugins.to_vec();
         let thread_progress = progress.clone();
-        std::thread::Builder::new()
-            .name(format!("filterbox-slot-{index}"))
-            .spawn(move || {
-                let mut workers = Vec::with_capacity(plugins.len());
-                for plugin in &plugins {
-                    match Worker::new(plugin) {
-                        Ok(mut worker) => {
-                            worker.set_wake(Some(wake.clone()));
-                            workers.push(worker);
-                        }
-                        Err(error) => {
-                            let _ = started.send(Err(error));
-                            return;
-                        }
-                    }
-                }
-                let _ = started.send(Ok(()));
-                let state = SlotState {
-                    workers,
-                    exchanges: HashMap::new(),
-                    held,
-                };
-                state.serve(&receiver, &thread_progress);
-            })
-            .map_err(ChainError::Thread)?;
-        match start_result.recv() {
-            Ok(Ok(())) => Ok(SlotHandle { commands, progress }),
-            Ok(Err(error)) => Err(ChainError::Start(error)),
-            Err(_) => Err(ChainError::Thread(std::io::Error::other(
-                "the slot thread ended while starting its VMs",
-            ))),
+        let serve = move |workers| {
+            let state = SlotState {
+                workers,
+                exchanges: HashMap::new(),
+                held,
+            };
+            state.serve(&receiver, &thread_progress);
+        };
+        match spawn_workers(
+            format!("filterbox-slot-{index}"),
+            plugins.to_vec(),
+            wake,
+            serve,
+        ) {
+            Ok(_) => Ok(SlotHandle { commands, progress }),
+            Err(ThreadStart::Start(error)) => Err(ChainError::Start(error)),
+            Err(ThreadStart::Thread(error)) => Err(ChainError::Thread(error)),
         }
     }
 }
@@ -429,18 +413,8 @@ impl SlotState {
     fn serve(mut self, commands: &mpsc::Receiver<Command>, progress: &Notify) {
         loop {
             let tick = self.workers.iter().filter_map(Worker::next_tick).min();
-            let received = match tick {
-                Some(tick) => {
-                    match commands.recv_timeout(tick.saturating_duration_since(Instant::now())) {
-                        Ok(command) => Some(command),
-                        Err(mpsc::RecvTimeoutError::Timeout) => None,
-                        Err(mpsc::RecvTimeoutError::Disconnected) => return,
-                    }
-                }
-                None => match commands.recv() {
-                    Ok(command) => Some(command),
-                    Err(mpsc::RecvError) => return,
-                },
+            let Ok(received) = recv_until(commands, tick) else {
+                return;
             };
             let woken = match received {
                 Some(Command::Stop) => return,

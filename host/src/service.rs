@@ -3,7 +3,7 @@
 //! HTTP streams) and lives on ticks, queue messages, callout answers and shared data: a queue
 //! receiver the filter plugins' VMs enqueue to, a fetcher that keeps shared data fresh.
 
-use crate::worker::Worker;
+use crate::worker::{ThreadStart, Worker, recv_until, spawn_workers};
 use crate::{Plugin, VmError};
 use core::fmt;
 use std::sync::{Arc, mpsc};
@@ -75,44 +75,25 @@ impl Service {
     /// ticks, queue messages and callout answers until the service is stopped.
     pub fn start(plugin: &Plugin) -> Result<Service, ServiceError> {
         let (commands, received) = mpsc::channel();
-        let (started, start_result) = mpsc::channel();
         let wake_sender = commands.clone();
         let wake: crate::Wake = Arc::new(move || {
             let _ = wake_sender.send(Command::Wake);
         });
-        let thread_plugin = plugin.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("filterbox-service-{}", plugin.config().name))
-            .spawn(move || {
-                let mut worker = match Worker::new(&thread_plugin) {
-                    Ok(worker) => worker,
-                    Err(error) => {
-                        let _ = started.send(Err(error));
-                        return;
-                    }
-                };
-                worker.set_wake(Some(wake));
-                let _ = started.send(Ok(()));
+        let serve = move |workers: Vec<Worker>| {
+            for mut worker in workers {
                 run(&mut worker, &received);
                 finish(&mut worker);
-            })
-            .map_err(ServiceError::Thread)?;
-        match start_result.recv() {
-            Ok(Ok(())) => Ok(Service {
+            }
+        };
+        let name = format!("filterbox-service-{}", plugin.config().name);
+        match spawn_workers(name, vec![plugin.clone()], wake, serve) {
+            Ok(thread) => Ok(Service {
                 plugin: plugin.clone(),
                 commands,
                 thread: Some(thread),
             }),
-            Ok(Err(error)) => {
-                let _ = thread.join();
-                Err(ServiceError::Start(error))
-            }
-            Err(_) => {
-                let _ = thread.join();
-                Err(ServiceError::Thread(std::io::Error::other(
-                    "the service thread ended before its VM started",
-                )))
-            }
+            Err(ThreadStart::Start(error)) => Err(ServiceError::Start(error)),
+            Err(ThreadStart::Thread(error)) => Err(ServiceError::Thread(error)),
         }
     }
 
@@ -157,19 +138,9 @@ fn run(worker: &mut Worker, commands: &mpsc::Receiver<Command>) {
             Err(_) => continue,
         }
         let next = [worker.next_tick(), rebuild_at].into_iter().flatten().min();
-        let command = match next {
-            Some(at) => match commands.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(command) => Some(command),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => return,
-            },
-            None => match commands.recv() {
-                Ok(command) => Some(command),
-                Err(mpsc::RecvError) => return,
-            },
-        };
-        if let Some(Command::Stop) = command {
-            return;
+        match recv_until(commands, next) {
+            Ok(Some(Command::Stop)) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }
