@@ -266,17 +266,20 @@ pub fn run(args: &RunArgs) -> Result<String> {
         plugin.abi_version(),
         cache_note(plugin.cache_outcome())
     );
-    if let Some(ms) = args.service_ms {
+    if args.service_ms.is_some() || args.tcp {
+        // No HTTP stream to carry them: root properties, which every context sees.
         for (path, value) in &properties {
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
             vm.set_root_property(&path, value.clone());
         }
+    }
+    if let Some(ms) = args.service_ms {
         run_service(&mut vm, Duration::from_millis(ms), &mut out);
         print_tail(&mut out, &logs, &plugin);
         return Ok(out);
     }
     if args.tcp {
-        run_connection(&mut vm, args, &properties, &mut out)?;
+        run_connection(&mut vm, args, &mut out)?;
         print_tail(&mut out, &logs, &plugin);
         return Ok(out);
     }
@@ -457,17 +460,7 @@ fn run_service(vm: &mut Vm, span: Duration, out: &mut String) {
 }
 
 /// Runs one L4 connection: the client's bytes, the upstream's, then both sides close.
-fn run_connection(
-    vm: &mut Vm,
-    args: &RunArgs,
-    properties: &[(Vec<String>, Bytes)],
-    out: &mut String,
-) -> Result<()> {
-    // Root properties: every context sees them, the connection's too.
-    for (path, value) in properties {
-        let path: Vec<&str> = path.iter().map(String::as_str).collect();
-        vm.set_root_property(&path, value.clone());
-    }
+fn run_connection(vm: &mut Vm, args: &RunArgs, out: &mut String) -> Result<()> {
     let (connection, action) = vm.create_connection()?;
     let _ = writeln!(out, "\n== connection opened: {}", action_name(&action));
     let mut downstream = BytesMut::from(&text_arg(&args.downstream_data)?[..]);
