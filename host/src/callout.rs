@@ -53,9 +53,7 @@ impl CalloutBytes {
     /// drops a request body once it is sent); `None` if it does not fit.
     pub(crate) fn counted(self: &Arc<Self>, data: Bytes) -> Option<Bytes> {
         let claim = Claim::new(self);
-        if !claim.grow(data.len()) {
-            return None;
-        }
+        claim.grow(data.len()).ok()?;
         if data.is_empty() {
             return Some(data);
         }
@@ -82,12 +80,14 @@ impl Claim {
     }
 
     /// Counts `bytes` more in this claim, unless the budget is spent.
-    fn grow(&self, bytes: usize) -> bool {
-        let taken = self.budget.take(bytes);
-        if taken {
-            self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    fn grow(&self, bytes: usize) -> Result<(), OverBudget> {
+        if !self.budget.take(bytes) {
+            return Err(OverBudget {
+                limit: self.budget.max,
+            });
         }
-        taken
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+        Ok(())
     }
 
     fn bytes(&self) -> usize {
@@ -250,12 +250,7 @@ impl HttpCallReply {
     /// buffered at once; on `Err`, stop reading and send a failure. [`HttpCallReply::send`]
     /// counts whatever was not reserved, and fails the call if it does not fit.
     pub fn reserve(&self, bytes: usize) -> Result<(), OverBudget> {
-        match self.claim.grow(bytes) {
-            true => Ok(()),
-            false => Err(OverBudget {
-                limit: self.claim.budget.max,
-            }),
-        }
+        self.claim.grow(bytes)
     }
 
     /// Whether the VM that made the call is gone (it trapped and was rebuilt, its plugin was
@@ -403,11 +398,8 @@ impl GrpcReply {
         let claim = Claim::new(inbox.budget());
         let mut event = event;
         if let GrpcEvent::Message(message) = &event
-            && !claim.grow(message.len())
+            && let Err(over) = claim.grow(message.len())
         {
-            let over = OverBudget {
-                limit: inbox.budget().max,
-            };
             let why = format!("message of {} bytes is {over}", message.len());
             event = GrpcEvent::close(GrpcStatus::ResourceExhausted, why);
         }
