@@ -85,6 +85,16 @@ impl EngineKind {
         }
     }
 
+    /// Whether the engine's instances must stay on the thread that made them (wasmer's). An
+    /// [`Instance`] of such an engine is `Send` so that it can live beside others, but used
+    /// on another thread its calls fail and [`Instance::host`] panics: keep it home.
+    pub const fn thread_bound(self) -> bool {
+        matches!(
+            self,
+            EngineKind::WasmerCranelift | EngineKind::WasmerSinglepass
+        )
+    }
+
     /// The engines this build includes.
     pub fn built() -> Vec<EngineKind> {
         EngineKind::ALL
@@ -712,9 +722,12 @@ impl<H: Hostcalls> InstancePre<H> {
     }
 }
 
-/// One instance of a module with its host state. Never `Sync`, and `Send` only in builds
-/// without the wasmer backend (wasmer's instances hold thread-bound pointers): keep each
-/// instance on the thread that made it.
+/// One instance of a module with its host state. `Send`, never `Sync`.
+///
+/// An instance of a [thread-bound](EngineKind::thread_bound) engine (wasmer) may be moved but
+/// is only usable on the thread that made it ([`Instance::is_home`]): elsewhere
+/// [`Instance::call`] fails with a [`TrapKind::Other`] trap, [`Instance::has`] says `false`,
+/// and a drop leaks it rather than free it on the wrong thread.
 pub struct Instance<H: Hostcalls> {
     inner: InstanceInner<H>,
 }
@@ -758,12 +771,30 @@ impl<H: Hostcalls> Instance<H> {
         each_backend!(&mut self.inner, InstanceInner, i => i.call(callback, args))
     }
 
+    /// Whether the instance can be used on the calling thread: always, except for a
+    /// [thread-bound](EngineKind::thread_bound) engine's instance away from its thread.
+    pub fn is_home(&self) -> bool {
+        match &self.inner {
+            #[cfg(feature = "wasmer")]
+            InstanceInner::Wasmer(i) => i.is_home(),
+            #[allow(unreachable_patterns)]
+            _ => true,
+        }
+    }
+
     /// The host state.
+    ///
+    /// # Panics
+    /// On a thread other than its own, for an instance of a
+    /// [thread-bound](EngineKind::thread_bound) engine ([`Instance::is_home`] says when).
     pub fn host(&self) -> &H {
         each_backend!(&self.inner, InstanceInner, i => i.host())
     }
 
     /// The host state, mutably.
+    ///
+    /// # Panics
+    /// As [`Instance::host`].
     pub fn host_mut(&mut self) -> &mut H {
         each_backend!(&mut self.inner, InstanceInner, i => i.host_mut())
     }
@@ -895,4 +926,10 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+// Every instance is `Send` in every build (wasmer's by staying usable only at home).
+#[allow(dead_code)]
+fn instance_is_send<H: Hostcalls>(instance: Instance<H>) -> impl Send {
+    instance
 }

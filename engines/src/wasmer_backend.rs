@@ -7,6 +7,7 @@ use crate::{
 use filterbox_abi::{AbiVersion, Callback};
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -646,18 +647,50 @@ impl WrInstancePre {
         data.allocator = Some(allocator);
         data.deadline = None;
         Ok(WrInstance {
-            store,
-            env,
-            funcs,
-            points,
-            deadline_points: u64::MAX,
-            deadline: None,
-            interruptible: self.engine.interruptible,
+            home: std::thread::current().id(),
+            bound: ManuallyDrop::new(Bound {
+                store,
+                env,
+                funcs,
+                points,
+                deadline_points: u64::MAX,
+                deadline: None,
+                interruptible: self.engine.interruptible,
+            }),
         })
     }
 }
 
+/// A wasmer instance and the thread that made it. wasmer 7's store is not `Send` (its
+/// `on_called` hook is a non-`Send` boxed closure and its objects hold raw pointers), so the
+/// instance is only ever touched on that thread: every method checks the calling thread
+/// first, and a drop elsewhere leaks the instance rather than free it there. Moving the
+/// wrapper between threads copies its bytes and touches nothing it points to, which is what
+/// lets filterbox keep wasmer VMs beside `Send` ones in one structure (they stay on their
+/// home thread; the others may run on any).
 pub(crate) struct WrInstance<H: 'static> {
+    home: std::thread::ThreadId,
+    bound: ManuallyDrop<Bound<H>>,
+}
+
+// SAFETY: `bound` (the only non-`Send` part) is read, written and dropped only on `home`:
+// `bound()`/`bound_mut()` are its only accessors and check the current thread, and `Drop`
+// leaks it on any other thread. Sending the wrapper therefore never makes two threads use
+// the store, nor one thread use it while another holds references into it.
+unsafe impl<H: Send + 'static> Send for WrInstance<H> {}
+
+impl<H: 'static> Drop for WrInstance<H> {
+    fn drop(&mut self) {
+        if self.is_home() {
+            // SAFETY: dropped once, here, on its home thread; `bound` is not used after.
+            unsafe { ManuallyDrop::drop(&mut self.bound) }
+        }
+        // Elsewhere the store is leaked: freeing it off its thread is what must not happen.
+    }
+}
+
+/// Everything of a wasmer instance that must stay on the thread that made it.
+struct Bound<H: 'static> {
     store: Store,
     env: FunctionEnv<StoreData<H>>,
     funcs: Vec<Option<Typed>>,
@@ -727,12 +760,79 @@ impl Typed {
     }
 }
 
+impl<H: 'static> WrInstance<H> {
+    /// Whether the calling thread is the one that made the instance.
+    pub(crate) fn is_home(&self) -> bool {
+        std::thread::current().id() == self.home
+    }
+
+    fn bound(&self) -> Option<&Bound<H>> {
+        self.is_home().then_some(&*self.bound)
+    }
+
+    fn bound_mut(&mut self) -> Option<&mut Bound<H>> {
+        match self.is_home() {
+            true => Some(&mut *self.bound),
+            false => None,
+        }
+    }
+}
+
+/// What a wasmer instance moved off its home thread answers a call with.
+fn away_from_home() -> Trap {
+    Trap {
+        kind: TrapKind::Other,
+        message: "a wasmer instance was used on a thread other than the one that made it".into(),
+    }
+}
+
+/// What `host()` says when it cannot answer.
+const AWAY_FROM_HOME: &str =
+    "a wasmer instance's host state was used on a thread other than the one that made it";
+
 impl<H: Hostcalls> WrInstance<H> {
     pub(crate) fn has(&self, callback: Callback) -> bool {
-        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+        self.bound().is_some_and(|b| b.has(callback))
     }
 
     pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        match self.bound_mut() {
+            Some(bound) => bound.call(callback, args),
+            None => Err(away_from_home()),
+        }
+    }
+
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+        if let Some(bound) = self.bound_mut() {
+            bound.set_deadline(deadline);
+        }
+    }
+
+    pub(crate) fn host(&self) -> &H {
+        match self.bound() {
+            Some(bound) => bound.host(),
+            None => panic!("{AWAY_FROM_HOME}"),
+        }
+    }
+
+    pub(crate) fn host_mut(&mut self) -> &mut H {
+        match self.bound_mut() {
+            Some(bound) => bound.host_mut(),
+            None => panic!("{AWAY_FROM_HOME}"),
+        }
+    }
+
+    pub(crate) fn memory_size(&mut self) -> usize {
+        self.bound_mut().map_or(0, Bound::memory_size)
+    }
+}
+
+impl<H: Hostcalls> Bound<H> {
+    fn has(&self, callback: Callback) -> bool {
+        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+    }
+
+    fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
         let Some(Some(func)) = self.funcs.get(callback as usize) else {
             return Ok(Returned::Missing);
         };
@@ -774,20 +874,20 @@ impl<H: Hostcalls> WrInstance<H> {
         }
     }
 
-    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+    fn set_deadline(&mut self, deadline: Option<Duration>) {
         self.deadline_points = points_for(deadline);
         self.deadline = deadline;
     }
 
-    pub(crate) fn host(&self) -> &H {
+    fn host(&self) -> &H {
         &self.env.as_ref(&self.store).host
     }
 
-    pub(crate) fn host_mut(&mut self) -> &mut H {
+    fn host_mut(&mut self) -> &mut H {
         &mut self.env.as_mut(&mut self.store).host
     }
 
-    pub(crate) fn memory_size(&mut self) -> usize {
+    fn memory_size(&mut self) -> usize {
         match &self.env.as_ref(&self.store).memory {
             Some(m) => m.view(&self.store).data_size() as usize,
             None => 0,

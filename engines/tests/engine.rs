@@ -237,3 +237,33 @@ fn the_pooling_allocator_instantiates_and_runs() {
         assert_eq!(instance.host().logged.len(), 1);
     }
 }
+
+/// Every instance is `Send`, so a host can keep instances of different engines together;
+/// one of a thread-bound engine refuses to run away from its thread, and runs again at home.
+#[test]
+fn instances_move_between_threads_and_thread_bound_ones_only_run_at_home() {
+    for engine in engines() {
+        let instance = module(&engine, r#"(func (export "proxy_on_tick") (param i32))"#);
+        let kind = engine.kind();
+        let (mut instance, away) = std::thread::spawn(move || {
+            let mut instance = instance;
+            let away = instance.call(Callback::ProxyOnTick, &[1]);
+            (instance, away)
+        })
+        .join()
+        .expect("the other thread ends");
+        match kind.thread_bound() {
+            true => {
+                let trap = away.expect_err("a thread-bound instance refuses to run away");
+                assert_eq!(trap.kind, TrapKind::Other, "{kind}: {trap}");
+            }
+            false => assert_eq!(away, Ok(Returned::Nothing), "{kind}"),
+        }
+        assert!(instance.is_home(), "{kind}");
+        assert_eq!(
+            instance.call(Callback::ProxyOnTick, &[1]),
+            Ok(Returned::Nothing),
+            "{kind} at home"
+        );
+    }
+}

@@ -49,6 +49,8 @@
 
 mod attributes;
 mod callout;
+#[cfg(feature = "tower")]
+mod chain;
 mod config;
 mod embedder;
 mod foreign;
@@ -59,8 +61,6 @@ mod http_parts;
 #[cfg(feature = "hyper-client")]
 mod hyper_client;
 mod inbox;
-#[cfg(feature = "tower")]
-mod layer;
 mod metrics;
 mod plugin;
 mod plugin_metrics;
@@ -75,6 +75,11 @@ pub use callout::{
     CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
     HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts, OverBudget,
 };
+#[cfg(feature = "tower")]
+pub use chain::{
+    BoxError, ChainError, FilterChain, FilterChainBuilder, FilterError, FilterLayer, FilterService,
+    FilteredBody, SharedChain,
+};
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 pub use headers::HeaderMap;
@@ -84,11 +89,6 @@ pub use http_parts::{HttpPartsError, strip_hop_by_hop};
 #[cfg(feature = "hyper-client")]
 pub use hyper_client::HyperCallouts;
 pub use inbox::Wake;
-#[cfg(feature = "tower")]
-pub use layer::{
-    BoxError, ChainError, FilterChain, FilterChainBuilder, FilterError, FilterLayer, FilterService,
-    FilteredBody, SharedChain,
-};
 pub use metrics::HostMetrics;
 pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use plugin_metrics::{MetricRegistry, MetricValue};

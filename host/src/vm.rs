@@ -193,9 +193,11 @@ impl Connection {
 
 static NEXT_VM: AtomicU64 = AtomicU64::new(1);
 
-/// One instance of a plugin with its root context, started and configured. Never `Sync`, and
-/// `Send` only in builds without the wasmer backend (wasmer's instances hold thread-bound
-/// pointers): a proxy makes one on each worker thread and runs that thread's streams on it.
+/// One instance of a plugin with its root context, started and configured. `Send`, never
+/// `Sync`. A VM of a [thread-bound](filterbox_engines::EngineKind::thread_bound) engine
+/// (wasmer) must stay on the thread that made it: moved elsewhere, its callbacks fail as
+/// traps and reading its state panics. A proxy makes VMs on its worker threads and runs each
+/// thread's streams on them; wasmtime and wasmi VMs may also be handed between threads.
 pub struct Vm {
     plugin: Plugin,
     instance: Instance<VmState>,
@@ -843,6 +845,15 @@ impl Vm {
             !mine
         });
         taken
+    }
+
+    /// Whether the plugin asked anything of `stream` that [`Vm::take_stream_events`] would
+    /// take, without taking it.
+    pub fn has_stream_events(&mut self, stream: &HttpStream) -> bool {
+        self.state()
+            .events
+            .iter()
+            .any(|(context, _)| *context == stream.id)
     }
 
     /// Request metadata arrived (`proxy_on_request_metadata`, ABI 0.1.0 era; there is no map

@@ -82,7 +82,8 @@ impl WorkerStream {
 /// from the compiled module for the next stream, after a jittered exponential backoff, until
 /// the crash-loop limit of the plugin's [`ReloadPolicy`](crate::ReloadPolicy).
 ///
-/// `Send`, not `Sync`: a proxy keeps one per plugin per worker thread.
+/// `Send`, not `Sync`: a proxy keeps one per plugin per worker thread (one on a
+/// [thread-bound](filterbox_engines::EngineKind::thread_bound) engine stays on its thread).
 pub struct Worker {
     plugin: Plugin,
     vm: Option<Vm>,
@@ -272,6 +273,32 @@ impl Worker {
             (Some(s), Some(vm)) => vm.take_stream_events(s),
             _ => Vec::new(),
         }
+    }
+
+    /// Whether a paused stream has news for its exchange: the plugin asked something of it
+    /// (see [`Worker::take_stream_events`]) or its VM is gone (see [`Worker::stream_failure`]).
+    pub fn has_news(&mut self, stream: &WorkerStream) -> bool {
+        if stream.failure.is_some() {
+            return true;
+        }
+        match (&stream.stream, self.live_vm(stream.generation)) {
+            (Some(s), Some(vm)) => vm.has_stream_events(s),
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// The failure of `stream`: the one it met, or, if its VM failed under another stream
+    /// since, the plugin's policy for that (recorded, so every later call gets the same).
+    pub fn stream_failure<'s>(&mut self, stream: &'s mut WorkerStream) -> Option<&'s Failure> {
+        if stream.failure.is_none()
+            && stream.stream.is_some()
+            && self.live_vm(stream.generation).is_none()
+        {
+            let error = self.gone();
+            stream.failure = Some(self.fail(error));
+        }
+        stream.failure.as_ref()
     }
 
     /// Trailers the plugin added in its last body callback: see [`Vm::take_added_trailers`].

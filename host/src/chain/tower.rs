@@ -1,0 +1,440 @@
+//! The tower adapter: [`FilterLayer`] and [`FilterService`] drive the exchange core with
+//! `http` requests and responses. What crosses it: an `http::Request` in, the request the
+//! plugins let through to the inner service, its response back through the plugins, and a
+//! [`FilteredBody`] whose frames are filtered as the reader pulls them.
+
+use super::body::{BODY_FRAMES_IN_FLIGHT, BodySender, FilteredBody};
+use super::error::{BoxError, FilterError};
+use super::exchange::Exchange;
+use super::local::{invalid_edit, is_grpc, local_message};
+use super::phase::{Direction, MapPhase, headers_phase};
+use super::{FilterChain, SharedChain};
+use crate::HeaderMap;
+use crate::vm::LocalResponse;
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The tower layer: wraps a service in a [`FilterService`].
+#[derive(Clone, Debug)]
+pub struct FilterLayer {
+    chain: SharedChain,
+}
+
+impl FilterLayer {
+    /// Runs every exchange through `chain`.
+    pub fn new(chain: FilterChain) -> Self {
+        FilterLayer {
+            chain: SharedChain::new(chain),
+        }
+    }
+
+    /// Runs every exchange through whatever chain `chain` holds when the exchange starts.
+    pub fn shared(chain: SharedChain) -> Self {
+        FilterLayer { chain }
+    }
+}
+
+impl<S> Layer<S> for FilterLayer {
+    type Service = FilterService<S>;
+
+    fn layer(&self, inner: S) -> FilterService<S> {
+        FilterService {
+            chain: self.chain.clone(),
+            inner,
+        }
+    }
+}
+
+/// Runs the chain's plugins on a request, passes what they let through to the inner service,
+/// and runs them (in reverse order) on its response. Bodies stream through the plugins frame
+/// by frame with the proxy-wasm buffering semantics: a plugin that pauses on a chunk holds it
+/// and sees the body accumulate on the next call; what a plugin lets through goes on at once
+/// (the request body while the inner service runs, the response body from a task). Local
+/// responses (a plugin's, the failure policy's, a limit's) go to the client without running
+/// the response callbacks; `proxy_on_log` runs for every exchange, once its response body
+/// has been read (or dropped).
+#[derive(Clone, Debug)]
+pub struct FilterService<S> {
+    chain: SharedChain,
+    inner: S,
+}
+
+impl<S, B, RB> Service<http::Request<B>> for FilterService<S>
+where
+    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError> + Send,
+    RB: Body + Send + Unpin + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError> + Send,
+{
+    type Response = http::Response<FilteredBody>;
+    type Error = FilterError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, FilterError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), FilterError>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| FilterError::Service(e.into()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // The clone that was driven to ready serves this call (tower's usual dance).
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let chain = self.chain.current();
+        Box::pin(Exchange::new(chain).filter(inner, request))
+    }
+}
+
+impl Exchange {
+    /// The trailers plugins added at the end of `direction`'s body, as `http` trailers;
+    /// `None` if they added none.
+    async fn added_http_trailers(
+        &self,
+        direction: Direction,
+    ) -> Option<Result<http::HeaderMap, LocalResponse>> {
+        match self.added_trailers(direction).await {
+            Ok(added) => Some(added?.to_http().map_err(invalid_edit)),
+            Err(response) => Some(Err(response)),
+        }
+    }
+
+    /// Reads `body` frame by frame through the plugins of `direction` and sends what leaves
+    /// the chain to `out` as it goes (each plugin sees a body it pauses on accumulate).
+    async fn pump<B>(
+        &self,
+        direction: Direction,
+        mut first: Option<Frame<B::Data>>,
+        mut body: B,
+        out: &BodySender,
+    ) -> Result<(), PumpEnd>
+    where
+        B: Body + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let send = |frame: Frame<Bytes>| async move {
+            out.send(Ok(frame)).await.map_err(|_| PumpEnd::Gone)
+        };
+        let mut trailers = None;
+        loop {
+            let frame = match first.take() {
+                Some(frame) => frame,
+                None => match body.frame().await {
+                    Some(frame) => frame.map_err(|e| PumpEnd::Body(e.into()))?,
+                    None => break,
+                },
+            };
+            let frame = match frame.into_data() {
+                Ok(mut data) => {
+                    let chunk = data.copy_to_bytes(data.remaining());
+                    // A body that knows it is done (a content length reached) ends with this
+                    // chunk, as Envoy marks the last data frame, saving an empty call.
+                    let ended = body.is_end_stream();
+                    let passed = self
+                        .body_chunk(direction, chunk, ended)
+                        .await
+                        .map_err(PumpEnd::Local)?;
+                    if !passed.is_empty() {
+                        send(Frame::data(passed.freeze())).await?;
+                    }
+                    if ended {
+                        if let Some(added) = self.added_http_trailers(direction).await {
+                            send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
+                        }
+                        return Ok(());
+                    }
+                    continue;
+                }
+                Err(frame) => frame,
+            };
+            if let Ok(map) = frame.into_trailers() {
+                trailers = Some(HeaderMap::from_http(&map));
+            }
+        }
+        let Some(trailers) = trailers else {
+            let passed = self
+                .body_chunk(direction, Bytes::new(), true)
+                .await
+                .map_err(PumpEnd::Local)?;
+            if !passed.is_empty() {
+                send(Frame::data(passed.freeze())).await?;
+            }
+            if let Some(added) = self.added_http_trailers(direction).await {
+                send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
+            }
+            return Ok(());
+        };
+        let trailers = self
+            .map_phase(direction, MapPhase::Trailers, trailers)
+            .await
+            .map_err(PumpEnd::Local)?;
+        // What plugins still held once the trailers went through is released, in order.
+        let released = self.release_buffers().await.map_err(PumpEnd::Local)?;
+        if !released.is_empty() {
+            send(Frame::data(released.freeze())).await?;
+        }
+        let trailers = trailers
+            .to_http()
+            .map_err(|e| PumpEnd::Local(invalid_edit(e)))?;
+        send(Frame::trailers(trailers)).await
+    }
+
+    /// The whole exchange: request phase (its body streamed to the inner service while the
+    /// service runs), then the response phase, whose body streams from a task that ends the
+    /// exchange when the body is done.
+    async fn filter<S, B, RB>(
+        mut self,
+        mut inner: S,
+        request: http::Request<B>,
+    ) -> Result<http::Response<FilteredBody>, FilterError>
+    where
+        S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
+        S::Error: Into<BoxError>,
+        B: Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        RB: Body + Send + Unpin + 'static,
+        RB::Data: Send,
+        RB::Error: Into<BoxError> + Send,
+    {
+        if self.is_empty() {
+            // Nothing to run: the bodies pass through untouched (lengths and all).
+            self.pass_through();
+            let request = request.map(|body| FilteredBody::boxed(body, FilterError::RequestBody));
+            let response = inner
+                .call(request)
+                .await
+                .map_err(|e| FilterError::Service(e.into()))?;
+            return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
+        }
+        let (mut parts, body) = request.into_parts();
+        let headers = HeaderMap::from_request_parts(&parts);
+        // `proxy_on_log` sees these if the request phase ends in a local response.
+        self.request_headers = headers.clone();
+        let headers = match self
+            .map_phase(Direction::Request, headers_phase(&body), headers)
+            .await
+        {
+            Ok(headers) => headers,
+            Err(response) => return Ok(self.local_reply(response).await),
+        };
+        self.request_headers = headers;
+        if let Err(error) = self.request_headers.to_request_parts(&mut parts) {
+            return Ok(self.local_reply(invalid_edit(error)).await);
+        }
+        let had_body = !body.is_end_stream();
+        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+        let request_body = match had_body {
+            true => FilteredBody::stream(receiver),
+            false => FilteredBody::empty(),
+        };
+        let early = {
+            let this = &self;
+            let pump = async move {
+                match had_body {
+                    true => this.pump(Direction::Request, None, body, &sender).await,
+                    false => Ok(()),
+                }
+                // `sender` drops here: the body the service reads ends.
+            };
+            let call = inner.call(http::Request::from_parts(parts, request_body));
+            tokio::pin!(pump, call);
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    ended = &mut pump, if pumping => match ended {
+                        Ok(()) | Err(PumpEnd::Gone) => pumping = false,
+                        Err(PumpEnd::Local(response)) => break Early::Local(response),
+                        Err(PumpEnd::Body(error)) => break Early::Failed(FilterError::RequestBody(error)),
+                    },
+                    // An upstream that answers before reading the whole body ends the
+                    // request phase there.
+                    response = &mut call => break Early::Response(response.map_err(|e| FilterError::Service(e.into()))),
+                }
+            }
+        };
+        let response = match early {
+            Early::Response(Ok(response)) => response,
+            Early::Local(response) => return Ok(self.local_reply(response).await),
+            Early::Response(Err(error)) | Early::Failed(error) => {
+                // `proxy_on_log` runs for failed exchanges too (an access log wants them).
+                self.end(true);
+                return Err(error);
+            }
+        };
+        let (mut parts, body) = response.into_parts();
+        let headers = HeaderMap::from_response_parts(&parts);
+        let headers = match self
+            .map_phase(Direction::Response, headers_phase(&body), headers)
+            .await
+        {
+            Ok(headers) => headers,
+            Err(response) => return Ok(self.local_response(response)),
+        };
+        self.response_headers = headers;
+        if let Err(error) = self.response_headers.to_response_parts(&mut parts) {
+            return Ok(self.local_response(invalid_edit(error)));
+        }
+        if body.is_end_stream() {
+            self.end(true);
+            return Ok(http::Response::from_parts(parts, FilteredBody::empty()));
+        }
+        // The headers go out with the first body frame. A body that is whole in that frame
+        // (the common small response) is filtered here and sent in one piece: no pump, and a
+        // plugin that answers on it can still replace the response.
+        let mut body = body;
+        let first = match body.frame().await {
+            Some(Ok(frame)) => Some(frame),
+            Some(Err(error)) => {
+                self.end(true);
+                return Err(FilterError::ResponseBody(error.into()));
+            }
+            None => None,
+        };
+        let (whole, first) = match first.map(Frame::into_data) {
+            None => (Some(Bytes::new()), None),
+            Some(Ok(mut data)) if body.is_end_stream() => {
+                (Some(data.copy_to_bytes(data.remaining())), None)
+            }
+            Some(Ok(data)) => (None, Some(Frame::data(data))),
+            Some(Err(frame)) => (None, Some(frame)),
+        };
+        if let Some(chunk) = whole {
+            return match self.body_chunk(Direction::Response, chunk, true).await {
+                Ok(passed) => {
+                    let added = match self.added_http_trailers(Direction::Response).await {
+                        Some(Err(response)) => return Ok(self.local_response(response)),
+                        Some(Ok(trailers)) => Some(trailers),
+                        None => None,
+                    };
+                    self.end(true);
+                    // Known in full, its length can be right whatever the plugins did.
+                    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+                        let length = http::HeaderValue::from(passed.len());
+                        parts.headers.insert(http::header::CONTENT_LENGTH, length);
+                    }
+                    let body = match added {
+                        None => FilteredBody::full(passed.freeze()),
+                        Some(trailers) => FilteredBody::with_trailers(passed.freeze(), trailers),
+                    };
+                    Ok(http::Response::from_parts(parts, body))
+                }
+                Err(response) => Ok(self.local_response(response)),
+            };
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+        // Whoever reads the body drives the pump (no task of its own: one fewer thread hop
+        // per frame); a reader that drops the body drops the pump and with it the exchange.
+        let pump = Box::pin(async move {
+            let pumped = self.pump(Direction::Response, first, body, &sender).await;
+            let error = match pumped {
+                Ok(()) | Err(PumpEnd::Gone) => None,
+                Err(PumpEnd::Body(error)) => Some(FilterError::ResponseBody(error)),
+                Err(PumpEnd::Local(response)) => {
+                    // The response headers are gone: the client can only see the body break.
+                    tracing::warn!(
+                        status = response.status_code,
+                        details = %response.details,
+                        "a plugin answered after the response headers were sent; resetting"
+                    );
+                    Some(FilterError::Reset(response))
+                }
+            };
+            if let Some(error) = error {
+                let _ = sender.send(Err(error)).await;
+            }
+            self.end(true);
+        });
+        Ok(http::Response::from_parts(
+            parts,
+            FilteredBody::pumped(receiver, pump),
+        ))
+    }
+
+    /// A local response sent before the upstream answered (a plugin's, or the chain's own),
+    /// sent as Envoy sends one: through every plugin's response phase, in response order, so
+    /// that plugins add their response headers to it (a rate limiter's `Retry-After`) and see
+    /// its body. If a plugin answers again, or its pause times out, the first response goes
+    /// out as it was.
+    async fn local_reply(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
+        let (_, headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        let phase = MapPhase::Headers {
+            end_of_stream: body.is_empty(),
+        };
+        let Ok(headers) = self.map_phase(Direction::Response, phase, headers).await else {
+            return self.local_response(local);
+        };
+        let body = match body.is_empty() {
+            true => BytesMut::new(),
+            false => match self.body_chunk(Direction::Response, body, true).await {
+                Ok(body) => body,
+                Err(_) => return self.local_response(local),
+            },
+        };
+        let mut parts = http::Response::new(()).into_parts().0;
+        if headers.to_response_parts(&mut parts).is_err() {
+            return self.local_response(local);
+        }
+        self.response_headers = headers;
+        self.end(true);
+        http::Response::from_parts(parts, FilteredBody::full(body.freeze()))
+    }
+
+    /// The HTTP response for a plugin's (or the chain's) local response, sent as it is: for
+    /// answers after the response phase began (as Envoy sends those directly) and when the
+    /// response phase of [`Exchange::local_reply`] cannot run. Headers `http` refuses are
+    /// left out.
+    fn local_response(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
+        let (status, headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        let mut response = http::Response::new(FilteredBody::full(body));
+        *response.status_mut() = status;
+        let mut seen = HeaderMap::new();
+        for (name, value) in headers.iter() {
+            let kept = match name.as_ref() {
+                b":status" => true,
+                _ => match (
+                    http::HeaderName::from_bytes(name),
+                    http::HeaderValue::from_bytes(value),
+                ) {
+                    (Ok(header), Ok(value)) => {
+                        response.headers_mut().try_append(header, value).is_ok()
+                    }
+                    _ => false,
+                },
+            };
+            if kept {
+                seen.add(name.clone(), value.clone());
+            }
+        }
+        self.response_headers = seen;
+        self.end(true);
+        response
+    }
+}
+
+/// Why a body pump stopped early.
+enum PumpEnd {
+    /// A plugin (or a limit) answered the exchange.
+    Local(LocalResponse),
+    /// The body being read failed.
+    Body(BoxError),
+    /// Nobody reads the filtered body any more.
+    Gone,
+}
+
+/// How the request phase ended.
+enum Early<R> {
+    Response(Result<R, FilterError>),
+    Local(LocalResponse),
+    Failed(FilterError),
+}
