@@ -8,6 +8,7 @@
 
 #![warn(missing_docs)]
 
+pub mod exchange;
 pub mod floors;
 pub mod report;
 
@@ -233,9 +234,9 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
 
     // Chains of plugins.
     let lengths: &[usize] = if quick {
-        &[1, 4, 16]
+        &[1, 4, 5, 16]
     } else {
-        &[1, 2, 4, 8, 16]
+        &[1, 2, 4, 5, 8, 16]
     };
     for &n in lengths {
         let mut vms = (0..n)
@@ -250,6 +251,9 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
             .native("native/lifecycle_3_headers"),
         );
     }
+
+    // The same chains of 1 and 5 (and none) through the tower layer.
+    out.extend(exchange::service_scenarios(&engine)?);
 
     out.extend(floors::deadline_scenarios(kind)?);
     Ok(out)

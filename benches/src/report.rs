@@ -176,9 +176,62 @@ pub fn run(quick: bool) -> Result<String, String> {
             summary.insert((kind, r.name.clone()), r.ns_per_op);
         }
     }
+    md.push_str(&layer_section(&summary));
+    md.push_str(&resume_section(quick)?);
     md.push_str(&memory_section(quick)?);
     md.push_str(&threads_section(quick)?);
     md.push_str(&targets_section(&summary, &native_ns));
+    Ok(md)
+}
+
+/// What the tower layer adds per plugin per exchange: `service/N_plugins` less
+/// `service/0_plugins` (the runtime and the inner service) and `chain/N_plugins` (the same
+/// callbacks on the VMs directly), over N.
+fn layer_section(summary: &HashMap<(EngineKind, String), f64>) -> String {
+    let mut md = String::from(
+        "\n## The tower layer (one exchange in-process, header plugins)\n\n| engine | 0 plugins | 1 plugin | 5 plugins | layer per plugin per exchange (1) | (5) |\n|---|---|---|---|---|---|\n",
+    );
+    for kind in EngineKind::built() {
+        let get = |name: &str| summary.get(&(kind, name.to_owned())).copied();
+        let (Some(zero), Some(one), Some(five)) = (
+            get("service/0_plugins"),
+            get("service/1_plugins"),
+            get("service/5_plugins"),
+        ) else {
+            continue;
+        };
+        let per_plugin = |service: f64, n: f64, direct: Option<f64>| {
+            direct.map_or(String::new(), |d| human((service - zero - d) / n))
+        };
+        let _ = writeln!(
+            md,
+            "| {kind} | {} | {} | {} | {} | {} |",
+            human(zero),
+            human(one),
+            human(five),
+            per_plugin(one, 1.0, get("chain/1_plugins")),
+            per_plugin(five, 5.0, get("chain/5_plugins")),
+        );
+    }
+    md
+}
+
+/// How soon a paused exchange goes on once its callout is answered.
+fn resume_section(quick: bool) -> Result<String, String> {
+    let exchanges = if quick { 10 } else { 50 };
+    let mut md = format!(
+        "\n## Resuming after a callout ({exchanges} exchanges; the callout answers after 20 ms; from the answer handed to filterbox to the upstream called)\n\n| engine | median | 90th percentile | worst |\n|---|---|---|---|\n"
+    );
+    for kind in EngineKind::built() {
+        let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
+        let gaps = crate::exchange::resume_gaps(&engine, exchanges)?;
+        let at = |q: f64| {
+            let i = ((gaps.len() as f64 - 1.0) * q).round() as usize;
+            gaps.get(i)
+                .map_or(String::new(), |d| human(d.as_nanos() as f64))
+        };
+        let _ = writeln!(md, "| {kind} | {} | {} | {} |", at(0.5), at(0.9), at(1.0));
+    }
     Ok(md)
 }
 

@@ -12,7 +12,8 @@
 //!
 //! Modules, and what crosses each:
 //! - `exchange`: the protocol of one exchange (phases, pauses, the end), over maps and bytes;
-//! - `slot`: the VMs of a slot and the typed jobs exchanges give them;
+//! - `slot`: the typed jobs exchanges give a slot, inline or through its thread;
+//! - `slot_state`: a slot's VMs and the exchanges' streams on them;
 //! - `tower`: [`FilterLayer`] / [`FilterService`], driving exchanges with `http` types;
 //! - `body`: [`FilteredBody`]; `error`: [`ChainError`], [`FilterError`]; `local`: local
 //!   responses as the client gets them; `held`: the budget of paused body bytes;
@@ -25,6 +26,7 @@ mod held;
 mod local;
 mod phase;
 mod slot;
+mod slot_state;
 mod tower;
 
 pub use body::FilteredBody;

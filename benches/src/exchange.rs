@@ -1,0 +1,175 @@
+//! Exchanges through the tower layer ([`FilterService`](filterbox::FilterService)) in-process,
+//! no sockets: what the layer adds to the plugins' own work, and how soon a paused exchange
+//! goes on once its callout is answered.
+
+use crate::{Scenario, fail, header_plugin};
+use bytes::Bytes;
+use filterbox::{
+    CalloutError, Callouts, Engine, FilterChain, FilterLayer, FilteredBody, GrpcReply, GrpcRequest,
+    GrpcStream, HeaderMap, HttpCallOutcome, HttpCallReply, HttpCallRequest, HttpCallResponse,
+    Plugin, PluginConfig,
+};
+use filterbox_conformance::guests;
+use http_body_util::{BodyExt, Empty};
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// An upstream that answers every request at once with an empty 200, noting when it was
+/// called.
+#[derive(Clone, Default)]
+struct Answer {
+    called: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Service<http::Request<FilteredBody>> for Answer {
+    type Response = http::Response<Empty<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<FilteredBody>) -> Self::Future {
+        if let Ok(mut called) = self.called.lock() {
+            called.push(Instant::now());
+        }
+        std::future::ready(Ok(http::Response::new(Empty::new())))
+    }
+}
+
+fn request() -> http::Request<Empty<Bytes>> {
+    let mut request = http::Request::new(Empty::new());
+    *request.uri_mut() = http::Uri::from_static("http://bench.example/path");
+    request
+        .headers_mut()
+        .insert("user-agent", http::HeaderValue::from_static("bench"));
+    request
+}
+
+/// One exchange through a chain of `n` header plugins on `engine`, driven by a
+/// current-thread runtime (so the chain's slot runs inline where the engine allows).
+fn service_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
+    let plugins = (0..n)
+        .map(|_| header_plugin(engine))
+        .collect::<Result<Vec<_>, _>>()?;
+    let chain = FilterChain::builder()
+        .slots(1)
+        .build(plugins)
+        .map_err(|e| fail("chain", e))?;
+    let mut service = FilterLayer::new(chain).layer(Answer::default());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail("runtime", e))?;
+    Ok(Scenario::new(format!("service/{n}_plugins"), move || {
+        runtime.block_on(async {
+            let response = service.call(request()).await.expect("exchange");
+            let body = response.into_body().collect().await.expect("body");
+            black_box(body);
+        })
+    }))
+}
+
+/// One exchange through `FilterService` with 0, 1 and 5 header plugins (compare with
+/// `chain/N_plugins`, the same callbacks driven on the VMs directly).
+pub fn service_scenarios(engine: &Engine) -> Result<Vec<Scenario>, String> {
+    [0, 1, 5]
+        .into_iter()
+        .map(|n| service_scenario(engine, n))
+        .collect()
+}
+
+/// Callouts answered by a thread `delay` after they start, noting when each answer was
+/// handed to filterbox.
+struct DelayedCallouts {
+    delay: Duration,
+    answered: Arc<Mutex<Vec<Instant>>>,
+}
+
+impl Callouts for DelayedCallouts {
+    fn http_call(&self, _: HttpCallRequest, reply: HttpCallReply) -> Result<(), CalloutError> {
+        let (delay, answered) = (self.delay, self.answered.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let mut headers = HeaderMap::new();
+            headers.add(":status", "200");
+            let response = HttpCallResponse {
+                headers,
+                body: Bytes::from_static(b"found"),
+                trailers: HeaderMap::new(),
+            };
+            if let Ok(mut answered) = answered.lock() {
+                answered.push(Instant::now());
+            }
+            reply.send(HttpCallOutcome::Response(response));
+        });
+        Ok(())
+    }
+
+    fn grpc_open(&self, _: GrpcRequest, _: GrpcReply) -> Result<Box<dyn GrpcStream>, CalloutError> {
+        Err(CalloutError::Unsupported)
+    }
+}
+
+/// How long a paused exchange takes to go on once its callout is answered: `exchanges`
+/// requests through the callouts guest (which pauses on an HTTP call answered 20 ms later)
+/// on a two-thread runtime, each gap from the answer handed to filterbox to the upstream
+/// called. Returns the gaps, sorted.
+pub fn resume_gaps(engine: &Engine, exchanges: usize) -> Result<Vec<Duration>, String> {
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let callouts = Arc::new(DelayedCallouts {
+        delay: Duration::from_millis(20),
+        answered: answered.clone(),
+    });
+    let config = PluginConfig::named("callouts").with_engine(engine.kind());
+    let plugin = Plugin::builder(config)
+        .engine(engine)
+        .callouts(callouts)
+        .build(guests::CALLOUTS)
+        .map_err(|e| fail("plugin", e))?;
+    let chain = FilterChain::builder()
+        .slots(1)
+        .build(vec![plugin])
+        .map_err(|e| fail("chain", e))?;
+    let upstream = Answer::default();
+    let mut service = FilterLayer::new(chain).layer(upstream.clone());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| fail("runtime", e))?;
+    runtime.block_on(async {
+        for _ in 0..exchanges {
+            let response = service
+                .call(request())
+                .await
+                .map_err(|e| fail("exchange", e))?;
+            if response.status() != 200 {
+                return Err(format!("the exchange was answered {}", response.status()));
+            }
+        }
+        Ok(())
+    })?;
+    let answered = answered.lock().map_err(|e| fail("answers", e))?;
+    let called = upstream.called.lock().map_err(|e| fail("calls", e))?;
+    if answered.len() != exchanges || called.len() != exchanges {
+        return Err(format!(
+            "{} answers and {} upstream calls for {exchanges} exchanges",
+            answered.len(),
+            called.len()
+        ));
+    }
+    let mut gaps: Vec<Duration> = answered
+        .iter()
+        .zip(called.iter())
+        .map(|(answer, call)| call.saturating_duration_since(*answer))
+        .collect();
+    gaps.sort();
+    Ok(gaps)
+}

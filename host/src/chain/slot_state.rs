@@ -1,0 +1,397 @@
+//! A slot's VMs and the streams of the exchanges on them: the phases run plugin by plugin,
+//! the body bytes plugins hold, and the paused exchanges waiting for news.
+
+use super::held::{Held, HeldBudget};
+use super::local::local;
+use super::phase::{Direction, MapPhase, Step};
+use super::slot::{Done, Job};
+use crate::HeaderMap;
+use crate::vm::{Action, LocalResponse, StreamEvent};
+use crate::worker::{Failure, Worker, WorkerStream};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::Notify;
+
+/// One exchange's streams, one per plugin, and what each plugin has paused on of the body.
+struct Streams {
+    streams: Vec<Option<WorkerStream>>,
+    buffers: Vec<Held>,
+    /// Trailers plugins added to a message that had none (request, response), in the order
+    /// the plugins ran.
+    added_trailers: [HeaderMap; 2],
+}
+
+/// A slot's VMs and the exchanges running on them.
+pub(super) struct SlotState {
+    workers: Vec<Worker>,
+    exchanges: HashMap<u64, Streams>,
+    /// What plugins may hold paused of bodies.
+    held: Arc<HeldBudget>,
+    /// Paused exchanges to notify when their plugin has news for them.
+    waiters: HashMap<u64, Waiter>,
+    /// The tick the slot thread sleeps until (`None`: no tick), so that a callback run
+    /// elsewhere that wants an earlier one can wake it.
+    pub(super) armed_tick: Option<Instant>,
+}
+
+/// A paused exchange waiting for plugin `index` on its slot.
+struct Waiter {
+    index: usize,
+    notify: Arc<Notify>,
+}
+
+impl SlotState {
+    /// The state of a slot whose VMs are `workers`.
+    pub(super) fn new(workers: Vec<Worker>, held: Arc<HeldBudget>) -> SlotState {
+        SlotState {
+            workers,
+            exchanges: HashMap::new(),
+            held,
+            waiters: HashMap::new(),
+            armed_tick: None,
+        }
+    }
+
+    /// The streams of exchange `id`, created on first use.
+    fn streams(&mut self, id: u64) -> &mut Streams {
+        let workers = &mut self.workers;
+        let held = &self.held;
+        self.exchanges.entry(id).or_insert_with(|| Streams {
+            streams: workers
+                .iter_mut()
+                .map(|w| Some(w.create_stream()))
+                .collect(),
+            buffers: workers.iter().map(|_| Held::new(held)).collect(),
+            added_trailers: Default::default(),
+        })
+    }
+
+    /// Runs one callback of plugin `index` for exchange `id`; a failure becomes its policy's
+    /// action.
+    fn call(
+        &mut self,
+        id: u64,
+        index: usize,
+        callback: impl FnOnce(&mut Worker, &mut WorkerStream) -> Result<Action, Failure>,
+    ) -> Action {
+        self.streams(id);
+        let stream = self
+            .exchanges
+            .get_mut(&id)
+            .and_then(|s| s.streams.get_mut(index));
+        let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) else {
+            return Action::Continue;
+        };
+        match callback(worker, stream) {
+            Ok(action) => action,
+            Err(failure) => {
+                // The worker logged the trap when it happened; every later phase of the
+                // stream gets the same failure, which is not news.
+                tracing::debug!("{failure}");
+                failure.into_action()
+            }
+        }
+    }
+
+    /// The header (or trailer) callbacks of `direction` over `map`, from position `from` of
+    /// its order, until a plugin pauses or answers.
+    fn map_phase(
+        &mut self,
+        id: u64,
+        (direction, phase): (Direction, MapPhase),
+        map: &mut HeaderMap,
+        from: usize,
+    ) -> Step {
+        for (position, index) in direction.positions(self.workers.len(), from) {
+            let action = self.call(id, index, |worker, stream| match (direction, phase) {
+                (Direction::Request, MapPhase::Headers { end_of_stream }) => {
+                    worker.on_request_headers(stream, map, end_of_stream)
+                }
+                (Direction::Response, MapPhase::Headers { end_of_stream }) => {
+                    worker.on_response_headers(stream, map, end_of_stream)
+                }
+                (Direction::Request, MapPhase::Trailers) => worker.on_request_trailers(stream, map),
+                (Direction::Response, MapPhase::Trailers) => {
+                    worker.on_response_trailers(stream, map)
+                }
+            });
+            match action {
+                Action::Continue => {}
+                Action::Respond(response) => return Step::Respond(response),
+                Action::Pause => return Step::Paused { position, index },
+            }
+        }
+        Step::Continue
+    }
+
+    /// Runs body bytes through the plugins of `direction` from position `from`: each plugin
+    /// sees what it paused on so far plus the new bytes, and what it lets through goes to the
+    /// next. Returns what left the last plugin. A pause at the end of the stream waits for the
+    /// plugin to resume ([`SlotState::resume_body`]); any other pause keeps the bytes.
+    fn body(
+        &mut self,
+        id: u64,
+        direction: Direction,
+        mut input: BytesMut,
+        end_of_stream: bool,
+        from: usize,
+    ) -> (Step, BytesMut) {
+        for (position, index) in direction.positions(self.workers.len(), from) {
+            let mut body = match self.streams(id).buffers.get_mut(position) {
+                Some(buffer) => {
+                    let mut body = buffer.take();
+                    body.extend_from_slice(&input);
+                    body
+                }
+                None => break,
+            };
+            if body.len() > self.held.per_plugin {
+                let status = match direction {
+                    Direction::Request => 413,
+                    Direction::Response => 502,
+                };
+                return (
+                    Step::Respond(local(status, "filterbox_body_too_large")),
+                    BytesMut::new(),
+                );
+            }
+            let mut added = None;
+            let action = self.call(id, index, |worker, stream| {
+                let action = match direction {
+                    Direction::Request => worker.on_request_body(stream, &mut body, end_of_stream),
+                    Direction::Response => {
+                        worker.on_response_body(stream, &mut body, end_of_stream)
+                    }
+                };
+                added = worker.take_added_trailers(stream, direction.trailer_map());
+                action
+            });
+            if let Some(added) = added {
+                let held = &mut self.streams(id).added_trailers[direction as usize];
+                for (name, value) in added.iter() {
+                    held.add(name.clone(), value.clone());
+                }
+            }
+            match action {
+                Action::Continue => input = body,
+                Action::Respond(response) => return (Step::Respond(response), BytesMut::new()),
+                Action::Pause => {
+                    if !self.held.has_room(body.len()) {
+                        let status = match direction {
+                            Direction::Request => 503,
+                            Direction::Response => 502,
+                        };
+                        tracing::warn!(
+                            "the plugins hold {} body bytes, the most allowed: an exchange is \
+                             answered {status} rather than hold {} more",
+                            self.held.total,
+                            body.len()
+                        );
+                        return (
+                            Step::Respond(local(status, "filterbox_held_bodies_over_limit")),
+                            BytesMut::new(),
+                        );
+                    }
+                    if let Some(buffer) = self.streams(id).buffers.get_mut(position) {
+                        buffer.put(body);
+                    }
+                    let step = match end_of_stream {
+                        true => Step::Paused { position, index },
+                        false => Step::Continue,
+                    };
+                    return (step, BytesMut::new());
+                }
+            }
+        }
+        (Step::Continue, input)
+    }
+
+    /// Goes on with a body the plugin at `position` paused on at the end of the stream.
+    fn resume_body(&mut self, id: u64, direction: Direction, position: usize) -> (Step, BytesMut) {
+        let held = match self.streams(id).buffers.get_mut(position) {
+            Some(buffer) => buffer.take(),
+            None => BytesMut::new(),
+        };
+        self.body(id, direction, held, true, position + 1)
+    }
+
+    /// The trailers plugins added to `direction`'s message, if any.
+    fn take_added_trailers(&mut self, id: u64, direction: Direction) -> Option<HeaderMap> {
+        let held = std::mem::take(&mut self.streams(id).added_trailers[direction as usize]);
+        (!held.is_empty()).then_some(held)
+    }
+
+    /// What plugins still hold of the body, in order (released once trailers went through).
+    fn release_buffers(&mut self, id: u64) -> BytesMut {
+        let mut released = BytesMut::new();
+        for buffer in &mut self.streams(id).buffers {
+            released.extend_from_slice(&buffer.take());
+        }
+        released
+    }
+
+    /// Whether plugin `index` resumed `direction`, answered the stream, or failed it; `None`
+    /// while it is still paused, and then `notify` is notified when the plugin has news for
+    /// the exchange. A resumed header phase gives the headers as the plugin left them.
+    fn poll_resumed(
+        &mut self,
+        id: u64,
+        index: usize,
+        direction: Direction,
+        notify: Arc<Notify>,
+    ) -> Option<Result<Option<HeaderMap>, LocalResponse>> {
+        let stream = self
+            .exchanges
+            .get_mut(&id)
+            .and_then(|s| s.streams.get_mut(index));
+        let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) else {
+            return Some(Ok(None));
+        };
+        if let Some(failure) = worker.stream_failure(stream) {
+            return Some(match failure.action() {
+                Action::Respond(response) => Err(response.clone()),
+                Action::Continue | Action::Pause => Ok(None),
+            });
+        }
+        for event in worker.take_stream_events(stream) {
+            match event {
+                StreamEvent::Continue(kind) if kind == direction.stream_type() => {
+                    return Some(Ok(
+                        worker.take_paused_headers(stream, direction.header_map())
+                    ));
+                }
+                StreamEvent::Respond(response) => return Some(Err(response)),
+                StreamEvent::Close(_) => {
+                    return Some(Err(local(502, "filterbox_stream_closed_by_plugin")));
+                }
+                StreamEvent::Continue(_) | StreamEvent::ClearRouteCache => {}
+            }
+        }
+        self.waiters.insert(id, Waiter { index, notify });
+        None
+    }
+
+    /// Notifies every waiting exchange its plugin has news for (and forgets it: it asks
+    /// again if the news was not what it waits for). Runs after anything the VMs did.
+    pub(super) fn notify_waiters(&mut self) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let (workers, exchanges) = (&mut self.workers, &self.exchanges);
+        self.waiters.retain(|id, waiter| {
+            let stream = exchanges.get(id).and_then(|s| s.streams.get(waiter.index));
+            let news = match (workers.get_mut(waiter.index), stream) {
+                (Some(worker), Some(Some(stream))) => worker.has_news(stream),
+                _ => true,
+            };
+            if news {
+                waiter.notify.notify_one();
+            }
+            !news
+        });
+    }
+
+    /// Runs what is due on every VM (events that arrived, ticks).
+    pub(super) fn run_due(&mut self) {
+        let now = Instant::now();
+        for worker in &mut self.workers {
+            if let Err(error) = worker.run_due(now) {
+                tracing::warn!(plugin = %worker.plugin().config().name, "{error}");
+            }
+        }
+    }
+
+    /// The earliest tick a VM wants.
+    pub(super) fn next_tick(&self) -> Option<Instant> {
+        self.workers.iter().filter_map(Worker::next_tick).min()
+    }
+
+    /// Whether the slot thread sleeps past a tick some VM now wants.
+    pub(super) fn tick_needs_wake(&self) -> bool {
+        match (self.next_tick(), self.armed_tick) {
+            (Some(wanted), Some(armed)) => wanted < armed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// Does `job` for exchange `id`, then notifies the exchanges it gave news to. `None` if
+    /// it panicked (a bug of ours; guest panics are already traps): the slot lives on and
+    /// the exchange is answered 503.
+    pub(super) fn execute(&mut self, id: u64, job: Job) -> Option<Done> {
+        let done = std::panic::catch_unwind(AssertUnwindSafe(|| match job {
+            Job::Map {
+                direction,
+                phase,
+                mut map,
+                from,
+            } => {
+                let step = self.map_phase(id, (direction, phase), &mut map, from);
+                Done::Map(step, map)
+            }
+            Job::Body {
+                direction,
+                input,
+                end_of_stream,
+                from,
+            } => {
+                let (step, out) = self.body(id, direction, input, end_of_stream, from);
+                Done::Body(step, out)
+            }
+            Job::ResumeBody {
+                direction,
+                position,
+            } => {
+                let (step, out) = self.resume_body(id, direction, position);
+                Done::Body(step, out)
+            }
+            Job::AddedTrailers { direction } => {
+                Done::Trailers(self.take_added_trailers(id, direction))
+            }
+            Job::ReleaseBuffers => Done::Released(self.release_buffers(id)),
+            Job::Resumed {
+                index,
+                direction,
+                notify,
+            } => Done::Resumed(self.poll_resumed(id, index, direction, notify)),
+            Job::End { log } => {
+                self.end(id, log);
+                Done::Ended
+            }
+        }));
+        self.notify_waiters();
+        match done {
+            Ok(done) => Some(done),
+            Err(_) => {
+                tracing::error!("a filter chain job panicked");
+                None
+            }
+        }
+    }
+
+    /// Runs `proxy_on_log` (if `log`) and ends every stream of exchange `id`.
+    fn end(&mut self, id: u64, log: Option<(HeaderMap, HeaderMap)>) {
+        self.waiters.remove(&id);
+        let Some(mut streams) = self.exchanges.remove(&id) else {
+            return;
+        };
+        let (mut request, mut response) = log.clone().unwrap_or_default();
+        for (worker, stream) in self.workers.iter_mut().zip(streams.streams.iter_mut()) {
+            let Some(mut stream) = stream.take() else {
+                continue;
+            };
+            // A failure here was logged by the worker when its trap happened.
+            if log.is_some()
+                && let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response)
+            {
+                tracing::debug!("{failure}");
+            }
+            if let Err(failure) = worker.finish_stream(stream) {
+                tracing::debug!("{failure}");
+            }
+        }
+    }
+}
