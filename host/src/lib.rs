@@ -77,8 +77,8 @@ pub use callout::{
 };
 #[cfg(feature = "tower")]
 pub use chain::{
-    BoxError, ChainError, FilterChain, FilterChainBuilder, FilterError, FilterLayer, FilterService,
-    FilteredBody, SharedChain,
+    BoxError, ChainError, Exchange, FilterChain, FilterChainBuilder, FilterError, FilterLayer,
+    FilterService, FilteredBody, LocalReply, SharedChain,
 };
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};

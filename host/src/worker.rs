@@ -3,7 +3,7 @@
 
 use crate::vm::{Action, HttpStream, LocalResponse, StreamEvent, Vm, VmError};
 use crate::{FailurePolicy, HeaderMap, Plugin, Wake};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use core::fmt;
 use filterbox_abi::MapType;
 use std::sync::mpsc;
@@ -299,6 +299,14 @@ impl Worker {
             stream.failure = Some(self.fail(error));
         }
         stream.failure.as_ref()
+    }
+
+    /// Sets a property of `stream` for the plugin to read: see [`Vm::set_stream_property`].
+    /// Nothing happens on a stream whose VM is gone.
+    pub fn set_stream_property(&mut self, stream: &WorkerStream, path: &[&str], value: Bytes) {
+        if let (Some(s), Some(vm)) = (&stream.stream, self.live_vm(stream.generation)) {
+            vm.set_stream_property(s, path, value);
+        }
     }
 
     /// Trailers the plugin added in its last body callback: see [`Vm::take_added_trailers`].

@@ -1,13 +1,15 @@
 //! The exchange core: the proxy-wasm protocol of one HTTP exchange through a chain, apart from
-//! any HTTP crate's service or body types. What crosses it: header maps and body bytes in,
-//! the maps and bytes the plugins let through (or the local response one of them gave) out.
-//! Phases run in chain order for the request and reversed for the response; a pause waits
-//! (up to the chain's pause timeout) until the plugin resumes the exchange, answers it, or
-//! fails; the end of the exchange runs `proxy_on_log` and ends every stream, also when the
-//! exchange is dropped half-way.
+//! any HTTP crate's service or body types. What crosses it: header maps and body bytes in, the
+//! maps and bytes the plugins let through (or the local response one of them gave) out.
+//!
+//! Phases run in chain order for the request and reversed for the response; a pause waits (up
+//! to the chain's pause timeout) until the plugin resumes the exchange, answers it, or fails;
+//! the end of the exchange runs `proxy_on_log` and ends every stream, also when the exchange is
+//! dropped half-way. The tower layer, `filterbox run` and `filterbox serve` drive exchanges
+//! through this type; so can any other proxy.
 
 use super::FilterChain;
-use super::local::local;
+use super::local::{is_grpc, local, local_message};
 use super::phase::{Direction, MapPhase, Step};
 use super::slot::{Done, Job, Slot};
 use crate::HeaderMap;
@@ -19,18 +21,57 @@ use tokio::sync::Notify;
 
 static NEXT_EXCHANGE: AtomicU64 = AtomicU64::new(1);
 
-/// One exchange on its slot. Ends its streams (`proxy_on_done`, `proxy_on_delete`) when
-/// dropped, so a client that goes away leaves no stream contexts behind.
-pub(super) struct Exchange {
-    pub(super) chain: FilterChain,
+/// One HTTP exchange through a [`FilterChain`], from [`FilterChain::exchange`]: the proxy
+/// calls the phases in the order the exchange goes (request headers, request body chunks or
+/// trailers, then the same for the response) and sends on what each returns.
+///
+/// A phase returns what the plugins let through, or `Err` with the local response a plugin
+/// (or the chain: a limit, a pause past the timeout, a failed plugin's policy) gave instead.
+/// Answer the client with [`Exchange::reply`] before the response started, with
+/// [`Exchange::reply_directly`] after; either ends the exchange. A phase a plugin pauses
+/// returns when the plugin resumes it: the future waits, never a thread. Callbacks run on the
+/// calling thread when the chain's engines allow it and no other thread is running the same
+/// slot; otherwise on the slot's own thread.
+///
+/// [`Exchange::finish`] runs `proxy_on_log` (with the headers the phases returned) and ends
+/// the plugins' streams; dropping the exchange ends them without `proxy_on_log` (a client
+/// that went away).
+pub struct Exchange {
+    chain: FilterChain,
     slot: usize,
     id: u64,
     ended: bool,
     /// What `proxy_on_log` sees of the request and the response.
-    pub(super) request_headers: HeaderMap,
-    pub(super) response_headers: HeaderMap,
+    request_headers: HeaderMap,
+    response_headers: HeaderMap,
     /// Notified when a plugin this exchange waits on has news for it.
     resumed: Arc<Notify>,
+}
+
+impl core::fmt::Debug for Exchange {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Exchange")
+            .field("id", &self.id)
+            .field("slot", &self.slot)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A local response as the client gets it, after the plugins' response phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalReply {
+    /// The HTTP status sent (200 for a gRPC call, whose status is in `grpc-status`).
+    pub status: u16,
+    /// The response headers, with `:status`. Framing and hop-by-hop headers a plugin set are
+    /// left out: the proxy frames the body it sends.
+    pub headers: HeaderMap,
+    /// The response body.
+    pub body: Bytes,
+    /// Why the exchange was answered (the plugin's details, or `filterbox_*` for the chain's
+    /// own answers), for the access log.
+    pub details: String,
 }
 
 impl Exchange {
@@ -47,9 +88,170 @@ impl Exchange {
         }
     }
 
+    /// Sets a property every plugin's stream context of this exchange reads with
+    /// `proxy_get_property` (Envoy attributes such as `source.address`, or anything of the
+    /// proxy's).
+    pub async fn set_property(&mut self, path: &[&str], value: Bytes) -> Result<(), LocalResponse> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let path = path.iter().map(|p| (*p).to_owned()).collect();
+        match self.run(Job::SetProperty { path, value }).await? {
+            Done::PropertySet => Ok(()),
+            _ => Err(mismatched()),
+        }
+    }
+
+    /// The request headers (with the pseudo headers `:method`, `:path`, `:authority`,
+    /// `:scheme`) through the plugins' `proxy_on_request_headers`; `end_of_stream` when the
+    /// request has no body. Returns the headers as the plugins left them.
+    pub async fn request_headers(
+        &mut self,
+        headers: HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<HeaderMap, LocalResponse> {
+        // `proxy_on_log` sees these if the request phase ends in a local response.
+        self.request_headers = headers.clone();
+        let phase = MapPhase::Headers { end_of_stream };
+        let headers = self.map_phase(Direction::Request, phase, headers).await?;
+        self.request_headers = headers.clone();
+        Ok(headers)
+    }
+
+    /// A request body chunk through the plugins; returns what they let through (empty while
+    /// one of them holds the body). A plugin that pauses at `end_of_stream` is waited for.
+    pub async fn request_body(
+        &mut self,
+        chunk: Bytes,
+        end_of_stream: bool,
+    ) -> Result<Bytes, LocalResponse> {
+        let out = self
+            .body_chunk(Direction::Request, chunk, end_of_stream)
+            .await?;
+        Ok(out.freeze())
+    }
+
+    /// The request trailers (the end of the request) through the plugins; returns what the
+    /// plugins still held of the body, to send before the trailers, and the trailers.
+    pub async fn request_trailers(
+        &mut self,
+        trailers: HeaderMap,
+    ) -> Result<(Bytes, HeaderMap), LocalResponse> {
+        self.trailers(Direction::Request, trailers).await
+    }
+
+    /// Trailers the plugins added to a request that had none, to send after the last body
+    /// chunk (ask after the chunk with `end_of_stream`).
+    pub async fn request_added_trailers(&mut self) -> Result<Option<HeaderMap>, LocalResponse> {
+        self.added_trailers(Direction::Request).await
+    }
+
+    /// The response headers (with `:status`) through the plugins' `proxy_on_response_headers`,
+    /// in reverse chain order; returns them as the plugins left them.
+    pub async fn response_headers(
+        &mut self,
+        headers: HeaderMap,
+        end_of_stream: bool,
+    ) -> Result<HeaderMap, LocalResponse> {
+        let phase = MapPhase::Headers { end_of_stream };
+        let headers = self.map_phase(Direction::Response, phase, headers).await?;
+        self.response_headers = headers.clone();
+        Ok(headers)
+    }
+
+    /// A response body chunk through the plugins: see [`Exchange::request_body`].
+    pub async fn response_body(
+        &mut self,
+        chunk: Bytes,
+        end_of_stream: bool,
+    ) -> Result<Bytes, LocalResponse> {
+        let out = self
+            .body_chunk(Direction::Response, chunk, end_of_stream)
+            .await?;
+        Ok(out.freeze())
+    }
+
+    /// The response trailers through the plugins: see [`Exchange::request_trailers`].
+    pub async fn response_trailers(
+        &mut self,
+        trailers: HeaderMap,
+    ) -> Result<(Bytes, HeaderMap), LocalResponse> {
+        self.trailers(Direction::Response, trailers).await
+    }
+
+    /// Trailers the plugins added to a response that had none: see
+    /// [`Exchange::request_added_trailers`].
+    pub async fn response_added_trailers(&mut self) -> Result<Option<HeaderMap>, LocalResponse> {
+        self.added_trailers(Direction::Response).await
+    }
+
+    /// Answers the exchange with `local` before the response started, as Envoy sends a local
+    /// reply: through every plugin's response phase, so that plugins add their headers to it
+    /// (a rate limiter's `Retry-After`) and see its body. If a plugin answers again there, or
+    /// its pause times out, `local` goes out as it was. A gRPC request gets a trailers-only
+    /// gRPC answer. Ends the exchange (`proxy_on_log` included).
+    pub async fn reply(&mut self, local: LocalResponse) -> LocalReply {
+        let (status, headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        let phase = MapPhase::Headers {
+            end_of_stream: body.is_empty(),
+        };
+        let Ok(headers) = self.map_phase(Direction::Response, phase, headers).await else {
+            return self.reply_directly(local);
+        };
+        let body = match body.is_empty() {
+            true => Bytes::new(),
+            false => match self.body_chunk(Direction::Response, body, true).await {
+                Ok(body) => body.freeze(),
+                Err(_) => return self.reply_directly(local),
+            },
+        };
+        let status = headers
+            .get_str(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(status.as_u16());
+        self.response_headers = headers.clone();
+        self.finish_in_place();
+        LocalReply {
+            status,
+            headers,
+            body,
+            details: local.details,
+        }
+    }
+
+    /// Answers the exchange with `local` as it is, without the response phase: for answers
+    /// after the response started (as Envoy sends those). Ends the exchange.
+    pub fn reply_directly(&mut self, local: LocalResponse) -> LocalReply {
+        let (status, headers, body) = local_message(&local, is_grpc(&self.request_headers));
+        self.response_headers = headers.clone();
+        self.finish_in_place();
+        LocalReply {
+            status: status.as_u16(),
+            headers,
+            body,
+            details: local.details,
+        }
+    }
+
+    /// Ends the exchange: `proxy_on_log` with the request and response headers as the phases
+    /// returned them, then the end of every plugin's stream. Nobody waits for it.
+    pub fn finish(mut self) {
+        self.finish_in_place();
+    }
+
     /// Whether the chain has no plugins (nothing to run).
     pub(super) fn is_empty(&self) -> bool {
         self.chain.inner.plugins.is_empty()
+    }
+
+    /// Marks the exchange ended without running anything (nothing was started on the VMs).
+    pub(super) fn pass_through(&mut self) {
+        self.ended = true;
+    }
+
+    /// [`Exchange::finish`] for an exchange the caller keeps (its future still runs).
+    pub(super) fn finish_in_place(&mut self) {
+        self.end(true);
     }
 
     fn slot(&self) -> Option<&Slot> {
@@ -104,7 +306,7 @@ impl Exchange {
     }
 
     /// The header (or trailer) phase of `direction`; returns the map as the plugins left it.
-    pub(super) async fn map_phase(
+    async fn map_phase(
         &self,
         direction: Direction,
         phase: MapPhase,
@@ -137,6 +339,25 @@ impl Exchange {
                     from = position + 1;
                 }
             }
+        }
+    }
+
+    /// The trailers of `direction` through the plugins, then what they still held of the
+    /// body (released once the trailers went through, in order).
+    pub(super) async fn trailers(
+        &self,
+        direction: Direction,
+        trailers: HeaderMap,
+    ) -> Result<(Bytes, HeaderMap), LocalResponse> {
+        let trailers = self
+            .map_phase(direction, MapPhase::Trailers, trailers)
+            .await?;
+        if self.is_empty() {
+            return Ok((Bytes::new(), trailers));
+        }
+        match self.run(Job::ReleaseBuffers).await? {
+            Done::Released(released) => Ok((released.freeze(), trailers)),
+            _ => Err(mismatched()),
         }
     }
 
@@ -188,23 +409,6 @@ impl Exchange {
                 }
             }
         }
-    }
-
-    /// What plugins still held of `direction`'s body once its trailers went through, in
-    /// order.
-    pub(super) async fn release_buffers(&self) -> Result<BytesMut, LocalResponse> {
-        if self.is_empty() {
-            return Ok(BytesMut::new());
-        }
-        match self.run(Job::ReleaseBuffers).await? {
-            Done::Released(released) => Ok(released),
-            _ => Err(mismatched()),
-        }
-    }
-
-    /// Marks the exchange ended without running anything (nothing was started on the VMs).
-    pub(super) fn pass_through(&mut self) {
-        self.ended = true;
     }
 
     /// Ends the exchange's streams on its slot, after `proxy_on_log` if `log`. Nobody waits.

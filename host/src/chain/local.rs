@@ -85,7 +85,7 @@ pub(super) fn local_status(code: u32) -> http::StatusCode {
 
 /// Headers a plugin may not set on a local response: the proxy frames the body it sends (a
 /// plugin's `content-length` next to a body of another length would split the response).
-fn is_framing(name: &[u8]) -> bool {
+pub(super) fn is_framing(name: &[u8]) -> bool {
     name == b"content-length" || crate::http_parts::is_hop_by_hop(name)
 }
 

@@ -31,6 +31,7 @@ mod tower;
 
 pub use body::FilteredBody;
 pub use error::{BoxError, ChainError, FilterError};
+pub use exchange::{Exchange, LocalReply};
 pub use tower::{FilterLayer, FilterService};
 
 use crate::Plugin;
@@ -156,6 +157,12 @@ impl FilterChain {
     /// A chain with the defaults; see [`FilterChainBuilder::build`].
     pub fn new(plugins: Vec<Plugin>) -> Result<FilterChain, ChainError> {
         FilterChainBuilder::default().build(plugins)
+    }
+
+    /// Starts an HTTP exchange through the chain, on the slot of the calling thread: see
+    /// [`Exchange`]. The tower layer makes one per request; a proxy of its own calls this.
+    pub fn exchange(&self) -> Exchange {
+        Exchange::new(self.clone())
     }
 
     /// The plugins, in request order.

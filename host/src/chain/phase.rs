@@ -3,7 +3,6 @@
 
 use crate::vm::LocalResponse;
 use filterbox_abi::{MapType, StreamType};
-use http_body::Body;
 
 /// Which way a phase runs.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -63,11 +62,4 @@ pub(super) enum Step {
 pub(super) enum MapPhase {
     Headers { end_of_stream: bool },
     Trailers,
-}
-
-/// The header phase of a message with `body`.
-pub(super) fn headers_phase(body: &impl Body) -> MapPhase {
-    MapPhase::Headers {
-        end_of_stream: body.is_end_stream(),
-    }
 }

@@ -16,7 +16,7 @@ use super::slot_state::SlotState;
 use crate::vm::LocalResponse;
 use crate::worker::{ThreadStart, recv_until, spawn_workers};
 use crate::{HeaderMap, Plugin};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
@@ -54,6 +54,8 @@ pub(super) enum Job {
         direction: Direction,
         notify: Arc<Notify>,
     },
+    /// A property every plugin's stream of the exchange reads.
+    SetProperty { path: Vec<String>, value: Bytes },
     /// `proxy_on_log` (with these request and response headers, if any) and the end of
     /// every stream of the exchange.
     End { log: Option<(HeaderMap, HeaderMap)> },
@@ -71,6 +73,8 @@ pub(super) enum Done {
     Released(BytesMut),
     /// The plugin's answer to the pause, or `None` while it holds on.
     Resumed(Option<Result<Option<HeaderMap>, LocalResponse>>),
+    /// The property is set.
+    PropertySet,
     /// The exchange's streams are gone.
     Ended,
 }

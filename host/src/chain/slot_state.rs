@@ -8,7 +8,7 @@ use super::slot::{Done, Job};
 use crate::HeaderMap;
 use crate::vm::{Action, LocalResponse, StreamEvent};
 use crate::worker::{Failure, Worker, WorkerStream};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -357,6 +357,10 @@ impl SlotState {
                 direction,
                 notify,
             } => Done::Resumed(self.poll_resumed(id, index, direction, notify)),
+            Job::SetProperty { path, value } => {
+                self.set_property(id, &path, value);
+                Done::PropertySet
+            }
             Job::End { log } => {
                 self.end(id, log);
                 Done::Ended
@@ -368,6 +372,20 @@ impl SlotState {
             Err(_) => {
                 tracing::error!("a filter chain job panicked");
                 None
+            }
+        }
+    }
+
+    /// Sets a property on every plugin's stream of exchange `id`.
+    fn set_property(&mut self, id: u64, path: &[String], value: Bytes) {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        self.streams(id);
+        let Some(streams) = self.exchanges.get(&id) else {
+            return;
+        };
+        for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
+            if let Some(stream) = stream {
+                worker.set_stream_property(stream, &path, value.clone());
             }
         }
     }

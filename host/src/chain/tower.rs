@@ -5,13 +5,13 @@
 
 use super::body::{BODY_FRAMES_IN_FLIGHT, BodySender, FilteredBody};
 use super::error::{BoxError, FilterError};
-use super::exchange::Exchange;
-use super::local::{invalid_edit, is_grpc, local_message};
-use super::phase::{Direction, MapPhase, headers_phase};
+use super::exchange::{Exchange, LocalReply};
+use super::local::{invalid_edit, is_framing};
+use super::phase::Direction;
 use super::{FilterChain, SharedChain};
 use crate::HeaderMap;
 use crate::vm::LocalResponse;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use std::future::Future;
@@ -92,334 +92,297 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let chain = self.chain.current();
-        Box::pin(Exchange::new(chain).filter(inner, request))
+        Box::pin(filter(chain.exchange(), inner, request))
     }
 }
 
-impl Exchange {
-    /// The trailers plugins added at the end of `direction`'s body, as `http` trailers;
-    /// `None` if they added none.
-    async fn added_http_trailers(
-        &self,
-        direction: Direction,
-    ) -> Option<Result<http::HeaderMap, LocalResponse>> {
-        match self.added_trailers(direction).await {
-            Ok(added) => Some(added?.to_http().map_err(invalid_edit)),
-            Err(response) => Some(Err(response)),
-        }
+/// The trailers plugins added at the end of `direction`'s body, as `http` trailers; `None`
+/// if they added none.
+async fn added_http_trailers(
+    exchange: &Exchange,
+    direction: Direction,
+) -> Option<Result<http::HeaderMap, LocalResponse>> {
+    match exchange.added_trailers(direction).await {
+        Ok(added) => Some(added?.to_http().map_err(invalid_edit)),
+        Err(response) => Some(Err(response)),
     }
+}
 
-    /// Reads `body` frame by frame through the plugins of `direction` and sends what leaves
-    /// the chain to `out` as it goes (each plugin sees a body it pauses on accumulate).
-    async fn pump<B>(
-        &self,
-        direction: Direction,
-        mut first: Option<Frame<B::Data>>,
-        mut body: B,
-        out: &BodySender,
-    ) -> Result<(), PumpEnd>
-    where
-        B: Body + Unpin,
-        B::Error: Into<BoxError>,
-    {
-        let send = |frame: Frame<Bytes>| async move {
-            out.send(Ok(frame)).await.map_err(|_| PumpEnd::Gone)
-        };
-        let mut trailers = None;
-        loop {
-            let frame = match first.take() {
-                Some(frame) => frame,
-                None => match body.frame().await {
-                    Some(frame) => frame.map_err(|e| PumpEnd::Body(e.into()))?,
-                    None => break,
-                },
-            };
-            let frame = match frame.into_data() {
-                Ok(mut data) => {
-                    let chunk = data.copy_to_bytes(data.remaining());
-                    // A body that knows it is done (a content length reached) ends with this
-                    // chunk, as Envoy marks the last data frame, saving an empty call.
-                    let ended = body.is_end_stream();
-                    let passed = self
-                        .body_chunk(direction, chunk, ended)
-                        .await
-                        .map_err(PumpEnd::Local)?;
-                    if !passed.is_empty() {
-                        send(Frame::data(passed.freeze())).await?;
-                    }
-                    if ended {
-                        if let Some(added) = self.added_http_trailers(direction).await {
-                            send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
-                        }
-                        return Ok(());
-                    }
-                    continue;
-                }
-                Err(frame) => frame,
-            };
-            if let Ok(map) = frame.into_trailers() {
-                trailers = Some(HeaderMap::from_http(&map));
-            }
-        }
-        let Some(trailers) = trailers else {
-            let passed = self
-                .body_chunk(direction, Bytes::new(), true)
-                .await
-                .map_err(PumpEnd::Local)?;
-            if !passed.is_empty() {
-                send(Frame::data(passed.freeze())).await?;
-            }
-            if let Some(added) = self.added_http_trailers(direction).await {
-                send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
-            }
-            return Ok(());
-        };
-        let trailers = self
-            .map_phase(direction, MapPhase::Trailers, trailers)
-            .await
-            .map_err(PumpEnd::Local)?;
-        // What plugins still held once the trailers went through is released, in order.
-        let released = self.release_buffers().await.map_err(PumpEnd::Local)?;
-        if !released.is_empty() {
-            send(Frame::data(released.freeze())).await?;
-        }
-        let trailers = trailers
-            .to_http()
-            .map_err(|e| PumpEnd::Local(invalid_edit(e)))?;
-        send(Frame::trailers(trailers)).await
-    }
-
-    /// The whole exchange: request phase (its body streamed to the inner service while the
-    /// service runs), then the response phase, whose body streams from a task that ends the
-    /// exchange when the body is done.
-    async fn filter<S, B, RB>(
-        mut self,
-        mut inner: S,
-        request: http::Request<B>,
-    ) -> Result<http::Response<FilteredBody>, FilterError>
-    where
-        S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
-        S::Error: Into<BoxError>,
-        B: Body + Send + Unpin + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-        RB: Body + Send + Unpin + 'static,
-        RB::Data: Send,
-        RB::Error: Into<BoxError> + Send,
-    {
-        if self.is_empty() {
-            // Nothing to run: the bodies pass through untouched (lengths and all).
-            self.pass_through();
-            let request = request.map(|body| FilteredBody::boxed(body, FilterError::RequestBody));
-            let response = inner
-                .call(request)
-                .await
-                .map_err(|e| FilterError::Service(e.into()))?;
-            return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
-        }
-        let (mut parts, body) = request.into_parts();
-        let headers = HeaderMap::from_request_parts(&parts);
-        // `proxy_on_log` sees these if the request phase ends in a local response.
-        self.request_headers = headers.clone();
-        let headers = match self
-            .map_phase(Direction::Request, headers_phase(&body), headers)
-            .await
-        {
-            Ok(headers) => headers,
-            Err(response) => return Ok(self.local_reply(response).await),
-        };
-        self.request_headers = headers;
-        if let Err(error) = self.request_headers.to_request_parts(&mut parts) {
-            return Ok(self.local_reply(invalid_edit(error)).await);
-        }
-        let had_body = !body.is_end_stream();
-        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
-        let request_body = match had_body {
-            true => FilteredBody::stream(receiver),
-            false => FilteredBody::empty(),
-        };
-        let early = {
-            let this = &self;
-            let pump = async move {
-                match had_body {
-                    true => this.pump(Direction::Request, None, body, &sender).await,
-                    false => Ok(()),
-                }
-                // `sender` drops here: the body the service reads ends.
-            };
-            let call = inner.call(http::Request::from_parts(parts, request_body));
-            tokio::pin!(pump, call);
-            let mut pumping = true;
-            loop {
-                tokio::select! {
-                    ended = &mut pump, if pumping => match ended {
-                        Ok(()) | Err(PumpEnd::Gone) => pumping = false,
-                        Err(PumpEnd::Local(response)) => break Early::Local(response),
-                        Err(PumpEnd::Body(error)) => break Early::Failed(FilterError::RequestBody(error)),
-                    },
-                    // An upstream that answers before reading the whole body ends the
-                    // request phase there.
-                    response = &mut call => break Early::Response(response.map_err(|e| FilterError::Service(e.into()))),
-                }
-            }
-        };
-        let response = match early {
-            Early::Response(Ok(response)) => response,
-            Early::Local(response) => return Ok(self.local_reply(response).await),
-            Early::Response(Err(error)) | Early::Failed(error) => {
-                // `proxy_on_log` runs for failed exchanges too (an access log wants them).
-                self.end(true);
-                return Err(error);
-            }
-        };
-        let (mut parts, body) = response.into_parts();
-        let headers = HeaderMap::from_response_parts(&parts);
-        let headers = match self
-            .map_phase(Direction::Response, headers_phase(&body), headers)
-            .await
-        {
-            Ok(headers) => headers,
-            Err(response) => return Ok(self.local_response(response)),
-        };
-        self.response_headers = headers;
-        if let Err(error) = self.response_headers.to_response_parts(&mut parts) {
-            return Ok(self.local_response(invalid_edit(error)));
-        }
-        if body.is_end_stream() {
-            self.end(true);
-            return Ok(http::Response::from_parts(parts, FilteredBody::empty()));
-        }
-        // The headers go out with the first body frame. A body that is whole in that frame
-        // (the common small response) is filtered here and sent in one piece: no pump, and a
-        // plugin that answers on it can still replace the response.
-        let mut body = body;
-        let first = match body.frame().await {
-            Some(Ok(frame)) => Some(frame),
-            Some(Err(error)) => {
-                self.end(true);
-                return Err(FilterError::ResponseBody(error.into()));
-            }
-            None => None,
-        };
-        let (whole, first) = match first.map(Frame::into_data) {
-            None => (Some(Bytes::new()), None),
-            Some(Ok(mut data)) if body.is_end_stream() => {
-                (Some(data.copy_to_bytes(data.remaining())), None)
-            }
-            Some(Ok(data)) => (None, Some(Frame::data(data))),
-            Some(Err(frame)) => (None, Some(frame)),
-        };
-        if let Some(chunk) = whole {
-            return match self.body_chunk(Direction::Response, chunk, true).await {
-                Ok(passed) => {
-                    let added = match self.added_http_trailers(Direction::Response).await {
-                        Some(Err(response)) => return Ok(self.local_response(response)),
-                        Some(Ok(trailers)) => Some(trailers),
-                        None => None,
-                    };
-                    self.end(true);
-                    // Known in full, its length can be right whatever the plugins did.
-                    if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
-                        let length = http::HeaderValue::from(passed.len());
-                        parts.headers.insert(http::header::CONTENT_LENGTH, length);
-                    }
-                    let body = match added {
-                        None => FilteredBody::full(passed.freeze()),
-                        Some(trailers) => FilteredBody::with_trailers(passed.freeze(), trailers),
-                    };
-                    Ok(http::Response::from_parts(parts, body))
-                }
-                Err(response) => Ok(self.local_response(response)),
-            };
-        }
-        let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
-        // Whoever reads the body drives the pump (no task of its own: one fewer thread hop
-        // per frame); a reader that drops the body drops the pump and with it the exchange.
-        let pump = Box::pin(async move {
-            let pumped = self.pump(Direction::Response, first, body, &sender).await;
-            let error = match pumped {
-                Ok(()) | Err(PumpEnd::Gone) => None,
-                Err(PumpEnd::Body(error)) => Some(FilterError::ResponseBody(error)),
-                Err(PumpEnd::Local(response)) => {
-                    // The response headers are gone: the client can only see the body break.
-                    tracing::warn!(
-                        status = response.status_code,
-                        details = %response.details,
-                        "a plugin answered after the response headers were sent; resetting"
-                    );
-                    Some(FilterError::Reset(response))
-                }
-            };
-            if let Some(error) = error {
-                let _ = sender.send(Err(error)).await;
-            }
-            self.end(true);
-        });
-        Ok(http::Response::from_parts(
-            parts,
-            FilteredBody::pumped(receiver, pump),
-        ))
-    }
-
-    /// A local response sent before the upstream answered (a plugin's, or the chain's own),
-    /// sent as Envoy sends one: through every plugin's response phase, in response order, so
-    /// that plugins add their response headers to it (a rate limiter's `Retry-After`) and see
-    /// its body. If a plugin answers again, or its pause times out, the first response goes
-    /// out as it was.
-    async fn local_reply(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let (_, headers, body) = local_message(&local, is_grpc(&self.request_headers));
-        let phase = MapPhase::Headers {
-            end_of_stream: body.is_empty(),
-        };
-        let Ok(headers) = self.map_phase(Direction::Response, phase, headers).await else {
-            return self.local_response(local);
-        };
-        let body = match body.is_empty() {
-            true => BytesMut::new(),
-            false => match self.body_chunk(Direction::Response, body, true).await {
-                Ok(body) => body,
-                Err(_) => return self.local_response(local),
+/// Reads `body` frame by frame through the plugins of `direction` and sends what leaves the
+/// chain to `out` as it goes (each plugin sees a body it pauses on accumulate).
+async fn pump_body<B>(
+    exchange: &Exchange,
+    direction: Direction,
+    mut first: Option<Frame<B::Data>>,
+    mut body: B,
+    out: &BodySender,
+) -> Result<(), PumpEnd>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let send =
+        |frame: Frame<Bytes>| async move { out.send(Ok(frame)).await.map_err(|_| PumpEnd::Gone) };
+    let mut trailers = None;
+    loop {
+        let frame = match first.take() {
+            Some(frame) => frame,
+            None => match body.frame().await {
+                Some(frame) => frame.map_err(|e| PumpEnd::Body(e.into()))?,
+                None => break,
             },
         };
-        let mut parts = http::Response::new(()).into_parts().0;
-        if headers.to_response_parts(&mut parts).is_err() {
-            return self.local_response(local);
-        }
-        self.response_headers = headers;
-        self.end(true);
-        http::Response::from_parts(parts, FilteredBody::full(body.freeze()))
-    }
-
-    /// The HTTP response for a plugin's (or the chain's) local response, sent as it is: for
-    /// answers after the response phase began (as Envoy sends those directly) and when the
-    /// response phase of [`Exchange::local_reply`] cannot run. Headers `http` refuses are
-    /// left out.
-    fn local_response(&mut self, local: LocalResponse) -> http::Response<FilteredBody> {
-        let (status, headers, body) = local_message(&local, is_grpc(&self.request_headers));
-        let mut response = http::Response::new(FilteredBody::full(body));
-        *response.status_mut() = status;
-        let mut seen = HeaderMap::new();
-        for (name, value) in headers.iter() {
-            let kept = match name.as_ref() {
-                b":status" => true,
-                _ => match (
-                    http::HeaderName::from_bytes(name),
-                    http::HeaderValue::from_bytes(value),
-                ) {
-                    (Ok(header), Ok(value)) => {
-                        response.headers_mut().try_append(header, value).is_ok()
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
+                let chunk = data.copy_to_bytes(data.remaining());
+                // A body that knows it is done (a content length reached) ends with this
+                // chunk, as Envoy marks the last data frame, saving an empty call.
+                let ended = body.is_end_stream();
+                let passed = exchange
+                    .body_chunk(direction, chunk, ended)
+                    .await
+                    .map_err(PumpEnd::Local)?;
+                if !passed.is_empty() {
+                    send(Frame::data(passed.freeze())).await?;
+                }
+                if ended {
+                    if let Some(added) = added_http_trailers(exchange, direction).await {
+                        send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
                     }
-                    _ => false,
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(map) = frame.into_trailers() {
+            trailers = Some(HeaderMap::from_http(&map));
+        }
+    }
+    let Some(trailers) = trailers else {
+        let passed = exchange
+            .body_chunk(direction, Bytes::new(), true)
+            .await
+            .map_err(PumpEnd::Local)?;
+        if !passed.is_empty() {
+            send(Frame::data(passed.freeze())).await?;
+        }
+        if let Some(added) = added_http_trailers(exchange, direction).await {
+            send(Frame::trailers(added.map_err(PumpEnd::Local)?)).await?;
+        }
+        return Ok(());
+    };
+    // What plugins still held once the trailers went through comes first, in order.
+    let (released, trailers) = exchange
+        .trailers(direction, trailers)
+        .await
+        .map_err(PumpEnd::Local)?;
+    if !released.is_empty() {
+        send(Frame::data(released)).await?;
+    }
+    let trailers = trailers
+        .to_http()
+        .map_err(|e| PumpEnd::Local(invalid_edit(e)))?;
+    send(Frame::trailers(trailers)).await
+}
+
+/// The whole exchange: request phase (its body streamed to the inner service while the
+/// service runs), then the response phase, whose body streams from a pump that the reader of
+/// the body drives and that ends the exchange when the body is done.
+async fn filter<S, B, RB>(
+    mut exchange: Exchange,
+    mut inner: S,
+    request: http::Request<B>,
+) -> Result<http::Response<FilteredBody>, FilterError>
+where
+    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    RB: Body + Send + Unpin + 'static,
+    RB::Data: Send,
+    RB::Error: Into<BoxError> + Send,
+{
+    if exchange.is_empty() {
+        // Nothing to run: the bodies pass through untouched (lengths and all).
+        exchange.pass_through();
+        let request = request.map(|body| FilteredBody::boxed(body, FilterError::RequestBody));
+        let response = inner
+            .call(request)
+            .await
+            .map_err(|e| FilterError::Service(e.into()))?;
+        return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
+    }
+    let (mut parts, body) = request.into_parts();
+    let headers = HeaderMap::from_request_parts(&parts);
+    let headers = match exchange
+        .request_headers(headers, body.is_end_stream())
+        .await
+    {
+        Ok(headers) => headers,
+        Err(response) => return Ok(reply(&mut exchange, response).await),
+    };
+    if let Err(error) = headers.to_request_parts(&mut parts) {
+        return Ok(reply(&mut exchange, invalid_edit(error)).await);
+    }
+    let had_body = !body.is_end_stream();
+    let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+    let request_body = match had_body {
+        true => FilteredBody::stream(receiver),
+        false => FilteredBody::empty(),
+    };
+    let early = {
+        let exchange = &exchange;
+        let pump = async move {
+            match had_body {
+                true => pump_body(exchange, Direction::Request, None, body, &sender).await,
+                false => Ok(()),
+            }
+            // `sender` drops here: the body the service reads ends.
+        };
+        let call = inner.call(http::Request::from_parts(parts, request_body));
+        tokio::pin!(pump, call);
+        let mut pumping = true;
+        loop {
+            tokio::select! {
+                ended = &mut pump, if pumping => match ended {
+                    Ok(()) | Err(PumpEnd::Gone) => pumping = false,
+                    Err(PumpEnd::Local(response)) => break Early::Local(response),
+                    Err(PumpEnd::Body(error)) => break Early::Failed(FilterError::RequestBody(error)),
                 },
-            };
-            if kept {
-                seen.add(name.clone(), value.clone());
+                // An upstream that answers before reading the whole body ends the request
+                // phase there.
+                response = &mut call => break Early::Response(response.map_err(|e| FilterError::Service(e.into()))),
             }
         }
-        self.response_headers = seen;
-        self.end(true);
-        response
+    };
+    let response = match early {
+        Early::Response(Ok(response)) => response,
+        Early::Local(response) => return Ok(reply(&mut exchange, response).await),
+        Early::Response(Err(error)) | Early::Failed(error) => {
+            // `proxy_on_log` runs for failed exchanges too (an access log wants them).
+            exchange.finish();
+            return Err(error);
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    let headers = HeaderMap::from_response_parts(&parts);
+    let headers = match exchange
+        .response_headers(headers, body.is_end_stream())
+        .await
+    {
+        Ok(headers) => headers,
+        Err(response) => return Ok(reply_directly(&mut exchange, response)),
+    };
+    if let Err(error) = headers.to_response_parts(&mut parts) {
+        return Ok(reply_directly(&mut exchange, invalid_edit(error)));
     }
+    if body.is_end_stream() {
+        exchange.finish();
+        return Ok(http::Response::from_parts(parts, FilteredBody::empty()));
+    }
+    // The headers go out with the first body frame. A body that is whole in that frame (the
+    // common small response) is filtered here and sent in one piece: no pump, and a plugin
+    // that answers on it can still replace the response.
+    let mut body = body;
+    let first = match body.frame().await {
+        Some(Ok(frame)) => Some(frame),
+        Some(Err(error)) => {
+            exchange.finish();
+            return Err(FilterError::ResponseBody(error.into()));
+        }
+        None => None,
+    };
+    let (whole, first) = match first.map(Frame::into_data) {
+        None => (Some(Bytes::new()), None),
+        Some(Ok(mut data)) if body.is_end_stream() => {
+            (Some(data.copy_to_bytes(data.remaining())), None)
+        }
+        Some(Ok(data)) => (None, Some(Frame::data(data))),
+        Some(Err(frame)) => (None, Some(frame)),
+    };
+    if let Some(chunk) = whole {
+        let passed = match exchange.response_body(chunk, true).await {
+            Ok(passed) => passed,
+            Err(response) => return Ok(reply_directly(&mut exchange, response)),
+        };
+        let added = match added_http_trailers(&exchange, Direction::Response).await {
+            Some(Err(response)) => return Ok(reply_directly(&mut exchange, response)),
+            Some(Ok(trailers)) => Some(trailers),
+            None => None,
+        };
+        exchange.finish();
+        // Known in full, its length can be right whatever the plugins did.
+        if parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+            let length = http::HeaderValue::from(passed.len());
+            parts.headers.insert(http::header::CONTENT_LENGTH, length);
+        }
+        let body = match added {
+            None => FilteredBody::full(passed),
+            Some(trailers) => FilteredBody::with_trailers(passed, trailers),
+        };
+        return Ok(http::Response::from_parts(parts, body));
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+    // Whoever reads the body drives the pump (no task of its own: one fewer thread hop per
+    // frame); a reader that drops the body drops the pump and with it the exchange.
+    let pump = Box::pin(async move {
+        let pumped = pump_body(&exchange, Direction::Response, first, body, &sender).await;
+        let error = match pumped {
+            Ok(()) | Err(PumpEnd::Gone) => None,
+            Err(PumpEnd::Body(error)) => Some(FilterError::ResponseBody(error)),
+            Err(PumpEnd::Local(response)) => {
+                // The response headers are gone: the client can only see the body break.
+                tracing::warn!(
+                    status = response.status_code,
+                    details = %response.details,
+                    "a plugin answered after the response headers were sent; resetting"
+                );
+                Some(FilterError::Reset(response))
+            }
+        };
+        if let Some(error) = error {
+            let _ = sender.send(Err(error)).await;
+        }
+        exchange.finish();
+    });
+    Ok(http::Response::from_parts(
+        parts,
+        FilteredBody::pumped(receiver, pump),
+    ))
+}
+
+/// A local response before the upstream answered, through the plugins' response phase
+/// ([`Exchange::reply`]).
+async fn reply(exchange: &mut Exchange, local: LocalResponse) -> http::Response<FilteredBody> {
+    http_response(exchange.reply(local).await)
+}
+
+/// A local response after the response phase began, sent as it is
+/// ([`Exchange::reply_directly`]).
+fn reply_directly(exchange: &mut Exchange, local: LocalResponse) -> http::Response<FilteredBody> {
+    http_response(exchange.reply_directly(local))
+}
+
+/// The HTTP response for a local reply. Headers `http` refuses are left out, and so are
+/// framing headers a plugin set in the response phase: the body is framed here.
+fn http_response(reply: LocalReply) -> http::Response<FilteredBody> {
+    let mut response = http::Response::new(FilteredBody::full(reply.body));
+    *response.status_mut() =
+        http::StatusCode::from_u16(reply.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in reply.headers.iter() {
+        if name.starts_with(b":") || is_framing(name) {
+            continue;
+        }
+        if let (Ok(header), Ok(value)) = (
+            http::HeaderName::from_bytes(name),
+            http::HeaderValue::from_bytes(value),
+        ) {
+            let _ = response.headers_mut().try_append(header, value);
+        }
+    }
+    response
 }
 
 /// Why a body pump stopped early.
