@@ -99,7 +99,7 @@ pub fn request_headers(extra: usize) -> HeaderMap {
     h
 }
 
-fn response_headers() -> HeaderMap {
+pub(crate) fn response_headers() -> HeaderMap {
     [(":status", "200")].into_iter().collect()
 }
 

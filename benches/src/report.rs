@@ -82,6 +82,16 @@ struct Row {
     native: Option<String>,
 }
 
+/// The engines to measure: every built one, or those named in `FILTERBOX_BENCH_ENGINES`
+/// (comma-separated; for profiling one engine).
+fn engines() -> Vec<EngineKind> {
+    let wanted = std::env::var("FILTERBOX_BENCH_ENGINES").unwrap_or_default();
+    EngineKind::built()
+        .into_iter()
+        .filter(|k| wanted.is_empty() || wanted.split(',').any(|w| w.trim() == k.name()))
+        .collect()
+}
+
 fn run_all(list: Vec<Scenario>, budget: Duration) -> Vec<Row> {
     // For profiling one scenario: FILTERBOX_BENCH_FILTER=lifecycle_3
     // FILTERBOX_BENCH_PROFILE_SECS=20 perf record ... (the scenario first runs that long, so
@@ -150,7 +160,7 @@ pub fn run(quick: bool) -> Result<String, String> {
         let _ = writeln!(md, "| {} | {} |", r.name, human(r.ns_per_op));
     }
     let mut summary: HashMap<(EngineKind, String), f64> = HashMap::new();
-    for kind in EngineKind::built() {
+    for kind in engines() {
         eprintln!("{kind}");
         let rows = run_all(scenarios(kind, quick)?, budget);
         let by_name: HashMap<&str, f64> = rows
@@ -191,7 +201,7 @@ fn layer_section(summary: &HashMap<(EngineKind, String), f64>) -> String {
     let mut md = String::from(
         "\n## The tower layer (one exchange in-process, header plugins)\n\n| engine | 0 plugins | 1 plugin | 5 plugins | layer per plugin per exchange (1) | (5) |\n|---|---|---|---|---|---|\n",
     );
-    for kind in EngineKind::built() {
+    for kind in engines() {
         let get = |name: &str| summary.get(&(kind, name.to_owned())).copied();
         let (Some(zero), Some(one), Some(five)) = (
             get("service/0_plugins"),
@@ -222,7 +232,7 @@ fn resume_section(quick: bool) -> Result<String, String> {
     let mut md = format!(
         "\n## Resuming after a callout ({exchanges} exchanges; the callout answers after 20 ms; from the answer handed to filterbox to the upstream called)\n\n| engine | median | 90th percentile | worst |\n|---|---|---|---|\n"
     );
-    for kind in EngineKind::built() {
+    for kind in engines() {
         let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
         let gaps = crate::exchange::resume_gaps(&engine, exchanges)?;
         let at = |q: f64| {
@@ -244,7 +254,7 @@ fn memory_section(quick: bool) -> Result<String, String> {
     let mut md = String::from(
         "\n## Memory per VM (header plugin)\n\n| engine | VMs | RSS per extra VM | linear memory per VM |\n|---|---|---|---|\n",
     );
-    for kind in EngineKind::built() {
+    for kind in engines() {
         let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
         let plugin = header_plugin(&engine)?;
         // One VM first, so the code and the engine are counted once, not per VM.
@@ -274,7 +284,7 @@ fn threads_section(quick: bool) -> Result<String, String> {
     let mut md = format!(
         "\n## Threads ({streams} streams of the header plugin per thread, one VM per thread)\n\n| engine | 1 thread | 2 threads | speed-up |\n|---|---|---|---|\n"
     );
-    for kind in EngineKind::built() {
+    for kind in engines() {
         let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
         let plugin = header_plugin(&engine)?;
         // Each thread makes its own VM (a wasmer VM cannot move between threads) and waits

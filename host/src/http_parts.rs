@@ -123,11 +123,32 @@ impl HeaderMap {
             }
         }
         let method = match method {
+            // Unchanged (the usual case): nothing to parse.
+            Some(m) if m.as_ref() == parts.method.as_str().as_bytes() => parts.method.clone(),
             Some(m) => Method::from_bytes(m).map_err(|_| HttpPartsError::BadMethod(m.clone()))?,
             None => parts.method.clone(),
         };
+        let unchanged = |value: Option<&Bytes>, old: Option<&str>| match value {
+            None => true,
+            Some(value) => old.is_some_and(|old| old.as_bytes() == value.as_ref()),
+        };
+        let uri = parts.uri.clone();
+        // An origin-form request (no scheme: what a server receives) keeps its authority in
+        // `host` (set below), so only its path can change the URI.
+        let origin_form = scheme.is_none() && uri.scheme().is_none() && uri.authority().is_none();
+        let same_uri = unchanged(scheme, uri.scheme_str())
+            && (origin_form || unchanged(authority, uri.authority().map(|a| a.as_str())))
+            && unchanged(path, uri.path_and_query().map(|p| p.as_str()));
+        if same_uri
+            && origin_form
+            && let Some(a) = authority
+        {
+            let value = authority_value(a)?;
+            headers.insert(http::header::HOST, value);
+        }
         let uri = match (scheme, authority, path) {
-            (None, None, None) => parts.uri.clone(),
+            _ if same_uri => uri,
+            (None, None, None) => uri,
             (scheme, authority, path) => {
                 let old = parts.uri.clone().into_parts();
                 let mut builder = Uri::builder();
@@ -142,11 +163,7 @@ impl HeaderMap {
                     // An origin-form request (no scheme) carries its authority in `host`, so
                     // a plugin's `:authority` rewrite is a `host` rewrite (as in Envoy).
                     (Some(a), _) => {
-                        let value = HeaderValue::from_maybe_shared(a.clone()).map_err(|_| {
-                            HttpPartsError::BadValue {
-                                name: Bytes::from_static(b":authority"),
-                            }
-                        })?;
+                        let value = authority_value(a)?;
                         headers.insert(http::header::HOST, value);
                     }
                     (None, Some(a)) => builder = builder.authority(a),
@@ -246,6 +263,13 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 /// An `http` header map for `n` headers; `http` holds at most 24,576 and panics past it.
 fn with_capacity(n: usize) -> Result<http::HeaderMap, HttpPartsError> {
     http::HeaderMap::try_with_capacity(n).map_err(|_| HttpPartsError::TooManyHeaders)
+}
+
+/// A plugin's `:authority` as the `host` header of an origin-form request.
+fn authority_value(authority: &Bytes) -> Result<HeaderValue, HttpPartsError> {
+    HeaderValue::from_maybe_shared(authority.clone()).map_err(|_| HttpPartsError::BadValue {
+        name: Bytes::from_static(b":authority"),
+    })
 }
 
 fn append(

@@ -2,7 +2,7 @@
 //! straight to an upstream, then through the proxy with 0, 1 and 5 plugins. Writes the table
 //! into BENCHMARKS.md between its proxy markers (bench-report keeps that block).
 //!
-//! `cargo build --release -p filterbox-cli && cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--connections N] [--filterbox PATH] [--out FILE]`
+//! `cargo build --release -p filterbox-cli && cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--rounds N] [--connections N] [--filterbox PATH] [--out FILE]`
 //!
 //! Needs `wrk` (Debian: `apt-get install wrk`).
 
@@ -25,6 +25,7 @@ const END: &str = "<!-- /proxy-bench -->";
 struct Args {
     seconds: u64,
     connections: u32,
+    rounds: u32,
     filterbox: PathBuf,
     out: PathBuf,
 }
@@ -39,8 +40,11 @@ fn args() -> Result<Args> {
     };
     Ok(Args {
         seconds: value("--seconds")
-            .map_or(Ok(15), |v| v.parse())
+            .map_or(Ok(5), |v| v.parse())
             .context("--seconds")?,
+        rounds: value("--rounds")
+            .map_or(Ok(3), |v| v.parse())
+            .context("--rounds")?,
         connections: value("--connections")
             .map_or(Ok(32), |v| v.parse())
             .context("--connections")?,
@@ -199,9 +203,13 @@ fn main() -> Result<()> {
     std::fs::write(dir.join("deny.wasm"), guests::DENY)?;
     let (upstream, _runtime) = start_upstream()?;
 
-    let mut rows = Vec::new();
-    let (rps, p99) = measure(&format!("http://{upstream}/bench"), &args)?;
-    rows.push(("direct to upstream".to_owned(), rps, p99));
+    // Every configuration runs at once, and each round measures them one after the other,
+    // so that the machine's drift hits every row alike.
+    let mut targets = vec![(
+        "direct to upstream".to_owned(),
+        format!("http://{upstream}/bench"),
+    )];
+    let mut proxies = Vec::new();
     for n in [0, 1, 5] {
         let listen = free_port()?;
         let config = format!(
@@ -220,16 +228,34 @@ fn main() -> Result<()> {
                 .with_context(|| format!("starting {}", args.filterbox.display()))?,
         );
         wait_for(listen, &mut proxy)?;
-        let (rps, p99) = measure(&format!("http://{listen}/bench"), &args)?;
-        rows.push((
-            format!(
-                "filterbox serve, {n} plugin{}",
-                if n == 1 { "" } else { "s" }
-            ),
-            rps,
-            p99,
-        ));
+        proxies.push(proxy);
+        let name = format!(
+            "filterbox serve, {n} plugin{}",
+            if n == 1 { "" } else { "s" }
+        );
+        targets.push((name, format!("http://{listen}/bench")));
     }
+    for (_, url) in &targets {
+        eprintln!("warming up {url}");
+        wrk(url, 2, args.connections)?;
+    }
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
+    for round in 1..=args.rounds {
+        for ((_, url), runs) in targets.iter().zip(&mut runs) {
+            eprintln!("round {round}: {url}");
+            runs.push(wrk(url, args.seconds, args.connections)?);
+        }
+    }
+    drop(proxies);
+    let rows: Vec<(String, f64, f64)> = targets
+        .into_iter()
+        .zip(runs)
+        .map(|((name, _), runs)| {
+            let rps = median(runs.iter().map(|r| r.0).collect());
+            let p99 = median(runs.iter().map(|r| r.1).collect());
+            (name, rps, p99)
+        })
+        .collect();
     let block = table(&rows, &args);
     print!("{block}");
     write_block(&args.out, &block)?;
@@ -237,25 +263,40 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// A short warm-up, then the measured run.
-fn measure(url: &str, args: &Args) -> Result<(f64, f64)> {
-    eprintln!("{url}");
-    wrk(url, 2, args.connections)?;
-    wrk(url, args.seconds, args.connections)
+/// The middle value (the mean of the middle two for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let at = |i: usize| values.get(i).copied().unwrap_or(0.0);
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => at(n / 2),
+        _ => (at(n / 2 - 1) + at(n / 2)) / 2.0,
+    }
 }
 
 fn table(rows: &[(String, f64, f64)], args: &Args) -> String {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut out = format!(
         "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime). \
-         `wrk -t1 -c{} -d{}s --latency` against `GET /bench`; the upstream (hyper, one thread) answers `200 hello`. \
+         `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
          Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches. \
          wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run.\n\n\
-         | path | requests/s | p99 latency |\n|---|---|---|\n",
-        args.connections, args.seconds
+         | path | requests/s | p99 latency | throughput lost to the plugins |\n|---|---|---|---|\n",
+        args.connections, args.seconds, args.rounds
     );
+    let none = rows
+        .iter()
+        .find(|(name, _, _)| name.ends_with(" 0 plugins"))
+        .map(|row| row.1);
     for (name, rps, p99) in rows {
-        let _ = writeln!(out, "| {name} | {rps:.0} | {p99:.2} ms |");
+        let lost = match none {
+            Some(none) if name.starts_with("filterbox") && !name.ends_with(" 0 plugins") => {
+                format!("{:.0}%", (1.0 - rps / none) * 100.0)
+            }
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "| {name} | {rps:.0} | {p99:.2} ms | {lost} |");
     }
     out.push_str(END);
     out.push('\n');

@@ -110,12 +110,19 @@ impl Exchange {
         headers: HeaderMap,
         end_of_stream: bool,
     ) -> Result<HeaderMap, LocalResponse> {
-        // `proxy_on_log` sees these if the request phase ends in a local response.
-        self.request_headers = headers.clone();
         let phase = MapPhase::Headers { end_of_stream };
-        let headers = self.map_phase(Direction::Request, phase, headers).await?;
-        self.request_headers = headers.clone();
-        Ok(headers)
+        let (passed, headers) = self.map_phase(Direction::Request, phase, headers).await;
+        // `proxy_on_log` sees them as the plugins left them, also after a local response.
+        match passed {
+            Ok(()) => {
+                self.request_headers = headers.clone();
+                Ok(headers)
+            }
+            Err(response) => {
+                self.request_headers = headers;
+                Err(response)
+            }
+        }
     }
 
     /// A request body chunk through the plugins; returns what they let through (empty while
@@ -154,7 +161,8 @@ impl Exchange {
         end_of_stream: bool,
     ) -> Result<HeaderMap, LocalResponse> {
         let phase = MapPhase::Headers { end_of_stream };
-        let headers = self.map_phase(Direction::Response, phase, headers).await?;
+        let (passed, headers) = self.map_phase(Direction::Response, phase, headers).await;
+        passed?;
         self.response_headers = headers.clone();
         Ok(headers)
     }
@@ -195,7 +203,7 @@ impl Exchange {
         let phase = MapPhase::Headers {
             end_of_stream: body.is_empty(),
         };
-        let Ok(headers) = self.map_phase(Direction::Response, phase, headers).await else {
+        let (Ok(()), headers) = self.map_phase(Direction::Response, phase, headers).await else {
             return self.reply_directly(local);
         };
         let body = match body.is_empty() {
@@ -305,15 +313,16 @@ impl Exchange {
         }
     }
 
-    /// The header (or trailer) phase of `direction`; returns the map as the plugins left it.
+    /// The header (or trailer) phase of `direction`: whether the plugins let it through (or
+    /// the local response that ends it), and the map as they left it either way.
     async fn map_phase(
         &self,
         direction: Direction,
         phase: MapPhase,
         mut map: HeaderMap,
-    ) -> Result<HeaderMap, LocalResponse> {
+    ) -> (Result<(), LocalResponse>, HeaderMap) {
         if self.is_empty() {
-            return Ok(map);
+            return (Ok(()), map);
         }
         let mut from = 0;
         loop {
@@ -323,18 +332,25 @@ impl Exchange {
                 map,
                 from,
             };
-            let Done::Map(step, back) = self.run(job).await? else {
-                return Err(mismatched());
+            let (step, back) = match self.run(job).await {
+                Ok(Done::Map(step, back)) => (step, back),
+                // The map is lost with the slot; nothing will read it.
+                Ok(_) => return (Err(mismatched()), HeaderMap::new()),
+                Err(response) => return (Err(response), HeaderMap::new()),
             };
             map = back;
             match step {
-                Step::Continue => return Ok(map),
-                Step::Respond(response) => return Err(response),
+                Step::Continue => return (Ok(()), map),
+                Step::Respond(response) => return (Err(response), map),
                 Step::Paused { position, index } => {
-                    let parked = self.wait_resumed(index, direction).await?;
-                    // A plugin resumed from elsewhere may have changed the headers it paused on.
-                    if let (MapPhase::Headers { .. }, Some(parked)) = (phase, parked) {
-                        map = parked;
+                    match self.wait_resumed(index, direction).await {
+                        // A plugin resumed from elsewhere may have changed the headers it
+                        // paused on.
+                        Ok(Some(parked)) if matches!(phase, MapPhase::Headers { .. }) => {
+                            map = parked;
+                        }
+                        Ok(_) => {}
+                        Err(response) => return (Err(response), map),
                     }
                     from = position + 1;
                 }
@@ -349,9 +365,10 @@ impl Exchange {
         direction: Direction,
         trailers: HeaderMap,
     ) -> Result<(Bytes, HeaderMap), LocalResponse> {
-        let trailers = self
+        let (passed, trailers) = self
             .map_phase(direction, MapPhase::Trailers, trailers)
-            .await?;
+            .await;
+        passed?;
         if self.is_empty() {
             return Ok((Bytes::new(), trailers));
         }

@@ -170,7 +170,9 @@ impl FilterChain {
         &self.inner.plugins
     }
 
-    /// The slot of the calling thread.
+    /// The slot a new exchange of the calling thread runs on: the thread's own, unless
+    /// another thread is running it right now and another slot whose callbacks may run here
+    /// is free (an exchange stays on its slot, so picking a free one spares it the hand-off).
     pub(super) fn slot_index(&self) -> usize {
         let index = THREAD_SLOT.with(|cell| match cell.get() {
             Some(index) => index,
@@ -180,7 +182,13 @@ impl FilterChain {
                 index
             }
         });
-        index % self.inner.slots.len().max(1)
+        let slots = &self.inner.slots;
+        let count = slots.len().max(1);
+        let home = index % count;
+        (0..count)
+            .map(|offset| (home + offset) % count)
+            .find(|&i| slots.get(i).is_some_and(Slot::is_free_here))
+            .unwrap_or(home)
     }
 }
 

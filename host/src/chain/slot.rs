@@ -137,6 +137,12 @@ impl Slot {
         }
     }
 
+    /// Whether a job would run on the calling thread right now: the slot's VMs may run here
+    /// and no thread is running them.
+    pub(super) fn is_free_here(&self) -> bool {
+        self.inline && !self.state.is_locked()
+    }
+
     /// Does `job` for exchange `id`: here if the slot is free and its VMs may run on this
     /// thread, else on the slot's thread. `None` if the slot is gone or the job panicked.
     pub(super) async fn run(&self, id: u64, job: Job) -> Option<Done> {

@@ -396,14 +396,14 @@ impl SlotState {
         let Some(mut streams) = self.exchanges.remove(&id) else {
             return;
         };
-        let (mut request, mut response) = log.clone().unwrap_or_default();
+        let logged = log.is_some();
+        let (mut request, mut response) = log.unwrap_or_default();
         for (worker, stream) in self.workers.iter_mut().zip(streams.streams.iter_mut()) {
             let Some(mut stream) = stream.take() else {
                 continue;
             };
             // A failure here was logged by the worker when its trap happened.
-            if log.is_some()
-                && let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response)
+            if logged && let Err(failure) = worker.on_log(&mut stream, &mut request, &mut response)
             {
                 tracing::debug!("{failure}");
             }
