@@ -4,10 +4,10 @@
 
 use anyhow::{Context as _, Result, bail};
 use bytes::{Bytes, BytesMut};
-use filterbox::abi::{MapType, PeerType, StreamType};
+use filterbox::abi::PeerType;
 use filterbox::{
-    Action, CacheOutcome, EngineKind, HeaderMap, HttpStream, HyperCallouts, LocalResponse,
-    LogLevel, LogSink, ModuleCache, Plugin, PluginConfig, StreamEvent, Vm,
+    Action, CacheOutcome, EngineKind, Exchange, FilterChain, HeaderMap, HyperCallouts, LocalReply,
+    LocalResponse, LogLevel, LogSink, ModuleCache, Plugin, PluginConfig, Vm,
 };
 use parking_lot::Mutex;
 use std::fmt::Write as _;
@@ -74,7 +74,8 @@ pub struct RunArgs {
     /// Upstream `name=http://host:port` for the plugin's HTTP and gRPC calls (repeatable).
     #[arg(long = "upstream")]
     upstreams: Vec<String>,
-    /// How long to wait for a plugin that pauses (for a callout, say), in milliseconds.
+    /// How long to wait for a plugin that pauses (for a callout, say), in milliseconds; then
+    /// filterbox answers 504 (`filterbox_pause_timeout`), as `serve` does.
     #[arg(long, default_value_t = 5000)]
     wait_ms: u64,
     /// A property the plugin reads, `path=value` with the path in dots (Envoy's
@@ -253,13 +254,6 @@ pub fn run(args: &RunArgs) -> Result<String> {
         .build(&wasm)
         .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
     let mut out = String::new();
-    let mut vm = match Vm::new(&plugin) {
-        Ok(vm) => vm,
-        Err(error) => {
-            print_logs(&mut out, &logs);
-            bail!("{out}{file}: {error}");
-        }
-    };
     let _ = writeln!(
         out,
         "plugin: {file} (ABI {}, {engine}; {})",
@@ -267,24 +261,27 @@ pub fn run(args: &RunArgs) -> Result<String> {
         cache_note(plugin.cache_outcome())
     );
     if args.service_ms.is_some() || args.tcp {
+        let mut vm = match Vm::new(&plugin) {
+            Ok(vm) => vm,
+            Err(error) => {
+                print_logs(&mut out, &logs);
+                bail!("{out}{file}: {error}");
+            }
+        };
         // No HTTP stream to carry them: root properties, which every context sees.
         for (path, value) in &properties {
             let path: Vec<&str> = path.iter().map(String::as_str).collect();
             vm.set_root_property(&path, value.clone());
         }
-    }
-    if let Some(ms) = args.service_ms {
-        run_service(&mut vm, Duration::from_millis(ms), &mut out);
-        print_tail(&mut out, &logs, &plugin);
-        return Ok(out);
-    }
-    if args.tcp {
-        run_connection(&mut vm, args, &mut out)?;
+        match args.service_ms {
+            Some(ms) => run_service(&mut vm, Duration::from_millis(ms), &mut out),
+            None => run_connection(&mut vm, args, &mut out)?,
+        }
         print_tail(&mut out, &logs, &plugin);
         return Ok(out);
     }
 
-    let (mut request, request_body) = match &args.request {
+    let (request, request_body) = match &args.request {
         Some(path) => {
             let (start, mut headers, body) = parse_raw(path)?;
             let (method, target) = match start.as_slice() {
@@ -308,7 +305,7 @@ pub fn run(args: &RunArgs) -> Result<String> {
             (map, Bytes::from(text_arg(&args.body)?))
         }
     };
-    let (mut response, response_body) = match &args.response {
+    let (response, response_body) = match &args.response {
         Some(path) => {
             let (start, mut headers, body) = parse_raw(path)?;
             let status = start.get(1).cloned().unwrap_or_else(|| "200".into());
@@ -327,70 +324,163 @@ pub fn run(args: &RunArgs) -> Result<String> {
         }
     };
 
-    let wait = Duration::from_millis(args.wait_ms);
-    let stream = match vm.create_http_stream() {
-        Ok(stream) => stream,
+    // One slot: the exchange runs on this thread's VM, the way `serve` runs it.
+    let chain = match FilterChain::builder()
+        .slots(1)
+        .pause_timeout(Duration::from_millis(args.wait_ms))
+        .build(vec![plugin.clone()])
+    {
+        Ok(chain) => chain,
         Err(error) => {
             // The plugin's own words (a panic message, say) say more than the trap.
             print_logs(&mut out, &logs);
             bail!("{out}{file}: {error}");
         }
     };
-    for (path, value) in &properties {
-        let path: Vec<&str> = path.iter().map(String::as_str).collect();
-        vm.set_stream_property(&stream, &path, value.clone());
-    }
-    let mut exchange = Exchange {
-        vm: &mut vm,
-        stream: &stream,
-        wait,
+    let exchange = Message {
+        headers: request,
+        body: request_body,
+        trailers: None,
     };
-    let outcome = exchange.run(&mut request, request_body, &mut response, response_body);
-    let log = vm.on_log(&stream, &mut request, &mut response);
-    let finished = vm.finish_stream(stream);
-    match outcome {
-        Ok(Outcome::Forwarded {
-            request_body,
-            response_body,
-            trailers: [request_trailers, response_trailers],
-        }) => {
+    let upstream = Message {
+        headers: response,
+        body: response_body,
+        trailers: None,
+    };
+    match runtime.block_on(run_exchange(&chain, &properties, exchange, upstream)) {
+        Outcome::Forwarded { request, response } => {
             let _ = writeln!(out, "\n== request, as forwarded upstream");
-            print_message(&mut out, &request, &request_body);
-            print_trailers(&mut out, request_trailers.as_ref());
+            print_message(&mut out, &request.headers, &request.body);
+            print_trailers(&mut out, request.trailers.as_ref());
             let _ = writeln!(out, "\n== response, as sent to the client");
-            print_message(&mut out, &response, &response_body);
-            print_trailers(&mut out, response_trailers.as_ref());
+            print_message(&mut out, &response.headers, &response.body);
+            print_trailers(&mut out, response.trailers.as_ref());
         }
-        Ok(Outcome::Local(local)) => {
+        Outcome::Local {
+            reply,
+            upstream_called,
+        } => {
+            let details = match reply.details.is_empty() {
+                true => "no details",
+                false => reply.details.as_str(),
+            };
+            let upstream = match upstream_called {
+                true => "the upstream's response was replaced",
+                false => "the upstream was not called",
+            };
+            // The chain's own answers (a pause past --wait-ms, a limit) name themselves.
+            let from = match reply.details.starts_with("filterbox_") {
+                true => "filterbox",
+                false => "the plugin",
+            };
             let _ = writeln!(
                 out,
-                "\n== local response from the plugin ({}); the upstream was not called",
-                if local.details.is_empty() {
-                    "no details"
-                } else {
-                    &local.details
-                }
+                "\n== local response from {from} ({details}); {upstream}"
             );
-            let mut headers = HeaderMap::new();
-            headers.add(":status", local.status_code.to_string());
-            for (name, value) in local.headers.iter() {
-                headers.add(name.clone(), value.clone());
-            }
-            print_message(&mut out, &headers, &local.body);
-        }
-        Err(error) => {
-            let _ = writeln!(out, "\n== the exchange failed: {error}");
+            print_message(&mut out, &reply.headers, &reply.body);
         }
     }
-    for result in [log, finished] {
-        if let Err(error) = result {
-            let _ = writeln!(out, "(ending the stream: {error})");
-        }
-    }
+    drop(chain);
     print_tail(&mut out, &logs, &plugin);
-    drop(vm);
     drop(runtime);
     Ok(out)
+}
+
+/// One HTTP message: headers (with pseudo headers), body, and the trailers the plugin added.
+struct Message {
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+enum Outcome {
+    Forwarded {
+        request: Message,
+        response: Message,
+    },
+    Local {
+        reply: LocalReply,
+        upstream_called: bool,
+    },
+}
+
+/// The request through the plugin, the upstream's `response` back through it, as `serve`
+/// would send them (with the stream properties set first).
+async fn run_exchange(
+    chain: &FilterChain,
+    properties: &[(Vec<String>, Bytes)],
+    request: Message,
+    response: Message,
+) -> Outcome {
+    let mut exchange = chain.exchange();
+    for (path, value) in properties {
+        let path: Vec<&str> = path.iter().map(String::as_str).collect();
+        if let Err(local) = exchange.set_property(&path, value.clone()).await {
+            let reply = exchange.reply(local).await;
+            return Outcome::Local {
+                reply,
+                upstream_called: false,
+            };
+        }
+    }
+    let request = match through(&mut exchange, true, request).await {
+        Ok(request) => request,
+        Err(local) => {
+            let reply = exchange.reply(local).await;
+            return Outcome::Local {
+                reply,
+                upstream_called: false,
+            };
+        }
+    };
+    let response = match through(&mut exchange, false, response).await {
+        Ok(response) => response,
+        Err(local) => {
+            let reply = exchange.reply_directly(local);
+            return Outcome::Local {
+                reply,
+                upstream_called: true,
+            };
+        }
+    };
+    exchange.finish_and_wait().await;
+    Outcome::Forwarded { request, response }
+}
+
+/// A whole message (the request if `request`, else the response) through the plugin's
+/// header and body phases.
+async fn through(
+    exchange: &mut Exchange,
+    request: bool,
+    message: Message,
+) -> Result<Message, LocalResponse> {
+    let end = message.body.is_empty();
+    let headers = match request {
+        true => exchange.request_headers(message.headers, end).await?,
+        false => exchange.response_headers(message.headers, end).await?,
+    };
+    if end {
+        return Ok(Message {
+            headers,
+            body: Bytes::new(),
+            trailers: None,
+        });
+    }
+    let (body, trailers) = match request {
+        true => (
+            exchange.request_body(message.body, true).await?,
+            exchange.request_added_trailers().await?,
+        ),
+        false => (
+            exchange.response_body(message.body, true).await?,
+            exchange.response_added_trailers().await?,
+        ),
+    };
+    Ok(Message {
+        headers,
+        body,
+        trailers,
+    })
 }
 
 /// What the module cache did, for the report.
@@ -518,161 +608,6 @@ impl AppendAll for HeaderMap {
             self.add(name.clone(), value.clone());
         }
         other.clear();
-    }
-}
-
-enum Outcome {
-    Forwarded {
-        request_body: Bytes,
-        response_body: Bytes,
-        /// Trailers the plugin added at the end of each body.
-        trailers: [Option<HeaderMap>; 2],
-    },
-    Local(LocalResponse),
-}
-
-/// One stream on the VM, with pauses waited out.
-struct Exchange<'a> {
-    vm: &'a mut Vm,
-    stream: &'a HttpStream,
-    wait: Duration,
-}
-
-impl Exchange<'_> {
-    fn run(
-        &mut self,
-        request: &mut HeaderMap,
-        request_body: Bytes,
-        response: &mut HeaderMap,
-        response_body: Bytes,
-    ) -> Result<Outcome> {
-        let stream = self.stream;
-        let action = self
-            .vm
-            .on_request_headers(stream, request, request_body.is_empty())?;
-        if let Some(local) = self.settle(action, StreamType::HttpRequest, Some(request))? {
-            return Ok(Outcome::Local(self.through_response_phase(local)?));
-        }
-        let mut body = BytesMut::from(request_body);
-        if !body.is_empty() {
-            let action = self.vm.on_request_body(stream, &mut body, true)?;
-            if let Some(local) = self.settle(action, StreamType::HttpRequest, None)? {
-                return Ok(Outcome::Local(self.through_response_phase(local)?));
-            }
-        }
-        let action = self
-            .vm
-            .on_response_headers(stream, response, response_body.is_empty())?;
-        if let Some(local) = self.settle(action, StreamType::HttpResponse, Some(response))? {
-            return Ok(Outcome::Local(local));
-        }
-        let mut response_buffer = BytesMut::from(response_body);
-        if !response_buffer.is_empty() {
-            let action = self
-                .vm
-                .on_response_body(stream, &mut response_buffer, true)?;
-            if let Some(local) = self.settle(action, StreamType::HttpResponse, None)? {
-                return Ok(Outcome::Local(local));
-            }
-        }
-        Ok(Outcome::Forwarded {
-            request_body: body.freeze(),
-            response_body: response_buffer.freeze(),
-            trailers: [
-                self.vm
-                    .take_added_trailers(stream, MapType::HttpRequestTrailers),
-                self.vm
-                    .take_added_trailers(stream, MapType::HttpResponseTrailers),
-            ],
-        })
-    }
-
-    /// A local response sent before the upstream was called goes through the plugin's own
-    /// response phase, as Envoy sends it (the plugin may add headers to it, or change its
-    /// body). If the plugin answers again there, the first response stands.
-    fn through_response_phase(&mut self, mut local: LocalResponse) -> Result<LocalResponse> {
-        let stream = self.stream;
-        let mut headers = HeaderMap::new();
-        headers.add(":status", local.status_code.to_string());
-        for (name, value) in local.headers.iter() {
-            headers.add(name.clone(), value.clone());
-        }
-        let action = self
-            .vm
-            .on_response_headers(stream, &mut headers, local.body.is_empty())?;
-        if self
-            .settle(action, StreamType::HttpResponse, Some(&mut headers))?
-            .is_some()
-        {
-            return Ok(local);
-        }
-        let mut body = BytesMut::from(local.body.clone());
-        if !body.is_empty() {
-            let action = self.vm.on_response_body(stream, &mut body, true)?;
-            if self
-                .settle(action, StreamType::HttpResponse, None)?
-                .is_some()
-            {
-                return Ok(local);
-            }
-        }
-        if let Some(status) = headers.get_str(":status").and_then(|s| s.parse().ok()) {
-            local.status_code = status;
-        }
-        headers.remove(":status");
-        local.headers = headers;
-        local.body = body.freeze();
-        Ok(local)
-    }
-
-    /// Continue: nothing to do. Respond: the local response. Pause: run the VM's events
-    /// until the plugin resumes or answers, or the wait is over.
-    fn settle(
-        &mut self,
-        action: Action,
-        direction: StreamType,
-        headers: Option<&mut HeaderMap>,
-    ) -> Result<Option<LocalResponse>> {
-        match action {
-            Action::Continue => return Ok(None),
-            Action::Respond(local) => return Ok(Some(local)),
-            Action::Pause => {}
-        }
-        let deadline = Instant::now() + self.wait;
-        loop {
-            for event in self.vm.take_stream_events(self.stream) {
-                match event {
-                    StreamEvent::Respond(local) => return Ok(Some(local)),
-                    StreamEvent::Continue(kind) if kind == direction => {
-                        let map = match direction {
-                            StreamType::HttpResponse => MapType::HttpResponseHeaders,
-                            _ => MapType::HttpRequestHeaders,
-                        };
-                        if let (Some(headers), Some(parked)) =
-                            (headers, self.vm.take_paused_headers(self.stream, map))
-                        {
-                            *headers = parked;
-                        }
-                        return Ok(None);
-                    }
-                    StreamEvent::Close(_) => bail!("the plugin closed the stream"),
-                    StreamEvent::Continue(_) | StreamEvent::ClearRouteCache => {}
-                }
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                bail!(
-                    "the plugin paused the {} and did not resume it within {} ms",
-                    if direction == StreamType::HttpRequest {
-                        "request"
-                    } else {
-                        "response"
-                    },
-                    self.wait.as_millis()
-                );
-            }
-            self.vm.wait_and_run(left.min(Duration::from_millis(50)))?;
-        }
     }
 }
 

@@ -247,6 +247,15 @@ impl Exchange {
         self.finish_in_place();
     }
 
+    /// [`Exchange::finish`], returning once `proxy_on_log` and the end of the streams have
+    /// run (what the plugins logged there has been logged).
+    pub async fn finish_and_wait(mut self) {
+        if let Some(log) = self.take_end(true) {
+            // Whatever the answer, the streams are gone; a slot that is gone has none.
+            let _ = self.run(Job::End { log }).await;
+        }
+    }
+
     /// Whether the chain has no plugins (nothing to run).
     pub(super) fn is_empty(&self) -> bool {
         self.chain.inner.plugins.is_empty()
@@ -430,22 +439,25 @@ impl Exchange {
 
     /// Ends the exchange's streams on its slot, after `proxy_on_log` if `log`. Nobody waits.
     pub(super) fn end(&mut self, log: bool) {
-        if self.ended {
-            return;
+        if let (Some(log), Some(slot)) = (self.take_end(log), self.slot()) {
+            slot.run_detached(self.id, Job::End { log });
+        }
+    }
+
+    /// Marks the exchange ended; what `Job::End` needs if its streams are still to end
+    /// (with the headers for `proxy_on_log` if `log`).
+    fn take_end(&mut self, log: bool) -> Option<Option<(HeaderMap, HeaderMap)>> {
+        if self.ended || self.is_empty() {
+            self.ended = true;
+            return None;
         }
         self.ended = true;
-        if self.is_empty() {
-            return;
-        }
-        let log = log.then(|| {
+        Some(log.then(|| {
             (
                 std::mem::take(&mut self.request_headers),
                 std::mem::take(&mut self.response_headers),
             )
-        });
-        if let Some(slot) = self.slot() {
-            slot.run_detached(self.id, Job::End { log });
-        }
+        }))
     }
 }
 
