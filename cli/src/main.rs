@@ -9,6 +9,11 @@ use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc: per-thread heaps with lock-free frees from other threads, where glibc malloc
+/// makes the threads of `serve` wait on each other's arena locks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod run;
 mod serve;
 #[cfg(feature = "suite")]

@@ -19,7 +19,7 @@ use crate::{HeaderMap, Plugin};
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
 
 /// What an exchange asks of its slot.
@@ -78,6 +78,10 @@ pub(super) enum Done {
     /// The exchange's streams are gone.
     Ended,
 }
+
+/// How long an exchange waits for its slot to be free before handing the job to the slot's
+/// thread.
+const INLINE_WAIT: Duration = Duration::from_micros(20);
 
 /// What a slot thread is asked to do.
 enum Command {
@@ -178,7 +182,11 @@ impl Slot {
         if !self.inline {
             return Err(job);
         }
-        let Some(mut guard) = self.state.try_lock() else {
+        // Another thread running a callback here holds the slot for microseconds: waiting
+        // that long costs less than handing the job over (two thread wake-ups), and handing
+        // over would keep the slot busier still. A slot busy for longer (a slow guest, the
+        // slot thread's own work) gets the job through its thread.
+        let Some(mut guard) = self.state.try_lock_for(INLINE_WAIT) else {
             return Err(job);
         };
         let Some(state) = guard.as_mut() else {

@@ -9,7 +9,7 @@ use crate::HeaderMap;
 use crate::vm::{Action, LocalResponse, StreamEvent};
 use crate::worker::{Failure, Worker, WorkerStream};
 use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,11 +27,11 @@ struct Streams {
 /// A slot's VMs and the exchanges running on them.
 pub(super) struct SlotState {
     workers: Vec<Worker>,
-    exchanges: HashMap<u64, Streams>,
+    exchanges: FxHashMap<u64, Streams>,
     /// What plugins may hold paused of bodies.
     held: Arc<HeldBudget>,
     /// Paused exchanges to notify when their plugin has news for them.
-    waiters: HashMap<u64, Waiter>,
+    waiters: FxHashMap<u64, Waiter>,
     /// The tick the slot thread sleeps until (`None`: no tick), so that a callback run
     /// elsewhere that wants an earlier one can wake it.
     pub(super) armed_tick: Option<Instant>,
@@ -48,9 +48,9 @@ impl SlotState {
     pub(super) fn new(workers: Vec<Worker>, held: Arc<HeldBudget>) -> SlotState {
         SlotState {
             workers,
-            exchanges: HashMap::new(),
+            exchanges: FxHashMap::default(),
             held,
-            waiters: HashMap::new(),
+            waiters: FxHashMap::default(),
             armed_tick: None,
         }
     }

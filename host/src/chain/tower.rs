@@ -226,18 +226,20 @@ where
     if let Err(error) = headers.to_request_parts(&mut parts) {
         return Ok(reply(&mut exchange, invalid_edit(error)).await);
     }
-    let had_body = !body.is_end_stream();
-    let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
-    let request_body = match had_body {
-        true => FilteredBody::stream(receiver),
-        false => FilteredBody::empty(),
+    // A request without a body needs no channel to carry one.
+    let (request_body, sender) = match body.is_end_stream() {
+        true => (FilteredBody::empty(), None),
+        false => {
+            let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+            (FilteredBody::stream(receiver), Some(sender))
+        }
     };
     let early = {
         let exchange = &exchange;
         let pump = async move {
-            match had_body {
-                true => pump_body(exchange, Direction::Request, None, body, &sender).await,
-                false => Ok(()),
+            match sender {
+                Some(sender) => pump_body(exchange, Direction::Request, None, body, &sender).await,
+                None => Ok(()),
             }
             // `sender` drops here: the body the service reads ends.
         };
