@@ -750,8 +750,11 @@ impl<H: Hostcalls> Instance<H> {
 
     /// Sets how long each later [`Instance::call`] may run (`None`: no limit). A call past its
     /// deadline traps with [`TrapKind::Interrupted`]. Each engine does what it can:
-    /// - wasmtime checks a 1 ms epoch at loop heads and function entries, so a call stops
-    ///   between the deadline and a tick after it;
+    /// - wasmtime checks a 1 ms epoch at loop heads and function entries; once the deadline
+    ///   has passed on the clock, the thread's CPU time decides (where the platform keeps one):
+    ///   a call that was preempted rather than running goes on until it has run for its
+    ///   deadline, or until ten deadlines have passed on the clock. A busy loop stops between
+    ///   the deadline and a tick after it;
     /// - wasmi runs on fuel in slices and looks at the clock between slices;
     /// - wasmer counts wasm operators (metering, at [`WASMER_OPS_PER_MS`]) and a watchdog
     ///   thread interrupts a call still running a millisecond tick after its deadline, so a
@@ -926,6 +929,32 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned())
+}
+
+/// The CPU time the calling thread has run, where the platform keeps a clock for it
+/// (`CLOCK_THREAD_CPUTIME_ID` on unixes); `None` elsewhere.
+#[cfg(unix)]
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable `timespec` for the length of the call, and the clock
+    // id is the platform's own constant; the call writes nothing else.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    if status != 0 {
+        return None;
+    }
+    Some(Duration::new(
+        u64::try_from(now.tv_sec).ok()?,
+        u32::try_from(now.tv_nsec).ok()?,
+    ))
+}
+
+/// See the unix version: no thread CPU clock here, deadlines count wall time.
+#[cfg(not(unix))]
+pub(crate) fn thread_cpu_time() -> Option<Duration> {
+    None
 }
 
 // Every instance is `Send` in every build (wasmer's by staying usable only at home).

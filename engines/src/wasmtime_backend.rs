@@ -66,6 +66,71 @@ fn ticks(deadline: Option<Duration>) -> u64 {
     }
 }
 
+/// How many clock ticks a call may last at most, in deadlines: a thread starved of CPU
+/// for this long stops anyway.
+const WALL_DEADLINES: u64 = 10;
+
+/// The time budget of one call, in epoch ticks. The epoch first fires one tick into the
+/// call, to read the thread's CPU clock; then at the deadline, where the CPU time the thread
+/// used since decides whether the call has really run that long or was preempted (a loaded
+/// machine, a busy proxy thread), in which case it gets the ticks it has not run.
+#[derive(Debug, Default, Clone, Copy)]
+struct CallBudget {
+    /// Ticks the call may run (`None`: no deadline).
+    ticks: Option<u64>,
+    /// The thread's CPU time at the first tick (`None` before it, or without a CPU clock).
+    cpu_at_first_tick: Option<Duration>,
+    /// Whether the first tick came.
+    started: bool,
+    /// Ticks given so far on the clock.
+    wall: u64,
+}
+
+impl CallBudget {
+    /// A budget of `ticks`, and the epoch deadline to arm for it.
+    fn new(ticks: u64) -> (CallBudget, u64) {
+        match ticks >= NO_DEADLINE {
+            true => (CallBudget::default(), NO_DEADLINE),
+            false => {
+                let budget = CallBudget {
+                    ticks: Some(ticks),
+                    wall: 1,
+                    ..CallBudget::default()
+                };
+                (budget, 1)
+            }
+        }
+    }
+
+    /// What the epoch callback answers when the armed deadline comes.
+    fn on_deadline(&mut self) -> wasmtime::UpdateDeadline {
+        use wasmtime::UpdateDeadline::{Continue, Interrupt};
+        let Some(ticks) = self.ticks else {
+            return Continue(NO_DEADLINE);
+        };
+        let used = match (self.started, self.cpu_at_first_tick) {
+            (false, _) => {
+                self.started = true;
+                self.cpu_at_first_tick = crate::thread_cpu_time();
+                1
+            }
+            // Whole ticks run since the first one, plus that one.
+            (true, Some(first)) => crate::thread_cpu_time().map_or(ticks, |now| {
+                let ran = now.saturating_sub(first).as_nanos() / EPOCH_TICK.as_nanos();
+                u64::try_from(ran).unwrap_or(u64::MAX).saturating_add(1)
+            }),
+            // No CPU clock: the clock's ticks are the measure.
+            (true, None) => self.wall,
+        };
+        if used >= ticks || self.wall >= ticks.saturating_mul(WALL_DEADLINES) {
+            return Interrupt;
+        }
+        let left = ticks - used;
+        self.wall = self.wall.saturating_add(left);
+        Continue(left)
+    }
+}
+
 fn store_limits(limits: &InstanceLimits) -> StoreLimits {
     StoreLimitsBuilder::new()
         .memory_size(limits.memory_pages() as usize * crate::WASM_PAGE)
@@ -134,6 +199,8 @@ impl WtEngine {
 /// What lives in the wasmtime store beside the host state.
 pub(crate) struct StoreData<H> {
     host: H,
+    /// The running call's time budget, which the epoch callback keeps.
+    budget: CallBudget,
     memory: Option<Memory>,
     allocator: Option<TypedFunc<i32, i32>>,
     /// A trap raised inside a nested guest call (the allocator) during a hostcall; it fails
@@ -347,6 +414,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
     ) -> Result<WtInstance<H>, EngineError> {
         let data = StoreData {
             host,
+            budget: CallBudget::default(),
             memory: None,
             allocator: None,
             pending_trap: None,
@@ -355,10 +423,13 @@ impl<H: Hostcalls> WtInstancePre<H> {
         let mut store = Store::new(self.pre.module().engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
-            store.set_epoch_deadline(match limits.start_deadline {
+            store.epoch_deadline_callback(|mut store| Ok(store.data_mut().budget.on_deadline()));
+            let (budget, armed) = CallBudget::new(match limits.start_deadline {
                 Some(deadline) => ticks(Some(deadline)),
                 None => self.start_ticks,
             });
+            store.data_mut().budget = budget;
+            store.set_epoch_deadline(armed);
         }
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             match e.downcast_ref::<wasmtime::Trap>() {
@@ -434,7 +505,9 @@ impl<H: Hostcalls> WtInstance<H> {
         let returns = usize::from(callback.result().is_some());
         let len = arity.max(returns).min(MAX_CALLBACK_PARAMS);
         if self.interruptible {
-            self.store.set_epoch_deadline(self.deadline_ticks);
+            let (budget, armed) = CallBudget::new(self.deadline_ticks);
+            self.store.data_mut().budget = budget;
+            self.store.set_epoch_deadline(armed);
         }
         let slots = slots.get_mut(..len).unwrap_or(&mut []);
         // SAFETY: the export's type was checked against the ABI when the module was linked

@@ -7,6 +7,9 @@ use filterbox_engines::{
     TrapKind,
 };
 
+/// A `proxy_log` level at which the host sleeps before logging.
+const SLEEPING_LOG_LEVEL: i32 = 99;
+
 /// A host that implements two calls: `proxy_log` records the message, and
 /// `proxy_get_property` hands "hello" back through the guest allocator. `proxy_done` panics.
 #[derive(Default)]
@@ -19,7 +22,11 @@ impl Hostcalls for TestHost {
         Status::Unimplemented.as_i32()
     }
 
-    fn proxy_log(cx: &mut dyn Caller<Self>, _level: i32, ptr: i32, len: i32) -> i32 {
+    fn proxy_log(cx: &mut dyn Caller<Self>, level: i32, ptr: i32, len: i32) -> i32 {
+        if level == SLEEPING_LOG_LEVEL {
+            // A thread that does not run (as if preempted) while the call's clock goes on.
+            std::thread::sleep(std::time::Duration::from_millis(40));
+        }
         let (host, memory) = cx.split();
         match memory.read(ptr as u32, len as u32) {
             Ok(bytes) => {
@@ -266,4 +273,35 @@ fn instances_move_between_threads_and_thread_bound_ones_only_run_at_home() {
             "{kind} at home"
         );
     }
+}
+
+/// On wasmtime a deadline counts the time the call's thread runs: a call whose thread was
+/// not running (here: asleep in a hostcall, as a preempted thread on a loaded machine) past
+/// the deadline goes on, while a call that runs past it stops.
+#[test]
+fn a_wasmtime_deadline_counts_running_time_not_time_the_thread_was_off_the_cpu() {
+    let Ok(engine) = Engine::new(EngineKind::Wasmtime, &EngineConfig::default()) else {
+        return; // not built
+    };
+    let mut instance = module(
+        &engine,
+        r#"
+        (func (export "proxy_on_tick") (param i32) (local $i i32)
+            (drop (call $log (i32.const 99) (i32.const 0) (i32.const 0)))
+            ;; some work after the sleep, so that the epoch is checked again
+            (loop $l (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br_if $l (i32.lt_u (local.get $i) (i32.const 1000)))))
+        (func (export "proxy_on_log") (param i32) (loop $forever (br $forever)))
+        "#,
+    );
+    instance.set_deadline(Some(std::time::Duration::from_millis(10)));
+    assert_eq!(
+        instance.call(Callback::ProxyOnTick, &[1]),
+        Ok(Returned::Nothing),
+        "40 ms asleep is not 10 ms of running"
+    );
+    let trap = instance
+        .call(Callback::ProxyOnLog, &[1])
+        .expect_err("a loop that runs past its deadline stops");
+    assert_eq!(trap.kind, TrapKind::Interrupted);
 }
