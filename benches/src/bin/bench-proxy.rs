@@ -278,7 +278,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn table(rows: &[(String, f64, f64)], args: &Args) -> String {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut out = format!(
-        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime). \
+        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc). \
          `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
          Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches. \
          wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run.\n\n\
