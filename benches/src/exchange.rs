@@ -52,9 +52,12 @@ fn request() -> http::Request<Empty<Bytes>> {
     request
 }
 
-/// One exchange through a chain of `n` header plugins on `engine`, driven by a
-/// current-thread runtime (so the chain's slot runs inline where the engine allows).
-fn service_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
+/// A chain of `n` header plugins on `engine` with one slot, and a current-thread runtime to
+/// drive its exchanges (so the slot runs inline where the engine allows).
+fn header_chain(
+    engine: &Engine,
+    n: usize,
+) -> Result<(FilterChain, tokio::runtime::Runtime), String> {
     let plugins = (0..n)
         .map(|_| header_plugin(engine))
         .collect::<Result<Vec<_>, _>>()?;
@@ -62,11 +65,17 @@ fn service_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
         .slots(1)
         .build(plugins)
         .map_err(|e| fail("chain", e))?;
-    let mut service = FilterLayer::new(chain).layer(Answer::default());
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| fail("runtime", e))?;
+    Ok((chain, runtime))
+}
+
+/// One exchange through `FilterService` around a chain of `n` header plugins on `engine`.
+fn service_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
+    let (chain, runtime) = header_chain(engine, n)?;
+    let mut service = FilterLayer::new(chain).layer(Answer::default());
     Ok(Scenario::new(format!("service/{n}_plugins"), move || {
         runtime.block_on(async {
             let response = service.call(request()).await.expect("exchange");
@@ -79,17 +88,7 @@ fn service_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
 /// One exchange through the exchange core ([`filterbox::Exchange`], no `http` types) of a
 /// chain of `n` header plugins: request headers, response headers, the end.
 fn exchange_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
-    let plugins = (0..n)
-        .map(|_| header_plugin(engine))
-        .collect::<Result<Vec<_>, _>>()?;
-    let chain = FilterChain::builder()
-        .slots(1)
-        .build(plugins)
-        .map_err(|e| fail("chain", e))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| fail("runtime", e))?;
+    let (chain, runtime) = header_chain(engine, n)?;
     let request = crate::request_headers(0);
     let response = crate::response_headers();
     Ok(Scenario::new(format!("exchange/{n}_plugins"), move || {

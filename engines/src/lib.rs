@@ -29,7 +29,7 @@ use core::fmt;
 use filterbox_abi::{AbiVersion, Callback, Import, ModuleInfo};
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use cache::{CacheOutcome, ModuleCache};
 
@@ -755,13 +755,15 @@ impl<H: Hostcalls> Instance<H> {
     ///   a call that was preempted rather than running goes on until it has run for its
     ///   deadline, or until ten deadlines have passed on the clock. A busy loop stops between
     ///   the deadline and a tick after it;
-    /// - wasmi runs on fuel in slices and looks at the clock between slices;
+    /// - wasmi runs on fuel in slices and looks at the clock between slices, and past the
+    ///   deadline at the thread's CPU clock, as wasmtime does;
     /// - wasmer counts wasm operators (metering, at [`WASMER_OPS_PER_MS`]) and a watchdog
     ///   thread interrupts a call still running a millisecond tick after its deadline, so a
     ///   slow or loaded machine does not stretch it.
     ///
-    /// On every engine the clock is also read before each hostcall, so time spent inside
-    /// hostcalls counts: a call past its deadline traps as it next enters the host.
+    /// On wasmi and wasmer the clock is also read before each hostcall, so time spent inside
+    /// hostcalls counts: a call past its deadline traps as it next enters the host (wasmtime's
+    /// epoch counts it without that).
     ///
     /// Without [`EngineConfig::interruptible`] this does nothing.
     pub fn set_deadline(&mut self, deadline: Option<Duration>) {
@@ -949,6 +951,72 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
         u64::try_from(now.tv_sec).ok()?,
         u32::try_from(now.tv_nsec).ok()?,
     ))
+}
+
+/// Past a call's deadline on the wall clock, the thread's CPU clock decides whether the call
+/// ran that long or its thread was preempted (then it goes on for what it has not run), up to
+/// [`RunClock::WALL_DEADLINES`] deadlines on the wall clock. The CPU clock is first read at
+/// the first check a millisecond or more into the call, so short calls never read it; the
+/// time before that counts as one millisecond of running. For engines that check a clock
+/// between slices of work (wasmi).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunClock {
+    start: Instant,
+    budget: Duration,
+    /// The wall clock and the thread's CPU clock at the first check a millisecond in.
+    first: Option<(Instant, Option<Duration>)>,
+    /// When the call is next past its deadline on the wall clock.
+    due: Instant,
+}
+
+impl RunClock {
+    /// The wall clock a call lasts at most, in deadlines.
+    const WALL_DEADLINES: u32 = 10;
+
+    /// When the CPU clock is first read; what the call did before counts as this much running
+    /// (as wasmtime's first epoch tick does).
+    const FIRST_READING: Duration = Duration::from_millis(1);
+
+    /// A clock for a call of `budget` starting now; `None` for a budget too far to represent.
+    pub(crate) fn start(budget: Duration) -> Option<RunClock> {
+        let start = Instant::now();
+        Some(RunClock {
+            start,
+            budget,
+            first: None,
+            due: start.checked_add(budget)?,
+        })
+    }
+
+    /// How long until the call is next due on the wall clock.
+    pub(crate) fn left(&self, now: Instant) -> Duration {
+        self.due.saturating_duration_since(now)
+    }
+
+    /// Whether the call has run for its budget, with `now` from the wall clock.
+    pub(crate) fn passed(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.start);
+        if self.first.is_none() && elapsed >= Self::FIRST_READING {
+            self.first = Some((now, thread_cpu_time()));
+        }
+        if now < self.due {
+            return false;
+        }
+        if elapsed >= self.budget.saturating_mul(Self::WALL_DEADLINES) {
+            return true;
+        }
+        let ran = match self.first {
+            Some((_, Some(cpu))) => thread_cpu_time().map_or(elapsed, |now_cpu| {
+                Self::FIRST_READING + now_cpu.saturating_sub(cpu)
+            }),
+            _ => elapsed,
+        };
+        if ran >= self.budget {
+            return true;
+        }
+        self.due = now + (self.budget - ran);
+        false
+    }
 }
 
 /// See the unix version: no thread CPU clock here, deadlines count wall time.

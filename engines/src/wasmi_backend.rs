@@ -2,7 +2,7 @@
 
 use crate::{
     Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
-    MemoryError, Returned, Trap, TrapKind,
+    MemoryError, Returned, RunClock, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -67,8 +67,8 @@ pub(crate) struct StoreData<H> {
     allocator: Option<TypedFunc<i32, i32>>,
     pending_trap: Option<Trap>,
     limits: StoreLimits,
-    /// When the running call must end (`None`: no deadline or not interruptible).
-    deadline: Option<Instant>,
+    /// The running call's deadline (`None`: no deadline or not interruptible).
+    deadline: Option<RunClock>,
 }
 
 fn classify(err: &wasmi::Error) -> Trap {
@@ -126,9 +126,10 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
 
     fn deadline_passed(&mut self) -> bool {
         self.caller
-            .data()
+            .data_mut()
             .deadline
-            .is_some_and(|deadline| Instant::now() >= deadline)
+            .as_mut()
+            .is_some_and(|clock| clock.passed(Instant::now()))
     }
 
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
@@ -138,8 +139,8 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
         // The allocator cannot be resumed when its fuel runs out, so it gets what is left of
         // the deadline up front; what it burns is then taken from the caller's slice, so
         // calling an allocating hostcall in a loop cannot refill the slice for ever.
-        let budget = self.caller.data().deadline.map(|deadline| {
-            let left = deadline.saturating_duration_since(Instant::now());
+        let budget = self.caller.data().deadline.map(|clock| {
+            let left = clock.left(Instant::now());
             let before = self.caller.get_fuel().unwrap_or(0);
             let granted = fuel_for(left);
             let _ = self.caller.set_fuel(granted);
@@ -283,7 +284,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
             // The start section's hostcalls check this; its fuel is a fixed budget.
             deadline: self
                 .interruptible
-                .then(|| Instant::now().checked_add(start_deadline))
+                .then(|| RunClock::start(start_deadline))
                 .flatten(),
         };
         let mut store = Store::new(self.module.engine(), data);
@@ -389,7 +390,7 @@ impl<H: Hostcalls> WiInstance<H> {
         results: &mut [Val],
     ) -> Result<(), wasmi::Error> {
         // A deadline too far to represent is no deadline.
-        let deadline = self.deadline.and_then(|d| Instant::now().checked_add(d));
+        let deadline = self.deadline.and_then(RunClock::start);
         self.store.data_mut().deadline = deadline;
         let slice = match deadline {
             Some(_) => FUEL_SLICE,
@@ -402,7 +403,13 @@ impl<H: Hostcalls> WiInstance<H> {
                 ResumableCall::Finished => return Ok(()),
                 ResumableCall::HostTrap(trap) => return Err(trap.into_host_error()),
                 ResumableCall::OutOfFuel(rest) => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                    let passed = self
+                        .store
+                        .data_mut()
+                        .deadline
+                        .as_mut()
+                        .is_some_and(|clock| clock.passed(Instant::now()));
+                    if passed {
                         return Err(wasmi::Error::from(wasmi::TrapCode::OutOfFuel));
                     }
                     // One instruction may need more than a slice (`memory.fill` and
