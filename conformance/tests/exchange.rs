@@ -91,6 +91,57 @@ fn an_exchange_runs_the_phases_in_chain_order_and_answers_locally_through_the_re
     }
 }
 
+#[test]
+fn properties_set_on_an_exchange_reach_the_plugins_and_trailers_release_held_bodies() {
+    for engine in EngineKind::built() {
+        let chain = FilterChain::builder()
+            .slots(1)
+            .build(vec![
+                plugin(
+                    "headers",
+                    guests::HEADERS,
+                    "copy-property x-source source.address",
+                    engine,
+                ),
+                plugin("body", guests::BODY, "foo=>bar", engine),
+            ])
+            .expect("chain");
+        runtime().block_on(async {
+            let mut exchange = chain.exchange();
+            exchange
+                .set_property(&["source", "address"], Bytes::from_static(b"10.0.0.1:4321"))
+                .await
+                .expect("property set");
+            let request = [(":method", "POST"), (":path", "/"), (":authority", "a")];
+            let headers = exchange
+                .request_headers(map(&request), false)
+                .await
+                .expect("request headers pass");
+            assert_eq!(
+                headers.get_str("x-source"),
+                Some("10.0.0.1:4321"),
+                "{engine}"
+            );
+            // The body plugin holds the body until its end, which the trailers mark here.
+            let passed = exchange
+                .request_body(Bytes::from_static(b"a foo"), false)
+                .await
+                .expect("body");
+            assert!(passed.is_empty(), "{engine}: held, not passed");
+            let (released, trailers) = exchange
+                .request_trailers(map(&[("x-checksum", "1")]))
+                .await
+                .expect("trailers pass");
+            assert_eq!(
+                released, "a foo",
+                "{engine}: released as held once the trailers went"
+            );
+            assert_eq!(trailers.get_str("x-checksum"), Some("1"), "{engine}");
+            exchange.finish_and_wait().await;
+        });
+    }
+}
+
 /// HTTP calls that are never answered, and no gRPC (which the Rust SDK answers with a panic
 /// when it hears `Unimplemented`: the callouts guest's first tick then traps).
 struct Unanswered(Mutex<Vec<HttpCallReply>>);
