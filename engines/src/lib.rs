@@ -29,7 +29,7 @@ use core::fmt;
 use filterbox_abi::{AbiVersion, Callback, Import, ModuleInfo};
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub use cache::{CacheOutcome, ModuleCache};
 
@@ -935,7 +935,7 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// The CPU time the calling thread has run, where the platform keeps a clock for it
 /// (`CLOCK_THREAD_CPUTIME_ID` on unixes); `None` elsewhere.
-#[cfg(unix)]
+#[cfg(all(unix, any(feature = "wasmtime", feature = "wasmi")))]
 pub(crate) fn thread_cpu_time() -> Option<Duration> {
     let mut now = libc::timespec {
         tv_sec: 0,
@@ -959,16 +959,18 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
 /// the first check a millisecond or more into the call, so short calls never read it; the
 /// time before that counts as one millisecond of running. For engines that check a clock
 /// between slices of work (wasmi).
+#[cfg(feature = "wasmi")]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RunClock {
-    start: Instant,
+    start: std::time::Instant,
     budget: Duration,
     /// The wall clock and the thread's CPU clock at the first check a millisecond in.
-    first: Option<(Instant, Option<Duration>)>,
+    first: Option<(std::time::Instant, Option<Duration>)>,
     /// When the call is next past its deadline on the wall clock.
-    due: Instant,
+    due: std::time::Instant,
 }
 
+#[cfg(feature = "wasmi")]
 impl RunClock {
     /// The wall clock a call lasts at most, in deadlines.
     const WALL_DEADLINES: u32 = 10;
@@ -979,7 +981,7 @@ impl RunClock {
 
     /// A clock for a call of `budget` starting now; `None` for a budget too far to represent.
     pub(crate) fn start(budget: Duration) -> Option<RunClock> {
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         Some(RunClock {
             start,
             budget,
@@ -989,12 +991,12 @@ impl RunClock {
     }
 
     /// How long until the call is next due on the wall clock.
-    pub(crate) fn left(&self, now: Instant) -> Duration {
+    pub(crate) fn left(&self, now: std::time::Instant) -> Duration {
         self.due.saturating_duration_since(now)
     }
 
     /// Whether the call has run for its budget, with `now` from the wall clock.
-    pub(crate) fn passed(&mut self, now: Instant) -> bool {
+    pub(crate) fn passed(&mut self, now: std::time::Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.start);
         if self.first.is_none() && elapsed >= Self::FIRST_READING {
             self.first = Some((now, thread_cpu_time()));
@@ -1020,7 +1022,7 @@ impl RunClock {
 }
 
 /// See the unix version: no thread CPU clock here, deadlines count wall time.
-#[cfg(not(unix))]
+#[cfg(all(not(unix), any(feature = "wasmtime", feature = "wasmi")))]
 pub(crate) fn thread_cpu_time() -> Option<Duration> {
     None
 }

@@ -83,6 +83,11 @@ pub(super) enum Done {
 /// thread.
 const INLINE_WAIT: Duration = Duration::from_micros(20);
 
+/// How long each side of a hand-off watches for the other (yielding its core in between)
+/// before parking: the exchange for its answer, the slot thread for the next job (the same
+/// exchange's next phase, often).
+const HANDOFF_SPIN: Duration = Duration::from_micros(50);
+
 /// What a slot thread is asked to do.
 enum Command {
     /// Do `job` for exchange `id` and answer on `reply` (if anyone waits).
@@ -161,6 +166,23 @@ impl Slot {
             reply: Some(reply),
         };
         self.commands.send(command).ok()?;
+        // Most jobs take microseconds: watching for the answer that long is cheaper than
+        // parking this thread and being woken (tens of microseconds on a VM).
+        let mut answer = answer;
+        let watch_until = Instant::now() + HANDOFF_SPIN;
+        loop {
+            match answer.try_recv() {
+                Ok(done) => return done,
+                Err(oneshot::error::TryRecvError::Closed) => return None,
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= watch_until {
+                break;
+            }
+            // Yield rather than spin: on a machine with few cores the thread that is to
+            // answer may need this one.
+            std::thread::yield_now();
+        }
         answer.await.ok().flatten()
     }
 
@@ -210,6 +232,7 @@ impl Drop for Slot {
 /// A slot thread: runs the jobs handed to it, delivers events when woken and ticks when due,
 /// until the chain stops; then drops the VMs here, on the thread that made them.
 fn serve(state: &Mutex<Option<SlotState>>, commands: &mpsc::Receiver<Command>) {
+    let mut just_ran = false;
     loop {
         let tick = {
             let mut guard = state.lock();
@@ -219,10 +242,18 @@ fn serve(state: &Mutex<Option<SlotState>>, commands: &mpsc::Receiver<Command>) {
             slot.armed_tick = slot.next_tick();
             slot.armed_tick
         };
-        let received = match recv_until(commands, tick) {
-            Ok(received) => received,
-            Err(_) => break,
+        let watched = match just_ran {
+            true => watch(commands),
+            false => None,
         };
+        let received = match watched {
+            Some(command) => Some(command),
+            None => match recv_until(commands, tick) {
+                Ok(received) => received,
+                Err(_) => break,
+            },
+        };
+        just_ran = matches!(received, Some(Command::Run { .. }));
         let mut guard = state.lock();
         let Some(slot) = guard.as_mut() else {
             return;
@@ -244,4 +275,20 @@ fn serve(state: &Mutex<Option<SlotState>>, commands: &mpsc::Receiver<Command>) {
         }
     }
     drop(state.lock().take());
+}
+
+/// The next command if one comes within [`HANDOFF_SPIN`], watched for without parking.
+fn watch(commands: &mpsc::Receiver<Command>) -> Option<Command> {
+    let until = Instant::now() + HANDOFF_SPIN;
+    loop {
+        match commands.try_recv() {
+            Ok(command) => return Some(command),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::yield_now();
+    }
 }
