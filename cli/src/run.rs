@@ -324,7 +324,7 @@ pub fn run(args: &RunArgs) -> Result<String> {
         }
     };
 
-    // One slot: the exchange runs on this thread's VM, the way `serve` runs it.
+    // One slot, and the exchange core that `serve` runs exchanges through.
     let chain = match FilterChain::builder()
         .slots(1)
         .pause_timeout(Duration::from_millis(args.wait_ms))

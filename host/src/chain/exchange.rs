@@ -197,7 +197,7 @@ impl Exchange {
     /// reply: through every plugin's response phase, so that plugins add their headers to it
     /// (a rate limiter's `Retry-After`) and see its body. If a plugin answers again there, or
     /// its pause times out, `local` goes out as it was. A gRPC request gets a trailers-only
-    /// gRPC answer. Ends the exchange (`proxy_on_log` included).
+    /// gRPC answer. Ends the exchange, returning once `proxy_on_log` has run.
     pub async fn reply(&mut self, local: LocalResponse) -> LocalReply {
         let (status, headers, body) = local_message(&local, is_grpc(&self.request_headers));
         let phase = MapPhase::Headers {
@@ -218,7 +218,7 @@ impl Exchange {
             .and_then(|s| s.parse().ok())
             .unwrap_or(status.as_u16());
         self.response_headers = headers.clone();
-        self.finish_in_place();
+        self.end_and_wait().await;
         LocalReply {
             status,
             headers,
@@ -250,6 +250,11 @@ impl Exchange {
     /// [`Exchange::finish`], returning once `proxy_on_log` and the end of the streams have
     /// run (what the plugins logged there has been logged).
     pub async fn finish_and_wait(mut self) {
+        self.end_and_wait().await;
+    }
+
+    /// Ends the exchange (`proxy_on_log` included) and waits until that has run.
+    async fn end_and_wait(&mut self) {
         if let Some(log) = self.take_end(true) {
             // Whatever the answer, the streams are gone; a slot that is gone has none.
             let _ = self.run(Job::End { log }).await;
