@@ -654,9 +654,10 @@ impl Module {
                 InstancePreInner::Wasmi(wasmi_backend::WiInstancePre::new(engine, module, abi)?)
             }
             #[cfg(feature = "wasmer")]
-            ModuleInner::Wasmer(module, engine) => {
-                InstancePreInner::Wasmer(wasmer_backend::WrInstancePre::new(engine, module, abi)?)
-            }
+            ModuleInner::Wasmer(module, engine) => InstancePreInner::Wasmer(
+                wasmer_backend::WrInstancePre::new(engine, module, abi)?,
+                PhantomData,
+            ),
         };
         Ok(InstancePre {
             inner,
@@ -677,8 +678,9 @@ enum InstancePreInner<H: Hostcalls> {
     Wasmtime(wasmtime_backend::WtInstancePre<H>),
     #[cfg(feature = "wasmi")]
     Wasmi(wasmi_backend::WiInstancePre<H>),
+    // The host type marks the variant so that a wasmer-only build still uses `H`.
     #[cfg(feature = "wasmer")]
-    Wasmer(wasmer_backend::WrInstancePre),
+    Wasmer(wasmer_backend::WrInstancePre, PhantomData<fn() -> H>),
 }
 
 impl<H: Hostcalls> Clone for InstancePre<H> {
@@ -689,7 +691,7 @@ impl<H: Hostcalls> Clone for InstancePre<H> {
             #[cfg(feature = "wasmi")]
             InstancePreInner::Wasmi(pre) => InstancePreInner::Wasmi(pre.clone()),
             #[cfg(feature = "wasmer")]
-            InstancePreInner::Wasmer(pre) => InstancePreInner::Wasmer(pre.clone()),
+            InstancePreInner::Wasmer(pre, _) => InstancePreInner::Wasmer(pre.clone(), PhantomData),
         };
         InstancePre {
             inner,
@@ -716,7 +718,9 @@ impl<H: Hostcalls> InstancePre<H> {
                 InstanceInner::Wasmi(Box::new(pre.instantiate(host, limits)?))
             }
             #[cfg(feature = "wasmer")]
-            InstancePreInner::Wasmer(pre) => InstanceInner::Wasmer(pre.instantiate(host, limits)?),
+            InstancePreInner::Wasmer(pre, _) => {
+                InstanceInner::Wasmer(pre.instantiate(host, limits)?)
+            }
         };
         Ok(Instance { inner })
     }
