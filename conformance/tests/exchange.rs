@@ -26,6 +26,14 @@ fn plugin(name: &str, wasm: &[u8], configuration: &str, engine: EngineKind) -> P
     Plugin::load(config, wasm).unwrap_or_else(|e| panic!("{name} on {engine}: {e}"))
 }
 
+/// A chain of `plugins` on one slot.
+fn one_slot(plugins: Vec<Plugin>) -> FilterChain {
+    FilterChain::builder()
+        .slots(1)
+        .build(plugins)
+        .expect("chain")
+}
+
 fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
     pairs.iter().copied().collect()
 }
@@ -33,19 +41,16 @@ fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
 #[test]
 fn an_exchange_runs_the_phases_in_chain_order_and_answers_locally_through_the_response_phase() {
     for engine in EngineKind::built() {
-        let chain = FilterChain::builder()
-            .slots(1)
-            .build(vec![
-                plugin(
-                    "headers",
-                    guests::HEADERS,
-                    "add x-added one\nresponse-add x-response two",
-                    engine,
-                ),
-                plugin("deny", guests::DENY, "/admin", engine),
-                plugin("body", guests::BODY, "foo=>bar", engine),
-            ])
-            .expect("chain");
+        let chain = one_slot(vec![
+            plugin(
+                "headers",
+                guests::HEADERS,
+                "add x-added one\nresponse-add x-response two",
+                engine,
+            ),
+            plugin("deny", guests::DENY, "/admin", engine),
+            plugin("body", guests::BODY, "foo=>bar", engine),
+        ]);
         runtime().block_on(async {
             let mut exchange = chain.exchange();
             let request = [(":method", "POST"), (":path", "/ok"), (":authority", "a")];
@@ -94,18 +99,15 @@ fn an_exchange_runs_the_phases_in_chain_order_and_answers_locally_through_the_re
 #[test]
 fn properties_set_on_an_exchange_reach_the_plugins_and_trailers_release_held_bodies() {
     for engine in EngineKind::built() {
-        let chain = FilterChain::builder()
-            .slots(1)
-            .build(vec![
-                plugin(
-                    "headers",
-                    guests::HEADERS,
-                    "copy-property x-source source.address",
-                    engine,
-                ),
-                plugin("body", guests::BODY, "foo=>bar", engine),
-            ])
-            .expect("chain");
+        let chain = one_slot(vec![
+            plugin(
+                "headers",
+                guests::HEADERS,
+                "copy-property x-source source.address",
+                engine,
+            ),
+            plugin("body", guests::BODY, "foo=>bar", engine),
+        ]);
         runtime().block_on(async {
             let mut exchange = chain.exchange();
             exchange
