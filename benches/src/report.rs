@@ -92,6 +92,17 @@ fn engines() -> Vec<EngineKind> {
         .collect()
 }
 
+/// How many rounds each scenario list is timed in (`FILTERBOX_BENCH_ROUNDS`, default 3): every
+/// scenario once per round, in turn, so that a machine whose speed drifts (this VM's does)
+/// hits every scenario alike; each scenario reports the median of its rounds.
+fn rounds() -> u32 {
+    std::env::var("FILTERBOX_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
 fn run_all(list: Vec<Scenario>, budget: Duration) -> Vec<Row> {
     // For profiling one scenario: FILTERBOX_BENCH_FILTER=lifecycle_3
     // FILTERBOX_BENCH_PROFILE_SECS=20 perf record ... (the scenario first runs that long, so
@@ -101,20 +112,34 @@ fn run_all(list: Vec<Scenario>, budget: Duration) -> Vec<Row> {
         .ok()
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs);
-    list.into_iter()
+    let mut list: Vec<Scenario> = list
+        .into_iter()
         .filter(|s| s.name.contains(&filter))
-        .map(|mut s| {
-            eprintln!("  {}", s.name);
-            if let Some(span) = profile {
-                let until = Instant::now() + span;
-                while Instant::now() < until {
-                    (s.run)();
-                }
+        .collect();
+    if let Some(span) = profile {
+        for s in &mut list {
+            eprintln!("  {} (profiling)", s.name);
+            let until = Instant::now() + span;
+            while Instant::now() < until {
+                (s.run)();
             }
-            let ns = measure(&mut s.run, budget) / f64::from(s.ops);
+        }
+    }
+    let rounds = rounds();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); list.len()];
+    for round in 1..=rounds {
+        for (s, times) in list.iter_mut().zip(&mut times) {
+            eprintln!("  {} (round {round} of {rounds})", s.name);
+            times.push(measure(&mut s.run, budget / rounds) / f64::from(s.ops));
+        }
+    }
+    list.into_iter()
+        .zip(times)
+        .map(|(s, mut times)| {
+            times.sort_by(f64::total_cmp);
             Row {
                 name: s.name,
-                ns_per_op: ns,
+                ns_per_op: times.get(times.len() / 2).copied().unwrap_or(0.0),
                 floor: s.floor,
                 native: s.native,
             }
@@ -134,10 +159,12 @@ pub fn run(quick: bool) -> Result<String, String> {
     let _ = writeln!(
         md,
         "Written by `cargo run -p filterbox-benches --release --bin bench-report{}`. Each time \
-         is the median of 15 batches after a warm-up ({} per scenario); hostcall scenarios make \
-         100 calls per callback and report the time per call, beside the bare engine's \
-         wasm→host call in the same loop shape.\n",
+         is the median of {} interleaved rounds (every scenario of an engine once per round), \
+         each round the median of 15 batches after a warm-up ({} per scenario in all); hostcall \
+         scenarios make 100 calls per callback and report the time per call, beside the bare \
+         engine's wasm→host call in the same loop shape.\n",
         if quick { " -- --quick" } else { "" },
+        rounds(),
         human(budget.as_nanos() as f64)
     );
     let _ = writeln!(
