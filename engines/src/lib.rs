@@ -957,30 +957,40 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
     ))
 }
 
-/// Past a call's deadline on the wall clock, the thread's CPU clock decides whether the call
-/// ran that long or its thread was preempted (then it goes on for what it has not run), up to
-/// [`RunClock::WALL_DEADLINES`] deadlines on the wall clock. The CPU clock is first read at
-/// the first check a millisecond or more into the call, so short calls never read it; the
-/// time before that counts as one millisecond of running. For engines that check a clock
-/// between slices of work (wasmi).
-#[cfg(feature = "wasmi")]
+/// A call's deadline, counted in the time its thread runs. Past the deadline on the wall
+/// clock, the thread's CPU clock decides whether the call ran that long or its thread was
+/// preempted (a loaded machine, a busy proxy thread); then it goes on for what it has not
+/// run, up to [`RunClock::WALL_DEADLINES`] deadlines on the wall clock. The CPU clock is read
+/// first a millisecond or more into the call (at wasmtime's first epoch tick, or wasmi's first
+/// check after that), so short calls never read it; what ran before counts as one millisecond.
+/// Without a CPU clock, the wall clock decides.
+#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RunClock {
     start: std::time::Instant,
     budget: Duration,
-    /// The wall clock and the thread's CPU clock at the first check a millisecond in.
-    first: Option<(std::time::Instant, Option<Duration>)>,
+    /// The thread's CPU clock at the first reading.
+    first: FirstReading,
     /// When the call is next past its deadline on the wall clock.
     due: std::time::Instant,
 }
 
-#[cfg(feature = "wasmi")]
+/// The first reading of a call's CPU clock.
+#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+#[derive(Debug, Clone, Copy)]
+enum FirstReading {
+    NotYet,
+    Cpu(Duration),
+    /// The platform keeps no CPU clock for threads.
+    NoClock,
+}
+
+#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
 impl RunClock {
     /// The wall clock a call lasts at most, in deadlines.
     const WALL_DEADLINES: u32 = 10;
 
-    /// When the CPU clock is first read; what the call did before counts as this much running
-    /// (as wasmtime's first epoch tick does).
+    /// When the CPU clock is first read; what the call did before counts as this much running.
     const FIRST_READING: Duration = Duration::from_millis(1);
 
     /// A clock for a call of `budget` starting now; `None` for a budget too far to represent.
@@ -989,7 +999,7 @@ impl RunClock {
         Some(RunClock {
             start,
             budget,
-            first: None,
+            first: FirstReading::NotYet,
             due: start.checked_add(budget)?,
         })
     }
@@ -999,11 +1009,21 @@ impl RunClock {
         self.due.saturating_duration_since(now)
     }
 
+    /// Takes the first reading of the CPU clock now, if it has not been taken.
+    pub(crate) fn read_cpu(&mut self) {
+        if let FirstReading::NotYet = self.first {
+            self.first = match thread_cpu_time() {
+                Some(cpu) => FirstReading::Cpu(cpu),
+                None => FirstReading::NoClock,
+            };
+        }
+    }
+
     /// Whether the call has run for its budget, with `now` from the wall clock.
     pub(crate) fn passed(&mut self, now: std::time::Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.start);
-        if self.first.is_none() && elapsed >= Self::FIRST_READING {
-            self.first = Some((now, thread_cpu_time()));
+        if elapsed >= Self::FIRST_READING {
+            self.read_cpu();
         }
         if now < self.due {
             return false;
@@ -1012,10 +1032,10 @@ impl RunClock {
             return true;
         }
         let ran = match self.first {
-            Some((_, Some(cpu))) => thread_cpu_time().map_or(elapsed, |now_cpu| {
-                Self::FIRST_READING + now_cpu.saturating_sub(cpu)
+            FirstReading::Cpu(first) => thread_cpu_time().map_or(elapsed, |cpu| {
+                Self::FIRST_READING + cpu.saturating_sub(first)
             }),
-            _ => elapsed,
+            FirstReading::NotYet | FirstReading::NoClock => elapsed,
         };
         if ran >= self.budget {
             return true;

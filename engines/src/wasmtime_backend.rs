@@ -2,12 +2,12 @@
 
 use crate::{
     Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
-    MemoryError, Returned, Trap, TrapKind,
+    MemoryError, Returned, RunClock, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wasmtime::{
     EngineWeak, Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
     TypedFunc, ValRaw,
@@ -54,80 +54,37 @@ fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Epoch ticks for `deadline`: one more than it spans, because the current tick is already
-/// partly gone.
-fn ticks(deadline: Option<Duration>) -> u64 {
-    match deadline {
-        Some(d) => u64::try_from(d.as_nanos().div_ceil(EPOCH_TICK.as_nanos()))
-            .unwrap_or(NO_DEADLINE)
-            .saturating_add(1)
-            .min(NO_DEADLINE),
+/// Epoch ticks that cover `left` (at least one: a deadline is never now).
+fn ticks_for(left: Duration) -> u64 {
+    u64::try_from(left.as_nanos().div_ceil(EPOCH_TICK.as_nanos()))
+        .unwrap_or(NO_DEADLINE)
+        .clamp(1, NO_DEADLINE)
+}
+
+/// Starts `deadline` for the store's next call: the epoch first fires one tick in, so that
+/// the call's [`RunClock`] reads the thread's CPU clock; see [`on_epoch_deadline`].
+fn arm<H>(store: &mut Store<StoreData<H>>, deadline: Option<Duration>) {
+    let clock = deadline.and_then(RunClock::start);
+    let armed = match clock {
+        Some(_) => 1,
         None => NO_DEADLINE,
-    }
+    };
+    store.data_mut().clock = clock;
+    store.set_epoch_deadline(armed);
 }
 
-/// How many clock ticks a call may last at most, in deadlines: a thread starved of CPU
-/// for this long stops anyway.
-const WALL_DEADLINES: u64 = 10;
-
-/// The time budget of one call, in epoch ticks. The epoch first fires one tick into the
-/// call, to read the thread's CPU clock; then at the deadline, where the CPU time the thread
-/// used since decides whether the call has really run that long or was preempted (a loaded
-/// machine, a busy proxy thread), in which case it gets the ticks it has not run.
-#[derive(Debug, Default, Clone, Copy)]
-struct CallBudget {
-    /// Ticks the call may run (`None`: no deadline).
-    ticks: Option<u64>,
-    /// The thread's CPU time at the first tick (`None` before it, or without a CPU clock).
-    cpu_at_first_tick: Option<Duration>,
-    /// Whether the first tick came.
-    started: bool,
-    /// Ticks given so far on the clock.
-    wall: u64,
-}
-
-impl CallBudget {
-    /// A budget of `ticks`, and the epoch deadline to arm for it.
-    fn new(ticks: u64) -> (CallBudget, u64) {
-        match ticks >= NO_DEADLINE {
-            true => (CallBudget::default(), NO_DEADLINE),
-            false => {
-                let budget = CallBudget {
-                    ticks: Some(ticks),
-                    wall: 1,
-                    ..CallBudget::default()
-                };
-                (budget, 1)
-            }
-        }
-    }
-
-    /// What the epoch callback answers when the armed deadline comes.
-    fn on_deadline(&mut self) -> wasmtime::UpdateDeadline {
-        use wasmtime::UpdateDeadline::{Continue, Interrupt};
-        let Some(ticks) = self.ticks else {
-            return Continue(NO_DEADLINE);
-        };
-        let used = match (self.started, self.cpu_at_first_tick) {
-            (false, _) => {
-                self.started = true;
-                self.cpu_at_first_tick = crate::thread_cpu_time();
-                1
-            }
-            // Whole ticks run since the first one, plus that one.
-            (true, Some(first)) => crate::thread_cpu_time().map_or(ticks, |now| {
-                let ran = now.saturating_sub(first).as_nanos() / EPOCH_TICK.as_nanos();
-                u64::try_from(ran).unwrap_or(u64::MAX).saturating_add(1)
-            }),
-            // No CPU clock: the clock's ticks are the measure.
-            (true, None) => self.wall,
-        };
-        if used >= ticks || self.wall >= ticks.saturating_mul(WALL_DEADLINES) {
-            return Interrupt;
-        }
-        let left = ticks - used;
-        self.wall = self.wall.saturating_add(left);
-        Continue(left)
+/// The epoch callback: stop the call once its clock says it has run its deadline, else wait
+/// for what is left of it.
+fn on_epoch_deadline(clock: Option<&mut RunClock>) -> wasmtime::UpdateDeadline {
+    use wasmtime::UpdateDeadline::{Continue, Interrupt};
+    let Some(clock) = clock else {
+        return Continue(NO_DEADLINE);
+    };
+    let now = Instant::now();
+    clock.read_cpu();
+    match clock.passed(now) {
+        true => Interrupt,
+        false => Continue(ticks_for(clock.left(now))),
     }
 }
 
@@ -143,7 +100,7 @@ fn store_limits(limits: &InstanceLimits) -> StoreLimits {
 pub(crate) struct WtEngine {
     engine: wasmtime::Engine,
     interruptible: bool,
-    start_ticks: u64,
+    start_deadline: Duration,
 }
 
 impl WtEngine {
@@ -168,7 +125,7 @@ impl WtEngine {
         Ok(WtEngine {
             engine,
             interruptible: config.interruptible,
-            start_ticks: ticks(Some(config.start_deadline)),
+            start_deadline: config.start_deadline,
         })
     }
 
@@ -199,8 +156,8 @@ impl WtEngine {
 /// What lives in the wasmtime store beside the host state.
 pub(crate) struct StoreData<H> {
     host: H,
-    /// The running call's time budget, which the epoch callback keeps.
-    budget: CallBudget,
+    /// The running call's deadline, which the epoch callback keeps.
+    clock: Option<RunClock>,
     memory: Option<Memory>,
     allocator: Option<TypedFunc<i32, i32>>,
     /// A trap raised inside a nested guest call (the allocator) during a hostcall; it fails
@@ -344,7 +301,7 @@ pub(crate) struct WtInstancePre<H> {
     memory: ModuleExport,
     abi: AbiVersion,
     interruptible: bool,
-    start_ticks: u64,
+    start_deadline: Duration,
 }
 
 impl<H> Clone for WtInstancePre<H> {
@@ -356,7 +313,7 @@ impl<H> Clone for WtInstancePre<H> {
             memory: self.memory,
             abi: self.abi,
             interruptible: self.interruptible,
-            start_ticks: self.start_ticks,
+            start_deadline: self.start_deadline,
         }
     }
 }
@@ -403,7 +360,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
             memory,
             abi,
             interruptible: engine.interruptible,
-            start_ticks: engine.start_ticks,
+            start_deadline: engine.start_deadline,
         })
     }
 
@@ -414,7 +371,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
     ) -> Result<WtInstance<H>, EngineError> {
         let data = StoreData {
             host,
-            budget: CallBudget::default(),
+            clock: None,
             memory: None,
             allocator: None,
             pending_trap: None,
@@ -423,13 +380,13 @@ impl<H: Hostcalls> WtInstancePre<H> {
         let mut store = Store::new(self.pre.module().engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
-            store.epoch_deadline_callback(|mut store| Ok(store.data_mut().budget.on_deadline()));
-            let (budget, armed) = CallBudget::new(match limits.start_deadline {
-                Some(deadline) => ticks(Some(deadline)),
-                None => self.start_ticks,
+            store.epoch_deadline_callback(|mut store| {
+                Ok(on_epoch_deadline(store.data_mut().clock.as_mut()))
             });
-            store.data_mut().budget = budget;
-            store.set_epoch_deadline(armed);
+            arm(
+                &mut store,
+                Some(limits.start_deadline.unwrap_or(self.start_deadline)),
+            );
         }
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             match e.downcast_ref::<wasmtime::Trap>() {
@@ -471,7 +428,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
             store,
             funcs,
             interruptible: self.interruptible,
-            deadline_ticks: NO_DEADLINE,
+            deadline: None,
         })
     }
 }
@@ -481,8 +438,8 @@ pub(crate) struct WtInstance<H: 'static> {
     /// Per callback: the export and its number of parameters.
     funcs: Vec<Option<(Func, usize)>>,
     interruptible: bool,
-    /// Epoch ticks each call may run.
-    deadline_ticks: u64,
+    /// How long each call may run.
+    deadline: Option<Duration>,
 }
 
 impl<H: Hostcalls> WtInstance<H> {
@@ -505,9 +462,7 @@ impl<H: Hostcalls> WtInstance<H> {
         let returns = usize::from(callback.result().is_some());
         let len = arity.max(returns).min(MAX_CALLBACK_PARAMS);
         if self.interruptible {
-            let (budget, armed) = CallBudget::new(self.deadline_ticks);
-            self.store.data_mut().budget = budget;
-            self.store.set_epoch_deadline(armed);
+            arm(&mut self.store, self.deadline);
         }
         let slots = slots.get_mut(..len).unwrap_or(&mut []);
         // SAFETY: the export's type was checked against the ABI when the module was linked
@@ -524,7 +479,7 @@ impl<H: Hostcalls> WtInstance<H> {
     }
 
     pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
-        self.deadline_ticks = ticks(deadline);
+        self.deadline = deadline;
     }
 
     pub(crate) fn host(&self) -> &H {
