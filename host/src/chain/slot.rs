@@ -159,7 +159,7 @@ impl Slot {
             Ok(done) => return done,
             Err(job) => job,
         };
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let command = Command::Run {
             id,
             job,
@@ -168,20 +168,12 @@ impl Slot {
         self.commands.send(command).ok()?;
         // Most jobs take microseconds: watching for the answer that long is cheaper than
         // parking this thread and being woken (tens of microseconds on a VM).
-        let mut answer = answer;
-        let watch_until = Instant::now() + HANDOFF_SPIN;
-        loop {
-            match answer.try_recv() {
-                Ok(done) => return done,
-                Err(oneshot::error::TryRecvError::Closed) => return None,
-                Err(oneshot::error::TryRecvError::Empty) => {}
-            }
-            if Instant::now() >= watch_until {
-                break;
-            }
-            // Yield rather than spin: on a machine with few cores the thread that is to
-            // answer may need this one.
-            std::thread::yield_now();
+        let empty =
+            |e: &oneshot::error::TryRecvError| matches!(e, oneshot::error::TryRecvError::Empty);
+        match watch(|| answer.try_recv(), empty) {
+            Ok(done) => return done,
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+            Err(oneshot::error::TryRecvError::Empty) => {}
         }
         answer.await.ok().flatten()
     }
@@ -242,8 +234,10 @@ fn serve(state: &Mutex<Option<SlotState>>, commands: &mpsc::Receiver<Command>) {
             slot.armed_tick = slot.next_tick();
             slot.armed_tick
         };
+        // The same exchange's next phase often follows at once.
+        let empty = |e: &mpsc::TryRecvError| matches!(e, mpsc::TryRecvError::Empty);
         let watched = match just_ran {
-            true => watch(commands),
+            true => watch(|| commands.try_recv(), empty).ok(),
             false => None,
         };
         let received = match watched {
@@ -277,18 +271,20 @@ fn serve(state: &Mutex<Option<SlotState>>, commands: &mpsc::Receiver<Command>) {
     drop(state.lock().take());
 }
 
-/// The next command if one comes within [`HANDOFF_SPIN`], watched for without parking.
-fn watch(commands: &mpsc::Receiver<Command>) -> Option<Command> {
+/// `try_take` until it gives something, fails otherwise than `is_empty`, or
+/// [`HANDOFF_SPIN`] passes (then its last answer), yielding the core in between rather than
+/// spinning: on a machine with few cores the thread that is to answer may need this one.
+fn watch<T, E>(
+    mut try_take: impl FnMut() -> Result<T, E>,
+    is_empty: impl Fn(&E) -> bool,
+) -> Result<T, E> {
     let until = Instant::now() + HANDOFF_SPIN;
     loop {
-        match commands.try_recv() {
-            Ok(command) => return Some(command),
-            Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) => {}
+        match try_take() {
+            Err(error) if is_empty(&error) && Instant::now() < until => {
+                std::thread::yield_now();
+            }
+            taken => return taken,
         }
-        if Instant::now() >= until {
-            return None;
-        }
-        std::thread::yield_now();
     }
 }
