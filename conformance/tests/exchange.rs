@@ -19,10 +19,14 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// A plugin on `engine`. These tests are about the exchange protocol, not deadlines: its
+/// callbacks get a second, since wasmer's deadlines count wall-clock time and the parallel
+/// tests' compiles can keep a slot thread off the CPU past the default 10 ms.
 fn plugin(name: &str, wasm: &[u8], configuration: &str, engine: EngineKind) -> Plugin {
-    let config = PluginConfig::named(name)
+    let mut config = PluginConfig::named(name)
         .with_configuration(configuration)
         .with_engine(engine);
+    config.limits.callback_deadline_ms = Some(1000);
     Plugin::load(config, wasm).unwrap_or_else(|e| panic!("{name} on {engine}: {e}"))
 }
 
