@@ -133,26 +133,31 @@ impl HeaderMap {
             Some(value) => old.is_some_and(|old| old.as_bytes() == value.as_ref()),
         };
         let uri = parts.uri.clone();
-        // An origin-form request (no scheme: what a server receives) keeps its authority in
-        // `host` (set below), so only its path can change the URI.
-        let origin_form = scheme.is_none() && uri.scheme().is_none() && uri.authority().is_none();
-        let same_uri = unchanged(scheme, uri.scheme_str())
-            && (origin_form || unchanged(authority, uri.authority().map(|a| a.as_str())))
-            && unchanged(path, uri.path_and_query().map(|p| p.as_str()));
-        if same_uri
-            && origin_form
-            && let Some(a) = authority
-        {
-            let value = authority_value(a)?;
-            headers.insert(http::header::HOST, value);
+        let has_scheme = scheme.is_some() || uri.scheme().is_some();
+        // Without a scheme (origin form: what a server receives) a plugin's `:authority` is a
+        // `host` rewrite (as in Envoy), and the URI keeps no authority.
+        if !has_scheme && let Some(a) = authority {
+            let host = HeaderValue::from_maybe_shared(a.clone()).map_err(|_| {
+                HttpPartsError::BadValue {
+                    name: Bytes::from_static(b":authority"),
+                }
+            })?;
+            headers.insert(http::header::HOST, host);
         }
-        let uri = match (scheme, authority, path) {
-            _ if same_uri => uri,
-            (None, None, None) => uri,
-            (scheme, authority, path) => {
-                let old = parts.uri.clone().into_parts();
+        // Nothing the plugins left changes the URI (the usual case): no need to rebuild it.
+        let same_uri = unchanged(path, uri.path_and_query().map(|p| p.as_str()))
+            && match has_scheme {
+                true => {
+                    unchanged(scheme, uri.scheme_str())
+                        && unchanged(authority, uri.authority().map(|a| a.as_str()))
+                }
+                false => authority.is_none() || uri.authority().is_none(),
+            };
+        let uri = match same_uri {
+            true => uri,
+            false => {
+                let old = uri.into_parts();
                 let mut builder = Uri::builder();
-                let has_scheme = scheme.is_some() || old.scheme.is_some();
                 match (scheme, old.scheme) {
                     (Some(s), _) => builder = builder.scheme(s.as_ref()),
                     (None, Some(s)) => builder = builder.scheme(s),
@@ -160,12 +165,8 @@ impl HeaderMap {
                 }
                 match (authority, old.authority) {
                     (Some(a), _) if has_scheme => builder = builder.authority(a.as_ref()),
-                    // An origin-form request (no scheme) carries its authority in `host`, so
-                    // a plugin's `:authority` rewrite is a `host` rewrite (as in Envoy).
-                    (Some(a), _) => {
-                        let value = authority_value(a)?;
-                        headers.insert(http::header::HOST, value);
-                    }
+                    // Set as `host` above.
+                    (Some(_), _) => {}
                     (None, Some(a)) => builder = builder.authority(a),
                     (None, None) => {}
                 }
@@ -263,13 +264,6 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 /// An `http` header map for `n` headers; `http` holds at most 24,576 and panics past it.
 fn with_capacity(n: usize) -> Result<http::HeaderMap, HttpPartsError> {
     http::HeaderMap::try_with_capacity(n).map_err(|_| HttpPartsError::TooManyHeaders)
-}
-
-/// A plugin's `:authority` as the `host` header of an origin-form request.
-fn authority_value(authority: &Bytes) -> Result<HeaderValue, HttpPartsError> {
-    HeaderValue::from_maybe_shared(authority.clone()).map_err(|_| HttpPartsError::BadValue {
-        name: Bytes::from_static(b":authority"),
-    })
 }
 
 fn append(
