@@ -44,8 +44,6 @@ pub struct Exchange {
     /// What `proxy_on_log` sees of the request and the response.
     request_headers: HeaderMap,
     response_headers: HeaderMap,
-    /// Notified when a plugin this exchange waits on has news for it.
-    resumed: Arc<Notify>,
 }
 
 impl core::fmt::Debug for Exchange {
@@ -84,7 +82,6 @@ impl Exchange {
             ended: false,
             request_headers: HeaderMap::new(),
             response_headers: HeaderMap::new(),
-            resumed: Arc::new(Notify::new()),
         }
     }
 
@@ -297,18 +294,21 @@ impl Exchange {
         direction: Direction,
     ) -> Result<Option<HeaderMap>, LocalResponse> {
         let deadline = tokio::time::Instant::now() + self.chain.inner.pause_timeout;
+        // Notified when the plugin has news for this exchange; made only for exchanges that
+        // wait.
+        let resumed = Arc::new(Notify::new());
         loop {
             let job = Job::Resumed {
                 index,
                 direction,
-                notify: self.resumed.clone(),
+                notify: resumed.clone(),
             };
             match self.run(job).await? {
                 Done::Resumed(Some(resumed)) => return resumed,
                 Done::Resumed(None) => {}
                 _ => return Err(mismatched()),
             }
-            if tokio::time::timeout_at(deadline, self.resumed.notified())
+            if tokio::time::timeout_at(deadline, resumed.notified())
                 .await
                 .is_err()
             {
