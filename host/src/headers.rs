@@ -2,13 +2,27 @@
 //! (`:path`, `:method`, ...) are ordinary entries and duplicates are kept.
 
 use bytes::Bytes;
+use std::sync::Arc;
 
 /// An ordered multimap of header names to values. Names compare ASCII case-insensitively;
 /// names added through a plugin are stored lower-cased, as Envoy does.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// Cloning is cheap: clones share their entries until one of them changes (the host keeps a
+/// copy of every request's headers for `request.*` attributes, which then costs nothing
+/// unless the proxy edits the map afterwards).
+#[derive(Debug, Clone, Default)]
 pub struct HeaderMap {
-    entries: Vec<(Bytes, Bytes)>,
+    /// `None` while empty, so that an empty map (and `mem::take`) allocates nothing.
+    entries: Option<Arc<Vec<(Bytes, Bytes)>>>,
 }
+
+impl PartialEq for HeaderMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for HeaderMap {}
 
 impl HeaderMap {
     /// An empty map.
@@ -18,28 +32,28 @@ impl HeaderMap {
 
     /// Number of entries (duplicates counted).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.as_slice().len()
     }
 
     /// Whether the map has no entries.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.as_slice().is_empty()
     }
 
     /// Entries in order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&Bytes, &Bytes)> {
-        self.entries.iter().map(|(k, v)| (k, v))
+        self.as_slice().iter().map(|(k, v)| (k, v))
     }
 
     /// Entries in order, as a slice of pairs.
     pub fn as_slice(&self) -> &[(Bytes, Bytes)] {
-        &self.entries
+        self.entries.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// The first value of `name`.
     pub fn get(&self, name: impl AsRef<[u8]>) -> Option<&Bytes> {
         let name = name.as_ref();
-        self.entries
+        self.as_slice()
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
@@ -52,7 +66,7 @@ impl HeaderMap {
 
     /// Every value of `name`, in order.
     pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a Bytes> + 'a {
-        self.entries
+        self.as_slice()
             .iter()
             .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v)
@@ -60,45 +74,63 @@ impl HeaderMap {
 
     /// Appends an entry, keeping any existing ones of the same name.
     pub fn add(&mut self, name: impl Into<Bytes>, value: impl Into<Bytes>) {
-        self.entries.push((name.into(), value.into()));
+        self.entries_mut().push((name.into(), value.into()));
     }
 
     /// Replaces every value of `name` with one value, in the place of the first, or appends it.
     pub fn replace(&mut self, name: impl Into<Bytes>, value: impl Into<Bytes>) {
         let (name, value) = (name.into(), value.into());
-        match self
-            .entries
+        let entries = self.entries_mut();
+        match entries
             .iter()
             .position(|(k, _)| k.eq_ignore_ascii_case(&name))
         {
             Some(first) => {
-                self.entries[first].1 = value;
+                if let Some(entry) = entries.get_mut(first) {
+                    entry.1 = value;
+                }
                 let mut index = 0;
-                self.entries.retain(|(k, _)| {
+                entries.retain(|(k, _)| {
                     index += 1;
                     index - 1 == first || !k.eq_ignore_ascii_case(&name)
                 });
             }
-            None => self.entries.push((name, value)),
+            None => entries.push((name, value)),
         }
     }
 
     /// Removes every entry of `name`; returns how many there were.
     pub fn remove(&mut self, name: impl AsRef<[u8]>) -> usize {
         let name = name.as_ref();
-        let before = self.entries.len();
-        self.entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-        before - self.entries.len()
+        let before = self.len();
+        if !self
+            .as_slice()
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        {
+            return 0;
+        }
+        let entries = self.entries_mut();
+        entries.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        before - entries.len()
     }
 
     /// Removes every entry.
     pub fn clear(&mut self) {
-        self.entries.clear();
+        match self.entries.as_mut().and_then(Arc::get_mut) {
+            Some(entries) => entries.clear(),
+            None => self.entries = None,
+        }
     }
 
     /// Total bytes of names and values (what Envoy reports as a header map's size).
     pub fn byte_size(&self) -> usize {
-        self.entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+        self.as_slice().iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+
+    /// The entries to change, copied first if another clone shares them.
+    fn entries_mut(&mut self) -> &mut Vec<(Bytes, Bytes)> {
+        Arc::make_mut(self.entries.get_or_insert_with(Arc::default))
     }
 }
 
@@ -107,24 +139,28 @@ impl IntoIterator for HeaderMap {
     type IntoIter = std::vec::IntoIter<(Bytes, Bytes)>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.entries.into_iter()
+        self.entries
+            .map(Arc::unwrap_or_clone)
+            .unwrap_or_default()
+            .into_iter()
     }
 }
 
 impl<K: Into<Bytes>, V: Into<Bytes>> FromIterator<(K, V)> for HeaderMap {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let entries: Vec<(Bytes, Bytes)> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
         HeaderMap {
-            entries: iter
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
+            entries: (!entries.is_empty()).then(|| Arc::new(entries)),
         }
     }
 }
 
 impl<K: Into<Bytes>, V: Into<Bytes>> Extend<(K, V)> for HeaderMap {
     fn extend<I: IntoIterator<Item = (K, V)>>(&mut self, iter: I) {
-        self.entries
+        self.entries_mut()
             .extend(iter.into_iter().map(|(k, v)| (k.into(), v.into())));
     }
 }

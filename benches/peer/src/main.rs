@@ -4,14 +4,22 @@
 //! ```sh
 //! cargo build --release -p filterbox-conformance        # builds the guests
 //! cd benches/peer && cargo run --release --ignore-rust-version -- \
-//!     ../../target/guests/wasm32-wasip1/release/guest_headers.wasm
+//!     ../../target/guests/wasm32-wasip1/release/guest_headers.wasm [--out ../../BENCHMARKS.md]
 //! ```
 //!
+//! With `--out FILE` the table also replaces the peer block of that file (`bench-report`
+//! keeps the block when it rewrites BENCHMARKS.md).
+//!
 //! The guest is the suite's Rust-SDK header plugin configured to add one request and one
-//! response header. A lifecycle is: context create, request headers, response headers, done,
-//! log, delete. Each round times each host for about a second per scenario; the medians of the
-//! rounds are printed with their ratio.
+//! response header. A lifecycle is the issue's sequence: context create, request headers,
+//! request body, response headers, response body, done, log, delete. VM creation is timed with
+//! filterbox's default engine and with its pooling allocator (the peer has no pooling option),
+//! and thread scaling as lifecycles per second on two threads sharing one plugin (one module
+//! for the peer), each thread with its own VM, against one thread. Each round times each host
+//! for about a second per scenario, alternating who goes first; the medians of the rounds are
+//! printed with their ratio.
 
+use bytes::BytesMut;
 use proxy_wasm_host::abi::v0_2_1::types::{Action, LogLevel, MapType, Status};
 use proxy_wasm_host::abi::v0_2_1::{
     Access, ContextId, Guest, Host, Invocation, LogContext, LogSink, PluginConfig, Started,
@@ -19,7 +27,7 @@ use proxy_wasm_host::abi::v0_2_1::{
 };
 use proxy_wasm_host::{HeaderMap as PeerMap, Limits, Module, VecHeaderMap};
 use std::hint::black_box;
-use std::sync::Arc;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 const CONFIGURATION: &str = "add x-request yes\nresponse-add x-response yes";
@@ -69,10 +77,21 @@ fn time(run: &mut dyn FnMut(), budget: Duration) -> f64 {
 
 // --- filterbox ---
 
-fn filterbox_plugin(wasm: &[u8]) -> filterbox::Plugin {
+fn filterbox_plugin(wasm: &[u8], pooling: bool) -> filterbox::Plugin {
     let config = filterbox::PluginConfig::named("bench").with_configuration(CONFIGURATION);
-    filterbox::Plugin::load(config, wasm).expect("filterbox loads the guest")
+    let mut engine_config = filterbox::EngineConfig::default();
+    if pooling {
+        engine_config = engine_config.with_pooling(filterbox::PoolingConfig::default());
+    }
+    let engine = filterbox::Engine::new(filterbox::EngineKind::Wasmtime, &engine_config)
+        .expect("filterbox engine");
+    filterbox::Plugin::builder(config)
+        .engine(&engine)
+        .build(wasm)
+        .expect("filterbox loads the guest")
 }
+
+const BODY: &[u8] = b"hello";
 
 /// Each host's maps are built once and cloned per exchange (as a proxy hands over the maps it
 /// parsed), so neither side's timing includes building them from strings.
@@ -84,13 +103,17 @@ fn filterbox_lifecycle(
     let mut resp = response.clone();
     let stream = vm.create_http_stream().expect("stream");
     black_box(
-        vm.on_request_headers(&stream, &mut req, true)
+        vm.on_request_headers(&stream, &mut req, false)
             .expect("request"),
     );
+    let mut body = BytesMut::from(BODY);
+    black_box(vm.on_request_body(&stream, &mut body, true).expect("body"));
     black_box(
-        vm.on_response_headers(&stream, &mut resp, true)
+        vm.on_response_headers(&stream, &mut resp, false)
             .expect("response"),
     );
+    let mut body = BytesMut::from(BODY);
+    black_box(vm.on_response_body(&stream, &mut body, true).expect("body"));
     vm.on_log(&stream, &mut req, &mut resp).expect("log");
     vm.finish_stream(stream).expect("finish");
     assert!(req.get("x-request").is_some() && resp.get("x-response").is_some());
@@ -165,8 +188,10 @@ fn peer_lifecycle(guest: &mut Guest, root: ContextId, maps: &(VecHeaderMap, VecH
     let n_request = *n_request;
     let (answer, _exchange) = guest.with(exchange, |scope| {
         let stream = scope.on_context_create(Some(root))?;
-        let a = scope.on_request_headers(stream, n_request, true)?;
-        let b = scope.on_response_headers(stream, 2, true)?;
+        let a = scope.on_request_headers(stream, n_request, false)?;
+        black_box(scope.on_request_body(stream, BODY.len() as u32, true)?);
+        let b = scope.on_response_headers(stream, 2, false)?;
+        black_box(scope.on_response_body(stream, BODY.len() as u32, true)?);
         scope.on_done(stream)?;
         scope.on_log(stream)?;
         scope.on_delete(stream)?;
@@ -189,26 +214,97 @@ fn human(ns: f64) -> String {
     }
 }
 
+/// Runs `a` and `b` once each, the first alternating with the round.
+fn pair(round: usize, a: &mut dyn FnMut() -> f64, b: &mut dyn FnMut() -> f64) -> (f64, f64) {
+    if round.is_multiple_of(2) {
+        let x = a();
+        (x, b())
+    } else {
+        let y = b();
+        (a(), y)
+    }
+}
+
+/// Lifecycles per second on `threads` threads, each with its own VM made by `make` from the
+/// shared plugin, started together.
+fn rate<V>(
+    threads: usize,
+    lifecycles: usize,
+    make: &(dyn Fn() -> V + Sync),
+    run: &(dyn Fn(&mut V) + Sync),
+) -> f64 {
+    let ready = Barrier::new(threads + 1);
+    let elapsed = std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut vm = make();
+                ready.wait();
+                for _ in 0..lifecycles {
+                    run(&mut vm);
+                }
+            });
+        }
+        ready.wait();
+        let start = Instant::now();
+        // The scope joins the threads before it returns.
+        start
+    });
+    (threads * lifecycles) as f64 / elapsed.elapsed().as_secs_f64()
+}
+
+const START: &str = "<!-- peer-bench -->";
+const END: &str = "<!-- /peer-bench -->";
+
+/// Replaces the peer block of `file`, or appends one.
+fn write_block(file: &str, block: &str) {
+    let old = std::fs::read_to_string(file).unwrap_or_default();
+    let new = match (old.find(START), old.find(END)) {
+        (Some(start), Some(end)) if start < end => {
+            format!("{}{block}{}", &old[..start], &old[end + END.len()..])
+        }
+        _ => format!("{}\n\n{block}\n", old.trim_end_matches('\n')),
+    };
+    std::fs::write(file, new).expect("writing the report");
+}
+
 fn main() {
-    let path = std::env::args()
-        .nth(1)
-        .expect("usage: filterbox-peer-bench path/to/guest_headers.wasm");
-    let wasm = std::fs::read(&path).expect("reading the guest");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let path = args
+        .first()
+        .expect("usage: filterbox-peer-bench path/to/guest_headers.wasm [--out FILE]");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1));
+    let wasm = std::fs::read(path).expect("reading the guest");
     let budget = Duration::from_millis(800);
-    let plugin = filterbox_plugin(&wasm);
+    let plugin = filterbox_plugin(&wasm, false);
+    let pooled = filterbox_plugin(&wasm, true);
     let peer = Peer::new(&wasm);
 
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
-    for extra in [0usize, 10] {
-        let list = request(extra);
-        let name = format!("lifecycle, {} request headers", list.len());
+    let mut row = |name: String| {
         rows.push((name, Vec::new(), Vec::new()));
-    }
-    rows.push(("new VM + start + drop".to_owned(), Vec::new(), Vec::new()));
+        rows.len() - 1
+    };
+    let lifecycle_rows: Vec<(usize, usize)> = [0usize, 10]
+        .into_iter()
+        .map(|extra| {
+            let n = request(extra).len();
+            (
+                extra,
+                row(format!("lifecycle with bodies, {n} request headers")),
+            )
+        })
+        .collect();
+    let new_vm = row("new VM + start + drop".to_owned());
+    let new_vm_pooled = row("new VM + start + drop, filterbox pooling".to_owned());
+    let threads_row = row("2 threads sharing one plugin / 1 thread (lifecycles/s)".to_owned());
 
+    let lifecycles = 100_000;
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
-        for (row, extra) in [0usize, 10].into_iter().enumerate() {
+        for &(extra, index) in &lifecycle_rows {
             let list = request(extra);
             let ours: (filterbox::HeaderMap, filterbox::HeaderMap) = (
                 list.clone().into_iter().collect(),
@@ -217,42 +313,88 @@ fn main() {
             let theirs = (pairs(list.clone()), pairs(response()), list.len() as u32);
             let mut vm = filterbox::Vm::new(&plugin).expect("vm");
             let (mut guest, root) = peer.guest();
-            let mut ours_run = || filterbox_lifecycle(&mut vm, &ours);
-            let mut theirs_run = || peer_lifecycle(&mut guest, root, &theirs);
-            // Who goes first alternates, so neither always meets a cold cache or clock.
-            let (f, p) = match round % 2 {
-                0 => {
-                    let f = time(&mut ours_run, budget);
-                    (f, time(&mut theirs_run, budget))
-                }
-                _ => {
-                    let p = time(&mut theirs_run, budget);
-                    (time(&mut ours_run, budget), p)
-                }
-            };
-            rows[row].1.push(f);
-            rows[row].2.push(p);
+            let (f, p) = pair(
+                round,
+                &mut || time(&mut || filterbox_lifecycle(&mut vm, &ours), budget),
+                &mut || time(&mut || peer_lifecycle(&mut guest, root, &theirs), budget),
+            );
+            rows[index].1.push(f);
+            rows[index].2.push(p);
         }
-        let mut ours_new = || drop(black_box(filterbox::Vm::new(&plugin).expect("vm")));
-        let mut theirs_new = || drop(black_box(peer.guest()));
-        let (f, p) = match round % 2 {
-            0 => {
-                let f = time(&mut ours_new, budget);
-                (f, time(&mut theirs_new, budget))
-            }
-            _ => {
-                let p = time(&mut theirs_new, budget);
-                (time(&mut ours_new, budget), p)
-            }
+        for (index, plugin) in [(new_vm, &plugin), (new_vm_pooled, &pooled)] {
+            let (f, p) = pair(
+                round,
+                &mut || {
+                    time(
+                        &mut || drop(black_box(filterbox::Vm::new(plugin).expect("vm"))),
+                        budget,
+                    )
+                },
+                &mut || time(&mut || drop(black_box(peer.guest())), budget),
+            );
+            rows[index].1.push(f);
+            rows[index].2.push(p);
+        }
+        // Each thread builds its own maps: clones of one map shared between threads would
+        // count reference-count traffic between the cores that a proxy's fresh maps do not have.
+        let make_ours = || {
+            let maps: (filterbox::HeaderMap, filterbox::HeaderMap) = (
+                request(0).into_iter().collect(),
+                response().into_iter().collect(),
+            );
+            (filterbox::Vm::new(&plugin).expect("vm"), maps)
         };
-        rows[2].1.push(f);
-        rows[2].2.push(p);
+        let run_ours = |(vm, maps): &mut (filterbox::Vm, _)| filterbox_lifecycle(vm, maps);
+        let make_theirs = || {
+            let maps = (
+                pairs(request(0)),
+                pairs(response()),
+                request(0).len() as u32,
+            );
+            (peer.guest(), maps)
+        };
+        let run_theirs = |((guest, root), maps): &mut ((Guest, ContextId), _)| {
+            peer_lifecycle(guest, *root, maps)
+        };
+        let (f, p) = pair(
+            round,
+            &mut || {
+                rate(2, lifecycles, &make_ours, &run_ours)
+                    / rate(1, lifecycles, &make_ours, &run_ours)
+            },
+            &mut || {
+                rate(2, lifecycles, &make_theirs, &run_theirs)
+                    / rate(1, lifecycles, &make_theirs, &run_theirs)
+            },
+        );
+        rows[threads_row].1.push(f);
+        rows[threads_row].2.push(p);
     }
 
-    println!("| scenario | filterbox | proxy-wasm-host 0.2.0 | filterbox / peer |");
-    println!("|---|---|---|---|");
-    for (name, ours, theirs) in rows {
+    let mut table = String::from(
+        "| scenario | filterbox | proxy-wasm-host 0.2.0 | filterbox / peer |\n|---|---|---|---|\n",
+    );
+    for (index, (name, ours, theirs)) in rows.into_iter().enumerate() {
         let (f, p) = (median(ours), median(theirs));
-        println!("| {name} | {} | {} | {:.2}× |", human(f), human(p), f / p);
+        table.push_str(&if index == threads_row {
+            format!("| {name} | {f:.2}× | {p:.2}× | – |\n")
+        } else {
+            format!("| {name} | {} | {} | {:.2}× |\n", human(f), human(p), f / p)
+        });
+    }
+    print!("{table}");
+    if let Some(out) = out {
+        let block = format!(
+            "{START}\n## Against the other Rust host (`benches/peer`)\n\n\
+             filterbox (wasmtime 48) and `proxy-wasm-host` 0.2.0 (wasmtime 49) in one process on \
+             the same guest bytes (the suite's Rust-SDK header plugin adding one request and one \
+             response header) and the same callbacks: context create, request headers, request \
+             body, response headers, response body, done, log, delete. {ROUNDS} interleaved \
+             rounds alternating who goes first, medians. Single runs on this VM vary by up to \
+             ±30 %; compare the ratio of one run. Command: see `benches/peer/src/main.rs`.\n\n\
+             {table}{END}"
+        );
+        write_block(out, &block);
+        eprintln!("wrote {out}");
     }
 }

@@ -15,15 +15,20 @@ fn main() -> anyhow::Result<()> {
         eprintln!("warning: a debug build; numbers are only meaningful with --release");
     }
     let mut report = filterbox_benches::report::run(quick).map_err(anyhow::Error::msg)?;
-    // bench-proxy's block (wrk through `filterbox serve`) is measured separately: keep it.
+    // bench-proxy's block (wrk through `filterbox serve`) and benches/peer's block (the other
+    // Rust host) are measured by their own programs: keep them.
     let old = std::fs::read_to_string(&out).unwrap_or_default();
-    let (start, end) = ("<!-- proxy-bench -->", "<!-- /proxy-bench -->");
-    if let (Some(from), Some(to)) = (old.find(start), old.find(end))
-        && from < to
-    {
-        report.push('\n');
-        report.push_str(&old[from..to + end.len()]);
-        report.push('\n');
+    for (start, end) in [
+        ("<!-- proxy-bench -->", "<!-- /proxy-bench -->"),
+        ("<!-- peer-bench -->", "<!-- /peer-bench -->"),
+    ] {
+        if let (Some(from), Some(to)) = (old.find(start), old.find(end))
+            && from < to
+        {
+            report.push('\n');
+            report.push_str(&old[from..to + end.len()]);
+            report.push('\n');
+        }
     }
     std::fs::write(&out, report)?;
     eprintln!("wrote {out}");
