@@ -1,10 +1,17 @@
 //! Load-tests `filterbox serve` with wrk on loopback: requests per second and p99 latency
-//! straight to an upstream, then through the proxy with 0, 1 and 5 plugins. Writes the table
-//! into BENCHMARKS.md between its proxy markers (bench-report keeps that block).
+//! straight to an upstream, through nginx as the reference proxy (when `nginx` is installed),
+//! then through `filterbox serve` and through the Pingora example (when it is built) with 0, 1
+//! and 5 plugins. Writes the table into BENCHMARKS.md between its proxy markers (bench-report
+//! keeps that block).
 //!
-//! `cargo build --release -p filterbox-cli && cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--rounds N] [--connections N] [--filterbox PATH] [--out FILE]`
+//! ```sh
+//! cargo build --release -p filterbox-cli
+//! cargo build --release -p filterbox-pingora --example pingora_proxy
+//! cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--rounds N] \
+//!     [--connections N] [--filterbox PATH] [--pingora PATH] [--out FILE]
+//! ```
 //!
-//! Needs `wrk` (Debian: `apt-get install wrk`).
+//! Needs `wrk` (Debian: `apt-get install wrk`); the nginx row needs Debian's `nginx-light`.
 
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
@@ -27,6 +34,7 @@ struct Args {
     connections: u32,
     rounds: u32,
     filterbox: PathBuf,
+    pingora: PathBuf,
     out: PathBuf,
 }
 
@@ -50,6 +58,10 @@ fn args() -> Result<Args> {
             .context("--connections")?,
         filterbox: value("--filterbox")
             .map_or_else(|| PathBuf::from("target/release/filterbox"), PathBuf::from),
+        pingora: value("--pingora").map_or_else(
+            || PathBuf::from("target/release/examples/pingora_proxy"),
+            PathBuf::from,
+        ),
         out: value("--out").map_or_else(|| PathBuf::from("BENCHMARKS.md"), PathBuf::from),
     })
 }
@@ -97,18 +109,24 @@ fn free_port() -> Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// The plugin entries of an `n`-plugin chain: header rewrites and a deny rule that never
-/// matches, so every request reaches the upstream through every plugin.
-fn plugins(n: usize) -> String {
-    let kinds = [
+/// The plugins of an `n`-plugin chain (name, configuration, file): header rewrites and a
+/// deny rule that never matches, so every request reaches the upstream through every plugin.
+fn chain(n: usize) -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    [
         ("add", "add x-bench-a 1", "headers.wasm"),
         ("deny", "/admin", "deny.wasm"),
         ("replace", "replace x-bench-b 2", "headers.wasm"),
         ("response", "response-add x-bench-c 3", "headers.wasm"),
         ("copy", "copy-header x-bench-a x-bench-d", "headers.wasm"),
-    ];
+    ]
+    .into_iter()
+    .take(n)
+}
+
+/// The `plugins:` entries of `serve`'s config for an `n`-plugin chain.
+fn plugins(n: usize) -> String {
     let mut out = String::from("plugins:\n");
-    for (name, configuration, file) in kinds.iter().take(n) {
+    for (name, configuration, file) in chain(n) {
         let _ = writeln!(
             out,
             "  - {{ name: {name}, configuration: \"{configuration}\", vm_config: {{ code: {{ local: {{ filename: {file} }} }} }} }}"
@@ -120,18 +138,56 @@ fn plugins(n: usize) -> String {
     out
 }
 
-fn wait_for(addr: SocketAddr, proxy: &mut Proxy) -> Result<()> {
+/// Starts `command` (a proxy that will listen on `addr`) and waits until it listens.
+fn spawn_proxy(command: &mut Command, addr: SocketAddr) -> Result<Proxy> {
+    let name = command.get_program().to_string_lossy().into_owned();
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let mut proxy = Proxy(child);
     let started = Instant::now();
     while TcpStream::connect(addr).is_err() {
         if let Some(status) = proxy.0.try_wait()? {
-            bail!("filterbox serve exited: {status}");
+            bail!("{name} exited: {status}");
         }
         if started.elapsed() > Duration::from_secs(60) {
-            bail!("filterbox serve did not listen on {addr} within 60 s");
+            bail!("{name} did not listen on {addr} within 60 s");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
+    Ok(proxy)
+}
+
+/// nginx as the reference proxy: one worker, keepalive connections to the upstream; `None`
+/// (with a note) when nginx is not installed.
+fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<Option<(Proxy, SocketAddr)>> {
+    let Some(nginx) = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        eprintln!("nginx not found (Debian: nginx-light): no reference row");
+        return Ok(None);
+    };
+    let listen = free_port()?;
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let config = format!(
+        "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} error;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  upstream backend {{ server {upstream}; keepalive 64; }}\n\
+           server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://backend;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        pid = prefix.join("nginx.pid").display(),
+        log = prefix.join("logs/error.log").display(),
+    );
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, config)?;
+    let mut command = Command::new(nginx);
+    command.arg("-p").arg(&prefix).arg("-c").arg(&path);
+    Ok(Some((spawn_proxy(&mut command, listen)?, listen)))
 }
 
 /// Requests per second and p99 latency (ms) of one wrk run.
@@ -188,6 +244,10 @@ fn duration_ms(text: &str) -> Option<f64> {
 
 fn main() -> Result<()> {
     let args = args()?;
+    // What else the machine was doing, for the report.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|_| "unknown".to_owned());
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build of the upstream; use --release");
     }
@@ -210,6 +270,20 @@ fn main() -> Result<()> {
         format!("http://{upstream}/bench"),
     )];
     let mut proxies = Vec::new();
+    if let Some((proxy, listen)) = start_nginx(&dir, upstream)? {
+        proxies.push(proxy);
+        targets.push((
+            "nginx proxy_pass (1 worker)".to_owned(),
+            format!("http://{listen}/bench"),
+        ));
+    }
+    let pingora = args.pingora.exists();
+    if !pingora {
+        eprintln!(
+            "{} not found (cargo build --release -p filterbox-pingora --example pingora_proxy): no Pingora rows",
+            args.pingora.display()
+        );
+    }
     for n in [0, 1, 5] {
         let listen = free_port()?;
         let config = format!(
@@ -218,22 +292,26 @@ fn main() -> Result<()> {
         );
         let path = dir.join(format!("serve-{n}.yaml"));
         std::fs::write(&path, config)?;
-        let mut proxy = Proxy(
-            Command::new(&args.filterbox)
-                .args(["serve", "--config"])
-                .arg(&path)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", args.filterbox.display()))?,
-        );
-        wait_for(listen, &mut proxy)?;
-        proxies.push(proxy);
-        let name = format!(
-            "filterbox serve, {n} plugin{}",
-            if n == 1 { "" } else { "s" }
-        );
-        targets.push((name, format!("http://{listen}/bench")));
+        let mut command = Command::new(&args.filterbox);
+        command.args(["serve", "--config"]).arg(&path);
+        proxies.push(spawn_proxy(&mut command, listen)?);
+        targets.push((
+            format!("filterbox serve, {}", count(n)),
+            format!("http://{listen}/bench"),
+        ));
+        if pingora {
+            let listen = free_port()?;
+            let mut command = Command::new(&args.pingora);
+            command.arg(listen.to_string()).arg(upstream.to_string());
+            for (_, configuration, file) in chain(n) {
+                command.arg(format!("{}={configuration}", dir.join(file).display()));
+            }
+            proxies.push(spawn_proxy(&mut command, listen)?);
+            targets.push((
+                format!("Pingora + filterbox-pingora, {}", count(n)),
+                format!("http://{listen}/bench"),
+            ));
+        }
     }
     for (_, url) in &targets {
         eprintln!("warming up {url}");
@@ -256,11 +334,16 @@ fn main() -> Result<()> {
             (name, rps, p99)
         })
         .collect();
-    let block = table(&rows, &args);
+    let block = table(&rows, &args, &load);
     print!("{block}");
     write_block(&args.out, &block)?;
     eprintln!("updated {}", args.out.display());
     Ok(())
+}
+
+/// "1 plugin", "5 plugins".
+fn count(n: usize) -> String {
+    format!("{n} plugin{}", if n == 1 { "" } else { "s" })
 }
 
 /// The middle value (the mean of the middle two for an even count).
@@ -275,23 +358,26 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-fn table(rows: &[(String, f64, f64)], args: &Args) -> String {
+fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut out = format!(
-        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc). \
+        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc) and a release `pingora_proxy` example of `filterbox-pingora` (wasmtime, Pingora's default one worker thread with work stealing, the system allocator). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
          `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
          Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches. \
-         wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run.\n\n\
+         wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run. Load average (1, 5, 15 min) when the run started: {load}.\n\n\
          | path | requests/s | p99 latency | throughput lost to the plugins |\n|---|---|---|---|\n",
         args.connections, args.seconds, args.rounds
     );
-    let none = rows
-        .iter()
-        .find(|(name, _, _)| name.ends_with(" 0 plugins"))
-        .map(|row| row.1);
+    // Each proxy's rows compare with its own 0-plugin row.
+    let family = |name: &str| name.rsplit_once(", ").map(|(family, _)| family.to_owned());
     for (name, rps, p99) in rows {
+        let none = family(name).and_then(|f| {
+            rows.iter()
+                .find(|(other, _, _)| *other == format!("{f}, 0 plugins"))
+                .map(|row| row.1)
+        });
         let lost = match none {
-            Some(none) if name.starts_with("filterbox") && !name.ends_with(" 0 plugins") => {
+            Some(none) if !name.ends_with(" 0 plugins") => {
                 format!("{:.0}%", (1.0 - rps / none) * 100.0)
             }
             _ => String::new(),

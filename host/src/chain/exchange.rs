@@ -9,7 +9,7 @@
 //! through this type; so can any other proxy.
 
 use super::FilterChain;
-use super::local::{is_grpc, local, local_message};
+use super::local::{is_framing, is_grpc, local, local_message};
 use super::phase::{Direction, MapPhase, Step};
 use super::slot::{Done, Job, Slot};
 use crate::HeaderMap;
@@ -70,6 +70,26 @@ pub struct LocalReply {
     /// Why the exchange was answered (the plugin's details, or `filterbox_*` for the chain's
     /// own answers), for the access log.
     pub details: String,
+}
+
+impl LocalReply {
+    /// The reply's headers as `http` headers for the client: no pseudo headers, no framing
+    /// headers (the proxy frames the body it sends), and none that `http` refuses.
+    pub fn http_headers(&self) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in self.headers.iter() {
+            if name.starts_with(b":") || is_framing(name) {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                let _ = headers.try_append(name, value);
+            }
+        }
+        headers
+    }
 }
 
 impl Exchange {
@@ -258,8 +278,9 @@ impl Exchange {
         }
     }
 
-    /// Whether the chain has no plugins (nothing to run).
-    pub(super) fn is_empty(&self) -> bool {
+    /// Whether the exchange's chain has no plugins: every phase then returns its input, and
+    /// a proxy may skip them.
+    pub fn is_empty(&self) -> bool {
         self.chain.inner.plugins.is_empty()
     }
 

@@ -104,3 +104,11 @@ pub(super) fn invalid_edit(error: HttpPartsError) -> LocalResponse {
     tracing::warn!("plugin left invalid headers: {error}");
     local(500, "filterbox_invalid_headers")
 }
+
+/// What a proxy answers when the plugins left headers its HTTP types cannot carry: a 500
+/// with details `filterbox_invalid_headers` (the error is logged).
+impl From<HttpPartsError> for LocalResponse {
+    fn from(error: HttpPartsError) -> LocalResponse {
+        invalid_edit(error)
+    }
+}

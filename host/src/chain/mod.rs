@@ -165,6 +165,12 @@ impl FilterChain {
         Exchange::new(self.clone())
     }
 
+    /// How long a phase a plugin paused waits for it (the builder's
+    /// [`FilterChainBuilder::pause_timeout`]).
+    pub fn pause_timeout(&self) -> Duration {
+        self.inner.pause_timeout
+    }
+
     /// The plugins, in request order.
     pub fn plugins(&self) -> &[Plugin] {
         &self.inner.plugins

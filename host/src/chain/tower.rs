@@ -6,7 +6,7 @@
 use super::body::{BODY_FRAMES_IN_FLIGHT, BodySender, FilteredBody};
 use super::error::{BoxError, FilterError};
 use super::exchange::{Exchange, LocalReply};
-use super::local::{invalid_edit, is_framing};
+use super::local::invalid_edit;
 use super::phase::Direction;
 use super::{FilterChain, SharedChain};
 use crate::HeaderMap;
@@ -370,20 +370,11 @@ fn reply_directly(exchange: &mut Exchange, local: LocalResponse) -> http::Respon
 /// The HTTP response for a local reply. Headers `http` refuses are left out, and so are
 /// framing headers a plugin set in the response phase: the body is framed here.
 fn http_response(reply: LocalReply) -> http::Response<FilteredBody> {
+    let headers = reply.http_headers();
     let mut response = http::Response::new(FilteredBody::full(reply.body));
     *response.status_mut() =
         http::StatusCode::from_u16(reply.status).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-    for (name, value) in reply.headers.iter() {
-        if name.starts_with(b":") || is_framing(name) {
-            continue;
-        }
-        if let (Ok(header), Ok(value)) = (
-            http::HeaderName::from_bytes(name),
-            http::HeaderValue::from_bytes(value),
-        ) {
-            let _ = response.headers_mut().try_append(header, value);
-        }
-    }
+    *response.headers_mut() = headers;
     response
 }
 

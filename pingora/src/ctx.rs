@@ -1,0 +1,516 @@
+//! The helpers a `ProxyHttp` calls from its phases, and the state of one exchange between
+//! them. What crosses this module: Pingora's session, request and response headers and body
+//! chunks in; the same, as the plugins left them (or the local reply one of them gave), out.
+
+use bytes::Bytes;
+use filterbox::{Exchange, FilterChain, HeaderMap, LocalReply, LocalResponse, SharedChain};
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, Session};
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+/// A chain of proxy-wasm plugins for a Pingora proxy: call its methods from the phases of
+/// your `ProxyHttp` of the same names, with the exchange's [`WasmCtx`] (from
+/// [`WasmFilters::new_ctx`], kept in your `CTX`).
+///
+/// | your `ProxyHttp` method | call |
+/// |---|---|
+/// | `new_ctx` | [`WasmFilters::new_ctx`] |
+/// | `request_filter` | [`WasmFilters::request_filter`] (return early if it returns `true`) |
+/// | `request_body_filter` | [`WasmFilters::request_body_filter`] |
+/// | `response_filter` | [`WasmFilters::response_filter`] |
+/// | `response_body_filter` | [`WasmFilters::response_body_filter`] |
+/// | `response_trailer_filter` | [`WasmFilters::response_trailer_filter`] |
+/// | `fail_to_proxy` | [`WasmFilters::fail_to_proxy`] |
+/// | `logging` | [`WasmFilters::logging`] |
+///
+/// Cloning is cheap; clones share the chain, and [`WasmFilters::chain`] swaps it for every
+/// clone at once (exchanges in flight finish on the chain they started with).
+#[derive(Clone, Debug)]
+pub struct WasmFilters {
+    chain: SharedChain,
+}
+
+/// The plugins' state of one exchange: made by [`WasmFilters::new_ctx`], passed to every
+/// phase. Dropping it before [`WasmFilters::logging`] ends the plugins' streams without
+/// `proxy_on_log` (a client that went away).
+#[derive(Debug)]
+pub struct WasmCtx {
+    /// `None` once the exchange ended.
+    exchange: Option<Exchange>,
+    /// How long the synchronous response body phase waits for a paused plugin.
+    pause_timeout: Duration,
+    /// The status of the local reply this crate sent or put in place of the response.
+    replied: Option<u16>,
+    /// The request had no body (its headers ended it).
+    request_ended: bool,
+    /// The response has no body (its headers ended it).
+    response_ended: bool,
+    /// A local reply replaced the upstream's response: its body, until sent.
+    reply_body: Option<Option<Bytes>>,
+}
+
+impl WasmCtx {
+    /// The status of the local reply the plugins (or the chain: a limit, a failure policy)
+    /// gave this exchange, if they answered it.
+    pub fn replied(&self) -> Option<u16> {
+        self.replied
+    }
+}
+
+/// The exchange, while it runs plugins (none once it ended, or for an empty chain). A
+/// function of the field, so that the other fields of the context stay writable.
+fn running(exchange: &mut Option<Exchange>) -> Option<&mut Exchange> {
+    exchange.as_mut().filter(|e| !e.is_empty())
+}
+
+impl WasmFilters {
+    /// Runs every exchange through `chain`.
+    pub fn new(chain: FilterChain) -> Self {
+        WasmFilters {
+            chain: SharedChain::new(chain),
+        }
+    }
+
+    /// Runs every exchange through whatever chain `chain` holds when the exchange starts.
+    pub fn shared(chain: SharedChain) -> Self {
+        WasmFilters { chain }
+    }
+
+    /// The chain new exchanges start on; [`SharedChain::replace`] swaps it while traffic
+    /// flows.
+    pub fn chain(&self) -> &SharedChain {
+        &self.chain
+    }
+
+    /// The state of a new exchange, on the current chain.
+    pub fn new_ctx(&self) -> WasmCtx {
+        let chain = self.chain.current();
+        WasmCtx {
+            pause_timeout: chain.pause_timeout(),
+            exchange: Some(chain.exchange()),
+            replied: None,
+            request_ended: false,
+            response_ended: false,
+            reply_body: None,
+        }
+    }
+
+    /// The request headers through the plugins (`proxy_on_request_headers`), with the
+    /// connection's addresses as `source.*` and `destination.*` attributes. The request goes
+    /// on as the plugins left it. Returns `true` when a plugin answered it: the reply has been
+    /// sent, and your `request_filter` should return `Ok(true)` as well.
+    pub async fn request_filter(&self, session: &mut Session, ctx: &mut WasmCtx) -> Result<bool> {
+        let Some(exchange) = running(&mut ctx.exchange) else {
+            return Ok(false);
+        };
+        if let Err(local) = set_addresses(exchange, session).await {
+            return reply(session, ctx, local).await.map(|()| true);
+        }
+        let request = session.req_header();
+        let mut headers = HeaderMap::from_request_parts(request);
+        if request.uri.scheme().is_none() {
+            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+            headers.add(":scheme", if tls { "https" } else { "http" });
+        }
+        let ended = session.is_body_empty();
+        ctx.request_ended = ended;
+        let sent = headers.clone();
+        let passed = match exchange.request_headers(headers, ended).await {
+            Ok(passed) => passed,
+            Err(local) => return reply(session, ctx, local).await.map(|()| true),
+        };
+        if passed != sent
+            && let Err(local) = apply_request(session.req_header_mut(), passed)
+        {
+            return reply(session, ctx, local).await.map(|()| true);
+        }
+        Ok(false)
+    }
+
+    /// A request body chunk through the plugins (`proxy_on_request_body`): `body` becomes
+    /// what they let through (`None` while one of them holds the body). A plugin that answers
+    /// here gets its reply sent, and the phase fails so that Pingora stops proxying (see
+    /// [`WasmFilters::fail_to_proxy`]).
+    pub async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut WasmCtx,
+    ) -> Result<()> {
+        if ctx.request_ended {
+            return Ok(());
+        }
+        let Some(exchange) = running(&mut ctx.exchange) else {
+            return Ok(());
+        };
+        let chunk = body.take().unwrap_or_default();
+        let passed = match exchange.request_body(chunk, end_of_stream).await {
+            Ok(passed) => passed,
+            Err(local) => {
+                let status = local.status_code;
+                reply(session, ctx, local).await?;
+                return Err(answered(status));
+            }
+        };
+        *body = (!passed.is_empty()).then_some(passed);
+        if end_of_stream {
+            ctx.request_ended = true;
+            if let Ok(Some(_)) = exchange.request_added_trailers().await {
+                tracing::warn!("a plugin added request trailers; Pingora cannot send them");
+            }
+        }
+        Ok(())
+    }
+
+    /// The response headers through the plugins (`proxy_on_response_headers`, in reverse
+    /// chain order); `response` becomes what they left. A plugin that answers here replaces
+    /// the upstream's response with its reply (status, headers and, in the body phase, body).
+    pub async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut WasmCtx,
+    ) -> Result<()> {
+        if response.status.is_informational() {
+            return Ok(());
+        }
+        let ended = !has_body(session.req_header(), response.status);
+        let Some(exchange) = running(&mut ctx.exchange) else {
+            return Ok(());
+        };
+        let sent = HeaderMap::from_response_parts(response);
+        let outcome = match exchange.response_headers(sent.clone(), ended).await {
+            Ok(passed) if passed == sent => Ok(()),
+            Ok(passed) => apply_response(response, passed, ended),
+            Err(local) => Err(local),
+        };
+        ctx.response_ended = ended;
+        if let Err(local) = outcome {
+            let reply = exchange.reply_directly(local);
+            *response = reply_header(&reply)?;
+            ctx.replied = Some(reply.status);
+            ctx.reply_body = Some(Some(reply.body));
+        }
+        Ok(())
+    }
+
+    /// A response body chunk through the plugins (`proxy_on_response_body`): `body` becomes
+    /// what they let through. Pingora calls this phase synchronously: a plugin that pauses
+    /// at the last chunk is waited for on this thread, up to the chain's pause timeout. A
+    /// plugin that answers here, after the headers went out, ends the response (the phase
+    /// fails).
+    pub fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut WasmCtx,
+    ) -> Result<Option<Duration>> {
+        if let Some(reply) = &mut ctx.reply_body {
+            // The upstream's body is dropped; the reply's goes out once.
+            *body = reply.take().filter(|b| !b.is_empty());
+            return Ok(None);
+        }
+        if ctx.response_ended {
+            return Ok(None);
+        }
+        let limit = ctx.pause_timeout;
+        let Some(exchange) = running(&mut ctx.exchange) else {
+            return Ok(None);
+        };
+        let chunk = body.take().unwrap_or_default();
+        let passed = block_within(exchange.response_body(chunk, end_of_stream), limit)
+            .unwrap_or_else(|| Err(timed_out()));
+        let passed = match passed {
+            Ok(passed) => passed,
+            Err(local) => {
+                tracing::warn!(
+                    status = local.status_code,
+                    details = %local.details,
+                    "a plugin answered after the response headers were sent; ending the response"
+                );
+                let status = local.status_code;
+                exchange.reply_directly(local);
+                return Err(answered(status));
+            }
+        };
+        *body = (!passed.is_empty()).then_some(passed);
+        if end_of_stream {
+            ctx.response_ended = true;
+            let added = block_within(exchange.response_added_trailers(), limit);
+            if let Some(Ok(Some(_))) = added {
+                tracing::warn!("a plugin added response trailers; Pingora cannot send them");
+            }
+        }
+        Ok(None)
+    }
+
+    /// The response trailers through the plugins (`proxy_on_response_trailers`); `trailers`
+    /// becomes what they left.
+    pub async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut WasmCtx,
+    ) -> Result<Option<Bytes>> {
+        if ctx.reply_body.is_some() || ctx.response_ended {
+            return Ok(None);
+        }
+        let Some(exchange) = running(&mut ctx.exchange) else {
+            return Ok(None);
+        };
+        ctx.response_ended = true;
+        match exchange
+            .response_trailers(HeaderMap::from_http(trailers))
+            .await
+        {
+            Ok((held, passed)) => {
+                if !held.is_empty() {
+                    tracing::warn!(
+                        bytes = held.len(),
+                        "a plugin held response body until the trailers; Pingora cannot send it"
+                    );
+                }
+                *trailers = passed.to_http().map_err(|e| {
+                    Error::explain(ErrorType::InternalError, format!("plugin trailers: {e}"))
+                })?;
+                Ok(None)
+            }
+            Err(local) => {
+                let status = local.status_code;
+                exchange.reply_directly(local);
+                Err(answered(status))
+            }
+        }
+    }
+
+    /// What your `fail_to_proxy` should do first: when the failure is a plugin's answer that
+    /// this crate already sent, report its status without writing another response;
+    /// otherwise `None`, and Pingora's usual error response is yours to send.
+    pub fn fail_to_proxy(&self, _error: &Error, ctx: &WasmCtx) -> Option<FailToProxy> {
+        ctx.replied.map(|status| FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        })
+    }
+
+    /// Ends the exchange: `proxy_on_log` in every plugin (with the headers as the phases
+    /// left them), then the end of their streams. Call it from `logging`.
+    pub async fn logging(&self, _session: &mut Session, _error: Option<&Error>, ctx: &mut WasmCtx) {
+        if let Some(exchange) = ctx.exchange.take() {
+            exchange.finish_and_wait().await;
+        }
+    }
+}
+
+/// Tells the plugins where the connection comes from and goes to (Envoy's `source.address`,
+/// `source.port`, `destination.address`, `destination.port`).
+async fn set_addresses(
+    exchange: &mut Exchange,
+    session: &Session,
+) -> std::result::Result<(), LocalResponse> {
+    let ends = [
+        ("source", session.client_addr()),
+        ("destination", session.server_addr()),
+    ];
+    for (side, address) in ends {
+        let Some(address) = address.and_then(|a| a.as_inet()) else {
+            continue;
+        };
+        let text = Bytes::from(address.to_string());
+        exchange.set_property(&[side, "address"], text).await?;
+        let port = Bytes::copy_from_slice(&i64::from(address.port()).to_le_bytes());
+        exchange.set_property(&[side, "port"], port).await?;
+    }
+    Ok(())
+}
+
+/// Whether a response with `status` to `request` carries a body (RFC 9110 §6.4.1).
+fn has_body(request: &RequestHeader, status: StatusCode) -> bool {
+    request.method != http::Method::HEAD
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+}
+
+/// Writes the request headers the plugins left into Pingora's request: method and path from
+/// the pseudo headers, `:authority` as `host`, the rest replacing the headers.
+fn apply_request(
+    request: &mut RequestHeader,
+    mut passed: HeaderMap,
+) -> std::result::Result<(), LocalResponse> {
+    // Pingora forwards origin-form requests: the `:scheme` shown to the plugins is not
+    // part of the URI it sends.
+    passed.remove(":scheme");
+    let mut parts = request.as_owned_parts();
+    passed.to_request_parts(&mut parts)?;
+    if parts.method != request.method {
+        request.set_method(parts.method);
+    }
+    if parts.uri != request.uri {
+        request.set_uri(parts.uri);
+    }
+    let old: Vec<HeaderName> = request.headers.keys().cloned().collect();
+    for name in &old {
+        request.remove_header(name);
+    }
+    for (name, value) in entries(parts.headers) {
+        request
+            .append_header(name, value)
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
+/// Writes the response headers the plugins left into Pingora's response. The message keeps
+/// its framing: a plugin's framing headers are not taken (see `to_response_parts`), and a
+/// body that lost its length goes out chunked (`ended`: the response has no body).
+fn apply_response(
+    response: &mut ResponseHeader,
+    passed: HeaderMap,
+    ended: bool,
+) -> std::result::Result<(), LocalResponse> {
+    let mut parts = response.as_owned_parts();
+    passed.to_response_parts(&mut parts)?;
+    let framing = response
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .cloned();
+    if parts.status != response.status {
+        response.set_status(parts.status).map_err(|e| invalid(&e))?;
+    }
+    let mut headers = parts.headers;
+    if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
+        let chunked = HeaderValue::from_static("chunked");
+        headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
+    }
+    let old: Vec<HeaderName> = response.headers.keys().cloned().collect();
+    for name in &old {
+        response.remove_header(name);
+    }
+    for (name, value) in entries(headers) {
+        response
+            .append_header(name, value)
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
+/// Every entry of `headers` in order, each with its name (`http`'s owned iterator names
+/// only the first value of a header).
+fn entries(headers: http::HeaderMap) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    let mut last = None;
+    headers.into_iter().filter_map(move |(name, value)| {
+        if let Some(name) = name {
+            last = Some(name);
+        }
+        last.clone().map(|name| (name, value))
+    })
+}
+
+/// Pingora refused a header the plugins left.
+fn invalid(error: &Error) -> LocalResponse {
+    tracing::warn!("plugin left headers Pingora refuses: {error}");
+    LocalResponse {
+        status_code: 500,
+        details: "filterbox_invalid_headers".to_owned(),
+        body: Bytes::new(),
+        headers: HeaderMap::new(),
+        grpc_status: None,
+    }
+}
+
+/// The synchronous wait for a paused response body outlived the chain's pause timeout.
+fn timed_out() -> LocalResponse {
+    LocalResponse {
+        status_code: 504,
+        details: "filterbox_pause_timeout".to_owned(),
+        body: Bytes::new(),
+        headers: HeaderMap::new(),
+        grpc_status: None,
+    }
+}
+
+/// The response header of a local reply: its status and headers, and the length of its body.
+fn reply_header(reply: &LocalReply) -> Result<ResponseHeader> {
+    let headers = reply.http_headers();
+    let mut header = ResponseHeader::build(reply.status, Some(headers.len() + 1))?;
+    for (name, value) in entries(headers) {
+        header.append_header(name, value)?;
+    }
+    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
+    Ok(header)
+}
+
+/// Answers the exchange with `local` before the response started: through the plugins'
+/// response phase ([`Exchange::reply`]), then to the client.
+async fn reply(session: &mut Session, ctx: &mut WasmCtx, local: LocalResponse) -> Result<()> {
+    let Some(exchange) = ctx.exchange.as_mut() else {
+        return Ok(());
+    };
+    let reply = exchange.reply(local).await;
+    ctx.replied = Some(reply.status);
+    ctx.request_ended = true;
+    ctx.response_ended = true;
+    let header = reply_header(&reply)?;
+    let ended = reply.body.is_empty();
+    session
+        .write_response_header(Box::new(header), ended)
+        .await?;
+    if !ended {
+        session.write_response_body(Some(reply.body), true).await?;
+    }
+    Ok(())
+}
+
+/// The error a phase returns after a plugin answered: Pingora stops proxying and calls
+/// `fail_to_proxy` (where [`WasmFilters::fail_to_proxy`] says the reply was sent).
+fn answered(status: u32) -> Box<Error> {
+    let status = u16::try_from(status).unwrap_or(500);
+    let mut error = Error::explain(
+        ErrorType::HTTPStatus(status),
+        "answered by a proxy-wasm plugin",
+    );
+    error.esource = ErrorSource::Internal;
+    error
+}
+
+/// Wakes the thread blocked in [`block_within`].
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs `future` on this thread until it is done or `limit` has passed (`None`). For
+/// Pingora's synchronous phases: a callback that runs inline finishes at the first poll; a
+/// paused plugin is woken by whoever answers it on another thread. The wait does not depend
+/// on the runtime this thread belongs to, which may be the one blocked here.
+fn block_within<F: Future>(future: F, limit: Duration) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return Some(output);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        std::thread::park_timeout(left);
+    }
+}

@@ -1,0 +1,335 @@
+//! A Pingora proxy with a plugin chain on 127.0.0.1, in front of a real upstream, driven by
+//! an HTTP client: the SDK-built suite plugins on every built engine.
+
+use bytes::Bytes;
+use filterbox::{EngineKind, FailurePolicy, FilterChain, Plugin, PluginConfig};
+use filterbox_conformance::guests;
+use filterbox_conformance::servers::Servers;
+use filterbox_pingora::{WasmFilters, WasmProxy};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use pingora::upstreams::peer::HttpPeer;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The upstream: answers `200` with `x-upstream: yes` and a body naming the request's
+/// method, path, `x-*` headers (sorted) and body.
+fn start_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream address");
+    std::thread::spawn(move || {
+        runtime().block_on(async move {
+            listener.set_nonblocking(true).expect("nonblocking");
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let service = service_fn(|request: hyper::Request<Incoming>| async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let mut headers: Vec<String> = parts
+                            .headers
+                            .iter()
+                            .filter(|(name, _)| name.as_str().starts_with("x-"))
+                            .map(|(n, v)| format!("{n}={}", v.to_str().unwrap_or("?")))
+                            .collect();
+                        headers.sort();
+                        let text = format!(
+                            "{} {} [{}] {}",
+                            parts.method,
+                            parts.uri,
+                            headers.join(","),
+                            String::from_utf8_lossy(&body)
+                        );
+                        let response = hyper::Response::builder()
+                            .header("x-upstream", "yes")
+                            .body(Full::new(Bytes::from(text)))
+                            .expect("response");
+                        Ok::<_, std::convert::Infallible>(response)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        })
+    });
+    addr
+}
+
+/// A Pingora server running `filters` in front of `upstream`, listening on a free loopback
+/// port (it runs until the test process ends).
+fn start_proxy(filters: WasmFilters, upstream: SocketAddr) -> SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let peer = HttpPeer::new(upstream, false, String::new());
+    let mut server = pingora::server::Server::new(None).expect("pingora server");
+    server.bootstrap();
+    let mut service =
+        pingora::proxy::http_proxy_service(&server.configuration, WasmProxy::new(filters, peer));
+    service.add_tcp(&addr.to_string());
+    server.add_service(service);
+    std::thread::spawn(move || server.run_forever());
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the proxy never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    addr
+}
+
+/// A plugin on `engine` with a generous callback deadline (these tests are about the
+/// proxy, and wasmer's deadlines count wall-clock time on a busy machine).
+fn plugin(name: &str, wasm: &[u8], configuration: &str, engine: EngineKind) -> Plugin {
+    let mut config = PluginConfig::named(name)
+        .with_configuration(configuration)
+        .with_engine(engine);
+    config.limits.callback_deadline_ms = Some(1000);
+    Plugin::load(config, wasm).unwrap_or_else(|e| panic!("{name} on {engine}: {e}"))
+}
+
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: String,
+}
+
+async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    proxy: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Answer {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{proxy}{path}"))
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
+    let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
+        .await
+        .expect("the proxy answers within a minute")
+        .expect("a response");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+#[test]
+fn headers_bodies_and_a_local_deny_through_pingora_on_every_engine() {
+    let upstream = start_upstream();
+    for engine in EngineKind::built() {
+        let chain = FilterChain::new(vec![
+            plugin(
+                "headers",
+                guests::HEADERS,
+                "add x-added one\nresponse-add x-response two",
+                engine,
+            ),
+            plugin("deny", guests::DENY, "/admin", engine),
+            plugin("body", guests::BODY, "foo=>bar", engine),
+        ])
+        .expect("chain");
+        let proxy = start_proxy(WasmFilters::new(chain), upstream);
+        runtime().block_on(async {
+            let client = client();
+            let answer = send(&client, proxy, "POST", "/ok", "a foo b").await;
+            assert_eq!(answer.status, 200, "{engine}: {}", answer.body);
+            assert_eq!(answer.headers["x-upstream"], "yes", "{engine}");
+            assert_eq!(answer.headers["x-response"], "two", "{engine}");
+            // The request went up with the plugins' header and rewritten body; the response
+            // body came back rewritten as well ("foo" is gone everywhere).
+            assert_eq!(
+                answer.body, "POST /ok [x-added=one] a bar b",
+                "{engine}: the upstream saw the rewrites"
+            );
+            let denied = send(&client, proxy, "GET", "/admin/x", "").await;
+            assert_eq!(denied.status, 403, "{engine}");
+            assert!(denied.body.contains("denied"), "{engine}: {}", denied.body);
+            // A local reply goes through the response phase, as in Envoy.
+            assert_eq!(denied.headers["x-response"], "two", "{engine}");
+            assert!(denied.headers.get("x-upstream").is_none(), "{engine}");
+        });
+    }
+}
+
+#[test]
+fn a_request_paused_on_an_http_call_resumes_with_its_answer() {
+    let servers = Servers::get().expect("servers");
+    let upstream = start_upstream();
+    for engine in EngineKind::built() {
+        let mut config = PluginConfig::named("callouts").with_engine(engine);
+        config.limits.callback_deadline_ms = Some(1000);
+        let plugin = Plugin::builder(config)
+            .callouts(servers.callouts().expect("callouts"))
+            .build(guests::CALLOUTS)
+            .expect("plugin");
+        let chain = FilterChain::new(vec![plugin]).expect("chain");
+        let proxy = start_proxy(WasmFilters::new(chain), upstream);
+        runtime().block_on(async {
+            let client = client();
+            for round in 0..3 {
+                let answer = send(&client, proxy, "GET", &format!("/r{round}"), "").await;
+                assert_eq!(answer.status, 200, "{engine}: {}", answer.body);
+                assert!(
+                    answer.body.contains("x-lookup=200"),
+                    "{engine}: the callout's answer reached the upstream request: {}",
+                    answer.body
+                );
+            }
+        });
+    }
+}
+
+/// A plugin that traps in `proxy_on_request_headers` when the request has `x-boom`.
+fn trapping_plugin(policy: FailurePolicy, engine: EngineKind) -> Plugin {
+    let wasm = guests::wat_module(
+        Some("proxy_abi_version_0_2_1"),
+        r#"(data (i32.const 100) "x-boom")
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (if (i32.eqz (call $get_header (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 204)))
+                (then unreachable))
+            (i32.const 0))"#,
+    )
+    .expect("wat");
+    let config = PluginConfig::named("boom")
+        .with_failure_policy(policy)
+        .with_engine(engine);
+    Plugin::load(config, &wasm).expect("boom")
+}
+
+#[test]
+fn a_trapping_plugin_gets_its_failure_policy_and_the_next_request_runs_on_a_new_vm() {
+    let upstream = start_upstream();
+    let policies = [
+        FailurePolicy::FailClosed { status: 503 },
+        FailurePolicy::FailOpen,
+    ];
+    for engine in EngineKind::built() {
+        for policy in policies {
+            let chain = FilterChain::new(vec![
+                trapping_plugin(policy, engine),
+                plugin("headers", guests::HEADERS, "add x-added one", engine),
+            ])
+            .expect("chain");
+            let proxy = start_proxy(WasmFilters::new(chain), upstream);
+            runtime().block_on(async {
+                let client = client();
+                let request = hyper::Request::builder()
+                    .uri(format!("http://{proxy}/boom"))
+                    .header("x-boom", "1")
+                    .body(Full::new(Bytes::new()))
+                    .expect("request");
+                let response = client.request(request).await.expect("response");
+                let status = response.status().as_u16();
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("body")
+                    .to_bytes();
+                let body = String::from_utf8_lossy(&body);
+                match policy {
+                    FailurePolicy::FailClosed { .. } => {
+                        assert_eq!(status, 503, "{engine}: {body}");
+                        assert!(!body.contains("GET /boom"), "{engine}: went upstream");
+                    }
+                    _ => {
+                        assert_eq!(status, 200, "{engine}: {body}");
+                        // The next plugin still ran.
+                        assert!(body.contains("x-added=one"), "{engine}: {body}");
+                    }
+                }
+                let fine = send(&client, proxy, "GET", "/fine", "").await;
+                assert_eq!(fine.status, 200, "{engine}: the VM was rebuilt");
+                assert!(fine.body.contains("x-added=one"), "{engine}: {}", fine.body);
+            });
+        }
+    }
+}
+
+#[test]
+fn the_chain_is_swapped_under_load_without_a_failed_request() {
+    let upstream = start_upstream();
+    let engine = EngineKind::Wasmtime;
+    let chain = |value: &str| {
+        let configuration = format!("add x-version {value}");
+        FilterChain::new(vec![plugin(
+            "headers",
+            guests::HEADERS,
+            &configuration,
+            engine,
+        )])
+        .expect("chain")
+    };
+    let filters = WasmFilters::new(chain("old"));
+    let proxy = start_proxy(filters.clone(), upstream);
+    runtime().block_on(async {
+        let client = Arc::new(client());
+        // Four clients send requests until each has seen the new chain 20 times.
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let (mut old, mut new) = (0, 0);
+                    while new < 20 {
+                        let answer = send(&client, proxy, "GET", "/", "").await;
+                        assert_eq!(answer.status, 200, "{}", answer.body);
+                        match answer.body.contains("x-version=new") {
+                            true => new += 1,
+                            false => {
+                                assert!(answer.body.contains("x-version=old"), "{}", answer.body);
+                                old += 1;
+                            }
+                        }
+                    }
+                    old
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        filters.chain().replace(chain("new"));
+        let mut old = 0;
+        for client in clients {
+            old += client.await.expect("client");
+        }
+        assert!(
+            old > 0,
+            "the swap happened before any request: nothing was tested"
+        );
+    });
+}
