@@ -333,3 +333,83 @@ fn the_chain_is_swapped_under_load_without_a_failed_request() {
         );
     });
 }
+
+/// A TLS listener with a certificate made here: the plugins see `:scheme` `https` and the
+/// client's address as `source.address`.
+#[test]
+fn a_tls_listener_serves_the_chain() {
+    let upstream = start_upstream();
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+    let dir = std::env::temp_dir().join(format!("filterbox-pingora-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, key.cert.pem()).expect("cert file");
+    std::fs::write(&key_path, key.key_pair.serialize_pem()).expect("key file");
+
+    let rules = "copy-header :scheme x-scheme\ncopy-property x-source source.address";
+    let chain = FilterChain::new(vec![plugin(
+        "headers",
+        guests::HEADERS,
+        rules,
+        EngineKind::Wasmtime,
+    )])
+    .expect("chain");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let peer = HttpPeer::new(upstream, false, String::new());
+    let mut server = pingora::server::Server::new(None).expect("pingora server");
+    server.bootstrap();
+    let proxy = WasmProxy::new(WasmFilters::new(chain), peer);
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    service
+        .add_tls(
+            &addr.to_string(),
+            &cert_path.to_string_lossy(),
+            &key_path.to_string_lossy(),
+        )
+        .expect("tls listener");
+    server.add_service(service);
+    std::thread::spawn(move || server.run_forever());
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(key.cert.der().clone()).expect("root");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let text = runtime().block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let started = Instant::now();
+        let tcp = loop {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(tcp) => break tcp,
+                Err(e) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "never listened: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut tls = connector.connect(name, tcp).await.expect("handshake");
+        tls.write_all(b"GET /tls HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut answer = Vec::new();
+        // The proxy may close without a TLS close_notify; what was read counts.
+        let _ = tls.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("x-scheme=https"), "{text}");
+    assert!(text.contains("x-source=127.0.0.1:"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
