@@ -100,15 +100,17 @@ impl WasmFilters {
         }
     }
 
-    /// The request headers through the plugins (`proxy_on_request_headers`), with the
-    /// connection's addresses as `source.*` and `destination.*` attributes. The request goes
+    /// The request headers through the plugins (`proxy_on_request_headers`), with what
+    /// Pingora knows of the connection as Envoy's attributes (`source.address`, `source.port`,
+    /// `destination.address`, `destination.port`, and on TLS `connection.tls_version`,
+    /// `connection.mtls`). The request goes
     /// on as the plugins left it. Returns `true` when a plugin answered it: the reply has been
     /// sent, and your `request_filter` should return `Ok(true)` as well.
     pub async fn request_filter(&self, session: &mut Session, ctx: &mut WasmCtx) -> Result<bool> {
         let Some(exchange) = running(&mut ctx.exchange) else {
             return Ok(false);
         };
-        if let Err(local) = set_addresses(exchange, session).await {
+        if let Err(local) = set_connection_attributes(exchange, session).await {
             return reply(session, ctx, local).await.map(|()| true);
         }
         let request = session.req_header();
@@ -309,12 +311,25 @@ impl WasmFilters {
     }
 }
 
-/// Tells the plugins where the connection comes from and goes to (Envoy's `source.address`,
-/// `source.port`, `destination.address`, `destination.port`).
-async fn set_addresses(
+/// Tells the plugins what Pingora knows of the connection: where it comes from and goes to,
+/// and its TLS version and whether the client showed a certificate.
+async fn set_connection_attributes(
     exchange: &mut Exchange,
     session: &Session,
 ) -> std::result::Result<(), LocalResponse> {
+    if let Some(tls) = session.digest().and_then(|d| d.ssl_digest.as_ref()) {
+        // Envoy writes `TLSv1.3`; Pingora's rustls digest says `TLSv1_3`.
+        let version = Bytes::from(tls.version.replace("TLSv1_", "TLSv1."));
+        exchange
+            .set_property(&["connection", "tls_version"], version)
+            .await?;
+        let mtls = Bytes::from_static(if tls.cert_digest.is_empty() {
+            &[0]
+        } else {
+            &[1]
+        });
+        exchange.set_property(&["connection", "mtls"], mtls).await?;
+    }
     let ends = [
         ("source", session.client_addr()),
         ("destination", session.server_addr()),

@@ -334,8 +334,8 @@ fn the_chain_is_swapped_under_load_without_a_failed_request() {
     });
 }
 
-/// A TLS listener with a certificate made here: the plugins see `:scheme` `https` and the
-/// client's address as `source.address`.
+/// A TLS listener with a certificate made here: the plugins see `:scheme` `https`, the
+/// client's address as `source.address` and the TLS version as `connection.tls_version`.
 #[test]
 fn a_tls_listener_serves_the_chain() {
     let upstream = start_upstream();
@@ -346,7 +346,8 @@ fn a_tls_listener_serves_the_chain() {
     std::fs::write(&cert_path, key.cert.pem()).expect("cert file");
     std::fs::write(&key_path, key.key_pair.serialize_pem()).expect("key file");
 
-    let rules = "copy-header :scheme x-scheme\ncopy-property x-source source.address";
+    let rules = "copy-header :scheme x-scheme\ncopy-property x-source source.address\n\
+                 copy-property x-tls connection.tls_version";
     let chain = FilterChain::new(vec![plugin(
         "headers",
         guests::HEADERS,
@@ -411,5 +412,6 @@ fn a_tls_listener_serves_the_chain() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("x-scheme=https"), "{text}");
     assert!(text.contains("x-source=127.0.0.1:"), "{text}");
+    assert!(text.contains("x-tls=TLSv1."), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
