@@ -529,3 +529,53 @@ fn block_within<F: Future>(future: F, limit: Duration) -> Option<F::Output> {
         std::thread::park_timeout(left);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_within_returns_what_is_ready_and_gives_up_at_the_limit() {
+        assert_eq!(block_within(async { 7 }, Duration::ZERO), Some(7));
+        let started = Instant::now();
+        let never = std::future::pending::<()>();
+        assert_eq!(block_within(never, Duration::from_millis(30)), None);
+        assert!(started.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[test]
+    fn block_within_is_woken_by_another_thread() {
+        let (send, receive) = tokio::sync::oneshot::channel();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = send.send(5);
+        });
+        // Far more than the sender needs, however busy the machine: the answer wakes it.
+        let got = block_within(receive, Duration::from_secs(60));
+        assert_eq!(got, Some(Ok(5)));
+        sender.join().expect("sender");
+    }
+
+    #[test]
+    fn entries_keep_every_value_of_a_header_in_order() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("a", HeaderValue::from_static("1"));
+        headers.append("b", HeaderValue::from_static("2"));
+        headers.append("a", HeaderValue::from_static("3"));
+        let got: Vec<(String, String)> = entries(headers)
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
+            .collect();
+        let want = [("a", "1"), ("a", "3"), ("b", "2")].map(|(n, v)| (n.to_owned(), v.to_owned()));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn head_requests_and_bodiless_statuses_have_no_body() {
+        let get = RequestHeader::build("GET", b"/", None).expect("get");
+        let head = RequestHeader::build("HEAD", b"/", None).expect("head");
+        assert!(has_body(&get, StatusCode::OK));
+        assert!(!has_body(&head, StatusCode::OK));
+        assert!(!has_body(&get, StatusCode::NO_CONTENT));
+        assert!(!has_body(&get, StatusCode::NOT_MODIFIED));
+    }
+}
