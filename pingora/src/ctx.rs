@@ -317,33 +317,39 @@ async fn set_connection_attributes(
     exchange: &mut Exchange,
     session: &Session,
 ) -> std::result::Result<(), LocalResponse> {
+    let mut properties: Vec<(&[&str], Bytes)> = Vec::with_capacity(6);
+    let ends: [(&[&str], &[&str], _); 2] = [
+        (
+            &["source", "address"],
+            &["source", "port"],
+            session.client_addr(),
+        ),
+        (
+            &["destination", "address"],
+            &["destination", "port"],
+            session.server_addr(),
+        ),
+    ];
+    for (address_path, port_path, address) in ends {
+        if let Some(address) = address.and_then(|a| a.as_inet()) {
+            properties.push((address_path, Bytes::from(address.to_string())));
+            let port = i64::from(address.port()).to_le_bytes();
+            properties.push((port_path, Bytes::copy_from_slice(&port)));
+        }
+    }
     if let Some(tls) = session.digest().and_then(|d| d.ssl_digest.as_ref()) {
         // Envoy writes `TLSv1.3`; Pingora's rustls digest says `TLSv1_3`.
         let version = Bytes::from(tls.version.replace("TLSv1_", "TLSv1."));
-        exchange
-            .set_property(&["connection", "tls_version"], version)
-            .await?;
-        let mtls = Bytes::from_static(if tls.cert_digest.is_empty() {
+        properties.push((&["connection", "tls_version"], version));
+        let mtls: &'static [u8] = if tls.cert_digest.is_empty() {
             &[0]
         } else {
             &[1]
-        });
-        exchange.set_property(&["connection", "mtls"], mtls).await?;
-    }
-    let ends = [
-        ("source", session.client_addr()),
-        ("destination", session.server_addr()),
-    ];
-    for (side, address) in ends {
-        let Some(address) = address.and_then(|a| a.as_inet()) else {
-            continue;
         };
-        let text = Bytes::from(address.to_string());
-        exchange.set_property(&[side, "address"], text).await?;
-        let port = Bytes::copy_from_slice(&i64::from(address.port()).to_le_bytes());
-        exchange.set_property(&[side, "port"], port).await?;
+        properties.push((&["connection", "mtls"], Bytes::from_static(mtls)));
     }
-    Ok(())
+    // One trip to the slot for all of them.
+    exchange.set_properties(&properties).await
 }
 
 /// Whether a response with `status` to `request` carries a body (RFC 9110 §6.4.1).

@@ -109,11 +109,27 @@ impl Exchange {
     /// `proxy_get_property` (Envoy attributes such as `source.address`, or anything of the
     /// proxy's).
     pub async fn set_property(&mut self, path: &[&str], value: Bytes) -> Result<(), LocalResponse> {
-        if self.is_empty() {
+        self.set_properties(&[(path, value)]).await
+    }
+
+    /// [`Exchange::set_property`] for several properties at once (one trip to the slot).
+    pub async fn set_properties(
+        &mut self,
+        properties: &[(&[&str], Bytes)],
+    ) -> Result<(), LocalResponse> {
+        if self.is_empty() || properties.is_empty() {
             return Ok(());
         }
-        let path = path.iter().map(|p| (*p).to_owned()).collect();
-        match self.run(Job::SetProperty { path, value }).await? {
+        let properties = properties
+            .iter()
+            .map(|(path, value)| {
+                (
+                    path.iter().map(|p| (*p).to_owned()).collect(),
+                    value.clone(),
+                )
+            })
+            .collect();
+        match self.run(Job::SetProperties(properties)).await? {
             Done::PropertySet => Ok(()),
             _ => Err(mismatched()),
         }

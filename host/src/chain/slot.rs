@@ -54,8 +54,8 @@ pub(super) enum Job {
         direction: Direction,
         notify: Arc<Notify>,
     },
-    /// A property every plugin's stream of the exchange reads.
-    SetProperty { path: Vec<String>, value: Bytes },
+    /// Properties every plugin's stream of the exchange reads (path, value).
+    SetProperties(Vec<(Vec<String>, Bytes)>),
     /// `proxy_on_log` (with these request and response headers, if any) and the end of
     /// every stream of the exchange.
     End { log: Option<(HeaderMap, HeaderMap)> },

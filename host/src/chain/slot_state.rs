@@ -357,8 +357,10 @@ impl SlotState {
                 direction,
                 notify,
             } => Done::Resumed(self.poll_resumed(id, index, direction, notify)),
-            Job::SetProperty { path, value } => {
-                self.set_property(id, &path, value);
+            Job::SetProperties(properties) => {
+                for (path, value) in properties {
+                    self.set_property(id, &path, value);
+                }
                 Done::PropertySet
             }
             Job::End { log } => {
