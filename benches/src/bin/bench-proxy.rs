@@ -175,7 +175,8 @@ fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<Option<(Proxy, Socket
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs"))?;
     let config = format!(
-        "worker_processes 1;\ndaemon off;\npid {pid};\nerror_log {log} error;\n\
+        // One process (no master): killing it at the end stops nginx whole.
+        "master_process off;\ndaemon off;\npid {pid};\nerror_log {log} error;\n\
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  upstream backend {{ server {upstream}; keepalive 64; }}\n\
            server {{\n    listen {listen};\n    location / {{\n      proxy_pass http://backend;\n\
