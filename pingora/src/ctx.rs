@@ -2,16 +2,14 @@
 //! them. What crosses this module: Pingora's session, request and response headers and body
 //! chunks in; the same, as the plugins left them (or the local reply one of them gave), out.
 
+use crate::block::block_within;
+use crate::headers::{apply_request, apply_response, has_body, reply_header};
 use bytes::Bytes;
-use filterbox::{Exchange, FilterChain, HeaderMap, LocalReply, LocalResponse, SharedChain};
-use http::{HeaderName, HeaderValue, StatusCode};
-use pingora::http::{RequestHeader, ResponseHeader};
+use filterbox::{Exchange, FilterChain, HeaderMap, LocalResponse, SharedChain};
+use pingora::http::ResponseHeader;
 use pingora::proxy::{FailToProxy, Session};
 use pingora::{Error, ErrorSource, ErrorType, Result};
-use std::future::Future;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A chain of proxy-wasm plugins for a Pingora proxy: call its methods from the phases of
 /// your `ProxyHttp` of the same names, with the exchange's [`WasmCtx`] (from
@@ -103,9 +101,9 @@ impl WasmFilters {
     /// The request headers through the plugins (`proxy_on_request_headers`), with what
     /// Pingora knows of the connection as Envoy's attributes (`source.address`, `source.port`,
     /// `destination.address`, `destination.port`, and on TLS `connection.tls_version`,
-    /// `connection.mtls`). The request goes
-    /// on as the plugins left it. Returns `true` when a plugin answered it: the reply has been
-    /// sent, and your `request_filter` should return `Ok(true)` as well.
+    /// `connection.mtls`). The request goes on as the plugins left it. Returns `true` when a
+    /// plugin answered it: the reply has been sent, and your `request_filter` should return
+    /// `Ok(true)` as well.
     pub async fn request_filter(&self, session: &mut Session, ctx: &mut WasmCtx) -> Result<bool> {
         let Some(exchange) = running(&mut ctx.exchange) else {
             return Ok(false);
@@ -352,101 +350,6 @@ async fn set_connection_attributes(
     exchange.set_properties(&properties).await
 }
 
-/// Whether a response with `status` to `request` carries a body (RFC 9110 §6.4.1).
-fn has_body(request: &RequestHeader, status: StatusCode) -> bool {
-    request.method != http::Method::HEAD
-        && !status.is_informational()
-        && status != StatusCode::NO_CONTENT
-        && status != StatusCode::NOT_MODIFIED
-}
-
-/// Writes the request headers the plugins left into Pingora's request: method and path from
-/// the pseudo headers, `:authority` as `host`, the rest replacing the headers.
-fn apply_request(
-    request: &mut RequestHeader,
-    mut passed: HeaderMap,
-) -> std::result::Result<(), LocalResponse> {
-    // Pingora forwards origin-form requests: the `:scheme` shown to the plugins is not
-    // part of the URI it sends.
-    passed.remove(":scheme");
-    let mut parts = request.as_owned_parts();
-    passed.to_request_parts(&mut parts)?;
-    if parts.method != request.method {
-        request.set_method(parts.method);
-    }
-    if parts.uri != request.uri {
-        request.set_uri(parts.uri);
-    }
-    let old: Vec<HeaderName> = request.headers.keys().cloned().collect();
-    for name in &old {
-        request.remove_header(name);
-    }
-    for (name, value) in entries(parts.headers) {
-        request
-            .append_header(name, value)
-            .map_err(|e| invalid(&e))?;
-    }
-    Ok(())
-}
-
-/// Writes the response headers the plugins left into Pingora's response. The message keeps
-/// its framing: a plugin's framing headers are not taken (see `to_response_parts`), and a
-/// body that lost its length goes out chunked (`ended`: the response has no body).
-fn apply_response(
-    response: &mut ResponseHeader,
-    passed: HeaderMap,
-    ended: bool,
-) -> std::result::Result<(), LocalResponse> {
-    let mut parts = response.as_owned_parts();
-    passed.to_response_parts(&mut parts)?;
-    let framing = response
-        .headers
-        .get(http::header::TRANSFER_ENCODING)
-        .cloned();
-    if parts.status != response.status {
-        response.set_status(parts.status).map_err(|e| invalid(&e))?;
-    }
-    let mut headers = parts.headers;
-    if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
-        let chunked = HeaderValue::from_static("chunked");
-        headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
-    }
-    let old: Vec<HeaderName> = response.headers.keys().cloned().collect();
-    for name in &old {
-        response.remove_header(name);
-    }
-    for (name, value) in entries(headers) {
-        response
-            .append_header(name, value)
-            .map_err(|e| invalid(&e))?;
-    }
-    Ok(())
-}
-
-/// Every entry of `headers` in order, each with its name (`http`'s owned iterator names
-/// only the first value of a header).
-fn entries(headers: http::HeaderMap) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-    let mut last = None;
-    headers.into_iter().filter_map(move |(name, value)| {
-        if let Some(name) = name {
-            last = Some(name);
-        }
-        last.clone().map(|name| (name, value))
-    })
-}
-
-/// Pingora refused a header the plugins left.
-fn invalid(error: &Error) -> LocalResponse {
-    tracing::warn!("plugin left headers Pingora refuses: {error}");
-    LocalResponse {
-        status_code: 500,
-        details: "filterbox_invalid_headers".to_owned(),
-        body: Bytes::new(),
-        headers: HeaderMap::new(),
-        grpc_status: None,
-    }
-}
-
 /// The synchronous wait for a paused response body outlived the chain's pause timeout.
 fn timed_out() -> LocalResponse {
     LocalResponse {
@@ -456,17 +359,6 @@ fn timed_out() -> LocalResponse {
         headers: HeaderMap::new(),
         grpc_status: None,
     }
-}
-
-/// The response header of a local reply: its status and headers, and the length of its body.
-fn reply_header(reply: &LocalReply) -> Result<ResponseHeader> {
-    let headers = reply.http_headers();
-    let mut header = ResponseHeader::build(reply.status, Some(headers.len() + 1))?;
-    for (name, value) in entries(headers) {
-        header.append_header(name, value)?;
-    }
-    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
-    Ok(header)
 }
 
 /// Answers the exchange with `local` before the response started: through the plugins'
@@ -500,88 +392,4 @@ fn answered(status: u32) -> Box<Error> {
     );
     error.esource = ErrorSource::Internal;
     error
-}
-
-/// Wakes the thread blocked in [`block_within`].
-struct ThreadWaker(std::thread::Thread);
-
-impl Wake for ThreadWaker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
-}
-
-/// Runs `future` on this thread until it is done or `limit` has passed (`None`). For
-/// Pingora's synchronous phases: a callback that runs inline finishes at the first poll; a
-/// paused plugin is woken by whoever answers it on another thread. The wait does not depend
-/// on the runtime this thread belongs to, which may be the one blocked here.
-fn block_within<F: Future>(future: F, limit: Duration) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            return Some(output);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        std::thread::park_timeout(left);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn block_within_returns_what_is_ready_and_gives_up_at_the_limit() {
-        assert_eq!(block_within(async { 7 }, Duration::ZERO), Some(7));
-        let started = Instant::now();
-        let never = std::future::pending::<()>();
-        assert_eq!(block_within(never, Duration::from_millis(30)), None);
-        assert!(started.elapsed() >= Duration::from_millis(30));
-    }
-
-    #[test]
-    fn block_within_is_woken_by_another_thread() {
-        let (send, receive) = tokio::sync::oneshot::channel();
-        let sender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            let _ = send.send(5);
-        });
-        // Far more than the sender needs, however busy the machine: the answer wakes it.
-        let got = block_within(receive, Duration::from_secs(60));
-        assert_eq!(got, Some(Ok(5)));
-        sender.join().expect("sender");
-    }
-
-    #[test]
-    fn entries_keep_every_value_of_a_header_in_order() {
-        let mut headers = http::HeaderMap::new();
-        headers.append("a", HeaderValue::from_static("1"));
-        headers.append("b", HeaderValue::from_static("2"));
-        headers.append("a", HeaderValue::from_static("3"));
-        let got: Vec<(String, String)> = entries(headers)
-            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
-            .collect();
-        let want = [("a", "1"), ("a", "3"), ("b", "2")].map(|(n, v)| (n.to_owned(), v.to_owned()));
-        assert_eq!(got, want);
-    }
-
-    #[test]
-    fn head_requests_and_bodiless_statuses_have_no_body() {
-        let get = RequestHeader::build("GET", b"/", None).expect("get");
-        let head = RequestHeader::build("HEAD", b"/", None).expect("head");
-        assert!(has_body(&get, StatusCode::OK));
-        assert!(!has_body(&head, StatusCode::OK));
-        assert!(!has_body(&get, StatusCode::NO_CONTENT));
-        assert!(!has_body(&get, StatusCode::NOT_MODIFIED));
-    }
 }

@@ -30,7 +30,9 @@
 //!
 //! [`ProxyHttp`]: pingora::proxy::ProxyHttp
 
+mod block;
 mod ctx;
+mod headers;
 mod proxy;
 
 pub use ctx::{WasmCtx, WasmFilters};

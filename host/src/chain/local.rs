@@ -112,3 +112,39 @@ impl From<HttpPartsError> for LocalResponse {
         invalid_edit(error)
     }
 }
+
+/// A local response as the client gets it, after the plugins' response phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalReply {
+    /// The HTTP status sent (200 for a gRPC call, whose status is in `grpc-status`).
+    pub status: u16,
+    /// The response headers, with `:status`. Framing and hop-by-hop headers a plugin set are
+    /// left out: the proxy frames the body it sends.
+    pub headers: HeaderMap,
+    /// The response body.
+    pub body: Bytes,
+    /// Why the exchange was answered (the plugin's details, or `filterbox_*` for the chain's
+    /// own answers), for the access log.
+    pub details: String,
+}
+
+impl LocalReply {
+    /// The reply's headers as `http` headers for the client: no pseudo headers, no framing
+    /// headers (the proxy frames the body it sends), and none that `http` refuses.
+    pub fn http_headers(&self) -> http::HeaderMap {
+        let mut headers = http::HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in self.headers.iter() {
+            if name.starts_with(b":") || is_framing(name) {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                let _ = headers.try_append(name, value);
+            }
+        }
+        headers
+    }
+}

@@ -31,7 +31,8 @@ mod tower;
 
 pub use body::FilteredBody;
 pub use error::{BoxError, ChainError, FilterError};
-pub use exchange::{Exchange, LocalReply};
+pub use exchange::Exchange;
+pub use local::LocalReply;
 pub use tower::{FilterLayer, FilterService};
 
 use crate::Plugin;

@@ -1,0 +1,141 @@
+//! Pingora's request and response headers to and from the header maps plugins see.
+
+use bytes::Bytes;
+use filterbox::{HeaderMap, LocalReply, LocalResponse};
+use http::{HeaderName, HeaderValue, StatusCode};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::{Error, Result};
+
+/// Whether a response with `status` to `request` carries a body (RFC 9110 §6.4.1).
+pub(crate) fn has_body(request: &RequestHeader, status: StatusCode) -> bool {
+    request.method != http::Method::HEAD
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED
+}
+
+/// Writes the request headers the plugins left into Pingora's request: method and path from
+/// the pseudo headers, `:authority` as `host`, the rest replacing the headers.
+pub(crate) fn apply_request(
+    request: &mut RequestHeader,
+    mut passed: HeaderMap,
+) -> std::result::Result<(), LocalResponse> {
+    // Pingora forwards origin-form requests: the `:scheme` shown to the plugins is not
+    // part of the URI it sends.
+    passed.remove(":scheme");
+    let mut parts = request.as_owned_parts();
+    passed.to_request_parts(&mut parts)?;
+    if parts.method != request.method {
+        request.set_method(parts.method);
+    }
+    if parts.uri != request.uri {
+        request.set_uri(parts.uri);
+    }
+    let old: Vec<HeaderName> = request.headers.keys().cloned().collect();
+    for name in &old {
+        request.remove_header(name);
+    }
+    for (name, value) in entries(parts.headers) {
+        request
+            .append_header(name, value)
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
+/// Writes the response headers the plugins left into Pingora's response. The message keeps
+/// its framing: a plugin's framing headers are not taken (see `to_response_parts`), and a
+/// body that lost its length goes out chunked (`ended`: the response has no body).
+pub(crate) fn apply_response(
+    response: &mut ResponseHeader,
+    passed: HeaderMap,
+    ended: bool,
+) -> std::result::Result<(), LocalResponse> {
+    let mut parts = response.as_owned_parts();
+    passed.to_response_parts(&mut parts)?;
+    let framing = response
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .cloned();
+    if parts.status != response.status {
+        response.set_status(parts.status).map_err(|e| invalid(&e))?;
+    }
+    let mut headers = parts.headers;
+    if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
+        let chunked = HeaderValue::from_static("chunked");
+        headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
+    }
+    let old: Vec<HeaderName> = response.headers.keys().cloned().collect();
+    for name in &old {
+        response.remove_header(name);
+    }
+    for (name, value) in entries(headers) {
+        response
+            .append_header(name, value)
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
+/// Every entry of `headers` in order, each with its name (`http`'s owned iterator names
+/// only the first value of a header).
+fn entries(headers: http::HeaderMap) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    let mut last = None;
+    headers.into_iter().filter_map(move |(name, value)| {
+        if let Some(name) = name {
+            last = Some(name);
+        }
+        last.clone().map(|name| (name, value))
+    })
+}
+
+/// Pingora refused a header the plugins left.
+fn invalid(error: &Error) -> LocalResponse {
+    tracing::warn!("plugin left headers Pingora refuses: {error}");
+    LocalResponse {
+        status_code: 500,
+        details: "filterbox_invalid_headers".to_owned(),
+        body: Bytes::new(),
+        headers: HeaderMap::new(),
+        grpc_status: None,
+    }
+}
+
+/// The response header of a local reply: its status and headers, and the length of its body.
+pub(crate) fn reply_header(reply: &LocalReply) -> Result<ResponseHeader> {
+    let headers = reply.http_headers();
+    let mut header = ResponseHeader::build(reply.status, Some(headers.len() + 1))?;
+    for (name, value) in entries(headers) {
+        header.append_header(name, value)?;
+    }
+    header.insert_header(http::header::CONTENT_LENGTH, reply.body.len())?;
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_keep_every_value_of_a_header_in_order() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("a", HeaderValue::from_static("1"));
+        headers.append("b", HeaderValue::from_static("2"));
+        headers.append("a", HeaderValue::from_static("3"));
+        let got: Vec<(String, String)> = entries(headers)
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("?").to_owned()))
+            .collect();
+        let want = [("a", "1"), ("a", "3"), ("b", "2")].map(|(n, v)| (n.to_owned(), v.to_owned()));
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn head_requests_and_bodiless_statuses_have_no_body() {
+        let get = RequestHeader::build("GET", b"/", None).expect("get");
+        let head = RequestHeader::build("HEAD", b"/", None).expect("head");
+        assert!(has_body(&get, StatusCode::OK));
+        assert!(!has_body(&head, StatusCode::OK));
+        assert!(!has_body(&get, StatusCode::NO_CONTENT));
+        assert!(!has_body(&get, StatusCode::NOT_MODIFIED));
+    }
+}
