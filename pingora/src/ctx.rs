@@ -28,6 +28,11 @@ use std::time::Duration;
 ///
 /// Cloning is cheap; clones share the chain, and [`WasmFilters::chain`] swaps it for every
 /// clone at once (exchanges in flight finish on the chain they started with).
+///
+/// A chain per route: keep a `WasmFilters` per route and make the exchange's context in
+/// `request_filter` (once the request is known) with the route's [`WasmFilters::new_ctx`].
+/// The phase methods act on the chain of the context they are given, whichever
+/// `WasmFilters` they are called on.
 #[derive(Clone, Debug)]
 pub struct WasmFilters {
     chain: SharedChain,

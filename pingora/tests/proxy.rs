@@ -415,3 +415,130 @@ fn a_tls_listener_serves_the_chain() {
     assert!(text.contains("x-tls=TLSv1."), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `ProxyHttp` of its own that picks a chain per route (path prefix `/api` or the rest)
+/// in `request_filter`, with `WasmFilters`' helpers for the phases.
+struct Routed {
+    api: WasmFilters,
+    rest: WasmFilters,
+    peer: HttpPeer,
+}
+
+#[async_trait::async_trait]
+impl pingora::proxy::ProxyHttp for Routed {
+    type CTX = Option<filterbox_pingora::WasmCtx>;
+
+    fn new_ctx(&self) -> Self::CTX {
+        None
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        _ctx: &mut Self::CTX,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Ok(Box::new(self.peer.clone()))
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut pingora::proxy::Session,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<bool> {
+        let filters = match session.req_header().uri.path().starts_with("/api") {
+            true => &self.api,
+            false => &self.rest,
+        };
+        let wasm = ctx.insert(filters.new_ctx());
+        filters.request_filter(session, wasm).await
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut pingora::proxy::Session,
+        response: &mut pingora::http::ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<()> {
+        match ctx {
+            Some(wasm) => self.rest.response_filter(session, response, wasm).await,
+            None => Ok(()),
+        }
+    }
+
+    fn response_body_filter(
+        &self,
+        session: &mut pingora::proxy::Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Self::CTX,
+    ) -> pingora::Result<Option<Duration>> {
+        match ctx {
+            Some(wasm) => self
+                .rest
+                .response_body_filter(session, body, end_of_stream, wasm),
+            None => Ok(None),
+        }
+    }
+
+    async fn logging(
+        &self,
+        session: &mut pingora::proxy::Session,
+        error: Option<&pingora::Error>,
+        ctx: &mut Self::CTX,
+    ) {
+        if let Some(wasm) = ctx {
+            self.rest.logging(session, error, wasm).await;
+        }
+    }
+}
+
+#[test]
+fn a_proxy_of_its_own_runs_a_chain_per_route() {
+    let upstream = start_upstream();
+    let engine = EngineKind::Wasmtime;
+    let chain = |rules: &str| {
+        FilterChain::new(vec![plugin("headers", guests::HEADERS, rules, engine)]).expect("chain")
+    };
+    let routed = Routed {
+        api: WasmFilters::new(chain("add x-route api\nresponse-add x-chain api")),
+        rest: WasmFilters::new(chain("add x-route rest\nresponse-add x-chain rest")),
+        peer: HttpPeer::new(upstream, false, String::new()),
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let proxy = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut server = pingora::server::Server::new(None).expect("pingora server");
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, routed);
+    service.add_tcp(&proxy.to_string());
+    server.add_service(service);
+    std::thread::spawn(move || server.run_forever());
+    runtime().block_on(async {
+        let client = client();
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(proxy).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for (path, route) in [
+            ("/api/users", "api"),
+            ("/index.html", "rest"),
+            ("/api", "api"),
+        ] {
+            let answer = send(&client, proxy, "GET", path, "").await;
+            assert_eq!(answer.status, 200, "{path}: {}", answer.body);
+            assert!(
+                answer.body.contains(&format!("x-route={route}")),
+                "{path}: {}",
+                answer.body
+            );
+            // The response phase ran on the route's own chain too.
+            assert_eq!(answer.headers["x-chain"], route, "{path}");
+        }
+    });
+}
