@@ -6,8 +6,10 @@
 //! curl -i http://127.0.0.1:6188/
 //! ```
 //!
-//! Each plugin is named after its file and gets the text after `=` as its configuration. The
-//! proxy runs until it gets SIGTERM or SIGINT.
+//! Each plugin is named after its file and gets the text after `=` as its configuration.
+//! `PINGORA_THREADS` sets the proxy's worker threads (Pingora's default: 1) and
+//! `PINGORA_WORK_STEALING=0` gives each thread a runtime of its own. The proxy runs until it
+//! gets SIGTERM or SIGINT.
 
 use filterbox::{FilterChain, Plugin, PluginConfig};
 use filterbox_pingora::{WasmFilters, WasmProxy};
@@ -32,7 +34,14 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let filters = WasmFilters::new(FilterChain::new(plugins)?);
 
-    let mut server = pingora::server::Server::new(None)?;
+    let mut conf = pingora::server::configuration::ServerConf::default();
+    if let Ok(threads) = std::env::var("PINGORA_THREADS") {
+        conf.threads = threads.parse()?;
+    }
+    if let Ok(stealing) = std::env::var("PINGORA_WORK_STEALING") {
+        conf.work_stealing = stealing != "0";
+    }
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     // A plain HTTP upstream; `HttpPeer::new(addr, true, sni)` speaks TLS to it.
     let peer = HttpPeer::new(upstream.as_str(), false, String::new());
