@@ -8,6 +8,7 @@ use bytes::Bytes;
 use filterbox::{Exchange, FilterChain, HeaderMap, LocalResponse, SharedChain};
 use pingora::http::ResponseHeader;
 use pingora::proxy::{FailToProxy, Session};
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use std::time::Duration;
 /// | `response_filter` | [`WasmFilters::response_filter`] |
 /// | `response_body_filter` | [`WasmFilters::response_body_filter`] |
 /// | `response_trailer_filter` | [`WasmFilters::response_trailer_filter`] |
+/// | `connected_to_upstream` | [`WasmFilters::connected_to_upstream`] |
 /// | `fail_to_proxy` | [`WasmFilters::fail_to_proxy`] |
 /// | `logging` | [`WasmFilters::logging`] |
 ///
@@ -292,6 +294,27 @@ impl WasmFilters {
                 exchange.reply_directly(local);
                 Err(answered(status))
             }
+        }
+    }
+
+    /// Tells the plugins which upstream the exchange went to (Envoy's `upstream.address` and
+    /// `upstream.port`), for their response phase and `proxy_on_log`. Call it from
+    /// `connected_to_upstream`.
+    pub async fn connected_to_upstream(&self, peer: &HttpPeer, ctx: &mut WasmCtx) {
+        let Some(exchange) = running(&mut ctx.exchange) else {
+            return;
+        };
+        let Some(address) = peer.address().as_inet() else {
+            return;
+        };
+        let port = i64::from(address.port()).to_le_bytes();
+        let properties: [(&[&str], Bytes); 2] = [
+            (&["upstream", "address"], Bytes::from(address.to_string())),
+            (&["upstream", "port"], Bytes::copy_from_slice(&port)),
+        ];
+        // A slot that failed here fails the exchange's next phase as well, which answers it.
+        if let Err(local) = exchange.set_properties(&properties).await {
+            tracing::debug!(details = %local.details, "cannot set the upstream's attributes");
         }
     }
 

@@ -4,6 +4,7 @@ use crate::{WasmCtx, WasmFilters};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
+use pingora::protocols::Digest;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -106,6 +107,20 @@ impl<U: UpstreamPeer> ProxyHttp for WasmProxy<U> {
         self.filters
             .response_trailer_filter(session, trailers, ctx)
             .await
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&Digest>,
+        ctx: &mut WasmCtx,
+    ) -> Result<()> {
+        self.filters.connected_to_upstream(peer, ctx).await;
+        Ok(())
     }
 
     async fn fail_to_proxy(

@@ -156,7 +156,8 @@ fn headers_bodies_and_a_local_deny_through_pingora_on_every_engine() {
             plugin(
                 "headers",
                 guests::HEADERS,
-                "add x-added one\nresponse-add x-response two",
+                "add x-added one\nresponse-add x-response two\n\
+                 response-copy-property x-upstream-address upstream.address",
                 engine,
             ),
             plugin("deny", guests::DENY, "/admin", engine),
@@ -170,6 +171,11 @@ fn headers_bodies_and_a_local_deny_through_pingora_on_every_engine() {
             assert_eq!(answer.status, 200, "{engine}: {}", answer.body);
             assert_eq!(answer.headers["x-upstream"], "yes", "{engine}");
             assert_eq!(answer.headers["x-response"], "two", "{engine}");
+            assert_eq!(
+                answer.headers["x-upstream-address"],
+                upstream.to_string().as_str(),
+                "{engine}: upstream.address"
+            );
             // The request went up with the plugins' header and rewritten body; the response
             // body came back rewritten as well ("foo" is gone everywhere).
             assert_eq!(

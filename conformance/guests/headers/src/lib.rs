@@ -6,6 +6,7 @@
 //! remove <name>                 remove a request header
 //! response-add <name> <value>   add a response header
 //! copy-property <name> <path>   add a request header with a property's value (path in dots)
+//! response-copy-property <name> <path>   the same for a response header
 //! copy-vm-config <name>         add a request header with the VM configuration
 //! copy-header <from> <to>       add request header <to> with the value of <from>, or "missing"
 //! copy-shared <name> <key>      add a request header with shared data <key>, or "missing"
@@ -26,6 +27,7 @@ enum Rule {
     Remove(String),
     ResponseAdd(String, String),
     CopyProperty(String, Vec<String>),
+    ResponseCopyProperty(String, Vec<String>),
     CopyVmConfig(String),
     CopyHeader(String, String),
     CopyShared(String, String),
@@ -58,6 +60,9 @@ impl RootContext for Root {
                 ["remove", n] => Rule::Remove(n.to_string()),
                 ["response-add", n, v] => Rule::ResponseAdd(n.to_string(), v.to_string()),
                 ["copy-property", n, p] => Rule::CopyProperty(n.to_string(), p.split('.').map(String::from).collect()),
+                ["response-copy-property", n, p] => {
+                    Rule::ResponseCopyProperty(n.to_string(), p.split('.').map(String::from).collect())
+                }
                 ["copy-vm-config", n] => Rule::CopyVmConfig(n.to_string()),
                 ["copy-header", from, to] => Rule::CopyHeader(from.to_string(), to.to_string()),
                 ["copy-shared", n, key] => Rule::CopyShared(n.to_string(), key.to_string()),
@@ -114,7 +119,7 @@ impl HttpContext for Filter {
                     let value = value.map(|v| String::from_utf8_lossy(&v).into_owned());
                     self.add_http_request_header(n, value.as_deref().unwrap_or("missing"));
                 }
-                Rule::ResponseAdd(..) => {}
+                Rule::ResponseAdd(..) | Rule::ResponseCopyProperty(..) => {}
             }
         }
         Action::Continue
@@ -122,8 +127,14 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _n: usize, _eos: bool) -> Action {
         for rule in self.rules.iter() {
-            if let Rule::ResponseAdd(n, v) = rule {
-                self.add_http_response_header(n, v);
+            match rule {
+                Rule::ResponseAdd(n, v) => self.add_http_response_header(n, v),
+                Rule::ResponseCopyProperty(n, path) => {
+                    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                    let value = self.get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned());
+                    self.add_http_response_header(n, value.as_deref().unwrap_or("missing"));
+                }
+                _ => {}
             }
         }
         Action::Continue
