@@ -44,6 +44,20 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("cpp", CPP),
 ];
 
+/// An ABI 0.2.1 module whose `proxy_on_request_headers` traps when the request has a header
+/// `x-boom` (and continues otherwise): a plugin that crashes on demand, for failure policies.
+pub fn trapping_on_x_boom() -> Result<Vec<u8>, String> {
+    wat_module(
+        Some("proxy_abi_version_0_2_1"),
+        r#"(data (i32.const 100) "x-boom")
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (if (i32.eqz (call $get_header (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 204)))
+                (then unreachable))
+            (i32.const 0))"#,
+    )
+}
+
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.
 /// The allocator hands out 1 KiB-aligned blocks from 4096 up and returns `alloc_result` when
 /// it is not -1 (to play a hostile allocator).

@@ -280,16 +280,7 @@ fn a_replaced_chain_finishes_its_exchanges_then_drops_its_vms() {
 
 /// A plugin that traps in `proxy_on_request_headers` when the request has `x-boom`.
 fn trapping_plugin(policy: filterbox::FailurePolicy, engine: filterbox::EngineKind) -> Plugin {
-    let wasm = guests::wat_module(
-        Some("proxy_abi_version_0_2_1"),
-        r#"(data (i32.const 100) "x-boom")
-        (func (export "proxy_on_context_create") (param i32 i32))
-        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-            (if (i32.eqz (call $get_header (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 204)))
-                (then unreachable))
-            (i32.const 0))"#,
-    )
-    .expect("wat");
+    let wasm = guests::trapping_on_x_boom().expect("wat");
     let config = PluginConfig::named("boom")
         .with_failure_policy(policy)
         .with_engine(engine);

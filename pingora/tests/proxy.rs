@@ -76,20 +76,22 @@ fn start_upstream() -> SocketAddr {
     addr
 }
 
-/// A Pingora server running `filters` in front of `upstream`, listening on a free loopback
-/// port (it runs until the test process ends).
-fn start_proxy(filters: WasmFilters, upstream: SocketAddr) -> SocketAddr {
+/// A Pingora server running `proxy` on a free loopback port, with the listener `listen` adds
+/// there (plain TCP, TLS); it runs until the test process ends. Returns once it listens.
+fn serve<P>(proxy: P, listen: impl FnOnce(&mut ProxyService<P>, &str)) -> SocketAddr
+where
+    P: pingora::proxy::ProxyHttp + Send + Sync + 'static,
+    P::CTX: Send + Sync,
+{
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let peer = HttpPeer::new(upstream, false, String::new());
     let mut server = pingora::server::Server::new(None).expect("pingora server");
     server.bootstrap();
-    let mut service =
-        pingora::proxy::http_proxy_service(&server.configuration, WasmProxy::new(filters, peer));
-    service.add_tcp(&addr.to_string());
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+    listen(&mut service, &addr.to_string());
     server.add_service(service);
     std::thread::spawn(move || server.run_forever());
     let started = Instant::now();
@@ -101,6 +103,16 @@ fn start_proxy(filters: WasmFilters, upstream: SocketAddr) -> SocketAddr {
         std::thread::sleep(Duration::from_millis(20));
     }
     addr
+}
+
+type ProxyService<P> = pingora::services::listening::Service<pingora::proxy::HttpProxy<P>>;
+
+/// [`serve`] with `filters` in front of `upstream` on plain TCP.
+fn start_proxy(filters: WasmFilters, upstream: SocketAddr) -> SocketAddr {
+    let peer = HttpPeer::new(upstream, false, String::new());
+    serve(WasmProxy::new(filters, peer), |service, addr| {
+        service.add_tcp(addr)
+    })
 }
 
 /// A plugin on `engine` with a generous callback deadline (these tests are about the
@@ -222,16 +234,7 @@ fn a_request_paused_on_an_http_call_resumes_with_its_answer() {
 
 /// A plugin that traps in `proxy_on_request_headers` when the request has `x-boom`.
 fn trapping_plugin(policy: FailurePolicy, engine: EngineKind) -> Plugin {
-    let wasm = guests::wat_module(
-        Some("proxy_abi_version_0_2_1"),
-        r#"(data (i32.const 100) "x-boom")
-        (func (export "proxy_on_context_create") (param i32 i32))
-        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
-            (if (i32.eqz (call $get_header (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 200) (i32.const 204)))
-                (then unreachable))
-            (i32.const 0))"#,
-    )
-    .expect("wat");
+    let wasm = guests::trapping_on_x_boom().expect("wat");
     let config = PluginConfig::named("boom")
         .with_failure_policy(policy)
         .with_engine(engine);
@@ -361,25 +364,16 @@ fn a_tls_listener_serves_the_chain() {
         EngineKind::Wasmtime,
     )])
     .expect("chain");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let peer = HttpPeer::new(upstream, false, String::new());
-    let mut server = pingora::server::Server::new(None).expect("pingora server");
-    server.bootstrap();
-    let proxy = WasmProxy::new(WasmFilters::new(chain), peer);
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
-    service
-        .add_tls(
-            &addr.to_string(),
-            &cert_path.to_string_lossy(),
-            &key_path.to_string_lossy(),
-        )
-        .expect("tls listener");
-    server.add_service(service);
-    std::thread::spawn(move || server.run_forever());
+    let (cert_file, key_file) = (cert_path.to_string_lossy(), key_path.to_string_lossy());
+    let addr = serve(
+        WasmProxy::new(WasmFilters::new(chain), peer),
+        |service, addr| {
+            service
+                .add_tls(addr, &cert_file, &key_file)
+                .expect("tls listener")
+        },
+    );
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(key.cert.der().clone()).expect("root");
@@ -510,17 +504,7 @@ fn a_proxy_of_its_own_runs_a_chain_per_route() {
         rest: WasmFilters::new(chain("add x-route rest\nresponse-add x-chain rest")),
         peer: HttpPeer::new(upstream, false, String::new()),
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let proxy = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut server = pingora::server::Server::new(None).expect("pingora server");
-    server.bootstrap();
-    let mut service = pingora::proxy::http_proxy_service(&server.configuration, routed);
-    service.add_tcp(&proxy.to_string());
-    server.add_service(service);
-    std::thread::spawn(move || server.run_forever());
+    let proxy = serve(routed, |service, addr| service.add_tcp(addr));
     runtime().block_on(async {
         let client = client();
         let started = Instant::now();
