@@ -57,6 +57,20 @@ pub struct LocalResponse {
     pub grpc_status: Option<GrpcStatus>,
 }
 
+impl LocalResponse {
+    /// A response with `status_code` and `details` and no body, headers or gRPC status: what
+    /// the host (a failure policy, a limit, a proxy's own check) answers on its own.
+    pub fn new(status_code: u32, details: impl Into<String>) -> Self {
+        LocalResponse {
+            status_code,
+            details: details.into(),
+            body: Bytes::new(),
+            headers: HeaderMap::new(),
+            grpc_status: None,
+        }
+    }
+}
+
 /// Something a plugin asked of a stream outside the return value of a callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamEvent {

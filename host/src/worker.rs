@@ -430,13 +430,9 @@ impl Worker {
     fn fail(&mut self, error: VmError) -> Failure {
         self.retire(&error);
         let action = match self.plugin.config().failure_policy {
-            FailurePolicy::FailClosed { status } => Action::Respond(LocalResponse {
-                status_code: status,
-                details: "filterbox_plugin_failed".into(),
-                body: Default::default(),
-                headers: HeaderMap::new(),
-                grpc_status: None,
-            }),
+            FailurePolicy::FailClosed { status } => {
+                Action::Respond(LocalResponse::new(status, "filterbox_plugin_failed"))
+            }
             FailurePolicy::FailOpen => Action::Continue,
         };
         self.plugin

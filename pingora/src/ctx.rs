@@ -380,13 +380,7 @@ async fn set_connection_attributes(
 
 /// The synchronous wait for a paused response body outlived the chain's pause timeout.
 fn timed_out() -> LocalResponse {
-    LocalResponse {
-        status_code: 504,
-        details: "filterbox_pause_timeout".to_owned(),
-        body: Bytes::new(),
-        headers: HeaderMap::new(),
-        grpc_status: None,
-    }
+    LocalResponse::new(504, "filterbox_pause_timeout")
 }
 
 /// Answers the exchange with `local` before the response started: through the plugins'

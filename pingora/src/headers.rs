@@ -1,6 +1,5 @@
 //! Pingora's request and response headers to and from the header maps plugins see.
 
-use bytes::Bytes;
 use filterbox::{HeaderMap, LocalReply, LocalResponse};
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -92,13 +91,7 @@ fn entries(headers: http::HeaderMap) -> impl Iterator<Item = (HeaderName, Header
 /// Pingora refused a header the plugins left.
 fn invalid(error: &Error) -> LocalResponse {
     tracing::warn!("plugin left headers Pingora refuses: {error}");
-    LocalResponse {
-        status_code: 500,
-        details: "filterbox_invalid_headers".to_owned(),
-        body: Bytes::new(),
-        headers: HeaderMap::new(),
-        grpc_status: None,
-    }
+    LocalResponse::new(500, "filterbox_invalid_headers")
 }
 
 /// The response header of a local reply: its status and headers, and the length of its body.

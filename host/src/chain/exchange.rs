@@ -9,7 +9,7 @@
 //! through this type; so can any other proxy.
 
 use super::FilterChain;
-use super::local::{LocalReply, is_grpc, local, local_message};
+use super::local::{LocalReply, is_grpc, local_message};
 use super::phase::{Direction, MapPhase, Step};
 use super::slot::{Done, Job, Slot};
 use crate::HeaderMap;
@@ -281,7 +281,7 @@ impl Exchange {
     /// Does `job` on the exchange's slot; a slot that is gone (or a job of ours that
     /// panicked) answers 503.
     async fn run(&self, job: Job) -> Result<Done, LocalResponse> {
-        let unavailable = || local(503, "filterbox_slot_unavailable");
+        let unavailable = || LocalResponse::new(503, "filterbox_slot_unavailable");
         let slot = self.slot().ok_or_else(unavailable)?;
         slot.run(self.id, job).await.ok_or_else(unavailable)
     }
@@ -323,7 +323,7 @@ impl Exchange {
                     plugin = plugin.unwrap_or_default(),
                     "exchange paused past the pause timeout"
                 );
-                return Err(local(504, "filterbox_pause_timeout"));
+                return Err(LocalResponse::new(504, "filterbox_pause_timeout"));
             }
         }
     }
@@ -478,5 +478,5 @@ impl Drop for Exchange {
 /// that is gone.
 fn mismatched() -> LocalResponse {
     tracing::error!("a filter chain slot answered the wrong job");
-    local(503, "filterbox_slot_unavailable")
+    LocalResponse::new(503, "filterbox_slot_unavailable")
 }

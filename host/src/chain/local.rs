@@ -89,20 +89,10 @@ pub(super) fn is_framing(name: &[u8]) -> bool {
     name == b"content-length" || crate::http_parts::is_hop_by_hop(name)
 }
 
-pub(super) fn local(status: u32, details: &str) -> LocalResponse {
-    LocalResponse {
-        status_code: status,
-        details: details.to_owned(),
-        body: Bytes::new(),
-        headers: HeaderMap::new(),
-        grpc_status: None,
-    }
-}
-
 /// A plugin left headers `http` cannot carry: answer 500 rather than forward garbage.
 pub(super) fn invalid_edit(error: HttpPartsError) -> LocalResponse {
     tracing::warn!("plugin left invalid headers: {error}");
-    local(500, "filterbox_invalid_headers")
+    LocalResponse::new(500, "filterbox_invalid_headers")
 }
 
 /// What a proxy answers when the plugins left headers its HTTP types cannot carry: a 500

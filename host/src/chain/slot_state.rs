@@ -2,7 +2,6 @@
 //! the body bytes plugins hold, and the paused exchanges waiting for news.
 
 use super::held::{Held, HeldBudget};
-use super::local::local;
 use super::phase::{Direction, MapPhase, Step};
 use super::slot::{Done, Job};
 use crate::HeaderMap;
@@ -154,7 +153,7 @@ impl SlotState {
                     Direction::Response => 502,
                 };
                 return (
-                    Step::Respond(local(status, "filterbox_body_too_large")),
+                    Step::Respond(LocalResponse::new(status, "filterbox_body_too_large")),
                     BytesMut::new(),
                 );
             }
@@ -191,7 +190,10 @@ impl SlotState {
                             body.len()
                         );
                         return (
-                            Step::Respond(local(status, "filterbox_held_bodies_over_limit")),
+                            Step::Respond(LocalResponse::new(
+                                status,
+                                "filterbox_held_bodies_over_limit",
+                            )),
                             BytesMut::new(),
                         );
                     }
@@ -265,7 +267,10 @@ impl SlotState {
                 }
                 StreamEvent::Respond(response) => return Some(Err(response)),
                 StreamEvent::Close(_) => {
-                    return Some(Err(local(502, "filterbox_stream_closed_by_plugin")));
+                    return Some(Err(LocalResponse::new(
+                        502,
+                        "filterbox_stream_closed_by_plugin",
+                    )));
                 }
                 StreamEvent::Continue(_) | StreamEvent::ClearRouteCache => {}
             }

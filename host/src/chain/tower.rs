@@ -6,8 +6,7 @@
 use super::body::{BODY_FRAMES_IN_FLIGHT, BodySender, FilteredBody};
 use super::error::{BoxError, FilterError};
 use super::exchange::Exchange;
-use super::local::LocalReply;
-use super::local::invalid_edit;
+use super::local::{LocalReply, invalid_edit};
 use super::phase::Direction;
 use super::{FilterChain, SharedChain};
 use crate::HeaderMap;
