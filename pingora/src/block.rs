@@ -23,20 +23,30 @@ impl Wake for ThreadWaker {
 /// paused plugin is woken by whoever answers it on another thread. The wait does not depend
 /// on the runtime this thread belongs to, which may be the one blocked here.
 pub(crate) fn block_within<F: Future>(future: F, limit: Duration) -> Option<F::Output> {
-    let mut future = std::pin::pin!(future);
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
-            return Some(output);
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return None;
-        }
-        std::thread::park_timeout(left);
+    thread_local! {
+        // Made once per thread: this runs for every response body chunk.
+        static WAKER: Waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
     }
+    let mut future = std::pin::pin!(future);
+    WAKER.with(|waker| {
+        let mut cx = Context::from_waker(waker);
+        // Read the clock only once the future has to be waited for (the usual inline
+        // callback is ready at the first poll).
+        let mut deadline = None;
+        loop {
+            if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                return Some(output);
+            }
+            let now = Instant::now();
+            let left = deadline
+                .get_or_insert(now + limit)
+                .saturating_duration_since(now);
+            if left.is_zero() {
+                return None;
+            }
+            std::thread::park_timeout(left);
+        }
+    })
 }
 
 #[cfg(test)]
