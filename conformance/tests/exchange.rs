@@ -2,9 +2,10 @@
 //! with SDK-built plugins on every built engine.
 
 use bytes::Bytes;
+use filterbox::abi::Callback;
 use filterbox::{
     CalloutError, Callouts, EngineKind, FilterChain, GrpcReply, GrpcRequest, GrpcStream, HeaderMap,
-    HttpCallReply, HttpCallRequest, Plugin, PluginConfig,
+    HttpCallReply, HttpCallRequest, Plugin, PluginConfig, Route,
 };
 use filterbox_conformance::guests;
 use parking_lot::Mutex;
@@ -192,5 +193,89 @@ fn a_paused_exchange_gets_the_failure_policy_as_soon_as_its_vm_fails() {
         assert_eq!(local.details, "filterbox_plugin_failed", "{engine}");
         // Far below the pause timeout, however busy the machine.
         assert!(started.elapsed() < pause_timeout / 2, "{engine}");
+    }
+}
+
+#[test]
+fn routes_run_their_own_plugin_configurations_in_the_same_vms_and_skip_what_they_skip() {
+    for engine in EngineKind::built() {
+        let headers = plugin("headers", guests::HEADERS, "add x-route base", engine);
+        let deny = plugin("deny", guests::DENY, "/admin", engine);
+        let mut builder = FilterChain::builder()
+            .slots(1)
+            .route("open", Route::new().skip("deny"))
+            // The plugin's own configuration: no root context of its own.
+            .route(
+                "same",
+                Route::new().configure("headers", "add x-route base"),
+            );
+        for i in 0..100 {
+            let route = Route::new().configure("headers", format!("add x-route r{i}"));
+            builder = builder.route(format!("r{i}"), route);
+        }
+        // A configuration two routes share is one root context.
+        builder = builder.route("again", Route::new().configure("headers", "add x-route r7"));
+        let chain = builder
+            .build(vec![headers.clone(), deny.clone()])
+            .unwrap_or_else(|e| panic!("{engine}: {e}"));
+        // One VM per plugin on the one slot, whatever the routes.
+        assert_eq!(headers.metrics().vms_created(), 1, "{engine}");
+        assert_eq!(deny.metrics().vms_created(), 1, "{engine}");
+        // Each of the 100 configurations (and the plugin's own) ran proxy_on_configure once.
+        let configured = headers.metrics().callback_calls(Callback::ProxyOnConfigure);
+        assert_eq!(configured, 101, "{engine}");
+        assert!(chain.route("nowhere").is_none());
+        runtime().block_on(async {
+            let admin = [(":method", "GET"), (":path", "/admin"), (":authority", "a")];
+            for (route, expected, denied) in [
+                (None, "base", true),
+                (Some("same"), "base", true),
+                (Some("r0"), "r0", true),
+                (Some("r99"), "r99", true),
+                (Some("again"), "r7", true),
+                (Some("open"), "base", false),
+            ] {
+                let mut exchange = match route {
+                    Some(name) => chain.exchange_on(chain.route(name).expect("route")),
+                    None => chain.exchange(),
+                };
+                let request = [(":method", "GET"), (":path", "/"), (":authority", "a")];
+                let headers = exchange
+                    .request_headers(map(&request), true)
+                    .await
+                    .expect("passes");
+                assert_eq!(
+                    headers.get_str("x-route"),
+                    Some(expected),
+                    "{engine} {route:?}"
+                );
+                exchange.finish();
+                let mut exchange = match route {
+                    Some(name) => chain.exchange_on(chain.route(name).expect("route")),
+                    None => chain.exchange(),
+                };
+                let outcome = exchange.request_headers(map(&admin), true).await;
+                assert_eq!(outcome.is_err(), denied, "{engine} {route:?}");
+                exchange.finish();
+            }
+        });
+        // A route that names a plugin the chain lacks is refused.
+        let refused = FilterChain::builder()
+            .slots(1)
+            .route("bad", Route::new().skip("missing"))
+            .build(vec![deny.clone()]);
+        assert!(
+            matches!(refused, Err(filterbox::ChainError::UnknownPlugin { .. })),
+            "{engine}"
+        );
+        // A route configuration the plugin rejects refuses the chain before it serves.
+        let rejected = FilterChain::builder()
+            .slots(1)
+            .route("bad", Route::new().configure("headers", "nonsense"))
+            .build(vec![headers.clone()]);
+        assert!(
+            matches!(rejected, Err(filterbox::ChainError::Start(_))),
+            "{engine}"
+        );
     }
 }

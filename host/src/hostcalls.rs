@@ -370,7 +370,7 @@ fn grpc_open(
     if let Some(message) = message {
         stream.send(message, true);
     }
-    let root = state.root_context;
+    let root = state.current_root();
     state.grpc.insert(
         token,
         OpenGrpc {
@@ -526,9 +526,15 @@ impl Hostcalls for VmState {
     // --- timers, status, shutdown ---
 
     fn proxy_set_tick_period_milliseconds(cx: Cx<'_>, period_ms: i32) -> i32 {
-        // The timer of the root context; 0 stops it. The first tick comes one period after.
+        // The timer of the caller's root context; 0 stops it. The first tick comes one
+        // period after.
         let period = Duration::from_millis(u64::from(period_ms as u32));
-        cx.host().tick = (!period.is_zero()).then(|| (period, Instant::now() + period));
+        let state = cx.host();
+        let root = state.current_root();
+        match period.is_zero() {
+            true => state.ticks.remove(&root),
+            false => state.ticks.insert(root, (period, Instant::now() + period)),
+        };
         Status::Ok.as_i32()
     }
 
@@ -642,7 +648,7 @@ impl Hostcalls for VmState {
             &shared.config.vm_id,
             name,
             &state.inbox,
-            state.root_context,
+            state.current_root(),
         ) {
             Ok(token) => token,
             Err(e) => return Status::from(e).as_i32(),
@@ -845,7 +851,7 @@ impl Hostcalls for VmState {
                 .http_call(request, reply)
                 .map_err(|e| e.status(false))
         }));
-        let root = state.root_context;
+        let root = state.current_root();
         state.http_calls.insert(token, root);
         write_words(&mut memory, &[(ret_token_ptr, token)]).as_i32()
     }
@@ -987,7 +993,7 @@ impl Hostcalls for VmState {
         // What the plugin or the embedder set wins, on this context then on the root.
         let set = match state.properties.is_empty() {
             true => None,
-            false => [state.context(), state.root_context]
+            false => [state.context(), state.current_root()]
                 .into_iter()
                 .find_map(|c| state.properties.get(&(c, raw.to_vec())).cloned()),
         };

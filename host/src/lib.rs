@@ -78,7 +78,7 @@ pub use callout::{
 #[cfg(feature = "tower")]
 pub use chain::{
     BoxError, ChainError, Exchange, FilterChain, FilterChainBuilder, FilterError, FilterLayer,
-    FilterService, FilteredBody, LocalReply, SharedChain,
+    FilterService, FilteredBody, LocalReply, Route, RouteId, RouteName, SharedChain,
 };
 pub use config::{DeniedCapability, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
 pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};

@@ -86,7 +86,7 @@ impl Service {
             }
         };
         let name = format!("filterbox-service-{}", plugin.config().name);
-        match spawn_workers(name, vec![plugin.clone()], wake, serve) {
+        match spawn_workers(name, vec![(plugin.clone(), Vec::new())], wake, serve) {
             Ok(thread) => Ok(Service {
                 plugin: plugin.clone(),
                 commands,

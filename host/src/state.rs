@@ -143,10 +143,13 @@ pub(crate) struct VmState {
     pub(crate) in_allocator: bool,
     /// Where events for this VM wait (queue wake-ups, callout answers).
     pub(crate) inbox: Arc<Inbox>,
-    /// The root context (0 until it exists).
+    /// The VM's first root context (0 until it exists): the one streams run under unless
+    /// they were created under another.
     pub(crate) root_context: u32,
-    /// `proxy_set_tick_period_milliseconds`: the period and the next tick.
-    pub(crate) tick: Option<(Duration, Instant)>,
+    /// Streams created under a root context other than the first: stream → its root.
+    pub(crate) stream_roots: ContextMap<u32, u32>,
+    /// `proxy_set_tick_period_milliseconds`, by root context: the period and the next tick.
+    pub(crate) ticks: ContextMap<u32, (Duration, Instant)>,
     /// What `proxy_get_status` answers: set while delivering a failed callout or a gRPC close.
     pub(crate) status: (u32, Bytes),
     /// HTTP calls waiting for an answer: token → root context.
@@ -159,9 +162,11 @@ pub(crate) struct VmState {
     pub(crate) done_requested: bool,
     /// The root context answered false from `proxy_on_done` and has not called `proxy_done`.
     pub(crate) done_pending: bool,
-    /// A configuration being validated (`proxy_validate_configuration`): what the plugin
-    /// configuration buffer reads during that call.
-    pub(crate) validating: Option<Bytes>,
+    /// What the plugin configuration buffer reads during the current configure-phase call
+    /// instead of the plugin's own configuration: a candidate being validated
+    /// (`proxy_validate_configuration`), or the configuration of a root context added with
+    /// [`Vm::add_root_context`](crate::Vm::add_root_context).
+    pub(crate) configuring: Option<Bytes>,
     /// What is remembered of each HTTP stream for `request.*` attributes.
     pub(crate) stream_info: ContextMap<u32, crate::attributes::StreamInfo>,
     /// The code of a `proc_exit` the guest called during the current call.
@@ -257,7 +262,8 @@ impl VmState {
             in_allocator: false,
             inbox,
             root_context: 0,
-            tick: None,
+            stream_roots: ContextMap::default(),
+            ticks: ContextMap::default(),
             status: (0, Bytes::new()),
             http_calls: ContextMap::default(),
             grpc: ContextMap::default(),
@@ -267,7 +273,7 @@ impl VmState {
             properties: HashMap::new(),
             exit_code: None,
             stream_info: ContextMap::default(),
-            validating: None,
+            configuring: None,
             warned_unimplemented: ImportSet::default(),
             output_lines: Default::default(),
             added_trailers: ContextMap::default(),
@@ -281,6 +287,24 @@ impl VmState {
     /// The context hostcalls act on.
     pub(crate) fn context(&self) -> u32 {
         self.effective_context.unwrap_or(self.current_context)
+    }
+
+    /// The root context `context` belongs to: itself for a root context, else the root its
+    /// stream was created under.
+    pub(crate) fn root_of(&self, context: u32) -> u32 {
+        match self.contexts.get(&context) {
+            Some(ContextKind::Root) => context,
+            _ => self
+                .stream_roots
+                .get(&context)
+                .copied()
+                .unwrap_or(self.root_context),
+        }
+    }
+
+    /// The root context of the context the current call acts for.
+    pub(crate) fn current_root(&self) -> u32 {
+        self.root_of(self.context())
     }
 
     pub(crate) fn context_kind(&self) -> Option<ContextKind> {
@@ -347,7 +371,7 @@ impl VmState {
             },
             BufferType::VmConfiguration => Ok(&self.shared.config.vm_configuration),
             BufferType::PluginConfiguration if self.phase == Phase::Configure => {
-                match &self.validating {
+                match &self.configuring {
                     Some(candidate) => Ok(candidate),
                     None => Ok(&self.shared.config.configuration),
                 }

@@ -127,6 +127,13 @@ pub enum VmError {
         /// The plugin.
         plugin: String,
     },
+    /// No live root context of the VM has this id.
+    UnknownRoot {
+        /// The plugin.
+        plugin: String,
+        /// The id asked for.
+        root: u32,
+    },
 }
 
 impl VmError {
@@ -137,7 +144,8 @@ impl VmError {
             | VmError::Rejected { plugin, .. }
             | VmError::Trap { plugin, .. }
             | VmError::Failed { plugin, .. }
-            | VmError::ForeignStream { plugin } => plugin,
+            | VmError::ForeignStream { plugin }
+            | VmError::UnknownRoot { plugin, .. } => plugin,
         }
     }
 }
@@ -167,6 +175,9 @@ impl fmt::Display for VmError {
             }
             VmError::ForeignStream { plugin } => {
                 write!(f, "plugin {plugin:?}: stream belongs to another VM")
+            }
+            VmError::UnknownRoot { plugin, root } => {
+                write!(f, "plugin {plugin:?}: no root context {root}")
             }
         }
     }
@@ -217,6 +228,8 @@ pub struct Vm {
     instance: Instance<VmState>,
     serial: u64,
     root_context: u32,
+    /// Root contexts added after the first ([`Vm::add_root_context`]), in order.
+    extra_roots: Vec<u32>,
     next_context: u32,
     failure: Option<Trap>,
     /// The root context is gone (shut down with `proxy_on_done` / `proxy_done`).
@@ -309,6 +322,7 @@ impl Vm {
             instance,
             serial,
             root_context: 0,
+            extra_roots: Vec::new(),
             next_context: 1,
             failure: None,
             done: false,
@@ -385,6 +399,47 @@ impl Vm {
     /// The root context's id.
     pub fn root_context_id(&self) -> u32 {
         self.root_context
+    }
+
+    /// Adds a root context whose plugin configuration is `configuration`: one plugin, one VM,
+    /// several configurations (per-route configuration without a VM per route; proxy-wasm
+    /// lets a VM hold several root contexts). Runs `proxy_on_context_create(id, 0)`,
+    /// `proxy_on_vm_start` and `proxy_on_configure` on it, as for the first root; a false from
+    /// either, or a trap, is an error and the root is gone. Streams made with
+    /// [`Vm::create_http_stream_under`] run under it and read its configuration; its timer
+    /// (`proxy_set_tick_period_milliseconds`) and the callouts, queues and properties of its
+    /// streams are its own.
+    pub fn add_root_context(&mut self, configuration: Bytes) -> Result<u32, VmError> {
+        let root = self.create_context(ContextKind::Root, 0)?;
+        let vm_config = wasm_i32(self.plugin.config().vm_configuration.len());
+        let started = self.expect_true(Callback::ProxyOnVmStart, root, &[root as i32, vm_config]);
+        let configured = started.and_then(|()| {
+            let len = wasm_i32(configuration.len());
+            let state = self.state();
+            state.configuring = Some(configuration);
+            state.phase = Phase::Configure;
+            let configured =
+                self.expect_true(Callback::ProxyOnConfigure, root, &[root as i32, len]);
+            let state = self.state();
+            state.configuring = None;
+            state.phase = Phase::Other;
+            configured
+        });
+        match configured {
+            Ok(()) => {
+                self.extra_roots.push(root);
+                Ok(root)
+            }
+            Err(error) => {
+                self.forget_context(root);
+                Err(error)
+            }
+        }
+    }
+
+    /// The root contexts added with [`Vm::add_root_context`], in order.
+    pub fn extra_root_contexts(&self) -> &[u32] {
+        &self.extra_roots
     }
 
     /// The trap that failed this VM, if one did.
@@ -472,13 +527,19 @@ impl Vm {
     fn create_context(&mut self, kind: ContextKind, parent: u32) -> Result<u32, VmError> {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(1);
-        self.state().contexts.insert(id, kind);
+        let state = self.state();
+        state.contexts.insert(id, kind);
+        if kind != ContextKind::Root && parent != state.root_context {
+            state.stream_roots.insert(id, parent);
+        }
         if let Err(e) = self.call(
             id,
             Callback::ProxyOnContextCreate,
             &[id as i32, parent as i32],
         ) {
-            self.state().contexts.remove(&id);
+            let state = self.state();
+            state.contexts.remove(&id);
+            state.stream_roots.remove(&id);
             return Err(e);
         }
         Ok(id)
@@ -486,7 +547,19 @@ impl Vm {
 
     /// Creates an HTTP stream context (`proxy_on_context_create(id, root)`).
     pub fn create_http_stream(&mut self) -> Result<HttpStream, VmError> {
-        let id = self.create_context(ContextKind::Http, self.root_context)?;
+        self.create_http_stream_under(self.root_context)
+    }
+
+    /// Creates an HTTP stream context under root context `root` (the first root, or one
+    /// from [`Vm::add_root_context`]).
+    pub fn create_http_stream_under(&mut self, root: u32) -> Result<HttpStream, VmError> {
+        if root != self.root_context && !self.extra_roots.contains(&root) {
+            return Err(VmError::UnknownRoot {
+                plugin: self.plugin.config().name.clone(),
+                root,
+            });
+        }
+        let id = self.create_context(ContextKind::Http, root)?;
         if self.plugin.shared().reads_properties {
             let info = crate::attributes::StreamInfo {
                 started: Some(std::time::SystemTime::now()),
@@ -820,6 +893,8 @@ impl Vm {
             .added_trailers
             .retain(|(context, _), _| *context != id);
         state.stream_info.remove(&id);
+        state.stream_roots.remove(&id);
+        state.ticks.remove(&id);
     }
 
     /// Sets a property of `stream` that `proxy_get_property` answers with `value` (see
@@ -999,12 +1074,21 @@ impl Vm {
 
     /// The tick period the plugin set (`proxy_set_tick_period_milliseconds`), if any.
     pub fn tick_period(&self) -> Option<Duration> {
-        self.instance.host().tick.map(|(period, _)| period)
+        let state = self.instance.host();
+        state
+            .ticks
+            .get(&self.root_context)
+            .map(|(period, _)| *period)
     }
 
-    /// When the next `proxy_on_tick` is due, if the plugin set a period.
+    /// When the next `proxy_on_tick` is due (of any root context), if the plugin set a period.
     pub fn next_tick(&self) -> Option<Instant> {
-        self.instance.host().tick.map(|(_, next)| next)
+        self.instance
+            .host()
+            .ticks
+            .values()
+            .map(|(_, next)| *next)
+            .min()
     }
 
     /// Calls `proxy_on_tick` on the root context now and schedules the next tick one period
@@ -1013,11 +1097,15 @@ impl Vm {
     /// The next tick also waits long enough to hold the plugin's ticks to
     /// [`Limits::max_tick_cpu_percent`](crate::Limits) of a core.
     pub fn on_tick(&mut self) -> Result<(), VmError> {
+        self.tick_root(self.root_context)
+    }
+
+    /// `proxy_on_tick` on `root` now; its next tick one period (or the CPU budget) later.
+    fn tick_root(&mut self, root: u32) -> Result<(), VmError> {
         let started = Instant::now();
-        if let Some((period, _)) = self.state().tick {
-            self.state().tick = Some((period, started + period));
+        if let Some((period, next)) = self.state().ticks.get_mut(&root) {
+            *next = started + *period;
         }
-        let root = self.root_context;
         let called = self.call(root, Callback::ProxyOnTick, &[root as i32]);
         let percent = u64::from(
             self.plugin
@@ -1030,11 +1118,10 @@ impl Vm {
         // Busy for `ran`, then idle for ran × (100 − p) / p: the ticks use p% of a core.
         let idle = ran.saturating_mul(u32::try_from(100 - percent).unwrap_or(0))
             / u32::try_from(percent).unwrap_or(1);
-        let state = self.state();
-        if let Some((period, next)) = state.tick {
+        if let Some((_, next)) = self.state().ticks.get_mut(&root) {
             let earliest = started + ran + idle;
-            if earliest > next {
-                state.tick = Some((period, earliest));
+            if earliest > *next {
+                *next = earliest;
                 self.plugin.metrics().tick_postponed();
             }
         }
@@ -1071,8 +1158,19 @@ impl Vm {
     /// Runs what is due at `now`: pending events, then the tick if its time has come.
     pub fn run_due(&mut self, now: Instant) -> Result<usize, VmError> {
         let mut ran = self.dispatch_pending()?;
-        if self.next_tick().is_some_and(|next| next <= now) {
-            self.on_tick()?;
+        let due: Vec<u32> = match self.next_tick() {
+            Some(next) if next <= now => {
+                let mut due: Vec<u32> = (self.state().ticks.iter())
+                    .filter(|(_, (_, next))| *next <= now)
+                    .map(|(root, _)| *root)
+                    .collect();
+                due.sort_unstable();
+                due
+            }
+            _ => Vec::new(),
+        };
+        for root in due {
+            self.tick_root(root)?;
             ran += 1;
         }
         Ok(ran)
@@ -1103,9 +1201,19 @@ impl Vm {
     /// Asks the plugin to shut its root context down (`proxy_on_done`). `Ok(true)`: it is
     /// gone (`proxy_on_delete` ran). `Ok(false)`: the plugin asked to finish first and will
     /// call `proxy_done` from a later callback; [`Vm::is_done`] tells when.
+    ///
+    /// Root contexts added with [`Vm::add_root_context`] go first: `proxy_on_done` then
+    /// `proxy_on_delete` each, without waiting for a `proxy_done` (only the first root
+    /// context's shutdown may be finished later).
     pub fn shutdown(&mut self) -> Result<bool, VmError> {
         if self.done {
             return Ok(true);
+        }
+        for root in std::mem::take(&mut self.extra_roots) {
+            let done = self.call(root, Callback::ProxyOnDone, &[root as i32]);
+            let deleted = self.call(root, Callback::ProxyOnDelete, &[root as i32]);
+            self.forget_context(root);
+            done.and(deleted)?;
         }
         let root = self.root_context;
         match self.call(root, Callback::ProxyOnDone, &[root as i32])? {
@@ -1129,12 +1237,12 @@ impl Vm {
     pub fn validate_configuration(&mut self, configuration: &[u8]) -> Result<bool, VmError> {
         let root = self.root_context;
         let state = self.state();
-        state.validating = Some(Bytes::copy_from_slice(configuration));
+        state.configuring = Some(Bytes::copy_from_slice(configuration));
         state.phase = Phase::Configure;
         let args = [root as i32, wasm_i32(configuration.len())];
         let result = self.call(root, Callback::ProxyValidateConfiguration, &args);
         let state = self.state();
-        state.validating = None;
+        state.configuring = None;
         state.phase = Phase::Other;
         Ok(!matches!(result?, Returned::Value(0)))
     }

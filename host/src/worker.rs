@@ -87,6 +87,10 @@ impl WorkerStream {
 pub struct Worker {
     plugin: Plugin,
     vm: Option<Vm>,
+    /// The configurations of the root contexts every VM gets beside the plugin's own.
+    configurations: Vec<Bytes>,
+    /// The current VM's root contexts for `configurations`, in their order.
+    roots: Vec<u32>,
     /// Bumped each time the VM is dropped, so streams of an old VM are recognised.
     generation: u64,
     /// Failures since a VM last finished a stream.
@@ -114,10 +118,22 @@ impl Worker {
     /// Starts the first VM. A plugin that cannot start even once is an error here, so a bad
     /// plugin or config is refused before it takes traffic.
     pub fn new(plugin: &Plugin) -> Result<Worker, VmError> {
-        let vm = Vm::new(plugin)?;
+        Worker::with_root_contexts(plugin, Vec::new())
+    }
+
+    /// A worker whose VMs hold one more root context per configuration (see
+    /// [`Vm::add_root_context`]), made again in each rebuilt VM; a configuration the plugin
+    /// rejects is an error here. [`Worker::create_stream_under`] picks the root.
+    pub fn with_root_contexts(
+        plugin: &Plugin,
+        configurations: Vec<Bytes>,
+    ) -> Result<Worker, VmError> {
+        let (vm, roots) = start_vm(plugin, &configurations)?;
         Ok(Worker {
             plugin: plugin.clone(),
             vm: Some(vm),
+            configurations,
+            roots,
             generation: 0,
             consecutive_failures: 0,
             retry_at: None,
@@ -173,11 +189,24 @@ impl Worker {
     /// passed. When there is no VM, the stream is born failed and every call on it returns
     /// the policy's [`Failure`].
     pub fn create_stream(&mut self) -> WorkerStream {
+        self.create_stream_under(0)
+    }
+
+    /// [`Worker::create_stream`] under root context `root`: 0 is the plugin's own, `n` the
+    /// one for the `n`-th configuration given to [`Worker::with_root_contexts`].
+    pub fn create_stream_under(&mut self, root: usize) -> WorkerStream {
         self.revive();
         let generation = self.generation;
-        let created = match self.vm.as_mut() {
-            Some(vm) => vm.create_http_stream(),
-            None => Err(self.gone()),
+        let created = match (self.vm.as_mut(), root.checked_sub(1)) {
+            (Some(vm), None) => vm.create_http_stream(),
+            (Some(vm), Some(extra)) => match self.roots.get(extra) {
+                Some(&id) => vm.create_http_stream_under(id),
+                None => Err(VmError::UnknownRoot {
+                    plugin: self.plugin.config().name.clone(),
+                    root: u32::try_from(root).unwrap_or(u32::MAX),
+                }),
+            },
+            (None, _) => Err(self.gone()),
         };
         match created {
             Ok(stream) => WorkerStream {
@@ -493,9 +522,10 @@ impl Worker {
         if Instant::now() < at {
             return;
         }
-        match Vm::new(&self.plugin) {
-            Ok(mut vm) => {
+        match start_vm(&self.plugin, &self.configurations) {
+            Ok((mut vm, roots)) => {
                 vm.set_wake(self.wake.clone());
+                self.roots = roots;
                 self.plugin.metrics().vm_restarted();
                 tracing::info!(plugin = %self.plugin.config().name, "VM rebuilt");
                 self.vm = Some(vm);
@@ -511,6 +541,16 @@ impl Worker {
     }
 }
 
+/// A started VM of `plugin` with a root context per configuration, and their ids.
+fn start_vm(plugin: &Plugin, configurations: &[Bytes]) -> Result<(Vm, Vec<u32>), VmError> {
+    let mut vm = Vm::new(plugin)?;
+    let roots = configurations
+        .iter()
+        .map(|configuration| vm.add_root_context(configuration.clone()))
+        .collect::<Result<_, _>>()?;
+    Ok((vm, roots))
+}
+
 /// Why a thread of workers did not start.
 pub(crate) enum ThreadStart {
     /// A plugin's first VM did not start.
@@ -524,7 +564,7 @@ pub(crate) enum ThreadStart {
 /// did not (the thread has then ended).
 pub(crate) fn spawn_workers(
     name: String,
-    plugins: Vec<Plugin>,
+    plugins: Vec<(Plugin, Vec<Bytes>)>,
     wake: Wake,
     run: impl FnOnce(Vec<Worker>) + Send + 'static,
 ) -> Result<JoinHandle<()>, ThreadStart> {
@@ -533,8 +573,8 @@ pub(crate) fn spawn_workers(
         .name(name)
         .spawn(move || {
             let mut workers = Vec::with_capacity(plugins.len());
-            for plugin in &plugins {
-                match Worker::new(plugin) {
+            for (plugin, configurations) in plugins {
+                match Worker::with_root_contexts(&plugin, configurations) {
                     Ok(mut worker) => {
                         worker.set_wake(Some(wake.clone()));
                         workers.push(worker);

@@ -17,6 +17,15 @@ pub enum ChainError {
     /// A plugin's first VM did not start (instantiation, `proxy_on_vm_start` or
     /// `proxy_on_configure` failed), so the chain is refused before it takes traffic.
     Start(VmError),
+    /// A route names a plugin the chain does not have.
+    UnknownPlugin {
+        /// The route.
+        route: String,
+        /// The name it gave.
+        plugin: String,
+    },
+    /// Two routes have the same name.
+    DuplicateRoute(String),
 }
 
 impl fmt::Display for ChainError {
@@ -24,6 +33,13 @@ impl fmt::Display for ChainError {
         match self {
             ChainError::Thread(error) => write!(f, "starting a slot thread: {error}"),
             ChainError::Start(error) => write!(f, "{error}"),
+            ChainError::UnknownPlugin { route, plugin } => {
+                write!(
+                    f,
+                    "route {route:?} names plugin {plugin:?}, which the chain does not have"
+                )
+            }
+            ChainError::DuplicateRoute(route) => write!(f, "route {route:?} is given twice"),
         }
     }
 }
@@ -33,6 +49,7 @@ impl std::error::Error for ChainError {
         match self {
             ChainError::Thread(error) => Some(error),
             ChainError::Start(error) => Some(error),
+            ChainError::UnknownPlugin { .. } | ChainError::DuplicateRoute(_) => None,
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct Exchange {
     chain: FilterChain,
     slot: usize,
     id: u64,
+    /// The chain's route the exchange runs on (0: every plugin, own configurations).
+    route: usize,
     ended: bool,
     /// What `proxy_on_log` sees of the request and the response.
     request_headers: HeaderMap,
@@ -57,12 +59,13 @@ impl core::fmt::Debug for Exchange {
 }
 
 impl Exchange {
-    pub(super) fn new(chain: FilterChain) -> Exchange {
+    pub(super) fn new(chain: FilterChain, route: usize) -> Exchange {
         let slot = chain.slot_index();
         Exchange {
             chain,
             slot,
             id: NEXT_EXCHANGE.fetch_add(1, Ordering::Relaxed),
+            route,
             ended: false,
             request_headers: HeaderMap::new(),
             response_headers: HeaderMap::new(),
@@ -258,10 +261,13 @@ impl Exchange {
         }
     }
 
-    /// Whether the exchange's chain has no plugins: every phase then returns its input, and
-    /// a proxy may skip them.
+    /// Whether the exchange runs no plugin (its chain has none, or its route skips them
+    /// all): every phase then returns its input, and a proxy may skip them.
     pub fn is_empty(&self) -> bool {
-        self.chain.inner.plugins.is_empty()
+        let plan = &self.chain.inner.plan;
+        plan.roots
+            .get(self.route)
+            .is_none_or(|roots| roots.iter().all(Option::is_none))
     }
 
     /// Marks the exchange ended without running anything (nothing was started on the VMs).
@@ -283,7 +289,9 @@ impl Exchange {
     async fn run(&self, job: Job) -> Result<Done, LocalResponse> {
         let unavailable = || LocalResponse::new(503, "filterbox_slot_unavailable");
         let slot = self.slot().ok_or_else(unavailable)?;
-        slot.run(self.id, job).await.ok_or_else(unavailable)
+        slot.run((self.id, self.route), job)
+            .await
+            .ok_or_else(unavailable)
     }
 
     /// Waits until plugin `index` resumes `direction` (giving the headers as it left them,
@@ -446,7 +454,7 @@ impl Exchange {
     /// Ends the exchange's streams on its slot, after `proxy_on_log` if `log`. Nobody waits.
     pub(super) fn end(&mut self, log: bool) {
         if let (Some(log), Some(slot)) = (self.take_end(log), self.slot()) {
-            slot.run_detached(self.id, Job::End { log });
+            slot.run_detached((self.id, self.route), Job::End { log });
         }
     }
 

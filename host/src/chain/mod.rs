@@ -14,6 +14,8 @@
 //! - `exchange`: the protocol of one exchange (phases, pauses, the end), over maps and bytes;
 //! - `slot`: the typed jobs exchanges give a slot, inline or through its thread;
 //! - `slot_state`: a slot's VMs and the exchanges' streams on them;
+//! - `route`: [`Route`]s, which plugins an exchange runs with which configuration (one
+//!   root context per distinct configuration, in the same VMs);
 //! - `tower`: [`FilterLayer`] / [`FilterService`], driving exchanges with `http` types;
 //! - `body`: [`FilteredBody`]; `error`: [`ChainError`], [`FilterError`]; `local`: local
 //!   responses as the client gets them; `held`: the budget of paused body bytes;
@@ -25,6 +27,7 @@ mod exchange;
 mod held;
 mod local;
 mod phase;
+mod route;
 mod slot;
 mod slot_state;
 mod tower;
@@ -33,12 +36,14 @@ pub use body::FilteredBody;
 pub use error::{BoxError, ChainError, FilterError};
 pub use exchange::Exchange;
 pub use local::LocalReply;
+pub use route::{Route, RouteId, RouteName};
 pub use tower::{FilterLayer, FilterService};
 
 use crate::Plugin;
 use core::fmt;
 use held::HeldBudget;
 use parking_lot::RwLock;
+use route::Plan;
 use slot::Slot;
 use std::cell::Cell;
 use std::sync::Arc;
@@ -52,6 +57,7 @@ pub struct FilterChainBuilder {
     pause_timeout: Duration,
     max_body_bytes: usize,
     max_held_bytes: usize,
+    routes: Vec<(String, Route)>,
 }
 
 impl Default for FilterChainBuilder {
@@ -61,6 +67,7 @@ impl Default for FilterChainBuilder {
             pause_timeout: Duration::from_secs(30),
             max_body_bytes: 16 << 20,
             max_held_bytes: 256 << 20,
+            routes: Vec::new(),
         }
     }
 }
@@ -95,19 +102,32 @@ impl FilterChainBuilder {
         self
     }
 
-    /// Starts the slot threads and on each one VM per plugin, started and configured: a
-    /// plugin that cannot start refuses the whole chain, before it takes traffic. Blocks
-    /// until the VMs are up. Requests run through `plugins` in order, responses in reverse.
+    /// Adds route `name`: exchanges started with [`FilterChain::exchange_on`] its
+    /// [`RouteId`] skip the plugins it skips and run the plugins it configures with its
+    /// configuration, in a root context of their own in the same VMs (one per distinct
+    /// configuration, however many routes share it).
+    pub fn route(mut self, name: impl Into<String>, route: Route) -> Self {
+        self.routes.push((name.into(), route));
+        self
+    }
+
+    /// Starts the slot threads and on each one VM per plugin, started and configured (and
+    /// one more root context per distinct route configuration): a plugin or a route
+    /// configuration that cannot start refuses the whole chain, before it takes traffic.
+    /// Blocks until the VMs are up. Requests run through `plugins` in order, responses in
+    /// reverse.
     pub fn build(self, plugins: Vec<Plugin>) -> Result<FilterChain, ChainError> {
+        let plan = Arc::new(Plan::new(&plugins, &self.routes)?);
         let mut slots = Vec::with_capacity(self.slots);
         let held = HeldBudget::new(self.max_body_bytes, self.max_held_bytes);
         for index in 0..self.slots {
-            slots.push(Slot::spawn(index, &plugins, held.clone())?);
+            slots.push(Slot::spawn(index, &plugins, &plan, held.clone())?);
         }
         Ok(FilterChain {
             inner: Arc::new(ChainInner {
                 plugins,
                 slots,
+                plan,
                 pause_timeout: self.pause_timeout,
             }),
         })
@@ -140,6 +160,7 @@ impl fmt::Debug for FilterChain {
 struct ChainInner {
     plugins: Vec<Plugin>,
     slots: Vec<Slot>,
+    plan: Arc<Plan>,
     pause_timeout: Duration,
 }
 
@@ -163,7 +184,24 @@ impl FilterChain {
     /// Starts an HTTP exchange through the chain, on the slot of the calling thread: see
     /// [`Exchange`]. The tower layer makes one per request; a proxy of its own calls this.
     pub fn exchange(&self) -> Exchange {
-        Exchange::new(self.clone())
+        Exchange::new(self.clone(), 0)
+    }
+
+    /// The route the builder was given as `name` ([`FilterChainBuilder::route`]).
+    pub fn route(&self, name: &str) -> Option<RouteId> {
+        self.inner.plan.names.get(name).copied()
+    }
+
+    /// [`FilterChain::exchange`] on `route`: the exchange runs the plugins the route does not
+    /// skip, each under the route's configuration. A `RouteId` of another chain (one that
+    /// replaced it has other routes) falls back to every plugin with its own configuration;
+    /// look the route up by name on the chain the exchange starts on.
+    pub fn exchange_on(&self, route: RouteId) -> Exchange {
+        let route = match route.0 < self.inner.plan.roots.len() {
+            true => route.0,
+            false => 0,
+        };
+        Exchange::new(self.clone(), route)
     }
 
     /// How long a phase a plugin paused waits for it (the builder's

@@ -12,6 +12,7 @@
 use super::error::ChainError;
 use super::held::HeldBudget;
 use super::phase::{Direction, MapPhase, Step};
+use super::route::Plan;
 use super::slot_state::SlotState;
 use crate::vm::LocalResponse;
 use crate::worker::{ThreadStart, recv_until, spawn_workers};
@@ -21,6 +22,9 @@ use parking_lot::Mutex;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, oneshot};
+
+/// An exchange as its slot knows it: its id and the index of the chain's route it runs on.
+pub(super) type ExchangeKey = (u64, usize);
 
 /// What an exchange asks of its slot.
 pub(super) enum Job {
@@ -92,7 +96,7 @@ const HANDOFF_SPIN: Duration = Duration::from_micros(50);
 enum Command {
     /// Do `job` for exchange `id` and answer on `reply` (if anyone waits).
     Run {
-        id: u64,
+        id: ExchangeKey,
         job: Job,
         reply: Option<oneshot::Sender<Option<Done>>>,
     },
@@ -116,6 +120,7 @@ impl Slot {
     pub(super) fn spawn(
         index: usize,
         plugins: &[Plugin],
+        plan: &Arc<Plan>,
         held: Arc<HeldBudget>,
     ) -> Result<Slot, ChainError> {
         let (commands, receiver) = mpsc::channel();
@@ -125,17 +130,23 @@ impl Slot {
         });
         let state = Arc::new(Mutex::new(None));
         let thread_state = state.clone();
+        let routes = plan.clone();
         let serve = move |workers| {
-            *thread_state.lock() = Some(SlotState::new(workers, held));
+            *thread_state.lock() = Some(SlotState::new(workers, routes, held));
             serve(&thread_state, &receiver);
         };
         let inline = !plugins.iter().any(|p| p.engine().thread_bound());
-        match spawn_workers(
-            format!("filterbox-slot-{index}"),
-            plugins.to_vec(),
-            wake,
-            serve,
-        ) {
+        let with_roots = plugins
+            .iter()
+            .zip(
+                plan.configurations
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::repeat(Vec::new())),
+            )
+            .map(|(plugin, configurations)| (plugin.clone(), configurations))
+            .collect();
+        match spawn_workers(format!("filterbox-slot-{index}"), with_roots, wake, serve) {
             Ok(_) => Ok(Slot {
                 state,
                 commands,
@@ -154,7 +165,7 @@ impl Slot {
 
     /// Does `job` for exchange `id`: here if the slot is free and its VMs may run on this
     /// thread, else on the slot's thread. `None` if the slot is gone or the job panicked.
-    pub(super) async fn run(&self, id: u64, job: Job) -> Option<Done> {
+    pub(super) async fn run(&self, id: ExchangeKey, job: Job) -> Option<Done> {
         let job = match self.try_inline(id, job) {
             Ok(done) => return done,
             Err(job) => job,
@@ -180,7 +191,7 @@ impl Slot {
 
     /// Does `job` for exchange `id` without waiting for the answer (the end of an exchange,
     /// from a `Drop`).
-    pub(super) fn run_detached(&self, id: u64, job: Job) {
+    pub(super) fn run_detached(&self, id: ExchangeKey, job: Job) {
         if let Err(job) = self.try_inline(id, job) {
             let _ = self.commands.send(Command::Run {
                 id,
@@ -192,7 +203,7 @@ impl Slot {
 
     /// Runs `job` on this thread if the slot allows it and nobody else is using it; gives the
     /// job back otherwise.
-    fn try_inline(&self, id: u64, job: Job) -> Result<Option<Done>, Job> {
+    fn try_inline(&self, id: ExchangeKey, job: Job) -> Result<Option<Done>, Job> {
         if !self.inline {
             return Err(job);
         }

@@ -3,7 +3,8 @@
 
 use super::held::{Held, HeldBudget};
 use super::phase::{Direction, MapPhase, Step};
-use super::slot::{Done, Job};
+use super::route::Plan;
+use super::slot::{Done, ExchangeKey, Job};
 use crate::HeaderMap;
 use crate::vm::{Action, LocalResponse, StreamEvent};
 use crate::worker::{Failure, Worker, WorkerStream};
@@ -26,6 +27,8 @@ struct Streams {
 /// A slot's VMs and the exchanges running on them.
 pub(super) struct SlotState {
     workers: Vec<Worker>,
+    /// The chain's routes: which root each plugin's stream is created under.
+    plan: Arc<Plan>,
     exchanges: FxHashMap<u64, Streams>,
     /// What plugins may hold paused of bodies.
     held: Arc<HeldBudget>,
@@ -44,9 +47,10 @@ struct Waiter {
 
 impl SlotState {
     /// The state of a slot whose VMs are `workers`.
-    pub(super) fn new(workers: Vec<Worker>, held: Arc<HeldBudget>) -> SlotState {
+    pub(super) fn new(workers: Vec<Worker>, plan: Arc<Plan>, held: Arc<HeldBudget>) -> SlotState {
         SlotState {
             workers,
+            plan,
             exchanges: FxHashMap::default(),
             held,
             waiters: FxHashMap::default(),
@@ -54,18 +58,30 @@ impl SlotState {
         }
     }
 
-    /// The streams of exchange `id`, created on first use.
-    fn streams(&mut self, id: u64) -> &mut Streams {
+    /// The streams of exchange `id`, created (on route `route`) on first use: a plugin the
+    /// route skips gets none.
+    fn open(&mut self, id: u64, route: usize) -> &mut Streams {
         let workers = &mut self.workers;
         let held = &self.held;
+        let roots = self.plan.roots.get(route).map(Vec::as_slice).unwrap_or(&[]);
         self.exchanges.entry(id).or_insert_with(|| Streams {
             streams: workers
                 .iter_mut()
-                .map(|w| Some(w.create_stream()))
+                .enumerate()
+                .map(|(index, w)| match roots.get(index) {
+                    Some(None) => None,
+                    Some(&Some(root)) => Some(w.create_stream_under(root)),
+                    None => Some(w.create_stream()),
+                })
                 .collect(),
             buffers: workers.iter().map(|_| Held::new(held)).collect(),
             added_trailers: Default::default(),
         })
+    }
+
+    /// The streams of exchange `id` ([`SlotState::execute`] opened them on its route).
+    fn streams(&mut self, id: u64) -> &mut Streams {
+        self.open(id, 0)
     }
 
     /// Runs one callback of plugin `index` for exchange `id`; a failure becomes its policy's
@@ -326,8 +342,26 @@ impl SlotState {
     /// Does `job` for exchange `id`, then notifies the exchanges it gave news to. `None` if
     /// it panicked (a bug of ours; guest panics are already traps): the slot lives on and
     /// the exchange is answered 503.
-    pub(super) fn execute(&mut self, id: u64, job: Job) -> Option<Done> {
-        let done = std::panic::catch_unwind(AssertUnwindSafe(|| match job {
+    pub(super) fn execute(&mut self, (id, route): ExchangeKey, job: Job) -> Option<Done> {
+        let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if !matches!(job, Job::End { .. }) {
+                self.open(id, route);
+            }
+            self.run_job(id, job)
+        }));
+        self.notify_waiters();
+        match done {
+            Ok(done) => Some(done),
+            Err(_) => {
+                tracing::error!("a filter chain job panicked");
+                None
+            }
+        }
+    }
+
+    /// What [`SlotState::execute`] does for `job`.
+    fn run_job(&mut self, id: u64, job: Job) -> Done {
+        match job {
             Job::Map {
                 direction,
                 phase,
@@ -371,14 +405,6 @@ impl SlotState {
             Job::End { log } => {
                 self.end(id, log);
                 Done::Ended
-            }
-        }));
-        self.notify_waiters();
-        match done {
-            Ok(done) => Some(done),
-            Err(_) => {
-                tracing::error!("a filter chain job panicked");
-                None
             }
         }
     }

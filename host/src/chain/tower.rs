@@ -8,6 +8,7 @@ use super::error::{BoxError, FilterError};
 use super::exchange::Exchange;
 use super::local::{LocalReply, invalid_edit};
 use super::phase::Direction;
+use super::route::RouteName;
 use super::{FilterChain, SharedChain};
 use crate::HeaderMap;
 use crate::vm::LocalResponse;
@@ -92,7 +93,12 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let chain = self.chain.current();
-        Box::pin(filter(chain.exchange(), inner, request))
+        let route = request.extensions().get::<RouteName>();
+        let exchange = match route.and_then(|name| chain.route(&name.0)) {
+            Some(route) => chain.exchange_on(route),
+            None => chain.exchange(),
+        };
+        Box::pin(filter(exchange, inner, request))
     }
 }
 
