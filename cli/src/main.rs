@@ -14,6 +14,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod routes;
 mod run;
 mod serve;
 #[cfg(feature = "suite")]

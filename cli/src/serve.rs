@@ -7,6 +7,7 @@
 //! recognises them; filterbox's own settings (`limits`, `reload`, `log_level`, capabilities)
 //! sit beside them.
 
+use crate::routes::{RouteEntry, RouteUpstream, Router};
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use filterbox::{
@@ -51,6 +52,12 @@ pub struct ServeConfig {
     /// The plugins every request goes through, in order (responses in reverse order).
     #[serde(default)]
     pub plugins: Vec<PluginEntry>,
+    /// Routes by host and path prefix, the first match wins: each may send to its own
+    /// upstream, run only some of the plugins, and give plugins a configuration of its own
+    /// (in the same VMs). A request no route matches goes to its listener's upstream through
+    /// every plugin.
+    #[serde(default)]
+    pub routes: Vec<RouteEntry>,
     /// Service plugins (Envoy's bootstrap `WasmService`, singleton): one VM each, on a thread
     /// of its own, given no requests; they run ticks, queues, callouts and shared data (a
     /// queue receiver the filter plugins enqueue to). Same fields as `plugins`. A reload
@@ -214,6 +221,26 @@ impl ServeConfig {
                 );
             }
         }
+        for (index, route) in config.routes.iter().enumerate() {
+            let name = route.name_at(index);
+            if let Some(upstream) = &route.upstream
+                && !config.upstreams.contains_key(upstream)
+            {
+                bail!(
+                    "{}: route {name:?} names upstream {upstream:?}, which is not in upstreams",
+                    path.display()
+                );
+            }
+            let named = route.plugins.iter().flatten();
+            for plugin in named.chain(route.configuration.keys()) {
+                if !config.plugins.iter().any(|p| p.name == *plugin) {
+                    bail!(
+                        "{}: route {name:?} names plugin {plugin:?}, which is not in plugins",
+                        path.display()
+                    );
+                }
+            }
+        }
         for listener in &config.listeners {
             if !config.upstreams.contains_key(&listener.upstream) {
                 bail!(
@@ -287,6 +314,7 @@ impl PluginEntry {
 /// Plugins, chain and upstream URLs built from one config: what a reload swaps.
 struct Generation {
     chain: FilterChain,
+    router: Router,
     upstreams: BTreeMap<String, http::Uri>,
     services: Vec<filterbox::Service>,
 }
@@ -395,6 +423,10 @@ fn build_generation(
     if let Some(bytes) = config.max_held_body_bytes {
         builder = builder.max_held_bytes(bytes);
     }
+    let names: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+    for (index, route) in config.routes.iter().enumerate() {
+        builder = builder.route(route.name_at(index), route.chain_route(&names));
+    }
     let chain = builder.build(plugins).map_err(|error| {
         // Name the file and engine of the plugin that would not start.
         let source = match &error {
@@ -417,6 +449,7 @@ fn build_generation(
     })?;
     Ok(Generation {
         chain,
+        router: Router::new(&config.routes),
         upstreams,
         services,
     })
@@ -430,6 +463,8 @@ struct Shared {
     /// How long a request body may wait for its client.
     body_idle: Duration,
     upstreams: RwLock<Arc<BTreeMap<String, http::Uri>>>,
+    /// Replaced with the chain on reload.
+    router: RwLock<Arc<Router>>,
     client: Client<HttpConnector, FilteredBody>,
     registries: Registries,
     requests: AtomicU64,
@@ -457,7 +492,10 @@ impl Service<http::Request<FilteredBody>> for Upstream {
 
     fn call(&mut self, mut request: http::Request<FilteredBody>) -> Self::Future {
         let shared = self.shared.clone();
-        let name = self.name.clone();
+        let name = match request.extensions().get::<RouteUpstream>() {
+            Some(route) => route.0.clone(),
+            None => self.name.clone(),
+        };
         Box::pin(async move {
             let base = shared.upstreams.read().get(&*name).cloned();
             let base = base.with_context(|| format!("upstream {name:?} is gone"))?;
@@ -512,6 +550,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
             chain: SharedChain::new(first.chain),
             services: parking_lot::Mutex::new(first.services),
             upstreams: RwLock::new(Arc::new(first.upstreams)),
+            router: RwLock::new(Arc::new(first.router)),
             client: Client::builder(TokioExecutor::new()).build_http(),
             registries,
             body_idle: config
@@ -702,7 +741,9 @@ where
                         return Ok::<_, std::convert::Infallible>(refused);
                     }
                     let idle = shared.body_idle;
-                    let request = request.map(|body| IdleBody::new(body, idle));
+                    let mut request = request.map(|body| IdleBody::new(body, idle));
+                    let router = shared.router.read().clone();
+                    router.route(&mut request);
                     let response: http::Response<ProxyBody> = match service.call(request).await {
                         Ok(response) => response.map(http_body_util::Either::Left),
                         // The client's fault: a malformed (chunked) body or one that
@@ -1009,6 +1050,7 @@ async fn reload(
             .await??
     };
     *shared.upstreams.write() = Arc::new(generation.upstreams);
+    *shared.router.write() = Arc::new(generation.router);
     shared.chain.replace(generation.chain);
     let old = std::mem::replace(&mut *shared.services.lock(), generation.services);
     // Stopping waits for each service's running callback: not on the runtime's threads.

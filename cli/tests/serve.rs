@@ -459,3 +459,81 @@ plugins:
         );
     });
 }
+
+#[test]
+fn serve_routes_by_host_and_path_with_per_route_configuration_in_one_vm_per_slot() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-routes");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        std::fs::write(dir.join("deny.wasm"), guests::DENY).expect("deny.wasm");
+        let other_hits = Arc::new(AtomicUsize::new(0));
+        let main = upstream(Arc::default(), Arc::default()).await;
+        let other = upstream(other_hits.clone(), Arc::default()).await;
+        let (listen, admin) = (free_port(), free_port());
+        // 100 routes, each with its own configuration of the headers plugin; one route to
+        // another upstream without the deny plugin.
+        let mut routes = String::from("routes:\n");
+        routes.push_str(
+            "  - { name: open, match: { host: open.test }, upstream: other, plugins: [add] }\n",
+        );
+        for i in 0..100 {
+            routes.push_str(&format!(
+                "  - {{ match: {{ path_prefix: /r{i}/ }}, configuration: {{ add: \"add x-added r{i}\" }} }}\n"
+            ));
+        }
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: main }}]
+upstreams: {{ main: "http://{main}", other: "http://{other}" }}
+admin: {{ address: "{admin}" }}
+slots: 2
+plugins:
+  - name: add
+    configuration: add x-added base
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+  - name: deny
+    configuration: /admin
+    vm_config: {{ code: {{ local: {{ filename: deny.wasm }} }} }}
+{routes}"#
+        );
+        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+        let _proxy = start_serve(&dir);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let base = format!("http://{listen}");
+        let started = Instant::now();
+        while get(&client, format!("{base}/"), None).await.is_err() {
+            assert!(started.elapsed() < Duration::from_secs(120), "serve never answered");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for (path, host, expected) in [
+            ("/", None, "saw x-added=base"),
+            ("/r0/x", None, "saw x-added=r0"),
+            ("/r42/x", None, "saw x-added=r42"),
+            ("/r99/", Some("a.test"), "saw x-added=r99"),
+            ("/r100/", None, "saw x-added=base"),
+        ] {
+            let header = host.map(|h| ("host", h));
+            let (status, _, body) = get(&client, format!("{base}{path}"), header)
+                .await
+                .expect("routed request");
+            assert_eq!((status, body.as_str()), (200, expected), "{path}");
+        }
+        // The deny plugin runs on the routes that do not leave it out.
+        let (status, _, _) = get(&client, format!("{base}/r3/admin"), None).await.expect("r3");
+        assert_eq!(status, 200, "/r3/admin is not under /admin");
+        let (status, _, _) = get(&client, format!("{base}/admin"), None).await.expect("deny");
+        assert_eq!(status, 403);
+        let other_before = other_hits.load(Ordering::SeqCst);
+        let (status, _, body) = get(&client, format!("{base}/admin"), Some(("host", "open.test")))
+            .await
+            .expect("open route");
+        assert_eq!((status, body.as_str()), (200, "saw x-added=base"));
+        assert_eq!(other_hits.load(Ordering::SeqCst), other_before + 1);
+        // 101 configurations of one plugin: one VM per slot, not one per route.
+        let (_, _, stats) = get(&client, format!("http://{admin}/stats"), None)
+            .await
+            .expect("stats");
+        assert!(stats.contains("filterbox_vms_active{plugin=\"add\"} 2"), "{stats}");
+        assert!(stats.contains("filterbox_vms_active{plugin=\"deny\"} 2"), "{stats}");
+    });
+}
