@@ -303,6 +303,30 @@ fn memory_section(quick: bool) -> Result<String, String> {
         }
         drop(first);
     }
+    md.push_str(
+        "\n## Memory per route configuration (header plugin: each distinct configuration is one more root context in the same VM)\n\n| engine | root contexts | RSS per extra root context | linear memory per extra root context |\n|---|---|---|---|\n",
+    );
+    for kind in engines() {
+        let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| e.to_string())?;
+        let plugin = header_plugin(&engine)?;
+        for &n in counts {
+            let mut vm = Vm::new(&plugin).map_err(|e| e.to_string())?;
+            let (before, linear_before) = (rss_bytes().unwrap_or(0), vm.memory_size());
+            for i in 0..n {
+                let configuration = format!("add x-route r{i}");
+                vm.add_root_context(configuration.into())
+                    .map_err(|e| e.to_string())?;
+            }
+            let after = rss_bytes().unwrap_or(0);
+            let linear = vm.memory_size().saturating_sub(linear_before);
+            let _ = writeln!(
+                md,
+                "| {kind} | {n} | {:.1} KiB | {:.1} KiB |",
+                after.saturating_sub(before) as f64 / n as f64 / 1024.0,
+                linear as f64 / n as f64 / 1024.0
+            );
+        }
+    }
     Ok(md)
 }
 

@@ -94,10 +94,26 @@ impl WasmFilters {
 
     /// The state of a new exchange, on the current chain.
     pub fn new_ctx(&self) -> WasmCtx {
+        self.ctx_for(None)
+    }
+
+    /// [`WasmFilters::new_ctx`] on the chain's route `route` (see
+    /// [`FilterChainBuilder::route`](filterbox::FilterChainBuilder::route)): the plugins it
+    /// skips do not run, the ones it configures run under its configuration, in the same VMs.
+    /// A name the current chain does not have runs every plugin with its own configuration.
+    pub fn new_ctx_on(&self, route: &str) -> WasmCtx {
+        self.ctx_for(Some(route))
+    }
+
+    fn ctx_for(&self, route: Option<&str>) -> WasmCtx {
         let chain = self.chain.current();
+        let exchange = match route.and_then(|name| chain.route(name)) {
+            Some(route) => chain.exchange_on(route),
+            None => chain.exchange(),
+        };
         WasmCtx {
             pause_timeout: chain.pause_timeout(),
-            exchange: Some(chain.exchange()),
+            exchange: Some(exchange),
             replied: None,
             request_ended: false,
             response_ended: false,

@@ -2,7 +2,7 @@
 //! an HTTP client: the SDK-built suite plugins on every built engine.
 
 use bytes::Bytes;
-use filterbox::{EngineKind, FailurePolicy, FilterChain, Plugin, PluginConfig};
+use filterbox::{EngineKind, FailurePolicy, FilterChain, Plugin, PluginConfig, Route};
 use filterbox_conformance::guests;
 use filterbox_conformance::servers::Servers;
 use filterbox_pingora::{WasmFilters, WasmProxy};
@@ -417,10 +417,12 @@ fn a_tls_listener_serves_the_chain() {
 }
 
 /// A `ProxyHttp` of its own that picks a chain per route (path prefix `/api` or the rest)
-/// in `request_filter`, with `WasmFilters`' helpers for the phases.
+/// in `request_filter`, with `WasmFilters`' helpers for the phases; or, with `one_chain`, the
+/// chain route `api` of one chain.
 struct Routed {
     api: WasmFilters,
     rest: WasmFilters,
+    one_chain: Option<WasmFilters>,
     peer: HttpPeer,
 }
 
@@ -445,11 +447,14 @@ impl pingora::proxy::ProxyHttp for Routed {
         session: &mut pingora::proxy::Session,
         ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
-        let filters = match session.req_header().uri.path().starts_with("/api") {
-            true => &self.api,
-            false => &self.rest,
+        let api = session.req_header().uri.path().starts_with("/api");
+        let (filters, wasm) = match (&self.one_chain, api) {
+            (Some(one), true) => (one, one.new_ctx_on("api")),
+            (Some(one), false) => (one, one.new_ctx()),
+            (None, true) => (&self.api, self.api.new_ctx()),
+            (None, false) => (&self.rest, self.rest.new_ctx()),
         };
-        let wasm = ctx.insert(filters.new_ctx());
+        let wasm = ctx.insert(wasm);
         filters.request_filter(session, wasm).await
     }
 
@@ -494,14 +499,40 @@ impl pingora::proxy::ProxyHttp for Routed {
 
 #[test]
 fn a_proxy_of_its_own_runs_a_chain_per_route() {
-    let upstream = start_upstream();
-    let engine = EngineKind::Wasmtime;
+    let (api, rest) = (
+        "add x-route api\nresponse-add x-chain api",
+        "add x-route rest\nresponse-add x-chain rest",
+    );
     let chain = |rules: &str| {
-        FilterChain::new(vec![plugin("headers", guests::HEADERS, rules, engine)]).expect("chain")
+        let plugin = plugin("headers", guests::HEADERS, rules, EngineKind::Wasmtime);
+        FilterChain::new(vec![plugin]).expect("chain")
     };
+    // Two chains, one per route.
+    routed_requests(
+        WasmFilters::new(chain(api)),
+        WasmFilters::new(chain(rest)),
+        None,
+    );
+    // One chain whose route `api` configures the plugin its own way, in the same VMs.
+    let plugin = plugin("headers", guests::HEADERS, rest, EngineKind::Wasmtime);
+    let one = FilterChain::builder()
+        .route("api", Route::new().configure("headers", api))
+        .build(vec![plugin])
+        .expect("chain with routes");
+    routed_requests(
+        WasmFilters::new(chain(api)),
+        WasmFilters::new(chain(rest)),
+        Some(WasmFilters::new(one)),
+    );
+}
+
+/// Requests to `/api…` and elsewhere through a [`Routed`] proxy, each answered by its route.
+fn routed_requests(api: WasmFilters, rest: WasmFilters, one_chain: Option<WasmFilters>) {
+    let upstream = start_upstream();
     let routed = Routed {
-        api: WasmFilters::new(chain("add x-route api\nresponse-add x-chain api")),
-        rest: WasmFilters::new(chain("add x-route rest\nresponse-add x-chain rest")),
+        api,
+        rest,
+        one_chain,
         peer: HttpPeer::new(upstream, false, String::new()),
     };
     let proxy = serve(routed, |service, addr| service.add_tcp(addr));
