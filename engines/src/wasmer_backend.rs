@@ -60,7 +60,16 @@ struct Watched {
 struct Watchlist {
     calls: Vec<Watched>,
     next_id: u64,
+    /// The watchdog found no call and sleeps until one is watched (so that an idle process
+    /// does not wake a thousand times a second).
+    asleep: bool,
 }
+
+/// The watchdog thread, to wake it.
+static WATCHDOG: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// How long the sleeping watchdog waits before it looks at the list anyway.
+const ASLEEP_CHECK: Duration = Duration::from_secs(1);
 
 static WATCHLIST: OnceLock<Result<Mutex<Watchlist>, String>> = OnceLock::new();
 
@@ -81,18 +90,27 @@ fn watchlist() -> Result<&'static Mutex<Watchlist>, EngineError> {
         std::thread::Builder::new()
             .name("filterbox-wasmer-watchdog".into())
             .spawn(|| {
+                let _ = WATCHDOG.set(std::thread::current());
                 loop {
-                    std::thread::sleep(WATCHDOG_TICK);
-                    let Some(Ok(list)) = WATCHLIST.get() else {
-                        continue;
+                    let asleep = match WATCHLIST.get() {
+                        Some(Ok(list)) => {
+                            // The interrupt is sent with the lock held: a call removes its
+                            // entry under the same lock once it has returned, so no interrupt
+                            // meant for one call can reach the next call on the same store.
+                            let mut list = lock(list);
+                            let now = Instant::now();
+                            for call in list.calls.iter().filter(|c| c.deadline <= now) {
+                                call.interrupter.interrupt();
+                            }
+                            list.asleep = list.calls.is_empty();
+                            list.asleep
+                        }
+                        _ => false,
                     };
-                    // The interrupt is sent with the lock held: a call removes its entry
-                    // under the same lock once it has returned, so no interrupt meant for
-                    // one call can reach the next call on the same store.
-                    let list = lock(list);
-                    let now = Instant::now();
-                    for call in list.calls.iter().filter(|c| c.deadline <= now) {
-                        call.interrupter.interrupt();
+                    // Asleep, a watched call unparks the thread (or the check comes anyway).
+                    match asleep {
+                        true => std::thread::park_timeout(ASLEEP_CHECK),
+                        false => std::thread::sleep(WATCHDOG_TICK),
                     }
                 }
             })
@@ -100,6 +118,7 @@ fn watchlist() -> Result<&'static Mutex<Watchlist>, EngineError> {
                 Mutex::new(Watchlist {
                     calls: Vec::new(),
                     next_id: 0,
+                    asleep: false,
                 })
             })
             .map_err(|e| format!("cannot start the wasmer watchdog thread: {e}"))
@@ -127,6 +146,11 @@ impl Watch {
             deadline,
             interrupter: store.interrupter(),
         });
+        if std::mem::take(&mut guard.asleep)
+            && let Some(watchdog) = WATCHDOG.get()
+        {
+            watchdog.unpark();
+        }
         Some(Watch { id, list })
     }
 }

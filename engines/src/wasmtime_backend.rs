@@ -6,7 +6,8 @@ use crate::{
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use wasmtime::{
     EngineWeak, Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
@@ -22,6 +23,132 @@ const NO_DEADLINE: u64 = 1 << 48;
 /// Every live interruptible engine; one thread ticks them all.
 static TICKED: OnceLock<Mutex<Vec<EngineWeak>>> = OnceLock::new();
 
+/// The epoch thread, once started (to wake it).
+static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// The epoch thread sleeps: no call ran for [`IDLE_TICKS`] ticks, so it stopped ticking (a
+/// thousand wake-ups a second cost an idle process CPU for nothing). The first call that
+/// finds it set wakes the thread.
+static TICKER_ASLEEP: AtomicBool = AtomicBool::new(false);
+
+/// Ticks without a call before the epoch thread sleeps.
+const IDLE_TICKS: u32 = 100;
+
+/// How often the sleeping epoch thread looks for running calls anyway.
+const ASLEEP_CHECK: Duration = Duration::from_secs(1);
+
+/// Per thread that calls into an interruptible store: calls started and calls ended. Only
+/// the owning thread writes them (no shared cache line is written per call); the epoch thread
+/// reads them all.
+#[derive(Default)]
+struct CallCounts {
+    started: AtomicU64,
+    ended: AtomicU64,
+}
+
+/// The [`CallCounts`] of every thread that made a call (a thread that ended drops out).
+static CALLERS: Mutex<Vec<Weak<CallCounts>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static CALLS: Arc<CallCounts> = {
+        let counts = Arc::new(CallCounts::default());
+        lock(&CALLERS).push(Arc::downgrade(&counts));
+        counts
+    };
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a call into a store as running on this thread from `enter` until dropped, and wakes
+/// the epoch thread if it sleeps, so that the call's deadline is enforced.
+struct Running(Arc<CallCounts>);
+
+impl Running {
+    fn enter() -> Running {
+        let counts = CALLS.with(Arc::clone);
+        // SeqCst on both sides (here: this store then the flag's load; the epoch thread: the
+        // flag's store then these loads): either this call sees the thread asleep and wakes
+        // it, or the thread sees the call and stays awake.
+        let started = counts.started.load(Ordering::Relaxed);
+        counts
+            .started
+            .store(started.wrapping_add(1), Ordering::SeqCst);
+        if TICKER_ASLEEP.load(Ordering::SeqCst) && TICKER_ASLEEP.swap(false, Ordering::SeqCst) {
+            if let Some(thread) = TICKER.get() {
+                thread.unpark();
+            }
+        }
+        Running(counts)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let ended = self.0.ended.load(Ordering::Relaxed);
+        self.0.ended.store(ended.wrapping_add(1), Ordering::Release);
+    }
+}
+
+/// Calls started so far on every thread, and whether one is running now.
+fn call_activity() -> (u64, bool) {
+    let mut callers = lock(&CALLERS);
+    let (mut started, mut running) = (0u64, false);
+    callers.retain(|weak| match weak.upgrade() {
+        Some(counts) => {
+            let begun = counts.started.load(Ordering::SeqCst);
+            running |= begun != counts.ended.load(Ordering::SeqCst);
+            started = started.wrapping_add(begun);
+            true
+        }
+        None => false,
+    });
+    (started, running)
+}
+
+/// The epoch thread: ticks every live engine each [`EPOCH_TICK`] while calls run or ran
+/// recently; sleeps after [`IDLE_TICKS`] ticks without one until a call wakes it.
+fn tick_epochs() {
+    let _ = TICKER.set(std::thread::current());
+    let (mut seen, mut idle) = (0u64, 0u32);
+    loop {
+        std::thread::sleep(EPOCH_TICK);
+        if let Some(list) = TICKED.get() {
+            lock(list).retain(|weak| match weak.upgrade() {
+                Some(engine) => {
+                    engine.increment_epoch();
+                    true
+                }
+                None => false,
+            });
+        }
+        let (started, running) = call_activity();
+        if running || started != seen {
+            (seen, idle) = (started, 0);
+            continue;
+        }
+        idle += 1;
+        if idle < IDLE_TICKS {
+            continue;
+        }
+        TICKER_ASLEEP.store(true, Ordering::SeqCst);
+        // A call that began before the flag was up did not see it: look once more.
+        if call_activity().1 {
+            TICKER_ASLEEP.store(false, Ordering::SeqCst);
+            continue;
+        }
+        while TICKER_ASLEEP.load(Ordering::SeqCst) {
+            std::thread::park_timeout(ASLEEP_CHECK);
+            // A safety net: a running call the wake-up missed still gets its deadline.
+            if call_activity().1 {
+                TICKER_ASLEEP.store(false, Ordering::SeqCst);
+            }
+        }
+        idle = 0;
+    }
+}
+
 /// Adds `engine` to the engines the epoch thread ticks, starting the thread the first time.
 /// The thread holds only weak references, so dropping an engine takes it off the list.
 fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
@@ -29,28 +156,13 @@ fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
     let list = TICKED.get_or_init(|| {
         started = std::thread::Builder::new()
             .name("filterbox-epoch".into())
-            .spawn(|| {
-                loop {
-                    std::thread::sleep(EPOCH_TICK);
-                    let Some(list) = TICKED.get() else { continue };
-                    let mut list = list.lock().unwrap_or_else(|p| p.into_inner());
-                    list.retain(|weak| match weak.upgrade() {
-                        Some(engine) => {
-                            engine.increment_epoch();
-                            true
-                        }
-                        None => false,
-                    });
-                }
-            })
+            .spawn(tick_epochs)
             .map(drop)
             .map_err(|e| EngineError::Config(format!("cannot start the epoch thread: {e}")));
         Mutex::new(Vec::new())
     });
     started?;
-    list.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(engine.weak());
+    lock(list).push(engine.weak());
     Ok(())
 }
 
@@ -388,11 +500,12 @@ impl<H: Hostcalls> WtInstancePre<H> {
                 Some(limits.start_deadline.unwrap_or(self.start_deadline)),
             );
         }
-        let instance = self.pre.instantiate(&mut store).map_err(|e| {
-            match e.downcast_ref::<wasmtime::Trap>() {
-                Some(_) => EngineError::StartTrapped(classify(&e)),
-                None => EngineError::Instantiate(format!("{e:#}")),
-            }
+        let running = self.interruptible.then(Running::enter);
+        let instance = self.pre.instantiate(&mut store);
+        drop(running);
+        let instance = instance.map_err(|e| match e.downcast_ref::<wasmtime::Trap>() {
+            Some(_) => EngineError::StartTrapped(classify(&e)),
+            None => EngineError::Instantiate(format!("{e:#}")),
         })?;
         let memory = match instance.get_module_export(&mut store, &self.memory) {
             Some(Extern::Memory(m)) => m,
@@ -465,11 +578,13 @@ impl<H: Hostcalls> WtInstance<H> {
             arm(&mut self.store, self.deadline);
         }
         let slots = slots.get_mut(..len).unwrap_or(&mut []);
+        let running = self.interruptible.then(Running::enter);
         // SAFETY: the export's type was checked against the ABI when the module was linked
         // (`check_callbacks`): `arity` i32 parameters and `returns` i32 results. `slots` holds
         // max(arity, returns) slots, the parameters are written as i32s, and no reference
         // types are involved; the function belongs to this store.
         let outcome = unsafe { func.call_unchecked(&mut self.store, slots as *mut [ValRaw]) };
+        drop(running);
         self.store.data_mut().pending_trap = None;
         outcome.map_err(|e| classify(&e))?;
         Ok(match (returns, slots.first()) {
