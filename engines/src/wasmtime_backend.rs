@@ -75,10 +75,11 @@ impl Running {
         counts
             .started
             .store(started.wrapping_add(1), Ordering::SeqCst);
-        if TICKER_ASLEEP.load(Ordering::SeqCst) && TICKER_ASLEEP.swap(false, Ordering::SeqCst) {
-            if let Some(thread) = TICKER.get() {
-                thread.unpark();
-            }
+        if TICKER_ASLEEP.load(Ordering::SeqCst)
+            && TICKER_ASLEEP.swap(false, Ordering::SeqCst)
+            && let Some(thread) = TICKER.get()
+        {
+            thread.unpark();
         }
         Running(counts)
     }
