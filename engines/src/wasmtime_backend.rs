@@ -63,32 +63,34 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Marks a call into a store as running on this thread from `enter` until dropped, and wakes
 /// the epoch thread if it sleeps, so that the call's deadline is enforced.
-struct Running(Arc<CallCounts>);
+struct Running;
 
 impl Running {
     fn enter() -> Running {
-        let counts = CALLS.with(Arc::clone);
         // SeqCst on both sides (here: this store then the flag's load; the epoch thread: the
         // flag's store then these loads): either this call sees the thread asleep and wakes
-        // it, or the thread sees the call and stays awake.
-        let started = counts.started.load(Ordering::Relaxed);
-        counts
-            .started
-            .store(started.wrapping_add(1), Ordering::SeqCst);
+        // it, or the thread sees the call and stays awake. A thread being torn down has no
+        // counters left and cannot be running wasm.
+        let _ = CALLS.try_with(|counts| {
+            let started = counts.started.load(Ordering::Relaxed);
+            counts.started.store(started.wrapping_add(1), Ordering::SeqCst);
+        });
         if TICKER_ASLEEP.load(Ordering::SeqCst)
             && TICKER_ASLEEP.swap(false, Ordering::SeqCst)
             && let Some(thread) = TICKER.get()
         {
             thread.unpark();
         }
-        Running(counts)
+        Running
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let ended = self.0.ended.load(Ordering::Relaxed);
-        self.0.ended.store(ended.wrapping_add(1), Ordering::Release);
+        let _ = CALLS.try_with(|counts| {
+            let ended = counts.ended.load(Ordering::Relaxed);
+            counts.ended.store(ended.wrapping_add(1), Ordering::Release);
+        });
     }
 }
 
