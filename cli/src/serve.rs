@@ -82,6 +82,10 @@ pub struct ServeConfig {
     /// (default 256 MiB): an exchange that would hold more is answered 503.
     #[serde(default)]
     pub max_held_body_bytes: Option<usize>,
+    /// On SIGTERM or SIGINT, how long requests already running get to finish, in
+    /// milliseconds (default 30 000), while no new connection is accepted.
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 /// One listener.
@@ -467,6 +471,8 @@ struct Shared {
     router: RwLock<Arc<Router>>,
     client: Client<HttpConnector, FilteredBody>,
     registries: Registries,
+    /// Watches every client connection, to drain them at shutdown; `None` once draining.
+    graceful: parking_lot::Mutex<Option<hyper_util::server::graceful::GracefulShutdown>>,
     requests: AtomicU64,
     upstream_errors: AtomicU64,
     request_body_errors: AtomicU64,
@@ -556,12 +562,14 @@ pub fn serve(config_path: &Path) -> Result<()> {
             body_idle: config
                 .body_idle_timeout_ms
                 .map_or(BODY_IDLE_TIMEOUT, Duration::from_millis),
+            graceful: parking_lot::Mutex::new(Some(Default::default())),
             requests: AtomicU64::new(0),
             upstream_errors: AtomicU64::new(0),
             request_body_errors: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
         });
+        let mut accepting = Vec::new();
         for listener in &config.listeners {
             let socket = TcpListener::bind(listener.address)
                 .await
@@ -571,7 +579,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 name: listener.upstream.as_str().into(),
             });
             tracing::info!(address = %listener.address, upstream = %listener.upstream, "listening");
-            tokio::spawn(accept_loop(socket, service, shared.clone()));
+            accepting.push(tokio::spawn(accept_loop(socket, service, shared.clone())));
         }
         if let Some(admin) = &config.admin {
             let socket = TcpListener::bind(admin.address)
@@ -597,7 +605,25 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let drain = config
+            .drain_timeout_ms
+            .map_or(DRAIN_TIMEOUT, Duration::from_millis);
         let watched = watch(config_path.to_path_buf(), config, base, shared.clone()).await;
+        // No new connections; the open ones finish the requests they are serving.
+        for listener in accepting {
+            listener.abort();
+        }
+        let graceful = shared.graceful.lock().take();
+        if let Some(graceful) = graceful {
+            let open = graceful.count();
+            match tokio::time::timeout(drain, graceful.shutdown()).await {
+                Ok(()) => tracing::info!(connections = open, "drained"),
+                Err(_) => tracing::warn!(
+                    "requests still running after the {} ms drain timeout are cut off",
+                    drain.as_millis()
+                ),
+            }
+        }
         // Services end cleanly (`proxy_on_done`), off the runtime's threads.
         let services = std::mem::take(&mut *shared.services.lock());
         let _ = tokio::task::spawn_blocking(move || drop(services)).await;
@@ -608,6 +634,9 @@ pub fn serve(config_path: &Path) -> Result<()> {
     runtime.shutdown_timeout(Duration::from_millis(100));
     served
 }
+
+/// How long running requests get to finish at shutdown by default.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a request body may wait for its client's next bytes by default.
 const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -731,7 +760,9 @@ where
         };
         let _ = stream.set_nodelay(true);
         let (service, shared) = (service.clone(), shared.clone());
+        let graceful = shared.clone();
         tokio::spawn(async move {
+            let graceful = &graceful.graceful;
             let handler = service_fn(move |request: http::Request<Incoming>| {
                 let mut service = service.clone();
                 let shared = shared.clone();
@@ -776,8 +807,12 @@ where
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
+            // Shutting down: the connection came in as the listener stopped.
+            let Some(watcher) = graceful.lock().as_ref().map(|g| g.watcher()) else {
+                return;
+            };
             let connection = builder.serve_connection(TokioIo::new(stream), handler);
-            if let Err(error) = connection.await {
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!("connection: {error}");
             }
         });

@@ -537,3 +537,99 @@ plugins:
         assert!(stats.contains("filterbox_vms_active{plugin=\"deny\"} 2"), "{stats}");
     });
 }
+
+#[test]
+fn serve_drains_running_requests_on_sigterm_and_takes_no_new_ones() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-drain");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        // An upstream that says when a request arrived and answers it 1 s later.
+        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let slow = socket.local_addr().expect("addr");
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let arrival = arrived.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = socket.accept().await {
+                let arrival = arrival.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |_: http::Request<Incoming>| {
+                        arrival.notify_one();
+                        async {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from("slow answer"),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let listen = free_port();
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: slow }}]
+upstreams: {{ slow: "http://{slow}" }}
+slots: 1
+drain_timeout_ms: 20000
+plugins:
+  - name: add
+    configuration: add x-added drained
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+"#
+        );
+        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+        let mut proxy = start_serve(&dir);
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let running =
+            tokio::spawn(async move { get(&client, format!("http://{listen}/"), None).await });
+        // The request is at the upstream when the signal comes.
+        arrived.notified().await;
+        let pid = proxy.0.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        let answer = running
+            .await
+            .expect("task")
+            .expect("the running request finished");
+        assert_eq!((answer.0, answer.2.as_str()), (200, "slow answer"));
+        // The listener is closed: a new connection is refused (or closed unanswered).
+        let mut refused = false;
+        for _ in 0..100 {
+            match tokio::net::TcpStream::connect(listen).await {
+                Err(_) => {
+                    refused = true;
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        assert!(refused, "still accepting after SIGTERM");
+        // And the process exits once drained, well before the drain timeout.
+        let exited = Instant::now();
+        loop {
+            if let Some(status) = proxy.0.try_wait().expect("wait") {
+                assert!(status.success(), "{status}");
+                break;
+            }
+            assert!(
+                exited.elapsed() < Duration::from_secs(15),
+                "did not exit after draining"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+}

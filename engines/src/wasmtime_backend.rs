@@ -73,7 +73,9 @@ impl Running {
         // counters left and cannot be running wasm.
         let _ = CALLS.try_with(|counts| {
             let started = counts.started.load(Ordering::Relaxed);
-            counts.started.store(started.wrapping_add(1), Ordering::SeqCst);
+            counts
+                .started
+                .store(started.wrapping_add(1), Ordering::SeqCst);
         });
         if TICKER_ASLEEP.load(Ordering::SeqCst)
             && TICKER_ASLEEP.swap(false, Ordering::SeqCst)
