@@ -19,6 +19,7 @@ mod run;
 mod serve;
 #[cfg(feature = "suite")]
 mod suite;
+mod upstream;
 
 #[derive(Parser)]
 #[command(

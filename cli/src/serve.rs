@@ -8,6 +8,7 @@
 //! sit beside them.
 
 use crate::routes::{RouteEntry, RouteUpstream, Router};
+use crate::upstream::{Pool, UpstreamEntry};
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use filterbox::{
@@ -42,10 +43,10 @@ use tower_service::Service;
 pub struct ServeConfig {
     /// Where the proxy accepts requests, and where each listener sends them.
     pub listeners: Vec<ListenerConfig>,
-    /// Upstream name → base URL (`http://host:port`); also the targets of plugins' HTTP and
-    /// gRPC calls.
+    /// Upstream name → base URL (`http://host:port`) or a list of them, taken in turn; also
+    /// the targets of plugins' HTTP and gRPC calls (the first URL).
     #[serde(default)]
-    pub upstreams: BTreeMap<String, String>,
+    pub upstreams: BTreeMap<String, UpstreamEntry>,
     /// The admin listener (`/stats`, `/ready`).
     #[serde(default)]
     pub admin: Option<AdminConfig>,
@@ -319,7 +320,7 @@ impl PluginEntry {
 struct Generation {
     chain: FilterChain,
     router: Router,
-    upstreams: BTreeMap<String, http::Uri>,
+    upstreams: BTreeMap<String, Arc<Pool>>,
     services: Vec<filterbox::Service>,
 }
 
@@ -362,17 +363,14 @@ fn build_generation(
 ) -> Result<Generation> {
     let mut upstreams = BTreeMap::new();
     let mut callouts = HyperCallouts::new(runtime.clone());
-    for (name, url) in &config.upstreams {
-        let uri: http::Uri = url
-            .parse()
-            .with_context(|| format!("upstream {name:?}: bad URL {url:?}"))?;
-        if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-            bail!("upstream {name:?}: {url:?} is not an http://host:port URL");
+    for (name, entry) in &config.upstreams {
+        let pool = Pool::new(name, entry)?;
+        if let Some(first) = entry.urls().first() {
+            callouts = callouts
+                .upstream(name.clone(), first)
+                .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
         }
-        upstreams.insert(name.clone(), uri);
-        callouts = callouts
-            .upstream(name.clone(), url)
-            .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
+        upstreams.insert(name.clone(), Arc::new(pool));
     }
     let callouts = Arc::new(callouts);
     let load = |entry: &PluginEntry| -> Result<Plugin> {
@@ -466,7 +464,7 @@ struct Shared {
     services: parking_lot::Mutex<Vec<filterbox::Service>>,
     /// How long a request body may wait for its client.
     body_idle: Duration,
-    upstreams: RwLock<Arc<BTreeMap<String, http::Uri>>>,
+    upstreams: RwLock<Arc<BTreeMap<String, Arc<Pool>>>>,
     /// Replaced with the chain on reload.
     router: RwLock<Arc<Router>>,
     client: Client<HttpConnector, FilteredBody>,
@@ -503,16 +501,40 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             None => self.name.clone(),
         };
         Box::pin(async move {
-            let base = shared.upstreams.read().get(&*name).cloned();
-            let base = base.with_context(|| format!("upstream {name:?} is gone"))?;
-            let mut parts = base.into_parts();
-            parts.path_and_query = request.uri().path_and_query().cloned();
-            *request.uri_mut() = http::Uri::from_parts(parts)?;
+            let pool = shared.upstreams.read().get(&*name).cloned();
+            let pool = pool.with_context(|| format!("upstream {name:?} is gone"))?;
             // The upstream hop is filterbox's own connection: HTTP/1.1, whatever the client
             // spoke (hyper sets `host` from the URI when an HTTP/2 client sent none).
             *request.version_mut() = http::Version::HTTP_11;
             filterbox::strip_hop_by_hop(request.headers_mut());
-            let mut response = shared.client.request(request).await?;
+            // A request without a body can be sent again: it tries every address until one
+            // connects. One with a body goes to one address (its body is read once).
+            let replayable = request.body().is_end_stream();
+            let order = pool.order();
+            let mut addresses = order.iter().peekable();
+            let mut response = loop {
+                let Some(&base) = addresses.next() else {
+                    anyhow::bail!("upstream {name:?} has no address");
+                };
+                let mut attempt = match (replayable, addresses.peek()) {
+                    (true, Some(_)) => replay(&request),
+                    _ => std::mem::replace(&mut request, http::Request::new(FilteredBody::empty())),
+                };
+                let mut parts = base.clone().into_parts();
+                parts.path_and_query = attempt.uri().path_and_query().cloned();
+                *attempt.uri_mut() = http::Uri::from_parts(parts)?;
+                match shared.client.request(attempt).await {
+                    Ok(response) => break response,
+                    Err(error) if error.is_connect() => {
+                        pool.mark_down(base);
+                        tracing::warn!(upstream = %name, address = %base, "{error}");
+                        if !replayable || addresses.peek().is_none() {
+                            return Err(error.into());
+                        }
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            };
             // Upgrades are not proxied (their headers are hop-by-hop and dropped): a 101
             // passed on would switch a client that never asked to.
             if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -524,6 +546,17 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             Ok(response)
         })
     }
+}
+
+/// A copy of a request without a body, to send again.
+fn replay(request: &http::Request<FilteredBody>) -> http::Request<FilteredBody> {
+    let mut copy = http::Request::new(FilteredBody::empty());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    *copy.extensions_mut() = request.extensions().clone();
+    copy
 }
 
 type ProxyBody = http_body_util::Either<FilteredBody, Full<Bytes>>;

@@ -633,3 +633,55 @@ plugins:
         }
     });
 }
+
+#[test]
+fn serve_takes_upstream_addresses_in_turn_and_skips_one_that_refuses() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-pool");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        let (a_hits, b_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let a = upstream(a_hits.clone(), Arc::default()).await;
+        let b = upstream(b_hits.clone(), Arc::default()).await;
+        // Nothing listens here.
+        let dead = free_port();
+        let listen = free_port();
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: pool }}]
+upstreams: {{ pool: ["http://{a}", "http://{dead}", "http://{b}"] }}
+slots: 1
+plugins:
+  - name: add
+    configuration: add x-added pooled
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+"#
+        );
+        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+        let _proxy = start_serve(&dir);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..30 {
+            let (status, _, body) = get(&client, format!("http://{listen}/{i}"), None)
+                .await
+                .expect("request");
+            assert_eq!(
+                (status, body.as_str()),
+                (200, "saw x-added=pooled"),
+                "request {i}"
+            );
+        }
+        let (a, b) = (a_hits.load(Ordering::SeqCst), b_hits.load(Ordering::SeqCst));
+        assert_eq!(a + b, 30);
+        assert!(
+            a >= 10 && b >= 10,
+            "both live addresses take turns: {a} and {b}"
+        );
+    });
+}
