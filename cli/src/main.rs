@@ -19,6 +19,7 @@ mod run;
 mod serve;
 #[cfg(feature = "suite")]
 mod suite;
+mod tls;
 mod upstream;
 
 #[derive(Parser)]

@@ -8,12 +8,13 @@
 //! sit beside them.
 
 use crate::routes::{RouteEntry, RouteUpstream, Router};
+use crate::tls::ListenerTls;
 use crate::upstream::{Pool, UpstreamEntry};
 use anyhow::{Context as _, Result, bail};
 use bytes::Bytes;
 use filterbox::{
-    EngineKind, FailurePolicy, FilterChain, FilterLayer, FilteredBody, HyperCallouts, Limits,
-    MetricRegistry, Plugin, PluginConfig, ReloadPolicy, SharedChain,
+    ConnectionInfo, EngineKind, FailurePolicy, FilterChain, FilterLayer, FilteredBody,
+    HyperCallouts, Limits, MetricRegistry, Plugin, PluginConfig, ReloadPolicy, SharedChain,
 };
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -97,6 +98,9 @@ pub struct ListenerConfig {
     pub address: SocketAddr,
     /// The upstream (a key of `upstreams`) requests go to.
     pub upstream: String,
+    /// TLS: certificates by server name (the first is the default).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
 }
 
 /// The admin listener.
@@ -612,7 +616,14 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 name: listener.upstream.as_str().into(),
             });
             tracing::info!(address = %listener.address, upstream = %listener.upstream, "listening");
-            accepting.push(tokio::spawn(accept_loop(socket, service, shared.clone())));
+            let tls = match &listener.tls {
+                Some(tls) => Some(
+                    tls.acceptor(&base)
+                        .with_context(|| format!("listener {}", listener.address))?,
+                ),
+                None => None,
+            };
+            accepting.push(tokio::spawn(accept_loop(socket, tls, service, shared.clone())));
         }
         if let Some(admin) = &config.admin {
             let socket = TcpListener::bind(admin.address)
@@ -771,8 +782,14 @@ fn refuse<B>(request: &http::Request<B>) -> Option<http::Response<ProxyBody>> {
 /// How long an accept loop waits after a failed accept (EMFILE: out of descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-async fn accept_loop<S>(socket: TcpListener, service: S, shared: Arc<Shared>)
-where
+/// Accepts client connections on `socket` (with TLS when `tls` is set) and serves each on a
+/// task of its own until the listener is stopped.
+async fn accept_loop<S>(
+    socket: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: S,
+    shared: Arc<Shared>,
+) where
     S: Service<
             http::Request<IdleBody>,
             Response = http::Response<FilteredBody>,
@@ -783,7 +800,7 @@ where
     S::Future: Send,
 {
     loop {
-        let (stream, _) = match socket.accept().await {
+        let (stream, peer) = match socket.accept().await {
             Ok(accepted) => accepted,
             Err(error) => {
                 tracing::warn!("accept: {error}");
@@ -792,63 +809,109 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
-        let (service, shared) = (service.clone(), shared.clone());
-        let graceful = shared.clone();
+        let (service, shared, tls) = (service.clone(), shared.clone(), tls.clone());
         tokio::spawn(async move {
-            let graceful = &graceful.graceful;
-            let handler = service_fn(move |request: http::Request<Incoming>| {
-                let mut service = service.clone();
-                let shared = shared.clone();
-                async move {
-                    shared.requests.fetch_add(1, Ordering::Relaxed);
-                    if let Some(refused) = refuse(&request) {
-                        return Ok::<_, std::convert::Infallible>(refused);
-                    }
-                    let idle = shared.body_idle;
-                    let mut request = request.map(|body| IdleBody::new(body, idle));
-                    let router = shared.router.read().clone();
-                    router.route(&mut request);
-                    let response: http::Response<ProxyBody> = match service.call(request).await {
-                        Ok(response) => response.map(http_body_util::Either::Left),
-                        // The client's fault: a malformed (chunked) body or one that
-                        // stalled. The upstream request was dropped unfinished with it.
-                        Err(filterbox::FilterError::RequestBody(error)) => {
-                            shared.request_body_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!("request body: {error}");
-                            let status = match error.is::<BodyIdle>() {
-                                true => http::StatusCode::REQUEST_TIMEOUT,
-                                false => http::StatusCode::BAD_REQUEST,
-                            };
-                            text(status, format!("filterbox: request body: {error}\n"))
-                        }
-                        Err(error) => {
-                            shared.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!("{error}");
-                            text(
-                                http::StatusCode::BAD_GATEWAY,
-                                format!("filterbox: {error}\n"),
-                            )
-                        }
-                    };
-                    Ok::<_, std::convert::Infallible>(response)
-                }
-            });
-            // HTTP/1.1 or, with prior knowledge, HTTP/2. A client gets HEADER_READ_TIMEOUT
-            // to send a request head, so half-sent requests cannot hold connections for ever.
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            // Shutting down: the connection came in as the listener stopped.
-            let Some(watcher) = graceful.lock().as_ref().map(|g| g.watcher()) else {
-                return;
+            let mut connection = ConnectionInfo {
+                source: Some(peer),
+                destination: stream.local_addr().ok(),
+                ..ConnectionInfo::default()
             };
-            let connection = builder.serve_connection(TokioIo::new(stream), handler);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!("connection: {error}");
-            }
+            let Some(tls) = tls else {
+                return serve_client(stream, Arc::new(connection), service, shared).await;
+            };
+            // The handshake gets the time a request head gets.
+            let stream = match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => return tracing::debug!(%peer, "TLS handshake: {error}"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let (_, session) = stream.get_ref();
+            connection.tls_version = session.protocol_version().map(envoy_tls_version);
+            connection.requested_server_name = session.server_name().map(str::to_owned);
+            serve_client(stream, Arc::new(connection), service, shared).await;
         });
+    }
+}
+
+/// A TLS version in Envoy's spelling (`TLSv1.3`).
+fn envoy_tls_version(version: rustls::ProtocolVersion) -> String {
+    match version {
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".into(),
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".into(),
+        other => format!("{other:?}").replace("TLSv1_", "TLSv1."),
+    }
+}
+
+/// Serves one client connection: every request through `service` (the plugins, then the
+/// upstream), with the connection's attributes for the plugins.
+async fn serve_client<I, S>(io: I, connection: Arc<ConnectionInfo>, service: S, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<
+            http::Request<IdleBody>,
+            Response = http::Response<FilteredBody>,
+            Error = filterbox::FilterError,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+{
+    let graceful = shared.clone();
+    let graceful = &graceful.graceful;
+    let handler = service_fn(move |request: http::Request<Incoming>| {
+        let mut service = service.clone();
+        let shared = shared.clone();
+        let connection = connection.clone();
+        async move {
+            shared.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some(refused) = refuse(&request) {
+                return Ok::<_, std::convert::Infallible>(refused);
+            }
+            let idle = shared.body_idle;
+            let mut request = request.map(|body| IdleBody::new(body, idle));
+            request.extensions_mut().insert(connection);
+            let router = shared.router.read().clone();
+            router.route(&mut request);
+            let response: http::Response<ProxyBody> = match service.call(request).await {
+                Ok(response) => response.map(http_body_util::Either::Left),
+                // The client's fault: a malformed (chunked) body or one that stalled. The
+                // upstream request was dropped unfinished with it.
+                Err(filterbox::FilterError::RequestBody(error)) => {
+                    shared.request_body_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("request body: {error}");
+                    let status = match error.is::<BodyIdle>() {
+                        true => http::StatusCode::REQUEST_TIMEOUT,
+                        false => http::StatusCode::BAD_REQUEST,
+                    };
+                    text(status, format!("filterbox: request body: {error}\n"))
+                }
+                Err(error) => {
+                    shared.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!("{error}");
+                    text(
+                        http::StatusCode::BAD_GATEWAY,
+                        format!("filterbox: {error}\n"),
+                    )
+                }
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    // HTTP/1.1 or HTTP/2 (ALPN on TLS, prior knowledge otherwise). A client gets
+    // HEADER_READ_TIMEOUT to send a request head, so half-sent requests cannot hold
+    // connections for ever.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    // Shutting down: the connection came in as the listener stopped.
+    let Some(watcher) = graceful.lock().as_ref().map(|g| g.watcher()) else {
+        return;
+    };
+    let connection = builder.serve_connection(TokioIo::new(io), handler);
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!("connection: {error}");
     }
 }
 

@@ -685,3 +685,109 @@ plugins:
         );
     });
 }
+
+/// An upstream that answers with the `x-` headers it got, one `name=value` per line.
+async fn echo_upstream() -> SocketAddr {
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            tokio::spawn(async move {
+                let service = service_fn(|request: http::Request<Incoming>| async move {
+                    let mut lines: Vec<String> = request
+                        .headers()
+                        .iter()
+                        .filter(|(name, _)| name.as_str().starts_with("x-"))
+                        .map(|(name, value)| format!("{name}={}", value.to_str().unwrap_or("?")))
+                        .collect();
+                    lines.sort();
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        lines.join("\n"),
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn serve_terminates_tls_with_a_certificate_per_server_name_and_tells_the_plugins() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-tls");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        let mut roots = rustls::RootCertStore::empty();
+        for name in ["default.test", "a.test"] {
+            let made = rcgen::generate_simple_self_signed(vec![name.to_owned()]).expect("cert");
+            std::fs::write(dir.join(format!("{name}.pem")), made.cert.pem()).expect("cert");
+            std::fs::write(
+                dir.join(format!("{name}.key")),
+                made.key_pair.serialize_pem(),
+            )
+            .expect("key");
+            roots.add(made.cert.der().clone()).expect("root");
+        }
+        let upstream = echo_upstream().await;
+        let listen = free_port();
+        let rules = "copy-property x-sni connection.requested_server_name\\n\
+                     copy-property x-source source.address\\n\
+                     copy-property x-tls connection.tls_version";
+        let config = format!(
+            r#"listeners:
+  - address: "{listen}"
+    upstream: backend
+    tls:
+      certificates:
+        - {{ certificate_chain: default.test.pem, private_key: default.test.key }}
+        - {{ certificate_chain: a.test.pem, private_key: a.test.key, server_names: [a.test] }}
+upstreams: {{ backend: "http://{upstream}" }}
+slots: 1
+plugins:
+  - name: attributes
+    configuration: "{rules}"
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+"#
+        );
+        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+        let _proxy = start_serve(&dir);
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocols")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        // Each name gets its own certificate: the client checks the one it is shown.
+        for name in ["a.test", "default.test"] {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(listen)
+                .await
+                .expect("connect");
+            let server = rustls::pki_types::ServerName::try_from(name).expect("name");
+            let mut tls = connector
+                .connect(server, tcp)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let head = format!("GET / HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n");
+            tls.write_all(head.as_bytes()).await.expect("request");
+            let mut answer = Vec::new();
+            let _ = tls.read_to_end(&mut answer).await;
+            let text = String::from_utf8_lossy(&answer);
+            assert!(text.starts_with("HTTP/1.1 200"), "{name}: {text}");
+            assert!(text.contains(&format!("x-sni={name}")), "{name}: {text}");
+            assert!(text.contains("x-source=127.0.0.1:"), "{name}: {text}");
+            assert!(text.contains("x-tls=TLSv1.3"), "{name}: {text}");
+        }
+    });
+}

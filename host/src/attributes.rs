@@ -27,6 +27,60 @@ pub enum PropertyValue {
     Map(Vec<(String, String)>),
 }
 
+/// What the server that accepted a client's connection knows of it, as Envoy's attributes:
+/// `source.address` / `source.port`, `destination.address` / `destination.port`, and on TLS
+/// `connection.tls_version`, `connection.mtls` and `connection.requested_server_name`.
+///
+/// A proxy hands it to the plugins with [`Exchange::set_properties`](crate::Exchange) and
+/// [`ConnectionInfo::properties`], or, in front of [`FilterLayer`](crate::FilterLayer), as
+/// a request extension `Arc<ConnectionInfo>` (made once per connection).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub source: Option<std::net::SocketAddr>,
+    /// The address the client connected to.
+    pub destination: Option<std::net::SocketAddr>,
+    /// The TLS version in Envoy's spelling (`TLSv1.3`); `None` for plain connections.
+    pub tls_version: Option<String>,
+    /// The client showed a certificate (meaningful on TLS only).
+    pub mtls: bool,
+    /// The server name the client asked for (TLS SNI).
+    pub requested_server_name: Option<String>,
+}
+
+impl ConnectionInfo {
+    /// The attributes, encoded as Envoy does (addresses as `ip:port` strings, ports as
+    /// int64, `mtls` as a bool).
+    pub fn properties(&self) -> Vec<(&'static [&'static str], Bytes)> {
+        let mut properties: Vec<(&'static [&'static str], Bytes)> = Vec::with_capacity(7);
+        let ends: [(&'static [&'static str], &'static [&'static str], _); 2] = [
+            (&["source", "address"], &["source", "port"], self.source),
+            (
+                &["destination", "address"],
+                &["destination", "port"],
+                self.destination,
+            ),
+        ];
+        for (address_path, port_path, address) in ends {
+            if let Some(address) = address {
+                properties.push((address_path, Bytes::from(address.to_string())));
+                let port = PropertyValue::Int(i64::from(address.port()));
+                properties.push((port_path, port.encode()));
+            }
+        }
+        if let Some(version) = &self.tls_version {
+            properties.push((&["connection", "tls_version"], Bytes::from(version.clone())));
+            let mtls = PropertyValue::Bool(self.mtls).encode();
+            properties.push((&["connection", "mtls"], mtls));
+            if let Some(name) = &self.requested_server_name {
+                let name = Bytes::from(name.clone());
+                properties.push((&["connection", "requested_server_name"], name));
+            }
+        }
+        properties
+    }
+}
+
 impl PropertyValue {
     /// The bytes the plugin receives.
     pub fn encode(&self) -> Bytes {

@@ -70,7 +70,7 @@ mod state;
 mod vm;
 mod worker;
 
-pub use attributes::PropertyValue;
+pub use attributes::{ConnectionInfo, PropertyValue};
 pub use callout::{
     CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
     HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts, OverBudget,

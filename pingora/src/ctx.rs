@@ -5,7 +5,7 @@
 use crate::block::block_within;
 use crate::headers::{apply_request, apply_response, has_body, reply_header};
 use bytes::Bytes;
-use filterbox::{Exchange, FilterChain, HeaderMap, LocalResponse, SharedChain};
+use filterbox::{ConnectionInfo, Exchange, FilterChain, HeaderMap, LocalResponse, SharedChain};
 use pingora::http::ResponseHeader;
 use pingora::proxy::{FailToProxy, Session};
 use pingora::upstreams::peer::{HttpPeer, Peer};
@@ -359,39 +359,17 @@ async fn set_connection_attributes(
     exchange: &mut Exchange,
     session: &Session,
 ) -> std::result::Result<(), LocalResponse> {
-    let mut properties: Vec<(&[&str], Bytes)> = Vec::with_capacity(6);
-    let ends: [(&[&str], &[&str], _); 2] = [
-        (
-            &["source", "address"],
-            &["source", "port"],
-            session.client_addr(),
-        ),
-        (
-            &["destination", "address"],
-            &["destination", "port"],
-            session.server_addr(),
-        ),
-    ];
-    for (address_path, port_path, address) in ends {
-        if let Some(address) = address.and_then(|a| a.as_inet()) {
-            properties.push((address_path, Bytes::from(address.to_string())));
-            let port = i64::from(address.port()).to_le_bytes();
-            properties.push((port_path, Bytes::copy_from_slice(&port)));
-        }
-    }
-    if let Some(tls) = session.digest().and_then(|d| d.ssl_digest.as_ref()) {
+    let tls = session.digest().and_then(|d| d.ssl_digest.as_ref());
+    let connection = ConnectionInfo {
+        source: session.client_addr().and_then(|a| a.as_inet()).copied(),
+        destination: session.server_addr().and_then(|a| a.as_inet()).copied(),
         // Envoy writes `TLSv1.3`; Pingora's rustls digest says `TLSv1_3`.
-        let version = Bytes::from(tls.version.replace("TLSv1_", "TLSv1."));
-        properties.push((&["connection", "tls_version"], version));
-        let mtls: &'static [u8] = if tls.cert_digest.is_empty() {
-            &[0]
-        } else {
-            &[1]
-        };
-        properties.push((&["connection", "mtls"], Bytes::from_static(mtls)));
-    }
+        tls_version: tls.map(|tls| tls.version.replace("TLSv1_", "TLSv1.")),
+        mtls: tls.is_some_and(|tls| !tls.cert_digest.is_empty()),
+        requested_server_name: None,
+    };
     // One trip to the slot for all of them.
-    exchange.set_properties(&properties).await
+    exchange.set_properties(&connection.properties()).await
 }
 
 /// The synchronous wait for a paused response body outlived the chain's pause timeout.

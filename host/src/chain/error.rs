@@ -8,7 +8,7 @@ use core::fmt;
 /// An error that boxes whatever a body or the inner service failed with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why a [`FilterChain`] could not be built.
+/// Why a [`FilterChain`](super::FilterChain) could not be built.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ChainError {

@@ -10,13 +10,14 @@ use super::local::{LocalReply, invalid_edit};
 use super::phase::Direction;
 use super::route::RouteName;
 use super::{FilterChain, SharedChain};
-use crate::HeaderMap;
 use crate::vm::LocalResponse;
+use crate::{ConnectionInfo, HeaderMap};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
@@ -60,6 +61,10 @@ impl<S> Layer<S> for FilterLayer {
 /// responses (a plugin's, the failure policy's, a limit's) go to the client without running
 /// the response callbacks; `proxy_on_log` runs for every exchange, once its response body
 /// has been read (or dropped).
+///
+/// Two request extensions steer it: a [`RouteName`] runs the exchange on that route of the
+/// chain, and an `Arc<`[`ConnectionInfo`]`>` gives the plugins the connection's attributes
+/// (`source.address` and the rest).
 #[derive(Clone, Debug)]
 pub struct FilterService<S> {
     chain: SharedChain,
@@ -221,6 +226,11 @@ where
         return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
     }
     let (mut parts, body) = request.into_parts();
+    if let Some(connection) = parts.extensions.get::<Arc<ConnectionInfo>>()
+        && let Err(response) = exchange.set_properties(&connection.properties()).await
+    {
+        return Ok(reply(&mut exchange, response).await);
+    }
     let headers = HeaderMap::from_request_parts(&parts);
     let headers = match exchange
         .request_headers(headers, body.is_end_stream())
