@@ -19,8 +19,6 @@ use filterbox::{
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use parking_lot::RwLock;
 use serde::Deserialize;
@@ -368,11 +366,18 @@ fn build_generation(
     let mut upstreams = BTreeMap::new();
     let mut callouts = HyperCallouts::new(runtime.clone());
     for (name, entry) in &config.upstreams {
-        let pool = Pool::new(name, entry)?;
-        if let Some(first) = entry.urls().first() {
-            callouts = callouts
-                .upstream(name.clone(), first)
-                .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
+        let pool = Pool::new(name, entry, base)?;
+        match entry.urls().first() {
+            Some(first) if first.starts_with("https://") => tracing::warn!(
+                upstream = %name,
+                "plugins' HTTP and gRPC calls go over plain http only: calls to this upstream will fail"
+            ),
+            Some(first) => {
+                callouts = callouts
+                    .upstream(name.clone(), first)
+                    .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
+            }
+            None => {}
         }
         upstreams.insert(name.clone(), Arc::new(pool));
     }
@@ -471,7 +476,6 @@ struct Shared {
     upstreams: RwLock<Arc<BTreeMap<String, Arc<Pool>>>>,
     /// Replaced with the chain on reload.
     router: RwLock<Arc<Router>>,
-    client: Client<HttpConnector, FilteredBody>,
     registries: Registries,
     /// Watches every client connection, to drain them at shutdown; `None` once draining.
     graceful: parking_lot::Mutex<Option<hyper_util::server::graceful::GracefulShutdown>>,
@@ -527,7 +531,7 @@ impl Service<http::Request<FilteredBody>> for Upstream {
                 let mut parts = base.clone().into_parts();
                 parts.path_and_query = attempt.uri().path_and_query().cloned();
                 *attempt.uri_mut() = http::Uri::from_parts(parts)?;
-                match shared.client.request(attempt).await {
+                match pool.client().request(attempt).await {
                     Ok(response) => break response,
                     Err(error) if error.is_connect() => {
                         pool.mark_down(base);
@@ -594,7 +598,6 @@ pub fn serve(config_path: &Path) -> Result<()> {
             services: parking_lot::Mutex::new(first.services),
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             router: RwLock::new(Arc::new(first.router)),
-            client: Client::builder(TokioExecutor::new()).build_http(),
             registries,
             body_idle: config
                 .body_idle_timeout_ms

@@ -1,14 +1,29 @@
-//! `serve`'s upstreams: one or several `http://host:port` addresses per name, taken in turn
-//! (round robin); an address that refused a connection is left out for a while (passive
+//! `serve`'s upstreams: one or several `http://` or `https://` addresses per name, taken in
+//! turn (round robin); an address that refused a connection is left out for a while (passive
 //! health), and a request without a body that could not connect is tried on the next one.
+//! Each upstream has its own client (its connection pool, its TLS roots, HTTP/2 by ALPN over
+//! TLS or, when asked, by prior knowledge over plain TCP).
 //!
 //! What crosses this module: the `upstreams` entries of the config in, a [`Pool`] per name
-//! out, which gives the order in which to try its addresses for one request.
+//! out, which gives the order in which to try its addresses for one request and the client
+//! to send it with.
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
+use filterbox::FilteredBody;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+/// The client a pool sends its requests with.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, FilteredBody>;
 
 /// An `upstreams` value in the config: one URL, or a list of them.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -18,6 +33,23 @@ pub enum UpstreamEntry {
     One(String),
     /// `backend: ["http://10.0.0.1:80", "http://10.0.0.2:80"]`.
     Several(Vec<String>),
+    /// `backend: { addresses: [...], ca_file: ca.pem, http2: true }`.
+    Detailed(UpstreamSettings),
+}
+
+/// An upstream with settings beside its addresses.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// The URLs, taken in turn.
+    pub addresses: Vec<String>,
+    /// PEM file of the certificate authorities `https://` addresses are checked against
+    /// (relative to the config file); default: the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Speak HTTP/2 to plain `http://` addresses (prior knowledge); over TLS, ALPN decides.
+    #[serde(default)]
+    pub http2: bool,
 }
 
 impl UpstreamEntry {
@@ -26,6 +58,14 @@ impl UpstreamEntry {
         match self {
             UpstreamEntry::One(url) => std::slice::from_ref(url),
             UpstreamEntry::Several(urls) => urls,
+            UpstreamEntry::Detailed(settings) => &settings.addresses,
+        }
+    }
+
+    fn settings(&self) -> Option<&UpstreamSettings> {
+        match self {
+            UpstreamEntry::Detailed(settings) => Some(settings),
+            _ => None,
         }
     }
 }
@@ -37,6 +77,7 @@ const COOL_DOWN: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Pool {
     addresses: Vec<Address>,
+    client: UpstreamClient,
     next: AtomicUsize,
     /// When the pool was made: the clock `down_until` counts from.
     epoch: Instant,
@@ -50,8 +91,9 @@ struct Address {
 }
 
 impl Pool {
-    /// The pool of upstream `name`: each URL must be `http://host[:port]` (a path is ignored).
-    pub fn new(name: &str, entry: &UpstreamEntry) -> Result<Pool> {
+    /// The pool of upstream `name`: each URL must be `http://` or `https://host[:port]` (a
+    /// path is ignored); a CA file is read relative to `base`.
+    pub fn new(name: &str, entry: &UpstreamEntry, base: &Path) -> Result<Pool> {
         if entry.urls().is_empty() {
             bail!("upstream {name:?}: no address");
         }
@@ -61,19 +103,30 @@ impl Pool {
                 Ok(uri) => uri,
                 Err(e) => bail!("upstream {name:?}: bad URL {url:?}: {e}"),
             };
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                bail!("upstream {name:?}: {url:?} is not an http://host:port URL");
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                bail!("upstream {name:?}: {url:?} is not an http:// or https://host:port URL");
             }
             addresses.push(Address {
                 uri,
                 down_until: AtomicU64::new(0),
             });
         }
+        let tls = addresses
+            .iter()
+            .any(|a| a.uri.scheme_str() == Some("https"));
+        let client =
+            client(entry.settings(), tls, base).with_context(|| format!("upstream {name:?}"))?;
         Ok(Pool {
             addresses,
+            client,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
         })
+    }
+
+    /// The client to send this upstream's requests with.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.client
     }
 
     /// The addresses to try for one request, in order: from the next one in turn, those not
@@ -104,13 +157,59 @@ impl Pool {
     }
 }
 
+/// A client for an upstream: TLS roots from the CA file or the system (read only when an
+/// address is `https://`), HTTP/1.1 and HTTP/2 by ALPN, or HTTP/2 only when asked.
+fn client(settings: Option<&UpstreamSettings>, tls: bool, base: &Path) -> Result<UpstreamClient> {
+    let mut roots = rustls::RootCertStore::empty();
+    match settings.and_then(|s| s.ca_file.as_ref()) {
+        Some(file) => {
+            let path = base.join(file);
+            let certificates = CertificateDer::pem_file_iter(&path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+                .with_context(|| format!("reading CA file {}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certificates);
+            if added == 0 {
+                bail!("no certificate authority in {}", path.display());
+            }
+        }
+        None if tls => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                bail!("no system certificate authorities found (give a ca_file)");
+            }
+        }
+        None => {}
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    let http2 = settings.is_some_and(|s| s.http2);
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn pool(urls: &[&str]) -> Pool {
         let entry = UpstreamEntry::Several(urls.iter().map(|u| (*u).to_owned()).collect());
-        Pool::new("p", &entry).expect("pool")
+        Pool::new("p", &entry, Path::new(".")).expect("pool")
     }
 
     fn hosts(order: Vec<&http::Uri>) -> Vec<String> {
@@ -137,12 +236,14 @@ mod tests {
         for (entry, why) in [
             (UpstreamEntry::Several(Vec::new()), "no address"),
             (
-                UpstreamEntry::One("https://a:1".into()),
-                "not an http://host:port URL",
+                UpstreamEntry::One("ftp://a:1".into()),
+                "not an http:// or https://",
             ),
             (UpstreamEntry::One("http://".into()), "bad URL"),
         ] {
-            let error = Pool::new("api", &entry).expect_err("refused").to_string();
+            let error = Pool::new("api", &entry, Path::new("."))
+                .expect_err("refused")
+                .to_string();
             assert!(error.contains("\"api\"") && error.contains(why), "{error}");
         }
         let one: UpstreamEntry = serde_yaml::from_str("http://a:1").expect("one");

@@ -791,3 +791,101 @@ plugins:
         }
     });
 }
+
+/// An upstream that answers with the HTTP version it was spoken to in: over TLS with
+/// `certificate` (HTTP/2 or HTTP/1.1 by ALPN), or without TLS in HTTP/2 only.
+async fn version_upstream(certificate: Option<&rcgen::CertifiedKey>) -> SocketAddr {
+    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let acceptor = certificate.map(|made| {
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(made.key_pair.serialize_der()).expect("key");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocols")
+            .with_no_client_auth()
+            .with_single_cert(vec![made.cert.der().clone()], key)
+            .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    });
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = socket.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let service = service_fn(|request: http::Request<Incoming>| async move {
+                    let text = format!("{:?}", request.version());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                        text,
+                    ))))
+                });
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                match acceptor {
+                    Some(acceptor) => {
+                        if let Ok(tls) = acceptor.accept(stream).await {
+                            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
+                        }
+                    }
+                    None => {
+                        let _ = builder
+                            .http2_only()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn serve_speaks_tls_and_http2_to_upstreams() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-upstream-tls");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        std::fs::write(dir.join("upstream-ca.pem"), made.cert.pem()).expect("ca");
+        let secure = version_upstream(Some(&made)).await;
+        let h2c = version_upstream(None).await;
+        let listen = free_port();
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: secure }}]
+upstreams:
+  secure: {{ addresses: ["https://localhost:{}"], ca_file: upstream-ca.pem }}
+  h2c: {{ addresses: ["http://{h2c}"], http2: true }}
+routes:
+  - {{ match: {{ path_prefix: /h2c }}, upstream: h2c }}
+slots: 1
+plugins:
+  - name: add
+    configuration: add x-added upstream
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+"#,
+            secure.port()
+        );
+        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+        let _proxy = start_serve(&dir);
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let started = Instant::now();
+        while tokio::net::TcpStream::connect(listen).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "never listened"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // TLS checked against the CA file, HTTP/2 chosen by ALPN.
+        let (status, _, body) = get(&client, format!("http://{listen}/tls"), None)
+            .await
+            .expect("tls upstream");
+        assert_eq!((status, body.as_str()), (200, "HTTP/2.0"));
+        // HTTP/2 by prior knowledge to a plain upstream that speaks nothing else.
+        let (status, _, body) = get(&client, format!("http://{listen}/h2c"), None)
+            .await
+            .expect("h2c upstream");
+        assert_eq!((status, body.as_str()), (200, "HTTP/2.0"));
+    });
+}

@@ -963,16 +963,20 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
 /// run, up to [`RunClock::WALL_DEADLINES`] deadlines on the wall clock. The CPU clock is read
 /// first a millisecond or more into the call (at wasmtime's first epoch tick, or wasmi's first
 /// check after that), so short calls never read it; what ran before counts as one millisecond.
+/// On wasmtime the wall clock too is first read at that tick (the call is taken to have
+/// started a millisecond before), so a call that ends sooner reads no clock at all.
 /// Without a CPU clock, the wall clock decides.
 #[cfg(any(feature = "wasmtime", feature = "wasmi"))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RunClock {
-    start: std::time::Instant,
+    /// When the call started; `None` until the first reading of a clock made with
+    /// [`RunClock::from_first_tick`].
+    start: Option<std::time::Instant>,
     budget: Duration,
     /// The thread's CPU clock at the first reading.
     first: FirstReading,
-    /// When the call is next past its deadline on the wall clock.
-    due: std::time::Instant,
+    /// When the call is next past its deadline on the wall clock (`None` with `start`).
+    due: Option<std::time::Instant>,
 }
 
 /// The first reading of a call's CPU clock.
@@ -993,20 +997,51 @@ impl RunClock {
     /// When the CPU clock is first read; what the call did before counts as this much running.
     const FIRST_READING: Duration = Duration::from_millis(1);
 
+    /// A budget past this is no deadline (a clock that could not represent its end).
+    const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
     /// A clock for a call of `budget` starting now; `None` for a budget too far to represent.
     pub(crate) fn start(budget: Duration) -> Option<RunClock> {
         let start = std::time::Instant::now();
+        let due = start.checked_add(budget)?;
         Some(RunClock {
-            start,
+            start: Some(start),
             budget,
             first: FirstReading::NotYet,
-            due: start.checked_add(budget)?,
+            due: Some(due),
         })
     }
 
+    /// A clock for a call of `budget` whose start is taken at its first reading (wasmtime's
+    /// first epoch tick, at most a tick into the call), as [`RunClock::FIRST_READING`] before
+    /// it: a call that ends before the tick never reads the wall clock. `None` for a budget
+    /// too far to represent.
+    pub(crate) fn from_first_tick(budget: Duration) -> Option<RunClock> {
+        (budget < Self::LONGEST).then_some(RunClock {
+            start: None,
+            budget,
+            first: FirstReading::NotYet,
+            due: None,
+        })
+    }
+
+    /// The call's start and when it is next due, taking them at `now` on the first reading.
+    fn started(&mut self, now: std::time::Instant) -> (std::time::Instant, std::time::Instant) {
+        match (self.start, self.due) {
+            (Some(start), Some(due)) => (start, due),
+            _ => {
+                let start = now.checked_sub(Self::FIRST_READING).unwrap_or(now);
+                let due = start.checked_add(self.budget).unwrap_or(now);
+                (self.start, self.due) = (Some(start), Some(due));
+                (start, due)
+            }
+        }
+    }
+
     /// How long until the call is next due on the wall clock.
-    pub(crate) fn left(&self, now: std::time::Instant) -> Duration {
-        self.due.saturating_duration_since(now)
+    pub(crate) fn left(&mut self, now: std::time::Instant) -> Duration {
+        let (_, due) = self.started(now);
+        due.saturating_duration_since(now)
     }
 
     /// Takes the first reading of the CPU clock now, if it has not been taken.
@@ -1021,11 +1056,12 @@ impl RunClock {
 
     /// Whether the call has run for its budget, with `now` from the wall clock.
     pub(crate) fn passed(&mut self, now: std::time::Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.start);
+        let (start, due) = self.started(now);
+        let elapsed = now.saturating_duration_since(start);
         if elapsed >= Self::FIRST_READING {
             self.read_cpu();
         }
-        if now < self.due {
+        if now < due {
             return false;
         }
         if elapsed >= self.budget.saturating_mul(Self::WALL_DEADLINES) {
@@ -1040,7 +1076,9 @@ impl RunClock {
         if ran >= self.budget {
             return true;
         }
-        self.due = now + (self.budget - ran);
+        if let Some(next) = now.checked_add(self.budget - ran) {
+            self.due = Some(next);
+        }
         false
     }
 }

@@ -139,7 +139,7 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
         // The allocator cannot be resumed when its fuel runs out, so it gets what is left of
         // the deadline up front; what it burns is then taken from the caller's slice, so
         // calling an allocating hostcall in a loop cannot refill the slice for ever.
-        let budget = self.caller.data().deadline.map(|clock| {
+        let budget = self.caller.data().deadline.map(|mut clock| {
             let left = clock.left(Instant::now());
             let before = self.caller.get_fuel().unwrap_or(0);
             let granted = fuel_for(left);

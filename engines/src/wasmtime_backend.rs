@@ -181,7 +181,7 @@ fn ticks_for(left: Duration) -> u64 {
 /// Starts `deadline` for the store's next call: the epoch first fires one tick in, so that
 /// the call's [`RunClock`] reads the thread's CPU clock; see [`on_epoch_deadline`].
 fn arm<H>(store: &mut Store<StoreData<H>>, deadline: Option<Duration>) {
-    let clock = deadline.and_then(RunClock::start);
+    let clock = deadline.and_then(RunClock::from_first_tick);
     let armed = match clock {
         Some(_) => 1,
         None => NO_DEADLINE,
