@@ -31,9 +31,11 @@ pub enum PropertyValue {
 /// `source.address` / `source.port`, `destination.address` / `destination.port`, and on TLS
 /// `connection.tls_version`, `connection.mtls` and `connection.requested_server_name`.
 ///
-/// A proxy hands it to the plugins with [`Exchange::set_properties`](crate::Exchange) and
-/// [`ConnectionInfo::properties`], or, in front of [`FilterLayer`](crate::FilterLayer), as
-/// a request extension `Arc<ConnectionInfo>` (made once per connection).
+/// A proxy hands it to the plugins with [`Exchange::set_connection`](crate::Exchange) (or
+/// [`Vm::set_stream_connection`](crate::Vm)), or, in front of
+/// [`FilterLayer`](crate::FilterLayer), as a request extension `Arc<ConnectionInfo>` made once
+/// per connection. The plugins' streams keep a reference, and a value is encoded only when a
+/// plugin asks for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectionInfo {
     /// The client's address.
@@ -49,35 +51,46 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionInfo {
-    /// The attributes, encoded as Envoy does (addresses as `ip:port` strings, ports as
-    /// int64, `mtls` as a bool).
+    /// Every attribute this connection has, encoded as Envoy does (addresses as `ip:port`
+    /// strings, ports as int64, `mtls` as a bool).
     pub fn properties(&self) -> Vec<(&'static [&'static str], Bytes)> {
-        let mut properties: Vec<(&'static [&'static str], Bytes)> = Vec::with_capacity(7);
-        let ends: [(&'static [&'static str], &'static [&'static str], _); 2] = [
-            (&["source", "address"], &["source", "port"], self.source),
-            (
-                &["destination", "address"],
-                &["destination", "port"],
-                self.destination,
-            ),
+        const PATHS: [&[&str]; 7] = [
+            &["source", "address"],
+            &["source", "port"],
+            &["destination", "address"],
+            &["destination", "port"],
+            &["connection", "tls_version"],
+            &["connection", "mtls"],
+            &["connection", "requested_server_name"],
         ];
-        for (address_path, port_path, address) in ends {
-            if let Some(address) = address {
-                properties.push((address_path, Bytes::from(address.to_string())));
-                let port = PropertyValue::Int(i64::from(address.port()));
-                properties.push((port_path, port.encode()));
+        PATHS
+            .into_iter()
+            .filter_map(|path| {
+                let raw: Vec<&[u8]> = path.iter().map(|p| p.as_bytes()).collect();
+                Some((path, self.attribute(&raw)?))
+            })
+            .collect()
+    }
+
+    /// One attribute by its path (`["source", "address"]`), if this connection has it.
+    pub fn attribute(&self, path: &[&[u8]]) -> Option<Bytes> {
+        let port = |address: Option<std::net::SocketAddr>| {
+            Some(PropertyValue::Int(i64::from(address?.port())).encode())
+        };
+        let tls = || self.tls_version.as_ref().map(|_| ());
+        match path {
+            [b"source", b"address"] => Some(Bytes::from(self.source?.to_string())),
+            [b"source", b"port"] => port(self.source),
+            [b"destination", b"address"] => Some(Bytes::from(self.destination?.to_string())),
+            [b"destination", b"port"] => port(self.destination),
+            [b"connection", b"tls_version"] => Some(Bytes::from(self.tls_version.clone()?)),
+            [b"connection", b"mtls"] => tls().map(|()| PropertyValue::Bool(self.mtls).encode()),
+            [b"connection", b"requested_server_name"] => {
+                tls()?;
+                Some(Bytes::from(self.requested_server_name.clone()?))
             }
+            _ => None,
         }
-        if let Some(version) = &self.tls_version {
-            properties.push((&["connection", "tls_version"], Bytes::from(version.clone())));
-            let mtls = PropertyValue::Bool(self.mtls).encode();
-            properties.push((&["connection", "mtls"], mtls));
-            if let Some(name) = &self.requested_server_name {
-                let name = Bytes::from(name.clone());
-                properties.push((&["connection", "requested_server_name"], name));
-            }
-        }
-        properties
     }
 }
 
@@ -112,6 +125,8 @@ pub(crate) struct StreamInfo {
     pub(crate) started: Option<SystemTime>,
     /// The request headers as they left `proxy_on_request_headers`.
     pub(crate) request_headers: Option<HeaderMap>,
+    /// The client connection the stream's request came on.
+    pub(crate) connection: Option<std::sync::Arc<ConnectionInfo>>,
 }
 
 fn nanos(d: std::time::Duration) -> i64 {
@@ -245,6 +260,44 @@ pub(crate) fn alias(path: &[&[u8]]) -> Option<Vec<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_attributes_are_encoded_as_envoy_does_and_tls_ones_only_on_tls() {
+        let plain = ConnectionInfo {
+            source: "10.0.0.1:4321".parse().ok(),
+            destination: "10.0.0.2:443".parse().ok(),
+            ..ConnectionInfo::default()
+        };
+        let at = |c: &ConnectionInfo, path: &[&str]| {
+            let raw: Vec<&[u8]> = path.iter().map(|p| p.as_bytes()).collect();
+            c.attribute(&raw)
+        };
+        assert_eq!(
+            at(&plain, &["source", "address"]).as_deref(),
+            Some(&b"10.0.0.1:4321"[..])
+        );
+        assert_eq!(
+            at(&plain, &["destination", "port"]).as_deref(),
+            Some(&443i64.to_le_bytes()[..])
+        );
+        assert_eq!(at(&plain, &["connection", "mtls"]), None);
+        assert_eq!(plain.properties().len(), 4);
+        let tls = ConnectionInfo {
+            tls_version: Some("TLSv1.3".into()),
+            requested_server_name: Some("a.test".into()),
+            ..plain
+        };
+        assert_eq!(
+            at(&tls, &["connection", "mtls"]).as_deref(),
+            Some(&[0u8][..])
+        );
+        assert_eq!(
+            at(&tls, &["connection", "requested_server_name"]).as_deref(),
+            Some(&b"a.test"[..])
+        );
+        assert_eq!(tls.properties().len(), 7);
+        assert_eq!(at(&tls, &["connection", "other"]), None);
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs

@@ -1011,6 +1011,10 @@ impl Hostcalls for VmState {
                     state.stream_info.get(&state.context()),
                 )
             }
+            [b"source" | b"destination" | b"connection", ..] => state
+                .stream_info
+                .get(&state.context())
+                .and_then(|info| info.connection.as_ref()?.attribute(&path)),
             _ => None,
         };
         // Then the embedder, under either of Envoy's spellings. A panicking provider is the

@@ -564,6 +564,7 @@ impl Vm {
             let info = crate::attributes::StreamInfo {
                 started: Some(std::time::SystemTime::now()),
                 request_headers: None,
+                connection: None,
             };
             self.state().stream_info.insert(id, info);
         }
@@ -904,6 +905,20 @@ impl Vm {
     pub fn set_stream_property(&mut self, stream: &HttpStream, path: &[&str], value: Bytes) {
         let path = filterbox_abi::property_path::encode(path);
         self.state().properties.insert((stream.id, path), value);
+    }
+
+    /// The client connection `stream`'s request came on: its attributes (`source.address`
+    /// and the rest, see [`ConnectionInfo`](crate::ConnectionInfo)) answer the plugin's
+    /// `proxy_get_property`, encoded only when asked. Nothing is kept for a plugin that does
+    /// not import `proxy_get_property`.
+    pub fn set_stream_connection(
+        &mut self,
+        stream: &HttpStream,
+        connection: std::sync::Arc<crate::ConnectionInfo>,
+    ) {
+        if let Some(info) = self.state().stream_info.get_mut(&stream.id) {
+            info.connection = Some(connection);
+        }
     }
 
     /// A property set on `stream` by the plugin (`proxy_set_property`, Envoy's filter state

@@ -338,6 +338,18 @@ impl Worker {
         }
     }
 
+    /// The client connection of `stream`'s request: see [`Vm::set_stream_connection`].
+    /// Nothing happens on a stream whose VM is gone.
+    pub fn set_stream_connection(
+        &mut self,
+        stream: &WorkerStream,
+        connection: std::sync::Arc<crate::ConnectionInfo>,
+    ) {
+        if let (Some(s), Some(vm)) = (&stream.stream, self.live_vm(stream.generation)) {
+            vm.set_stream_connection(s, connection);
+        }
+    }
+
     /// Trailers the plugin added in its last body callback: see [`Vm::take_added_trailers`].
     pub fn take_added_trailers(
         &mut self,

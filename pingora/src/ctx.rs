@@ -368,8 +368,9 @@ async fn set_connection_attributes(
         mtls: tls.is_some_and(|tls| !tls.cert_digest.is_empty()),
         requested_server_name: None,
     };
-    // One trip to the slot for all of them.
-    exchange.set_properties(&connection.properties()).await
+    exchange
+        .set_connection(std::sync::Arc::new(connection))
+        .await
 }
 
 /// The synchronous wait for a paused response body outlived the chain's pause timeout.

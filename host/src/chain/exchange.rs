@@ -102,6 +102,24 @@ impl Exchange {
         }
     }
 
+    /// The client connection the exchange's request came on: the plugins read its
+    /// attributes (`source.address`, `connection.tls_version`, … see
+    /// [`ConnectionInfo`](crate::ConnectionInfo)) with `proxy_get_property`. The streams keep
+    /// a reference; nothing is encoded until a plugin asks. Call it before the request
+    /// headers.
+    pub async fn set_connection(
+        &mut self,
+        connection: Arc<crate::ConnectionInfo>,
+    ) -> Result<(), LocalResponse> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        match self.run(Job::SetConnection(connection)).await? {
+            Done::PropertySet => Ok(()),
+            _ => Err(mismatched()),
+        }
+    }
+
     /// The request headers (with the pseudo headers `:method`, `:path`, `:authority`,
     /// `:scheme`) through the plugins' `proxy_on_request_headers`; `end_of_stream` when the
     /// request has no body. Returns the headers as the plugins left them.

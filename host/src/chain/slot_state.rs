@@ -402,6 +402,16 @@ impl SlotState {
                 }
                 Done::PropertySet
             }
+            Job::SetConnection(connection) => {
+                if let Some(streams) = self.exchanges.get(&id) {
+                    for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
+                        if let Some(stream) = stream {
+                            worker.set_stream_connection(stream, connection.clone());
+                        }
+                    }
+                }
+                Done::PropertySet
+            }
             Job::End { log } => {
                 self.end(id, log);
                 Done::Ended

@@ -227,7 +227,7 @@ where
     }
     let (mut parts, body) = request.into_parts();
     if let Some(connection) = parts.extensions.get::<Arc<ConnectionInfo>>()
-        && let Err(response) = exchange.set_properties(&connection.properties()).await
+        && let Err(response) = exchange.set_connection(connection.clone()).await
     {
         return Ok(reply(&mut exchange, response).await);
     }
