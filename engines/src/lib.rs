@@ -1001,6 +1001,7 @@ impl RunClock {
     const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
 
     /// A clock for a call of `budget` starting now; `None` for a budget too far to represent.
+    #[cfg(feature = "wasmi")]
     pub(crate) fn start(budget: Duration) -> Option<RunClock> {
         let start = std::time::Instant::now();
         let due = start.checked_add(budget)?;
