@@ -131,9 +131,7 @@ impl WasmFilters {
         let Some(exchange) = running(&mut ctx.exchange) else {
             return Ok(false);
         };
-        if let Err(local) = set_connection_attributes(exchange, session).await {
-            return reply(session, ctx, local).await.map(|()| true);
-        }
+        set_connection_attributes(exchange, session);
         let request = session.req_header();
         let mut headers = HeaderMap::from_request_parts(request);
         if request.uri.scheme().is_none() {
@@ -355,10 +353,7 @@ impl WasmFilters {
 
 /// Tells the plugins what Pingora knows of the connection: where it comes from and goes to,
 /// and its TLS version and whether the client showed a certificate.
-async fn set_connection_attributes(
-    exchange: &mut Exchange,
-    session: &Session,
-) -> std::result::Result<(), LocalResponse> {
+fn set_connection_attributes(exchange: &mut Exchange, session: &Session) {
     let tls = session.digest().and_then(|d| d.ssl_digest.as_ref());
     let connection = ConnectionInfo {
         source: session.client_addr().and_then(|a| a.as_inet()).copied(),
@@ -368,9 +363,7 @@ async fn set_connection_attributes(
         mtls: tls.is_some_and(|tls| !tls.cert_digest.is_empty()),
         requested_server_name: None,
     };
-    exchange
-        .set_connection(std::sync::Arc::new(connection))
-        .await
+    exchange.set_connection(std::sync::Arc::new(connection));
 }
 
 /// The synchronous wait for a paused response body outlived the chain's pause timeout.

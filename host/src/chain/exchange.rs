@@ -42,6 +42,8 @@ pub struct Exchange {
     id: u64,
     /// The chain's route the exchange runs on (0: every plugin, own configurations).
     route: usize,
+    /// The client connection, for the plugins' streams with the request headers.
+    connection: Option<Arc<crate::ConnectionInfo>>,
     ended: bool,
     /// What `proxy_on_log` sees of the request and the response.
     request_headers: HeaderMap,
@@ -66,6 +68,7 @@ impl Exchange {
             slot,
             id: NEXT_EXCHANGE.fetch_add(1, Ordering::Relaxed),
             route,
+            connection: None,
             ended: false,
             request_headers: HeaderMap::new(),
             response_headers: HeaderMap::new(),
@@ -104,20 +107,11 @@ impl Exchange {
 
     /// The client connection the exchange's request came on: the plugins read its
     /// attributes (`source.address`, `connection.tls_version`, … see
-    /// [`ConnectionInfo`](crate::ConnectionInfo)) with `proxy_get_property`. The streams keep
-    /// a reference; nothing is encoded until a plugin asks. Call it before the request
-    /// headers.
-    pub async fn set_connection(
-        &mut self,
-        connection: Arc<crate::ConnectionInfo>,
-    ) -> Result<(), LocalResponse> {
-        if self.is_empty() {
-            return Ok(());
-        }
-        match self.run(Job::SetConnection(connection)).await? {
-            Done::PropertySet => Ok(()),
-            _ => Err(mismatched()),
-        }
+    /// [`ConnectionInfo`](crate::ConnectionInfo)) with `proxy_get_property`. It goes to the
+    /// plugins with the request headers (no trip of its own); their streams keep a reference,
+    /// and nothing is encoded until a plugin asks. Call it before the request headers.
+    pub fn set_connection(&mut self, connection: Arc<crate::ConnectionInfo>) {
+        self.connection = Some(connection);
     }
 
     /// The request headers (with the pseudo headers `:method`, `:path`, `:authority`,
@@ -367,11 +361,15 @@ impl Exchange {
         }
         let mut from = 0;
         loop {
+            let first_request_headers = direction == Direction::Request
+                && matches!(phase, MapPhase::Headers { .. })
+                && from == 0;
             let job = Job::Map {
                 direction,
                 phase,
                 map,
                 from,
+                connection: self.connection.clone().filter(|_| first_request_headers),
             };
             let (step, back) = match self.run(job).await {
                 Ok(Done::Map(step, back)) => (step, back),

@@ -35,6 +35,8 @@ pub(super) enum Job {
         phase: MapPhase,
         map: HeaderMap,
         from: usize,
+        /// The client connection, for the streams to keep (with the first request headers).
+        connection: Option<Arc<crate::ConnectionInfo>>,
     },
     /// Body bytes through the plugins of `direction` from position `from`.
     Body {
@@ -60,8 +62,6 @@ pub(super) enum Job {
     },
     /// Properties every plugin's stream of the exchange reads (path, value).
     SetProperties(Vec<(Vec<String>, Bytes)>),
-    /// The client connection every plugin's stream of the exchange reads attributes of.
-    SetConnection(Arc<crate::ConnectionInfo>),
     /// `proxy_on_log` (with these request and response headers, if any) and the end of
     /// every stream of the exchange.
     End { log: Option<(HeaderMap, HeaderMap)> },

@@ -367,7 +367,11 @@ impl SlotState {
                 phase,
                 mut map,
                 from,
+                connection,
             } => {
+                if let Some(connection) = connection {
+                    self.set_connection(id, &connection);
+                }
                 let step = self.map_phase(id, (direction, phase), &mut map, from);
                 Done::Map(step, map)
             }
@@ -402,16 +406,6 @@ impl SlotState {
                 }
                 Done::PropertySet
             }
-            Job::SetConnection(connection) => {
-                if let Some(streams) = self.exchanges.get(&id) {
-                    for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
-                        if let Some(stream) = stream {
-                            worker.set_stream_connection(stream, connection.clone());
-                        }
-                    }
-                }
-                Done::PropertySet
-            }
             Job::End { log } => {
                 self.end(id, log);
                 Done::Ended
@@ -429,6 +423,18 @@ impl SlotState {
         for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
             if let Some(stream) = stream {
                 worker.set_stream_property(stream, &path, value.clone());
+            }
+        }
+    }
+
+    /// Gives every plugin's stream of exchange `id` the client connection.
+    fn set_connection(&mut self, id: u64, connection: &Arc<crate::ConnectionInfo>) {
+        let Some(streams) = self.exchanges.get(&id) else {
+            return;
+        };
+        for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
+            if let Some(stream) = stream {
+                worker.set_stream_connection(stream, connection.clone());
             }
         }
     }

@@ -226,10 +226,8 @@ where
         return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
     }
     let (mut parts, body) = request.into_parts();
-    if let Some(connection) = parts.extensions.get::<Arc<ConnectionInfo>>()
-        && let Err(response) = exchange.set_connection(connection.clone()).await
-    {
-        return Ok(reply(&mut exchange, response).await);
+    if let Some(connection) = parts.extensions.get::<Arc<ConnectionInfo>>() {
+        exchange.set_connection(connection.clone());
     }
     let headers = HeaderMap::from_request_parts(&parts);
     let headers = match exchange
