@@ -44,6 +44,9 @@ pub struct Exchange {
     route: usize,
     /// The client connection, for the plugins' streams with the request headers.
     connection: Option<Arc<crate::ConnectionInfo>>,
+    /// Per direction, the trailers plugins added, as the end of the body brought them back
+    /// (until asked for).
+    added_at_end: parking_lot::Mutex<[Option<Option<HeaderMap>>; 2]>,
     ended: bool,
     /// What `proxy_on_log` sees of the request and the response.
     request_headers: HeaderMap,
@@ -69,6 +72,7 @@ impl Exchange {
             id: NEXT_EXCHANGE.fetch_add(1, Ordering::Relaxed),
             route,
             connection: None,
+            added_at_end: Default::default(),
             ended: false,
             request_headers: HeaderMap::new(),
             response_headers: HeaderMap::new(),
@@ -426,6 +430,10 @@ impl Exchange {
         if self.is_empty() {
             return Ok(None);
         }
+        // Taken with the end of the body, if it ended in a body job.
+        if let Some(added) = self.added_at_end.lock()[direction as usize].take() {
+            return Ok(added);
+        }
         match self.run(Job::AddedTrailers { direction }).await? {
             Done::Trailers(added) => Ok(added),
             _ => Err(mismatched()),
@@ -449,9 +457,12 @@ impl Exchange {
             from: 0,
         };
         loop {
-            let Done::Body(step, out) = self.run(job).await? else {
+            let Done::Body(step, out, added) = self.run(job).await? else {
                 return Err(mismatched());
             };
+            if let Some(added) = added {
+                self.added_at_end.lock()[direction as usize] = Some(added);
+            }
             match step {
                 Step::Continue => return Ok(out),
                 Step::Respond(response) => return Err(response),

@@ -71,8 +71,10 @@ pub(super) enum Job {
 pub(super) enum Done {
     /// Where the map phase stopped, and the map as the plugins left it.
     Map(Step, HeaderMap),
-    /// Where the body phase stopped, and what left the last plugin.
-    Body(Step, BytesMut),
+    /// Where the body phase stopped, and what left the last plugin; at the end of the body
+    /// (once every plugin let it through) also the trailers plugins added to it (`Some(None)`:
+    /// none), so that no job is needed to ask.
+    Body(Step, BytesMut, Option<Option<HeaderMap>>),
     /// Added trailers, if any.
     Trailers(Option<HeaderMap>),
     /// Released body bytes.

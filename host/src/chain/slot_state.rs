@@ -382,14 +382,19 @@ impl SlotState {
                 from,
             } => {
                 let (step, out) = self.body(id, direction, input, end_of_stream, from);
-                Done::Body(step, out)
+                let added = (end_of_stream && matches!(step, Step::Continue))
+                    .then(|| self.take_added_trailers(id, direction));
+                Done::Body(step, out, added)
             }
             Job::ResumeBody {
                 direction,
                 position,
             } => {
+                // Only a body paused at its end is resumed this way.
                 let (step, out) = self.resume_body(id, direction, position);
-                Done::Body(step, out)
+                let added =
+                    matches!(step, Step::Continue).then(|| self.take_added_trailers(id, direction));
+                Done::Body(step, out, added)
             }
             Job::AddedTrailers { direction } => {
                 Done::Trailers(self.take_added_trailers(id, direction))
