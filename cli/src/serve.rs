@@ -785,23 +785,39 @@ fn refuse<B>(request: &http::Request<B>) -> Option<http::Response<ProxyBody>> {
 /// How long an accept loop waits after a failed accept (EMFILE: out of descriptors).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Accepts client connections on `socket` (with TLS when `tls` is set) and serves each on a
-/// task of its own until the listener is stopped.
-async fn accept_loop<S>(
-    socket: TcpListener,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    service: S,
-    shared: Arc<Shared>,
-) where
+/// What a listener serves its requests with: the filter layer around the upstream.
+trait ListenerService:
+    Service<
+        http::Request<IdleBody>,
+        Response = http::Response<FilteredBody>,
+        Error = filterbox::FilterError,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> ListenerService for S where
     S: Service<
             http::Request<IdleBody>,
             Response = http::Response<FilteredBody>,
             Error = filterbox::FilterError,
+            Future: Send,
         > + Clone
         + Send
-        + 'static,
-    S::Future: Send,
+        + 'static
 {
+}
+
+/// Accepts client connections on `socket` (with TLS when `tls` is set) and serves each on a
+/// task of its own until the listener is stopped.
+async fn accept_loop<S: ListenerService>(
+    socket: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: S,
+    shared: Arc<Shared>,
+) {
     loop {
         let (stream, peer) = match socket.accept().await {
             Ok(accepted) => accepted,
@@ -850,14 +866,7 @@ fn envoy_tls_version(version: rustls::ProtocolVersion) -> String {
 async fn serve_client<I, S>(io: I, connection: Arc<ConnectionInfo>, service: S, shared: Arc<Shared>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    S: Service<
-            http::Request<IdleBody>,
-            Response = http::Response<FilteredBody>,
-            Error = filterbox::FilterError,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
+    S: ListenerService,
 {
     let graceful = shared.clone();
     let graceful = &graceful.graceful;

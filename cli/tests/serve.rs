@@ -33,9 +33,13 @@ fn free_port() -> SocketAddr {
     socket.local_addr().expect("addr")
 }
 
-/// An upstream that answers `saw x-added=<value>` and counts the requests it got, and in
-/// `uploads` the uploads (`/upload`) it read whole.
-async fn upstream(hits: Arc<AtomicUsize>, uploads: Arc<AtomicUsize>) -> SocketAddr {
+/// An HTTP/1.1 upstream on a free loopback port that answers each request with `answer`'s
+/// body.
+async fn http1_upstream<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
     let socket = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind upstream");
@@ -45,27 +49,13 @@ async fn upstream(hits: Arc<AtomicUsize>, uploads: Arc<AtomicUsize>) -> SocketAd
             let Ok((stream, _)) = socket.accept().await else {
                 continue;
             };
-            let hits = hits.clone();
-            let uploads = uploads.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: http::Request<Incoming>| {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    let added = request
-                        .headers()
-                        .get("x-added")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("none")
-                        .to_owned();
-                    let upload = request.uri().path() == "/upload";
-                    let uploads = uploads.clone();
+                    let body = answer(request);
                     async move {
-                        // An upload is read whole before the answer.
-                        if upload && request.into_body().collect().await.is_ok() {
-                            uploads.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from(format!("saw x-added={added}")),
-                        )))
+                        let body = Full::new(Bytes::from(body.await));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -75,6 +65,30 @@ async fn upstream(hits: Arc<AtomicUsize>, uploads: Arc<AtomicUsize>) -> SocketAd
         }
     });
     addr
+}
+
+/// An upstream that answers `saw x-added=<value>` and counts the requests it got, and in
+/// `uploads` the uploads (`/upload`) it read whole.
+async fn upstream(hits: Arc<AtomicUsize>, uploads: Arc<AtomicUsize>) -> SocketAddr {
+    http1_upstream(move |request: http::Request<Incoming>| {
+        hits.fetch_add(1, Ordering::SeqCst);
+        let added = request
+            .headers()
+            .get("x-added")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        let upload = request.uri().path() == "/upload";
+        let uploads = uploads.clone();
+        async move {
+            // An upload is read whole before the answer.
+            if upload && request.into_body().collect().await.is_ok() {
+                uploads.fetch_add(1, Ordering::SeqCst);
+            }
+            format!("saw x-added={added}")
+        }
+    })
+    .await
 }
 
 fn write_config(
@@ -544,29 +558,16 @@ fn serve_drains_running_requests_on_sigterm_and_takes_no_new_ones() {
         let dir = test_dir("serve-drain");
         std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
         // An upstream that says when a request arrived and answers it 1 s later.
-        let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let slow = socket.local_addr().expect("addr");
         let arrived = Arc::new(tokio::sync::Notify::new());
         let arrival = arrived.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = socket.accept().await {
-                let arrival = arrival.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |_: http::Request<Incoming>| {
-                        arrival.notify_one();
-                        async {
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                                Bytes::from("slow answer"),
-                            )))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+        let slow = http1_upstream(move |_| {
+            arrival.notify_one();
+            async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                "slow answer".to_owned()
             }
-        });
+        })
+        .await;
         let listen = free_port();
         let config = format!(
             r#"listeners: [{{ address: "{listen}", upstream: slow }}]
@@ -688,30 +689,17 @@ plugins:
 
 /// An upstream that answers with the `x-` headers it got, one `name=value` per line.
 async fn echo_upstream() -> SocketAddr {
-    let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = socket.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = socket.accept().await {
-            tokio::spawn(async move {
-                let service = service_fn(|request: http::Request<Incoming>| async move {
-                    let mut lines: Vec<String> = request
-                        .headers()
-                        .iter()
-                        .filter(|(name, _)| name.as_str().starts_with("x-"))
-                        .map(|(name, value)| format!("{name}={}", value.to_str().unwrap_or("?")))
-                        .collect();
-                    lines.sort();
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
-                        lines.join("\n"),
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    http1_upstream(|request: http::Request<Incoming>| {
+        let mut lines: Vec<String> = request
+            .headers()
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-"))
+            .map(|(name, value)| format!("{name}={}", value.to_str().unwrap_or("?")))
+            .collect();
+        lines.sort();
+        async move { lines.join("\n") }
+    })
+    .await
 }
 
 #[test]
