@@ -157,6 +157,21 @@ fn start_serve(dir: &Path) -> Proxy {
     Proxy(child)
 }
 
+/// `filterbox serve` on `config` (written to `dir`), once it accepts connections on `listen`.
+async fn serve_until_listening(dir: &Path, config: &str, listen: SocketAddr) -> Proxy {
+    std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+    let proxy = start_serve(dir);
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -580,16 +595,7 @@ plugins:
     vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
 "#
         );
-        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let mut proxy = start_serve(&dir);
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(listen).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let mut proxy = serve_until_listening(&dir, &config, listen).await;
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let running =
@@ -656,18 +662,9 @@ plugins:
     vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
 "#
         );
-        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let _proxy = start_serve(&dir);
+        let _proxy = serve_until_listening(&dir, &config, listen).await;
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(listen).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         for i in 0..30 {
             let (status, _, body) = get(&client, format!("http://{listen}/{i}"), None)
                 .await
@@ -739,16 +736,7 @@ plugins:
     vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
 "#
         );
-        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let _proxy = start_serve(&dir);
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(listen).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _proxy = serve_until_listening(&dir, &config, listen).await;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -853,18 +841,9 @@ plugins:
 "#,
             secure.port()
         );
-        std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let _proxy = start_serve(&dir);
+        let _proxy = serve_until_listening(&dir, &config, listen).await;
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
-        let started = Instant::now();
-        while tokio::net::TcpStream::connect(listen).await.is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "never listened"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         // TLS checked against the CA file, HTTP/2 chosen by ALPN.
         let (status, _, body) = get(&client, format!("http://{listen}/tls"), None)
             .await
