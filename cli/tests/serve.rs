@@ -717,7 +717,8 @@ fn serve_terminates_tls_with_a_certificate_per_server_name_and_tells_the_plugins
         }
         let upstream = echo_upstream().await;
         let listen = free_port();
-        let rules = "copy-property x-sni connection.requested_server_name\\n\
+        let rules = "copy-header :scheme x-scheme\\n\
+                     copy-property x-sni connection.requested_server_name\\n\
                      copy-property x-source source.address\\n\
                      copy-property x-tls connection.tls_version";
         let config = format!(
@@ -764,6 +765,7 @@ plugins:
             assert!(text.contains(&format!("x-sni={name}")), "{name}: {text}");
             assert!(text.contains("x-source=127.0.0.1:"), "{name}: {text}");
             assert!(text.contains("x-tls=TLSv1.3"), "{name}: {text}");
+            assert!(text.contains("x-scheme=https"), "{name}: {text}");
         }
     });
 }

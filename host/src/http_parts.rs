@@ -52,13 +52,24 @@ impl HeaderMap {
     /// one), `:authority` (the URI's, else the `host` header's), `:path` (path and query),
     /// then the headers in order.
     pub fn from_request_parts(parts: &request::Parts) -> HeaderMap {
+        HeaderMap::from_request_parts_with_scheme(parts, None)
+    }
+
+    /// [`HeaderMap::from_request_parts`], with `:scheme` `scheme` when the URI has none (a
+    /// server knows it from the connection).
+    pub(crate) fn from_request_parts_with_scheme(
+        parts: &request::Parts,
+        scheme: Option<&'static str>,
+    ) -> HeaderMap {
         let mut map = HeaderMap::new();
         map.add(
             ":method",
             Bytes::copy_from_slice(parts.method.as_str().as_bytes()),
         );
-        if let Some(scheme) = parts.uri.scheme_str() {
-            map.add(":scheme", Bytes::copy_from_slice(scheme.as_bytes()));
+        match (parts.uri.scheme_str(), scheme) {
+            (Some(scheme), _) => map.add(":scheme", Bytes::copy_from_slice(scheme.as_bytes())),
+            (None, Some(scheme)) => map.add(":scheme", scheme),
+            (None, None) => {}
         }
         let authority = parts
             .uri

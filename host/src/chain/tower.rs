@@ -226,17 +226,36 @@ where
         return Ok(response.map(|body| FilteredBody::boxed(body, FilterError::ResponseBody)));
     }
     let (mut parts, body) = request.into_parts();
-    if let Some(connection) = parts.extensions.get::<Arc<ConnectionInfo>>() {
-        exchange.set_connection(connection.clone());
+    // A server's request has no scheme in its URI; plugins get `:scheme` as in Envoy when
+    // the connection says what it is.
+    let connection = parts.extensions.get::<Arc<ConnectionInfo>>().cloned();
+    let scheme = connection.as_ref().and_then(|connection| {
+        parts
+            .uri
+            .scheme()
+            .is_none()
+            .then_some(match connection.tls_version {
+                Some(_) => "https",
+                None => "http",
+            })
+    });
+    if let Some(connection) = connection {
+        exchange.set_connection(connection);
     }
-    let headers = HeaderMap::from_request_parts(&parts);
-    let headers = match exchange
+    let headers = HeaderMap::from_request_parts_with_scheme(&parts, scheme);
+    let mut headers = match exchange
         .request_headers(headers, body.is_end_stream())
         .await
     {
         Ok(headers) => headers,
         Err(response) => return Ok(reply(&mut exchange, response).await),
     };
+    // Left as given, it is not a URI change.
+    if let Some(scheme) = scheme
+        && headers.get_str(":scheme") == Some(scheme)
+    {
+        headers.remove(":scheme");
+    }
     if let Err(error) = headers.to_request_parts(&mut parts) {
         return Ok(reply(&mut exchange, invalid_edit(error)).await);
     }
