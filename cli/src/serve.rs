@@ -364,20 +364,15 @@ fn build_generation(
     runtime: &tokio::runtime::Handle,
 ) -> Result<Generation> {
     let mut upstreams = BTreeMap::new();
-    let mut callouts = HyperCallouts::new(runtime.clone());
+    // Plugins' calls reach `https://` upstreams through a TLS connector.
+    let (connector, https) = crate::upstream::callout_connector(config.upstreams.values(), base)?;
+    let mut callouts = HyperCallouts::with_connector(runtime.clone(), connector, https);
     for (name, entry) in &config.upstreams {
         let pool = Pool::new(name, entry, base)?;
-        match entry.urls().first() {
-            Some(first) if first.starts_with("https://") => tracing::warn!(
-                upstream = %name,
-                "plugins' HTTP and gRPC calls go over plain http only: calls to this upstream will fail"
-            ),
-            Some(first) => {
-                callouts = callouts
-                    .upstream(name.clone(), first)
-                    .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
-            }
-            None => {}
+        if let Some(first) = entry.urls().first() {
+            callouts = callouts
+                .upstream(name.clone(), first)
+                .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
         }
         upstreams.insert(name.clone(), Arc::new(pool));
     }

@@ -161,7 +161,41 @@ impl Pool {
 /// address is `https://`), HTTP/1.1 and HTTP/2 by ALPN, or HTTP/2 only when asked.
 fn client(settings: Option<&UpstreamSettings>, tls: bool, base: &Path) -> Result<UpstreamClient> {
     let mut roots = rustls::RootCertStore::empty();
-    match settings.and_then(|s| s.ca_file.as_ref()) {
+    if tls {
+        add_roots(settings, base, &mut roots)?;
+    }
+    let http2 = settings.is_some_and(|s| s.http2);
+    Ok(Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(tls_connector(roots)?))
+}
+
+/// The connector plugins' HTTP and gRPC calls go through, and whether it speaks TLS: for
+/// `https://` upstreams it trusts what each of them trusts (its CA file, or the system's
+/// roots).
+pub fn callout_connector<'a>(
+    entries: impl IntoIterator<Item = &'a UpstreamEntry>,
+    base: &Path,
+) -> Result<(HttpsConnector<HttpConnector>, bool)> {
+    let mut roots = rustls::RootCertStore::empty();
+    let mut any = false;
+    for entry in entries {
+        if entry.urls().iter().any(|url| url.starts_with("https://")) {
+            add_roots(entry.settings(), base, &mut roots)?;
+            any = true;
+        }
+    }
+    Ok((tls_connector(roots)?, any))
+}
+
+/// Adds the roots an upstream's `https://` addresses are checked against: its CA file, or
+/// the system's.
+fn add_roots(
+    settings: Option<&UpstreamSettings>,
+    base: &Path,
+    roots: &mut rustls::RootCertStore,
+) -> Result<()> {
+    let added = match settings.and_then(|s| s.ca_file.as_ref()) {
         Some(file) => {
             let path = base.join(file);
             let certificates = CertificateDer::pem_file_iter(&path)
@@ -172,16 +206,22 @@ fn client(settings: Option<&UpstreamSettings>, tls: bool, base: &Path) -> Result
             if added == 0 {
                 bail!("no certificate authority in {}", path.display());
             }
+            added
         }
-        None if tls => {
+        None => {
             let found = rustls_native_certs::load_native_certs();
-            let (added, _) = roots.add_parsable_certificates(found.certs);
-            if added == 0 {
-                bail!("no system certificate authorities found (give a ca_file)");
-            }
+            roots.add_parsable_certificates(found.certs).0
         }
-        None => {}
+    };
+    if added == 0 {
+        bail!("no system certificate authorities found (give a ca_file)");
     }
+    Ok(())
+}
+
+/// TCP (with `TCP_NODELAY`) and, for `https://`, TLS trusting `roots`, HTTP/2 or HTTP/1.1 by
+/// ALPN.
+fn tls_connector(roots: rustls::RootCertStore) -> Result<HttpsConnector<HttpConnector>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -191,16 +231,12 @@ fn client(settings: Option<&UpstreamSettings>, tls: bool, base: &Path) -> Result
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);
     tcp.set_nodelay(true);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_or_http()
         .enable_http1()
         .enable_http2()
-        .wrap_connector(tcp);
-    let http2 = settings.is_some_and(|s| s.http2);
-    Ok(Client::builder(TokioExecutor::new())
-        .http2_only(http2)
-        .build(connector))
+        .wrap_connector(tcp))
 }
 
 #[cfg(test)]

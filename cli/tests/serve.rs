@@ -858,3 +858,37 @@ plugins:
         assert_eq!((status, body.as_str()), (200, "HTTP/2.0"));
     });
 }
+
+#[test]
+fn plugins_call_https_upstreams_through_serve() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-callout-tls");
+        std::fs::write(dir.join("callouts.wasm"), guests::CALLOUTS).expect("callouts.wasm");
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("cert");
+        std::fs::write(dir.join("backend-ca.pem"), made.cert.pem()).expect("ca");
+        let backend = version_upstream(Some(&made)).await;
+        let echo = echo_upstream().await;
+        let listen = free_port();
+        // The plugin calls `backend` for every request and puts the answer in `x-lookup`.
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: echo }}]
+upstreams:
+  echo: "http://{echo}"
+  backend: {{ addresses: ["https://localhost:{}"], ca_file: backend-ca.pem }}
+slots: 1
+plugins:
+  - name: lookup
+    vm_config: {{ code: {{ local: {{ filename: callouts.wasm }} }} }}
+"#,
+            backend.port()
+        );
+        let _proxy = serve_until_listening(&dir, &config, listen).await;
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let (status, _, body) = get(&client, format!("http://{listen}/"), None)
+            .await
+            .expect("request");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("x-lookup=200 HTTP/"), "{body}");
+    });
+}

@@ -17,7 +17,7 @@ use http::{HeaderValue, Method, Request, Uri};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use std::collections::HashMap;
 use tokio::runtime::Handle;
@@ -32,21 +32,24 @@ struct Upstream {
 }
 
 /// HTTP calls (HTTP/1.1) and gRPC (HTTP/2, prior knowledge) over hyper, run on a tokio
-/// runtime the embedder owns. Only `http://` upstreams: TLS is the embedder's choice of
-/// crate, so it lives in its own [`Callouts`].
+/// runtime the embedder owns. With [`HyperCallouts::new`], `http://` upstreams only; TLS is
+/// the embedder's choice of crate: [`HyperCallouts::with_connector`] takes a connector that
+/// speaks it (hyper-rustls's, say) and then `https://` upstreams too.
 ///
 /// As Envoy answers its plugins: a call that times out gets a `504` response and one whose
 /// upstream cannot be reached a `503`; a connection that breaks after the response started,
 /// or a response over the size limit, is a failure (`proxy_get_status` = `BrokenConnection`).
-pub struct HyperCallouts {
+pub struct HyperCallouts<C = HttpConnector> {
     runtime: Handle,
     upstreams: HashMap<String, Upstream>,
-    http: Client<HttpConnector, OnceBody>,
-    grpc: Client<HttpConnector, ChannelBody>,
+    http: Client<C, OnceBody>,
+    grpc: Client<C, ChannelBody>,
     max_response_bytes: usize,
+    /// The connector speaks TLS: `https://` upstreams are accepted.
+    https: bool,
 }
 
-impl fmt::Debug for HyperCallouts {
+impl<C> fmt::Debug for HyperCallouts<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HyperCallouts")
             .field("upstreams", &self.upstreams)
@@ -56,29 +59,44 @@ impl fmt::Debug for HyperCallouts {
 }
 
 impl HyperCallouts {
-    /// A client running its calls on `runtime`, with no upstreams yet.
+    /// A client running its calls on `runtime`, with no upstreams yet (plain TCP).
     pub fn new(runtime: Handle) -> Self {
+        HyperCallouts::with_connector(runtime, HttpConnector::new(), false)
+    }
+}
+
+impl<C> HyperCallouts<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    /// A client running its calls on `runtime` through `connector`; `https`: the connector
+    /// speaks TLS for `https://` URIs, so such upstreams are accepted.
+    pub fn with_connector(runtime: Handle, connector: C, https: bool) -> Self {
         let mut grpc = Client::builder(TokioExecutor::new());
         grpc.http2_only(true);
         HyperCallouts {
             runtime,
             upstreams: HashMap::new(),
-            http: Client::builder(TokioExecutor::new()).build_http(),
-            grpc: grpc.build_http(),
+            http: Client::builder(TokioExecutor::new()).build(connector.clone()),
+            grpc: grpc.build(connector),
             max_response_bytes: 16 << 20,
+            https,
         }
     }
 
     /// Names an upstream: plugins call `name`, the client connects to `url`
-    /// (`http://host:port`; a path in it is ignored).
+    /// (`http://host:port`, or `https://` with a TLS connector; a path in it is ignored).
     pub fn upstream(mut self, name: impl Into<String>, url: &str) -> Result<Self, CalloutError> {
         let name = name.into();
         let bad =
             |why: &str| CalloutError::BadRequest(format!("upstream {name:?} = {url:?}: {why}"));
         let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
         let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
-        if scheme != Scheme::HTTP {
-            return Err(bad("only http:// is supported"));
+        if scheme != Scheme::HTTP && !(self.https && scheme == Scheme::HTTPS) {
+            return Err(bad(match self.https {
+                true => "only http:// and https:// are supported",
+                false => "only http:// is supported (https:// needs a TLS connector)",
+            }));
         }
         let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
         self.upstreams.insert(name, Upstream { scheme, authority });
@@ -111,7 +129,10 @@ fn status_response(status: u16, body: &'static str) -> HttpCallOutcome {
     })
 }
 
-impl Callouts for HyperCallouts {
+impl<C> Callouts for HyperCallouts<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
     fn http_call(&self, call: HttpCallRequest, reply: HttpCallReply) -> Result<(), CalloutError> {
         let upstream = self.resolve(&call.upstream)?;
         let pseudo = |name: &str| call.headers.get(name.as_bytes());
@@ -265,8 +286,8 @@ async fn read_answer(
 }
 
 /// Runs one gRPC exchange, delivering metadata and messages; returns the final status.
-async fn grpc_exchange(
-    client: Client<HttpConnector, ChannelBody>,
+async fn grpc_exchange<C: Connect + Clone + Send + Sync + 'static>(
+    client: Client<C, ChannelBody>,
     request: Request<ChannelBody>,
     limit: usize,
     reply: &mut GrpcReply,
