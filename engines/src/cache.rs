@@ -6,7 +6,7 @@
 //! The engines load artifacts as executable code, so the directory must be writable only by
 //! the proxy: the checks catch corruption and mix-ups, not a deliberate forgery.
 
-use crate::{Engine, EngineError, EngineInner, Module, ModuleInner};
+use crate::{Engine, EngineError, Module, ModuleInner};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,8 +17,10 @@ const MAGIC: &[u8; 8] = b"FBXMOD1\n";
 /// names: std's `DefaultHasher` may change from one Rust release to the next, SHA-256 does
 /// not.
 #[derive(Default)]
+#[cfg(any(feature = "wasmtime", feature = "wasmer"))]
 pub(crate) struct Fingerprint(Sha256);
 
+#[cfg(any(feature = "wasmtime", feature = "wasmer"))]
 impl std::hash::Hasher for Fingerprint {
     fn write(&mut self, bytes: &[u8]) {
         self.0.update(bytes);
@@ -32,6 +34,7 @@ impl std::hash::Hasher for Fingerprint {
     }
 }
 
+#[cfg(any(feature = "wasmtime", feature = "wasmer"))]
 impl Fingerprint {
     /// The first 128 bits of the digest, in hex.
     pub(crate) fn hex(self) -> String {
@@ -111,29 +114,11 @@ impl Engine {
     /// What, beside the engine's name, decides whether an artifact fits this engine: its build
     /// and configuration. `None` for engines without serialization.
     fn artifact_fingerprint(&self) -> Option<String> {
-        match &self.inner {
-            #[cfg(feature = "wasmtime")]
-            EngineInner::Wasmtime(engine) => Some(engine.fingerprint()),
-            #[cfg(feature = "wasmer")]
-            EngineInner::Wasmer(engine) => Some(engine.fingerprint()),
-            #[allow(unreachable_patterns)]
-            _ => None,
-        }
+        self.inner.fingerprint()
     }
 
     fn deserialize(&self, artifact: &[u8]) -> Result<ModuleInner, String> {
-        match &self.inner {
-            #[cfg(feature = "wasmtime")]
-            EngineInner::Wasmtime(engine) => engine
-                .deserialize(artifact)
-                .map(|m| ModuleInner::Wasmtime(m, engine.clone())),
-            #[cfg(feature = "wasmer")]
-            EngineInner::Wasmer(engine) => engine
-                .deserialize(artifact)
-                .map(|(module, engine)| ModuleInner::Wasmer(module, engine)),
-            #[allow(unreachable_patterns)]
-            _ => Err("engine cannot load artifacts".into()),
-        }
+        self.inner.deserialize(artifact)
     }
 
     /// Compiles `wasm`, or loads its artifact from `cache`, storing a new one after compiling.
@@ -185,17 +170,7 @@ impl Engine {
 
 impl Module {
     fn serialize(&self) -> Result<Vec<u8>, String> {
-        match &self.inner {
-            #[cfg(feature = "wasmtime")]
-            ModuleInner::Wasmtime(module, _) => module.serialize().map_err(|e| e.to_string()),
-            #[cfg(feature = "wasmer")]
-            ModuleInner::Wasmer(module, _) => module
-                .serialize()
-                .map(|b| b.to_vec())
-                .map_err(|e| e.to_string()),
-            #[allow(unreachable_patterns)]
-            _ => Err("engine cannot serialize modules".into()),
-        }
+        self.inner.serialize()
     }
 }
 

@@ -1,11 +1,12 @@
 //! The wasmi backend: a pure-Rust interpreter, for hosts without a JIT.
 
+use crate::EngineKind;
+use crate::backend::{Backend, BackendInstance};
 use crate::{
     Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
     MemoryError, Returned, RunClock, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmi::{
@@ -98,6 +99,12 @@ struct WiCaller<'a, 'b, H: 'static> {
     caller: &'a mut wasmi::Caller<'b, StoreData<H>>,
 }
 
+impl<H: Send + 'static> crate::hostcalls::PendingTrap for WiCaller<'_, '_, H> {
+    fn take_pending_trap(&mut self) -> Option<Trap> {
+        self.caller.data_mut().pending_trap.take()
+    }
+}
+
 impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
     fn host(&mut self) -> &mut H {
         &mut self.caller.data_mut().host
@@ -162,19 +169,6 @@ impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
     }
 }
 
-fn finish<H, R>(
-    caller: &mut wasmi::Caller<'_, StoreData<H>>,
-    name: &str,
-    result: std::thread::Result<R>,
-) -> Result<R, wasmi::Error> {
-    let value =
-        result.map_err(|panic| wasmi::Error::host(HostTrap(crate::panic_trap(name, &*panic))))?;
-    match caller.data_mut().pending_trap.take() {
-        Some(trap) => Err(wasmi::Error::host(HostTrap(trap))),
-        None => Ok(value),
-    }
-}
-
 macro_rules! define_imports {
     ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
         fn define_imports<H: Hostcalls>(linker: &mut Linker<StoreData<H>>) -> Result<(), wasmi::errors::LinkerError> {
@@ -184,10 +178,8 @@ macro_rules! define_imports {
                         module,
                         stringify!($name),
                         |mut caller: wasmi::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, wasmi::Error> {
-                            let result = catch_unwind(AssertUnwindSafe(|| {
-                                crate::dispatch(&mut WiCaller { caller: &mut caller }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
-                            }));
-                            finish(&mut caller, stringify!($name), result)
+                            crate::run_import(&mut WiCaller { caller: &mut caller }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
+                                .map_err(|trap| wasmi::Error::host(HostTrap(trap)))
                         },
                     )?;
                 }
@@ -341,46 +333,6 @@ pub(crate) struct WiInstance<H: 'static> {
 }
 
 impl<H: Hostcalls> WiInstance<H> {
-    pub(crate) fn has(&self, callback: Callback) -> bool {
-        matches!(self.funcs.get(callback as usize), Some(Some(_)))
-    }
-
-    pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
-        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
-            return Ok(Returned::Missing);
-        };
-        let (func, arity) = (*func, *arity);
-        let mut params = [
-            Val::I32(0),
-            Val::I32(0),
-            Val::I32(0),
-            Val::I32(0),
-            Val::I32(0),
-            Val::I32(0),
-        ];
-        for (slot, arg) in params.iter_mut().zip(args) {
-            *slot = Val::I32(*arg);
-        }
-        let mut results = [Val::I32(0)];
-        let returns = usize::from(callback.result().is_some());
-        let (params, results) = (
-            params.get(..arity).unwrap_or(&[]),
-            results.get_mut(..returns).unwrap_or(&mut []),
-        );
-        let outcome = match self.interruptible {
-            true => self.call_sliced(func, params, results),
-            false => func.call(&mut self.store, params, results),
-        };
-        let data = self.store.data_mut();
-        data.pending_trap = None;
-        data.deadline = None;
-        outcome.map_err(|e| classify(&e))?;
-        Ok(match results.first() {
-            Some(Val::I32(v)) => Returned::Value(*v),
-            _ => Returned::Nothing,
-        })
-    }
-
     /// Runs `func` in fuel slices, reading the clock between them, until it returns or its
     /// deadline passes.
     fn call_sliced(
@@ -421,23 +373,99 @@ impl<H: Hostcalls> WiInstance<H> {
             }
         }
     }
+}
 
-    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+impl<H: Hostcalls> BackendInstance<H> for WiInstance<H> {
+    fn has(&self, callback: Callback) -> bool {
+        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+    }
+
+    fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
+            return Ok(Returned::Missing);
+        };
+        let (func, arity) = (*func, *arity);
+        let mut params = [
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+            Val::I32(0),
+        ];
+        for (slot, arg) in params.iter_mut().zip(args) {
+            *slot = Val::I32(*arg);
+        }
+        let mut results = [Val::I32(0)];
+        let returns = usize::from(callback.result().is_some());
+        let (params, results) = (
+            params.get(..arity).unwrap_or(&[]),
+            results.get_mut(..returns).unwrap_or(&mut []),
+        );
+        let outcome = match self.interruptible {
+            true => self.call_sliced(func, params, results),
+            false => func.call(&mut self.store, params, results),
+        };
+        let data = self.store.data_mut();
+        data.pending_trap = None;
+        data.deadline = None;
+        outcome.map_err(|e| classify(&e))?;
+        Ok(match results.first() {
+            Some(Val::I32(v)) => Returned::Value(*v),
+            _ => Returned::Nothing,
+        })
+    }
+
+    fn set_deadline(&mut self, deadline: Option<Duration>) {
         self.deadline = deadline;
     }
 
-    pub(crate) fn host(&self) -> &H {
+    fn host(&self) -> &H {
         &self.store.data().host
     }
 
-    pub(crate) fn host_mut(&mut self) -> &mut H {
+    fn host_mut(&mut self) -> &mut H {
         &mut self.store.data_mut().host
     }
 
-    pub(crate) fn memory_size(&mut self) -> usize {
+    fn memory_size(&mut self) -> usize {
         match self.store.data().memory {
             Some(m) => m.data_size(&self.store),
             None => 0,
         }
+    }
+}
+
+/// The wasmi backend.
+pub(crate) struct Wasmi;
+
+impl Backend for Wasmi {
+    type Engine = WiEngine;
+    type Module = (wasmi::Module, WiEngine);
+    type InstancePre<H: Hostcalls> = WiInstancePre<H>;
+    // wasmi's store is large; boxing keeps every instance the size of the smallest.
+    type Instance<H: Hostcalls> = Box<WiInstance<H>>;
+
+    fn new_engine(_: EngineKind, config: &EngineConfig) -> Result<WiEngine, EngineError> {
+        WiEngine::new(config)
+    }
+
+    fn compile(engine: &WiEngine, wasm: &[u8]) -> Result<Self::Module, EngineError> {
+        Ok((engine.compile(wasm)?, engine.clone()))
+    }
+
+    fn link<H: Hostcalls>(
+        (module, engine): &Self::Module,
+        abi: AbiVersion,
+    ) -> Result<WiInstancePre<H>, EngineError> {
+        WiInstancePre::new(engine, module, abi)
+    }
+
+    fn instantiate<H: Hostcalls>(
+        pre: &WiInstancePre<H>,
+        host: H,
+        limits: &InstanceLimits,
+    ) -> Result<Box<WiInstance<H>>, EngineError> {
+        pre.instantiate(host, limits).map(Box::new)
     }
 }

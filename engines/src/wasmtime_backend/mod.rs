@@ -1,209 +1,22 @@
 //! The wasmtime backend.
 
+use crate::EngineKind;
+use crate::backend::{Backend, BackendInstance};
 use crate::{
     Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
     MemoryError, Returned, RunClock, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
-use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wasmtime::{
-    EngineWeak, Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
-    TypedFunc, ValRaw,
+    Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
+    TypedFunc,
 };
 
-/// The epoch period: deadlines are counted in these ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
+mod epoch;
 
-/// A deadline far enough away to mean "none" without overflowing the epoch counter.
-const NO_DEADLINE: u64 = 1 << 48;
+use epoch::{Running, arm, on_epoch_deadline, tick_epochs_of};
 
-/// Every live interruptible engine; one thread ticks them all.
-static TICKED: OnceLock<Mutex<Vec<EngineWeak>>> = OnceLock::new();
-
-/// The epoch thread, once started (to wake it).
-static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
-
-/// The epoch thread sleeps: no call ran for [`IDLE_TICKS`] ticks, so it stopped ticking (a
-/// thousand wake-ups a second cost an idle process CPU for nothing). The first call that
-/// finds it set wakes the thread.
-static TICKER_ASLEEP: AtomicBool = AtomicBool::new(false);
-
-/// Ticks without a call before the epoch thread sleeps.
-const IDLE_TICKS: u32 = 100;
-
-/// How often the sleeping epoch thread looks for running calls anyway.
-const ASLEEP_CHECK: Duration = Duration::from_secs(1);
-
-/// Per thread that calls into an interruptible store: calls started and calls ended. Only
-/// the owning thread writes them (no shared cache line is written per call); the epoch thread
-/// reads them all.
-#[derive(Default)]
-struct CallCounts {
-    started: AtomicU64,
-    ended: AtomicU64,
-}
-
-/// The [`CallCounts`] of every thread that made a call (a thread that ended drops out).
-static CALLERS: Mutex<Vec<Weak<CallCounts>>> = Mutex::new(Vec::new());
-
-thread_local! {
-    static CALLS: Arc<CallCounts> = {
-        let counts = Arc::new(CallCounts::default());
-        lock(&CALLERS).push(Arc::downgrade(&counts));
-        counts
-    };
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Marks a call into a store as running on this thread from `enter` until dropped, and wakes
-/// the epoch thread if it sleeps, so that the call's deadline is enforced.
-struct Running;
-
-impl Running {
-    fn enter() -> Running {
-        // SeqCst on both sides (here: this store then the flag's load; the epoch thread: the
-        // flag's store then these loads): either this call sees the thread asleep and wakes
-        // it, or the thread sees the call and stays awake. A thread being torn down has no
-        // counters left and cannot be running wasm.
-        let _ = CALLS.try_with(|counts| {
-            let started = counts.started.load(Ordering::Relaxed);
-            counts
-                .started
-                .store(started.wrapping_add(1), Ordering::SeqCst);
-        });
-        if TICKER_ASLEEP.load(Ordering::SeqCst)
-            && TICKER_ASLEEP.swap(false, Ordering::SeqCst)
-            && let Some(thread) = TICKER.get()
-        {
-            thread.unpark();
-        }
-        Running
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = CALLS.try_with(|counts| {
-            let ended = counts.ended.load(Ordering::Relaxed);
-            counts.ended.store(ended.wrapping_add(1), Ordering::Release);
-        });
-    }
-}
-
-/// Calls started so far on every thread, and whether one is running now.
-fn call_activity() -> (u64, bool) {
-    let mut callers = lock(&CALLERS);
-    let (mut started, mut running) = (0u64, false);
-    callers.retain(|weak| match weak.upgrade() {
-        Some(counts) => {
-            let begun = counts.started.load(Ordering::SeqCst);
-            running |= begun != counts.ended.load(Ordering::SeqCst);
-            started = started.wrapping_add(begun);
-            true
-        }
-        None => false,
-    });
-    (started, running)
-}
-
-/// The epoch thread: ticks every live engine each [`EPOCH_TICK`] while calls run or ran
-/// recently; sleeps after [`IDLE_TICKS`] ticks without one until a call wakes it.
-fn tick_epochs() {
-    let _ = TICKER.set(std::thread::current());
-    let (mut seen, mut idle) = (0u64, 0u32);
-    loop {
-        std::thread::sleep(EPOCH_TICK);
-        if let Some(list) = TICKED.get() {
-            lock(list).retain(|weak| match weak.upgrade() {
-                Some(engine) => {
-                    engine.increment_epoch();
-                    true
-                }
-                None => false,
-            });
-        }
-        let (started, running) = call_activity();
-        if running || started != seen {
-            (seen, idle) = (started, 0);
-            continue;
-        }
-        idle += 1;
-        if idle < IDLE_TICKS {
-            continue;
-        }
-        TICKER_ASLEEP.store(true, Ordering::SeqCst);
-        // A call that began before the flag was up did not see it: look once more.
-        if call_activity().1 {
-            TICKER_ASLEEP.store(false, Ordering::SeqCst);
-            continue;
-        }
-        while TICKER_ASLEEP.load(Ordering::SeqCst) {
-            std::thread::park_timeout(ASLEEP_CHECK);
-            // A safety net: a running call the wake-up missed still gets its deadline.
-            if call_activity().1 {
-                TICKER_ASLEEP.store(false, Ordering::SeqCst);
-            }
-        }
-        idle = 0;
-    }
-}
-
-/// Adds `engine` to the engines the epoch thread ticks, starting the thread the first time.
-/// The thread holds only weak references, so dropping an engine takes it off the list.
-fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
-    let mut started = Ok(());
-    let list = TICKED.get_or_init(|| {
-        started = std::thread::Builder::new()
-            .name("filterbox-epoch".into())
-            .spawn(tick_epochs)
-            .map(drop)
-            .map_err(|e| EngineError::Config(format!("cannot start the epoch thread: {e}")));
-        Mutex::new(Vec::new())
-    });
-    started?;
-    lock(list).push(engine.weak());
-    Ok(())
-}
-
-/// Epoch ticks that cover `left` (at least one: a deadline is never now).
-fn ticks_for(left: Duration) -> u64 {
-    u64::try_from(left.as_nanos().div_ceil(EPOCH_TICK.as_nanos()))
-        .unwrap_or(NO_DEADLINE)
-        .clamp(1, NO_DEADLINE)
-}
-
-/// Starts `deadline` for the store's next call: the epoch first fires one tick in, so that
-/// the call's [`RunClock`] reads the thread's CPU clock; see [`on_epoch_deadline`].
-fn arm<H>(store: &mut Store<StoreData<H>>, deadline: Option<Duration>) {
-    let clock = deadline.and_then(RunClock::from_first_tick);
-    let armed = match clock {
-        Some(_) => 1,
-        None => NO_DEADLINE,
-    };
-    store.data_mut().clock = clock;
-    store.set_epoch_deadline(armed);
-}
-
-/// The epoch callback: stop the call once its clock says it has run its deadline, else wait
-/// for what is left of it.
-fn on_epoch_deadline(clock: Option<&mut RunClock>) -> wasmtime::UpdateDeadline {
-    use wasmtime::UpdateDeadline::{Continue, Interrupt};
-    let Some(clock) = clock else {
-        return Continue(NO_DEADLINE);
-    };
-    let now = Instant::now();
-    clock.read_cpu();
-    match clock.passed(now) {
-        true => Interrupt,
-        false => Continue(ticks_for(clock.left(now))),
-    }
-}
 
 fn store_limits(limits: &InstanceLimits) -> StoreLimits {
     StoreLimitsBuilder::new()
@@ -320,6 +133,12 @@ struct WtCaller<'a, 'b, H: 'static> {
     caller: &'a mut wasmtime::Caller<'b, StoreData<H>>,
 }
 
+impl<H: Send + 'static> crate::hostcalls::PendingTrap for WtCaller<'_, '_, H> {
+    fn take_pending_trap(&mut self) -> Option<Trap> {
+        self.caller.data_mut().pending_trap.take()
+    }
+}
+
 impl<H: 'static> Caller<H> for WtCaller<'_, '_, H> {
     fn host(&mut self) -> &mut H {
         &mut self.caller.data_mut().host
@@ -361,21 +180,6 @@ impl<H: 'static> Caller<H> for WtCaller<'_, '_, H> {
     }
 }
 
-/// Ends a host function: a panic becomes a host trap (it never unwinds through wasm frames),
-/// and a trap raised by a nested guest call fails the outer call.
-fn finish<H, R>(
-    caller: &mut wasmtime::Caller<'_, StoreData<H>>,
-    name: &str,
-    result: std::thread::Result<R>,
-) -> wasmtime::Result<R> {
-    let value =
-        result.map_err(|panic| wasmtime::Error::new(HostTrap(crate::panic_trap(name, &*panic))))?;
-    match caller.data_mut().pending_trap.take() {
-        Some(trap) => Err(wasmtime::Error::new(HostTrap(trap))),
-        None => Ok(value),
-    }
-}
-
 macro_rules! define_imports {
     ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
         fn define_imports<H: Hostcalls>(linker: &mut Linker<StoreData<H>>) -> wasmtime::Result<()> {
@@ -385,10 +189,8 @@ macro_rules! define_imports {
                         module,
                         stringify!($name),
                         |mut caller: wasmtime::Caller<'_, StoreData<H>>, $($arg: $ty),*| -> wasmtime::Result<$ret> {
-                            let result = catch_unwind(AssertUnwindSafe(|| {
-                                crate::dispatch(&mut WtCaller { caller: &mut caller }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
-                            }));
-                            finish(&mut caller, stringify!($name), result)
+                            crate::run_import(&mut WtCaller { caller: &mut caller }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
+                                .map_err(|trap| wasmtime::Error::new(HostTrap(trap)))
                         },
                     )?;
                 }
@@ -534,7 +336,12 @@ impl<H: Hostcalls> WtInstancePre<H> {
             funcs.push(
                 match export.and_then(|e| instance.get_module_export(&mut store, &e)) {
                     // Types were checked against the ABI when linking, so the arity is the ABI's.
-                    Some(Extern::Func(f)) => Some((f, callback.params(self.abi).len())),
+                    Some(Extern::Func(f)) => Some(Typed::new(
+                        &f,
+                        &store,
+                        callback.params(self.abi).len(),
+                        callback.result().is_some(),
+                    )?),
                     _ => None,
                 },
             );
@@ -551,69 +358,159 @@ impl<H: Hostcalls> WtInstancePre<H> {
     }
 }
 
+/// A callback export as a typed function (no `unsafe` raw-slot call). One variant per shape
+/// the callback table has: `V` returns nothing, `R` returns an i32; the digit is the number of
+/// i32 parameters. The types were checked against the ABI when the module was linked.
+enum Typed {
+    V0(TypedFunc<(), ()>),
+    R0(TypedFunc<(), i32>),
+    V1(TypedFunc<i32, ()>),
+    R1(TypedFunc<i32, i32>),
+    V2(TypedFunc<(i32, i32), ()>),
+    R2(TypedFunc<(i32, i32), i32>),
+    V3(TypedFunc<(i32, i32, i32), ()>),
+    R3(TypedFunc<(i32, i32, i32), i32>),
+    V5(TypedFunc<(i32, i32, i32, i32, i32), ()>),
+}
+
+impl Typed {
+    fn new<H>(
+        func: &Func,
+        store: &Store<StoreData<H>>,
+        arity: usize,
+        returns: bool,
+    ) -> Result<Typed, EngineError> {
+        let bad = |e: wasmtime::Error| EngineError::Instantiate(format!("{e:#}"));
+        Ok(match (arity, returns) {
+            (0, false) => Typed::V0(func.typed(store).map_err(bad)?),
+            (0, true) => Typed::R0(func.typed(store).map_err(bad)?),
+            (1, false) => Typed::V1(func.typed(store).map_err(bad)?),
+            (1, true) => Typed::R1(func.typed(store).map_err(bad)?),
+            (2, false) => Typed::V2(func.typed(store).map_err(bad)?),
+            (2, true) => Typed::R2(func.typed(store).map_err(bad)?),
+            (3, false) => Typed::V3(func.typed(store).map_err(bad)?),
+            (3, true) => Typed::R3(func.typed(store).map_err(bad)?),
+            (5, false) => Typed::V5(func.typed(store).map_err(bad)?),
+            _ => {
+                return Err(EngineError::Instantiate(format!(
+                    "no typed call for {arity} params"
+                )));
+            }
+        })
+    }
+
+    fn call<H>(
+        &self,
+        store: &mut Store<StoreData<H>>,
+        [a, b, c, d, e]: [i32; 5],
+    ) -> wasmtime::Result<Returned> {
+        Ok(match self {
+            Typed::V0(f) => f.call(store, ()).map(|()| Returned::Nothing)?,
+            Typed::R0(f) => Returned::Value(f.call(store, ())?),
+            Typed::V1(f) => f.call(store, a).map(|()| Returned::Nothing)?,
+            Typed::R1(f) => Returned::Value(f.call(store, a)?),
+            Typed::V2(f) => f.call(store, (a, b)).map(|()| Returned::Nothing)?,
+            Typed::R2(f) => Returned::Value(f.call(store, (a, b))?),
+            Typed::V3(f) => f.call(store, (a, b, c)).map(|()| Returned::Nothing)?,
+            Typed::R3(f) => Returned::Value(f.call(store, (a, b, c))?),
+            Typed::V5(f) => f.call(store, (a, b, c, d, e)).map(|()| Returned::Nothing)?,
+        })
+    }
+}
+
 pub(crate) struct WtInstance<H: 'static> {
     store: Store<StoreData<H>>,
-    /// Per callback: the export and its number of parameters.
-    funcs: Vec<Option<(Func, usize)>>,
+    /// Per callback: the export, typed.
+    funcs: Vec<Option<Typed>>,
     interruptible: bool,
     /// How long each call may run.
     deadline: Option<Duration>,
 }
 
-impl<H: Hostcalls> WtInstance<H> {
-    pub(crate) fn has(&self, callback: Callback) -> bool {
+impl<H: Hostcalls> BackendInstance<H> for WtInstance<H> {
+    fn has(&self, callback: Callback) -> bool {
         matches!(self.funcs.get(callback as usize), Some(Some(_)))
     }
 
-    pub(crate) fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
-        const MAX_CALLBACK_PARAMS: usize = 6;
-        let Some(Some((func, arity))) = self.funcs.get(callback as usize) else {
+    fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        let Some(Some(func)) = self.funcs.get(callback as usize) else {
             return Ok(Returned::Missing);
         };
-        let (func, arity) = (*func, *arity);
-        // Every callback takes only i32s and returns one i32 or nothing (ABI table), and
-        // MAX_CALLBACK_PARAMS bounds the arity.
-        let mut slots = [ValRaw::i32(0); MAX_CALLBACK_PARAMS];
-        for (slot, arg) in slots.iter_mut().zip(args.iter().take(arity)) {
-            *slot = ValRaw::i32(*arg);
+        let mut params = [0; 5];
+        for (slot, arg) in params.iter_mut().zip(args) {
+            *slot = *arg;
         }
-        let returns = usize::from(callback.result().is_some());
-        let len = arity.max(returns).min(MAX_CALLBACK_PARAMS);
         if self.interruptible {
             arm(&mut self.store, self.deadline);
         }
-        let slots = slots.get_mut(..len).unwrap_or(&mut []);
         let running = self.interruptible.then(Running::enter);
-        // SAFETY: the export's type was checked against the ABI when the module was linked
-        // (`check_callbacks`): `arity` i32 parameters and `returns` i32 results. `slots` holds
-        // max(arity, returns) slots, the parameters are written as i32s, and no reference
-        // types are involved; the function belongs to this store.
-        let outcome = unsafe { func.call_unchecked(&mut self.store, slots as *mut [ValRaw]) };
+        let outcome = func.call(&mut self.store, params);
         drop(running);
         self.store.data_mut().pending_trap = None;
-        outcome.map_err(|e| classify(&e))?;
-        Ok(match (returns, slots.first()) {
-            (1, Some(v)) => Returned::Value(v.get_i32()),
-            _ => Returned::Nothing,
-        })
+        outcome.map_err(|e| classify(&e))
     }
 
-    pub(crate) fn set_deadline(&mut self, deadline: Option<Duration>) {
+    fn set_deadline(&mut self, deadline: Option<Duration>) {
         self.deadline = deadline;
     }
 
-    pub(crate) fn host(&self) -> &H {
+    fn host(&self) -> &H {
         &self.store.data().host
     }
 
-    pub(crate) fn host_mut(&mut self) -> &mut H {
+    fn host_mut(&mut self) -> &mut H {
         &mut self.store.data_mut().host
     }
 
-    pub(crate) fn memory_size(&mut self) -> usize {
+    fn memory_size(&mut self) -> usize {
         match self.store.data().memory {
             Some(m) => m.data_size(&self.store),
             None => 0,
         }
+    }
+}
+
+/// The wasmtime backend.
+pub(crate) struct Wasmtime;
+
+impl Backend for Wasmtime {
+    type Engine = WtEngine;
+    type Module = (wasmtime::Module, WtEngine);
+    type InstancePre<H: Hostcalls> = WtInstancePre<H>;
+    type Instance<H: Hostcalls> = WtInstance<H>;
+
+    fn new_engine(_: EngineKind, config: &EngineConfig) -> Result<WtEngine, EngineError> {
+        WtEngine::new(config)
+    }
+
+    fn compile(engine: &WtEngine, wasm: &[u8]) -> Result<Self::Module, EngineError> {
+        Ok((engine.compile(wasm)?, engine.clone()))
+    }
+
+    fn fingerprint(engine: &WtEngine) -> Option<String> {
+        Some(engine.fingerprint())
+    }
+
+    fn deserialize(engine: &WtEngine, artifact: &[u8]) -> Result<Self::Module, String> {
+        Ok((engine.deserialize(artifact)?, engine.clone()))
+    }
+
+    fn serialize((module, _): &Self::Module) -> Result<Vec<u8>, String> {
+        module.serialize().map_err(|e| e.to_string())
+    }
+
+    fn link<H: Hostcalls>(
+        (module, engine): &Self::Module,
+        abi: AbiVersion,
+    ) -> Result<WtInstancePre<H>, EngineError> {
+        WtInstancePre::new(engine, module, abi)
+    }
+
+    fn instantiate<H: Hostcalls>(
+        pre: &WtInstancePre<H>,
+        host: H,
+        limits: &InstanceLimits,
+    ) -> Result<WtInstance<H>, EngineError> {
+        pre.instantiate(host, limits)
     }
 }

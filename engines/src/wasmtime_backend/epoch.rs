@@ -1,0 +1,201 @@
+//! Deadlines on wasmtime: one thread advances the epoch of every interruptible engine each
+//! millisecond while calls run, and a store's epoch callback asks the call's [`RunClock`]
+//! whether it has run its deadline.
+
+use super::StoreData;
+use crate::{EngineError, RunClock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+use wasmtime::{EngineWeak, Store};
+
+/// The epoch period: deadlines are counted in these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// A deadline far enough away to mean "none" without overflowing the epoch counter.
+const NO_DEADLINE: u64 = 1 << 48;
+
+/// Every live interruptible engine; one thread ticks them all.
+static TICKED: OnceLock<Mutex<Vec<EngineWeak>>> = OnceLock::new();
+
+/// The epoch thread, once started (to wake it).
+static TICKER: OnceLock<std::thread::Thread> = OnceLock::new();
+
+/// The epoch thread sleeps: no call ran for [`IDLE_TICKS`] ticks, so it stopped ticking (a
+/// thousand wake-ups a second cost an idle process CPU for nothing). The first call that
+/// finds it set wakes the thread.
+static TICKER_ASLEEP: AtomicBool = AtomicBool::new(false);
+
+/// Ticks without a call before the epoch thread sleeps.
+const IDLE_TICKS: u32 = 100;
+
+/// How often the sleeping epoch thread looks for running calls anyway.
+const ASLEEP_CHECK: Duration = Duration::from_secs(1);
+
+/// Per thread that calls into an interruptible store: calls started and calls ended. Only
+/// the owning thread writes them (no shared cache line is written per call); the epoch thread
+/// reads them all.
+#[derive(Default)]
+struct CallCounts {
+    started: AtomicU64,
+    ended: AtomicU64,
+}
+
+/// The [`CallCounts`] of every thread that made a call (a thread that ended drops out).
+static CALLERS: Mutex<Vec<Weak<CallCounts>>> = Mutex::new(Vec::new());
+
+thread_local! {
+    static CALLS: Arc<CallCounts> = {
+        let counts = Arc::new(CallCounts::default());
+        lock(&CALLERS).push(Arc::downgrade(&counts));
+        counts
+    };
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a call into a store as running on this thread from `enter` until dropped, and wakes
+/// the epoch thread if it sleeps, so that the call's deadline is enforced.
+pub(super) struct Running;
+
+impl Running {
+    pub(super) fn enter() -> Running {
+        // SeqCst on both sides (here: this store then the flag's load; the epoch thread: the
+        // flag's store then these loads): either this call sees the thread asleep and wakes
+        // it, or the thread sees the call and stays awake. A thread being torn down has no
+        // counters left and cannot be running wasm.
+        let _ = CALLS.try_with(|counts| {
+            let started = counts.started.load(Ordering::Relaxed);
+            counts
+                .started
+                .store(started.wrapping_add(1), Ordering::SeqCst);
+        });
+        if TICKER_ASLEEP.load(Ordering::SeqCst)
+            && TICKER_ASLEEP.swap(false, Ordering::SeqCst)
+            && let Some(thread) = TICKER.get()
+        {
+            thread.unpark();
+        }
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = CALLS.try_with(|counts| {
+            let ended = counts.ended.load(Ordering::Relaxed);
+            counts.ended.store(ended.wrapping_add(1), Ordering::Release);
+        });
+    }
+}
+
+/// Calls started so far on every thread, and whether one is running now.
+fn call_activity() -> (u64, bool) {
+    let mut callers = lock(&CALLERS);
+    let (mut started, mut running) = (0u64, false);
+    callers.retain(|weak| match weak.upgrade() {
+        Some(counts) => {
+            let begun = counts.started.load(Ordering::SeqCst);
+            running |= begun != counts.ended.load(Ordering::SeqCst);
+            started = started.wrapping_add(begun);
+            true
+        }
+        None => false,
+    });
+    (started, running)
+}
+
+/// The epoch thread: ticks every live engine each [`EPOCH_TICK`] while calls run or ran
+/// recently; sleeps after [`IDLE_TICKS`] ticks without one until a call wakes it.
+fn tick_epochs() {
+    let _ = TICKER.set(std::thread::current());
+    let (mut seen, mut idle) = (0u64, 0u32);
+    loop {
+        std::thread::sleep(EPOCH_TICK);
+        if let Some(list) = TICKED.get() {
+            lock(list).retain(|weak| match weak.upgrade() {
+                Some(engine) => {
+                    engine.increment_epoch();
+                    true
+                }
+                None => false,
+            });
+        }
+        let (started, running) = call_activity();
+        if running || started != seen {
+            (seen, idle) = (started, 0);
+            continue;
+        }
+        idle += 1;
+        if idle < IDLE_TICKS {
+            continue;
+        }
+        TICKER_ASLEEP.store(true, Ordering::SeqCst);
+        // A call that began before the flag was up did not see it: look once more.
+        if call_activity().1 {
+            TICKER_ASLEEP.store(false, Ordering::SeqCst);
+            continue;
+        }
+        while TICKER_ASLEEP.load(Ordering::SeqCst) {
+            std::thread::park_timeout(ASLEEP_CHECK);
+            // A safety net: a running call the wake-up missed still gets its deadline.
+            if call_activity().1 {
+                TICKER_ASLEEP.store(false, Ordering::SeqCst);
+            }
+        }
+        idle = 0;
+    }
+}
+
+/// Adds `engine` to the engines the epoch thread ticks, starting the thread the first time.
+/// The thread holds only weak references, so dropping an engine takes it off the list.
+pub(super) fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
+    let mut started = Ok(());
+    let list = TICKED.get_or_init(|| {
+        started = std::thread::Builder::new()
+            .name("filterbox-epoch".into())
+            .spawn(tick_epochs)
+            .map(drop)
+            .map_err(|e| EngineError::Config(format!("cannot start the epoch thread: {e}")));
+        Mutex::new(Vec::new())
+    });
+    started?;
+    lock(list).push(engine.weak());
+    Ok(())
+}
+
+/// Epoch ticks that cover `left` (at least one: a deadline is never now).
+fn ticks_for(left: Duration) -> u64 {
+    u64::try_from(left.as_nanos().div_ceil(EPOCH_TICK.as_nanos()))
+        .unwrap_or(NO_DEADLINE)
+        .clamp(1, NO_DEADLINE)
+}
+
+/// Starts `deadline` for the store's next call: the epoch first fires one tick in, so that
+/// the call's [`RunClock`] reads the thread's CPU clock; see [`on_epoch_deadline`].
+pub(super) fn arm<H>(store: &mut Store<StoreData<H>>, deadline: Option<Duration>) {
+    let clock = deadline.and_then(RunClock::from_first_tick);
+    let armed = match clock {
+        Some(_) => 1,
+        None => NO_DEADLINE,
+    };
+    store.data_mut().clock = clock;
+    store.set_epoch_deadline(armed);
+}
+
+/// The epoch callback: stop the call once its clock says it has run its deadline, else wait
+/// for what is left of it.
+pub(super) fn on_epoch_deadline(clock: Option<&mut RunClock>) -> wasmtime::UpdateDeadline {
+    use wasmtime::UpdateDeadline::{Continue, Interrupt};
+    let Some(clock) = clock else {
+        return Continue(NO_DEADLINE);
+    };
+    let now = Instant::now();
+    clock.read_cpu();
+    match clock.passed(now) {
+        true => Interrupt,
+        false => Continue(ticks_for(clock.left(now))),
+    }
+}
