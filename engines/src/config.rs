@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+#[cfg(doc)]
+use crate::{Engine, Instance, TrapKind};
+
 /// Engine settings shared by every module an [`Engine`] compiles.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]

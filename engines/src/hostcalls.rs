@@ -40,7 +40,7 @@ macro_rules! default_body {
 macro_rules! define_hostcalls_trait {
     ($($variant:ident : $module:ident $name:ident ( $($arg:ident : $ty:ident),* ) -> $ret:tt , $vers:ident ;)*) => {
         /// The host side of every import in the ABI table, one method per import, generated
-        /// from [`abi::for_each_import!`]. Arguments are the raw wasm values. Methods not
+        /// from [`abi::for_each_import!`](filterbox_abi::for_each_import). Arguments are the raw wasm values. Methods not
         /// overridden call [`Hostcalls::unimplemented`].
         #[allow(unused_variables)]
         pub trait Hostcalls: Sized + Send + 'static {

@@ -9,9 +9,8 @@
 //!
 //! Which backends exist is decided by cargo features (`wasmtime`, on by default); which one a
 //! plugin uses is chosen at run time by [`EngineKind`]. This is the only crate that touches
-//! engine types or contains `unsafe`. The backends are listed once, below
-//! ([`backend_list!`](backend::backend_list)); each is one module implementing
-//! `backend::Backend`.
+//! engine types or contains `unsafe`. The backends are listed once, in this file's
+//! `backend_list!`; each is one module implementing `backend::Backend`.
 
 #![warn(missing_docs)]
 

@@ -4,9 +4,9 @@
 
 use crate::HeaderMap;
 use crate::callout::{
-    CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
-    HttpCallReply, HttpCallRequest, HttpCallResponse,
+    CalloutError, GrpcEvent, GrpcRequest, HttpCallOutcome, HttpCallRequest, HttpCallResponse,
 };
+use crate::callouts::{Callouts, GrpcReply, GrpcStream, HttpCallReply};
 use bytes::{Buf, Bytes, BytesMut};
 use core::fmt;
 use core::pin::Pin;

@@ -49,6 +49,7 @@
 
 mod attributes;
 mod callout;
+mod callouts;
 #[cfg(feature = "tower")]
 mod chain;
 mod config;
@@ -67,14 +68,16 @@ mod plugin_metrics;
 mod service;
 mod shared;
 mod state;
+mod stream;
 mod vm;
 mod worker;
 
 pub use attributes::{ConnectionInfo, PropertyValue};
 pub use callout::{
-    CalloutError, Callouts, GrpcEvent, GrpcReply, GrpcRequest, GrpcStream, HttpCallOutcome,
-    HttpCallReply, HttpCallRequest, HttpCallResponse, NoCallouts, OverBudget,
+    CalloutError, GrpcEvent, GrpcRequest, HttpCallOutcome, HttpCallRequest, HttpCallResponse,
+    OverBudget,
 };
+pub use callouts::{Callouts, GrpcReply, GrpcStream, HttpCallReply, NoCallouts};
 #[cfg(feature = "tower")]
 pub use chain::{
     BoxError, ChainError, Exchange, FilterChain, FilterChainBuilder, FilterError, FilterLayer,
@@ -94,9 +97,8 @@ pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use plugin_metrics::{MetricRegistry, MetricValue};
 pub use service::{Service, ServiceError};
 pub use shared::{QueueError, SharedLimits, SharedState};
-pub use vm::{
-    Action, Connection, HttpStream, LocalResponse, StreamEvent, UnstartedVm, Vm, VmError,
-};
+pub use stream::{Action, LocalResponse, StreamEvent};
+pub use vm::{Connection, HttpStream, UnstartedVm, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};
 
 pub use filterbox_abi as abi;

@@ -1,6 +1,6 @@
 //! Plugins: a module compiled and linked once, shared by every VM that runs it.
 
-use crate::callout::{Callouts, NoCallouts};
+use crate::callouts::{Callouts, NoCallouts};
 use crate::embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, TracingLogSink};
 use crate::metrics::HostMetrics;
 use crate::plugin_metrics::MetricRegistry;

@@ -1,6 +1,6 @@
 //! The per-VM host state that hostcalls act on.
 
-use crate::callout::{Callouts, GrpcStream};
+use crate::callouts::{Callouts, GrpcStream};
 use crate::embedder::{ForeignFunction, LogSink, PropertyProvider};
 use crate::inbox::Inbox;
 use crate::metrics::HostMetrics;

@@ -1,6 +1,7 @@
 //! HTTP and gRPC callouts.
 
-use crate::callout::{GrpcReply, GrpcRequest, HttpCallReply, HttpCallRequest};
+use crate::callout::{GrpcRequest, HttpCallRequest};
+use crate::callouts::{GrpcReply, HttpCallReply};
 use crate::state::OpenGrpc;
 use filterbox_abi::Status;
 use std::time::Duration;

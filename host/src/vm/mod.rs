@@ -8,10 +8,11 @@ use crate::callout::{GrpcEvent, HttpCallOutcome};
 use crate::inbox::{Pending, Wake};
 use crate::metrics::CallbackStats;
 use crate::state::{ContextKind, Phase, VmState};
+pub(crate) use crate::stream::{Action, LocalResponse, StreamEvent};
 use crate::{HeaderMap, Plugin};
 use bytes::{Bytes, BytesMut};
 use core::fmt;
-use filterbox_abi::{BufferType, Callback, GrpcStatus, MapType, PeerType, Status, StreamType};
+use filterbox_abi::{BufferType, Callback, MapType, PeerType, Status};
 use filterbox_engines::{Instance, Returned, Trap, TrapKind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,62 +33,6 @@ fn continues(callback: Callback, value: i32) -> bool {
         Callback::ProxyOnRequestMetadata | Callback::ProxyOnResponseMetadata => true,
         _ => value == 0,
     }
-}
-
-/// What the proxy must do after a stream callback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    /// Go on with the next filter or the upstream.
-    Continue,
-    /// Stop here: hold headers, or buffer the body and call again with more of it, until the
-    /// plugin resumes the stream (see [`Vm::take_stream_events`]).
-    Pause,
-    /// Answer the client with this response instead.
-    Respond(LocalResponse),
-}
-
-/// A response a plugin sent with `proxy_send_local_response`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalResponse {
-    /// HTTP status code.
-    pub status_code: u32,
-    /// Response code details (why the plugin answered).
-    pub details: String,
-    /// Response body.
-    pub body: Bytes,
-    /// Additional headers (names lower-cased).
-    pub headers: HeaderMap,
-    /// gRPC status, for a gRPC response.
-    pub grpc_status: Option<GrpcStatus>,
-}
-
-impl LocalResponse {
-    /// A response with `status_code` and `details` and no body, headers or gRPC status: what
-    /// the host (a failure policy, a limit, a proxy's own check) answers on its own.
-    pub fn new(status_code: u32, details: impl Into<String>) -> Self {
-        LocalResponse {
-            status_code,
-            details: details.into(),
-            body: Bytes::new(),
-            headers: HeaderMap::new(),
-            grpc_status: None,
-        }
-    }
-}
-
-/// Something a plugin asked of a stream outside the return value of a callback.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamEvent {
-    /// Resume a paused direction (`proxy_continue_stream`, `proxy_continue_request/response`).
-    Continue(StreamType),
-    /// Reset the stream (`proxy_close_stream`).
-    Close(StreamType),
-    /// Answer the client with this response (sent from a callback that was not the
-    /// stream's own, such as an HTTP-call answer).
-    Respond(LocalResponse),
-    /// Recompute the route (`proxy_clear_route_cache`, ABI 0.1.0): headers that choose it
-    /// changed.
-    ClearRouteCache,
 }
 
 /// An HTTP stream (a stream context) on one [`Vm`]. Drive it with the `Vm::on_*` methods and
