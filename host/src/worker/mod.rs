@@ -6,76 +6,13 @@ use crate::{FailurePolicy, HeaderMap, Plugin, Wake};
 use bytes::{Bytes, BytesMut};
 use core::fmt;
 use filterbox_abi::MapType;
-use std::sync::mpsc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A stream the plugin could not serve: why, and what the failure policy says the proxy
-/// must do with the stream. Boxed inside, so a `Result<Action, Failure>` stays small.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    inner: Box<(VmError, Action)>,
-}
+mod stream;
+mod threads;
 
-impl Failure {
-    fn new(error: VmError, action: Action) -> Failure {
-        Failure {
-            inner: Box::new((error, action)),
-        }
-    }
-
-    /// What went wrong (names the plugin, and the callback and trap where there is one).
-    pub fn error(&self) -> &VmError {
-        &self.inner.0
-    }
-
-    /// What the policy gives the stream: [`Action::Respond`] for fail-closed,
-    /// [`Action::Continue`] for fail-open.
-    pub fn action(&self) -> &Action {
-        &self.inner.1
-    }
-
-    /// The policy's action, by value.
-    pub fn into_action(self) -> Action {
-        self.inner.1
-    }
-
-    /// The trap behind the failure, if a guest trapped.
-    pub fn trap(&self) -> Option<&filterbox_engines::Trap> {
-        match self.error() {
-            VmError::Trap { trap, .. } | VmError::Failed { trap, .. } => Some(trap),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let policy = match self.action() {
-            Action::Continue => "failing open",
-            _ => "failing closed",
-        };
-        write!(f, "{}; {policy}", self.error())
-    }
-}
-
-impl std::error::Error for Failure {}
-
-/// A stream on a [`Worker`]. Drive it with the worker's `on_*` methods and end it with
-/// [`Worker::finish_stream`].
-#[derive(Debug)]
-pub struct WorkerStream {
-    generation: u64,
-    stream: Option<HttpStream>,
-    failure: Option<Failure>,
-}
-
-impl WorkerStream {
-    /// The failure this stream met, if any; every later call on it returns the same.
-    pub fn failure(&self) -> Option<&Failure> {
-        self.failure.as_ref()
-    }
-}
+pub use stream::{Failure, WorkerStream};
+pub(crate) use threads::{ThreadStart, recv_until, spawn_workers};
 
 /// One plugin's VM on one worker thread, kept alive: a VM that traps is dropped (its memory
 /// with it), the streams it held get the plugin's [`FailurePolicy`], and a new VM is built
@@ -561,71 +498,6 @@ fn start_vm(plugin: &Plugin, configurations: &[Bytes]) -> Result<(Vm, Vec<u32>),
         .map(|configuration| vm.add_root_context(configuration.clone()))
         .collect::<Result<_, _>>()?;
     Ok((vm, roots))
-}
-
-/// Why a thread of workers did not start.
-pub(crate) enum ThreadStart {
-    /// A plugin's first VM did not start.
-    Start(VmError),
-    /// The thread could not be started, or ended before its VMs did.
-    Thread(std::io::Error),
-}
-
-/// Starts a thread `name` that makes a [`Worker`] for each of `plugins` (each woken by
-/// `wake`) and hands them to `run`. Returns once every VM has started, or with the first that
-/// did not (the thread has then ended).
-pub(crate) fn spawn_workers(
-    name: String,
-    plugins: Vec<(Plugin, Vec<Bytes>)>,
-    wake: Wake,
-    run: impl FnOnce(Vec<Worker>) + Send + 'static,
-) -> Result<JoinHandle<()>, ThreadStart> {
-    let (started, start_result) = mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || {
-            let mut workers = Vec::with_capacity(plugins.len());
-            for (plugin, configurations) in plugins {
-                match Worker::with_root_contexts(&plugin, configurations) {
-                    Ok(mut worker) => {
-                        worker.set_wake(Some(wake.clone()));
-                        workers.push(worker);
-                    }
-                    Err(error) => {
-                        let _ = started.send(Err(error));
-                        return;
-                    }
-                }
-            }
-            let _ = started.send(Ok(()));
-            run(workers);
-        })
-        .map_err(ThreadStart::Thread)?;
-    let failed = match start_result.recv() {
-        Ok(Ok(())) => return Ok(thread),
-        Ok(Err(error)) => ThreadStart::Start(error),
-        Err(_) => ThreadStart::Thread(std::io::Error::other(
-            "the thread ended while starting its VMs",
-        )),
-    };
-    let _ = thread.join();
-    Err(failed)
-}
-
-/// The next message on `commands`, waiting until `deadline` at most (`Ok(None)` then), or
-/// for ever without one; `Err` when every sender is gone.
-pub(crate) fn recv_until<T>(
-    commands: &mpsc::Receiver<T>,
-    deadline: Option<Instant>,
-) -> Result<Option<T>, mpsc::RecvError> {
-    match deadline {
-        Some(at) => match commands.recv_timeout(at.saturating_duration_since(Instant::now())) {
-            Ok(command) => Ok(Some(command)),
-            Err(mpsc::RecvTimeoutError::Timeout) => Ok(None),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(mpsc::RecvError),
-        },
-        None => commands.recv().map(Some),
-    }
 }
 
 impl Drop for Worker {
