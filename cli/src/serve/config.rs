@@ -1,0 +1,294 @@
+//! The config file: Envoy-style plugin entries beside filterbox's own settings, and how they
+//! map onto `PluginConfig`.
+
+use crate::routes::RouteEntry;
+use crate::tls::ListenerTls;
+use crate::upstream::UpstreamEntry;
+use anyhow::{Context as _, Result, bail};
+use filterbox::{EngineKind, FailurePolicy, Limits, PluginConfig, ReloadPolicy};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole `filterbox.yaml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Where the proxy accepts requests, and where each listener sends them.
+    pub listeners: Vec<ListenerConfig>,
+    /// Upstream name → base URL (`http://host:port`) or a list of them, taken in turn; also
+    /// the targets of plugins' HTTP and gRPC calls (the first URL).
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamEntry>,
+    /// The admin listener (`/stats`, `/ready`).
+    #[serde(default)]
+    pub admin: Option<AdminConfig>,
+    /// The plugins every request goes through, in order (responses in reverse order).
+    #[serde(default)]
+    pub plugins: Vec<PluginEntry>,
+    /// Routes by host and path prefix, the first match wins: each may send to its own
+    /// upstream, run only some of the plugins, and give plugins a configuration of its own
+    /// (in the same VMs). A request no route matches goes to its listener's upstream through
+    /// every plugin.
+    #[serde(default)]
+    pub routes: Vec<RouteEntry>,
+    /// Service plugins (Envoy's bootstrap `WasmService`, singleton): one VM each, on a thread
+    /// of its own, given no requests; they run ticks, queues, callouts and shared data (a
+    /// queue receiver the filter plugins enqueue to). Same fields as `plugins`. A reload
+    /// starts the new ones before the old ones stop.
+    #[serde(default)]
+    pub services: Vec<PluginEntry>,
+    /// Slot threads, each with its own VM per plugin (default: one per core).
+    #[serde(default)]
+    pub slots: Option<usize>,
+    /// How long a plugin may keep a request paused, in milliseconds (default 30 000).
+    #[serde(default)]
+    pub pause_timeout_ms: Option<u64>,
+    /// Largest body read per direction, in bytes (default 16 MiB).
+    #[serde(default)]
+    pub max_body_bytes: Option<usize>,
+    /// How long a client may leave a request body waiting for its next bytes, in
+    /// milliseconds (default 30 000): a stalled upload then ends (408) and frees what the
+    /// plugins held of it.
+    #[serde(default)]
+    pub body_idle_timeout_ms: Option<u64>,
+    /// The most body bytes the plugins may hold paused at once, across every exchange
+    /// (default 256 MiB): an exchange that would hold more is answered 503.
+    #[serde(default)]
+    pub max_held_body_bytes: Option<usize>,
+    /// On SIGTERM or SIGINT, how long requests already running get to finish, in
+    /// milliseconds (default 30 000), while no new connection is accepted.
+    #[serde(default)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+/// One listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// `host:port` to bind.
+    pub address: SocketAddr,
+    /// The upstream (a key of `upstreams`) requests go to.
+    pub upstream: String,
+    /// TLS: certificates by server name (the first is the default).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `host:port` to bind.
+    pub address: SocketAddr,
+}
+
+/// One plugin, Envoy-style.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// The plugin's name (logs, metrics, `plugin_name`).
+    pub name: String,
+    /// The root id the plugin registered.
+    #[serde(default)]
+    pub root_id: String,
+    /// What the plugin reads in `proxy_on_configure`.
+    #[serde(default)]
+    pub configuration: String,
+    /// `FAIL_RELOAD` (default: answer 503 and rebuild the VM, up to the crash-loop limit),
+    /// `FAIL_CLOSED` (answer 503, no rebuild: one overrun of a deadline on a loaded machine
+    /// would fail every later request until restart) or `FAIL_OPEN` (skip the plugin,
+    /// rebuild the VM). Envoy's default is `FAIL_CLOSED`; filterbox's is the one a server
+    /// recovers from.
+    #[serde(default)]
+    pub failure_policy: EnvoyFailurePolicy,
+    /// The VM.
+    pub vm_config: VmConfigEntry,
+    /// filterbox's resource limits (defaults otherwise).
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    /// filterbox's rebuild policy, for `FAIL_RELOAD` and `FAIL_OPEN` (defaults otherwise).
+    #[serde(default)]
+    pub reload: Option<ReloadPolicy>,
+    /// `trace` … `critical` (default `info`).
+    #[serde(default)]
+    pub log_level: Option<String>,
+    /// Imports the plugin may use (default: all).
+    #[serde(default)]
+    pub allowed_capabilities: Option<Vec<String>>,
+}
+
+/// Envoy's `FailurePolicy`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum EnvoyFailurePolicy {
+    /// Answer 503; the plugin stays failed.
+    #[serde(rename = "FAIL_CLOSED")]
+    Closed,
+    /// Answer 503 and rebuild the VM (the default).
+    #[default]
+    #[serde(rename = "FAIL_RELOAD")]
+    Reload,
+    /// Let requests through and rebuild the VM.
+    #[serde(rename = "FAIL_OPEN")]
+    Open,
+}
+
+/// Envoy's `VmConfig`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigEntry {
+    /// VMs with one id share data and queues.
+    #[serde(default)]
+    pub vm_id: String,
+    /// `wasmtime`, `wasmer-cranelift`, `wasmer-singlepass`, `wasmi`, or Envoy's
+    /// `envoy.wasm.runtime.<name>` (default wasmtime).
+    #[serde(default)]
+    pub runtime: Option<String>,
+    /// Where the module is.
+    pub code: CodeEntry,
+    /// What the plugin reads in `proxy_on_vm_start`.
+    #[serde(default)]
+    pub configuration: String,
+    /// Environment the plugin sees through WASI.
+    #[serde(default)]
+    pub environment_variables: EnvEntry,
+}
+
+/// Envoy's `AsyncDataSource`, local files only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodeEntry {
+    /// The file.
+    pub local: LocalFile,
+}
+
+/// A local file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalFile {
+    /// Path to the `.wasm` file, relative to the config file.
+    pub filename: PathBuf,
+}
+
+/// Envoy's `EnvironmentVariables`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvEntry {
+    /// Variables copied from filterbox's own environment.
+    #[serde(default)]
+    pub host_env_keys: Vec<String>,
+    /// Fixed variables.
+    #[serde(default)]
+    pub key_values: BTreeMap<String, String>,
+}
+
+impl ServeConfig {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<ServeConfig> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let config: ServeConfig = serde_yaml::from_str(&text)
+            .with_context(|| format!("parsing config {}", path.display()))?;
+        if config.listeners.is_empty() {
+            bail!("{}: no listeners", path.display());
+        }
+        let mut names = std::collections::HashSet::new();
+        for plugin in config.plugins.iter().chain(&config.services) {
+            if !names.insert(plugin.name.as_str()) {
+                bail!(
+                    "{}: two plugins are named {:?}; names must be unique (metrics and logs use them)",
+                    path.display(),
+                    plugin.name
+                );
+            }
+        }
+        for (index, route) in config.routes.iter().enumerate() {
+            let name = route.name_at(index);
+            if let Some(upstream) = &route.upstream
+                && !config.upstreams.contains_key(upstream)
+            {
+                bail!(
+                    "{}: route {name:?} names upstream {upstream:?}, which is not in upstreams",
+                    path.display()
+                );
+            }
+            let named = route.plugins.iter().flatten();
+            for plugin in named.chain(route.configuration.keys()) {
+                if !config.plugins.iter().any(|p| p.name == *plugin) {
+                    bail!(
+                        "{}: route {name:?} names plugin {plugin:?}, which is not in plugins",
+                        path.display()
+                    );
+                }
+            }
+        }
+        for listener in &config.listeners {
+            if !config.upstreams.contains_key(&listener.upstream) {
+                bail!(
+                    "{}: listener {} names upstream {:?}, which is not in upstreams",
+                    path.display(),
+                    listener.address,
+                    listener.upstream
+                );
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl PluginEntry {
+    pub(super) fn plugin_config(&self) -> Result<PluginConfig> {
+        let engine = match self.vm_config.runtime.as_deref() {
+            None => EngineKind::Wasmtime,
+            Some(name) => {
+                let name = name.strip_prefix("envoy.wasm.runtime.").unwrap_or(name);
+                EngineKind::from_name(name).map_err(|e| anyhow::anyhow!("{e}"))?
+            }
+        };
+        let mut env: Vec<(String, String)> = self
+            .vm_config
+            .environment_variables
+            .host_env_keys
+            .iter()
+            .filter_map(|key| std::env::var(key).ok().map(|value| (key.clone(), value)))
+            .collect();
+        env.extend(
+            self.vm_config
+                .environment_variables
+                .key_values
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        let mut config = PluginConfig::named(&self.name)
+            .with_configuration(self.configuration.as_bytes())
+            .with_vm_configuration(self.vm_config.configuration.as_bytes())
+            .with_vm_id(&self.vm_config.vm_id)
+            .with_engine(engine);
+        config.root_id = self.root_id.clone();
+        config.environment_variables = env;
+        if let Some(limits) = &self.limits {
+            config.limits = limits.clone();
+        }
+        config.reload = self.reload.clone().unwrap_or_default();
+        match self.failure_policy {
+            EnvoyFailurePolicy::Closed => {
+                config.failure_policy = FailurePolicy::FailClosed { status: 503 };
+                config.reload.enabled = false;
+            }
+            EnvoyFailurePolicy::Reload => {
+                config.failure_policy = FailurePolicy::FailClosed { status: 503 };
+            }
+            EnvoyFailurePolicy::Open => config.failure_policy = FailurePolicy::FailOpen,
+        }
+        if let Some(level) = &self.log_level {
+            config.log_level = filterbox::LogLevel::ALL
+                .iter()
+                .copied()
+                .find(|l| l.name().eq_ignore_ascii_case(level))
+                .ok_or_else(|| anyhow::anyhow!("unknown log level {level:?} (trace … critical)"))?;
+        }
+        config.allowed_capabilities = self.allowed_capabilities.clone();
+        Ok(config)
+    }
+}

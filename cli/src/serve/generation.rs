@@ -1,0 +1,155 @@
+//! What a config builds and a reload swaps: plugins, chain, routes and upstreams.
+
+use crate::routes::Router;
+use crate::upstream::Pool;
+use anyhow::{Context as _, Result, bail};
+use filterbox::{FilterChain, HyperCallouts, Plugin};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+/// Plugins, chain and upstream URLs built from one config: what a reload swaps.
+pub(super) struct Generation {
+    pub(super) chain: FilterChain,
+    pub(super) router: Router,
+    pub(super) upstreams: BTreeMap<String, Arc<Pool>>,
+    pub(super) services: Vec<filterbox::Service>,
+}
+
+/// The largest plugin file `serve` reads (Go SDK plugins are tens of MiB at most).
+pub(super) const MAX_PLUGIN_FILE_BYTES: u64 = 256 << 20;
+
+/// Reads a plugin file: a regular file of at most [`MAX_PLUGIN_FILE_BYTES`]. A FIFO or a
+/// device (`/dev/zero`) is refused before anything is read, so neither can hang or exhaust
+/// the host.
+pub(super) fn read_plugin_file(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let metadata = std::fs::metadata(path)?;
+    if !metadata.is_file() {
+        bail!("not a regular file");
+    }
+    if metadata.len() > MAX_PLUGIN_FILE_BYTES {
+        bail!(
+            "{} bytes, over the {} MiB a plugin may have",
+            metadata.len(),
+            MAX_PLUGIN_FILE_BYTES >> 20
+        );
+    }
+    let mut wasm = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_PLUGIN_FILE_BYTES + 1)
+        .read_to_end(&mut wasm)?;
+    if wasm.len() as u64 > MAX_PLUGIN_FILE_BYTES {
+        bail!("grew past {} MiB while read", MAX_PLUGIN_FILE_BYTES >> 20);
+    }
+    Ok(wasm)
+}
+
+/// Builds every plugin and starts the chain (each VM started and configured once), so a
+/// config that cannot serve is refused here. Errors name the plugin, its file and engine.
+pub(super) fn build_generation(
+    config: &ServeConfig,
+    base: &Path,
+    registries: &Registries,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Generation> {
+    let mut upstreams = BTreeMap::new();
+    // Plugins' calls reach `https://` upstreams through a TLS connector.
+    let (connector, https) = crate::upstream::callout_connector(config.upstreams.values(), base)?;
+    let mut callouts = HyperCallouts::with_connector(runtime.clone(), connector, https);
+    for (name, entry) in &config.upstreams {
+        let pool = Pool::new(name, entry, base)?;
+        if let Some(first) = entry.urls().first() {
+            callouts = callouts
+                .upstream(name.clone(), first)
+                .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
+        }
+        upstreams.insert(name.clone(), Arc::new(pool));
+    }
+    let callouts = Arc::new(callouts);
+    let load = |entry: &PluginEntry| -> Result<Plugin> {
+        let file = base.join(&entry.vm_config.code.local.filename);
+        let plugin_config = entry
+            .plugin_config()
+            .with_context(|| format!("plugin {:?}", entry.name))?;
+        let engine = plugin_config.engine;
+        let wasm = read_plugin_file(&file)
+            .with_context(|| format!("plugin {:?}: reading {}", entry.name, file.display()))?;
+        Plugin::builder(plugin_config)
+            .callouts(callouts.clone())
+            .metric_registry(registries.of(&entry.name))
+            .build(&wasm)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "plugin {:?} ({}) on {engine}: {e}",
+                    entry.name,
+                    file.display()
+                )
+            })
+    };
+    let plugins = config
+        .plugins
+        .iter()
+        .map(load)
+        .collect::<Result<Vec<_>>>()?;
+    let services = config
+        .services
+        .iter()
+        .map(|entry| {
+            let plugin = load(entry)?;
+            filterbox::Service::start(&plugin).map_err(|e| {
+                anyhow::anyhow!(
+                    "service {:?} ({}): {e}",
+                    entry.name,
+                    base.join(&entry.vm_config.code.local.filename).display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut builder = FilterChain::builder();
+    if let Some(slots) = config.slots {
+        builder = builder.slots(slots);
+    }
+    if let Some(ms) = config.pause_timeout_ms {
+        builder = builder.pause_timeout(Duration::from_millis(ms));
+    }
+    if let Some(bytes) = config.max_body_bytes {
+        builder = builder.max_body_bytes(bytes);
+    }
+    if let Some(bytes) = config.max_held_body_bytes {
+        builder = builder.max_held_bytes(bytes);
+    }
+    let names: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
+    for (index, route) in config.routes.iter().enumerate() {
+        builder = builder.route(route.name_at(index), route.chain_route(&names));
+    }
+    let chain = builder.build(plugins).map_err(|error| {
+        // Name the file and engine of the plugin that would not start.
+        let source = match &error {
+            filterbox::ChainError::Start(vm) => config
+                .plugins
+                .iter()
+                .find(|p| p.name == vm.plugin())
+                .map(|p| {
+                    format!(
+                        " ({})",
+                        base.join(&p.vm_config.code.local.filename).display()
+                    )
+                }),
+            _ => None,
+        };
+        anyhow::anyhow!(
+            "starting the plugin chain: {error}{}",
+            source.unwrap_or_default()
+        )
+    })?;
+    Ok(Generation {
+        chain,
+        router: Router::new(&config.routes),
+        upstreams,
+        services,
+    })
+}
