@@ -60,14 +60,9 @@ impl fmt::Display for ServiceError {
     }
 }
 
-impl std::error::Error for ServiceError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ServiceError::Start(error) => Some(error),
-            ServiceError::Thread(error) => Some(error),
-        }
-    }
-}
+// The inner error is part of the message, so it is not also a `source()` (printed twice
+// by error reporters that walk the chain).
+impl std::error::Error for ServiceError {}
 
 impl Service {
     /// Starts the plugin's VM (start function, `proxy_on_vm_start`, `proxy_on_configure`), an

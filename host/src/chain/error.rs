@@ -44,15 +44,9 @@ impl fmt::Display for ChainError {
     }
 }
 
-impl std::error::Error for ChainError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ChainError::Thread(error) => Some(error),
-            ChainError::Start(error) => Some(error),
-            ChainError::UnknownPlugin { .. } | ChainError::DuplicateRoute(_) => None,
-        }
-    }
-}
+// The inner error is part of the message, so it is not also a `source()` (printed twice
+// by error reporters that walk the chain).
+impl std::error::Error for ChainError {}
 
 /// Why a filtered exchange failed without an HTTP answer.
 #[derive(Debug)]
@@ -84,13 +78,6 @@ impl fmt::Display for FilterError {
     }
 }
 
-impl std::error::Error for FilterError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            FilterError::RequestBody(e)
-            | FilterError::ResponseBody(e)
-            | FilterError::Service(e) => Some(e.as_ref()),
-            FilterError::Reset(_) => None,
-        }
-    }
-}
+// The inner error is part of the message, so it is not also a `source()` (printed twice
+// by error reporters that walk the chain).
+impl std::error::Error for FilterError {}
