@@ -60,6 +60,7 @@ impl ImportInfo {
 
 /// Why a module cannot be used as a proxy-wasm plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AbiError {
     /// The bytes are not a valid wasm module.
     Malformed(String),

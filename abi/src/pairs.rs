@@ -17,6 +17,7 @@ const MIN_PAIR_BYTES: usize = 4 + 4 + 1 + 1;
 
 /// Why a pairs buffer was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PairsError {
     /// Shorter than the 4-byte count.
     TooShort {

@@ -5,6 +5,7 @@ use core::fmt;
 
 /// Why a property path was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PathError {
     /// The path has no segments.
     Empty,

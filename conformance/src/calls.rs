@@ -286,9 +286,10 @@ pub(crate) fn http_call_statuses(h: &Harness) -> CaseResult {
         logs.messages()
     );
     // One call may wait at a time: the next ones are refused.
-    let limited = config("http-limited").with_limits(Limits {
-        max_pending_callouts: 1,
-        ..Limits::default()
+    let limited = config("http-limited").with_limits({
+        let mut limits = Limits::default();
+        limits.max_pending_callouts = 1;
+        limits
     });
     let logs = run(limited, servers()?.callouts()?, 1)?;
     let got = reports(&logs);
@@ -1205,10 +1206,11 @@ pub(crate) fn floods_stop_at_their_bounds(h: &Harness) -> CaseResult {
             wat_bytes(&headers_pairs)
         ),
     )?;
-    let limits = Limits {
-        max_pending_callouts: 30,
-        callback_deadline_ms: Some(2000),
-        ..Limits::default()
+    let limits = {
+        let mut limits = Limits::default();
+        limits.max_pending_callouts = 30;
+        limits.callback_deadline_ms = Some(2000);
+        limits
     };
     let world = SharedState::new(
         SharedLimits::default()

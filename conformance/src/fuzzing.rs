@@ -428,12 +428,13 @@ fn error_class(error: &VmError) -> String {
 }
 
 fn program_config(program: &[u8]) -> PluginConfig {
-    let limits = Limits {
+    let limits = {
+        let mut limits = Limits::default();
         // Programs are bounded; no deadline keeps runs alike on every engine.
-        callback_deadline_ms: None,
-        start_deadline_ms: None,
-        memory_bytes: PROGRAM_MEMORY_PAGES << 16,
-        ..Limits::default()
+        limits.callback_deadline_ms = None;
+        limits.start_deadline_ms = None;
+        limits.memory_bytes = PROGRAM_MEMORY_PAGES << 16;
+        limits
     };
     PluginConfig::named("program")
         .with_limits(limits)
@@ -653,12 +654,13 @@ fn smith_module(u: &mut Unstructured, fuel: Option<u32>) -> arbitrary::Result<Ve
 }
 
 fn module_limits(deadlines: bool) -> Limits {
-    Limits {
-        memory_bytes: 16 << 20,
-        table_elements: 10_000,
-        callback_deadline_ms: deadlines.then_some(20),
-        start_deadline_ms: deadlines.then_some(100),
-        ..Limits::default()
+    {
+        let mut limits = Limits::default();
+        limits.memory_bytes = 16 << 20;
+        limits.table_elements = 10_000;
+        limits.callback_deadline_ms = deadlines.then_some(20);
+        limits.start_deadline_ms = deadlines.then_some(100);
+        limits
     }
 }
 

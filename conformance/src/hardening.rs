@@ -13,7 +13,7 @@ use crate::hostile::{
 use filterbox::abi::{Callback, Import, Status};
 use filterbox::{
     CalloutError, Callouts, GrpcReply, GrpcRequest, GrpcStream, HeaderMap, HttpCallOutcome,
-    HttpCallReply, HttpCallRequest, HttpCallResponse, Limits, TrapKind, Vm, Worker,
+    HttpCallReply, HttpCallRequest, HttpCallResponse, TrapKind, Vm, Worker,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -441,9 +441,10 @@ pub(crate) fn callout_bytes_are_bounded(h: &Harness) -> CaseResult {
         ),
     )?;
     let holding = Arc::new(Holding::default());
-    let limits = Limits {
-        max_pending_callout_bytes: BUDGET,
-        ..config("callout-bytes").limits
+    let limits = {
+        let mut limits = config("callout-bytes").limits;
+        limits.max_pending_callout_bytes = BUDGET;
+        limits
     };
     let client: Arc<dyn Callouts> = holding.clone();
     let (plugin, logs) = h

@@ -122,10 +122,11 @@ pub(crate) fn module(
 
 /// The config the cases use: short deadlines so loops end quickly, immediate rebuilds.
 pub(crate) fn config(name: &str) -> PluginConfig {
-    let limits = Limits {
-        callback_deadline_ms: Some(20),
-        start_deadline_ms: Some(100),
-        ..Limits::default()
+    let limits = {
+        let mut limits = Limits::default();
+        limits.callback_deadline_ms = Some(20);
+        limits.start_deadline_ms = Some(100);
+        limits
     };
     PluginConfig::named(name).with_limits(limits)
 }

@@ -335,6 +335,7 @@ fn a_trap_in_the_chain_gets_the_failure_policy_and_the_vm_is_rebuilt_on_every_en
                     // The next plugin still ran.
                     assert_eq!(upstream.seen.lock()[0].0["x-added"], "one");
                 }
+                other => panic!("a policy this test does not know: {other:?}"),
             }
             // The trap stayed in its VM: the next request runs on a rebuilt one.
             let before = upstream.seen.lock().len();

@@ -30,11 +30,22 @@ pub struct EngineConfig {
 
 /// Sizes of the instance pool, see [`EngineConfig::pooling`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolingConfig {
     /// How many instances (VMs) may live at once.
     pub max_instances: u32,
     /// The largest linear memory an instance may have.
     pub max_memory_bytes: usize,
+}
+
+impl PoolingConfig {
+    /// A pool of `max_instances` instances of at most `max_memory_bytes` of linear memory each.
+    pub fn new(max_instances: u32, max_memory_bytes: usize) -> Self {
+        PoolingConfig {
+            max_instances,
+            max_memory_bytes,
+        }
+    }
 }
 
 impl Default for PoolingConfig {

@@ -222,10 +222,7 @@ fn the_pooling_allocator_instantiates_and_runs() {
     if !EngineKind::Wasmtime.is_built() {
         return;
     }
-    let pool = PoolingConfig {
-        max_instances: 4,
-        max_memory_bytes: 1 << 20,
-    };
+    let pool = PoolingConfig::new(4, 1 << 20);
     let engine = Engine::new(
         EngineKind::Wasmtime,
         &EngineConfig::default().with_pooling(pool),

@@ -16,6 +16,7 @@ use std::time::Duration;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct PluginConfig {
     /// The plugin's name: in logs, errors, and the `plugin_name` property.
     pub name: String,
@@ -54,6 +55,7 @@ pub struct PluginConfig {
 /// the host enforces the rest, answering the status each hostcall documents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest linear memory in bytes; `memory.grow` past it returns -1 in the guest.
     pub memory_bytes: usize,
@@ -150,6 +152,7 @@ impl Limits {
 /// rebuilt). Either way the embedder also gets a [`Failure`](crate::Failure) naming the cause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
 pub enum FailurePolicy {
     /// Answer the client with a local response of this status (503 by default) and no body.
     FailClosed {
@@ -170,6 +173,7 @@ impl Default for FailurePolicy {
 /// until the crash-loop limit. Envoy's `FAIL_RELOAD` is `fail_closed` with this on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
 pub struct ReloadPolicy {
     /// Rebuild failed VMs at all (on by default). Off, a failed plugin stays failed.
     pub enabled: bool,

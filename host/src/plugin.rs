@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 /// Why a plugin could not be loaded: names the plugin, the engine and the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PluginError {
     /// The plugin's name.
     pub plugin: String,
