@@ -1,5 +1,6 @@
 //! Metrics about the host itself, per plugin: VMs, failures, traps, callback latency, memory.
 
+use crate::PrometheusText;
 use filterbox_abi::Callback;
 use filterbox_engines::TrapKind;
 use parking_lot::Mutex;
@@ -308,10 +309,16 @@ impl HostMetrics {
 
     /// Appends every metric in the Prometheus text format, labelled with `plugin`.
     pub fn render_prometheus(&self, plugin: &str, out: &mut String) {
-        let plugin = escape_label(plugin);
-        let mut line = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {value}");
+        let mut text = PrometheusText::new();
+        self.write_prometheus(plugin, &mut text);
+        let _ = write!(out, "{text}");
+    }
+
+    /// Adds every metric to `text` (where families several sources report are merged), labelled with `plugin`.
+    pub fn write_prometheus(&self, plugin: &str, text: &mut PrometheusText) {
+        let labels = [("plugin", plugin)];
+        let mut line = |name: &str, kind: &'static str, help: &str, value: String| {
+            text.sample(name, kind, Some(help), name, &labels, value);
         };
         line(
             "filterbox_vms_created_total",
@@ -373,62 +380,55 @@ impl HostMetrics {
             "Largest linear memory a VM reached.",
             self.memory_high_water_bytes().to_string(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP filterbox_traps_total Traps by cause.\n# TYPE filterbox_traps_total counter"
-        );
+        let name = "filterbox_traps_total";
         for kind in TrapKind::ALL {
-            let _ = writeln!(
-                out,
-                "filterbox_traps_total{{plugin=\"{plugin}\",cause=\"{}\"}} {}",
-                kind.name(),
-                self.traps(kind)
+            let labels = [("plugin", plugin), ("cause", kind.name())];
+            text.sample(
+                name,
+                "counter",
+                Some("Traps by cause."),
+                name,
+                &labels,
+                self.traps(kind),
             );
         }
         let histograms = self.callback_histograms();
         let name = "filterbox_callback_calls_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Guest callbacks called, timed or not.\n# TYPE {name} counter"
-        );
+        let help = "Guest callbacks called, timed or not.";
         for (callback, h) in Callback::ALL.iter().zip(&histograms) {
             if h.calls() > 0 {
-                let labels = format!("plugin=\"{plugin}\",callback=\"{}\"", callback.name());
-                let _ = writeln!(out, "{name}{{{labels}}} {}", h.calls());
+                let labels = [("plugin", plugin), ("callback", callback.name())];
+                text.sample(name, "counter", Some(help), name, &labels, h.calls());
             }
         }
         let name = "filterbox_callback_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time in guest callbacks (unless the plugin was built without \
-             callback latency).\n# TYPE {name} histogram"
+        let help = "Time in guest callbacks (unless the plugin was built without callback \
+                    latency).";
+        let (bucket, sum, count) = (
+            format!("{name}_bucket"),
+            format!("{name}_sum"),
+            format!("{name}_count"),
         );
         for (callback, h) in Callback::ALL.iter().zip(&histograms) {
             let total = h.count();
             if total == 0 {
                 continue;
             }
-            let labels = format!("plugin=\"{plugin}\",callback=\"{}\"", callback.name());
+            let labels = [("plugin", plugin), ("callback", callback.name())];
             let mut cumulative = 0;
-            for (bound, count) in BUCKETS_US.iter().zip(&h.counts) {
-                cumulative += count;
-                let le = *bound as f64 / 1e6;
-                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            for (bound, n) in BUCKETS_US.iter().zip(&h.counts) {
+                cumulative += n;
+                let le = (*bound as f64 / 1e6).to_string();
+                let with_le = [labels.as_slice(), &[("le", le.as_str())]].concat();
+                text.sample(name, "histogram", Some(help), &bucket, &with_le, cumulative);
             }
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {total}");
-            let sum = h.sum_nanos as f64 / 1e9;
-            let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
-            let _ = writeln!(out, "{name}_count{{{labels}}} {total}");
+            let with_le = [labels.as_slice(), &[("le", "+Inf")]].concat();
+            text.sample(name, "histogram", Some(help), &bucket, &with_le, total);
+            let seconds = h.sum_nanos as f64 / 1e9;
+            text.sample(name, "histogram", Some(help), &sum, &labels, seconds);
+            text.sample(name, "histogram", Some(help), &count, &labels, total);
         }
     }
-}
-
-/// Escapes a Prometheus label value.
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

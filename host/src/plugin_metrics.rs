@@ -1,6 +1,7 @@
 //! Metrics plugins define (`proxy_define_metric` and friends, ABI.md §4.10): counters,
 //! gauges and histograms in a registry the embedder reads and renders as Prometheus text.
 
+use crate::PrometheusText;
 use core::fmt;
 use filterbox_abi::{MetricType, Status};
 use parking_lot::RwLock;
@@ -242,6 +243,14 @@ impl MetricRegistry {
     /// (Envoy's namespace for plugin stats) with characters Prometheus does not allow turned
     /// into `_`.
     pub fn render_prometheus(&self, out: &mut String) {
+        let mut text = PrometheusText::new();
+        self.write_prometheus(None, &mut text);
+        let _ = write!(out, "{text}");
+    }
+
+    /// Adds every metric to `text` (where families several sources report are merged), labelled with `plugin` if given.
+    pub fn write_prometheus(&self, plugin: Option<&str>, text: &mut PrometheusText) {
+        let plugin: Vec<(&str, &str)> = plugin.map(|p| ("plugin", p)).into_iter().collect();
         for metric in self.metrics.read().iter() {
             let name = prometheus_name(&metric.name);
             let kind = match metric.kind {
@@ -249,23 +258,22 @@ impl MetricRegistry {
                 MetricType::Gauge => "gauge",
                 MetricType::Histogram => "histogram",
             };
-            let _ = writeln!(out, "# TYPE {name} {kind}");
             match metric.read() {
-                MetricValue::Counter(v) => {
-                    let _ = writeln!(out, "{name} {v}");
-                }
-                MetricValue::Gauge(v) => {
-                    let _ = writeln!(out, "{name} {v}");
-                }
+                MetricValue::Counter(v) => text.sample(&name, kind, None, &name, &plugin, v),
+                MetricValue::Gauge(v) => text.sample(&name, kind, None, &name, &plugin, v),
                 MetricValue::Histogram { count, sum } => {
+                    let bucket = format!("{name}_bucket");
                     let mut cumulative = 0;
                     for (bound, n) in BUCKETS.iter().zip(metric.buckets.iter()) {
                         cumulative += n.load(Relaxed);
-                        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+                        let le = bound.to_string();
+                        let labels = [plugin.as_slice(), &[("le", le.as_str())]].concat();
+                        text.sample(&name, kind, None, &bucket, &labels, cumulative);
                     }
-                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-                    let _ = writeln!(out, "{name}_sum {sum}");
-                    let _ = writeln!(out, "{name}_count {count}");
+                    let labels = [plugin.as_slice(), &[("le", "+Inf")]].concat();
+                    text.sample(&name, kind, None, &bucket, &labels, count);
+                    text.sample(&name, kind, None, &format!("{name}_sum"), &plugin, sum);
+                    text.sample(&name, kind, None, &format!("{name}_count"), &plugin, count);
                 }
             }
         }

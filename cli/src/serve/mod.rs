@@ -171,16 +171,10 @@ mod tests {
     use filterbox::{EngineKind, FailurePolicy};
 
     #[test]
-    fn each_plugin_has_its_own_registry_and_its_samples_carry_its_name() {
+    fn each_plugin_has_its_own_registry() {
         let registries = Registries::default();
         assert!(!Arc::ptr_eq(&registries.of("a"), &registries.of("b")));
         assert!(Arc::ptr_eq(&registries.of("a"), &registries.of("a")));
-        let text = "# TYPE hits counter\nhits 3\n# TYPE t histogram\nt_bucket{le=\"1\"} 2\n";
-        assert_eq!(
-            label_samples(text, "p\"q"),
-            "# TYPE hits counter\nhits{plugin=\"p\\\"q\"} 3\n# TYPE t histogram\n\
-             t_bucket{plugin=\"p\\\"q\",le=\"1\"} 2\n"
-        );
     }
 
     #[test]
@@ -277,14 +271,5 @@ plugins:
         filterbox::strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert_eq!(headers["x-kept"], "yes");
-    }
-
-    #[test]
-    fn families_reported_by_several_plugins_get_one_type_line() {
-        let text = "# HELP a x\n# TYPE a counter\na{plugin=\"p\"} 1\n# HELP a x\n# TYPE a counter\na{plugin=\"q\"} 2\n";
-        assert_eq!(
-            merge_families(text),
-            "# HELP a x\n# TYPE a counter\na{plugin=\"p\"} 1\na{plugin=\"q\"} 2\n"
-        );
     }
 }
