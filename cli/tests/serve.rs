@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use filterbox_conformance::guests;
+use filterbox_conformance::servers::free_port;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -21,16 +22,20 @@ use tokio::net::TcpListener;
 /// The proxy process, killed when the test ends however it ends.
 struct Proxy(Child);
 
+impl Proxy {
+    /// Panics if `serve` has exited (it could not start): waiting for it would be in vain.
+    fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            panic!("filterbox serve exited: {status} (its stderr is above)");
+        }
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> SocketAddr {
-    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    socket.local_addr().expect("addr")
 }
 
 /// An HTTP/1.1 upstream on a free loopback port that answers each request with `answer`'s
@@ -160,9 +165,10 @@ fn start_serve(dir: &Path) -> Proxy {
 /// `filterbox serve` on `config` (written to `dir`), once it accepts connections on `listen`.
 async fn serve_until_listening(dir: &Path, config: &str, listen: SocketAddr) -> Proxy {
     std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-    let proxy = start_serve(dir);
+    let mut proxy = start_serve(dir);
     let started = Instant::now();
     while tokio::net::TcpStream::connect(listen).await.is_err() {
+        proxy.assert_running();
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "never listened"
@@ -206,7 +212,7 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         let upstream = upstream(hits.clone(), uploads.clone()).await;
         let (listen, admin) = (free_port(), free_port());
         write_config(&dir, listen, admin, upstream, "add x-added one");
-        let proxy = start_serve(&dir);
+        let mut proxy = start_serve(&dir);
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
 
@@ -215,6 +221,7 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
             .await
             .is_err()
         {
+            proxy.assert_running();
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "serve never became ready"
@@ -451,13 +458,14 @@ plugins:
 "#
         );
         std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let _proxy = start_serve(&dir);
+        let mut proxy = start_serve(&dir);
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let started = Instant::now();
         let mut counts = Vec::new();
         // Two different counts: the service's ticks go on with no requests of their own.
         while counts.len() < 2 {
+            proxy.assert_running();
             assert!(
                 started.elapsed() < Duration::from_secs(120),
                 "the service's ticks never showed: {counts:?}"
@@ -525,12 +533,13 @@ plugins:
 {routes}"#
         );
         std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-        let _proxy = start_serve(&dir);
+        let mut proxy = start_serve(&dir);
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let base = format!("http://{listen}");
         let started = Instant::now();
         while get(&client, format!("{base}/"), None).await.is_err() {
+            proxy.assert_running();
             assert!(started.elapsed() < Duration::from_secs(120), "serve never answered");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -27,6 +27,25 @@ use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
 
+/// A loopback port nothing listens on, for a server a test starts later to bind. Taken below
+/// Linux's ephemeral range (32768 and up), where neither a `bind` to port 0 nor an outgoing
+/// connection's source port lands: a port handed out by the kernel could be given to another
+/// test's socket before that server binds it. Each call in this process tries another port.
+pub fn free_port() -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let spread = std::process::id() % 997 * 12;
+    loop {
+        let offset = (spread + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 12_000;
+        let Ok(port) = u16::try_from(20_000 + offset) else {
+            continue;
+        };
+        // Free now; dropped at once, so the caller's server can take it.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return SocketAddr::from(([127, 0, 0, 1], port));
+        }
+    }
+}
+
 /// The running servers.
 pub struct Servers {
     runtime: Runtime,

@@ -83,11 +83,7 @@ where
     P: pingora::proxy::ProxyHttp + Send + Sync + 'static,
     P::CTX: Send + Sync,
 {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let addr = filterbox_conformance::servers::free_port();
     let mut server = pingora::server::Server::new(None).expect("pingora server");
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
