@@ -1,8 +1,8 @@
 //! The hostcalls: what each `proxy_*` and WASI import does (ABI.md §4, §9).
 //!
-//! Every guest pointer and length goes through [`GuestMemory`]'s checked access; results that
-//! need guest memory are allocated with the guest allocator and written through a checked
-//! borrow. Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once
+//! Every guest pointer and length goes through
+//! [`GuestMemory`](filterbox_engines::GuestMemory)'s checked access; results that need guest
+//! memory are allocated with the guest allocator and written through a checked borrow. Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once
 //! and answers `Unimplemented` (`ENOSYS` for WASI).
 //!
 //! Each import's work lives in the module of its concern; this file only binds them to the
