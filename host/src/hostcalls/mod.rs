@@ -2,8 +2,9 @@
 //!
 //! Every guest pointer and length goes through
 //! [`GuestMemory`](filterbox_engines::GuestMemory)'s checked access; results that need guest
-//! memory are allocated with the guest allocator and written through a checked borrow. Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once
-//! and answers `Unimplemented` (`ENOSYS` for WASI).
+//! memory are allocated with the guest allocator and written through a checked borrow.
+//! Imports not listed here fall back to [`Hostcalls::unimplemented`], which logs once and
+//! answers `Unimplemented` (`ENOSYS` for WASI).
 //!
 //! Each import's work lives in the module of its concern; this file only binds them to the
 //! engine's [`Hostcalls`] trait, one line per import.
