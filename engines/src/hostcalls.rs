@@ -119,6 +119,41 @@ pub(crate) fn dispatch<H: Hostcalls, R: FromAnswer>(
     result
 }
 
+/// The [`Caller`] methods wasmtime's and wasmi's callers write alike (their `Caller` and
+/// `Memory` types have the same shape): for a struct with a `caller` field whose store data
+/// holds `host`, `memory` and `pending_trap`.
+#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+macro_rules! store_caller_basics {
+    () => {
+        fn host(&mut self) -> &mut H {
+            &mut self.caller.data_mut().host
+        }
+
+        fn memory(&mut self) -> GuestMemory<'_> {
+            match self.caller.data().memory {
+                Some(memory) => GuestMemory::new(memory.data_mut(&mut *self.caller)),
+                None => GuestMemory::empty(),
+            }
+        }
+
+        fn split(&mut self) -> (&mut H, GuestMemory<'_>) {
+            match self.caller.data().memory {
+                Some(memory) => {
+                    let (bytes, data) = memory.data_and_store_mut(&mut *self.caller);
+                    (&mut data.host, GuestMemory::new(bytes))
+                }
+                None => (&mut self.caller.data_mut().host, GuestMemory::empty()),
+            }
+        }
+
+        fn trap(&mut self, trap: Trap) {
+            self.caller.data_mut().pending_trap = Some(trap);
+        }
+    };
+}
+#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+pub(crate) use store_caller_basics;
+
 /// What a backend's caller keeps beside [`Caller`]: the trap a nested guest call (the
 /// allocator) or [`Caller::trap`] left for the outer call.
 pub(crate) trait PendingTrap {

@@ -106,30 +106,7 @@ impl<H: Send + 'static> crate::hostcalls::PendingTrap for WiCaller<'_, '_, H> {
 }
 
 impl<H: 'static> Caller<H> for WiCaller<'_, '_, H> {
-    fn host(&mut self) -> &mut H {
-        &mut self.caller.data_mut().host
-    }
-
-    fn memory(&mut self) -> GuestMemory<'_> {
-        match self.caller.data().memory {
-            Some(memory) => GuestMemory::new(memory.data_mut(&mut *self.caller)),
-            None => GuestMemory::empty(),
-        }
-    }
-
-    fn split(&mut self) -> (&mut H, GuestMemory<'_>) {
-        match self.caller.data().memory {
-            Some(memory) => {
-                let (bytes, data) = memory.data_and_store_mut(&mut *self.caller);
-                (&mut data.host, GuestMemory::new(bytes))
-            }
-            None => (&mut self.caller.data_mut().host, GuestMemory::empty()),
-        }
-    }
-
-    fn trap(&mut self, trap: Trap) {
-        self.caller.data_mut().pending_trap = Some(trap);
-    }
+    crate::hostcalls::store_caller_basics!();
 
     fn deadline_passed(&mut self) -> bool {
         self.caller
