@@ -314,7 +314,8 @@ impl HostMetrics {
         let _ = write!(out, "{text}");
     }
 
-    /// Adds every metric to `text` (where families several sources report are merged), labelled with `plugin`.
+    /// Adds every metric to `text`, labelled with `plugin`; families several sources report
+    /// are merged there.
     pub fn write_prometheus(&self, plugin: &str, text: &mut PrometheusText) {
         let labels = [("plugin", plugin)];
         let mut line = |name: &str, kind: &'static str, help: &str, value: String| {

@@ -248,7 +248,8 @@ impl MetricRegistry {
         let _ = write!(out, "{text}");
     }
 
-    /// Adds every metric to `text` (where families several sources report are merged), labelled with `plugin` if given.
+    /// Adds every metric to `text`, labelled with `plugin` if given; families several sources
+    /// report are merged there.
     pub fn write_prometheus(&self, plugin: Option<&str>, text: &mut PrometheusText) {
         let plugin: Vec<(&str, &str)> = plugin.map(|p| ("plugin", p)).into_iter().collect();
         for metric in self.metrics.read().iter() {
