@@ -133,12 +133,19 @@ impl Pool {
     /// left out first, then the rest (so a pool whose addresses all failed still tries).
     pub fn order(&self) -> Vec<&http::Uri> {
         let count = self.addresses.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % count.max(1);
+        // One address (the common case) has no turn to take and nothing to reorder: no
+        // shared counter written and no clock read per request.
+        if count <= 1 {
+            return self.addresses.iter().map(|a| &a.uri).collect();
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         let now = self.now_ms();
-        let rotated = (0..count).filter_map(|i| self.addresses.get((start + i) % count));
-        let (up, down): (Vec<&Address>, Vec<&Address>) =
-            rotated.partition(|a| a.down_until.load(Ordering::Relaxed) <= now);
-        up.into_iter().chain(down).map(|a| &a.uri).collect()
+        let mut order: Vec<&Address> = (0..count)
+            .filter_map(|i| self.addresses.get((start + i) % count))
+            .collect();
+        // Stable: the addresses left out go last, each group in turn order.
+        order.sort_by_key(|a| a.down_until.load(Ordering::Relaxed) > now);
+        order.into_iter().map(|a| &a.uri).collect()
     }
 
     /// `uri` refused a connection: leave it out for [`COOL_DOWN`].
