@@ -273,13 +273,9 @@ pub(super) async fn accept_loop<S: ListenerService>(
     }
 }
 
-/// A TLS version in Envoy's spelling (`TLSv1.3`).
+/// A TLS version in Envoy's spelling (`TLSv1.3`; rustls names it `TLSv1_3`).
 pub(super) fn envoy_tls_version(version: rustls::ProtocolVersion) -> String {
-    match version {
-        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2".into(),
-        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3".into(),
-        other => format!("{other:?}").replace("TLSv1_", "TLSv1."),
-    }
+    format!("{version:?}").replace("TLSv1_", "TLSv1.")
 }
 
 /// Serves one client connection: every request through `service` (the plugins, then the
