@@ -282,6 +282,14 @@ impl<H: Hostcalls> Instance<H> {
     }
 }
 
+/// Locks `mutex`, going on past a poisoned lock: the deadline threads' lists stay usable
+/// after a panic elsewhere (a list of weak references or watched calls cannot be left half
+/// changed by one).
+#[cfg(any(feature = "wasmtime", feature = "wasmer"))]
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 // Every instance is `Send` in every build (wasmer's by staying usable only at home).
 #[allow(dead_code)]
 fn instance_is_send<H: Hostcalls>(instance: Instance<H>) -> impl Send {

@@ -1,6 +1,7 @@
 //! Wall-clock deadlines on wasmer: a watchdog thread interrupts a call still running a tick
 //! after its deadline (metering alone counts operators, not time).
 
+use crate::lock;
 use crate::EngineError;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -31,14 +32,6 @@ static WATCHDOG: OnceLock<std::thread::Thread> = OnceLock::new();
 const ASLEEP_CHECK: Duration = Duration::from_secs(1);
 
 static WATCHLIST: OnceLock<Result<Mutex<Watchlist>, String>> = OnceLock::new();
-
-/// Locks a mutex whether or not a holder panicked (the list stays consistent: every change
-/// is one push or one removal).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The watchlist, starting the watchdog thread the first time. Metering counts operators at a
 /// fixed rate, which a loaded or slow machine stretches into seconds; the watchdog interrupts

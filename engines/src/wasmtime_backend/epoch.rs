@@ -3,6 +3,7 @@
 //! whether it has run its deadline.
 
 use super::StoreData;
+use crate::lock;
 use crate::{EngineError, RunClock};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -50,10 +51,6 @@ thread_local! {
         lock(&CALLERS).push(Arc::downgrade(&counts));
         counts
     };
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Marks a call into a store as running on this thread from `enter` until dropped, and wakes
