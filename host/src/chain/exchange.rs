@@ -373,7 +373,9 @@ impl Exchange {
                 phase,
                 map,
                 from,
-                connection: self.connection.clone().filter(|_| first_request_headers),
+                connection: first_request_headers
+                    .then(|| self.connection.clone())
+                    .flatten(),
             };
             let (step, back) = match self.run(job).await {
                 Ok(Done::Map(step, back)) => (step, back),
