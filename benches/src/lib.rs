@@ -70,18 +70,18 @@ fn fail(what: &str, e: impl std::fmt::Display) -> String {
 
 /// The header plugin (adds one request and one response header) on `engine`.
 pub fn header_plugin(engine: &Engine) -> Result<Plugin, String> {
-    header_plugin_timed(engine, true)
+    header_plugin_timed(engine, 16)
 }
 
-/// [`header_plugin`], with or without the callback latency histogram.
-fn header_plugin_timed(engine: &Engine, callback_latency: bool) -> Result<Plugin, String> {
+/// [`header_plugin`], timing one callback in `every` for the latency histogram (0: none).
+fn header_plugin_timed(engine: &Engine, every: u32) -> Result<Plugin, String> {
     let config = PluginConfig::named("bench")
         .with_configuration("add x-request yes\nresponse-add x-response yes")
         .with_engine(engine.kind())
         .with_log_level(LogLevel::Warn);
     Plugin::builder(config)
         .engine(engine)
-        .callback_latency(callback_latency)
+        .callback_latency_sampling(every)
         .build(guests::HEADERS)
         .map_err(|e| fail("header plugin", e))
 }
@@ -161,17 +161,20 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
             .native(format!("native/lifecycle_{n}_headers")),
         );
     }
-    // The same without the callback latency histogram: what timing costs per request.
-    let untimed = header_plugin_timed(&engine, false)?;
-    let mut vms = vec![Vm::new(&untimed).map_err(|e| fail("vm", e))?];
-    let request = request_headers(0);
-    out.push(
-        Scenario::new("stream/lifecycle_3_headers_untimed", move || {
-            lifecycle(&mut vms, &request)
-        })
-        .floor(floors::EXPORT_CALL)
-        .native("native/lifecycle_3_headers"),
-    );
+    // The same with every callback timed and with none: what the latency histogram costs
+    // per request (the default times one call in 16).
+    for (name, every) in [("every_call_timed", 1), ("untimed", 0)] {
+        let plugin = header_plugin_timed(&engine, every)?;
+        let mut vms = vec![Vm::new(&plugin).map_err(|e| fail("vm", e))?];
+        let request = request_headers(0);
+        out.push(
+            Scenario::new(format!("stream/lifecycle_3_headers_{name}"), move || {
+                lifecycle(&mut vms, &request)
+            })
+            .floor(floors::EXPORT_CALL)
+            .native("native/lifecycle_3_headers"),
+        );
+    }
     let mut vm = Vm::new(&plugin).map_err(|e| fail("vm", e))?;
     out.push(
         Scenario::new("stream/create_delete", move || {

@@ -96,3 +96,36 @@ fn a_timer_set_by_one_root_ticks_that_root_only() {
         assert!(vm.next_tick().is_some_and(|next| next > due), "{engine}");
     }
 }
+
+#[test]
+fn callback_latency_times_one_call_in_the_sampling_interval() {
+    for engine in EngineKind::built() {
+        for (every, timed) in [(1, 10), (4, 3), (16, 1), (0, 0)] {
+            let config = PluginConfig::named("headers").with_engine(engine);
+            let plugin = Plugin::builder(config)
+                .callback_latency_sampling(every)
+                .build(guests::HEADERS)
+                .expect("plugin");
+            let mut vm = Vm::new(&plugin).expect("vm");
+            for _ in 0..10 {
+                let stream = vm.create_http_stream().expect("stream");
+                let mut headers = request();
+                vm.on_request_headers(&stream, &mut headers, true)
+                    .expect("headers");
+                vm.finish_stream(stream).expect("finish");
+            }
+            let metrics = plugin.metrics();
+            let callback = Callback::ProxyOnRequestHeaders;
+            assert_eq!(metrics.callback_calls(callback), 10, "{engine}");
+            // The first call of each callback is timed, then one in `every`.
+            assert_eq!(
+                metrics.callback_timed_calls(callback),
+                timed,
+                "{engine}, one in {every}"
+            );
+            // A callback called once is timed unless timing is off.
+            let configure = metrics.callback_timed_calls(Callback::ProxyOnConfigure);
+            assert_eq!(configure, u64::from(every != 0), "{engine}, one in {every}");
+        }
+    }
+}

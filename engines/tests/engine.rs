@@ -125,6 +125,35 @@ fn traps_are_classified_the_same_on_every_engine() {
 }
 
 #[test]
+fn memory_size_follows_growth_in_the_guest_and_refused_growth() {
+    for engine in engines() {
+        let mut instance = module(
+            &engine,
+            r#"
+            (func (export "proxy_on_tick") (param i32) (drop (memory.grow (local.get 0))))
+            "#,
+        );
+        let page = 64 * 1024;
+        assert_eq!(instance.memory_size(), page, "{}", engine.kind());
+        // Read twice without a call between: the same answer.
+        assert_eq!(instance.memory_size(), page, "{}", engine.kind());
+        instance.call(Callback::ProxyOnTick, &[3]).expect("grows");
+        assert_eq!(instance.memory_size(), 4 * page, "{}", engine.kind());
+        instance
+            .call(Callback::ProxyOnTick, &[0])
+            .expect("grows by nothing");
+        assert_eq!(instance.memory_size(), 4 * page, "{}", engine.kind());
+        // Past the default limit: memory.grow answers -1 and the size stays.
+        instance
+            .call(Callback::ProxyOnTick, &[60_000])
+            .expect("refused, no trap");
+        assert_eq!(instance.memory_size(), 4 * page, "{}", engine.kind());
+        instance.call(Callback::ProxyOnTick, &[1]).expect("grows");
+        assert_eq!(instance.memory_size(), 5 * page, "{}", engine.kind());
+    }
+}
+
+#[test]
 fn a_panicking_hostcall_becomes_a_host_trap() {
     for engine in engines() {
         let mut instance = module(

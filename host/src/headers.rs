@@ -130,7 +130,11 @@ impl HeaderMap {
 
     /// The entries to change, copied first if another clone shares them.
     fn entries_mut(&mut self) -> &mut Vec<(Bytes, Bytes)> {
-        Arc::make_mut(self.entries.get_or_insert_with(Arc::default))
+        let entries = self.entries.get_or_insert_with(Arc::default);
+        if Arc::get_mut(entries).is_none() {
+            *entries = Arc::new(with_spare(entries.len(), entries.iter().cloned()));
+        }
+        Arc::make_mut(entries)
     }
 }
 
@@ -148,10 +152,8 @@ impl IntoIterator for HeaderMap {
 
 impl<K: Into<Bytes>, V: Into<Bytes>> FromIterator<(K, V)> for HeaderMap {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        let entries: Vec<(Bytes, Bytes)> = iter
-            .into_iter()
-            .map(|(k, v)| (k.into(), v.into()))
-            .collect();
+        let iter = iter.into_iter();
+        let entries = with_spare(iter.size_hint().0, iter.map(|(k, v)| (k.into(), v.into())));
         HeaderMap {
             entries: (!entries.is_empty()).then(|| Arc::new(entries)),
         }
@@ -163,6 +165,17 @@ impl<K: Into<Bytes>, V: Into<Bytes>> Extend<(K, V)> for HeaderMap {
         self.entries_mut()
             .extend(iter.into_iter().map(|(k, v)| (k.into(), v.into())));
     }
+}
+
+/// Room left in a map built or copied for a change: plugins mostly add a header or two, and
+/// growing the vector then would copy it again.
+const SPARE_ENTRIES: usize = 2;
+
+/// `entries` in a vector with room for `len` and [`SPARE_ENTRIES`] more.
+fn with_spare(len: usize, entries: impl Iterator<Item = (Bytes, Bytes)>) -> Vec<(Bytes, Bytes)> {
+    let mut out = Vec::with_capacity(len.saturating_add(SPARE_ENTRIES));
+    out.extend(entries);
+    out
 }
 
 /// Lower-cases a header name coming from a plugin.

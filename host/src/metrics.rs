@@ -210,6 +210,15 @@ impl HostMetrics {
             .map_or(0, HistogramSnapshot::calls)
     }
 
+    /// How many calls of `callback` were timed for `filterbox_callback_duration_seconds`
+    /// (one in the sampling interval, see
+    /// [`PluginBuilder::callback_latency_sampling`](crate::PluginBuilder::callback_latency_sampling)).
+    pub fn callback_timed_calls(&self, callback: Callback) -> u64 {
+        self.callback_histograms()
+            .get(callback as usize)
+            .map_or(0, HistogramSnapshot::count)
+    }
+
     /// Statistics for a new VM's callbacks, counted here until the VM drops them
     /// ([`HostMetrics::retire_callback_stats`]).
     pub(crate) fn callback_stats(&self) -> Arc<CallbackStats> {

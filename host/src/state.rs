@@ -34,8 +34,9 @@ pub(crate) struct PluginShared {
     pub(crate) metric_registry: Arc<MetricRegistry>,
     pub(crate) callouts: Arc<dyn Callouts>,
     pub(crate) foreign_functions: HashMap<String, Arc<dyn ForeignFunction>>,
-    /// Time every callback for the latency histogram (else only count it).
-    pub(crate) callback_latency: bool,
+    /// One call in this many of each callback is timed for the latency histogram (0: none;
+    /// every call is counted either way).
+    pub(crate) latency_every: u32,
 }
 
 /// A set of imports, one bit each.

@@ -282,6 +282,59 @@ fn main() {
     let pooled = filterbox_plugin(&wasm, true);
     let peer = Peer::new(&wasm);
 
+    // `--profile filterbox|peer`: only that host's 3-header lifecycle for 10 s, for `perf`.
+    if let Some(who) = args
+        .iter()
+        .position(|a| a == "--profile")
+        .and_then(|i| args.get(i + 1))
+    {
+        let start = Instant::now();
+        let mut n = 0u64;
+        if who == "peer" {
+            let maps = (pairs(request(0)), pairs(response()), request(0).len() as u32);
+            let (mut guest, root) = peer.guest();
+            while start.elapsed() < Duration::from_secs(10) {
+                peer_lifecycle(&mut guest, root, &maps);
+                n += 1;
+            }
+        } else {
+            let maps: (filterbox::HeaderMap, filterbox::HeaderMap) = (
+                request(0).into_iter().collect(),
+                response().into_iter().collect(),
+            );
+            let mut vm = filterbox::Vm::new(&plugin).expect("vm");
+            while start.elapsed() < Duration::from_secs(10) {
+                filterbox_lifecycle(&mut vm, &maps);
+                n += 1;
+            }
+        }
+        eprintln!("{who}: {:.0} ns per lifecycle", 1e10 / n as f64);
+        return;
+    }
+    // `--threads N`: filterbox's lifecycles on N threads sharing the plugin for 10 s, for `perf`.
+    if let Some(threads) = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let make = || {
+            let maps: (filterbox::HeaderMap, filterbox::HeaderMap) = (
+                request(0).into_iter().collect(),
+                response().into_iter().collect(),
+            );
+            (filterbox::Vm::new(&plugin).expect("vm"), maps)
+        };
+        let run = |(vm, maps): &mut (filterbox::Vm, _)| filterbox_lifecycle(vm, maps);
+        let start = Instant::now();
+        let mut rates = Vec::new();
+        while start.elapsed() < Duration::from_secs(10) {
+            rates.push(rate(threads, 100_000, &make, &run));
+        }
+        eprintln!("{threads} threads: {:.0} lifecycles/s", median(rates));
+        return;
+    }
+
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut row = |name: String| {
         rows.push((name, Vec::new(), Vec::new()));

@@ -93,7 +93,56 @@ pub(crate) struct StoreData<H> {
     /// A trap raised inside a nested guest call (the allocator) during a hostcall; it fails
     /// the outer call once the hostcall returns.
     pending_trap: Option<Trap>,
+    limits: GrowthWatch,
+}
+
+/// The store's limits, noting when the guest grows its memory so that the size is read from
+/// the store only after a growth (reading it costs a tenth of a short callback).
+struct GrowthWatch {
     limits: StoreLimits,
+    /// A `memory.grow` was asked for since the size was last read.
+    memory_grew: bool,
+}
+
+impl wasmtime::ResourceLimiter for GrowthWatch {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.memory_grew = true;
+        self.limits.memory_growing(current, desired, maximum)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 fn classify(err: &wasmtime::Error) -> Trap {
@@ -271,7 +320,10 @@ impl<H: Hostcalls> WtInstancePre<H> {
             memory: None,
             allocator: None,
             pending_trap: None,
-            limits: store_limits(limits),
+            limits: GrowthWatch {
+                limits: store_limits(limits),
+                memory_grew: true,
+            },
         };
         let mut store = Store::new(self.pre.module().engine(), data);
         store.limiter(|data| &mut data.limits);
@@ -331,6 +383,7 @@ impl<H: Hostcalls> WtInstancePre<H> {
             funcs,
             interruptible: self.interruptible,
             deadline: None,
+            memory_bytes: 0,
         })
     }
 }
@@ -402,6 +455,8 @@ pub(crate) struct WtInstance<H: 'static> {
     interruptible: bool,
     /// How long each call may run.
     deadline: Option<Duration>,
+    /// The memory's size when last read (valid while the limiter saw no growth).
+    memory_bytes: usize,
 }
 
 impl<H: Hostcalls> BackendInstance<H> for WtInstance<H> {
@@ -440,10 +495,14 @@ impl<H: Hostcalls> BackendInstance<H> for WtInstance<H> {
     }
 
     fn memory_size(&mut self) -> usize {
-        match self.store.data().memory {
-            Some(m) => m.data_size(&self.store),
-            None => 0,
+        let data = self.store.data_mut();
+        if std::mem::take(&mut data.limits.memory_grew) {
+            self.memory_bytes = match data.memory {
+                Some(m) => m.data_size(&self.store),
+                None => 0,
+            };
         }
+        self.memory_bytes
     }
 }
 

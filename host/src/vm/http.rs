@@ -159,9 +159,15 @@ impl Vm {
         }
         let parked = &mut state.parked;
         match action {
-            Action::Pause => parked.insert((stream.id, map), headers.clone()),
-            _ => parked.remove(&(stream.id, map)),
-        };
+            Action::Pause => {
+                parked.insert((stream.id, map), headers.clone());
+            }
+            // Nothing parked is the common case: no hashing then.
+            _ if !parked.is_empty() => {
+                parked.remove(&(stream.id, map));
+            }
+            _ => {}
+        }
         Ok(action)
     }
 

@@ -89,6 +89,8 @@ pub struct Vm {
     memory_high_water: usize,
     /// This VM's callback latencies (its own, so threads do not share cache lines).
     callback_stats: Arc<CallbackStats>,
+    /// Per callback: calls left before the next timed one (0: time the next call).
+    untimed_left: [u32; Callback::COUNT],
 }
 
 impl Drop for Vm {
@@ -179,6 +181,7 @@ impl Vm {
             memory: 0,
             memory_high_water: 0,
             callback_stats: metrics.callback_stats(),
+            untimed_left: [0; Callback::COUNT],
         };
         vm.note_memory();
         Ok(UnstartedVm { vm })
@@ -292,11 +295,7 @@ impl Vm {
         state.effective_context = None;
         state.exit_code = None;
         // quanta reads the TSC where it is invariant: a few ns against clock_gettime's ~25.
-        let started = self
-            .plugin
-            .shared()
-            .callback_latency
-            .then(quanta::Instant::now);
+        let started = self.time_this_call(callback).then(quanta::Instant::now);
         let mut outcome = self.instance.call(callback, args);
         let state = self.state();
         state.flush_output();
@@ -333,6 +332,24 @@ impl Vm {
         }
     }
 
+    /// Whether this call of `callback` is one the latency histogram samples.
+    fn time_this_call(&mut self, callback: Callback) -> bool {
+        let every = self.plugin.shared().latency_every;
+        let Some(left) = self.untimed_left.get_mut(callback as usize) else {
+            return false;
+        };
+        if every == 0 {
+            return false;
+        }
+        if *left == 0 {
+            *left = every - 1;
+            true
+        } else {
+            *left -= 1;
+            false
+        }
+    }
+
     fn create_context(&mut self, kind: ContextKind, parent: u32) -> Result<u32, VmError> {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(1);
@@ -357,15 +374,30 @@ impl Vm {
     fn forget_context(&mut self, id: u32) {
         let state = self.state();
         state.contexts.remove(&id);
-        state.events.retain(|(context, _)| *context != id);
-        state.properties.retain(|(context, _), _| *context != id);
-        state.parked.retain(|(context, _), _| *context != id);
-        state
-            .added_trailers
-            .retain(|(context, _), _| *context != id);
-        state.stream_info.remove(&id);
-        state.stream_roots.remove(&id);
-        state.ticks.remove(&id);
+        // Most of these are empty on a stream's way out; an empty map is not even hashed.
+        if !state.events.is_empty() {
+            state.events.retain(|(context, _)| *context != id);
+        }
+        if !state.properties.is_empty() {
+            state.properties.retain(|(context, _), _| *context != id);
+        }
+        if !state.parked.is_empty() {
+            state.parked.retain(|(context, _), _| *context != id);
+        }
+        if !state.added_trailers.is_empty() {
+            state
+                .added_trailers
+                .retain(|(context, _), _| *context != id);
+        }
+        if !state.stream_info.is_empty() {
+            state.stream_info.remove(&id);
+        }
+        if !state.stream_roots.is_empty() {
+            state.stream_roots.remove(&id);
+        }
+        if !state.ticks.is_empty() {
+            state.ticks.remove(&id);
+        }
     }
 }
 
