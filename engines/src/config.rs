@@ -36,6 +36,12 @@ pub struct PoolingConfig {
     pub max_instances: u32,
     /// The largest linear memory an instance may have.
     pub max_memory_bytes: usize,
+    /// Up to this much of a dropped instance's linear memory stays mapped and is reset in
+    /// place for the next instance in its slot, instead of being handed back to the kernel
+    /// (`madvise`, which also interrupts every other core to flush its TLB). On Linux 6.7 and
+    /// later only the pages the guest wrote are reset (`PAGEMAP_SCAN`). Default 1 MiB;
+    /// 0 hands everything back.
+    pub keep_resident_bytes: usize,
 }
 
 impl PoolingConfig {
@@ -44,6 +50,7 @@ impl PoolingConfig {
         PoolingConfig {
             max_instances,
             max_memory_bytes,
+            ..PoolingConfig::default()
         }
     }
 }
@@ -53,6 +60,7 @@ impl Default for PoolingConfig {
         PoolingConfig {
             max_instances: 1000,
             max_memory_bytes: 64 << 20,
+            keep_resident_bytes: 1 << 20,
         }
     }
 }

@@ -47,10 +47,16 @@ impl Histogram {
     /// Adds `from` into this histogram.
     fn absorb(&self, from: &Histogram) {
         for (count, more) in self.counts.iter().zip(&from.counts) {
-            count.fetch_add(more.load(Relaxed), Relaxed);
+            // Most buckets of most callbacks are empty: no write for them.
+            let more = more.load(Relaxed);
+            if more != 0 {
+                count.fetch_add(more, Relaxed);
+            }
         }
-        self.sum_nanos
-            .fetch_add(from.sum_nanos.load(Relaxed), Relaxed);
+        let more = from.sum_nanos.load(Relaxed);
+        if more != 0 {
+            self.sum_nanos.fetch_add(more, Relaxed);
+        }
     }
 }
 
@@ -236,7 +242,10 @@ impl HostMetrics {
             total.absorb(more);
         }
         for (total, more) in sets.retired.untimed.iter().zip(&stats.untimed) {
-            total.fetch_add(more.load(Relaxed), Relaxed);
+            let more = more.load(Relaxed);
+            if more != 0 {
+                total.fetch_add(more, Relaxed);
+            }
         }
         let gone = Arc::downgrade(&stats);
         drop(stats);

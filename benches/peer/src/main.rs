@@ -282,7 +282,8 @@ fn main() {
     let pooled = filterbox_plugin(&wasm, true);
     let peer = Peer::new(&wasm);
 
-    // `--profile filterbox|peer`: only that host's 3-header lifecycle for 10 s, for `perf`.
+    // `--profile filterbox|peer|new-vm`: that host's 3-header lifecycle (or filterbox's pooled
+    // VM creation) for 10 s, for `perf`.
     if let Some(who) = args
         .iter()
         .position(|a| a == "--profile")
@@ -290,7 +291,12 @@ fn main() {
     {
         let start = Instant::now();
         let mut n = 0u64;
-        if who == "peer" {
+        if who == "new-vm" {
+            while start.elapsed() < Duration::from_secs(10) {
+                drop(black_box(filterbox::Vm::new(&pooled).expect("vm")));
+                n += 1;
+            }
+        } else if who == "peer" {
             let maps = (pairs(request(0)), pairs(response()), request(0).len() as u32);
             let (mut guest, root) = peer.guest();
             while start.elapsed() < Duration::from_secs(10) {

@@ -7,6 +7,7 @@ use crate::{
     MemoryError, Returned, RunClock, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
+use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::{
     Extern, Func, Linker, Memory, ModuleExport, Store, StoreLimits, StoreLimitsBuilder,
@@ -45,7 +46,10 @@ impl WtEngine {
                 .total_core_instances(pool.max_instances)
                 .total_memories(pool.max_instances)
                 .total_tables(pool.max_instances)
-                .max_memory_size(pool.max_memory_bytes);
+                .max_memory_size(pool.max_memory_bytes)
+                .linear_memory_keep_resident(pool.keep_resident_bytes)
+                .table_keep_resident(pool.keep_resident_bytes)
+                .pagemap_scan(wasmtime::Enabled::Auto);
             c.allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pooling));
         }
         let engine = wasmtime::Engine::new(&c).map_err(|e| EngineError::Config(e.to_string()))?;
@@ -241,7 +245,7 @@ fn type_name(ty: wasmtime::ValType) -> &'static str {
 pub(crate) struct WtInstancePre<H> {
     pre: wasmtime::InstancePre<StoreData<H>>,
     /// Per callback: where to find it in an instance, if the module exports it.
-    callbacks: Vec<Option<ModuleExport>>,
+    callbacks: Arc<[Option<ModuleExport>]>,
     allocator: Option<ModuleExport>,
     memory: ModuleExport,
     abi: AbiVersion,
@@ -360,27 +364,17 @@ impl<H: Hostcalls> WtInstancePre<H> {
                 ));
             }
         };
-        let mut funcs = Vec::with_capacity(self.callbacks.len());
-        for (export, callback) in self.callbacks.iter().zip(Callback::ALL) {
-            funcs.push(
-                match export.and_then(|e| instance.get_module_export(&mut store, &e)) {
-                    // Types were checked against the ABI when linking, so the arity is the ABI's.
-                    Some(Extern::Func(f)) => Some(Typed::new(
-                        &f,
-                        &store,
-                        callback.params(self.abi).len(),
-                        callback.result().is_some(),
-                    )?),
-                    _ => None,
-                },
-            );
-        }
         let data = store.data_mut();
         data.memory = Some(memory);
         data.allocator = Some(allocator);
         Ok(WtInstance {
             store,
-            funcs,
+            instance,
+            exports: self.callbacks.clone(),
+            abi: self.abi,
+            funcs: std::iter::repeat_with(|| None)
+                .take(self.callbacks.len())
+                .collect(),
             interruptible: self.interruptible,
             deadline: None,
             memory_bytes: 0,
@@ -450,7 +444,12 @@ impl Typed {
 
 pub(crate) struct WtInstance<H: 'static> {
     store: Store<StoreData<H>>,
-    /// Per callback: the export, typed.
+    instance: wasmtime::Instance,
+    /// Per callback: where the instance has it, if the module exports it.
+    exports: Arc<[Option<ModuleExport>]>,
+    abi: AbiVersion,
+    /// Per callback: the export, typed on its first call (typing every export when
+    /// instantiating cost a sixth of a pooled VM's creation, for callbacks most VMs never call).
     funcs: Vec<Option<Typed>>,
     interruptible: bool,
     /// How long each call may run.
@@ -459,12 +458,45 @@ pub(crate) struct WtInstance<H: 'static> {
     memory_bytes: usize,
 }
 
+impl<H: Hostcalls> WtInstance<H> {
+    /// Looks `callback`'s export up and types it, once; a callback the module does not
+    /// export stays `None`.
+    fn type_export(&mut self, callback: Callback) -> Result<(), Trap> {
+        let index = callback as usize;
+        let Some(Some(export)) = self.exports.get(index) else {
+            return Ok(());
+        };
+        let Some(Extern::Func(func)) = self.instance.get_module_export(&mut self.store, export)
+        else {
+            return Ok(());
+        };
+        // Types were checked against the ABI when linking, so the arity is the ABI's.
+        let typed = Typed::new(
+            &func,
+            &self.store,
+            callback.params(self.abi).len(),
+            callback.result().is_some(),
+        )
+        .map_err(|e| Trap {
+            kind: TrapKind::Other,
+            message: e.to_string(),
+        })?;
+        if let Some(slot) = self.funcs.get_mut(index) {
+            *slot = Some(typed);
+        }
+        Ok(())
+    }
+}
+
 impl<H: Hostcalls> BackendInstance<H> for WtInstance<H> {
     fn has(&self, callback: Callback) -> bool {
-        matches!(self.funcs.get(callback as usize), Some(Some(_)))
+        matches!(self.exports.get(callback as usize), Some(Some(_)))
     }
 
     fn call(&mut self, callback: Callback, args: &[i32]) -> Result<Returned, Trap> {
+        if matches!(self.funcs.get(callback as usize), Some(None)) {
+            self.type_export(callback)?;
+        }
         let Some(Some(func)) = self.funcs.get(callback as usize) else {
             return Ok(Returned::Missing);
         };
