@@ -8,7 +8,9 @@
 //! ```
 //!
 //! With `--out FILE` the table also replaces the peer block of that file (`bench-report`
-//! keeps the block when it rewrites BENCHMARKS.md).
+//! keeps the block when it rewrites BENCHMARKS.md). For `perf`: `--profile filterbox`,
+//! `--profile peer` or `--profile new-vm` runs only that loop for 10 s, and `--threads N`
+//! filterbox's lifecycles on N threads sharing one plugin.
 //!
 //! The guest is the suite's Rust-SDK header plugin configured to add one request and one
 //! response header. A lifecycle is the issue's sequence: context create, request headers,
@@ -448,7 +450,9 @@ fn main() {
              filterbox (wasmtime 48) and `proxy-wasm-host` 0.2.0 (wasmtime 49) in one process on \
              the same guest bytes (the suite's Rust-SDK header plugin adding one request and one \
              response header) and the same callbacks: context create, request headers, request \
-             body, response headers, response body, done, log, delete. {ROUNDS} interleaved \
+             body, response headers, response body, done, log, delete. filterbox runs with its \
+             defaults (callback latency timed for one call in 16 of each callback; the pool keeps \
+             up to 1 MiB of a dropped VM's memory resident). {ROUNDS} interleaved \
              rounds alternating who goes first, medians. Single runs on this VM vary by up to \
              ±30 %; compare the ratio of one run. Command: see `benches/peer/src/main.rs`.\n\n\
              {table}{END}"
