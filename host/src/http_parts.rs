@@ -123,16 +123,22 @@ impl HeaderMap {
     pub fn to_request_parts(&self, parts: &mut request::Parts) -> Result<(), HttpPartsError> {
         let mut method = None;
         let (mut scheme, mut authority, mut path) = (None, None, None);
-        let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter() {
             match name.as_ref() {
                 b":method" => method = Some(value),
                 b":scheme" => scheme = Some(value),
                 b":authority" => authority = Some(value),
                 b":path" => path = Some(value),
-                _ => append(&mut headers, name, value)?,
+                _ => {}
             }
         }
+        let regular = |(name, _): &&(Bytes, Bytes)| {
+            !matches!(
+                name.as_ref(),
+                b":method" | b":scheme" | b":authority" | b":path"
+            )
+        };
+        let mut headers = headers_after(&parts.headers, self.as_slice().iter().filter(regular))?;
         let method = match method {
             // Unchanged (the usual case): nothing to parse.
             Some(m) if m.as_ref() == parts.method.as_str().as_bytes() => parts.method.clone(),
@@ -203,21 +209,20 @@ impl HeaderMap {
     /// `parts.headers`. On error `parts` is unchanged.
     pub fn to_response_parts(&self, parts: &mut response::Parts) -> Result<(), HttpPartsError> {
         let mut status = None;
-        let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter() {
-            match name.as_ref() {
-                b":status" => {
-                    status = Some(
-                        StatusCode::from_bytes(value)
-                            .map_err(|_| HttpPartsError::BadStatus(value.clone()))?,
-                    )
-                }
-                // The proxy frames the message for its own connection; a plugin's framing
-                // would describe another body or another hop (response splitting).
-                name if is_hop_by_hop(name) => {}
-                _ => append(&mut headers, name, value)?,
+            if name.as_ref() == b":status" {
+                status = Some(
+                    StatusCode::from_bytes(value)
+                        .map_err(|_| HttpPartsError::BadStatus(value.clone()))?,
+                );
             }
         }
+        // The proxy frames the message for its own connection; a plugin's framing would
+        // describe another body or another hop (response splitting).
+        let forwarded = |(name, _): &&(Bytes, Bytes)| {
+            name.as_ref() != b":status" && !is_hop_by_hop(name.as_ref())
+        };
+        let headers = headers_after(&parts.headers, self.as_slice().iter().filter(forwarded))?;
         if let Some(status) = status {
             parts.status = status;
         }
@@ -270,6 +275,37 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// `entries` (in order) as an `http` map that replaces `original`. When they begin with all
+/// of `original`'s entries, unchanged (plugins that change nothing or only add headers),
+/// `original` is cloned, which shares its parsed names and values, and only the entries after
+/// it are parsed; otherwise every entry is (each costs a validation, a hash and often an
+/// allocation).
+fn headers_after<'a>(
+    original: &http::HeaderMap,
+    entries: impl Iterator<Item = &'a (Bytes, Bytes)> + Clone,
+) -> Result<http::HeaderMap, HttpPartsError> {
+    let mut rest = entries.clone().peekable();
+    let mut kept = 0;
+    for (name, value) in original {
+        match rest.peek() {
+            Some((n, v)) if n.as_ref() == name.as_str().as_bytes() && *v == value.as_bytes() => {
+                rest.next();
+                kept += 1;
+            }
+            _ => break,
+        }
+    }
+    let (mut headers, rest) = if kept == original.len() {
+        (original.clone(), rest)
+    } else {
+        (with_capacity(original.len())?, entries.peekable())
+    };
+    for (name, value) in rest {
+        append(&mut headers, name, value)?;
+    }
+    Ok(headers)
 }
 
 /// An `http` header map for `n` headers; `http` holds at most 24,576 and panics past it.
@@ -362,6 +398,82 @@ mod tests {
         map.replace(":authority", "b.test");
         map.to_request_parts(&mut absolute).expect("valid");
         assert_eq!(absolute.uri, "http://b.test/x");
+    }
+
+    /// What the parts' headers hold, in the `http` map's order.
+    fn http_pairs(headers: &http::HeaderMap) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kept_headers_and_rebuilt_headers_are_the_same_map() {
+        // Each edit, applied both ways: through the parts the map came from (original headers
+        // kept where they lead unchanged) and onto parts without headers (all parsed). (The
+        // edits leave `host` alone: in an origin-form request `:authority` sets it.)
+        let edits: [(&str, fn(&mut HeaderMap)); 6] = [
+            ("nothing", |_| {}),
+            ("an added header", |m| m.add("x-added", "yes")),
+            ("a duplicate of an existing name", |m| m.add("x-a", "3")),
+            ("a changed value", |m| m.replace("x-a", "9")),
+            ("a removed header", |m| {
+                m.remove("x-a");
+            }),
+            ("headers moved to the end", |m| {
+                m.remove("x-a");
+                m.add("x-a", "2");
+                m.add("x-a", "1");
+            }),
+        ];
+        for (what, edit) in edits {
+            let mut parts = request("/p");
+            let mut map = HeaderMap::from_request_parts(&parts);
+            edit(&mut map);
+            let mut fresh = request("/p");
+            fresh.headers.clear();
+            map.to_request_parts(&mut parts).expect("valid");
+            map.to_request_parts(&mut fresh).expect("valid");
+            assert_eq!(
+                http_pairs(&parts.headers),
+                http_pairs(&fresh.headers),
+                "{what}"
+            );
+            let expected: Vec<(String, String)> = pairs(&map)
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with(':'))
+                .collect();
+            let mut got = http_pairs(&parts.headers);
+            let mut want = expected;
+            // `http` groups values by name; the multimap is what must match.
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "{what}");
+        }
+
+        // A response whose upstream sent framing headers: they go whatever path is taken.
+        let (mut response, ()) = http::Response::builder()
+            .header("content-type", "text/plain")
+            .header("connection", "close")
+            .body(())
+            .expect("response")
+            .into_parts();
+        let mut map = HeaderMap::from_response_parts(&response);
+        map.add("x-added", "yes");
+        map.to_response_parts(&mut response).expect("valid");
+        assert_eq!(
+            http_pairs(&response.headers),
+            [
+                ("content-type".to_owned(), "text/plain".to_owned()),
+                ("x-added".to_owned(), "yes".to_owned())
+            ]
+        );
     }
 
     #[test]
