@@ -121,6 +121,19 @@ fn filterbox_lifecycle(
     assert!(req.get("x-request").is_some() && resp.get("x-response").is_some());
 }
 
+/// A thread's VM and maps. Each thread builds its own maps: clones of one map shared between
+/// threads would count reference-count traffic between the cores that a proxy's fresh maps do
+/// not have.
+fn filterbox_thread_state(
+    plugin: &filterbox::Plugin,
+) -> (filterbox::Vm, (filterbox::HeaderMap, filterbox::HeaderMap)) {
+    let maps = (
+        request(0).into_iter().collect(),
+        response().into_iter().collect(),
+    );
+    (filterbox::Vm::new(plugin).expect("vm"), maps)
+}
+
 // --- proxy-wasm-host ---
 
 struct Quiet;
@@ -299,7 +312,11 @@ fn main() {
                 n += 1;
             }
         } else if who == "peer" {
-            let maps = (pairs(request(0)), pairs(response()), request(0).len() as u32);
+            let maps = (
+                pairs(request(0)),
+                pairs(response()),
+                request(0).len() as u32,
+            );
             let (mut guest, root) = peer.guest();
             while start.elapsed() < Duration::from_secs(10) {
                 peer_lifecycle(&mut guest, root, &maps);
@@ -326,13 +343,7 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|n| n.parse::<usize>().ok())
     {
-        let make = || {
-            let maps: (filterbox::HeaderMap, filterbox::HeaderMap) = (
-                request(0).into_iter().collect(),
-                response().into_iter().collect(),
-            );
-            (filterbox::Vm::new(&plugin).expect("vm"), maps)
-        };
+        let make = || filterbox_thread_state(&plugin);
         let run = |(vm, maps): &mut (filterbox::Vm, _)| filterbox_lifecycle(vm, maps);
         let start = Instant::now();
         let mut rates = Vec::new();
@@ -396,15 +407,7 @@ fn main() {
             rows[index].1.push(f);
             rows[index].2.push(p);
         }
-        // Each thread builds its own maps: clones of one map shared between threads would
-        // count reference-count traffic between the cores that a proxy's fresh maps do not have.
-        let make_ours = || {
-            let maps: (filterbox::HeaderMap, filterbox::HeaderMap) = (
-                request(0).into_iter().collect(),
-                response().into_iter().collect(),
-            );
-            (filterbox::Vm::new(&plugin).expect("vm"), maps)
-        };
+        let make_ours = || filterbox_thread_state(&plugin);
         let run_ours = |(vm, maps): &mut (filterbox::Vm, _)| filterbox_lifecycle(vm, maps);
         let make_theirs = || {
             let maps = (
