@@ -36,11 +36,11 @@ pub struct PoolingConfig {
     pub max_instances: u32,
     /// The largest linear memory an instance may have.
     pub max_memory_bytes: usize,
-    /// Up to this much of a dropped instance's linear memory stays mapped and is reset in
-    /// place for the next instance in its slot, instead of being handed back to the kernel
-    /// (`madvise`, which also interrupts every other core to flush its TLB). On Linux 6.7 and
-    /// later only the pages the guest wrote are reset (`PAGEMAP_SCAN`). Default 1 MiB;
-    /// 0 hands everything back.
+    /// Up to this much of a dropped instance's linear memory (and as much of its table)
+    /// stays mapped and is reset in place for the next instance in its slot, instead of
+    /// being handed back to the kernel (`madvise`, which also interrupts every other core to
+    /// flush its TLB). On Linux 6.7 and later only the pages the guest wrote are reset
+    /// (`PAGEMAP_SCAN`). Default 1 MiB; 0 hands everything back.
     pub keep_resident_bytes: usize,
 }
 
