@@ -418,7 +418,8 @@ mod tests {
         // Each edit, applied both ways: through the parts the map came from (original headers
         // kept where they lead unchanged) and onto parts without headers (all parsed). (The
         // edits leave `host` alone: in an origin-form request `:authority` sets it.)
-        let edits: [(&str, fn(&mut HeaderMap)); 6] = [
+        type Edit = (&'static str, fn(&mut HeaderMap));
+        let edits: [Edit; 6] = [
             ("nothing", |_| {}),
             ("an added header", |m| m.add("x-added", "yes")),
             ("a duplicate of an existing name", |m| m.add("x-a", "3")),
