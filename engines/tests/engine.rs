@@ -290,9 +290,8 @@ fn a_reused_pool_slot_starts_from_the_module_s_own_memory_and_table() {
         (func $one (result i32) (i32.const 1))
         (elem (i32.const 0) $one)
         (type $answer (func (result i32)))
-        ;; Logs the 4 bytes at 16, the byte at 60000 (0 after a fresh start) and what table slot
-        ;; 0 answers, then dirties
-        ;; both, grows memory and clears table slot 0.
+        ;; Logs the 4 bytes at 16, the byte at 60000 (0 after a fresh start) and what table
+        ;; slot 0 answers; then dirties both bytes, grows memory and clears table slot 0.
         (func (export "proxy_on_tick") (param i32)
             (drop (call $log (i32.const 2) (i32.const 16) (i32.const 4)))
             (i32.store8 (i32.const 8) (i32.add (i32.const 48) (i32.load8_u (i32.const 60000))))

@@ -300,7 +300,9 @@ fn headers_after<'a>(
     let (mut headers, rest) = if kept == original.len() {
         (original.clone(), rest)
     } else {
-        (with_capacity(original.len())?, entries.peekable())
+        // Room for every entry, as many as the plugin's map holds at most.
+        let most = entries.size_hint().1.unwrap_or(original.len());
+        (with_capacity(most)?, entries.peekable())
     };
     for (name, value) in rest {
         append(&mut headers, name, value)?;

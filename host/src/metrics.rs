@@ -47,16 +47,9 @@ impl Histogram {
     /// Adds `from` into this histogram.
     fn absorb(&self, from: &Histogram) {
         for (count, more) in self.counts.iter().zip(&from.counts) {
-            // Most buckets of most callbacks are empty: no write for them.
-            let more = more.load(Relaxed);
-            if more != 0 {
-                count.fetch_add(more, Relaxed);
-            }
+            add_counter(count, more);
         }
-        let more = from.sum_nanos.load(Relaxed);
-        if more != 0 {
-            self.sum_nanos.fetch_add(more, Relaxed);
-        }
+        add_counter(&self.sum_nanos, &from.sum_nanos);
     }
 }
 
@@ -112,6 +105,14 @@ impl CallbackStats {
                 }
             }
         }
+    }
+}
+
+/// Adds `from` into `total`. Most buckets of most callbacks are empty: no write for them.
+fn add_counter(total: &AtomicU64, from: &AtomicU64) {
+    let more = from.load(Relaxed);
+    if more != 0 {
+        total.fetch_add(more, Relaxed);
     }
 }
 
@@ -249,10 +250,7 @@ impl HostMetrics {
             total.absorb(more);
         }
         for (total, more) in sets.retired.untimed.iter().zip(&stats.untimed) {
-            let more = more.load(Relaxed);
-            if more != 0 {
-                total.fetch_add(more, Relaxed);
-            }
+            add_counter(total, more);
         }
         let gone = Arc::downgrade(&stats);
         drop(stats);

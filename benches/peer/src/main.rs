@@ -323,11 +323,7 @@ fn main() {
                 n += 1;
             }
         } else {
-            let maps: (filterbox::HeaderMap, filterbox::HeaderMap) = (
-                request(0).into_iter().collect(),
-                response().into_iter().collect(),
-            );
-            let mut vm = filterbox::Vm::new(&plugin).expect("vm");
+            let (mut vm, maps) = filterbox_thread_state(&plugin);
             while start.elapsed() < Duration::from_secs(10) {
                 filterbox_lifecycle(&mut vm, &maps);
                 n += 1;

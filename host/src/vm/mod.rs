@@ -335,12 +335,12 @@ impl Vm {
     /// Whether this call of `callback` is one the latency histogram samples.
     fn time_this_call(&mut self, callback: Callback) -> bool {
         let every = self.plugin.shared().latency_every;
-        let Some(left) = self.untimed_left.get_mut(callback as usize) else {
-            return false;
-        };
         if every == 0 {
             return false;
         }
+        let Some(left) = self.untimed_left.get_mut(callback as usize) else {
+            return false;
+        };
         if *left == 0 {
             *left = every - 1;
             true
@@ -374,10 +374,9 @@ impl Vm {
     fn forget_context(&mut self, id: u32) {
         let state = self.state();
         state.contexts.remove(&id);
-        // Most of these are empty on a stream's way out; an empty map is not even hashed.
-        if !state.events.is_empty() {
-            state.events.retain(|(context, _)| *context != id);
-        }
+        state.events.retain(|(context, _)| *context != id);
+        // Most of these maps are empty on a stream's way out; an empty one is not even hashed
+        // or scanned.
         if !state.properties.is_empty() {
             state.properties.retain(|(context, _), _| *context != id);
         }
