@@ -8,7 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const GUESTS: &[&str] = &[
-    "headers", "body", "deny", "logger", "callouts", "abi010", "parity",
+    "headers",
+    "body",
+    "deny",
+    "logger",
+    "callouts",
+    "abi010",
+    "parity",
+    "ratelimit",
 ];
 
 fn main() {

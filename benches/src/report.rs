@@ -424,3 +424,23 @@ fn targets_section(
     md.push_str("\nRSS per VM, chain linearity and thread scaling: see the tables above.\n");
     md
 }
+
+/// Replaces the block between `markers` in `file` (or appends `block`, which starts and ends
+/// with them): the blocks other programs measured stay as they are.
+pub fn write_block(
+    file: &std::path::Path,
+    (start, end): (&str, &str),
+    block: &str,
+) -> std::io::Result<()> {
+    let old = std::fs::read_to_string(file).unwrap_or_default();
+    let new = match (old.find(start), old.find(end)) {
+        (Some(from), Some(to)) if from < to => format!(
+            "{}{block}{}",
+            &old[..from],
+            old[to + end.len()..].trim_start_matches('\n')
+        ),
+        _ if old.is_empty() => block.to_owned(),
+        _ => format!("{}\n\n{block}", old.trim_end_matches('\n')),
+    };
+    std::fs::write(file, new)
+}

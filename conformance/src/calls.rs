@@ -152,7 +152,7 @@ pub(crate) fn rust_sdk_http_call(h: &Harness) -> CaseResult {
         .shared_state()
         .get(&plugin.config().vm_id, b"last_path");
     ensure!(
-        stored.as_ref().map(|(v, _)| v.as_ref()) == Some(&b"/a"[..]),
+        matches!(&stored, Ok(Some((v, _))) if v.as_ref() == b"/a"),
         "shared data: {stored:?}"
     );
     Ok(())

@@ -20,6 +20,9 @@ pub const ABI010: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_abi010
 /// the body, a gRPC call with a bad method), one per configuration (Rust SDK, ABI 0.2.1); see
 /// `guests/parity/src/lib.rs`.
 pub const PARITY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_parity.wasm"));
+/// A rate limiter on shared data with CAS (429 past `limit` per `window`), and queue
+/// commands for cross-instance tests (Rust SDK, ABI 0.2.1); see `guests/ratelimit/src/lib.rs`.
+pub const RATELIMIT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_ratelimit.wasm"));
 /// Adds headers, counts requests and denies `/deny` (AssemblyScript SDK
 /// `@solo-io/proxy-runtime` 0.1.8, ABI 0.2.0, root id `as_root`); see
 /// `guests/assemblyscript/assembly/index.ts`.
@@ -40,6 +43,7 @@ pub const ALL: &[(&str, &[u8])] = &[
     ("callouts", CALLOUTS),
     ("abi010", ABI010),
     ("parity", PARITY),
+    ("ratelimit", RATELIMIT),
     ("assemblyscript", ASSEMBLYSCRIPT),
     ("cpp", CPP),
 ];

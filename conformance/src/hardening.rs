@@ -603,11 +603,12 @@ pub(crate) fn service_plugin_runs_on_its_own(h: &Harness) -> CaseResult {
         }
         Ok(())
     };
-    let value = |key: &[u8]| shared.get(&vm_id, key).map(|(v, _)| v);
+    let value = |key: &[u8]| shared.get(&vm_id, key).ok().flatten().map(|(v, _)| v);
     wait("its first tick", &|| value(b"ticked").is_some())?;
     let send = |message: &[u8]| -> CaseResult {
         let queue = shared
             .resolve_queue(&vm_id, b"jobs")
+            .map_err(|e| format!("resolve: {e}"))?
             .ok_or("the service registered no queue")?;
         shared
             .enqueue(queue, message)

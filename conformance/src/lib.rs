@@ -15,6 +15,7 @@ pub mod guests;
 mod hardening;
 mod harness;
 mod hostile;
+pub mod redis_server;
 pub mod servers;
 
 pub use cases::{CASES, Case};

@@ -98,7 +98,9 @@ pub use plugin::{LoadError, Plugin, PluginBuilder, PluginError};
 pub use plugin_metrics::{MetricRegistry, MetricValue};
 pub use prometheus::PrometheusText;
 pub use service::{Service, ServiceError};
-pub use shared::{QueueError, SharedLimits, SharedState};
+pub use shared::{QueueError, SharedError, SharedLimits, SharedState, StoreStats};
+#[cfg(feature = "redis")]
+pub use shared::{RedisConfig, RedisConfigError};
 pub use stream::{Action, LocalResponse, StreamEvent};
 pub use vm::{Connection, HttpStream, UnstartedVm, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};

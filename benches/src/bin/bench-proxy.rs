@@ -337,7 +337,7 @@ fn main() -> Result<()> {
         .collect();
     let block = table(&rows, &args, &load);
     print!("{block}");
-    write_block(&args.out, &block)?;
+    filterbox_benches::report::write_block(&args.out, (START, END), &block)?;
     eprintln!("updated {}", args.out.display());
     Ok(())
 }
@@ -388,22 +388,4 @@ fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {
     out.push_str(END);
     out.push('\n');
     out
-}
-
-/// Replaces the proxy block of `file` (or appends one).
-fn write_block(file: &Path, block: &str) -> Result<()> {
-    let old = std::fs::read_to_string(file).unwrap_or_default();
-    let new = match (old.find(START), old.find(END)) {
-        (Some(start), Some(end)) if start < end => {
-            format!(
-                "{}{block}{}",
-                &old[..start],
-                &old[end + END.len()..].trim_start_matches('\n')
-            )
-        }
-        _ if old.is_empty() => block.to_owned(),
-        _ => format!("{}\n{block}", old.trim_end_matches('\n').to_owned() + "\n"),
-    };
-    std::fs::write(file, new)?;
-    Ok(())
 }

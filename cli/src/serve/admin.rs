@@ -60,17 +60,20 @@ pub(super) fn render_stats(shared: &Shared) -> String {
     for (name, registry) in shared.registries.all() {
         registry.write_prometheus(Some(&name), &mut text);
     }
-    for plugin in shared.chain.current().plugins() {
-        plugin
-            .metrics()
-            .write_prometheus(&plugin.config().name, &mut text);
+    let services = shared.services.lock();
+    let chain = shared.chain.current();
+    let plugins = chain
+        .plugins()
+        .iter()
+        .chain(services.iter().map(|service| service.plugin()));
+    for plugin in plugins {
+        let name = &plugin.config().name;
+        plugin.metrics().write_prometheus(name, &mut text);
+        if let Some(stats) = plugin.shared_state().store_stats() {
+            stats.write_prometheus(name, &mut text);
+        }
     }
-    for service in shared.services.lock().iter() {
-        let plugin = service.plugin();
-        plugin
-            .metrics()
-            .write_prometheus(&plugin.config().name, &mut text);
-    }
+    drop(services);
     let counters = [
         (
             "filterbox_serve_requests_total",
@@ -110,6 +113,9 @@ pub(super) fn render_stats(shared: &Shared) -> String {
 #[derive(Clone, Default)]
 pub(super) struct Registries(
     pub(super) Arc<parking_lot::Mutex<BTreeMap<String, Arc<MetricRegistry>>>>,
+    /// Each plugin's remote shared-state store, kept across reloads while its config stays:
+    /// a reload neither reconnects nor loses the queue wake-ups it listens for.
+    Arc<parking_lot::Mutex<BTreeMap<String, (SharedStateEntry, filterbox::SharedState)>>>,
 );
 
 impl Registries {
@@ -122,6 +128,24 @@ impl Registries {
             .entry(plugin.to_owned())
             .or_insert_with(|| Arc::new(MetricRegistry::new(Self::MAX_METRICS_PER_PLUGIN)))
             .clone()
+    }
+
+    /// The shared-state world `entry` describes for `plugin`: the one made before if the
+    /// plugin's entry is unchanged, else a new one.
+    pub(super) fn shared_state(
+        &self,
+        plugin: &str,
+        entry: &SharedStateEntry,
+    ) -> anyhow::Result<filterbox::SharedState> {
+        let mut stores = self.1.lock();
+        if let Some((kept, state)) = stores.get(plugin)
+            && kept == entry
+        {
+            return Ok(state.clone());
+        }
+        let state = entry.build()?;
+        stores.insert(plugin.to_owned(), (entry.clone(), state.clone()));
+        Ok(state)
     }
 
     pub(super) fn all(&self) -> Vec<(String, Arc<MetricRegistry>)> {

@@ -117,6 +117,60 @@ pub struct PluginEntry {
     /// Imports the plugin may use (default: all).
     #[serde(default)]
     pub allowed_capabilities: Option<Vec<String>>,
+    /// Where the plugin's shared data and queues live (default: in this process).
+    #[serde(default)]
+    pub shared_state: Option<SharedStateEntry>,
+}
+
+/// `shared_state:` of a plugin: `backend: local` (the default) or `backend: redis`, shared by
+/// every `serve` process pointing at the same server and key prefix.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Hash)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SharedStateEntry {
+    /// In this process, shared by the plugins with the same `vm_id`.
+    Local,
+    /// On a Redis server.
+    Redis {
+        /// `redis://host:port/db`.
+        url: String,
+        /// Put before every key (default `filterbox:`).
+        #[serde(default)]
+        key_prefix: Option<String>,
+        /// The longest a hostcall waits for the server, in ms (default 5).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// Keep read values until the server says they changed (default true).
+        #[serde(default)]
+        local_cache: Option<bool>,
+    },
+}
+
+impl SharedStateEntry {
+    /// The world this entry describes.
+    pub(super) fn build(&self) -> Result<filterbox::SharedState> {
+        match self {
+            SharedStateEntry::Local => Ok(filterbox::SharedState::global()),
+            SharedStateEntry::Redis {
+                url,
+                key_prefix,
+                timeout_ms,
+                local_cache,
+            } => {
+                let mut config = filterbox::RedisConfig::new(url);
+                if let Some(prefix) = key_prefix {
+                    config = config.with_key_prefix(prefix);
+                }
+                if let Some(ms) = timeout_ms {
+                    config = config.with_timeout(std::time::Duration::from_millis(*ms));
+                }
+                if let Some(on) = local_cache {
+                    config = config.with_local_cache(*on);
+                }
+                filterbox::SharedState::redis(config, filterbox::SharedLimits::default())
+                    .map_err(|e| anyhow::anyhow!("shared_state: {e}"))
+            }
+        }
+    }
 }
 
 /// Envoy's `FailurePolicy`.

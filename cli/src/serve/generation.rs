@@ -78,17 +78,22 @@ pub(super) fn build_generation(
         let engine = plugin_config.engine;
         let wasm = read_plugin_file(&file)
             .with_context(|| format!("plugin {:?}: reading {}", entry.name, file.display()))?;
-        Plugin::builder(plugin_config)
+        let mut builder = Plugin::builder(plugin_config)
             .callouts(callouts.clone())
-            .metric_registry(registries.of(&entry.name))
-            .build(&wasm)
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "plugin {:?} ({}) on {engine}: {e}",
-                    entry.name,
-                    file.display()
-                )
-            })
+            .metric_registry(registries.of(&entry.name));
+        if let Some(shared_state) = &entry.shared_state {
+            let state = registries
+                .shared_state(&entry.name, shared_state)
+                .with_context(|| format!("plugin {:?}", entry.name))?;
+            builder = builder.shared_state(state);
+        }
+        builder.build(&wasm).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {:?} ({}) on {engine}: {e}",
+                entry.name,
+                file.display()
+            )
+        })
     };
     let plugins = config
         .plugins

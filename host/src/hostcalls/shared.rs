@@ -1,5 +1,6 @@
 //! Shared data and shared queues.
 
+use crate::shared::{QueueError, SharedError};
 use filterbox_abi::Status;
 
 use super::marshal::*;
@@ -14,7 +15,9 @@ pub(super) fn proxy_get_shared_data(
 ) -> i32 {
     let (state, memory) = cx.split();
     let key = tri!(read(&memory, key_ptr, key_size));
-    let Some((value, cas)) = state
+    // A store that cannot answer looks like a missing key: `NotFound` is the one failure the
+    // Rust SDK returns instead of panicking (ABI.md, "Shared state on Redis").
+    let Ok(Some((value, cas))) = state
         .shared
         .shared_state
         .get(&state.shared.config.vm_id, key)
@@ -43,9 +46,14 @@ pub(super) fn proxy_set_shared_data(
         .shared_state
         .set(&shared.config.vm_id, key, value, cas as u32)
     {
-        Ok(_) => Status::Ok.as_i32(),
-        Err(e) => Status::from(e).as_i32(),
+        Ok(_) => Status::Ok,
+        Err(SharedError::CasMismatch) => Status::CasMismatch,
+        // The write did not happen; `CasMismatch` is the one failure the Rust SDK returns
+        // instead of panicking, and a CAS loop retries or gives up on it.
+        Err(SharedError::Unavailable) => Status::CasMismatch,
+        Err(_) => Status::InternalFailure,
     }
+    .as_i32()
 }
 
 pub(super) fn proxy_register_shared_queue(
@@ -66,7 +74,7 @@ pub(super) fn proxy_register_shared_queue(
         state.current_root(),
     ) {
         Ok(token) => token,
-        Err(e) => return Status::from(e).as_i32(),
+        Err(_) => return Status::InternalFailure.as_i32(),
     };
     write_words(&mut memory, &[(ret_queue_id_ptr, token)]).as_i32()
 }
@@ -89,8 +97,9 @@ pub(super) fn proxy_resolve_shared_queue(
         other => String::from_utf8_lossy(other).into_owned(),
     };
     match shared.shared_state.resolve_queue(&vm_id, name) {
-        Some(token) => write_words(&mut memory, &[(ret_queue_id_ptr, token)]).as_i32(),
-        None => Status::NotFound.as_i32(),
+        Ok(Some(token)) => write_words(&mut memory, &[(ret_queue_id_ptr, token)]).as_i32(),
+        // A store that cannot answer: the queue cannot be found.
+        Ok(None) | Err(_) => Status::NotFound.as_i32(),
     }
 }
 
@@ -102,7 +111,13 @@ pub(super) fn proxy_enqueue_shared_queue(
 ) -> i32 {
     let (state, memory) = cx.split();
     let value = tri!(read(&memory, value_ptr, value_size));
-    status_of(state.shared.shared_state.enqueue(queue_id as u32, value))
+    match state.shared.shared_state.enqueue(queue_id as u32, value) {
+        Ok(()) => Status::Ok,
+        // A store that cannot answer: `NotFound`, which the Rust SDK returns as an `Err`.
+        Err(QueueError::NotFound | QueueError::Unavailable) => Status::NotFound,
+        Err(_) => Status::InternalFailure,
+    }
+    .as_i32()
 }
 
 pub(super) fn proxy_dequeue_shared_queue(
@@ -119,7 +134,9 @@ pub(super) fn proxy_dequeue_shared_queue(
     }
     match cx.host().shared.shared_state.dequeue(queue_id as u32) {
         Ok(Some(message)) => return_bytes(cx, &message, ret_ptr_ptr, ret_size_ptr).as_i32(),
-        Ok(None) => Status::Empty.as_i32(),
-        Err(e) => Status::from(e).as_i32(),
+        // A store that cannot answer: nothing to take now.
+        Ok(None) | Err(QueueError::Unavailable) => Status::Empty.as_i32(),
+        Err(QueueError::NotFound) => Status::NotFound.as_i32(),
+        Err(_) => Status::InternalFailure.as_i32(),
     }
 }

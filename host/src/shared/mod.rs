@@ -2,13 +2,20 @@
 //!
 //! Both are namespaced by `vm_id`: every VM whose plugin has the same `vm_id` sees the same
 //! data and queues, on any thread. One [`SharedState`] is one such world; by default every
-//! plugin uses the process-wide [`SharedState::global`], as the reference host does.
+//! plugin uses the process-wide [`SharedState::global`], as the reference host does. A world
+//! lives in this process ([`SharedState::new`], `local`) or, with the `redis` feature, on a
+//! Redis server that several proxy instances share ([`SharedState::redis`], `redis`).
 
-use crate::inbox::{Inbox, Pending};
+mod local;
+#[cfg(feature = "redis")]
+mod redis;
+
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisConfig, RedisConfigError};
+
+use crate::inbox::Inbox;
 use bytes::Bytes;
-use parking_lot::Mutex;
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 
 /// Bounds on what one `vm_id` may keep in a [`SharedState`]. A write past them is refused with
 /// `InternalFailure` (the ABI has no "full" status; the Rust SDK maps that one to an `Err`
@@ -90,61 +97,52 @@ impl SharedLimits {
     }
 }
 
-/// Why a shared-state operation did not happen.
+/// Why a shared-data write did not happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum SharedError {
-    NotFound,
+#[non_exhaustive]
+pub enum SharedError {
+    /// A non-zero CAS token did not match the stored one: another writer came first.
     CasMismatch,
+    /// The write would pass a [`SharedLimits`] bound.
     Full,
+    /// The store did not answer in time (a remote store that is down, slow or restarting).
+    Unavailable,
 }
 
-impl From<SharedError> for filterbox_abi::Status {
-    fn from(e: SharedError) -> Self {
-        use filterbox_abi::Status;
-        match e {
-            SharedError::NotFound => Status::NotFound,
-            SharedError::CasMismatch => Status::CasMismatch,
-            SharedError::Full => Status::InternalFailure,
-        }
+impl core::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            SharedError::CasMismatch => "the CAS token does not match the stored one",
+            SharedError::Full => "the write would pass the shared-state limits",
+            SharedError::Unavailable => "the shared-state store did not answer in time",
+        })
     }
 }
 
-#[derive(Default)]
-struct Namespace {
-    data: HashMap<Bytes, (Bytes, u32)>,
-    data_bytes: usize,
-    /// Queue name → token.
-    queue_names: HashMap<Bytes, u32>,
-    /// Everything the namespace holds: data, queue names and waiting messages.
-    bytes: usize,
-}
+impl std::error::Error for SharedError {}
 
-struct Queue {
-    /// The namespace that registered it, whose budget its messages use.
-    vm_id: String,
-    messages: VecDeque<Bytes>,
-    bytes: usize,
-    /// Who hears `proxy_on_queue_ready`: the VM that registered last, and its root context.
-    owner: Weak<Inbox>,
-    owner_root: u32,
-}
-
-#[derive(Default)]
-struct World {
-    namespaces: HashMap<String, Namespace>,
-    queues: HashMap<u32, Queue>,
-    /// Bytes held across all namespaces.
-    bytes: usize,
-    next_cas: u32,
-    next_queue: u32,
+impl SharedLimits {
+    /// Whether a namespace holding `held` bytes, in a world holding `total`, may grow by
+    /// `more` bytes.
+    fn has_room(&self, held: usize, total: usize, more: usize) -> bool {
+        held.saturating_add(more) <= self.max_vm_id_bytes
+            && total.saturating_add(more) <= self.max_total_bytes
+    }
 }
 
 /// A key-value store and a set of message queues shared by VMs, namespaced by `vm_id`.
 /// Cheap to clone; clones are the same world.
 #[derive(Clone)]
 pub struct SharedState {
-    world: Arc<Mutex<World>>,
+    store: Store,
     limits: SharedLimits,
+}
+
+#[derive(Clone)]
+enum Store {
+    Local(Arc<local::LocalStore>),
+    #[cfg(feature = "redis")]
+    Redis(Arc<redis::RedisStore>),
 }
 
 impl Default for SharedState {
@@ -156,32 +154,95 @@ impl Default for SharedState {
 impl core::fmt::Debug for SharedState {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("SharedState")
+            .field("backend", &self.backend())
             .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
-fn next_nonzero(counter: &mut u32) -> u32 {
-    *counter = counter.wrapping_add(1).max(1);
-    *counter
+/// What a remote store has done so far: every round trip, the ones that failed, and how long
+/// they took. Counted since the store was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Operations sent to the store (a hostcall makes at most one).
+    pub operations: u64,
+    /// Operations that failed: no connection, a timeout, or an error from the server. The
+    /// plugin got the "unavailable" status of its hostcall (ABI.md, shared state).
+    pub errors: u64,
+    /// Operations answered without a round trip (the local read cache).
+    pub cache_hits: u64,
+    /// Total time of the operations, in microseconds.
+    pub total_micros: u64,
+    /// The slowest operation, in microseconds.
+    pub max_micros: u64,
 }
 
-impl SharedLimits {
-    /// Whether a namespace holding `held` bytes, in a world holding `total`, may grow by
-    /// `more` bytes.
-    fn has_room(&self, held: usize, total: usize, more: usize) -> bool {
-        held.saturating_add(more) <= self.max_vm_id_bytes
-            && total.saturating_add(more) <= self.max_total_bytes
+impl StoreStats {
+    /// Adds these numbers to `text` as the `filterbox_shared_store_*` families, labelled
+    /// `plugin`.
+    pub fn write_prometheus(&self, plugin: &str, text: &mut crate::PrometheusText) {
+        let labels = [("plugin", plugin)];
+        let counters = [
+            (
+                "filterbox_shared_store_operations_total",
+                "Round trips to the remote shared-state store.",
+                self.operations,
+            ),
+            (
+                "filterbox_shared_store_errors_total",
+                "Round trips to the remote shared-state store that failed or timed out.",
+                self.errors,
+            ),
+            (
+                "filterbox_shared_store_cache_hits_total",
+                "Shared-data reads answered from the local cache, without a round trip.",
+                self.cache_hits,
+            ),
+        ];
+        for (name, help, value) in counters {
+            text.sample(name, "counter", Some(help), name, &labels, value);
+        }
+        let seconds = [
+            (
+                "filterbox_shared_store_seconds_total",
+                "counter",
+                "Time spent in round trips to the remote shared-state store.",
+                self.total_micros,
+            ),
+            (
+                "filterbox_shared_store_max_seconds",
+                "gauge",
+                "The slowest round trip to the remote shared-state store.",
+                self.max_micros,
+            ),
+        ];
+        for (name, kind, help, micros) in seconds {
+            let value = micros as f64 / 1e6;
+            text.sample(name, kind, Some(help), name, &labels, value);
+        }
     }
 }
 
 impl SharedState {
-    /// An empty world with `limits`.
+    /// An empty in-process world with `limits`.
     pub fn new(limits: SharedLimits) -> Self {
         SharedState {
-            world: Arc::default(),
+            store: Store::Local(Arc::new(local::LocalStore::new(limits))),
             limits,
         }
+    }
+
+    /// A world kept on the Redis server `config` names, shared with every process that uses
+    /// the same server and key prefix. Nothing is sent yet: the first hostcall connects, and
+    /// a server that is down makes hostcalls answer their "unavailable" status until it is
+    /// back. Starts one thread that hears queue wake-ups (and cache invalidations).
+    #[cfg(feature = "redis")]
+    pub fn redis(config: RedisConfig, limits: SharedLimits) -> Result<Self, RedisConfigError> {
+        Ok(SharedState {
+            store: Store::Redis(redis::RedisStore::start(config, limits)?),
+            limits,
+        })
     }
 
     /// The process-wide world plugins use unless given another.
@@ -195,51 +256,42 @@ impl SharedState {
         self.limits
     }
 
-    /// The value and CAS token stored under `key` for `vm_id`.
-    pub fn get(&self, vm_id: &str, key: &[u8]) -> Option<(Bytes, u32)> {
-        let world = self.world.lock();
-        world.namespaces.get(vm_id)?.data.get(key).cloned()
+    /// Where the world lives: `"local"` or `"redis"`.
+    pub fn backend(&self) -> &'static str {
+        match &self.store {
+            Store::Local(_) => "local",
+            #[cfg(feature = "redis")]
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    /// What a remote store has done so far (`None` for the in-process world, which has no
+    /// round trips to count).
+    pub fn store_stats(&self) -> Option<StoreStats> {
+        match &self.store {
+            Store::Local(_) => None,
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => Some(store.stats()),
+        }
+    }
+
+    /// The value and CAS token stored under `key` for `vm_id` (`Ok(None)`: no such key).
+    pub fn get(&self, vm_id: &str, key: &[u8]) -> Result<Option<(Bytes, u32)>, SharedError> {
+        match &self.store {
+            Store::Local(store) => Ok(store.get(vm_id, key)),
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => store.get(vm_id, key),
+        }
     }
 
     /// Stores `value` under `key` for `vm_id`. A non-zero `cas` must match the stored token
     /// (ignored when the key is new). Returns the new token.
-    pub(crate) fn set(
-        &self,
-        vm_id: &str,
-        key: &[u8],
-        value: &[u8],
-        cas: u32,
-    ) -> Result<u32, SharedError> {
-        let mut guard = self.world.lock();
-        let world = &mut *guard;
-        let ns = world.namespaces.entry(vm_id.to_owned()).or_default();
-        let old = ns.data.get(key);
-        if let Some((_, current)) = old
-            && cas != 0
-            && cas != *current
-        {
-            return Err(SharedError::CasMismatch);
+    pub fn set(&self, vm_id: &str, key: &[u8], value: &[u8], cas: u32) -> Result<u32, SharedError> {
+        match &self.store {
+            Store::Local(store) => store.set(vm_id, key, value, cas),
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => store.set(vm_id, key, value, cas),
         }
-        let old_bytes = old.map_or(0, |(v, _)| key.len() + v.len());
-        let keys = ns.data.len() + usize::from(old.is_none());
-        let bytes = ns.data_bytes - old_bytes + key.len() + value.len();
-        let grows = bytes.saturating_sub(ns.data_bytes);
-        if keys > self.limits.max_keys
-            || bytes > self.limits.max_data_bytes
-            || !self.limits.has_room(ns.bytes, world.bytes, grows)
-        {
-            return Err(SharedError::Full);
-        }
-        let token = next_nonzero(&mut world.next_cas);
-        // The namespace shrinks by what the old value held and grows by the new one.
-        ns.bytes = ns.bytes + bytes - ns.data_bytes;
-        world.bytes = world.bytes + bytes - ns.data_bytes;
-        ns.data_bytes = bytes;
-        ns.data.insert(
-            Bytes::copy_from_slice(key),
-            (Bytes::copy_from_slice(value), token),
-        );
-        Ok(token)
     }
 
     /// Creates the queue `name` of `vm_id` (or finds it, keeping what waits in it) and makes
@@ -251,97 +303,43 @@ impl SharedState {
         owner: &Arc<Inbox>,
         root: u32,
     ) -> Result<u32, SharedError> {
-        let mut guard = self.world.lock();
-        let world = &mut *guard;
-        let ns = world.namespaces.entry(vm_id.to_owned()).or_default();
-        if let Some(token) = ns.queue_names.get(name).copied()
-            && let Some(queue) = world.queues.get_mut(&token)
-        {
-            queue.owner = Arc::downgrade(owner);
-            queue.owner_root = root;
-            return Ok(token);
+        match &self.store {
+            Store::Local(store) => store.register_queue(vm_id, name, owner, root),
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => Ok(store.register_queue(vm_id, name, owner, root)),
         }
-        if ns.queue_names.len() >= self.limits.max_queues
-            || !self.limits.has_room(ns.bytes, world.bytes, name.len())
-        {
-            return Err(SharedError::Full);
-        }
-        let token = loop {
-            let token = next_nonzero(&mut world.next_queue);
-            if !world.queues.contains_key(&token) {
-                break token;
-            }
-        };
-        ns.queue_names.insert(Bytes::copy_from_slice(name), token);
-        ns.bytes += name.len();
-        world.bytes += name.len();
-        world.queues.insert(
-            token,
-            Queue {
-                vm_id: vm_id.to_owned(),
-                messages: VecDeque::new(),
-                bytes: 0,
-                owner: Arc::downgrade(owner),
-                owner_root: root,
-            },
-        );
-        Ok(token)
     }
 
-    /// The token of queue `name` of `vm_id`, if it is registered.
-    pub fn resolve_queue(&self, vm_id: &str, name: &[u8]) -> Option<u32> {
-        let world = self.world.lock();
-        world.namespaces.get(vm_id)?.queue_names.get(name).copied()
+    /// The token of queue `name` of `vm_id`, if it is registered (`Ok(None)`: it is not).
+    pub fn resolve_queue(&self, vm_id: &str, name: &[u8]) -> Result<Option<u32>, QueueError> {
+        match &self.store {
+            Store::Local(store) => Ok(store.resolve_queue(vm_id, name)),
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => store.resolve_queue(vm_id, name),
+        }
     }
 
     /// Appends `message` to queue `token` and tells its owner (one `proxy_on_queue_ready` per
     /// message, as the reference host). Works from any thread.
     pub fn enqueue(&self, token: u32, message: &[u8]) -> Result<(), QueueError> {
-        let (owner, root) = {
-            let mut guard = self.world.lock();
-            let world = &mut *guard;
-            let queue = world.queues.get(&token).ok_or(QueueError::NotFound)?;
-            let held = world.namespaces.get(&queue.vm_id).map_or(0, |ns| ns.bytes);
-            if queue.messages.len() >= self.limits.max_queue_messages
-                || queue.bytes + message.len() > self.limits.max_queue_bytes
-                || !self.limits.has_room(held, world.bytes, message.len())
-            {
-                return Err(QueueError::Full);
-            }
-            let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
-            queue.bytes += message.len();
-            queue.messages.push_back(Bytes::copy_from_slice(message));
-            if let Some(ns) = world.namespaces.get_mut(&queue.vm_id) {
-                ns.bytes += message.len();
-            }
-            world.bytes += message.len();
-            (queue.owner.clone(), queue.owner_root)
-        };
-        // Woken outside the lock: the owner's waker is embedder code.
-        if let Some(inbox) = owner.upgrade() {
-            inbox.push(Pending::QueueReady { root, token });
+        match &self.store {
+            Store::Local(store) => store.enqueue(token, message),
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => store.enqueue(token, message),
         }
-        Ok(())
     }
 
     /// Takes the oldest message of queue `token`: `Ok(None)` when it is empty.
     pub fn dequeue(&self, token: u32) -> Result<Option<Bytes>, QueueError> {
-        let mut guard = self.world.lock();
-        let world = &mut *guard;
-        let queue = world.queues.get_mut(&token).ok_or(QueueError::NotFound)?;
-        let message = queue.messages.pop_front();
-        if let Some(m) = &message {
-            queue.bytes -= m.len();
-            if let Some(ns) = world.namespaces.get_mut(&queue.vm_id) {
-                ns.bytes -= m.len();
-            }
-            world.bytes -= m.len();
+        match &self.store {
+            Store::Local(store) => store.dequeue(token),
+            #[cfg(feature = "redis")]
+            Store::Redis(store) => store.dequeue(token),
         }
-        Ok(message)
     }
 }
 
-/// Why [`SharedState::enqueue`] or [`SharedState::dequeue`] failed.
+/// Why a queue operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum QueueError {
@@ -349,6 +347,8 @@ pub enum QueueError {
     NotFound,
     /// The queue holds as much as [`SharedLimits`] allow.
     Full,
+    /// The store did not answer in time (a remote store that is down, slow or restarting).
+    Unavailable,
 }
 
 impl core::fmt::Display for QueueError {
@@ -356,20 +356,12 @@ impl core::fmt::Display for QueueError {
         f.write_str(match self {
             QueueError::NotFound => "no queue has that token",
             QueueError::Full => "the queue is full",
+            QueueError::Unavailable => "the shared-state store did not answer in time",
         })
     }
 }
 
 impl std::error::Error for QueueError {}
-
-impl From<QueueError> for filterbox_abi::Status {
-    fn from(e: QueueError) -> Self {
-        match e {
-            QueueError::NotFound => SharedError::NotFound.into(),
-            QueueError::Full => SharedError::Full.into(),
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -378,7 +370,7 @@ mod tests {
     #[test]
     fn cas_rules_follow_the_reference() {
         let s = SharedState::default();
-        assert_eq!(s.get("vm", b"k"), None);
+        assert_eq!(s.get("vm", b"k"), Ok(None));
         let first = s.set("vm", b"k", b"1", 12345).unwrap(); // new key: cas ignored
         assert_ne!(first, 0);
         assert_eq!(
@@ -388,8 +380,11 @@ mod tests {
         let second = s.set("vm", b"k", b"2", first).unwrap();
         let third = s.set("vm", b"k", b"3", 0).unwrap(); // 0: unconditional
         assert!(second != first && third != second);
-        assert_eq!(s.get("vm", b"k"), Some((Bytes::from_static(b"3"), third)));
-        assert_eq!(s.get("other-vm", b"k"), None);
+        assert_eq!(
+            s.get("vm", b"k"),
+            Ok(Some((Bytes::from_static(b"3"), third)))
+        );
+        assert_eq!(s.get("other-vm", b"k"), Ok(None));
     }
 
     #[test]
@@ -437,8 +432,8 @@ mod tests {
         let s = SharedState::new(SharedLimits::default().with_max_queue_messages(2));
         let inbox = Arc::new(Inbox::new(0));
         let token = s.register_queue("vm", b"q", &inbox, 7).unwrap();
-        assert_eq!(s.resolve_queue("vm", b"q"), Some(token));
-        assert_eq!(s.resolve_queue("vm", b"other"), None);
+        assert_eq!(s.resolve_queue("vm", b"q"), Ok(Some(token)));
+        assert_eq!(s.resolve_queue("vm", b"other"), Ok(None));
         assert_eq!(s.dequeue(token), Ok(None));
         s.enqueue(token, b"one").unwrap();
         s.enqueue(token, b"two").unwrap();

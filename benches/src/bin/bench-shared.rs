@@ -1,0 +1,161 @@
+//! Shared state per call, in this process against Redis on loopback (a `redis-server` the
+//! program starts): `get_shared_data`, `set_shared_data` with CAS, a CAS increment (get then
+//! set, as a rate limiter does), and one request through the suite's rate-limit guest on
+//! wasmtime. Writes the table into BENCHMARKS.md between its markers (bench-report keeps it).
+//!
+//! ```sh
+//! cargo run -p filterbox-benches --release --bin bench-shared [-- --out FILE]
+//! ```
+//!
+//! Needs Debian's `redis-server`.
+
+use anyhow::{Context as _, Result};
+use filterbox::{
+    EngineKind, HeaderMap, Plugin, PluginConfig, RedisConfig, SharedLimits, SharedState, Vm,
+};
+use filterbox_conformance::guests;
+use filterbox_conformance::redis_server::RedisServer;
+use std::fmt::Write as _;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const START: &str = "<!-- shared-bench -->";
+const END: &str = "<!-- /shared-bench -->";
+const ROUNDS: usize = 7;
+
+/// The median over [`ROUNDS`] rounds of `n` calls of `op`, in µs per call.
+fn per_call(n: u32, mut op: impl FnMut()) -> f64 {
+    let mut rounds: Vec<f64> = (0..ROUNDS)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..n {
+                op();
+            }
+            started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+        })
+        .collect();
+    rounds.sort_by(f64::total_cmp);
+    rounds[ROUNDS / 2]
+}
+
+fn rate_limited_request(vm: &mut Vm) {
+    let mut request: HeaderMap = [(":method", "GET"), (":path", "/"), (":authority", "a")]
+        .into_iter()
+        .collect();
+    let stream = vm.create_http_stream().expect("stream");
+    black_box(
+        vm.on_request_headers(&stream, &mut request, true)
+            .expect("request"),
+    );
+    vm.finish_stream(stream).expect("finish");
+}
+
+fn main() -> Result<()> {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let out = raw
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| raw.get(i + 1))
+        .map_or_else(|| PathBuf::from("BENCHMARKS.md"), PathBuf::from);
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; numbers are only meaningful with --release");
+    }
+    let server = RedisServer::start().map_err(anyhow::Error::msg)?;
+    let redis = |cache: bool| -> Result<SharedState> {
+        let config = RedisConfig::new(server.url())
+            .with_timeout(Duration::from_secs(1))
+            .with_local_cache(cache);
+        SharedState::redis(config, SharedLimits::default()).context("redis world")
+    };
+    let worlds = [
+        ("in-process", SharedState::new(SharedLimits::default())),
+        ("Redis, local cache", redis(true)?),
+        ("Redis, no cache", redis(false)?),
+    ];
+    // The cache answers once its subscriber listens.
+    let started = Instant::now();
+    worlds[1].1.set("bench", b"warm", b"1", 0).ok();
+    while worlds[1].1.store_stats().is_none_or(|s| s.cache_hits == 0) {
+        let _ = worlds[1].1.get("bench", b"warm");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cache never answered"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let mut rows: Vec<(&str, Vec<f64>)> = vec![
+        ("`get_shared_data` of an unchanged key", vec![]),
+        ("`set_shared_data` with CAS", vec![]),
+        ("CAS increment (get, then set with its token)", vec![]),
+        ("rate-limit guest, one request (wasmtime)", vec![]),
+    ];
+    for (name, world) in &worlds {
+        eprintln!("{name} …");
+        world.set("bench", b"key", b"value", 0).ok();
+        rows[0].1.push(per_call(2_000, || {
+            black_box(world.get("bench", b"key").ok());
+        }));
+        let mut token = world.set("bench", b"cas", b"0", 0).unwrap_or(0);
+        rows[1].1.push(per_call(2_000, || {
+            token = world.set("bench", b"cas", b"1", token).unwrap_or(0);
+        }));
+        rows[2].1.push(per_call(2_000, || {
+            if let Ok(Some((value, token))) = world.get("bench", b"counter") {
+                let n: u64 = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                black_box(
+                    world
+                        .set("bench", b"counter", (n + 1).to_string().as_bytes(), token)
+                        .ok(),
+                );
+            } else {
+                world.set("bench", b"counter", b"0", 0).ok();
+            }
+        }));
+        let config = PluginConfig::named("ratelimit")
+            .with_configuration(format!("limit={} window=0", u64::MAX))
+            .with_vm_id("bench-limiter")
+            .with_engine(EngineKind::Wasmtime);
+        let plugin = Plugin::builder(config)
+            .shared_state(world.clone())
+            .build(guests::RATELIMIT)
+            .context("ratelimit plugin")?;
+        let mut vm = Vm::new(&plugin).context("vm")?;
+        rows[3]
+            .1
+            .push(per_call(1_000, || rate_limited_request(&mut vm)));
+        if let Some(stats) = world.store_stats() {
+            eprintln!("  {stats:?}");
+        }
+    }
+
+    let mut block = format!(
+        "{START}\n## Shared state: in-process against Redis on loopback\n\n\
+         `cargo run -p filterbox-benches --release --bin bench-shared` ({} rounds, medians; a \
+         `redis-server` on 127.0.0.1 started by the program, on the same 2 cores). µs per call.\n\n\
+         | operation |",
+        ROUNDS
+    );
+    for (name, _) in &worlds {
+        let _ = write!(block, " {name} |");
+    }
+    block.push_str("\n|---|");
+    block.push_str(&"---|".repeat(worlds.len()));
+    block.push('\n');
+    for (row, values) in &rows {
+        let _ = write!(block, "| {row} |");
+        for value in values {
+            let _ = write!(block, " {value:.2} |");
+        }
+        block.push('\n');
+    }
+    let _ = writeln!(block, "{END}");
+    print!("{block}");
+    filterbox_benches::report::write_block(&out, (START, END), &block)?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}

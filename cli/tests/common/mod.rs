@@ -1,0 +1,144 @@
+//! What the `serve` end-to-end tests share: the proxy process, an upstream, a client call.
+#![allow(dead_code)] // each test file uses its own part
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+/// The proxy process, killed when the test ends however it ends.
+pub struct Proxy(pub Child);
+
+impl Proxy {
+    /// Panics if `serve` has exited (it could not start): waiting for it would be in vain.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.0.try_wait() {
+            panic!("filterbox serve exited: {status} (its stderr is above)");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An HTTP/1.1 upstream on a free loopback port that answers each request with `answer`'s
+/// body.
+pub async fn http1_upstream<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = String> + Send + 'static,
+{
+    let socket = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = socket.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: http::Request<Incoming>| {
+                    let body = answer(request);
+                    async move {
+                        let body = Full::new(Bytes::from(body.await));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+pub async fn get(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    url: String,
+    header: Option<(&str, &str)>,
+) -> Result<(u16, http::HeaderMap, String), String> {
+    let mut request = http::Request::get(&url);
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    let request = request
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((
+        parts.status.as_u16(),
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+/// `filterbox serve` on the `filterbox.yaml` in `dir`.
+pub fn start_serve(dir: &Path) -> Proxy {
+    let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+        .args(["serve", "--config"])
+        .arg(dir.join("filterbox.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start filterbox serve");
+    Proxy(child)
+}
+
+/// `filterbox serve` on `config` (written to `dir`), once it accepts connections on `listen`.
+pub async fn serve_until_listening(dir: &Path, config: &str, listen: SocketAddr) -> Proxy {
+    std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+    let mut proxy = start_serve(dir);
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(listen).await.is_err() {
+        proxy.assert_running();
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// A fresh directory for one test's config and plugin files.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    dir
+}
+
+pub fn stat(stats: &str, name: &str) -> u64 {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
