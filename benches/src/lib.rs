@@ -10,6 +10,7 @@
 
 pub mod exchange;
 pub mod floors;
+pub mod load;
 pub mod report;
 
 use bytes::BytesMut;

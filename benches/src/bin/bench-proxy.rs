@@ -14,17 +14,12 @@
 //! Needs `wrk` (Debian: `apt-get install wrk`); the nginx row needs Debian's `nginx-light`.
 
 use anyhow::{Context as _, Result, bail};
-use bytes::Bytes;
+use filterbox_benches::load::{Proxy, free_port, median, spawn_proxy, start_upstream, wrk};
 use filterbox_conformance::guests;
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use std::fmt::Write as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const START: &str = "<!-- proxy-bench -->";
 const END: &str = "<!-- /proxy-bench -->";
@@ -66,49 +61,6 @@ fn args() -> Result<Args> {
     })
 }
 
-/// The proxy process, killed however the run ends.
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// An upstream that answers every request `200 hello`, on its own one-thread runtime.
-fn start_upstream() -> Result<(SocketAddr, tokio::runtime::Runtime)> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let addr = listener.local_addr()?;
-    runtime.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let service = service_fn(|_: http::Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                        Bytes::from_static(b"hello\n"),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok((addr, runtime))
-}
-
-fn free_port() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// The plugins of an `n`-plugin chain (name, configuration, file): header rewrites and a
 /// deny rule that never matches, so every request reaches the upstream through every plugin.
 fn chain(n: usize) -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
@@ -136,28 +88,6 @@ fn plugins(n: usize) -> String {
         out = "plugins: []\n".into();
     }
     out
-}
-
-/// Starts `command` (a proxy that will listen on `addr`) and waits until it listens.
-fn spawn_proxy(command: &mut Command, addr: SocketAddr) -> Result<Proxy> {
-    let name = command.get_program().to_string_lossy().into_owned();
-    let child = command
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {name}"))?;
-    let mut proxy = Proxy(child);
-    let started = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        if let Some(status) = proxy.0.try_wait()? {
-            bail!("{name} exited: {status}");
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("{name} did not listen on {addr} within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(proxy)
 }
 
 /// nginx as the reference proxy: one worker, keepalive connections to the upstream; `None`
@@ -189,58 +119,6 @@ fn start_nginx(dir: &Path, upstream: SocketAddr) -> Result<Option<(Proxy, Socket
     let mut command = Command::new(nginx);
     command.arg("-p").arg(&prefix).arg("-c").arg(&path);
     Ok(Some((spawn_proxy(&mut command, listen)?, listen)))
-}
-
-/// Requests per second and p99 latency (ms) of one wrk run.
-fn wrk(url: &str, seconds: u64, connections: u32) -> Result<(f64, f64)> {
-    let output = Command::new("wrk")
-        .args([
-            "-t",
-            "1",
-            "-c",
-            &connections.to_string(),
-            "-d",
-            &format!("{seconds}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .context("running wrk (Debian: apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed: {text}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    if let Some(line) = text
-        .lines()
-        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"))
-    {
-        bail!("wrk saw failures ({}): {text}", line.trim());
-    }
-    let rps = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .with_context(|| format!("no Requests/sec in wrk output: {text}"))?;
-    let p99 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("99%"))
-        .map(str::trim)
-        .and_then(duration_ms)
-        .with_context(|| format!("no 99% latency in wrk output: {text}"))?;
-    Ok((rps, p99))
-}
-
-/// wrk's `1.23ms` / `456.00us` / `1.20s` in milliseconds.
-fn duration_ms(text: &str) -> Option<f64> {
-    for (unit, scale) in [("us", 0.001), ("ms", 1.0), ("s", 1000.0)] {
-        if let Some(number) = text.strip_suffix(unit) {
-            return number.parse::<f64>().ok().map(|n| n * scale);
-        }
-    }
-    None
 }
 
 fn main() -> Result<()> {
@@ -345,18 +223,6 @@ fn main() -> Result<()> {
 /// "1 plugin", "5 plugins".
 fn count(n: usize) -> String {
     format!("{n} plugin{}", if n == 1 { "" } else { "s" })
-}
-
-/// The middle value (the mean of the middle two for an even count).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    let at = |i: usize| values.get(i).copied().unwrap_or(0.0);
-    match n {
-        0 => 0.0,
-        _ if n % 2 == 1 => at(n / 2),
-        _ => (at(n / 2 - 1) + at(n / 2)) / 2.0,
-    }
 }
 
 fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {

@@ -1,23 +1,28 @@
 //! Shared state per call, in this process against Redis on loopback (a `redis-server` the
 //! program starts): `get_shared_data`, `set_shared_data` with CAS, a CAS increment (get then
 //! set, as a rate limiter does), and one request through the suite's rate-limit guest on
-//! wasmtime. Writes the table into BENCHMARKS.md between its markers (bench-report keeps it).
+//! wasmtime; then requests/s of `filterbox serve` with that guest on each backend (wrk).
+//! Writes the tables into BENCHMARKS.md between its markers (bench-report keeps them).
 //!
 //! ```sh
-//! cargo run -p filterbox-benches --release --bin bench-shared [-- --out FILE]
+//! cargo build --release -p filterbox-cli
+//! cargo run -p filterbox-benches --release --bin bench-shared [-- --seconds N] [--rounds N] \
+//!     [--filterbox PATH] [--out FILE]
 //! ```
 //!
-//! Needs Debian's `redis-server`.
+//! Needs Debian's `redis-server`, and `wrk` for the serve rows.
 
 use anyhow::{Context as _, Result};
 use filterbox::{
     EngineKind, HeaderMap, Plugin, PluginConfig, RedisConfig, SharedLimits, SharedState, Vm,
 };
+use filterbox_benches::load::{free_port, median, spawn_proxy, start_upstream, wrk};
 use filterbox_conformance::guests;
 use filterbox_conformance::redis_server::RedisServer;
 use std::fmt::Write as _;
 use std::hint::black_box;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const START: &str = "<!-- shared-bench -->";
@@ -26,7 +31,7 @@ const ROUNDS: usize = 7;
 
 /// The median over [`ROUNDS`] rounds of `n` calls of `op`, in µs per call.
 fn per_call(n: u32, mut op: impl FnMut()) -> f64 {
-    let mut rounds: Vec<f64> = (0..ROUNDS)
+    let rounds: Vec<f64> = (0..ROUNDS)
         .map(|_| {
             let started = Instant::now();
             for _ in 0..n {
@@ -35,8 +40,7 @@ fn per_call(n: u32, mut op: impl FnMut()) -> f64 {
             started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
         })
         .collect();
-    rounds.sort_by(f64::total_cmp);
-    rounds[ROUNDS / 2]
+    median(rounds)
 }
 
 fn rate_limited_request(vm: &mut Vm) {
@@ -51,13 +55,98 @@ fn rate_limited_request(vm: &mut Vm) {
     vm.finish_stream(stream).expect("finish");
 }
 
+/// Requests/s and p99 (ms) of `filterbox serve` with no plugin, and with the rate-limit
+/// guest on each backend: interleaved wrk rounds, medians.
+fn serve_rows(
+    filterbox: &Path,
+    redis_url: &str,
+    seconds: u64,
+    rounds: u32,
+) -> Result<Vec<(String, f64, f64)>> {
+    let dir = std::env::temp_dir().join(format!("filterbox-bench-shared-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("ratelimit.wasm"), guests::RATELIMIT)?;
+    let (upstream, _runtime) = start_upstream()?;
+    let limiter = |backend: &str| {
+        format!(
+            "plugins:\n  - name: ratelimit\n    configuration: \"limit={} window=0\"\n    \
+             vm_config: {{ vm_id: bench, code: {{ local: {{ filename: ratelimit.wasm }} }} }}\n    \
+             shared_state: {backend}\n",
+            u64::MAX
+        )
+    };
+    let configs = [
+        ("no plugin".to_owned(), "plugins: []\n".to_owned()),
+        (
+            "rate-limit guest, in-process".to_owned(),
+            limiter("{ backend: local }"),
+        ),
+        (
+            "rate-limit guest, Redis".to_owned(),
+            limiter(&format!(
+                "{{ backend: redis, url: \"{redis_url}\", timeout_ms: 100 }}"
+            )),
+        ),
+    ];
+    let mut targets = Vec::new();
+    let mut proxies = Vec::new();
+    for (i, (name, plugins)) in configs.into_iter().enumerate() {
+        let listen = free_port()?;
+        let path = dir.join(format!("serve-{i}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "listeners: [{{ address: \"{listen}\", upstream: backend }}]\n\
+                 upstreams: {{ backend: \"http://{upstream}\" }}\n{plugins}"
+            ),
+        )?;
+        let mut command = Command::new(filterbox);
+        command.args(["serve", "--config"]).arg(&path);
+        proxies.push(spawn_proxy(&mut command, listen)?);
+        targets.push((name, format!("http://{listen}/bench")));
+    }
+    for (_, url) in &targets {
+        wrk(url, 2, 32)?;
+    }
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
+    for round in 1..=rounds {
+        for ((_, url), runs) in targets.iter().zip(&mut runs) {
+            eprintln!("round {round}: {url}");
+            runs.push(wrk(url, seconds, 32)?);
+        }
+    }
+    drop(proxies);
+    Ok(targets
+        .into_iter()
+        .zip(runs)
+        .map(|((name, _), runs)| {
+            let rps = median(runs.iter().map(|r| r.0).collect());
+            let p99 = median(runs.iter().map(|r| r.1).collect());
+            (name, rps, p99)
+        })
+        .collect())
+}
+
 fn main() -> Result<()> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
-    let out = raw
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| raw.get(i + 1))
-        .map_or_else(|| PathBuf::from("BENCHMARKS.md"), PathBuf::from);
+    let value = |name: &str| {
+        raw.iter()
+            .position(|a| a == name)
+            .and_then(|i| raw.get(i + 1))
+            .cloned()
+    };
+    let out = value("--out").map_or_else(|| PathBuf::from("BENCHMARKS.md"), PathBuf::from);
+    let filterbox = value("--filterbox")
+        .map_or_else(|| PathBuf::from("target/release/filterbox"), PathBuf::from);
+    let seconds: u64 = value("--seconds")
+        .map_or(Ok(5), |v| v.parse())
+        .context("--seconds")?;
+    let rounds: u32 = value("--rounds")
+        .map_or(Ok(3), |v| v.parse())
+        .context("--rounds")?;
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(", "))
+        .unwrap_or_else(|_| "unknown".to_owned());
     if cfg!(debug_assertions) {
         eprintln!("warning: a debug build; numbers are only meaningful with --release");
     }
@@ -152,6 +241,25 @@ fn main() -> Result<()> {
             let _ = write!(block, " {value:.2} |");
         }
         block.push('\n');
+    }
+    if filterbox.exists() {
+        let rows = serve_rows(&filterbox, &server.url(), seconds, rounds)?;
+        let _ = write!(
+            block,
+            "\n`filterbox serve` (release, wasmtime) with the rate-limit guest (a CAS increment \
+             per request, a limit never reached), `wrk -t1 -c32 -d{seconds}s`, {rounds} \
+             interleaved rounds, medians; the upstream, wrk, Redis and the proxy share the 2 \
+             cores. Load average when the run started: {load}.\n\n\
+             | serve | requests/s | p99 latency |\n|---|---|---|\n"
+        );
+        for (name, rps, p99) in rows {
+            let _ = writeln!(block, "| {name} | {rps:.0} | {p99:.2} ms |");
+        }
+    } else {
+        eprintln!(
+            "{} not found (cargo build --release -p filterbox-cli): no serve rows",
+            filterbox.display()
+        );
     }
     let _ = writeln!(block, "{END}");
     print!("{block}");

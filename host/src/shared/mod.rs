@@ -165,10 +165,12 @@ impl core::fmt::Debug for SharedState {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreStats {
-    /// Operations sent to the store (a hostcall makes at most one).
+    /// Operations asked of the store (a hostcall makes at most one), including those that
+    /// failed at once during a backoff.
     pub operations: u64,
-    /// Operations that failed: no connection, a timeout, or an error from the server. The
-    /// plugin got the "unavailable" status of its hostcall (ABI.md, shared state).
+    /// Operations that failed: no connection, a timeout, an error from the server, or a
+    /// backoff after such a failure. The plugin got its hostcall's "unavailable" status
+    /// (ABI.md §11, item 17).
     pub errors: u64,
     /// Operations answered without a round trip (the local read cache).
     pub cache_hits: u64,
