@@ -195,6 +195,20 @@ pub fn callout_connector<'a>(
     Ok((tls_connector(roots)?, any))
 }
 
+/// The connector remote plugin code at `uri` is fetched through: for `https://`, TLS trusting
+/// `upstream`'s CA file (Envoy's `http_uri.cluster`) or the system's roots.
+pub fn code_connector(
+    uri: &str,
+    upstream: Option<&UpstreamEntry>,
+    base: &Path,
+) -> Result<HttpsConnector<HttpConnector>> {
+    let mut roots = rustls::RootCertStore::empty();
+    if uri.starts_with("https://") {
+        add_roots(upstream.and_then(UpstreamEntry::settings), base, &mut roots)?;
+    }
+    tls_connector(roots)
+}
+
 /// Adds the roots an upstream's `https://` addresses are checked against: its CA file, or
 /// the system's.
 fn add_roots(

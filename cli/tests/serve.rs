@@ -658,19 +658,7 @@ plugins:
 async fn version_upstream(certificate: Option<&rcgen::CertifiedKey>) -> SocketAddr {
     let socket = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = socket.local_addr().expect("addr");
-    let acceptor = certificate.map(|made| {
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(made.key_pair.serialize_der()).expect("key");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocols")
-            .with_no_client_auth()
-            .with_single_cert(vec![made.cert.der().clone()], key)
-            .expect("server config");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    });
+    let acceptor = certificate.map(tls_acceptor);
     tokio::spawn(async move {
         while let Ok((stream, _)) = socket.accept().await {
             let acceptor = acceptor.clone();

@@ -68,6 +68,8 @@ mod plugin_metrics;
 mod prometheus;
 mod service;
 mod shared;
+#[cfg(feature = "hyper-client")]
+mod source;
 mod state;
 mod stream;
 mod vm;
@@ -101,6 +103,8 @@ pub use service::{Service, ServiceError};
 pub use shared::{QueueError, SharedError, SharedLimits, SharedState, StoreStats};
 #[cfg(feature = "redis")]
 pub use shared::{RedisConfig, RedisConfigError};
+#[cfg(feature = "hyper-client")]
+pub use source::{Code, CodeFetcher, ModuleStore, PluginSource, Sha256, SourceError};
 pub use stream::{Action, LocalResponse, StreamEvent};
 pub use vm::{Connection, HttpStream, UnstartedVm, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};

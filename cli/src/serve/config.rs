@@ -61,6 +61,10 @@ pub struct ServeConfig {
     /// milliseconds (default 30 000), while no new connection is accepted.
     #[serde(default)]
     pub drain_timeout_ms: Option<u64>,
+    /// A directory where remote plugin code is kept by its SHA-256 (relative to this file):
+    /// a plugin with a pinned `sha256` found there starts without the network.
+    #[serde(default)]
+    pub module_store: Option<PathBuf>,
 }
 
 /// One listener.
@@ -209,12 +213,16 @@ pub struct VmConfigEntry {
     pub environment_variables: EnvEntry,
 }
 
-/// Envoy's `AsyncDataSource`, local files only.
+/// Envoy's `AsyncDataSource`: a local file or a remote URL, exactly one.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodeEntry {
     /// The file.
-    pub local: LocalFile,
+    #[serde(default)]
+    pub local: Option<LocalFile>,
+    /// The URL, with its digest.
+    #[serde(default)]
+    pub remote: Option<RemoteCode>,
 }
 
 /// A local file.
@@ -223,6 +231,63 @@ pub struct CodeEntry {
 pub struct LocalFile {
     /// Path to the `.wasm` file, relative to the config file.
     pub filename: PathBuf,
+}
+
+/// Envoy's `RemoteDataSource`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteCode {
+    /// Where to fetch it.
+    pub http_uri: HttpUri,
+    /// Its SHA-256 (64 hex digits): a module that hashes otherwise is refused. Recommended:
+    /// without it any bytes the server sends are run.
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// Envoy's `HttpUri`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpUri {
+    /// `http://` or `https://` URL of the module.
+    pub uri: String,
+    /// An upstream whose `ca_file` the server's certificate is checked against (default:
+    /// the system's roots).
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// How long the fetch may take, as Envoy writes it (`10s`, `1.5s`, `500ms`; default 30s).
+    #[serde(default)]
+    pub timeout: Option<String>,
+}
+
+impl HttpUri {
+    pub(super) fn timeout(&self) -> Result<Option<std::time::Duration>> {
+        let Some(text) = &self.timeout else {
+            return Ok(None);
+        };
+        let (number, scale) = match text.strip_suffix("ms") {
+            Some(ms) => (ms, 0.001),
+            None => (text.strip_suffix('s').unwrap_or(text), 1.0),
+        };
+        let seconds = number
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .ok_or_else(|| anyhow::anyhow!("http_uri.timeout {text:?}: not like 10s or 500ms"))?;
+        Ok(Some(std::time::Duration::from_secs_f64(seconds * scale)))
+    }
+}
+
+impl CodeEntry {
+    /// The file or URL, for messages.
+    pub(super) fn describe(&self, base: &Path) -> String {
+        match (&self.local, &self.remote) {
+            (Some(local), _) => base.join(&local.filename).display().to_string(),
+            (None, Some(remote)) => remote.http_uri.uri.clone(),
+            (None, None) => "no code".to_owned(),
+        }
+    }
 }
 
 /// Envoy's `EnvironmentVariables`.

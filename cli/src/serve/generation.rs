@@ -3,7 +3,9 @@
 use crate::routes::Router;
 use crate::upstream::Pool;
 use anyhow::{Context as _, Result, bail};
-use filterbox::{FilterChain, HyperCallouts, Plugin};
+use filterbox::{
+    CodeFetcher, FilterChain, HyperCallouts, ModuleStore, Plugin, PluginSource, Sha256,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -48,6 +50,47 @@ pub(super) fn read_plugin_file(path: &Path) -> Result<Vec<u8>> {
     Ok(wasm)
 }
 
+/// The module `code` names: the local file, or the remote one fetched (or taken from the
+/// module store when its pinned digest is there), its digest checked.
+fn plugin_code(
+    code: &CodeEntry,
+    config: &ServeConfig,
+    base: &Path,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Vec<u8>> {
+    match (&code.local, &code.remote) {
+        (Some(local), None) => read_plugin_file(&base.join(&local.filename)),
+        (None, Some(remote)) => {
+            let uri = &remote.http_uri;
+            let upstream = match &uri.cluster {
+                Some(name) => Some(config.upstreams.get(name).ok_or_else(|| {
+                    anyhow::anyhow!("http_uri.cluster {name:?} is not an upstream")
+                })?),
+                None => None,
+            };
+            let connector = crate::upstream::code_connector(&uri.uri, upstream, base)?;
+            let mut fetcher =
+                CodeFetcher::with_connector(connector, true).max_bytes(MAX_PLUGIN_FILE_BYTES);
+            if let Some(timeout) = uri.timeout()? {
+                fetcher = fetcher.timeout(timeout);
+            }
+            if let Some(dir) = &config.module_store {
+                fetcher = fetcher.store(ModuleStore::new(base.join(dir)));
+            }
+            let sha256 = remote.sha256.as_deref().map(Sha256::parse).transpose()?;
+            if sha256.is_none() {
+                tracing::warn!(url = %uri.uri, "remote plugin code without a sha256: whatever the server sends will run");
+            }
+            let source = PluginSource::Http {
+                url: uri.uri.clone(),
+                sha256,
+            };
+            Ok(runtime.block_on(fetcher.fetch(&source))?.bytes)
+        }
+        _ => bail!("vm_config.code needs exactly one of `local` and `remote`"),
+    }
+}
+
 /// Builds every plugin and starts the chain (each VM started and configured once), so a
 /// config that cannot serve is refused here. Errors name the plugin, its file and engine.
 pub(super) fn build_generation(
@@ -71,13 +114,13 @@ pub(super) fn build_generation(
     }
     let callouts = Arc::new(callouts);
     let load = |entry: &PluginEntry| -> Result<Plugin> {
-        let file = base.join(&entry.vm_config.code.local.filename);
+        let file = entry.vm_config.code.describe(base);
         let plugin_config = entry
             .plugin_config()
             .with_context(|| format!("plugin {:?}", entry.name))?;
         let engine = plugin_config.engine;
-        let wasm = read_plugin_file(&file)
-            .with_context(|| format!("plugin {:?}: reading {}", entry.name, file.display()))?;
+        let wasm = plugin_code(&entry.vm_config.code, config, base, runtime)
+            .with_context(|| format!("plugin {:?}: reading {file}", entry.name))?;
         let mut builder = Plugin::builder(plugin_config)
             .callouts(callouts.clone())
             .metric_registry(registries.of(&entry.name));
@@ -87,13 +130,9 @@ pub(super) fn build_generation(
                 .with_context(|| format!("plugin {:?}", entry.name))?;
             builder = builder.shared_state(state);
         }
-        builder.build(&wasm).map_err(|e| {
-            anyhow::anyhow!(
-                "plugin {:?} ({}) on {engine}: {e}",
-                entry.name,
-                file.display()
-            )
-        })
+        builder
+            .build(&wasm)
+            .map_err(|e| anyhow::anyhow!("plugin {:?} ({file}) on {engine}: {e}", entry.name))
     };
     let plugins = config
         .plugins
@@ -109,7 +148,7 @@ pub(super) fn build_generation(
                 anyhow::anyhow!(
                     "service {:?} ({}): {e}",
                     entry.name,
-                    base.join(&entry.vm_config.code.local.filename).display()
+                    entry.vm_config.code.describe(base)
                 )
             })
         })
@@ -138,12 +177,7 @@ pub(super) fn build_generation(
                 .plugins
                 .iter()
                 .find(|p| p.name == vm.plugin())
-                .map(|p| {
-                    format!(
-                        " ({})",
-                        base.join(&p.vm_config.code.local.filename).display()
-                    )
-                }),
+                .map(|p| format!(" ({})", p.vm_config.code.describe(base))),
             _ => None,
         };
         anyhow::anyhow!(

@@ -142,3 +142,18 @@ pub fn stat(stats: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// TLS with `made` as the server's certificate, HTTP/2 or HTTP/1.1 by ALPN.
+pub fn tls_acceptor(made: &rcgen::CertifiedKey) -> tokio_rustls::TlsAcceptor {
+    let key =
+        rustls::pki_types::PrivateKeyDer::try_from(made.key_pair.serialize_der()).expect("key");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_no_client_auth()
+        .with_single_cert(vec![made.cert.der().clone()], key)
+        .expect("server config");
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}

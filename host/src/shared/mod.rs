@@ -308,7 +308,7 @@ impl SharedState {
         match &self.store {
             Store::Local(store) => store.register_queue(vm_id, name, owner, root),
             #[cfg(feature = "redis")]
-            Store::Redis(store) => Ok(store.register_queue(vm_id, name, owner, root)),
+            Store::Redis(store) => store.register_queue(vm_id, name, owner, root),
         }
     }
 

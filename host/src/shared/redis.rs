@@ -481,17 +481,19 @@ impl RedisStore {
         name: &[u8],
         owner: &Arc<Inbox>,
         root: u32,
-    ) -> u32 {
+    ) -> Result<u32, SharedError> {
         let token = {
             let mut queues = self.queues.lock();
-            let token = queues.token_of(vm_id, name);
+            let token = queues
+                .token_of(vm_id, name, self.limits.max_queues)
+                .ok_or(SharedError::Full)?;
             queues.owners.insert(token, (Arc::downgrade(owner), root));
             token
         };
         // Announced so that other instances can resolve it; if the server is away now, the
         // subscriber announces every queue of this process again when it reconnects.
         self.announce(vm_id, name);
-        token
+        Ok(token)
     }
 
     fn announce(&self, vm_id: &str, name: &[u8]) {
@@ -520,7 +522,14 @@ impl RedisStore {
         let registered: bool = self
             .run(|c| redis::cmd("SISMEMBER").arg(&registry).arg(name).query(c))
             .map_err(|()| QueueError::Unavailable)?;
-        Ok(registered.then(|| self.queues.lock().token_of(vm_id, name)))
+        if !registered {
+            return Ok(None);
+        }
+        self.queues
+            .lock()
+            .token_of(vm_id, name, self.limits.max_queues)
+            .map(Some)
+            .ok_or(QueueError::Full)
     }
 
     pub(super) fn enqueue(&self, token: u32, message: &[u8]) -> Result<(), QueueError> {
@@ -623,11 +632,16 @@ impl RedisStore {
 }
 
 impl Queues {
-    /// The token of `(vm_id, name)` in this process, made on first use.
-    fn token_of(&mut self, vm_id: &str, name: &[u8]) -> u32 {
+    /// The token of `(vm_id, name)` in this process, made on first use; `None` when this
+    /// process already knows `max` queues (registered or resolved), so that a plugin cannot
+    /// grow the table without end.
+    fn token_of(&mut self, vm_id: &str, name: &[u8], max: usize) -> Option<u32> {
         let key = (vm_id.to_owned(), Bytes::copy_from_slice(name));
         if let Some(token) = self.tokens.get(&key) {
-            return *token;
+            return Some(*token);
+        }
+        if self.names.len() >= max {
+            return None;
         }
         let token = loop {
             self.next = self.next.wrapping_add(1).max(1);
@@ -637,7 +651,7 @@ impl Queues {
         };
         self.tokens.insert(key.clone(), token);
         self.names.insert(token, key);
-        token
+        Some(token)
     }
 }
 
@@ -797,6 +811,20 @@ mod tests {
             store.key("d", "a", Some(b"b}:c"))
         );
         assert_eq!(store.key("m", "vm", None), b"filterbox:m:{2:vm}".to_vec());
+    }
+
+    #[test]
+    fn a_process_knows_at_most_max_queues() {
+        let mut queues = Queues::default();
+        let first = queues.token_of("vm", b"a", 2).expect("first");
+        let second = queues.token_of("other", b"a", 2).expect("second");
+        assert_ne!(first, second);
+        assert_eq!(queues.token_of("vm", b"b", 2), None, "a third one");
+        assert_eq!(
+            queues.token_of("vm", b"a", 2),
+            Some(first),
+            "known ones stay"
+        );
     }
 
     #[test]
