@@ -140,3 +140,34 @@ pub fn median(mut values: Vec<f64>) -> f64 {
         _ => (at(n / 2 - 1) + at(n / 2)) / 2.0,
     }
 }
+
+/// Each target (name, URL) warmed up, then measured once per round, the rounds one after the
+/// other so that the machine's drift hits every target alike: `(name, requests/s, p99 ms)`,
+/// the medians of the rounds.
+pub fn interleaved(
+    targets: &[(String, String)],
+    rounds: u32,
+    seconds: u64,
+    connections: u32,
+) -> Result<Vec<(String, f64, f64)>> {
+    for (_, url) in targets {
+        eprintln!("warming up {url}");
+        wrk(url, 2, connections)?;
+    }
+    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
+    for round in 1..=rounds {
+        for ((_, url), runs) in targets.iter().zip(&mut runs) {
+            eprintln!("round {round}: {url}");
+            runs.push(wrk(url, seconds, connections)?);
+        }
+    }
+    Ok(targets
+        .iter()
+        .zip(runs)
+        .map(|((name, _), runs)| {
+            let rps = median(runs.iter().map(|r| r.0).collect());
+            let p99 = median(runs.iter().map(|r| r.1).collect());
+            (name.clone(), rps, p99)
+        })
+        .collect())
+}

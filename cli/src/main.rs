@@ -14,6 +14,7 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod registry;
 mod routes;
 mod run;
 mod serve;
@@ -64,6 +65,25 @@ enum Command {
         #[arg(long, default_value = "filterbox.yaml")]
         config: PathBuf,
     },
+    /// Push a plugin to an OCI registry as a Wasm artifact (REF: host[:port]/repo:tag).
+    Push {
+        /// The plugin's .wasm file.
+        plugin: PathBuf,
+        /// Where to push it.
+        reference: String,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
+    /// Pull a plugin from an OCI registry (REF: host[:port]/repo[:tag|@sha256:…]).
+    Pull {
+        /// What to pull.
+        reference: String,
+        /// Write the module here.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        registry: registry::RegistryArgs,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +125,22 @@ fn run_cli(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { config } => {
             serve::serve(&config)?;
+            ExitCode::SUCCESS
+        }
+        Command::Push {
+            plugin,
+            reference,
+            registry,
+        } => {
+            out = registry::push(&plugin, &reference, &registry)?;
+            ExitCode::SUCCESS
+        }
+        Command::Pull {
+            reference,
+            output,
+            registry,
+        } => {
+            out = registry::pull(&reference, output.as_ref(), &registry)?;
             ExitCode::SUCCESS
         }
         Command::Engines => {

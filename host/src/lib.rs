@@ -105,6 +105,8 @@ pub use shared::{QueueError, SharedError, SharedLimits, SharedState, StoreStats}
 pub use shared::{RedisConfig, RedisConfigError};
 #[cfg(feature = "hyper-client")]
 pub use source::{Code, CodeFetcher, ModuleStore, PluginSource, Sha256, SourceError};
+#[cfg(feature = "oci")]
+pub use source::{PullPolicy, RegistryAuth};
 pub use stream::{Action, LocalResponse, StreamEvent};
 pub use vm::{Connection, HttpStream, UnstartedVm, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};

@@ -1,6 +1,6 @@
-//! Where a plugin's code comes from: a local file, or an `http://`/`https://` URL with an
-//! optional pinned SHA-256, kept in a content-addressed [`ModuleStore`] (feature
-//! `hyper-client`). What crosses here: a [`PluginSource`] in, the module's bytes and digest out
+//! Where a plugin's code comes from: a local file, an `http://`/`https://` URL with an
+//! optional pinned SHA-256 (feature `hyper-client`), or an OCI registry (feature `oci`), kept
+//! in a content-addressed [`ModuleStore`]. What crosses here: a [`PluginSource`] in, the module's bytes and digest out
 //! ([`Code`]), for `Plugin::builder(..).build(&code.bytes)`. Every byte fetched or read from
 //! the store is hashed; a pinned digest that does not match refuses the code.
 
@@ -71,6 +71,63 @@ pub enum PluginSource {
         /// without the network.
         sha256: Option<Sha256>,
     },
+    /// An OCI registry: `[oci://]host[:port]/repository[:tag|@sha256:digest]`, the image's
+    /// Wasm layer (`application/vnd.wasm.content.layer.v1+wasm`, or the compat layout's
+    /// `application/vnd.module.wasm.content.layer.v1+wasm`). Feature `oci`.
+    #[cfg(feature = "oci")]
+    Oci {
+        /// The reference.
+        reference: String,
+        /// The module's digest (the layer's), checked on every pull.
+        sha256: Option<Sha256>,
+        /// Whether the module store may answer instead of the registry.
+        pull_policy: PullPolicy,
+    },
+}
+
+/// When a module from a registry is pulled (Istio's `imagePullPolicy`).
+#[cfg(feature = "oci")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum PullPolicy {
+    /// From the module store when it holds the module this reference (or the pinned
+    /// digest) gave last time; from the registry otherwise.
+    #[default]
+    IfNotPresent,
+    /// From the registry every time: a registry that cannot be reached refuses the plugin.
+    Always,
+}
+
+/// How to log in to registries: anonymously (the default), with a user name and password
+/// (basic, or exchanged for a bearer token as the registry asks), or with a token.
+#[cfg(feature = "oci")]
+#[derive(Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RegistryAuth {
+    /// No credentials.
+    #[default]
+    Anonymous,
+    /// User name and password.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// A bearer token.
+    Bearer(String),
+}
+
+#[cfg(feature = "oci")]
+impl fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Credentials never reach a log.
+        f.write_str(match self {
+            RegistryAuth::Anonymous => "Anonymous",
+            RegistryAuth::Basic { .. } => "Basic(..)",
+            RegistryAuth::Bearer(_) => "Bearer(..)",
+        })
+    }
 }
 
 /// A module's bytes, with their digest and whether the network was used.
@@ -131,6 +188,13 @@ pub enum SourceError {
         /// The limit, in bytes.
         max_bytes: u64,
     },
+    /// The registry refused, or could not be reached, or the image has no Wasm layer.
+    Registry {
+        /// The reference.
+        reference: String,
+        /// What went wrong, with the registry's answer.
+        error: String,
+    },
     /// The module's digest is not the pinned one: it is refused.
     DigestMismatch {
         /// Where it came from.
@@ -153,6 +217,7 @@ impl fmt::Display for SourceError {
             SourceError::Fetch { url, error } => write!(f, "fetching {url}: {error}"),
             SourceError::Status { url, status } => write!(f, "fetching {url}: HTTP {status}"),
             SourceError::Timeout { url } => write!(f, "fetching {url}: timed out"),
+            SourceError::Registry { reference, error } => write!(f, "pulling {reference}: {error}"),
             SourceError::TooLarge { source, max_bytes } => {
                 write!(f, "{source}: larger than {max_bytes} bytes")
             }
@@ -197,6 +262,37 @@ impl ModuleStore {
         None
     }
 
+    /// The digest `reference` (a URL or an OCI reference) gave when it was last fetched.
+    pub fn recall(&self, reference: &str) -> Option<Sha256> {
+        let text = std::fs::read_to_string(self.ref_path(reference)).ok()?;
+        Sha256::parse(text.trim()).ok()
+    }
+
+    /// Notes that `reference` gave the module `digest`, for [`ModuleStore::recall`].
+    pub fn remember(&self, reference: &str, digest: &Sha256) -> Result<(), SourceError> {
+        let path = self.ref_path(reference);
+        let io = |error| SourceError::Io {
+            path: path.clone(),
+            error,
+        };
+        let parent = self.dir.join("refs");
+        std::fs::create_dir_all(&parent).map_err(io)?;
+        let tmp = parent.join(format!(
+            ".{}.{}",
+            Sha256::of(reference.as_bytes()),
+            std::process::id()
+        ));
+        std::fs::write(&tmp, digest.to_string()).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// A reference's file: named by the reference's own digest, so any text is a safe name.
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        self.dir
+            .join("refs")
+            .join(Sha256::of(reference.as_bytes()).to_string())
+    }
+
     /// Keeps `bytes` under their digest (written whole, then renamed into place).
     pub fn put(&self, bytes: &[u8]) -> Result<Sha256, SourceError> {
         let digest = Sha256::of(bytes);
@@ -221,6 +317,17 @@ pub struct CodeFetcher<C = HttpConnector> {
     store: Option<ModuleStore>,
     max_bytes: u64,
     timeout: Duration,
+    #[cfg(feature = "oci")]
+    registries: Registries,
+}
+
+/// How the fetcher talks to OCI registries.
+#[cfg(feature = "oci")]
+#[derive(Debug, Clone, Default)]
+struct Registries {
+    auth: RegistryAuth,
+    /// Registries spoken to over plain HTTP (`host:port`).
+    insecure: Vec<String>,
 }
 
 impl Default for CodeFetcher {
@@ -242,7 +349,23 @@ where
             store: None,
             max_bytes: 256 << 20,
             timeout: Duration::from_secs(30),
+            #[cfg(feature = "oci")]
+            registries: Registries::default(),
         }
+    }
+
+    /// Logs in to registries with `auth`.
+    #[cfg(feature = "oci")]
+    pub fn registry_auth(mut self, auth: RegistryAuth) -> Self {
+        self.registries.auth = auth;
+        self
+    }
+
+    /// Speaks plain HTTP to the registry at `host` (`host:port`), as for a local one.
+    #[cfg(feature = "oci")]
+    pub fn insecure_registry(mut self, host: impl Into<String>) -> Self {
+        self.registries.insecure.push(host.into());
+        self
     }
 
     /// Keeps fetched modules in `store`, and takes pinned ones from it without the network.
@@ -288,7 +411,142 @@ where
                     from_store: false,
                 })
             }
+            #[cfg(feature = "oci")]
+            PluginSource::Oci {
+                reference,
+                sha256,
+                pull_policy,
+            } => {
+                let name = reference.strip_prefix("oci://").unwrap_or(reference);
+                if *pull_policy == PullPolicy::IfNotPresent
+                    && let Some(store) = &self.store
+                    && let Some(digest) = sha256.or_else(|| store.recall(name))
+                    && let Some(bytes) = store.get(&digest)
+                {
+                    return Ok(Code {
+                        bytes,
+                        sha256: digest,
+                        from_store: true,
+                    });
+                }
+                let bytes = tokio::time::timeout(self.timeout, self.pull(name))
+                    .await
+                    .map_err(|_| SourceError::Timeout {
+                        url: reference.clone(),
+                    })??;
+                let digest = check(reference, &bytes, sha256.as_ref())?;
+                if let Some(store) = &self.store {
+                    store.put(&bytes)?;
+                    store.remember(name, &digest)?;
+                }
+                Ok(Code {
+                    bytes,
+                    sha256: digest,
+                    from_store: false,
+                })
+            }
         }
+    }
+
+    #[cfg(feature = "oci")]
+    fn oci_client(&self) -> (oci_client::Client, oci_client::secrets::RegistryAuth) {
+        let config = oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(
+                self.registries.insecure.clone(),
+            ),
+            ..Default::default()
+        };
+        let auth = match &self.registries.auth {
+            RegistryAuth::Anonymous => oci_client::secrets::RegistryAuth::Anonymous,
+            RegistryAuth::Basic { username, password } => {
+                oci_client::secrets::RegistryAuth::Basic(username.clone(), password.clone())
+            }
+            RegistryAuth::Bearer(token) => oci_client::secrets::RegistryAuth::Bearer(token.clone()),
+        };
+        (oci_client::Client::new(config), auth)
+    }
+
+    /// The Wasm layer of the image `name`: the manifest first, so that a layer larger than
+    /// [`CodeFetcher::max_bytes`] is refused before it is downloaded.
+    #[cfg(feature = "oci")]
+    async fn pull(&self, name: &str) -> Result<Vec<u8>, SourceError> {
+        let failed = |error: String| SourceError::Registry {
+            reference: name.to_owned(),
+            error,
+        };
+        let reference: oci_client::Reference = name
+            .parse()
+            .map_err(|e| failed(format!("not a reference: {e}")))?;
+        let (client, auth) = self.oci_client();
+        let (manifest, _) = client
+            .pull_image_manifest(&reference, &auth)
+            .await
+            .map_err(|e| failed(error_chain(&e)))?;
+        let layer = manifest
+            .layers
+            .iter()
+            .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
+            .ok_or_else(|| {
+                failed(format!(
+                    "no Wasm layer (one of {WASM_LAYER_TYPES:?}) in the image"
+                ))
+            })?;
+        if u64::try_from(layer.size).unwrap_or(u64::MAX) > self.max_bytes {
+            return Err(SourceError::TooLarge {
+                source: name.to_owned(),
+                max_bytes: self.max_bytes,
+            });
+        }
+        let mut bytes = Vec::new();
+        client
+            .pull_blob(&reference, layer, &mut bytes)
+            .await
+            .map_err(|e| failed(error_chain(&e)))?;
+        // The registry's own digest of the layer, whatever the client checked.
+        let actual = Sha256::of(&bytes);
+        let expected = Sha256::parse(&layer.digest)?;
+        if actual != expected {
+            return Err(SourceError::DigestMismatch {
+                source: name.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Pushes `module` to the registry as a Wasm OCI artifact tagged by `reference`; returns
+    /// the module's digest (its layer's). Feature `oci`.
+    #[cfg(feature = "oci")]
+    pub async fn push(&self, module: &[u8], reference: &str) -> Result<Sha256, SourceError> {
+        let name = reference.strip_prefix("oci://").unwrap_or(reference);
+        let failed = |error: String| SourceError::Registry {
+            reference: name.to_owned(),
+            error,
+        };
+        let parsed: oci_client::Reference = name
+            .parse()
+            .map_err(|e| failed(format!("not a reference: {e}")))?;
+        let (client, auth) = self.oci_client();
+        let layer = oci_client::client::ImageLayer::new(
+            module.to_vec(),
+            oci_client::manifest::WASM_LAYER_MEDIA_TYPE.to_owned(),
+            None,
+        );
+        let config = oci_client::client::Config::new(
+            b"{}".to_vec(),
+            oci_client::manifest::WASM_CONFIG_MEDIA_TYPE.to_owned(),
+            None,
+        );
+        let layers = [layer];
+        let push = client.push(&parsed, &layers, config, &auth, None);
+        tokio::time::timeout(self.timeout, push)
+            .await
+            .map_err(|_| SourceError::Timeout {
+                url: reference.to_owned(),
+            })?
+            .map_err(|e| failed(error_chain(&e)))?;
+        Ok(Sha256::of(module))
     }
 
     fn read_file(&self, path: &Path) -> Result<Code, SourceError> {
@@ -376,6 +634,14 @@ where
             })?
     }
 }
+
+/// The layer media types of the two Wasm image layouts in use: the Wasm OCI artifact and the
+/// compat (Solo/WebAssembly Hub) one.
+#[cfg(feature = "oci")]
+const WASM_LAYER_TYPES: [&str; 2] = [
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+];
 
 /// The digest of `bytes`, refused if it is not the pinned one.
 fn check(source: &str, bytes: &[u8], pinned: Option<&Sha256>) -> Result<Sha256, SourceError> {

@@ -14,7 +14,7 @@
 //! Needs `wrk` (Debian: `apt-get install wrk`); the nginx row needs Debian's `nginx-light`.
 
 use anyhow::{Context as _, Result, bail};
-use filterbox_benches::load::{Proxy, free_port, median, spawn_proxy, start_upstream, wrk};
+use filterbox_benches::load::{Proxy, free_port, interleaved, spawn_proxy, start_upstream};
 use filterbox_conformance::guests;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -192,27 +192,8 @@ fn main() -> Result<()> {
             ));
         }
     }
-    for (_, url) in &targets {
-        eprintln!("warming up {url}");
-        wrk(url, 2, args.connections)?;
-    }
-    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
-    for round in 1..=args.rounds {
-        for ((_, url), runs) in targets.iter().zip(&mut runs) {
-            eprintln!("round {round}: {url}");
-            runs.push(wrk(url, args.seconds, args.connections)?);
-        }
-    }
+    let rows = interleaved(&targets, args.rounds, args.seconds, args.connections)?;
     drop(proxies);
-    let rows: Vec<(String, f64, f64)> = targets
-        .into_iter()
-        .zip(runs)
-        .map(|((name, _), runs)| {
-            let rps = median(runs.iter().map(|r| r.0).collect());
-            let p99 = median(runs.iter().map(|r| r.1).collect());
-            (name, rps, p99)
-        })
-        .collect();
     let block = table(&rows, &args, &load);
     print!("{block}");
     filterbox_benches::report::write_block(&args.out, (START, END), &block)?;

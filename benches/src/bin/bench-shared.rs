@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result};
 use filterbox::{
     EngineKind, HeaderMap, Plugin, PluginConfig, RedisConfig, SharedLimits, SharedState, Vm,
 };
-use filterbox_benches::load::{free_port, median, spawn_proxy, start_upstream, wrk};
+use filterbox_benches::load::{free_port, interleaved, median, spawn_proxy, start_upstream};
 use filterbox_conformance::guests;
 use filterbox_conformance::redis_server::RedisServer;
 use std::fmt::Write as _;
@@ -105,26 +105,9 @@ fn serve_rows(
         proxies.push(spawn_proxy(&mut command, listen)?);
         targets.push((name, format!("http://{listen}/bench")));
     }
-    for (_, url) in &targets {
-        wrk(url, 2, 32)?;
-    }
-    let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new(); targets.len()];
-    for round in 1..=rounds {
-        for ((_, url), runs) in targets.iter().zip(&mut runs) {
-            eprintln!("round {round}: {url}");
-            runs.push(wrk(url, seconds, 32)?);
-        }
-    }
+    let rows = interleaved(&targets, rounds, seconds, 32)?;
     drop(proxies);
-    Ok(targets
-        .into_iter()
-        .zip(runs)
-        .map(|((name, _), runs)| {
-            let rps = median(runs.iter().map(|r| r.0).collect());
-            let p99 = median(runs.iter().map(|r| r.1).collect());
-            (name, rps, p99)
-        })
-        .collect())
+    Ok(rows)
 }
 
 fn main() -> Result<()> {

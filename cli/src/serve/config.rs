@@ -243,13 +243,47 @@ pub struct RemoteCode {
     /// without it any bytes the server sends are run.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// For `oci://` URIs (Istio's `imagePullPolicy`): `IfNotPresent` (default: the module
+    /// store answers when it holds what this reference gave last time) or `Always`.
+    #[serde(default, alias = "imagePullPolicy")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+    /// For `oci://` URIs: speak plain HTTP to the registry (a local one).
+    #[serde(default)]
+    pub insecure: bool,
+    /// For `oci://` URIs: the registry's user name and password.
+    #[serde(default)]
+    pub registry_auth: Option<RegistryCredentials>,
+}
+
+/// Istio's `imagePullPolicy`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum ImagePullPolicy {
+    /// From the module store when it has the module.
+    IfNotPresent,
+    /// From the registry every time.
+    Always,
+}
+
+/// A registry login.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredentials {
+    /// User name.
+    pub username: String,
+    /// Password; better `password_env`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// An environment variable of `serve`'s that holds the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
 }
 
 /// Envoy's `HttpUri`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpUri {
-    /// `http://` or `https://` URL of the module.
+    /// `http://` or `https://` URL of the module, or an OCI reference
+    /// `oci://host[:port]/repo[:tag|@sha256:…]`.
     pub uri: String,
     /// An upstream whose `ca_file` the server's certificate is checked against (default:
     /// the system's roots).

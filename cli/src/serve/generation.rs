@@ -4,7 +4,8 @@ use crate::routes::Router;
 use crate::upstream::Pool;
 use anyhow::{Context as _, Result, bail};
 use filterbox::{
-    CodeFetcher, FilterChain, HyperCallouts, ModuleStore, Plugin, PluginSource, Sha256,
+    CodeFetcher, FilterChain, HyperCallouts, ModuleStore, Plugin, PluginSource, PullPolicy,
+    RegistryAuth, Sha256,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -78,12 +79,37 @@ fn plugin_code(
                 fetcher = fetcher.store(ModuleStore::new(base.join(dir)));
             }
             let sha256 = remote.sha256.as_deref().map(Sha256::parse).transpose()?;
-            if sha256.is_none() {
-                tracing::warn!(url = %uri.uri, "remote plugin code without a sha256: whatever the server sends will run");
-            }
-            let source = PluginSource::Http {
-                url: uri.uri.clone(),
-                sha256,
+            let source = if uri.uri.starts_with("oci://") {
+                if remote.insecure {
+                    fetcher = fetcher.insecure_registry(crate::registry::registry_of(&uri.uri));
+                }
+                if let Some(login) = &remote.registry_auth {
+                    let password = match &login.password_env {
+                        Some(var) => std::env::var(var)
+                            .with_context(|| format!("registry_auth.password_env {var}"))?,
+                        None => login.password.clone().unwrap_or_default(),
+                    };
+                    fetcher = fetcher.registry_auth(RegistryAuth::Basic {
+                        username: login.username.clone(),
+                        password,
+                    });
+                }
+                PluginSource::Oci {
+                    reference: uri.uri.clone(),
+                    sha256,
+                    pull_policy: match remote.image_pull_policy {
+                        Some(ImagePullPolicy::Always) => PullPolicy::Always,
+                        _ => PullPolicy::IfNotPresent,
+                    },
+                }
+            } else {
+                if sha256.is_none() {
+                    tracing::warn!(url = %uri.uri, "remote plugin code without a sha256: whatever the server sends will run");
+                }
+                PluginSource::Http {
+                    url: uri.uri.clone(),
+                    sha256,
+                }
             };
             Ok(runtime.block_on(fetcher.fetch(&source))?.bytes)
         }

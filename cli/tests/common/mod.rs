@@ -157,3 +157,33 @@ pub fn tls_acceptor(made: &rcgen::CertifiedKey) -> tokio_rustls::TlsAcceptor {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
 }
+
+/// Runs `serve` on a config it must refuse, and returns what it printed.
+pub fn refused(dir: &Path, config: &str) -> String {
+    std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+        .args(["serve", "--config"])
+        .arg(dir.join("filterbox.yaml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start serve");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("serve took a config it should refuse");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    let mut text = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        use std::io::Read;
+        let _ = stderr.read_to_string(&mut text);
+    }
+    text
+}
