@@ -145,17 +145,38 @@ fn plugins_are_pushed_pulled_and_served_through_an_oci_registry() {
         filterbox::Sha256::of(guests::DENY).to_string(),
     );
 
-    // Push two versions; pull one back, byte for byte.
+    // Push two versions; pull one back, byte for byte, by tag and by manifest digest.
+    let mut manifests = Vec::new();
     for (file, reference, sha) in [("headers.wasm", &v1, &sha1), ("deny.wasm", &v2, &sha2)] {
         let file = dir.join(file);
         let pushed = filterbox(&["push", &file.to_string_lossy(), reference, "--insecure"]);
-        assert!(pushed.status.success(), "{}", text(&pushed));
-        assert!(text(&pushed).contains(sha.as_str()), "{}", text(&pushed));
+        let said = text(&pushed);
+        assert!(pushed.status.success(), "{said}");
+        assert!(said.contains(sha.as_str()), "{said}");
+        let manifest = said
+            .lines()
+            .find_map(|l| l.strip_prefix("manifest: "))
+            .unwrap_or_else(|| panic!("no manifest digest: {said}"));
+        manifests.push(manifest.trim().to_owned());
     }
-    let out = dir.join("pulled.wasm");
-    let pulled = filterbox(&["pull", &v1, "--insecure", "-o", &out.to_string_lossy()]);
-    assert!(pulled.status.success(), "{}", text(&pulled));
-    assert_eq!(std::fs::read(&out).expect("pulled file"), guests::HEADERS);
+    let by_digest = format!("{}/plugins/filter@{}", registry.address, manifests[0]);
+    for reference in [&v1, &by_digest] {
+        let out = dir.join("pulled.wasm");
+        let _ = std::fs::remove_file(&out);
+        let pulled = filterbox(&[
+            "pull",
+            reference,
+            "--insecure",
+            "-o",
+            &out.to_string_lossy(),
+        ]);
+        assert!(pulled.status.success(), "{reference}: {}", text(&pulled));
+        assert_eq!(
+            std::fs::read(&out).expect("pulled file"),
+            guests::HEADERS,
+            "{reference}"
+        );
+    }
     let missing = filterbox(&[
         "pull",
         &format!("{}/plugins/none:v1", registry.address),

@@ -106,7 +106,7 @@ pub use shared::{RedisConfig, RedisConfigError};
 #[cfg(feature = "hyper-client")]
 pub use source::{Code, CodeFetcher, ModuleStore, PluginSource, Sha256, SourceError};
 #[cfg(feature = "oci")]
-pub use source::{PullPolicy, RegistryAuth};
+pub use source::{Progress, PullPolicy, Pushed, RegistryAuth};
 pub use stream::{Action, LocalResponse, StreamEvent};
 pub use vm::{Connection, HttpStream, UnstartedVm, Vm, VmError};
 pub use worker::{Failure, Worker, WorkerStream};

@@ -323,11 +323,84 @@ pub struct CodeFetcher<C = HttpConnector> {
 
 /// How the fetcher talks to OCI registries.
 #[cfg(feature = "oci")]
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Registries {
     auth: RegistryAuth,
     /// Registries spoken to over plain HTTP (`host:port`).
     insecure: Vec<String>,
+    /// Told as a layer arrives.
+    progress: Option<std::sync::Arc<dyn Fn(Progress) + Send + Sync>>,
+}
+
+/// How far a download has come.
+#[cfg(feature = "oci")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Progress {
+    /// Bytes received so far.
+    pub received: u64,
+    /// Bytes the registry said the layer has.
+    pub total: u64,
+}
+
+/// What [`CodeFetcher::push`] pushed.
+#[cfg(feature = "oci")]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Pushed {
+    /// The module's digest (its layer's): what `sha256` pins.
+    pub sha256: Sha256,
+    /// The image manifest's digest (`sha256:…`): `repo@<it>` names exactly this image.
+    pub manifest_digest: String,
+}
+
+/// A layer being received: bounded, and reported to the progress callback.
+#[cfg(feature = "oci")]
+struct Download<'a> {
+    bytes: Vec<u8>,
+    max: u64,
+    total: u64,
+    progress: Option<&'a (dyn Fn(Progress) + Send + Sync)>,
+}
+
+#[cfg(feature = "oci")]
+impl tokio::io::AsyncWrite for Download<'_> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let received = self.bytes.len() as u64 + buf.len() as u64;
+        if received > self.max {
+            // A registry that sends more than the manifest said, or more than we take.
+            return std::task::Poll::Ready(Err(std::io::Error::other(format!(
+                "the layer is larger than {} bytes",
+                self.max
+            ))));
+        }
+        self.bytes.extend_from_slice(buf);
+        if let Some(progress) = self.progress {
+            progress(Progress {
+                received,
+                total: self.total,
+            });
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 impl Default for CodeFetcher {
@@ -358,6 +431,13 @@ where
     #[cfg(feature = "oci")]
     pub fn registry_auth(mut self, auth: RegistryAuth) -> Self {
         self.registries.auth = auth;
+        self
+    }
+
+    /// Calls `progress` as a registry layer arrives (a command line shows it).
+    #[cfg(feature = "oci")]
+    pub fn on_progress(mut self, progress: impl Fn(Progress) + Send + Sync + 'static) -> Self {
+        self.registries.progress = Some(std::sync::Arc::new(progress));
         self
     }
 
@@ -497,11 +577,19 @@ where
                 max_bytes: self.max_bytes,
             });
         }
-        let mut bytes = Vec::new();
+        let total = u64::try_from(layer.size).unwrap_or(0);
+        let mut download = Download {
+            bytes: Vec::with_capacity(usize::try_from(total).unwrap_or(0)),
+            // What the manifest declared is all that is taken.
+            max: total.min(self.max_bytes),
+            total,
+            progress: self.registries.progress.as_deref(),
+        };
         client
-            .pull_blob(&reference, layer, &mut bytes)
+            .pull_blob(&reference, layer, &mut download)
             .await
             .map_err(|e| failed(error_chain(&e)))?;
+        let bytes = download.bytes;
         // The registry's own digest of the layer, whatever the client checked.
         let actual = Sha256::of(&bytes);
         let expected = Sha256::parse(&layer.digest)?;
@@ -515,10 +603,10 @@ where
         Ok(bytes)
     }
 
-    /// Pushes `module` to the registry as a Wasm OCI artifact tagged by `reference`; returns
-    /// the module's digest (its layer's). Feature `oci`.
+    /// Pushes `module` to the registry as a Wasm OCI artifact tagged by `reference`. Feature
+    /// `oci`.
     #[cfg(feature = "oci")]
-    pub async fn push(&self, module: &[u8], reference: &str) -> Result<Sha256, SourceError> {
+    pub async fn push(&self, module: &[u8], reference: &str) -> Result<Pushed, SourceError> {
         let name = reference.strip_prefix("oci://").unwrap_or(reference);
         let failed = |error: String| SourceError::Registry {
             reference: name.to_owned(),
@@ -546,7 +634,14 @@ where
                 url: reference.to_owned(),
             })?
             .map_err(|e| failed(error_chain(&e)))?;
-        Ok(Sha256::of(module))
+        let manifest_digest = client
+            .fetch_manifest_digest(&parsed, &auth)
+            .await
+            .map_err(|e| failed(error_chain(&e)))?;
+        Ok(Pushed {
+            sha256: Sha256::of(module),
+            manifest_digest,
+        })
     }
 
     fn read_file(&self, path: &Path) -> Result<Code, SourceError> {

@@ -83,16 +83,19 @@ fn plugin_code(
                 if remote.insecure {
                     fetcher = fetcher.insecure_registry(crate::registry::registry_of(&uri.uri));
                 }
-                if let Some(login) = &remote.registry_auth {
-                    let password = match &login.password_env {
-                        Some(var) => std::env::var(var)
-                            .with_context(|| format!("registry_auth.password_env {var}"))?,
-                        None => login.password.clone().unwrap_or_default(),
-                    };
-                    fetcher = fetcher.registry_auth(RegistryAuth::Basic {
+                let login = match &remote.registry_auth {
+                    Some(login) => Some(RegistryAuth::Basic {
                         username: login.username.clone(),
-                        password,
-                    });
+                        password: match &login.password_env {
+                            Some(var) => std::env::var(var)
+                                .with_context(|| format!("registry_auth.password_env {var}"))?,
+                            None => login.password.clone().unwrap_or_default(),
+                        },
+                    }),
+                    None => crate::registry::docker_login(&crate::registry::registry_of(&uri.uri)),
+                };
+                if let Some(login) = login {
+                    fetcher = fetcher.registry_auth(login);
                 }
                 PluginSource::Oci {
                     reference: uri.uri.clone(),
