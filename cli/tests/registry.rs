@@ -91,6 +91,42 @@ impl Drop for Registry {
     }
 }
 
+/// Pushes an image whose one layer is a gzipped tar with `plugin.wasm`, as `docker build`
+/// makes from `FROM scratch` and `ADD plugin.wasm`.
+async fn push_tar_image(reference: &str, module: &[u8]) {
+    use std::io::Write as _;
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(module.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    tar.append_data(&mut header, "plugin.wasm", module)
+        .expect("tar");
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&tar.into_inner().expect("tar"))
+        .expect("gzip");
+    let layer = oci_client::client::ImageLayer::oci_v1_gzip(gzip.finish().expect("gzip"), None);
+    let config = oci_client::client::Config::oci_v1(
+        br#"{"architecture":"wasm","os":"wasip1"}"#.to_vec(),
+        None,
+    );
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    let reference: oci_client::Reference = reference.parse().expect("reference");
+    client
+        .push(
+            &reference,
+            &[layer],
+            config,
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            None,
+        )
+        .await
+        .expect("push the compat image");
+}
+
 fn filterbox(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_filterbox"))
         .args(args)
@@ -177,6 +213,13 @@ fn plugins_are_pushed_pulled_and_served_through_an_oci_registry() {
             "{reference}"
         );
     }
+    // The compat layout's other form: one gzipped tar layer holding plugin.wasm.
+    let compat = format!("{}/plugins/compat:v1", registry.address);
+    runtime().block_on(push_tar_image(&compat, guests::HEADERS));
+    let out = dir.join("compat.wasm");
+    let pulled = filterbox(&["pull", &compat, "--insecure", "-o", &out.to_string_lossy()]);
+    assert!(pulled.status.success(), "{}", text(&pulled));
+    assert_eq!(std::fs::read(&out).expect("pulled file"), guests::HEADERS);
     let missing = filterbox(&[
         "pull",
         &format!("{}/plugins/none:v1", registry.address),

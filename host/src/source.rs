@@ -562,15 +562,22 @@ where
             .pull_image_manifest(&reference, &auth)
             .await
             .map_err(|e| failed(error_chain(&e)))?;
-        let layer = manifest
+        // A Wasm layer; else the compat layout's single-layer image with `plugin.wasm` in
+        // a (gzipped) tar.
+        let wasm_layer = manifest
             .layers
             .iter()
-            .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
-            .ok_or_else(|| {
-                failed(format!(
-                    "no Wasm layer (one of {WASM_LAYER_TYPES:?}) in the image"
-                ))
-            })?;
+            .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
+        let (layer, tar) = match (wasm_layer, manifest.layers.as_slice()) {
+            (Some(layer), _) => (layer, false),
+            (None, [only]) if TAR_LAYER_TYPES.contains(&only.media_type.as_str()) => (only, true),
+            _ => {
+                return Err(failed(format!(
+                    "no Wasm layer (one of {WASM_LAYER_TYPES:?}) and not a single-layer \
+                     image with plugin.wasm"
+                )));
+            }
+        };
         if u64::try_from(layer.size).unwrap_or(u64::MAX) > self.max_bytes {
             return Err(SourceError::TooLarge {
                 source: name.to_owned(),
@@ -600,7 +607,10 @@ where
                 actual,
             });
         }
-        Ok(bytes)
+        match tar {
+            false => Ok(bytes),
+            true => plugin_in_tar(&bytes, self.max_bytes).map_err(|e| failed(e.to_owned())),
+        }
     }
 
     /// Pushes `module` to the registry as a Wasm OCI artifact tagged by `reference`. Feature
@@ -737,6 +747,51 @@ const WASM_LAYER_TYPES: [&str; 2] = [
     "application/vnd.wasm.content.layer.v1+wasm",
     "application/vnd.module.wasm.content.layer.v1+wasm",
 ];
+
+/// Layer types of a single-layer image that carries `plugin.wasm` in a tar (the compat
+/// layout's other form, as `docker build` makes it from `FROM scratch` + `ADD plugin.wasm`).
+#[cfg(feature = "oci")]
+const TAR_LAYER_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+];
+
+/// `plugin.wasm` from a tar layer, gzipped or not, at most `max_bytes` of it.
+#[cfg(feature = "oci")]
+fn plugin_in_tar(layer: &[u8], max_bytes: u64) -> Result<Vec<u8>, &'static str> {
+    use std::io::Read;
+    let gzipped = layer.starts_with(&[0x1f, 0x8b]);
+    let reader: Box<dyn Read + '_> = match gzipped {
+        true => Box::new(flate2::read::GzDecoder::new(layer)),
+        false => Box::new(layer),
+    };
+    let mut archive = tar::Archive::new(reader);
+    let entries = archive.entries().map_err(|_| "the layer is not a tar")?;
+    for entry in entries {
+        let mut entry = entry.map_err(|_| "the layer's tar is damaged")?;
+        // `plugin.wasm`, `./plugin.wasm` and `/plugin.wasm` are the same file in a layer.
+        let is_plugin = entry.path().ok().is_some_and(|path| {
+            let path = path.strip_prefix("./").unwrap_or(&path);
+            path.strip_prefix("/").unwrap_or(path) == Path::new("plugin.wasm")
+        });
+        if !is_plugin {
+            continue;
+        }
+        let mut bytes = Vec::new();
+        entry
+            .by_ref()
+            .take(max_bytes.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|_| "the layer's tar is damaged")?;
+        if bytes.len() as u64 > max_bytes {
+            return Err("plugin.wasm is larger than the fetcher takes");
+        }
+        return Ok(bytes);
+    }
+    Err("the layer's tar has no plugin.wasm")
+}
 
 /// The digest of `bytes`, refused if it is not the pinned one.
 fn check(source: &str, bytes: &[u8], pinned: Option<&Sha256>) -> Result<Sha256, SourceError> {
@@ -898,6 +953,41 @@ mod tests {
             runtime.block_on(fetcher.fetch(&https)),
             Err(SourceError::BadUrl { .. })
         ));
+    }
+
+    #[cfg(feature = "oci")]
+    #[test]
+    fn the_compat_tar_layer_gives_its_plugin_wasm() {
+        let tar_of = |name: &str, body: &[u8]| {
+            let mut builder = tar::Builder::new(Vec::new());
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            builder
+                .append_data(&mut header, name, body)
+                .expect("append");
+            builder.into_inner().expect("tar")
+        };
+        let gzip = |bytes: &[u8]| {
+            use std::io::Write;
+            let mut encoder =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(bytes).expect("gzip");
+            encoder.finish().expect("gzip")
+        };
+        let plain = tar_of("./plugin.wasm", b"\0asm module");
+        assert_eq!(
+            plugin_in_tar(&plain, 100).as_deref(),
+            Ok(&b"\0asm module"[..])
+        );
+        assert_eq!(
+            plugin_in_tar(&gzip(&plain), 100).as_deref(),
+            Ok(&b"\0asm module"[..])
+        );
+        assert!(plugin_in_tar(&plain, 5).is_err(), "over the limit");
+        assert!(plugin_in_tar(&tar_of("other.wasm", b"x"), 100).is_err());
+        assert!(plugin_in_tar(b"not a tar at all", 100).is_err());
     }
 
     #[test]
