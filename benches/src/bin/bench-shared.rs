@@ -43,6 +43,27 @@ fn per_call(n: u32, mut op: impl FnMut()) -> f64 {
     median(rounds)
 }
 
+/// The floor: one `PING` round trip to the server on a kept-open socket, µs.
+fn ping_round_trip(server: &RedisServer) -> Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(server.address())?;
+    stream.set_nodelay(true)?;
+    let mut reply = [0u8; 7];
+    let mut failed = None;
+    let micros = per_call(2_000, || {
+        let sent = stream
+            .write_all(b"*1\r\n$4\r\nPING\r\n")
+            .and_then(|()| stream.read_exact(&mut reply));
+        if let Err(e) = sent {
+            failed = Some(e);
+        }
+    });
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(micros),
+    }
+}
+
 fn rate_limited_request(vm: &mut Vm) {
     let mut request: HeaderMap = [(":method", "GET"), (":path", "/"), (":authority", "a")]
         .into_iter()
@@ -205,10 +226,12 @@ fn main() -> Result<()> {
         }
     }
 
+    let floor = ping_round_trip(&server)?;
     let mut block = format!(
         "{START}\n## Shared state: in-process against Redis on loopback\n\n\
          `cargo run -p filterbox-benches --release --bin bench-shared` ({} rounds, medians; a \
-         `redis-server` on 127.0.0.1 started by the program, on the same 2 cores). µs per call.\n\n\
+         `redis-server` on 127.0.0.1 started by the program, on the same 2 cores). µs per call. \
+         The floor, one `PING` round trip on an open socket: {floor:.0} µs.\n\n\
          | operation |",
         ROUNDS
     );

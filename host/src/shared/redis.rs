@@ -275,10 +275,15 @@ impl RedisStore {
         if config.timeout.is_zero() {
             return Err(RedisConfigError::ZeroTimeout);
         }
-        let client = Client::open(config.url.as_str()).map_err(|e| RedisConfigError::Url {
+        let bad_url = |e: RedisError| RedisConfigError::Url {
             url: config.url.clone(),
             reason: e.to_string(),
-        })?;
+        };
+        // Request and answer, one at a time: no Nagle delay on either side of a round trip.
+        let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
+            .map_err(bad_url)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info).map_err(bad_url)?;
         let store = Arc::new(RedisStore {
             client,
             config,
