@@ -284,10 +284,25 @@ fn plugins_are_pushed_pulled_and_served_through_an_oci_registry() {
         let said = refused(&dir, &config(free_port(), echo, &v1, &wrong));
         assert!(said.contains("refused") && said.contains(&wrong), "{said}");
 
-        // The registry gone: IfNotPresent starts from the module store, Always cannot.
+        // The registry gone: IfNotPresent starts from the module store (here in Istio's
+        // spelling: `url`, `sha256`, `imagePullPolicy`), Always cannot.
         registry.stop();
         let listen = free_port();
-        let _proxy = serve_until_listening(&dir, &config(listen, echo, &v1, &sha1), listen).await;
+        let istio = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: echo }}]
+upstreams: {{ echo: "http://{echo}" }}
+module_store: store
+slots: 1
+plugins:
+  - name: filter
+    configuration: add x-added from-registry
+    url: oci://{v1}
+    sha256: {sha1}
+    imagePullPolicy: IfNotPresent
+    vm_config: {{}}
+"#
+        );
+        let _proxy = serve_until_listening(&dir, &istio, listen).await;
         let (status, _, body) = get(&client, format!("http://{listen}/"), None)
             .await
             .expect("request");

@@ -124,6 +124,16 @@ pub struct PluginEntry {
     /// Where the plugin's shared data and queues live (default: in this process).
     #[serde(default)]
     pub shared_state: Option<SharedStateEntry>,
+    /// Istio's `WasmPlugin` spelling of the code's place, instead of `vm_config.code`:
+    /// `file://path` (relative to this file, or absolute), `https://…`, or `oci://…`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// With `url`: the module's SHA-256 (Istio's `sha256`).
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// With an `oci://` `url`: Istio's `imagePullPolicy`.
+    #[serde(default, alias = "imagePullPolicy")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
 }
 
 /// `shared_state:` of a plugin: `backend: local` (the default) or `backend: redis`, shared by
@@ -203,8 +213,9 @@ pub struct VmConfigEntry {
     /// `envoy.wasm.runtime.<name>` (default wasmtime).
     #[serde(default)]
     pub runtime: Option<String>,
-    /// Where the module is.
-    pub code: CodeEntry,
+    /// Where the module is (or the plugin's `url`).
+    #[serde(default)]
+    pub code: Option<CodeEntry>,
     /// What the plugin reads in `proxy_on_vm_start`.
     #[serde(default)]
     pub configuration: String,
@@ -231,6 +242,9 @@ pub struct CodeEntry {
 pub struct LocalFile {
     /// Path to the `.wasm` file, relative to the config file.
     pub filename: PathBuf,
+    /// Its SHA-256, checked when it is read (filterbox's; optional).
+    #[serde(default)]
+    pub sha256: Option<String>,
 }
 
 /// Envoy's `RemoteDataSource`.
@@ -391,6 +405,45 @@ impl ServeConfig {
 }
 
 impl PluginEntry {
+    /// Where the module is: `vm_config.code`, or Istio's `url` (exactly one of them).
+    pub(super) fn code(&self) -> Result<CodeEntry> {
+        match (&self.url, &self.vm_config.code) {
+            (None, Some(code)) => Ok(code.clone()),
+            (Some(url), None) => Ok(match url.strip_prefix("file://") {
+                Some(path) => CodeEntry {
+                    local: Some(LocalFile {
+                        filename: PathBuf::from(path),
+                        sha256: self.sha256.clone(),
+                    }),
+                    remote: None,
+                },
+                None => CodeEntry {
+                    local: None,
+                    remote: Some(RemoteCode {
+                        http_uri: HttpUri {
+                            uri: url.clone(),
+                            cluster: None,
+                            timeout: None,
+                        },
+                        sha256: self.sha256.clone(),
+                        image_pull_policy: self.image_pull_policy,
+                        insecure: false,
+                        registry_auth: None,
+                    }),
+                },
+            }),
+            (Some(_), Some(_)) => bail!("give either `url` or `vm_config.code`, not both"),
+            (None, None) => bail!("no code: give `vm_config.code` or `url`"),
+        }
+    }
+
+    /// The module's file or URL, for messages.
+    pub(super) fn describe_code(&self, base: &Path) -> String {
+        self.code()
+            .map(|code| code.describe(base))
+            .unwrap_or_else(|e| e.to_string())
+    }
+
     pub(super) fn plugin_config(&self) -> Result<PluginConfig> {
         let engine = match self.vm_config.runtime.as_deref() {
             None => EngineKind::Wasmtime,

@@ -60,7 +60,16 @@ fn plugin_code(
     runtime: &tokio::runtime::Handle,
 ) -> Result<Vec<u8>> {
     match (&code.local, &code.remote) {
-        (Some(local), None) => read_plugin_file(&base.join(&local.filename)),
+        (Some(local), None) => {
+            let bytes = read_plugin_file(&base.join(&local.filename))?;
+            if let Some(pinned) = &local.sha256 {
+                let (expected, actual) = (Sha256::parse(pinned)?, Sha256::of(&bytes));
+                if expected != actual {
+                    bail!("SHA-256 is {actual}, not the pinned {expected}; refused");
+                }
+            }
+            Ok(bytes)
+        }
         (None, Some(remote)) => {
             let uri = &remote.http_uri;
             let upstream = match &uri.cluster {
@@ -143,12 +152,14 @@ pub(super) fn build_generation(
     }
     let callouts = Arc::new(callouts);
     let load = |entry: &PluginEntry| -> Result<Plugin> {
-        let file = entry.vm_config.code.describe(base);
+        let file = entry.describe_code(base);
         let plugin_config = entry
             .plugin_config()
             .with_context(|| format!("plugin {:?}", entry.name))?;
         let engine = plugin_config.engine;
-        let wasm = plugin_code(&entry.vm_config.code, config, base, runtime)
+        let wasm = entry
+            .code()
+            .and_then(|code| plugin_code(&code, config, base, runtime))
             .with_context(|| format!("plugin {:?}: reading {file}", entry.name))?;
         let mut builder = Plugin::builder(plugin_config)
             .callouts(callouts.clone())
@@ -177,7 +188,7 @@ pub(super) fn build_generation(
                 anyhow::anyhow!(
                     "service {:?} ({}): {e}",
                     entry.name,
-                    entry.vm_config.code.describe(base)
+                    entry.describe_code(base)
                 )
             })
         })
@@ -206,7 +217,7 @@ pub(super) fn build_generation(
                 .plugins
                 .iter()
                 .find(|p| p.name == vm.plugin())
-                .map(|p| format!(" ({})", p.vm_config.code.describe(base))),
+                .map(|p| format!(" ({})", p.describe_code(base))),
             _ => None,
         };
         anyhow::anyhow!(

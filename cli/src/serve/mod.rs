@@ -257,6 +257,32 @@ plugins:
     }
 
     #[test]
+    fn code_comes_from_vm_config_or_from_istios_url_not_both() {
+        let parse = |yaml: &str| serde_yaml::from_str::<PluginEntry>(yaml).expect("parse");
+        let file = parse("{ name: p, url: file://p.wasm, sha256: ab, vm_config: {} }")
+            .code()
+            .expect("file url");
+        let local = file.local.expect("a local file");
+        assert_eq!(local.filename, Path::new("p.wasm"));
+        assert_eq!(local.sha256.as_deref(), Some("ab"));
+        let oci =
+            parse("{ name: p, url: oci://r.example/p:v1, imagePullPolicy: Always, vm_config: {} }")
+                .code()
+                .expect("oci url");
+        let remote = oci.remote.expect("remote");
+        assert_eq!(remote.http_uri.uri, "oci://r.example/p:v1");
+        assert_eq!(
+            remote.image_pull_policy,
+            Some(config::ImagePullPolicy::Always)
+        );
+        let both = parse(
+            "{ name: p, url: file://p.wasm, vm_config: { code: { local: { filename: p.wasm } } } }",
+        );
+        assert!(both.code().is_err());
+        assert!(parse("{ name: p, vm_config: {} }").code().is_err());
+    }
+
+    #[test]
     fn hop_by_hop_headers_are_not_forwarded() {
         let mut headers = http::HeaderMap::new();
         for (name, value) in [
