@@ -585,6 +585,9 @@ pub(crate) fn service_plugin_runs_on_its_own(h: &Harness) -> CaseResult {
     let mut config = config("service").with_vm_id("service-case");
     config.reload.backoff_initial_ms = 1;
     config.reload.backoff_max_ms = 1;
+    // The trap counted must be the plugin's `unreachable`: on a loaded machine the default
+    // 10 ms deadline could end a tick first, and the case would count a timeout instead.
+    config.limits.callback_deadline_ms = Some(30_000);
     let (plugin, logs) = h
         .load(&wasm, config)
         .map_err(|e| format!("load failed: {e}"))?;

@@ -16,7 +16,7 @@ pub(super) fn proxy_get_shared_data(
     let (state, memory) = cx.split();
     let key = tri!(read(&memory, key_ptr, key_size));
     // A store that cannot answer looks like a missing key: `NotFound` is the one failure the
-    // Rust SDK returns instead of panicking (ABI.md, "Shared state on Redis").
+    // Rust SDK returns instead of panicking (ABI.md §11, item 17).
     let Ok(Some((value, cas))) = state
         .shared
         .shared_state
