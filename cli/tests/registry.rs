@@ -233,16 +233,7 @@ fn plugins_are_pushed_pulled_and_served_through_an_oci_registry() {
     );
 
     runtime().block_on(async {
-        let echo = http1_upstream(|request: http::Request<hyper::body::Incoming>| {
-            let added = request
-                .headers()
-                .get("x-added")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("none")
-                .to_owned();
-            async move { added }
-        })
-        .await;
+        let echo = x_added_upstream().await;
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
 

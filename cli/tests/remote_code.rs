@@ -84,16 +84,7 @@ fn serve_fetches_pinned_code_over_https_and_starts_from_its_store() {
         std::fs::write(dir.join("code-ca.pem"), made.cert.pem()).expect("ca");
         let hits = Arc::new(AtomicUsize::new(0));
         let code = code_server(&made, hits.clone()).await;
-        let echo = http1_upstream(|request: http::Request<Incoming>| {
-            let added = request
-                .headers()
-                .get("x-added")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("none")
-                .to_owned();
-            async move { added }
-        })
-        .await;
+        let echo = x_added_upstream().await;
         let sha = filterbox::Sha256::of(guests::HEADERS).to_string();
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();

@@ -629,10 +629,17 @@ pub(crate) fn service_plugin_runs_on_its_own(h: &Harness) -> CaseResult {
     wait("job-2 on the new VM", &|| {
         value(b"last_job").as_deref() == Some(&b"job-2"[..])
     })?;
+    let metrics = plugin.metrics();
+    let traps: Vec<String> = TrapKind::ALL
+        .iter()
+        .filter(|kind| metrics.traps(**kind) > 0)
+        .map(|kind| format!("{kind:?} {}", metrics.traps(*kind)))
+        .collect();
     ensure!(
-        plugin.metrics().traps(TrapKind::Unreachable) == 1,
-        "traps: {}",
-        plugin.metrics().traps(TrapKind::Unreachable)
+        metrics.traps(TrapKind::Unreachable) == 1,
+        "traps: {traps:?}, VMs restarted: {}; logs {:?}",
+        metrics.vms_restarted(),
+        logs.messages()
     );
     service.stop();
     expect_nothing_leaked(&plugin)

@@ -187,3 +187,17 @@ pub fn refused(dir: &Path, config: &str) -> String {
     }
     text
 }
+
+/// An upstream that answers with the value of the request's `x-added` header (`none`).
+pub async fn x_added_upstream() -> SocketAddr {
+    http1_upstream(|request: http::Request<Incoming>| {
+        let added = request
+            .headers()
+            .get("x-added")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        async move { added }
+    })
+    .await
+}
