@@ -4,15 +4,22 @@ use std::time::Duration;
 
 /// The CPU time the calling thread has run, where the platform keeps a clock for it
 /// (`CLOCK_THREAD_CPUTIME_ID` on unixes); `None` elsewhere.
-#[cfg(all(unix, any(feature = "wasmtime", feature = "wasmi")))]
+#[cfg(all(unix, any(feature = "wasmtime", feature = "wasmi", feature = "wasmer")))]
 pub(crate) fn thread_cpu_time() -> Option<Duration> {
+    read_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// The time on clock `id`; `None` if the clock cannot be read (a thread's clock after the
+/// thread ended).
+#[cfg(all(unix, any(feature = "wasmtime", feature = "wasmi", feature = "wasmer")))]
+fn read_clock(id: libc::clockid_t) -> Option<Duration> {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `now` is a valid, writable `timespec` for the length of the call, and the clock
-    // id is the platform's own constant; the call writes nothing else.
-    let status = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    // SAFETY: `now` is a valid, writable `timespec` for the length of the call; an id that
+    // names no clock makes the call fail (checked), and it writes nothing else.
+    let status = unsafe { libc::clock_gettime(id, &mut now) };
     if status != 0 {
         return None;
     }
@@ -20,6 +27,46 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
         u64::try_from(now.tv_sec).ok()?,
         u32::try_from(now.tv_nsec).ok()?,
     ))
+}
+
+/// A thread's CPU clock, which another thread can read (wasmer's watchdog reads the clock of
+/// the thread running a watched call).
+#[cfg(feature = "wasmer")]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ThreadCpuClock {
+    #[cfg(unix)]
+    id: libc::clockid_t,
+}
+
+#[cfg(feature = "wasmer")]
+impl ThreadCpuClock {
+    /// The calling thread's CPU clock; `None` where the platform keeps none.
+    #[cfg(unix)]
+    pub(crate) fn current() -> Option<ThreadCpuClock> {
+        let mut id: libc::clockid_t = 0;
+        // SAFETY: `pthread_self` is the calling thread, alive for the call; `id` is a valid,
+        // writable `clockid_t`, the only thing the call writes.
+        let status = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut id) };
+        (status == 0).then_some(ThreadCpuClock { id })
+    }
+
+    /// The CPU time the thread has run; `None` if its clock cannot be read.
+    #[cfg(unix)]
+    pub(crate) fn read(self) -> Option<Duration> {
+        read_clock(self.id)
+    }
+
+    /// No thread CPU clock here.
+    #[cfg(not(unix))]
+    pub(crate) fn current() -> Option<ThreadCpuClock> {
+        None
+    }
+
+    /// No thread CPU clock here.
+    #[cfg(not(unix))]
+    pub(crate) fn read(self) -> Option<Duration> {
+        None
+    }
 }
 
 /// A call's deadline, counted in the time its thread runs. Past the deadline on the wall
@@ -31,7 +78,7 @@ pub(crate) fn thread_cpu_time() -> Option<Duration> {
 /// On wasmtime the wall clock too is first read at that tick (the call is taken to have
 /// started a millisecond before), so a call that ends sooner reads no clock at all.
 /// Without a CPU clock, the wall clock decides.
-#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+#[cfg(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer"))]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RunClock {
     /// When the call started; `None` until the first reading of a clock made with
@@ -45,7 +92,7 @@ pub(crate) struct RunClock {
 }
 
 /// The first reading of a call's CPU clock.
-#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+#[cfg(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer"))]
 #[derive(Debug, Clone, Copy)]
 enum FirstReading {
     NotYet,
@@ -54,20 +101,20 @@ enum FirstReading {
     NoClock,
 }
 
-#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+#[cfg(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer"))]
 impl RunClock {
     /// The wall clock a call lasts at most, in deadlines.
-    const WALL_DEADLINES: u32 = 10;
+    pub(crate) const WALL_DEADLINES: u32 = 10;
 
     /// When the CPU clock is first read; what the call did before counts as this much running.
-    const FIRST_READING: Duration = Duration::from_millis(1);
+    pub(crate) const FIRST_READING: Duration = Duration::from_millis(1);
 
     /// A budget past this is no deadline (a clock that could not represent its end).
     #[cfg(feature = "wasmtime")]
     const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
 
     /// A clock for a call of `budget` starting now; `None` for a budget too far to represent.
-    #[cfg(feature = "wasmi")]
+    #[cfg(any(feature = "wasmi", feature = "wasmer"))]
     pub(crate) fn start(budget: Duration) -> Option<RunClock> {
         let start = std::time::Instant::now();
         let due = start.checked_add(budget)?;
@@ -152,7 +199,10 @@ impl RunClock {
 }
 
 /// See the unix version: no thread CPU clock here, deadlines count wall time.
-#[cfg(all(not(unix), any(feature = "wasmtime", feature = "wasmi")))]
+#[cfg(all(
+    not(unix),
+    any(feature = "wasmtime", feature = "wasmi", feature = "wasmer")
+))]
 pub(crate) fn thread_cpu_time() -> Option<Duration> {
     None
 }

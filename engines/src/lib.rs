@@ -35,8 +35,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use cache::{CacheOutcome, ModuleCache};
-#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+#[cfg(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer"))]
 pub(crate) use clock::RunClock;
+#[cfg(feature = "wasmer")]
+pub(crate) use clock::ThreadCpuClock;
 #[cfg(any(feature = "wasmtime", feature = "wasmi"))]
 pub(crate) use config::WASM_PAGE;
 pub use config::{EngineConfig, InstanceLimits, PoolingConfig, WASMER_OPS_PER_MS};
@@ -235,12 +237,15 @@ impl<H: Hostcalls> Instance<H> {
     /// - wasmi runs on fuel in slices and looks at the clock between slices, and past the
     ///   deadline at the thread's CPU clock, as wasmtime does;
     /// - wasmer counts wasm operators (metering, at [`WASMER_OPS_PER_MS`]) and a watchdog
-    ///   thread interrupts a call still running a millisecond tick after its deadline, so a
-    ///   slow or loaded machine does not stretch it.
+    ///   thread interrupts a call still running a millisecond tick after its deadline, with
+    ///   the running thread's CPU clock deciding as on wasmtime (so a preempted call is not
+    ///   cut short, and a slow or loaded machine does not stretch a running one). It sends
+    ///   no interrupt while the call runs a hostcall, and repeats one only after 100 ms.
     ///
-    /// On wasmi and wasmer the clock is also read before each hostcall, so time spent inside
-    /// hostcalls counts: a call past its deadline traps as it next enters the host (wasmtime's
-    /// epoch counts it without that).
+    /// On wasmi and wasmer the clocks are also read before each hostcall (the thread's CPU
+    /// clock deciding past the deadline), so time spent inside hostcalls counts: a call past
+    /// its deadline traps as it next enters the host (wasmtime's epoch counts it without
+    /// that).
     ///
     /// Without [`EngineConfig::interruptible`] this does nothing.
     pub fn set_deadline(&mut self, deadline: Option<Duration>) {

@@ -3,10 +3,10 @@
 
 use super::{StoreData, Watch, classify, points_for};
 use crate::backend::BackendInstance;
-use crate::{EngineError, Hostcalls, Returned, Trap, TrapKind};
+use crate::{EngineError, Hostcalls, Returned, RunClock, Trap, TrapKind};
 use filterbox_abi::Callback;
 use std::mem::ManuallyDrop;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wasmer::{Function, FunctionEnv, Global, RuntimeError, Store, TypedFunction, Value};
 
 /// A wasmer instance and the thread that made it. wasmer 7's store is not `Send` (its
@@ -220,12 +220,9 @@ impl<H: Hostcalls> Bound<H> {
             let _ = left.set(&mut self.store, Value::I64(self.deadline_points as i64));
             let _ = exhausted.set(&mut self.store, Value::I32(0));
         }
-        let deadline = match self.interruptible {
-            true => self.deadline.and_then(|d| Instant::now().checked_add(d)),
-            false => None,
-        };
-        self.env.as_mut(&mut self.store).deadline = deadline;
-        let watch = Watch::start(&self.store, deadline);
+        let budget = self.deadline.filter(|_| self.interruptible);
+        self.env.as_mut(&mut self.store).deadline = budget.and_then(RunClock::start);
+        let watch = Watch::start(&self.store, budget, &self.env.as_ref(&self.store).in_host);
         let outcome = func.call(&mut self.store, params);
         drop(watch);
         let data = self.env.as_mut(&mut self.store);

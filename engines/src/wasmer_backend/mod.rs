@@ -1,7 +1,7 @@
 //! The wasmer backend, with its Cranelift or single-pass compiler.
 
 use crate::backend::Backend;
-use crate::{
+use crate::{RunClock, 
     Caller, EngineConfig, EngineError, EngineKind, GuestMemory, HostTrap, Hostcalls,
     InstanceLimits, MemoryError, Trap, TrapKind,
 };
@@ -9,6 +9,7 @@ use filterbox_abi::{AbiVersion, Callback};
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use wasmer::sys::{BaseTunables, CompilerConfig, NativeEngineExt};
 use wasmer::wasmparser::Operator;
@@ -166,8 +167,26 @@ pub(crate) struct StoreData<H> {
     memory: Option<Memory>,
     allocator: Option<TypedFunction<i32, i32>>,
     pending_trap: Option<Trap>,
-    /// When the running call must end (`None`: no deadline or not interruptible).
-    deadline: Option<Instant>,
+    /// The running call's deadline (`None`: no deadline or not interruptible).
+    deadline: Option<RunClock>,
+    /// Set while a hostcall runs, for the watchdog (which then sends no signal).
+    in_host: Arc<AtomicBool>,
+}
+
+/// Marks a hostcall running on a store until dropped (see [`StoreData::in_host`]).
+struct InHost(Arc<AtomicBool>);
+
+impl InHost {
+    fn enter(flag: &Arc<AtomicBool>) -> InHost {
+        flag.store(true, Ordering::Release);
+        InHost(flag.clone())
+    }
+}
+
+impl Drop for InHost {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 fn classify(err: &RuntimeError) -> Trap {
@@ -247,17 +266,23 @@ impl<H: Send + 'static> Caller<H> for WrCaller<'_, '_, H> {
 
     fn deadline_passed(&mut self) -> bool {
         self.env
-            .data()
+            .data_mut()
             .deadline
-            .is_some_and(|deadline| Instant::now() >= deadline)
+            .as_mut()
+            .is_some_and(|clock| clock.passed(Instant::now()))
     }
 
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
         let Some(allocator) = self.env.data().allocator.clone() else {
             return Err(MemoryError::AllocatorFailed { size });
         };
+        // The allocator is guest code again: the watchdog may interrupt it.
+        let in_host = self.env.data().in_host.clone();
+        in_host.store(false, Ordering::Release);
         // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
-        match allocator.call(&mut *self.env, size as i32) {
+        let allocated = allocator.call(&mut *self.env, size as i32);
+        in_host.store(true, Ordering::Release);
+        match allocated {
             Ok(ptr) => crate::check_allocation(ptr, size, &self.memory()),
             Err(err) => {
                 self.env.data_mut().pending_trap = Some(classify(&err));
@@ -284,6 +309,7 @@ macro_rules! define_imports {
                             store,
                             env,
                             |mut env: FunctionEnvMut<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, HostTrap> {
+                                let _in_host = InHost::enter(&env.data().in_host);
                                 crate::run_import(&mut WrCaller { env: &mut env }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
                                     .map_err(HostTrap)
                             },
@@ -365,20 +391,18 @@ impl WrInstancePre {
         limits: &InstanceLimits,
     ) -> Result<WrInstance<H>, EngineError> {
         let mut store = Store::new(self.engine.engine.clone());
-        let deadline = self
+        let budget = self
             .engine
             .interruptible
-            .then(|| {
-                let deadline = limits.start_deadline.unwrap_or(self.engine.start_deadline);
-                Instant::now().checked_add(deadline)
-            })
-            .flatten();
+            .then(|| limits.start_deadline.unwrap_or(self.engine.start_deadline));
+        let deadline = budget.and_then(RunClock::start);
         let data = StoreData {
             host,
             memory: None,
             allocator: None,
             pending_trap: None,
             deadline,
+            in_host: Arc::default(),
         };
         let env = FunctionEnv::new(&mut store, data);
         let imports = define_imports::<H>(&mut store, &env, &self.imports);
@@ -388,7 +412,7 @@ impl WrInstancePre {
                 u32::try_from(limits.max_table_elements).unwrap_or(u32::MAX),
             )))
         });
-        let watch = Watch::start(&store, deadline);
+        let watch = Watch::start(&store, budget, &env.as_ref(&store).in_host);
         let instance = wasmer::Instance::new(&mut store, &self.module, &imports);
         drop(watch);
         LIMITS.with(|l| l.set(None));

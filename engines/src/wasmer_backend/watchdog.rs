@@ -1,19 +1,84 @@
-//! Wall-clock deadlines on wasmer: a watchdog thread interrupts a call still running a tick
-//! after its deadline (metering alone counts operators, not time).
+//! Deadlines on wasmer: a watchdog thread interrupts a call that has run past its deadline
+//! (metering alone counts operators, not time), by the wall clock and the CPU clock of the
+//! call's thread.
 
-use crate::lock;
-use crate::EngineError;
-use std::sync::{Mutex, OnceLock};
+use crate::{EngineError, RunClock, ThreadCpuClock, lock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How often the watchdog looks for calls past their deadline.
 const WATCHDOG_TICK: Duration = Duration::from_millis(1);
 
+/// How long the watchdog waits before interrupting a call again that its first interrupt did
+/// not end. Every interrupt is a signal that wasmer turns into a trap wherever it lands on
+/// the wasm stack, its own runtime code around hostcalls included; one per call (and a
+/// rare retry) keeps that chance small. A call looping through hostcalls needs none: every
+/// hostcall checks the deadline first.
+const RESEND_AFTER: Duration = Duration::from_millis(100);
+
 /// A call being watched: its deadline and how to interrupt its store.
 struct Watched {
     id: u64,
-    deadline: Instant,
+    /// When the call started, how long it may run, and when it is next due on the wall clock.
+    start: Instant,
+    budget: Duration,
+    due: Instant,
+    /// The CPU clock of the call's thread, and its reading at the watchdog's first look.
+    cpu: CpuReading,
     interrupter: wasmer::Interrupter,
+    /// Set while the call runs a hostcall: no signal then (the hostcall checks the deadline
+    /// itself, and wasmer traps as it returns to an interrupted store).
+    in_host: Arc<AtomicBool>,
+    /// When the last interrupt was sent.
+    sent: Option<Instant>,
+}
+
+/// What the watchdog knows of a call's thread's CPU clock.
+#[derive(Clone, Copy)]
+enum CpuReading {
+    /// Not read yet.
+    Unread(ThreadCpuClock),
+    /// Read at the watchdog's first look at the call.
+    First(ThreadCpuClock, Duration),
+    /// No CPU clock: the wall clock decides.
+    None,
+}
+
+impl Watched {
+    /// Whether the call has run for its budget: past it on the wall clock, the thread's CPU
+    /// clock decides (a preempted call goes on for what it has not run), up to
+    /// [`RunClock::WALL_DEADLINES`] budgets on the wall clock, as wasmtime's deadlines do.
+    /// What the call ran before the watchdog's first look counts as
+    /// [`RunClock::FIRST_READING`].
+    fn overdue(&mut self, now: Instant) -> bool {
+        if let CpuReading::Unread(clock) = self.cpu {
+            self.cpu = clock
+                .read()
+                .map_or(CpuReading::None, |first| CpuReading::First(clock, first));
+        }
+        if now < self.due {
+            return false;
+        }
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= self.budget.saturating_mul(RunClock::WALL_DEADLINES) {
+            return true;
+        }
+        let ran = match self.cpu {
+            CpuReading::First(clock, first) => clock.read().map_or(elapsed, |cpu| {
+                RunClock::FIRST_READING + cpu.saturating_sub(first)
+            }),
+            CpuReading::Unread(_) | CpuReading::None => elapsed,
+        };
+        if ran >= self.budget {
+            return true;
+        }
+        match now.checked_add(self.budget - ran) {
+            Some(next) => self.due = next,
+            None => return true,
+        }
+        false
+    }
 }
 
 /// The calls running under a deadline, and the next watch id.
@@ -36,7 +101,8 @@ static WATCHLIST: OnceLock<Result<Mutex<Watchlist>, String>> = OnceLock::new();
 /// The watchlist, starting the watchdog thread the first time. Metering counts operators at a
 /// fixed rate, which a loaded or slow machine stretches into seconds; the watchdog interrupts
 /// (a signal to the running thread, wasmer's `experimental-host-interrupt`) any call still
-/// running a tick after its deadline, and again every tick until the call ends.
+/// running a tick after its deadline and not inside a hostcall, and again every
+/// [`RESEND_AFTER`] until the call ends.
 fn watchlist() -> Result<&'static Mutex<Watchlist>, EngineError> {
     let list = WATCHLIST.get_or_init(|| {
         std::thread::Builder::new()
@@ -51,8 +117,18 @@ fn watchlist() -> Result<&'static Mutex<Watchlist>, EngineError> {
                             // meant for one call can reach the next call on the same store.
                             let mut list = lock(list);
                             let now = Instant::now();
-                            for call in list.calls.iter().filter(|c| c.deadline <= now) {
-                                call.interrupter.interrupt();
+                            for call in list.calls.iter_mut() {
+                                let resend = call
+                                    .sent
+                                    .is_none_or(|sent| now.duration_since(sent) >= RESEND_AFTER);
+                                // `overdue` first: it takes the first CPU reading of a new call.
+                                if call.overdue(now)
+                                    && resend
+                                    && !call.in_host.load(Ordering::Acquire)
+                                {
+                                    call.interrupter.interrupt();
+                                    call.sent = Some(now);
+                                }
                             }
                             list.asleep = list.calls.is_empty();
                             list.asleep
@@ -85,18 +161,31 @@ pub(super) struct Watch {
 }
 
 impl Watch {
-    /// Watches the next call on `store` until `deadline`; `None` when there is no deadline or
-    /// the watchdog could not start (metering still bounds the call then).
-    pub(super) fn start(store: &wasmer::Store, deadline: Option<Instant>) -> Option<Watch> {
-        let deadline = deadline?;
+    /// Watches the next call on `store`, made on this thread, for `budget`; `None` when there
+    /// is no budget or the watchdog could not start (metering still bounds the call then).
+    /// `in_host` is set while the call runs a hostcall.
+    pub(super) fn start(
+        store: &wasmer::Store,
+        budget: Option<Duration>,
+        in_host: &Arc<AtomicBool>,
+    ) -> Option<Watch> {
+        let budget = budget?;
+        let start = Instant::now();
+        let due = start.checked_add(budget)?;
+        let cpu = ThreadCpuClock::current().map_or(CpuReading::None, CpuReading::Unread);
         let list = watchlist().ok()?;
         let mut guard = lock(list);
         let id = guard.next_id;
         guard.next_id = id.wrapping_add(1);
         guard.calls.push(Watched {
             id,
-            deadline,
+            start,
+            budget,
+            due,
+            cpu,
             interrupter: store.interrupter(),
+            in_host: in_host.clone(),
+            sent: None,
         });
         if std::mem::take(&mut guard.asleep)
             && let Some(watchdog) = WATCHDOG.get()
