@@ -27,12 +27,7 @@ use common::*;
 async fn upstream(hits: Arc<AtomicUsize>, uploads: Arc<AtomicUsize>) -> SocketAddr {
     http1_upstream(move |request: http::Request<Incoming>| {
         hits.fetch_add(1, Ordering::SeqCst);
-        let added = request
-            .headers()
-            .get("x-added")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned();
+        let added = x_added(&request);
         let upload = request.uri().path() == "/upload";
         let uploads = uploads.clone();
         async move {

@@ -188,15 +188,20 @@ pub fn refused(dir: &Path, config: &str) -> String {
     text
 }
 
+/// The value of a request's `x-added` header (the header plugin's), `none` without one.
+pub fn x_added<B>(request: &http::Request<B>) -> String {
+    request
+        .headers()
+        .get("x-added")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("none")
+        .to_owned()
+}
+
 /// An upstream that answers with the value of the request's `x-added` header (`none`).
 pub async fn x_added_upstream() -> SocketAddr {
     http1_upstream(|request: http::Request<Incoming>| {
-        let added = request
-            .headers()
-            .get("x-added")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("none")
-            .to_owned();
+        let added = x_added(&request);
         async move { added }
     })
     .await

@@ -265,4 +265,3 @@ impl<H: Hostcalls> Bound<H> {
         }
     }
 }
-

@@ -1,9 +1,9 @@
 //! The wasmer backend, with its Cranelift or single-pass compiler.
 
 use crate::backend::Backend;
-use crate::{RunClock, 
+use crate::{
     Caller, EngineConfig, EngineError, EngineKind, GuestMemory, HostTrap, Hostcalls,
-    InstanceLimits, MemoryError, Trap, TrapKind,
+    InstanceLimits, MemoryError, RunClock, Trap, TrapKind,
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::collections::HashMap;
@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use wasmer::sys::{BaseTunables, CompilerConfig, NativeEngineExt};
 use wasmer::wasmparser::Operator;
 use wasmer::{
-    ExternType, Function, FunctionEnv, FunctionEnvMut, Imports, Memory,
-    RuntimeError, Store, TypedFunction,
+    ExternType, Function, FunctionEnv, FunctionEnvMut, Imports, Memory, RuntimeError, Store,
+    TypedFunction,
 };
 use wasmer_middlewares::Metering;
 
@@ -45,9 +45,9 @@ mod instance;
 mod tunables;
 mod watchdog;
 
-use tunables::{LIMITS, LimitingTunables};
 use instance::Typed;
 pub(crate) use instance::WrInstance;
+use tunables::{LIMITS, LimitingTunables};
 use watchdog::Watch;
 
 /// A wasmer engine setting. Wasmer's metering middleware keeps per-module state and refuses

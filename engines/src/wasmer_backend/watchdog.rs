@@ -201,4 +201,3 @@ impl Drop for Watch {
         lock(self.list).calls.retain(|c| c.id != self.id);
     }
 }
-
