@@ -24,27 +24,37 @@ impl RegistryArgs {
     /// A fetcher for `reference` with these settings: the login given, else the one Docker's
     /// `config.json` has for the registry, else none.
     pub fn fetcher(&self, reference: &str) -> CodeFetcher {
-        let registry = registry_of(reference);
-        let mut fetcher = CodeFetcher::default();
-        if self.insecure {
-            fetcher = fetcher.insecure_registry(registry.clone());
-        }
-        let login = match &self.username {
-            Some(username) => Some(RegistryAuth::Basic {
-                username: username.clone(),
-                password: self
-                    .password
-                    .clone()
-                    .or_else(|| std::env::var("FILTERBOX_REGISTRY_PASSWORD").ok())
-                    .unwrap_or_default(),
-            }),
-            None => docker_login(&registry),
-        };
-        if let Some(login) = login {
-            fetcher = fetcher.registry_auth(login);
-        }
-        fetcher
+        let login = self.username.as_ref().map(|username| RegistryAuth::Basic {
+            username: username.clone(),
+            password: self
+                .password
+                .clone()
+                .or_else(|| std::env::var("FILTERBOX_REGISTRY_PASSWORD").ok())
+                .unwrap_or_default(),
+        });
+        for_registry(CodeFetcher::default(), reference, self.insecure, login)
     }
+}
+
+/// `fetcher` set up for the registry of `reference`: plain HTTP to it if `insecure`, and
+/// `login` if given, else the one Docker's `config.json` has for the registry, else none.
+pub fn for_registry<C>(
+    mut fetcher: CodeFetcher<C>,
+    reference: &str,
+    insecure: bool,
+    login: Option<RegistryAuth>,
+) -> CodeFetcher<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone + Send + Sync + 'static,
+{
+    let registry = registry_of(reference);
+    if insecure {
+        fetcher = fetcher.insecure_registry(registry.clone());
+    }
+    if let Some(login) = login.or_else(|| docker_login(&registry)) {
+        fetcher = fetcher.registry_auth(login);
+    }
+    fetcher
 }
 
 /// The login Docker keeps for `registry` in `$DOCKER_CONFIG/config.json` (or

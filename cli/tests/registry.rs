@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use filterbox_conformance::guests;
-use filterbox_conformance::servers::free_port;
+use filterbox_conformance::servers::{free_port, wait_until_answering};
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -48,41 +48,29 @@ impl Registry {
                 format!("could not run docker-registry (Debian package docker-registry): {e}")
             })?;
         let mut registry = Registry { child, address };
-        let started = Instant::now();
-        while !registry.answers() {
-            if let Ok(Some(status)) = registry.child.try_wait() {
-                return Err(format!("docker-registry exited at start: {status}"));
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!(
-                    "docker-registry did not answer on {address} in 30 s"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until_answering(&mut registry.child, "docker-registry", address, || {
+            registry_answers(address)
+        })?;
         Ok(registry)
-    }
-
-    /// `GET /v2/` answers 200: the registry is up.
-    fn answers(&self) -> bool {
-        let Ok(mut stream) = TcpStream::connect(self.address) else {
-            return false;
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let request = format!(
-            "GET /v2/ HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
-            self.address
-        );
-        let mut answer = String::new();
-        stream.write_all(request.as_bytes()).is_ok()
-            && stream.read_to_string(&mut answer).is_ok()
-            && answer.starts_with("HTTP/1.1 200")
     }
 
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `GET /v2/` at `address` answers 200: the registry is up.
+fn registry_answers(address: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(address) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET /v2/ HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let mut answer = String::new();
+    stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && answer.starts_with("HTTP/1.1 200")
 }
 
 impl Drop for Registry {
@@ -142,7 +130,8 @@ fn text(output: &Output) -> String {
     )
 }
 
-fn config(listen: SocketAddr, echo: SocketAddr, reference: &str, sha: &str) -> String {
+/// `serve`'s config with one plugin whose code the lines `code` (under the plugin) name.
+fn config_with_code(listen: SocketAddr, echo: SocketAddr, code: &str) -> String {
     format!(
         r#"listeners: [{{ address: "{listen}", upstream: echo }}]
 upstreams: {{ echo: "http://{echo}" }}
@@ -151,14 +140,22 @@ slots: 1
 plugins:
   - name: filter
     configuration: add x-added from-registry
-    vm_config:
+{code}"#
+    )
+}
+
+/// [`config_with_code`] with the code from the registry in Envoy's spelling.
+fn config(listen: SocketAddr, echo: SocketAddr, reference: &str, sha: &str) -> String {
+    let code = format!(
+        r#"    vm_config:
       code:
         remote:
           http_uri: {{ uri: "oci://{reference}", timeout: 20s }}
           sha256: "{sha}"
           insecure: true
 "#
-    )
+    );
+    config_with_code(listen, echo, &code)
 }
 
 #[test]
@@ -279,19 +276,12 @@ fn plugins_are_pushed_pulled_and_served_through_an_oci_registry() {
         // spelling: `url`, `sha256`, `imagePullPolicy`), Always cannot.
         registry.stop();
         let listen = free_port();
-        let istio = format!(
-            r#"listeners: [{{ address: "{listen}", upstream: echo }}]
-upstreams: {{ echo: "http://{echo}" }}
-module_store: store
-slots: 1
-plugins:
-  - name: filter
-    configuration: add x-added from-registry
-    url: oci://{v1}
-    sha256: {sha1}
-    imagePullPolicy: IfNotPresent
-    vm_config: {{}}
-"#
+        let istio = config_with_code(
+            listen,
+            echo,
+            &format!(
+                "    url: oci://{v1}\n    sha256: {sha1}\n    imagePullPolicy: IfNotPresent\n    vm_config: {{}}\n"
+            ),
         );
         let _proxy = serve_until_listening(&dir, &istio, listen).await;
         let (status, _, body) = get(&client, format!("http://{listen}/"), None)

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A running `redis-server`.
 pub struct RedisServer {
@@ -34,18 +34,9 @@ impl RedisServer {
                 format!("could not run redis-server (Debian package redis-server): {e}")
             })?;
         let mut server = RedisServer { child, address };
-        let started = Instant::now();
-        while !server.answers_ping() {
-            if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!("redis-server exited at start: {status}"));
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                return Err(format!(
-                    "redis-server did not answer on {address} within 30 s"
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::servers::wait_until_answering(&mut server.child, "redis-server", address, || {
+            RedisServer::command_at(address, &["PING"]).is_ok_and(|r| r.starts_with(b"+PONG"))
+        })?;
         Ok(server)
     }
 
@@ -86,11 +77,6 @@ impl RedisServer {
         let n = stream.read(&mut reply).map_err(|e| e.to_string())?;
         reply.truncate(n);
         Ok(reply)
-    }
-
-    fn answers_ping(&self) -> bool {
-        self.command(&["PING"])
-            .is_ok_and(|r| r.starts_with(b"+PONG"))
     }
 
     fn kill(&mut self) {

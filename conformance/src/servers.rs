@@ -46,6 +46,27 @@ pub fn free_port() -> SocketAddr {
     }
 }
 
+/// Waits until `answers()` says the server `name`, started as `child` to listen on `address`,
+/// is up. `Err` if the process exits first or does not answer within 30 s.
+pub fn wait_until_answering(
+    child: &mut std::process::Child,
+    name: &str,
+    address: SocketAddr,
+    answers: impl Fn() -> bool,
+) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    while !answers() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{name} exited at start: {status}"));
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(format!("{name} did not answer on {address} within 30 s"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// The running servers.
 pub struct Servers {
     runtime: Runtime,

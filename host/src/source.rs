@@ -550,13 +550,8 @@ where
     /// [`CodeFetcher::max_bytes`] is refused before it is downloaded.
     #[cfg(feature = "oci")]
     async fn pull(&self, name: &str) -> Result<Vec<u8>, SourceError> {
-        let failed = |error: String| SourceError::Registry {
-            reference: name.to_owned(),
-            error,
-        };
-        let reference: oci_client::Reference = name
-            .parse()
-            .map_err(|e| failed(format!("not a reference: {e}")))?;
+        let failed = registry_error(name);
+        let reference = parse_reference(name)?;
         let (client, auth) = self.oci_client();
         let (manifest, _) = client
             .pull_image_manifest(&reference, &auth)
@@ -618,13 +613,8 @@ where
     #[cfg(feature = "oci")]
     pub async fn push(&self, module: &[u8], reference: &str) -> Result<Pushed, SourceError> {
         let name = reference.strip_prefix("oci://").unwrap_or(reference);
-        let failed = |error: String| SourceError::Registry {
-            reference: name.to_owned(),
-            error,
-        };
-        let parsed: oci_client::Reference = name
-            .parse()
-            .map_err(|e| failed(format!("not a reference: {e}")))?;
+        let failed = registry_error(name);
+        let parsed = parse_reference(name)?;
         let (client, auth) = self.oci_client();
         let layer = oci_client::client::ImageLayer::new(
             module.to_vec(),
@@ -757,6 +747,22 @@ const TAR_LAYER_TYPES: [&str; 4] = [
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.diff.tar",
 ];
+
+/// What a registry operation on `reference` failed with, as a [`SourceError`].
+#[cfg(feature = "oci")]
+fn registry_error(reference: &str) -> impl Fn(String) -> SourceError + '_ {
+    move |error| SourceError::Registry {
+        reference: reference.to_owned(),
+        error,
+    }
+}
+
+/// `name` (an OCI reference without `oci://`) parsed.
+#[cfg(feature = "oci")]
+fn parse_reference(name: &str) -> Result<oci_client::Reference, SourceError> {
+    name.parse()
+        .map_err(|e| registry_error(name)(format!("not a reference: {e}")))
+}
 
 /// `plugin.wasm` from a tar layer, gzipped or not, at most `max_bytes` of it.
 #[cfg(feature = "oci")]

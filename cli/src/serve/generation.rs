@@ -89,9 +89,6 @@ fn plugin_code(
             }
             let sha256 = remote.sha256.as_deref().map(Sha256::parse).transpose()?;
             let source = if uri.uri.starts_with("oci://") {
-                if remote.insecure {
-                    fetcher = fetcher.insecure_registry(crate::registry::registry_of(&uri.uri));
-                }
                 let login = match &remote.registry_auth {
                     Some(login) => Some(RegistryAuth::Basic {
                         username: login.username.clone(),
@@ -101,11 +98,9 @@ fn plugin_code(
                             None => login.password.clone().unwrap_or_default(),
                         },
                     }),
-                    None => crate::registry::docker_login(&crate::registry::registry_of(&uri.uri)),
+                    None => None,
                 };
-                if let Some(login) = login {
-                    fetcher = fetcher.registry_auth(login);
-                }
+                fetcher = crate::registry::for_registry(fetcher, &uri.uri, remote.insecure, login);
                 PluginSource::Oci {
                     reference: uri.uri.clone(),
                     sha256,

@@ -92,12 +92,19 @@ pub async fn get(
     ))
 }
 
-/// `filterbox serve` on the `filterbox.yaml` in `dir`.
-pub fn start_serve(dir: &Path) -> Proxy {
-    let child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+/// The command for `filterbox serve` on the `filterbox.yaml` in `dir`, its output dropped.
+fn serve_command(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_filterbox"));
+    command
         .args(["serve", "--config"])
         .arg(dir.join("filterbox.yaml"))
-        .stdout(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+/// `filterbox serve` on the `filterbox.yaml` in `dir`.
+pub fn start_serve(dir: &Path) -> Proxy {
+    let child = serve_command(dir)
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start filterbox serve");
@@ -161,10 +168,7 @@ pub fn tls_acceptor(made: &rcgen::CertifiedKey) -> tokio_rustls::TlsAcceptor {
 /// Runs `serve` on a config it must refuse, and returns what it printed.
 pub fn refused(dir: &Path, config: &str) -> String {
     std::fs::write(dir.join("filterbox.yaml"), config).expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_filterbox"))
-        .args(["serve", "--config"])
-        .arg(dir.join("filterbox.yaml"))
-        .stdout(Stdio::null())
+    let mut child = serve_command(dir)
         .stderr(Stdio::piped())
         .spawn()
         .expect("start serve");

@@ -173,22 +173,6 @@ pub(crate) struct StoreData<H> {
     in_host: Arc<AtomicBool>,
 }
 
-/// Marks a hostcall running on a store until dropped (see [`StoreData::in_host`]).
-struct InHost(Arc<AtomicBool>);
-
-impl InHost {
-    fn enter(flag: &Arc<AtomicBool>) -> InHost {
-        flag.store(true, Ordering::Release);
-        InHost(flag.clone())
-    }
-}
-
-impl Drop for InHost {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
-
 fn classify(err: &RuntimeError) -> Trap {
     if let Some(HostTrap(trap)) = err.downcast_ref::<HostTrap>() {
         return trap.clone();
@@ -277,11 +261,10 @@ impl<H: Send + 'static> Caller<H> for WrCaller<'_, '_, H> {
             return Err(MemoryError::AllocatorFailed { size });
         };
         // The allocator is guest code again: the watchdog may interrupt it.
-        let in_host = self.env.data().in_host.clone();
-        in_host.store(false, Ordering::Release);
+        self.env.data().in_host.store(false, Ordering::Release);
         // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
         let allocated = allocator.call(&mut *self.env, size as i32);
-        in_host.store(true, Ordering::Release);
+        self.env.data().in_host.store(true, Ordering::Release);
         match allocated {
             Ok(ptr) => crate::check_allocation(ptr, size, &self.memory()),
             Err(err) => {
@@ -309,9 +292,11 @@ macro_rules! define_imports {
                             store,
                             env,
                             |mut env: FunctionEnvMut<'_, StoreData<H>>, $($arg: $ty),*| -> Result<$ret, HostTrap> {
-                                let _in_host = InHost::enter(&env.data().in_host);
-                                crate::run_import(&mut WrCaller { env: &mut env }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*))
-                                    .map_err(HostTrap)
+                                // `run_import` catches panics: nothing unwinds past the reset.
+                                env.data().in_host.store(true, Ordering::Release);
+                                let result = crate::run_import(&mut WrCaller { env: &mut env }, filterbox_abi::Import::$variant, &[$(i64::from($arg)),*], |cx| H::$name(cx, $($arg),*));
+                                env.data().in_host.store(false, Ordering::Release);
+                                result.map_err(HostTrap)
                             },
                         );
                         imports.define(module, stringify!($name), func);
