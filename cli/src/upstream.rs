@@ -77,7 +77,11 @@ const COOL_DOWN: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Pool {
     addresses: Vec<Address>,
+    /// The client of every thread without one of its own.
     client: UpstreamClient,
+    /// The clients of threads 1, 2, …: each has connections of its own, used on the thread
+    /// whose runtime drives them.
+    thread_clients: Vec<UpstreamClient>,
     next: AtomicUsize,
     /// When the pool was made: the clock `down_until` counts from.
     epoch: Instant,
@@ -92,8 +96,9 @@ struct Address {
 
 impl Pool {
     /// The pool of upstream `name`: each URL must be `http://` or `https://host[:port]` (a
-    /// path is ignored); a CA file is read relative to `base`.
-    pub fn new(name: &str, entry: &UpstreamEntry, base: &Path) -> Result<Pool> {
+    /// path is ignored); a CA file is read relative to `base`. Threads 1 to `threads` get
+    /// clients (and connections) of their own: see [`Pool::client`].
+    pub fn new(name: &str, entry: &UpstreamEntry, base: &Path, threads: usize) -> Result<Pool> {
         if entry.urls().is_empty() {
             bail!("upstream {name:?}: no address");
         }
@@ -114,19 +119,25 @@ impl Pool {
         let tls = addresses
             .iter()
             .any(|a| a.uri.scheme_str() == Some("https"));
-        let client =
-            client(entry.settings(), tls, base).with_context(|| format!("upstream {name:?}"))?;
+        // A clone would share its connections: each client is built anew.
+        let build =
+            || client(entry.settings(), tls, base).with_context(|| format!("upstream {name:?}"));
         Ok(Pool {
             addresses,
-            client,
+            client: build()?,
+            thread_clients: (0..threads).map(|_| build()).collect::<Result<_>>()?,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
         })
     }
 
-    /// The client to send this upstream's requests with.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.client
+    /// The client to send this upstream's requests with from thread number `thread` (from
+    /// 1; 0 or a number past the pool's threads: the shared one).
+    pub fn client(&self, thread: usize) -> &UpstreamClient {
+        thread
+            .checked_sub(1)
+            .and_then(|i| self.thread_clients.get(i))
+            .unwrap_or(&self.client)
     }
 
     /// The addresses to try for one request, in order: from the next one in turn, those not
@@ -266,7 +277,7 @@ mod tests {
 
     fn pool(urls: &[&str]) -> Pool {
         let entry = UpstreamEntry::Several(urls.iter().map(|u| (*u).to_owned()).collect());
-        Pool::new("p", &entry, Path::new(".")).expect("pool")
+        Pool::new("p", &entry, Path::new("."), 0).expect("pool")
     }
 
     fn hosts(order: Vec<&http::Uri>) -> Vec<String> {
@@ -298,7 +309,7 @@ mod tests {
             ),
             (UpstreamEntry::One("http://".into()), "bad URL"),
         ] {
-            let error = Pool::new("api", &entry, Path::new("."))
+            let error = Pool::new("api", &entry, Path::new("."), 0)
                 .expect_err("refused")
                 .to_string();
             assert!(error.contains("\"api\"") && error.contains(why), "{error}");

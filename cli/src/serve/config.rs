@@ -39,9 +39,20 @@ pub struct ServeConfig {
     /// starts the new ones before the old ones stop.
     #[serde(default)]
     pub services: Vec<PluginEntry>,
-    /// Slot threads, each with its own VM per plugin (default: one per core).
+    /// Slot threads, each with its own VM per plugin (default: `workers`, else one per core).
     #[serde(default)]
     pub slots: Option<usize>,
+    /// Threads serving client connections (default: one per core). Each runs its own
+    /// connections from accept to close, their plugin callbacks inline on the slot of the
+    /// same thread: keep it equal to `slots` (both default to the cores).
+    #[serde(default)]
+    pub workers: Option<usize>,
+    /// Serve connections on one runtime whose threads steal each other's tasks instead of
+    /// one runtime per worker thread (default `false`): a long plugin callback then delays
+    /// only its own request, but exchanges often meet their VMs busy on another thread,
+    /// which costs throughput. Restart to change it, as `workers`.
+    #[serde(default)]
+    pub work_stealing: bool,
     /// How long a plugin may keep a request paused, in milliseconds (default 30 000).
     #[serde(default)]
     pub pause_timeout_ms: Option<u64>,

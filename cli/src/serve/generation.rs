@@ -131,13 +131,14 @@ pub(super) fn build_generation(
     base: &Path,
     registries: &Registries,
     runtime: &tokio::runtime::Handle,
+    worker_threads: usize,
 ) -> Result<Generation> {
     let mut upstreams = BTreeMap::new();
     // Plugins' calls reach `https://` upstreams through a TLS connector.
     let (connector, https) = crate::upstream::callout_connector(config.upstreams.values(), base)?;
     let mut callouts = HyperCallouts::with_connector(runtime.clone(), connector, https);
     for (name, entry) in &config.upstreams {
-        let pool = Pool::new(name, entry, base)?;
+        let pool = Pool::new(name, entry, base, worker_threads)?;
         if let Some(first) = entry.urls().first() {
             callouts = callouts
                 .upstream(name.clone(), first)
@@ -189,7 +190,7 @@ pub(super) fn build_generation(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut builder = FilterChain::builder();
-    if let Some(slots) = config.slots {
+    if let Some(slots) = config.slots.or(config.workers) {
         builder = builder.slots(slots);
     }
     if let Some(ms) = config.pause_timeout_ms {

@@ -12,6 +12,7 @@ mod config;
 mod generation;
 mod proxy;
 mod reload;
+mod workers;
 
 use crate::routes::Router;
 use crate::upstream::Pool;
@@ -43,6 +44,8 @@ struct Shared {
     /// Replaced with the chain on reload.
     router: RwLock<Arc<Router>>,
     registries: Registries,
+    /// The worker threads with upstream clients of their own (0 with work stealing).
+    worker_threads: usize,
     /// Watches every client connection, to drain them at shutdown; `None` once draining.
     graceful: parking_lot::Mutex<Option<hyper_util::server::graceful::GracefulShutdown>>,
     requests: AtomicU64,
@@ -61,7 +64,19 @@ pub fn serve(config_path: &Path) -> Result<()> {
         .thread_name("filterbox-serve")
         .build()
         .context("starting the tokio runtime")?;
+    let workers = match config.work_stealing {
+        true => workers::Workers::Stealing(runtime.handle().clone()),
+        false => workers::Workers::pinned(
+            config
+                .workers
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from)),
+        )?,
+    };
+    let workers = Arc::new(workers);
+    let worker_threads = workers.threads();
+    let accepting_workers = workers.clone();
     let served = runtime.block_on(async move {
+        let workers = accepting_workers;
         let registries = Registries::default();
         let handle = tokio::runtime::Handle::current();
         let first = {
@@ -72,7 +87,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 handle.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                build_generation(&config, &base, &registries, &handle)
+                build_generation(&config, &base, &registries, &handle, worker_threads)
             })
             .await??
         };
@@ -82,6 +97,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             router: RwLock::new(Arc::new(first.router)),
             registries,
+            worker_threads,
             body_idle: config
                 .body_idle_timeout_ms
                 .map_or(BODY_IDLE_TIMEOUT, Duration::from_millis),
@@ -109,7 +125,13 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 ),
                 None => None,
             };
-            accepting.push(tokio::spawn(accept_loop(socket, tls, service, shared.clone())));
+            accepting.push(tokio::spawn(accept_loop(
+                socket,
+                tls,
+                service,
+                shared.clone(),
+                workers.clone(),
+            )));
         }
         if let Some(admin) = &config.admin {
             let socket = TcpListener::bind(admin.address)
@@ -162,6 +184,8 @@ pub fn serve(config_path: &Path) -> Result<()> {
     // A reload still building on a blocking thread (a stuck plugin read) must not hold up
     // the exit.
     runtime.shutdown_timeout(Duration::from_millis(100));
+    // The workers stop last: their connections are drained or cut off by now.
+    drop(workers);
     served
 }
 

@@ -65,7 +65,7 @@ impl Service<http::Request<FilteredBody>> for Upstream {
                 let mut parts = base.clone().into_parts();
                 parts.path_and_query = attempt.uri().path_and_query().cloned();
                 *attempt.uri_mut() = http::Uri::from_parts(parts)?;
-                match pool.client().request(attempt).await {
+                match pool.client(workers::current()).request(attempt).await {
                     Ok(response) => break response,
                     Err(error) if error.is_connect() => {
                         pool.mark_down(base);
@@ -238,6 +238,7 @@ pub(super) async fn accept_loop<S: ListenerService>(
     tls: Option<tokio_rustls::TlsAcceptor>,
     service: S,
     shared: Arc<Shared>,
+    workers: Arc<workers::Workers>,
 ) {
     loop {
         let (stream, peer) = match socket.accept().await {
@@ -250,7 +251,7 @@ pub(super) async fn accept_loop<S: ListenerService>(
         };
         let _ = stream.set_nodelay(true);
         let (service, shared, tls) = (service.clone(), shared.clone(), tls.clone());
-        tokio::spawn(async move {
+        workers.serve(stream, move |stream| async move {
             let mut connection = ConnectionInfo {
                 source: Some(peer),
                 destination: stream.local_addr().ok(),

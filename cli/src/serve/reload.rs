@@ -74,8 +74,12 @@ pub(super) async fn reload(
     shared: &Arc<Shared>,
 ) -> Result<ServeConfig> {
     let new = ServeConfig::load(path)?;
-    if new.listeners != old.listeners || new.admin != old.admin {
-        tracing::warn!("listener and admin changes take effect on restart only");
+    if new.listeners != old.listeners
+        || new.admin != old.admin
+        || new.workers != old.workers
+        || new.work_stealing != old.work_stealing
+    {
+        tracing::warn!("listener, admin and worker changes take effect on restart only");
     }
     // The running listeners keep their upstreams until a restart: each must still exist.
     for listener in &old.listeners {
@@ -91,8 +95,11 @@ pub(super) async fn reload(
         let (config, base, registries) =
             (new.clone(), base.to_path_buf(), shared.registries.clone());
         let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || build_generation(&config, &base, &registries, &handle))
-            .await??
+        let threads = shared.worker_threads;
+        tokio::task::spawn_blocking(move || {
+            build_generation(&config, &base, &registries, &handle, threads)
+        })
+        .await??
     };
     *shared.upstreams.write() = Arc::new(generation.upstreams);
     *shared.router.write() = Arc::new(generation.router);
