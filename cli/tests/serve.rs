@@ -758,3 +758,88 @@ plugins:
         assert!(body.contains("x-lookup=200 HTTP/"), "{body}");
     });
 }
+
+/// Sends one keep-alive request on `socket` and reads until the answer ends with `body`.
+async fn keep_alive_request(socket: &mut tokio::net::TcpStream, body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    socket
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    let mut buffer = vec![0u8; 512];
+    while !answer.ends_with(body.as_bytes()) {
+        let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buffer))
+            .await
+            .unwrap_or_else(|_| panic!("no whole answer in 20 s: {answer:?}"))
+            .expect("read");
+        assert!(read > 0, "closed after {answer:?}");
+        answer.extend_from_slice(buffer.get(..read).unwrap_or_default());
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn serve_spreads_connections_over_its_workers_or_serves_them_with_work_stealing() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-workers");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        let upstream = x_added_upstream().await;
+        for stealing in [false, true] {
+            let (listen, admin) = (free_port(), free_port());
+            let config = format!(
+                r#"listeners: [{{ address: "{listen}", upstream: backend }}]
+upstreams: {{ backend: "http://{upstream}" }}
+admin: {{ address: "{admin}" }}
+workers: 2
+work_stealing: {stealing}
+plugins:
+  - name: add
+    configuration: add x-added worker
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+"#
+            );
+            let _proxy = serve_until_listening(&dir, &config, listen).await;
+            // Four connections kept open, each answered through the plugin.
+            let mut open = Vec::new();
+            for _ in 0..4 {
+                let mut socket = tokio::net::TcpStream::connect(listen)
+                    .await
+                    .expect("connect");
+                let answer = keep_alive_request(&mut socket, "worker").await;
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                open.push(socket);
+            }
+            // A second request on each goes through the same worker's VMs and client.
+            for socket in &mut open {
+                let answer = keep_alive_request(socket, "worker").await;
+                assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            }
+            let client: Client<HttpConnector, Full<Bytes>> =
+                Client::builder(TokioExecutor::new()).build_http();
+            let (_, _, stats) = get(&client, format!("http://{admin}/stats"), None)
+                .await
+                .expect("stats");
+            let per_worker = |worker: u32| {
+                let sample = format!("filterbox_serve_worker_connections{{worker=\"{worker}\"}}");
+                stats
+                    .lines()
+                    .find_map(|line| line.strip_prefix(sample.as_str()))
+                    .map(|value| value.trim().parse::<u64>().expect("a number"))
+            };
+            match stealing {
+                // Each new connection went to the worker with the fewest.
+                false => assert_eq!(
+                    (per_worker(1), per_worker(2)),
+                    (Some(2), Some(2)),
+                    "{stats}"
+                ),
+                true => assert_eq!(per_worker(1), None, "{stats}"),
+            }
+            assert!(
+                stat(&stats, "filterbox_serve_requests_total") >= 8,
+                "{stats}"
+            );
+        }
+    });
+}

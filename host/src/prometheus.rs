@@ -19,10 +19,12 @@ use std::fmt::Write as _;
 /// HostMetrics::default().write_prometheus("ratelimit", &mut text);
 /// MetricRegistry::default().write_prometheus(Some("auth"), &mut text);
 /// text.add_counter("proxy_requests_total", "Requests received.", 7);
+/// text.add_gauge("proxy_open", "Open connections.", &[("worker", "1")], 3);
 /// let rendered = text.to_string();
 /// // One family, both plugins' samples.
 /// assert_eq!(rendered.matches("# TYPE filterbox_vms_active gauge").count(), 1);
 /// assert!(rendered.contains("filterbox_vms_active{plugin=\"ratelimit\"} 0"));
+/// assert!(rendered.contains("proxy_open{worker=\"1\"} 3"));
 /// ```
 #[derive(Debug, Default)]
 pub struct PrometheusText {
@@ -47,6 +49,12 @@ impl PrometheusText {
     /// A counter of the embedder's own, without labels.
     pub fn add_counter(&mut self, name: &str, help: &str, value: u64) {
         self.sample(name, "counter", Some(help), name, &[], value);
+    }
+
+    /// A gauge of the embedder's own: one sample of family `name` with `labels`; call it
+    /// once per label set.
+    pub fn add_gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: u64) {
+        self.sample(name, "gauge", Some(help), name, labels, value);
     }
 
     /// Adds one sample line `<sample><labels> <value>` to the family `family` (made with

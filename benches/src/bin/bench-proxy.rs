@@ -163,24 +163,35 @@ fn main() -> Result<()> {
             args.pingora.display()
         );
     }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     for n in [0, 1, 5] {
-        let listen = free_port()?;
-        let config = format!(
-            "listeners: [{{ address: \"{listen}\", upstream: backend }}]\nupstreams: {{ backend: \"http://{upstream}\" }}\n{}",
-            plugins(n)
-        );
-        let path = dir.join(format!("serve-{n}.yaml"));
-        std::fs::write(&path, config)?;
-        let mut command = Command::new(&args.filterbox);
-        command.args(["serve", "--config"]).arg(&path);
-        proxies.push(spawn_proxy(&mut command, listen)?);
-        targets.push((
-            format!("filterbox serve, {}", count(n)),
-            format!("http://{listen}/bench"),
-        ));
+        // serve's default (a runtime per worker thread), then its `work_stealing` option.
+        for (name, stealing) in [
+            ("filterbox serve", false),
+            ("filterbox serve, work stealing", true),
+        ] {
+            let listen = free_port()?;
+            let config = format!(
+                "listeners: [{{ address: \"{listen}\", upstream: backend }}]\nupstreams: {{ backend: \"http://{upstream}\" }}\nwork_stealing: {stealing}\n{}",
+                plugins(n)
+            );
+            let path = dir.join(format!("serve-{n}-{stealing}.yaml"));
+            std::fs::write(&path, config)?;
+            let mut command = Command::new(&args.filterbox);
+            command.args(["serve", "--config"]).arg(&path);
+            proxies.push(spawn_proxy(&mut command, listen)?);
+            targets.push((
+                format!("{name}, {}", count(n)),
+                format!("http://{listen}/bench"),
+            ));
+        }
         if pingora {
             let listen = free_port()?;
             let mut command = Command::new(&args.pingora);
+            // As serve: a thread per core, each with its own runtime.
+            command
+                .env("PINGORA_THREADS", cores.to_string())
+                .env("PINGORA_WORK_STEALING", "0");
             command.arg(listen.to_string()).arg(upstream.to_string());
             for (_, configuration, file) in chain(n) {
                 command.arg(format!("{}={configuration}", dir.join(file).display()));
@@ -209,7 +220,7 @@ fn count(n: usize) -> String {
 fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut out = format!(
-        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc) and a release `pingora_proxy` example of `filterbox-pingora` (wasmtime, Pingora's default one worker thread with work stealing, the system allocator). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
+        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc; by default one worker thread per core, each with a runtime of its own; the `work stealing` rows set `work_stealing: true`: one multi-thread runtime) and a release `pingora_proxy` example of `filterbox-pingora` (wasmtime, one worker thread per core without work stealing, the system allocator). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
          `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
          Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches. \
          wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run. Load average (1, 5, 15 min) when the run started: {load}.\n\n\

@@ -104,6 +104,14 @@ pub(super) fn render_stats(shared: &Shared) -> String {
     for (name, help, value) in counters {
         text.add_counter(name, help, value.load(Ordering::Relaxed));
     }
+    for (number, open) in (1..).zip(&shared.worker_connections) {
+        text.add_gauge(
+            "filterbox_serve_worker_connections",
+            "Client connections open on each worker thread.",
+            &[("worker", &number.to_string())],
+            u64::try_from(open.load(Ordering::Relaxed)).unwrap_or(u64::MAX),
+        );
+    }
     text.to_string()
 }
 

@@ -46,6 +46,8 @@ struct Shared {
     registries: Registries,
     /// The worker threads with upstream clients of their own (0 with work stealing).
     worker_threads: usize,
+    /// Each worker's open connections (for `/stats`).
+    worker_connections: Vec<Arc<std::sync::atomic::AtomicUsize>>,
     /// Watches every client connection, to drain them at shutdown; `None` once draining.
     graceful: parking_lot::Mutex<Option<hyper_util::server::graceful::GracefulShutdown>>,
     requests: AtomicU64,
@@ -74,6 +76,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
     };
     let workers = Arc::new(workers);
     let worker_threads = workers.threads();
+    let worker_connections = workers.open_connections();
     let accepting_workers = workers.clone();
     let served = runtime.block_on(async move {
         let workers = accepting_workers;
@@ -98,6 +101,7 @@ pub fn serve(config_path: &Path) -> Result<()> {
             router: RwLock::new(Arc::new(first.router)),
             registries,
             worker_threads,
+            worker_connections,
             body_idle: config
                 .body_idle_timeout_ms
                 .map_or(BODY_IDLE_TIMEOUT, Duration::from_millis),

@@ -101,6 +101,14 @@ impl Workers {
         }
     }
 
+    /// Each worker's count of open connections, in worker order (none with work stealing).
+    pub(super) fn open_connections(&self) -> Vec<Arc<AtomicUsize>> {
+        match self {
+            Workers::Stealing(_) => Vec::new(),
+            Workers::Pinned(workers) => workers.iter().map(|w| w.open.clone()).collect(),
+        }
+    }
+
     /// Serves a connection: `serve` is given the accepted stream on the worker that takes it.
     pub(super) fn serve<F, Fut>(&self, stream: tokio::net::TcpStream, serve: F)
     where
