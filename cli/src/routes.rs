@@ -25,8 +25,8 @@ pub struct RouteEntry {
     /// The upstream (a key of `upstreams`; default: the listener's).
     #[serde(default)]
     pub upstream: Option<String>,
-    /// The plugins (by name) this route runs, in chain order whatever the order here
-    /// (default: all of them).
+    /// The plugins (by name) this route runs, requests in this order and responses in
+    /// reverse (default: all of them, in chain order). The same VMs serve every order.
     #[serde(default)]
     pub plugins: Option<Vec<String>>,
     /// Plugin name → the plugin configuration this route's requests run it with (a root
@@ -67,15 +67,11 @@ impl RouteEntry {
             .unwrap_or_else(|| format!("route-{index}"))
     }
 
-    /// The chain route for this entry, given the chain's plugin names.
-    pub fn chain_route(&self, plugins: &[&str]) -> Route {
+    /// The chain route for this entry.
+    pub fn chain_route(&self) -> Route {
         let mut route = Route::new();
         if let Some(runs) = &self.plugins {
-            for plugin in plugins {
-                if !runs.iter().any(|name| name == plugin) {
-                    route = route.skip(*plugin);
-                }
-            }
+            route = route.order(runs.iter().cloned());
         }
         for (plugin, configuration) in &self.configuration {
             route = route.configure(plugin.as_str(), configuration.clone());
@@ -208,10 +204,10 @@ mod tests {
     }
 
     #[test]
-    fn a_route_skips_the_plugins_it_does_not_list_and_configures_the_ones_it_names() {
-        let route = entry("{ plugins: [b], configuration: { b: 'add x 1' } }");
-        let expected = Route::new().skip("a").skip("c").configure("b", "add x 1");
-        assert_eq!(route.chain_route(&["a", "b", "c"]), expected);
-        assert_eq!(entry("{}").chain_route(&["a"]), Route::new());
+    fn a_route_runs_the_plugins_it_lists_in_its_order_and_configures_the_ones_it_names() {
+        let route = entry("{ plugins: [c, b], configuration: { b: 'add x 1' } }");
+        let expected = Route::new().order(["c", "b"]).configure("b", "add x 1");
+        assert_eq!(route.chain_route(), expected);
+        assert_eq!(entry("{}").chain_route(), Route::new());
     }
 }

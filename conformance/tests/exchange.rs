@@ -197,6 +197,81 @@ fn a_paused_exchange_gets_the_failure_policy_as_soon_as_its_vm_fails() {
 }
 
 #[test]
+fn a_route_runs_the_plugins_it_names_in_its_own_order_on_the_chains_vms() {
+    for engine in EngineKind::built() {
+        let first = plugin("first", guests::HEADERS, "add x-first 1", engine);
+        let copy = plugin(
+            "copy",
+            guests::HEADERS,
+            "copy-header x-first x-copied",
+            engine,
+        );
+        let deny = plugin("deny", guests::DENY, "/admin", engine);
+        let chain = FilterChain::builder()
+            .slots(1)
+            .route("reversed", Route::new().order(["copy", "first"]))
+            .route("copy-only", Route::new().order(["copy"]))
+            .route(
+                "skipped",
+                Route::new().order(["first", "deny"]).skip("deny"),
+            )
+            .build(vec![first.clone(), copy.clone(), deny.clone()])
+            .unwrap_or_else(|e| panic!("{engine}: {e}"));
+        // Every order runs on the chain's one VM per plugin.
+        for plugin in [&first, &copy, &deny] {
+            assert_eq!(plugin.metrics().vms_created(), 1, "{engine}");
+        }
+        runtime().block_on(async {
+            for (route, first_header, copied, denied) in [
+                // Chain order: `copy` sees what `first` added.
+                (None, Some("1"), Some("1"), true),
+                // `copy` runs before `first` added it.
+                (Some("reversed"), Some("1"), Some("missing"), false),
+                (Some("copy-only"), None, Some("missing"), false),
+                (Some("skipped"), Some("1"), None, false),
+            ] {
+                for path in ["/", "/admin"] {
+                    let mut exchange = match route {
+                        Some(name) => chain.exchange_on(chain.route(name).expect("route")),
+                        None => chain.exchange(),
+                    };
+                    let mut request = map(&[(":method", "GET"), (":authority", "a")]);
+                    request.add(":path", path);
+                    let outcome = exchange.request_headers(request, true).await;
+                    exchange.finish();
+                    if path == "/admin" {
+                        assert_eq!(outcome.is_err(), denied, "{engine} {route:?}");
+                        continue;
+                    }
+                    let headers = outcome.expect("passes");
+                    assert_eq!(
+                        headers.get_str("x-first"),
+                        first_header,
+                        "{engine} {route:?}"
+                    );
+                    assert_eq!(headers.get_str("x-copied"), copied, "{engine} {route:?}");
+                }
+            }
+        });
+        // A plugin named twice in one order is refused, naming route and plugin.
+        let twice = FilterChain::builder()
+            .slots(1)
+            .route("twice", Route::new().order(["deny", "deny"]))
+            .build(vec![deny.clone()]);
+        match twice {
+            Err(error @ filterbox::ChainError::PluginTwiceInRoute { .. }) => {
+                let message = error.to_string();
+                assert!(
+                    message.contains("twice") && message.contains("deny"),
+                    "{message}"
+                );
+            }
+            other => panic!("{engine}: {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn routes_run_their_own_plugin_configurations_in_the_same_vms_and_skip_what_they_skip() {
     for engine in EngineKind::built() {
         let headers = plugin("headers", guests::HEADERS, "add x-route base", engine);

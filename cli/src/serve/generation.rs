@@ -202,9 +202,8 @@ pub(super) fn build_generation(
     if let Some(bytes) = config.max_held_body_bytes {
         builder = builder.max_held_bytes(bytes);
     }
-    let names: Vec<&str> = config.plugins.iter().map(|p| p.name.as_str()).collect();
     for (index, route) in config.routes.iter().enumerate() {
-        builder = builder.route(route.name_at(index), route.chain_route(&names));
+        builder = builder.route(route.name_at(index), route.chain_route());
     }
     let chain = builder.build(plugins).map_err(|error| {
         // Name the file and engine of the plugin that would not start.

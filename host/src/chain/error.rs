@@ -26,6 +26,13 @@ pub enum ChainError {
     },
     /// Two routes have the same name.
     DuplicateRoute(String),
+    /// A route's order ([`Route::order`](super::Route::order)) names a plugin twice.
+    PluginTwiceInRoute {
+        /// The route.
+        route: String,
+        /// The plugin named twice.
+        plugin: String,
+    },
 }
 
 impl fmt::Display for ChainError {
@@ -40,6 +47,9 @@ impl fmt::Display for ChainError {
                 )
             }
             ChainError::DuplicateRoute(route) => write!(f, "route {route:?} is given twice"),
+            ChainError::PluginTwiceInRoute { route, plugin } => {
+                write!(f, "route {route:?} runs plugin {plugin:?} twice")
+            }
         }
     }
 }

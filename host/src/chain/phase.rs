@@ -33,17 +33,14 @@ impl Direction {
         }
     }
 
-    /// From position `from` of the order this direction runs `plugins` plugins in: each
-    /// position with its plugin's index (requests in chain order, responses reversed).
-    pub(super) fn positions(
-        self,
-        plugins: usize,
-        from: usize,
-    ) -> impl Iterator<Item = (usize, usize)> {
-        (from..plugins).map(move |position| match self {
-            Direction::Request => (position, position),
-            Direction::Response => (position, plugins - 1 - position),
-        })
+    /// The plugin (its index) at `position` of the order this direction runs a route's
+    /// plugins in (`order`: the route's request order; responses run it reversed).
+    pub(super) fn plugin_at(self, order: &[usize], position: usize) -> Option<usize> {
+        let at = match self {
+            Direction::Request => position,
+            Direction::Response => order.len().checked_sub(position + 1)?,
+        };
+        order.get(at).copied()
     }
 }
 

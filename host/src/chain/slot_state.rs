@@ -17,6 +17,8 @@ use tokio::sync::Notify;
 
 /// One exchange's streams, one per plugin, and what each plugin has paused on of the body.
 struct Streams {
+    /// The route the exchange runs on (the index of its order in the plan).
+    route: usize,
     streams: Vec<Option<WorkerStream>>,
     buffers: Vec<Held>,
     /// Trailers plugins added to a message that had none (request, response), in the order
@@ -65,6 +67,7 @@ impl SlotState {
         let held = &self.held;
         let roots = self.plan.roots.get(route).map(Vec::as_slice).unwrap_or(&[]);
         self.exchanges.entry(id).or_insert_with(|| Streams {
+            route,
             streams: workers
                 .iter_mut()
                 .enumerate()
@@ -82,6 +85,14 @@ impl SlotState {
     /// The streams of exchange `id` ([`SlotState::execute`] opened them on its route).
     fn streams(&mut self, id: u64) -> &mut Streams {
         self.open(id, 0)
+    }
+
+    /// The plugin at `position` of `direction`'s order on exchange `id`'s route; `None` past
+    /// the last.
+    fn plugin_at(&mut self, id: u64, direction: Direction, position: usize) -> Option<usize> {
+        let route = self.streams(id).route;
+        let order = self.plan.orders.get(route)?;
+        direction.plugin_at(order, position)
     }
 
     /// Runs one callback of plugin `index` for exchange `id`; a failure becomes its policy's
@@ -120,7 +131,10 @@ impl SlotState {
         map: &mut HeaderMap,
         from: usize,
     ) -> Step {
-        for (position, index) in direction.positions(self.workers.len(), from) {
+        for position in from.. {
+            let Some(index) = self.plugin_at(id, direction, position) else {
+                break;
+            };
             let action = self.call(id, index, |worker, stream| match (direction, phase) {
                 (Direction::Request, MapPhase::Headers { end_of_stream }) => {
                     worker.on_request_headers(stream, map, end_of_stream)
@@ -154,7 +168,10 @@ impl SlotState {
         end_of_stream: bool,
         from: usize,
     ) -> (Step, BytesMut) {
-        for (position, index) in direction.positions(self.workers.len(), from) {
+        for position in from.. {
+            let Some(index) = self.plugin_at(id, direction, position) else {
+                break;
+            };
             let mut body = match self.streams(id).buffers.get_mut(position) {
                 Some(buffer) => {
                     let mut body = buffer.take();
