@@ -1,6 +1,7 @@
 //! `serve`'s upstreams: one or several `http://` or `https://` addresses per name, taken in
 //! turn (round robin); an address that refused a connection is left out for a while (passive
-//! health), and a request without a body that could not connect is tried on the next one.
+//! health), one that fails its active health checks (`health_check`) until it passes again,
+//! and a request without a body that could not connect is tried on the next one.
 //! Each upstream has its own client (its connection pool, its TLS roots, HTTP/2 by ALPN over
 //! TLS or, when asked, by prior knowledge over plain TCP).
 //!
@@ -19,7 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The client a pool sends its requests with.
@@ -50,6 +51,30 @@ pub struct UpstreamSettings {
     /// Speak HTTP/2 to plain `http://` addresses (prior knowledge); over TLS, ALPN decides.
     #[serde(default)]
     pub http2: bool,
+    /// Probe every address in the background; those that fail go last until they pass.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks: a `GET` of `path` on every address each `interval_ms`; an answer
+/// with a 2xx status within `timeout_ms` passes, anything else fails.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// The path probed (with its query, if any), e.g. `/healthz`.
+    pub path: String,
+    /// Between two probes of an address, in milliseconds (default 5 000).
+    #[serde(default)]
+    pub interval_ms: Option<u64>,
+    /// How long a probe may take, in milliseconds (default 1 000).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Failed probes in a row that take an address out (default 2).
+    #[serde(default)]
+    pub unhealthy_threshold: Option<u32>,
+    /// Passed probes in a row that bring it back (default 1).
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
 }
 
 impl UpstreamEntry {
@@ -83,6 +108,7 @@ pub struct Pool {
     /// whose runtime drives them.
     thread_clients: Vec<UpstreamClient>,
     next: AtomicUsize,
+    health_check: Option<HealthCheck>,
     /// When the pool was made: the clock `down_until` counts from.
     epoch: Instant,
 }
@@ -92,6 +118,8 @@ struct Address {
     uri: http::Uri,
     /// Milliseconds since the pool's epoch until which the address is left out (0: never).
     down_until: AtomicU64,
+    /// What the active health checks last concluded (true until they say otherwise).
+    healthy: AtomicBool,
 }
 
 impl Pool {
@@ -114,7 +142,18 @@ impl Pool {
             addresses.push(Address {
                 uri,
                 down_until: AtomicU64::new(0),
+                healthy: AtomicBool::new(true),
             });
+        }
+        let health_check = entry.settings().and_then(|s| s.health_check.clone());
+        if let Some(check) = &health_check
+            && (!check.path.starts_with('/')
+                || check.path.parse::<http::uri::PathAndQuery>().is_err())
+        {
+            bail!(
+                "upstream {name:?}: health_check path {:?} is not a path starting with /",
+                check.path
+            );
         }
         let tls = addresses
             .iter()
@@ -124,6 +163,7 @@ impl Pool {
             || client(entry.settings(), tls, base).with_context(|| format!("upstream {name:?}"));
         Ok(Pool {
             addresses,
+            health_check,
             client: build()?,
             thread_clients: (0..threads).map(|_| build()).collect::<Result<_>>()?,
             next: AtomicUsize::new(0),
@@ -154,8 +194,14 @@ impl Pool {
         let mut order: Vec<&Address> = (0..count)
             .filter_map(|i| self.addresses.get((start + i) % count))
             .collect();
-        // Stable: the addresses left out go last, each group in turn order.
-        order.sort_by_key(|a| a.down_until.load(Ordering::Relaxed) > now);
+        // Stable: the addresses left out go last (those failing health checks after those
+        // that refused a connection lately), each group in turn order.
+        order.sort_by_key(|a| {
+            (
+                !a.healthy.load(Ordering::Relaxed),
+                a.down_until.load(Ordering::Relaxed) > now,
+            )
+        });
         order.into_iter().map(|a| &a.uri).collect()
     }
 
@@ -167,11 +213,84 @@ impl Pool {
         }
     }
 
+    /// Each address with what its health checks last concluded; empty when the upstream has
+    /// no `health_check`.
+    pub fn health(&self) -> Vec<(&http::Uri, bool)> {
+        match &self.health_check {
+            Some(_) => self
+                .addresses
+                .iter()
+                .map(|a| (&a.uri, a.healthy.load(Ordering::Relaxed)))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// Milliseconds since the epoch; at least 1, so that 0 means "never down".
     fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis())
             .unwrap_or(u64::MAX)
             .max(1)
+    }
+}
+
+/// Runs `pool`'s health checks (if it has any) on `runtime` until the pool is dropped (a
+/// reload replaced it).
+pub fn check_health(name: &str, pool: &Arc<Pool>, runtime: &tokio::runtime::Handle) {
+    let Some(check) = pool.health_check.clone() else {
+        return;
+    };
+    let interval = Duration::from_millis(check.interval_ms.unwrap_or(5_000).max(1));
+    let timeout = Duration::from_millis(check.timeout_ms.unwrap_or(1_000).max(1));
+    let to_fail = check.unhealthy_threshold.unwrap_or(2).max(1);
+    let to_pass = check.healthy_threshold.unwrap_or(1).max(1);
+    let (name, weak) = (name.to_owned(), Arc::downgrade(pool));
+    runtime.spawn(async move {
+        // Per address: probes passed (positive) or failed (negative) in a row.
+        let mut streaks = vec![0i64; weak.upgrade().map_or(0, |p| p.addresses.len())];
+        loop {
+            let Some(pool) = weak.upgrade() else {
+                return;
+            };
+            for (address, streak) in pool.addresses.iter().zip(streaks.iter_mut()) {
+                let passed = probe(pool.client(0), &address.uri, &check.path, timeout).await;
+                *streak = match (passed, *streak > 0) {
+                    (true, true) => streak.saturating_add(1),
+                    (true, false) => 1,
+                    (false, true) => -1,
+                    (false, false) => streak.saturating_sub(1),
+                };
+                let healthy = address.healthy.load(Ordering::Relaxed);
+                if healthy && *streak <= -i64::from(to_fail) {
+                    address.healthy.store(false, Ordering::Relaxed);
+                    tracing::warn!(upstream = %name, address = %address.uri, "failed {to_fail} health check(s) in a row: taken out");
+                } else if !healthy && *streak >= i64::from(to_pass) {
+                    address.healthy.store(true, Ordering::Relaxed);
+                    tracing::info!(upstream = %name, address = %address.uri, "passed its health checks: back in");
+                }
+            }
+            // The pool is not kept alive while the task sleeps.
+            drop(pool);
+            tokio::time::sleep(interval).await;
+        }
+    });
+}
+
+/// Whether `GET path` on `base` answers 2xx within `timeout`.
+async fn probe(client: &UpstreamClient, base: &http::Uri, path: &str, timeout: Duration) -> bool {
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = match path.parse() {
+        Ok(path) => Some(path),
+        Err(_) => return false,
+    };
+    let Ok(uri) = http::Uri::from_parts(parts) else {
+        return false;
+    };
+    let mut request = http::Request::new(FilteredBody::empty());
+    *request.uri_mut() = uri;
+    match tokio::time::timeout(timeout, client.request(request)).await {
+        Ok(Ok(response)) => response.status().is_success(),
+        _ => false,
     }
 }
 
@@ -297,6 +416,21 @@ mod tests {
         assert_eq!(hosts(pool.order()), ["b:2", "c:3", "a:1"]);
         assert_eq!(hosts(pool.order()), ["b:2", "c:3", "a:1"]);
         assert_eq!(hosts(pool.order()), ["c:3", "b:2", "a:1"]);
+    }
+
+    #[test]
+    fn an_address_failing_its_health_checks_goes_after_one_that_refused_lately() {
+        let pool = pool(&["http://a:1", "http://b:2", "http://c:3"]);
+        assert!(pool.health().is_empty(), "no health_check: nothing to show");
+        if let Some(a) = pool.addresses.first() {
+            a.healthy.store(false, Ordering::Relaxed);
+        }
+        pool.mark_down(&"http://b:2".parse().expect("uri"));
+        assert_eq!(hosts(pool.order()), ["c:3", "b:2", "a:1"]);
+        let yaml = "{ addresses: [http://a:1], health_check: { path: healthz } }";
+        let entry: UpstreamEntry = serde_yaml::from_str(yaml).expect("entry");
+        let error = Pool::new("api", &entry, Path::new("."), 0).expect_err("a path without /");
+        assert!(error.to_string().contains("health_check path"), "{error}");
     }
 
     #[test]

@@ -843,3 +843,89 @@ plugins:
         }
     });
 }
+
+#[test]
+fn serve_takes_an_address_that_fails_its_health_checks_out_until_it_passes() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-health");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        // `a` is always healthy; `b` answers requests but fails /healthz while `b_sick`.
+        let b_sick = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let answer = |name: &'static str, sick: Option<Arc<std::sync::atomic::AtomicBool>>| {
+            move |request: http::Request<Incoming>| {
+                let probe = request.uri().path() == "/healthz";
+                let sick = sick.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+                async move {
+                    match (probe, sick) {
+                        (true, true) => (503, "sick".to_owned()),
+                        _ => (200, name.to_owned()),
+                    }
+                }
+            }
+        };
+        let a = http1_upstream_with_status(answer("a", None)).await;
+        let b = http1_upstream_with_status(answer("b", Some(b_sick.clone()))).await;
+        let (listen, admin) = (free_port(), free_port());
+        let config = format!(
+            r#"listeners: [{{ address: "{listen}", upstream: pool }}]
+upstreams:
+  pool:
+    addresses: ["http://{a}", "http://{b}"]
+    health_check: {{ path: /healthz, interval_ms: 50, timeout_ms: 5000, unhealthy_threshold: 2 }}
+admin: {{ address: "{admin}" }}
+plugins:
+  - name: add
+    configuration: add x-added health
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
+"#
+        );
+        let _proxy = serve_until_listening(&dir, &config, listen).await;
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let healthy_b = format!(
+            "filterbox_serve_upstream_healthy{{upstream=\"pool\",address=\"http://{b}/\"}}"
+        );
+        let wait_for = |wanted: u64| {
+            let (client, sample) = (client.clone(), healthy_b.clone());
+            async move {
+                let started = Instant::now();
+                loop {
+                    let (_, _, stats) = get(&client, format!("http://{admin}/stats"), None)
+                        .await
+                        .expect("stats");
+                    let value = stats
+                        .lines()
+                        .find_map(|line| line.strip_prefix(sample.as_str())?.trim().parse().ok());
+                    if value == Some(wanted) {
+                        return;
+                    }
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "{sample} never became {wanted}: {stats}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        };
+        let served = |client: Client<HttpConnector, Full<Bytes>>| async move {
+            let mut by = std::collections::BTreeMap::<String, usize>::new();
+            for i in 0..20 {
+                let (status, _, body) = get(&client, format!("http://{listen}/{i}"), None)
+                    .await
+                    .expect("request");
+                assert_eq!(status, 200, "{body}");
+                *by.entry(body).or_default() += 1;
+            }
+            by
+        };
+        wait_for(0).await;
+        // Every request goes to the healthy address while `b` is out.
+        let by = served(client.clone()).await;
+        assert_eq!(by.get("a"), Some(&20), "{by:?}");
+        b_sick.store(false, Ordering::SeqCst);
+        wait_for(1).await;
+        // Back in: both take turns.
+        let by = served(client.clone()).await;
+        assert_eq!((by.get("a"), by.get("b")), (Some(&10), Some(&10)), "{by:?}");
+    });
+}

@@ -104,6 +104,17 @@ pub(super) fn render_stats(shared: &Shared) -> String {
     for (name, help, value) in counters {
         text.add_counter(name, help, value.load(Ordering::Relaxed));
     }
+    let upstreams = shared.upstreams.read().clone();
+    for (name, pool) in upstreams.iter() {
+        for (address, healthy) in pool.health() {
+            text.add_gauge(
+                "filterbox_serve_upstream_healthy",
+                "1 while an upstream address passes its health checks, 0 once it failed them.",
+                &[("upstream", name), ("address", &address.to_string())],
+                u64::from(healthy),
+            );
+        }
+    }
     for (number, open) in (1..).zip(&shared.worker_connections) {
         text.add_gauge(
             "filterbox_serve_worker_connections",

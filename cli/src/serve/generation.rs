@@ -144,7 +144,9 @@ pub(super) fn build_generation(
                 .upstream(name.clone(), first)
                 .map_err(|e| anyhow::anyhow!("upstream {name:?}: {e}"))?;
         }
-        upstreams.insert(name.clone(), Arc::new(pool));
+        let pool = Arc::new(pool);
+        crate::upstream::check_health(name, &pool, runtime);
+        upstreams.insert(name.clone(), pool);
     }
     let callouts = Arc::new(callouts);
     let load = |entry: &PluginEntry| -> Result<Plugin> {

@@ -40,6 +40,19 @@ where
     F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = String> + Send + 'static,
 {
+    http1_upstream_with_status(move |request| {
+        let body = answer(request);
+        async move { (200, body.await) }
+    })
+    .await
+}
+
+/// [`http1_upstream`] whose `answer` gives the status too.
+pub async fn http1_upstream_with_status<F, Fut>(answer: F) -> SocketAddr
+where
+    F: Fn(http::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (u16, String)> + Send + 'static,
+{
     let socket = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind upstream");
@@ -54,8 +67,11 @@ where
                 let service = service_fn(move |request: http::Request<Incoming>| {
                     let body = answer(request);
                     async move {
-                        let body = Full::new(Bytes::from(body.await));
-                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                        let (status, body) = body.await;
+                        let mut response = http::Response::new(Full::new(Bytes::from(body)));
+                        *response.status_mut() =
+                            http::StatusCode::from_u16(status).expect("a status code");
+                        Ok::<_, std::convert::Infallible>(response)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
