@@ -14,7 +14,10 @@
 //! inline on a VM of the chain's slot when that slot is free (wasmtime, wasmi), otherwise on
 //! the slot's own thread (wasmer, whose VMs never move threads, or a busy slot). Guest code
 //! never blocks other exchanges of the same thread longer than one callback (bounded by the
-//! plugin's deadline).
+//! plugin's deadline). With `ServerConf { threads: <cores>, work_stealing: false, .. }`
+//! (a runtime per thread, as `filterbox serve` runs by default) an exchange never leaves its
+//! thread, so it finds that thread's slot free; with work stealing an exchange moved to
+//! another thread meets its slot busy there (`filterbox serve` measured both: BENCHMARKS.md).
 //!
 //! What differs from Envoy, because of Pingora's phases:
 //! - Pingora's response body filter is synchronous. A plugin that pauses the response at its
