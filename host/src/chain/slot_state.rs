@@ -87,10 +87,8 @@ impl SlotState {
         self.open(id, 0)
     }
 
-    /// The plugin at `position` of `direction`'s order on exchange `id`'s route; `None` past
-    /// the last.
-    fn plugin_at(&mut self, id: u64, direction: Direction, position: usize) -> Option<usize> {
-        let route = self.streams(id).route;
+    /// The plugin at `position` of `direction`'s order on `route`; `None` past the last.
+    fn plugin_at(&self, route: usize, direction: Direction, position: usize) -> Option<usize> {
         let order = self.plan.orders.get(route)?;
         direction.plugin_at(order, position)
     }
@@ -131,8 +129,9 @@ impl SlotState {
         map: &mut HeaderMap,
         from: usize,
     ) -> Step {
+        let route = self.streams(id).route;
         for position in from.. {
-            let Some(index) = self.plugin_at(id, direction, position) else {
+            let Some(index) = self.plugin_at(route, direction, position) else {
                 break;
             };
             let action = self.call(id, index, |worker, stream| match (direction, phase) {
@@ -168,8 +167,9 @@ impl SlotState {
         end_of_stream: bool,
         from: usize,
     ) -> (Step, BytesMut) {
+        let route = self.streams(id).route;
         for position in from.. {
-            let Some(index) = self.plugin_at(id, direction, position) else {
+            let Some(index) = self.plugin_at(route, direction, position) else {
                 break;
             };
             let mut body = match self.streams(id).buffers.get_mut(position) {
