@@ -104,8 +104,9 @@ impl FilterChainBuilder {
 
     /// Adds route `name`: exchanges started with [`FilterChain::exchange_on`] its
     /// [`RouteId`] run the plugins it runs, in its order ([`Route::order`]), skip the plugins
-    /// it skips and run the plugins it configures with its configuration, in a root context of their own in the same VMs (one per distinct
-    /// configuration, however many routes share it).
+    /// it skips and run the plugins it configures with its configuration, in a root context
+    /// of their own in the same VMs (one per distinct configuration, however many routes
+    /// share it).
     pub fn route(mut self, name: impl Into<String>, route: Route) -> Self {
         self.routes.push((name.into(), route));
         self
