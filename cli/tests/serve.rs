@@ -929,3 +929,81 @@ plugins:
         assert_eq!((by.get("a"), by.get("b")), (Some(&10), Some(&10)), "{by:?}");
     });
 }
+
+/// The engines `filterbox engines` says the binary has.
+fn built_engines() -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_filterbox"))
+        .arg("engines")
+        .output()
+        .expect("filterbox engines");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [engine, "built"] => Some(engine.to_owned()),
+                _ => None,
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn serve_runs_plugins_on_every_built_engine_from_its_worker_threads() {
+    runtime().block_on(async {
+        let dir = test_dir("serve-engines");
+        std::fs::write(dir.join("headers.wasm"), guests::HEADERS).expect("headers.wasm");
+        std::fs::write(dir.join("deny.wasm"), guests::DENY).expect("deny.wasm");
+        let upstream = x_added_upstream().await;
+        let engines = built_engines();
+        assert!(engines.iter().any(|e| e == "wasmtime"), "{engines:?}");
+        for engine in engines {
+            let listen = free_port();
+            // wasmer's VMs never leave their slot thread: its callbacks are handed over from
+            // the workers; the others run inline on them.
+            let config = format!(
+                r#"listeners: [{{ address: "{listen}", upstream: backend }}]
+upstreams: {{ backend: "http://{upstream}" }}
+workers: 2
+plugins:
+  - name: add
+    configuration: add x-added {engine}
+    vm_config: {{ runtime: {engine}, code: {{ local: {{ filename: headers.wasm }} }} }}
+  - name: deny
+    configuration: /admin
+    vm_config: {{ runtime: {engine}, code: {{ local: {{ filename: deny.wasm }} }} }}
+"#
+            );
+            let _proxy = serve_until_listening(&dir, &config, listen).await;
+            // Eight clients at once, on both workers.
+            let clients = (0..8).map(|i| {
+                let client: Client<HttpConnector, Full<Bytes>> =
+                    Client::builder(TokioExecutor::new()).build_http();
+                tokio::spawn(async move {
+                    let mut answers = Vec::new();
+                    for j in 0..10 {
+                        let path = match (i + j) % 5 {
+                            0 => "/admin",
+                            _ => "/ok",
+                        };
+                        let (status, _, body) =
+                            get(&client, format!("http://{listen}{path}"), None)
+                                .await
+                                .expect("request");
+                        answers.push((path, status, body));
+                    }
+                    answers
+                })
+            });
+            for client in clients.collect::<Vec<_>>() {
+                for (path, status, body) in client.await.expect("client") {
+                    match path {
+                        "/admin" => assert_eq!(status, 403, "{engine}: {body}"),
+                        _ => {
+                            assert_eq!((status, body.as_str()), (200, engine.as_str()), "{engine}")
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
