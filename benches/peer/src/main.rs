@@ -29,6 +29,7 @@ use proxy_wasm_host::abi::v0_2_1::{
 };
 use proxy_wasm_host::{HeaderMap as PeerMap, Limits, Module, VecHeaderMap};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -241,31 +242,43 @@ fn pair(round: usize, a: &mut dyn FnMut() -> f64, b: &mut dyn FnMut() -> f64) ->
 }
 
 /// Lifecycles per second on `threads` threads, each with its own VM made by `make` from the
-/// shared plugin, started together.
+/// shared plugin, all running for the same `window`: every thread counts what it did until the
+/// window closes, so a thread the OS holds back does not leave the other running alone at the
+/// end (timing a fixed number of lifecycles per thread counted that tail as lost scaling).
 fn rate<V>(
     threads: usize,
-    lifecycles: usize,
+    window: Duration,
     make: &(dyn Fn() -> V + Sync),
     run: &(dyn Fn(&mut V) + Sync),
 ) -> f64 {
     let ready = Barrier::new(threads + 1);
+    let stop = AtomicBool::new(false);
+    let done = AtomicUsize::new(0);
     let elapsed = std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(|| {
                 let mut vm = make();
                 ready.wait();
-                for _ in 0..lifecycles {
+                let mut lifecycles = 0usize;
+                while !stop.load(Ordering::Relaxed) {
                     run(&mut vm);
+                    lifecycles += 1;
                 }
+                done.fetch_add(lifecycles, Ordering::Relaxed);
             });
         }
         ready.wait();
         let start = Instant::now();
+        std::thread::sleep(window);
+        stop.store(true, Ordering::Relaxed);
+        start.elapsed()
         // The scope joins the threads before it returns.
-        start
     });
-    (threads * lifecycles) as f64 / elapsed.elapsed().as_secs_f64()
+    done.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64()
 }
+
+/// How long each thread-scaling measurement runs its threads.
+const WINDOW: Duration = Duration::from_millis(300);
 
 const START: &str = "<!-- peer-bench -->";
 const END: &str = "<!-- /peer-bench -->";
@@ -344,7 +357,7 @@ fn main() {
         let start = Instant::now();
         let mut rates = Vec::new();
         while start.elapsed() < Duration::from_secs(10) {
-            rates.push(rate(threads, 100_000, &make, &run));
+            rates.push(rate(threads, WINDOW, &make, &run));
         }
         eprintln!("{threads} threads: {:.0} lifecycles/s", median(rates));
         return;
@@ -369,7 +382,6 @@ fn main() {
     let new_vm_pooled = row("new VM + start + drop, filterbox pooling".to_owned());
     let threads_row = row("2 threads sharing one plugin / 1 thread (lifecycles/s)".to_owned());
 
-    let lifecycles = 100_000;
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         for &(extra, index) in &lifecycle_rows {
@@ -418,13 +430,10 @@ fn main() {
         };
         let (f, p) = pair(
             round,
+            &mut || rate(2, WINDOW, &make_ours, &run_ours) / rate(1, WINDOW, &make_ours, &run_ours),
             &mut || {
-                rate(2, lifecycles, &make_ours, &run_ours)
-                    / rate(1, lifecycles, &make_ours, &run_ours)
-            },
-            &mut || {
-                rate(2, lifecycles, &make_theirs, &run_theirs)
-                    / rate(1, lifecycles, &make_theirs, &run_theirs)
+                rate(2, WINDOW, &make_theirs, &run_theirs)
+                    / rate(1, WINDOW, &make_theirs, &run_theirs)
             },
         );
         rows[threads_row].1.push(f);
@@ -451,10 +460,12 @@ fn main() {
              response header) and the same callbacks: context create, request headers, request \
              body, response headers, response body, done, log, delete. filterbox runs with its \
              defaults (callback latency timed for one call in 16 of each callback; the pool keeps \
-             up to 1 MiB of a dropped VM's memory resident). {ROUNDS} interleaved \
-             rounds alternating who goes first, medians. Single runs on this VM vary by up to \
+             up to 1 MiB of a dropped VM's memory resident). Thread scaling: lifecycles per \
+             second of 2 and of 1 threads each running for the same {window} ms window. \
+             {ROUNDS} interleaved rounds alternating who goes first, medians. Single runs on this VM vary by up to \
              ±30 %; compare the ratio of one run. Command: see `benches/peer/src/main.rs`.\n\n\
-             {table}{END}"
+             {table}{END}",
+            window = WINDOW.as_millis()
         );
         write_block(out, &block);
         eprintln!("wrote {out}");
