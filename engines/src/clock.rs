@@ -154,6 +154,7 @@ impl RunClock {
     }
 
     /// How long until the call is next due on the wall clock.
+    #[cfg(any(feature = "wasmtime", feature = "wasmi"))]
     pub(crate) fn left(&mut self, now: std::time::Instant) -> Duration {
         let (_, due) = self.started(now);
         due.saturating_duration_since(now)

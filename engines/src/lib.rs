@@ -19,7 +19,7 @@ compile_error!("filterbox-engines needs at least one engine feature: wasmtime, w
 
 mod backend;
 mod cache;
-#[cfg(any(feature = "wasmtime", feature = "wasmi"))]
+#[cfg(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer"))]
 mod clock;
 mod config;
 mod error;
