@@ -104,10 +104,10 @@ enum FirstReading {
 #[cfg(any(feature = "wasmtime", feature = "wasmi", feature = "wasmer"))]
 impl RunClock {
     /// The wall clock a call lasts at most, in deadlines.
-    pub(crate) const WALL_DEADLINES: u32 = 10;
+    const WALL_DEADLINES: u32 = 10;
 
     /// When the CPU clock is first read; what the call did before counts as this much running.
-    pub(crate) const FIRST_READING: Duration = Duration::from_millis(1);
+    const FIRST_READING: Duration = Duration::from_millis(1);
 
     /// A budget past this is no deadline (a clock that could not represent its end).
     #[cfg(feature = "wasmtime")]
@@ -161,21 +161,39 @@ impl RunClock {
     }
 
     /// Takes the first reading of the CPU clock now, if it has not been taken.
+    #[cfg(feature = "wasmtime")]
     pub(crate) fn read_cpu(&mut self) {
+        self.read_cpu_with(thread_cpu_time);
+    }
+
+    /// Takes the first reading of the CPU clock now, if it has not been taken, with the CPU
+    /// time of the call's thread read by `cpu`.
+    pub(crate) fn read_cpu_with(&mut self, cpu: impl Fn() -> Option<Duration>) {
         if let FirstReading::NotYet = self.first {
-            self.first = match thread_cpu_time() {
+            self.first = match cpu() {
                 Some(cpu) => FirstReading::Cpu(cpu),
                 None => FirstReading::NoClock,
             };
         }
     }
 
-    /// Whether the call has run for its budget, with `now` from the wall clock.
+    /// Whether the call, running on the calling thread, has run for its budget, with `now`
+    /// from the wall clock.
     pub(crate) fn passed(&mut self, now: std::time::Instant) -> bool {
+        self.passed_with(now, thread_cpu_time)
+    }
+
+    /// [`RunClock::passed`] with the CPU time of the call's thread read by `cpu` (wasmer's
+    /// watchdog reads the clock of the thread it watches).
+    pub(crate) fn passed_with(
+        &mut self,
+        now: std::time::Instant,
+        cpu: impl Fn() -> Option<Duration>,
+    ) -> bool {
         let (start, due) = self.started(now);
         let elapsed = now.saturating_duration_since(start);
         if elapsed >= Self::FIRST_READING {
-            self.read_cpu();
+            self.read_cpu_with(&cpu);
         }
         if now < due {
             return false;
@@ -184,7 +202,7 @@ impl RunClock {
             return true;
         }
         let ran = match self.first {
-            FirstReading::Cpu(first) => thread_cpu_time().map_or(elapsed, |cpu| {
+            FirstReading::Cpu(first) => cpu().map_or(elapsed, |cpu| {
                 Self::FIRST_READING + cpu.saturating_sub(first)
             }),
             FirstReading::NotYet | FirstReading::NoClock => elapsed,

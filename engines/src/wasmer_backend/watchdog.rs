@@ -20,12 +20,10 @@ const RESEND_AFTER: Duration = Duration::from_millis(100);
 /// A call being watched: its deadline and how to interrupt its store.
 struct Watched {
     id: u64,
-    /// When the call started, how long it may run, and when it is next due on the wall clock.
-    start: Instant,
-    budget: Duration,
-    due: Instant,
-    /// The CPU clock of the call's thread, and its reading at the watchdog's first look.
-    cpu: CpuReading,
+    /// The call's deadline, counted as on the other engines.
+    clock: RunClock,
+    /// The CPU clock of the call's thread (the watchdog runs on another thread).
+    cpu: Option<ThreadCpuClock>,
     interrupter: wasmer::Interrupter,
     /// Set while the call runs a hostcall: no signal then (the hostcall checks the deadline
     /// itself, and wasmer traps as it returns to an interrupted store).
@@ -34,50 +32,15 @@ struct Watched {
     sent: Option<Instant>,
 }
 
-/// What the watchdog knows of a call's thread's CPU clock.
-#[derive(Clone, Copy)]
-enum CpuReading {
-    /// Not read yet.
-    Unread(ThreadCpuClock),
-    /// Read at the watchdog's first look at the call.
-    First(ThreadCpuClock, Duration),
-    /// No CPU clock: the wall clock decides.
-    None,
-}
-
 impl Watched {
-    /// Whether the call has run for its budget: past it on the wall clock, the thread's CPU
-    /// clock decides (a preempted call goes on for what it has not run), up to
-    /// [`RunClock::WALL_DEADLINES`] budgets on the wall clock, as wasmtime's deadlines do.
-    /// What the call ran before the watchdog's first look counts as
-    /// [`RunClock::FIRST_READING`].
+    /// Whether the call has run for its budget, as [`RunClock::passed`] counts it with the
+    /// CPU clock of the call's thread. The first reading of that clock is taken at the
+    /// watchdog's first look at the call, however soon (as wasmtime's first epoch tick does).
     fn overdue(&mut self, now: Instant) -> bool {
-        if let CpuReading::Unread(clock) = self.cpu {
-            self.cpu = clock
-                .read()
-                .map_or(CpuReading::None, |first| CpuReading::First(clock, first));
-        }
-        if now < self.due {
-            return false;
-        }
-        let elapsed = now.saturating_duration_since(self.start);
-        if elapsed >= self.budget.saturating_mul(RunClock::WALL_DEADLINES) {
-            return true;
-        }
-        let ran = match self.cpu {
-            CpuReading::First(clock, first) => clock.read().map_or(elapsed, |cpu| {
-                RunClock::FIRST_READING + cpu.saturating_sub(first)
-            }),
-            CpuReading::Unread(_) | CpuReading::None => elapsed,
-        };
-        if ran >= self.budget {
-            return true;
-        }
-        match now.checked_add(self.budget - ran) {
-            Some(next) => self.due = next,
-            None => return true,
-        }
-        false
+        let cpu = self.cpu;
+        let read = || cpu.and_then(ThreadCpuClock::read);
+        self.clock.read_cpu_with(read);
+        self.clock.passed_with(now, read)
     }
 }
 
@@ -169,19 +132,15 @@ impl Watch {
         budget: Option<Duration>,
         in_host: &Arc<AtomicBool>,
     ) -> Option<Watch> {
-        let budget = budget?;
-        let start = Instant::now();
-        let due = start.checked_add(budget)?;
-        let cpu = ThreadCpuClock::current().map_or(CpuReading::None, CpuReading::Unread);
+        let clock = RunClock::start(budget?)?;
+        let cpu = ThreadCpuClock::current();
         let list = watchlist().ok()?;
         let mut guard = lock(list);
         let id = guard.next_id;
         guard.next_id = id.wrapping_add(1);
         guard.calls.push(Watched {
             id,
-            start,
-            budget,
-            due,
+            clock,
             cpu,
             interrupter: store.interrupter(),
             in_host: in_host.clone(),
