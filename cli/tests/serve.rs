@@ -821,11 +821,8 @@ plugins:
                 .await
                 .expect("stats");
             let per_worker = |worker: u32| {
-                let sample = format!("filterbox_serve_worker_connections{{worker=\"{worker}\"}}");
-                stats
-                    .lines()
-                    .find_map(|line| line.strip_prefix(sample.as_str()))
-                    .map(|value| value.trim().parse::<u64>().expect("a number"))
+                let name = format!("filterbox_serve_worker_connections{{worker=\"{worker}\"}}");
+                sample(&stats, &name)
             };
             match stealing {
                 // Each new connection went to the worker with the fewest.
@@ -886,22 +883,19 @@ plugins:
             "filterbox_serve_upstream_healthy{{upstream=\"pool\",address=\"http://{b}/\"}}"
         );
         let wait_for = |wanted: u64| {
-            let (client, sample) = (client.clone(), healthy_b.clone());
+            let (client, name) = (client.clone(), healthy_b.clone());
             async move {
                 let started = Instant::now();
                 loop {
                     let (_, _, stats) = get(&client, format!("http://{admin}/stats"), None)
                         .await
                         .expect("stats");
-                    let value = stats
-                        .lines()
-                        .find_map(|line| line.strip_prefix(sample.as_str())?.trim().parse().ok());
-                    if value == Some(wanted) {
+                    if sample(&stats, &name) == Some(wanted) {
                         return;
                     }
                     assert!(
                         started.elapsed() < Duration::from_secs(60),
-                        "{sample} never became {wanted}: {stats}"
+                        "{name} never became {wanted}: {stats}"
                     );
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

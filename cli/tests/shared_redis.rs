@@ -192,15 +192,10 @@ fn serve_rides_out_a_redis_that_stops_stalls_and_comes_back() {
             .await
             .expect("stats")
             .2;
-        let errors = stats
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("filterbox_shared_store_errors_total{plugin=\"ratelimit\"}")?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .unwrap_or(0);
+        let errors = stat(
+            &stats,
+            "filterbox_shared_store_errors_total{plugin=\"ratelimit\"}",
+        );
         assert!(errors > 0, "store errors not in /stats:\n{stats}");
         drop(server);
     });

@@ -160,10 +160,14 @@ pub fn test_dir(name: &str) -> PathBuf {
 }
 
 pub fn stat(stats: &str, name: &str) -> u64 {
+    sample(stats, name).unwrap_or(0)
+}
+
+/// The value of sample `name` (with its labels, if any) in Prometheus text, if it is there.
+pub fn sample(stats: &str, name: &str) -> Option<u64> {
     stats
         .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// TLS with `made` as the server's certificate, HTTP/2 or HTTP/1.1 by ALPN.
