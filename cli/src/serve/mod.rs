@@ -44,9 +44,8 @@ struct Shared {
     /// Replaced with the chain on reload.
     router: RwLock<Arc<Router>>,
     registries: Registries,
-    /// The worker threads with upstream clients of their own (0 with work stealing).
-    worker_threads: usize,
-    /// Each worker's open connections (for `/stats`).
+    /// Each worker's open connections (for `/stats`); one per worker thread, none with work
+    /// stealing.
     worker_connections: Vec<Arc<std::sync::atomic::AtomicUsize>>,
     /// Watches every client connection, to drain them at shutdown; `None` once draining.
     graceful: parking_lot::Mutex<Option<hyper_util::server::graceful::GracefulShutdown>>,
@@ -75,8 +74,9 @@ pub fn serve(config_path: &Path) -> Result<()> {
         )?,
     };
     let workers = Arc::new(workers);
-    let worker_threads = workers.threads();
     let worker_connections = workers.open_connections();
+    // Each worker thread gets upstream clients of its own.
+    let worker_threads = worker_connections.len();
     let accepting_workers = workers.clone();
     let served = runtime.block_on(async move {
         let workers = accepting_workers;
@@ -100,7 +100,6 @@ pub fn serve(config_path: &Path) -> Result<()> {
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             router: RwLock::new(Arc::new(first.router)),
             registries,
-            worker_threads,
             worker_connections,
             body_idle: config
                 .body_idle_timeout_ms

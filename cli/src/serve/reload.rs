@@ -95,7 +95,7 @@ pub(super) async fn reload(
         let (config, base, registries) =
             (new.clone(), base.to_path_buf(), shared.registries.clone());
         let handle = tokio::runtime::Handle::current();
-        let threads = shared.worker_threads;
+        let threads = shared.worker_connections.len();
         tokio::task::spawn_blocking(move || {
             build_generation(&config, &base, &registries, &handle, threads)
         })

@@ -93,14 +93,6 @@ impl Workers {
         Ok(Workers::Pinned(workers))
     }
 
-    /// How many worker threads there are (numbered from 1; none with work stealing).
-    pub(super) fn threads(&self) -> usize {
-        match self {
-            Workers::Stealing(_) => 0,
-            Workers::Pinned(workers) => workers.len(),
-        }
-    }
-
     /// Each worker's count of open connections, in worker order (none with work stealing).
     pub(super) fn open_connections(&self) -> Vec<Arc<AtomicUsize>> {
         match self {
