@@ -389,3 +389,64 @@ fn deadline_counts_running_time(engine: &Engine) {
         .expect_err("a loop that runs past its deadline stops");
     assert_eq!(trap.kind, TrapKind::Interrupted, "{}", engine.kind());
 }
+
+/// Resident memory of this process (Linux: `/proc/self/statm`, in pages of 4 KiB).
+#[cfg(target_os = "linux")]
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
+
+/// A guest's initial memory costs only the pages it writes (wasmi's too: its module's memory
+/// becomes an import backed by a mapping of the host's), and dropping the instance returns it.
+/// Four instances of a 32 MiB memory would hold 128 MiB if their pages were resident; other
+/// tests running beside this one allocate far less than the margin.
+#[cfg(target_os = "linux")]
+#[test]
+fn untouched_initial_memory_is_not_resident_and_is_returned_on_drop() {
+    const MIB: usize = 1 << 20;
+    let wasm = wat::parse_str(
+        r#"(module
+            (memory (export "memory") 512)
+            (data (i32.const 1048576) "written")
+            (func (export "proxy_abi_version_0_2_1"))
+            (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024)))"#,
+    )
+    .expect("test module parses");
+    for engine in engines() {
+        let kind = engine.kind();
+        let pre = engine
+            .compile(&wasm)
+            .expect("compiles")
+            .link::<TestHost>(AbiVersion::V0_2_1)
+            .expect("links");
+        let before = resident_bytes();
+        let mut instances: Vec<_> = (0..4)
+            .map(|_| {
+                pre.instantiate(TestHost::default(), &InstanceLimits::default())
+                    .expect("instantiates")
+            })
+            .collect();
+        for instance in &mut instances {
+            assert_eq!(instance.memory_size(), 512 * 64 * 1024, "{kind}");
+        }
+        let live = resident_bytes().saturating_sub(before);
+        assert!(
+            live < 32 * MIB,
+            "{kind}: 4 instances hold {} MiB",
+            live / MIB
+        );
+        drop(instances);
+        let after = resident_bytes().saturating_sub(before);
+        assert!(
+            after < 16 * MIB,
+            "{kind}: {} MiB held after drop",
+            after / MIB
+        );
+    }
+}

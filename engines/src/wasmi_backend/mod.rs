@@ -1,10 +1,13 @@
 //! The wasmi backend: a pure-Rust interpreter, for hosts without a JIT.
 
+#[cfg(unix)]
+mod memory;
+
 use crate::EngineKind;
 use crate::backend::{Backend, BackendInstance};
 use crate::{
     Caller, EngineConfig, EngineError, GuestMemory, HostTrap, Hostcalls, InstanceLimits,
-    MemoryError, Returned, RunClock, Trap, TrapKind,
+    MemoryError, Returned, RunClock, Trap, TrapKind, WASM_PAGE,
 };
 use filterbox_abi::{AbiVersion, Callback};
 use std::sync::Arc;
@@ -58,6 +61,15 @@ impl WiEngine {
     }
 
     pub(crate) fn compile(&self, wasm: &[u8]) -> Result<wasmi::Module, EngineError> {
+        // A module whose memory was turned into an import gets it from a mapping of its own
+        // (see `memory`); should the rewritten bytes not compile, the module is compiled as
+        // given, so that any error is about the user's bytes.
+        #[cfg(unix)]
+        if let Some(rewritten) = memory::import_own_memory(wasm) {
+            if let Ok(module) = wasmi::Module::new(&self.engine, rewritten) {
+                return Ok(module);
+            }
+        }
         wasmi::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(e.to_string()))
     }
 }
@@ -185,6 +197,8 @@ pub(crate) struct WiInstancePre<H> {
     abi: AbiVersion,
     interruptible: bool,
     start_deadline: Duration,
+    /// The type of the memory the module imports from `memory::MODULE` (it was rewritten so).
+    own_memory: Option<wasmi::MemoryType>,
 }
 
 impl<H> Clone for WiInstancePre<H> {
@@ -197,6 +211,7 @@ impl<H> Clone for WiInstancePre<H> {
             abi: self.abi,
             interruptible: self.interruptible,
             start_deadline: self.start_deadline,
+            own_memory: self.own_memory,
         }
     }
 }
@@ -221,6 +236,17 @@ impl<H: Hostcalls> WiInstancePre<H> {
             _ => None,
         })?;
         let allocator = crate::pick_allocator(&present)?;
+        #[cfg(unix)]
+        let own_memory = module.imports().find_map(|import| match import.ty() {
+            wasmi::ExternType::Memory(ty)
+                if import.module() == memory::MODULE && import.name() == memory::NAME =>
+            {
+                Some(*ty)
+            }
+            _ => None,
+        });
+        #[cfg(not(unix))]
+        let own_memory = None;
         let mut linker = Linker::new(module.engine());
         define_imports::<H>(&mut linker).map_err(|e| EngineError::Instantiate(e.to_string()))?;
         Ok(WiInstancePre {
@@ -231,6 +257,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
             abi,
             interruptible: engine.interruptible,
             start_deadline: engine.start_deadline,
+            own_memory,
         })
     }
 
@@ -256,6 +283,10 @@ impl<H: Hostcalls> WiInstancePre<H> {
                 .then(|| RunClock::start(start_deadline))
                 .flatten(),
         };
+        // Declared before the store, so that it is dropped after it (the store's memory lives
+        // in it).
+        #[cfg(unix)]
+        let mut mapping = None;
         let mut store = Store::new(self.module.engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
@@ -263,8 +294,21 @@ impl<H: Hostcalls> WiInstancePre<H> {
                 .set_fuel(fuel_for(start_deadline))
                 .map_err(|e| EngineError::Instantiate(e.to_string()))?;
         }
-        let instance = self
-            .linker
+        let mut own_linker = None;
+        #[cfg(unix)]
+        if let Some(ty) = self.own_memory {
+            let (memory, mapped) = own_memory(&mut store, ty, limits.memory_pages())
+                .map_err(|e| EngineError::Instantiate(e.to_string()))?;
+            mapping = mapped;
+            let mut linker = (*self.linker).clone();
+            linker
+                .define(memory::MODULE, memory::NAME, memory)
+                .map_err(|e| EngineError::Instantiate(e.to_string()))?;
+            own_linker = Some(linker);
+        }
+        let instance = own_linker
+            .as_ref()
+            .unwrap_or(&self.linker)
             .instantiate_and_start(&mut store, &self.module)
             .map_err(|e| match e.as_trap_code() {
                 Some(_) => EngineError::StartTrapped(classify(&e)),
@@ -298,8 +342,36 @@ impl<H: Hostcalls> WiInstancePre<H> {
             funcs,
             interruptible: self.interruptible,
             deadline: None,
+            #[cfg(unix)]
+            _mapping: mapping,
         })
     }
+}
+
+/// The memory a rewritten module imports, in a mapping of its own reserved at the smaller of
+/// the module's maximum and the instance's limit, its zero-filled initial pages handed back.
+/// When the kernel refuses the mapping, the memory is wasmi's usual heap buffer.
+#[cfg(unix)]
+fn own_memory<H>(
+    store: &mut Store<StoreData<H>>,
+    ty: wasmi::MemoryType,
+    limit_pages: u32,
+) -> Result<(Memory, Option<memory::Mapping>), wasmi::Error> {
+    let pages = ty.maximum().map_or(u64::from(limit_pages), |max| {
+        max.min(u64::from(limit_pages))
+    });
+    let bytes = pages
+        .checked_mul(WASM_PAGE as u64)
+        .and_then(|bytes| usize::try_from(bytes).ok());
+    let Some(mut mapping) = bytes.and_then(memory::Mapping::new) else {
+        return Ok((Memory::new(&mut *store, ty)?, None));
+    };
+    // SAFETY: the mapping goes back to the caller with the memory, which keeps it until the
+    // store is dropped; a memory that fails to be made keeps no reference to the buffer.
+    let buffer = unsafe { mapping.buffer() };
+    let memory = Memory::new_static(&mut *store, ty, buffer)?;
+    mapping.release_zeroed(memory.data_mut(&mut *store));
+    Ok((memory, Some(mapping)))
 }
 
 pub(crate) struct WiInstance<H: 'static> {
@@ -307,6 +379,10 @@ pub(crate) struct WiInstance<H: 'static> {
     funcs: Vec<Option<(Func, usize)>>,
     interruptible: bool,
     deadline: Option<Duration>,
+    /// Where the store's memory lives, if the module's memory was made an import. After the
+    /// store, so that it is dropped after it.
+    #[cfg(unix)]
+    _mapping: Option<memory::Mapping>,
 }
 
 impl<H: Hostcalls> WiInstance<H> {

@@ -1,0 +1,290 @@
+//! Linear memory that costs only the pages the guest wrote.
+//!
+//! wasmi 2.0 keeps a module's own memory in a heap buffer and writes zeros to all of it, so
+//! every page of the initial memory is resident from the start (a Rust guest: 17 pages,
+//! 1.1 MiB) and, once freed, usually stays with the allocator. A memory the host creates may
+//! instead live in a buffer the host owns. So the module is rewritten at compile time to
+//! import its one memory (same type, same index: imported memories come first), and each
+//! instance gets a fresh anonymous mapping: wasmi zero-fills its initial size, those pages
+//! (still all zero) go straight back to the kernel, and only then are the module's data
+//! segments written. Dropping the instance unmaps everything.
+
+use std::ptr::NonNull;
+
+/// The import a rewritten module's memory comes from (not a name a guest could use: the
+/// module name has a character no SDK emits).
+pub(super) const MODULE: &str = "filterbox:wasmi";
+/// The field of [`MODULE`] the memory is imported as.
+pub(super) const NAME: &str = "memory";
+
+const MAGIC_AND_VERSION: &[u8] = b"\0asm\x01\0\0\0";
+const IMPORT_SECTION: u8 = 2;
+const MEMORY_SECTION: u8 = 5;
+const MEMORY_IMPORT: u8 = 2;
+
+/// `wasm` with its one defined memory turned into an import of [`MODULE`].[`NAME`] with the
+/// same limits. `None` when there is nothing to rewrite (no defined memory, several, or bytes
+/// that do not parse as sections): the module is then used as it is.
+pub(super) fn import_own_memory(wasm: &[u8]) -> Option<Vec<u8>> {
+    let mut rest = wasm.strip_prefix(MAGIC_AND_VERSION)?;
+    let mut sections = Vec::new();
+    while let Some((&id, after_id)) = rest.split_first() {
+        let (size, len) = read_u32(after_id)?;
+        let end = len.checked_add(usize::try_from(size).ok()?)?;
+        sections.push((id, after_id.get(len..end)?));
+        rest = after_id.get(end..)?;
+    }
+    let mut memories = sections.iter().filter(|(id, _)| *id == MEMORY_SECTION);
+    let (_, memory_section) = memories.next()?;
+    if memories.next().is_some() {
+        return None;
+    }
+    let (count, len) = read_u32(memory_section)?;
+    let limits = memory_section
+        .get(len..)
+        .filter(|l| count == 1 && !l.is_empty())?;
+    let mut entry = Vec::new();
+    for name in [MODULE, NAME] {
+        write_u32(&mut entry, u32::try_from(name.len()).ok()?);
+        entry.extend_from_slice(name.as_bytes());
+    }
+    entry.push(MEMORY_IMPORT);
+    entry.extend_from_slice(limits);
+
+    let mut imports = sections.iter().filter(|(id, _)| *id == IMPORT_SECTION);
+    let import_section = match (imports.next(), imports.next()) {
+        (Some((_, content)), None) => {
+            let (count, len) = read_u32(content)?;
+            let mut section = Vec::new();
+            write_u32(&mut section, count.checked_add(1)?);
+            section.extend_from_slice(content.get(len..)?);
+            section.extend_from_slice(&entry);
+            section
+        }
+        (None, _) => {
+            let mut section = vec![1];
+            section.extend_from_slice(&entry);
+            section
+        }
+        (Some(_), Some(_)) => return None,
+    };
+
+    let mut out = Vec::with_capacity(wasm.len() + entry.len() + 8);
+    out.extend_from_slice(MAGIC_AND_VERSION);
+    let mut imports_written = false;
+    for (id, content) in sections {
+        // The import section follows the type section (1); custom sections (0) go anywhere.
+        let content = match id {
+            IMPORT_SECTION => &import_section[..],
+            MEMORY_SECTION => continue,
+            _ => content,
+        };
+        if !imports_written && (id == IMPORT_SECTION || !matches!(id, 0 | 1)) {
+            imports_written = true;
+            if id != IMPORT_SECTION {
+                write_section(&mut out, IMPORT_SECTION, &import_section)?;
+            }
+        }
+        write_section(&mut out, id, content)?;
+    }
+    Some(out)
+}
+
+fn write_section(out: &mut Vec<u8>, id: u8, content: &[u8]) -> Option<()> {
+    out.push(id);
+    write_u32(out, u32::try_from(content.len()).ok()?);
+    out.extend_from_slice(content);
+    Some(())
+}
+
+/// An unsigned LEB128 `u32` and the bytes it took.
+fn read_u32(bytes: &[u8]) -> Option<(u32, usize)> {
+    let mut value: u32 = 0;
+    for (i, &byte) in bytes.iter().take(5).enumerate() {
+        let bits = u32::from(byte & 0x7f);
+        let shift = 7 * i as u32;
+        // The fifth byte may only carry the top four bits.
+        if shift == 28 && bits > 0x0f {
+            return None;
+        }
+        value |= bits << shift;
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+fn write_u32(out: &mut Vec<u8>, mut value: u32) {
+    loop {
+        let byte = (value & 0x7f) as u8;
+        value >>= 7;
+        if value == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A private anonymous mapping that one instance's linear memory lives in. Reserved at the
+/// memory's ceiling (no swap reserved), so growing never moves it; untouched pages cost
+/// nothing.
+pub(super) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; nothing in it is tied to a thread.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// A mapping of `len` bytes, or `None` when the kernel refuses it.
+    pub(super) fn new(len: usize) -> Option<Mapping> {
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases no
+        // Rust memory; the result is checked before use.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Mapping {
+            ptr: NonNull::new(ptr.cast())?,
+            len,
+        })
+    }
+
+    /// The whole mapping, to hand to wasmi as a memory's buffer.
+    ///
+    /// # Safety
+    ///
+    /// The slice must not be used after this mapping is dropped: whoever holds it (the
+    /// store the memory is created in) must be dropped first.
+    pub(super) unsafe fn buffer(&mut self) -> &'static mut [u8] {
+        // SAFETY: `ptr..ptr + len` is mapped readable and writable for as long as `self`
+        // lives (the caller keeps the slice no longer), and `&mut self` makes this the only
+        // slice into it.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Hands the pages of `bytes`, a prefix of this mapping that holds only zeros, back to
+    /// the kernel: they read as zeros again and are resident again only once written.
+    pub(super) fn release_zeroed(&self, bytes: &mut [u8]) {
+        if bytes.as_ptr() != self.ptr.as_ptr().cast_const() || bytes.len() > self.len {
+            return;
+        }
+        debug_assert!(bytes.iter().all(|&b| b == 0));
+        // SAFETY: the range is inside this private anonymous mapping (checked above) and is
+        // borrowed mutably here, so nothing reads it meanwhile; the kernel replaces its pages
+        // with zero-filled ones, which is what the bytes already hold. A failure leaves the
+        // pages as they are, so the result does not matter.
+        unsafe {
+            libc::madvise(bytes.as_mut_ptr().cast(), bytes.len(), libc::MADV_DONTNEED);
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `Mapping::new` with this length, and the slice
+        // `buffer` handed out is gone by now (its contract).
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_defined_memory_becomes_an_import_with_the_same_limits() {
+        let wasm = wat::parse_str(
+            r#"(module
+                (import "env" "f" (func))
+                (memory (export "memory") 2 5)
+                (data (i32.const 70000) "hi"))"#,
+        )
+        .unwrap();
+        let rewritten = import_own_memory(&wasm).unwrap();
+        let expected = wat::parse_str(
+            r#"(module
+                (import "env" "f" (func))
+                (import "filterbox:wasmi" "memory" (memory 2 5))
+                (export "memory" (memory 0))
+                (data (i32.const 70000) "hi"))"#,
+        )
+        .unwrap();
+        assert_eq!(rewritten, expected);
+    }
+
+    #[test]
+    fn a_module_without_imports_gets_an_import_section_after_its_types() {
+        let wasm = wat::parse_str(
+            r#"(module (type (func)) (memory 1) (func (type 0)) (export "memory" (memory 0)))"#,
+        )
+        .unwrap();
+        let rewritten = import_own_memory(&wasm).unwrap();
+        let expected = wat::parse_str(
+            r#"(module (type (func)) (import "filterbox:wasmi" "memory" (memory 1))
+                (func (type 0)) (export "memory" (memory 0)))"#,
+        )
+        .unwrap();
+        assert_eq!(rewritten, expected);
+    }
+
+    #[test]
+    fn modules_without_exactly_one_defined_memory_are_left_alone() {
+        let none = wat::parse_str("(module (func))").unwrap();
+        assert_eq!(import_own_memory(&none), None);
+        let imported = wat::parse_str(r#"(module (import "env" "m" (memory 1)))"#).unwrap();
+        assert_eq!(import_own_memory(&imported), None);
+        assert_eq!(import_own_memory(b"\0asm\x01\0\0\0\x05\x09"), None);
+        assert_eq!(import_own_memory(b"not wasm"), None);
+    }
+
+    #[test]
+    fn leb128_round_trips_and_rejects_overlong_values() {
+        for value in [0, 1, 127, 128, 16_384, u32::MAX] {
+            let mut out = Vec::new();
+            write_u32(&mut out, value);
+            assert_eq!(read_u32(&out), Some((value, out.len())));
+        }
+        assert_eq!(read_u32(&[0xff, 0xff, 0xff, 0xff, 0x1f]), None);
+        assert_eq!(read_u32(&[0x80, 0x80]), None);
+    }
+
+    #[test]
+    fn released_pages_read_as_zero_and_stay_writable() {
+        let mut mapping = Mapping::new(4 * 65536).unwrap();
+        // SAFETY: the slice is dropped at the end of this test, before the mapping.
+        let buffer = unsafe { mapping.buffer() };
+        buffer[..65536].fill(0);
+        mapping.release_zeroed(&mut buffer[..65536]);
+        assert!(buffer[..65536].iter().all(|&b| b == 0));
+        buffer[100] = 7;
+        assert_eq!(buffer[100], 7);
+    }
+
+    proptest! {
+        #[test]
+        fn rewriting_arbitrary_bytes_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut wasm = MAGIC_AND_VERSION.to_vec();
+            wasm.extend_from_slice(&body);
+            let _ = import_own_memory(&wasm);
+        }
+    }
+}
