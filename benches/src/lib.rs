@@ -197,7 +197,8 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
     out.push(Scenario::new("vm/new_and_start", move || {
         black_box(Vm::new(&p).expect("vm"));
     }));
-    if kind == EngineKind::Wasmtime {
+    // wasmtime pools instance slots; wasmi pools the mappings its memories live in.
+    if matches!(kind, EngineKind::Wasmtime | EngineKind::Wasmi) {
         let pooled = Engine::new(
             kind,
             &EngineConfig::default().with_pooling(PoolingConfig::default()),

@@ -13,7 +13,10 @@ pub struct EngineConfig {
     /// [`TrapKind::StackOverflow`]. (wasmi bounds recursion with its own stack limits.)
     pub max_wasm_stack: usize,
     /// Pre-allocate instance slots so a new VM costs little (wasmtime's pooling allocator).
-    /// Off by default: it reserves address space for every slot up front.
+    /// Off by default: it reserves address space for every slot up front. On wasmi, dropped
+    /// instances' memory mappings are kept for new ones with their pages resident (up to
+    /// `keep_resident_bytes` while idle), instead of making a new VM fault its initial
+    /// memory in.
     pub pooling: Option<PoolingConfig>,
     /// Initialize linear memories from copy-on-write images of the module's data (wasmtime).
     pub memory_init_cow: bool,

@@ -274,16 +274,19 @@ fn the_pooling_allocator_instantiates_and_runs() {
 #[test]
 fn a_reused_pool_slot_starts_from_the_module_s_own_memory_and_table() {
     use filterbox_engines::PoolingConfig;
-    if !EngineKind::Wasmtime.is_built() {
-        return;
+    // The engines that pool: wasmtime's slots, and wasmi's memory mappings.
+    for kind in [EngineKind::Wasmtime, EngineKind::Wasmi] {
+        if kind.is_built() {
+            reused_pool_slot_starts_clean(kind, PoolingConfig::new(1, 4 << 20));
+        }
     }
+}
+
+fn reused_pool_slot_starts_clean(kind: EngineKind, pool: filterbox_engines::PoolingConfig) {
     // One slot, so every instance reuses it; the slot's pages stay mapped and are reset in
     // place (keep_resident_bytes), which must look the same as fresh memory to the guest.
-    let engine = Engine::new(
-        EngineKind::Wasmtime,
-        &EngineConfig::default().with_pooling(PoolingConfig::new(1, 4 << 20)),
-    )
-    .expect("pooling engine");
+    let engine =
+        Engine::new(kind, &EngineConfig::default().with_pooling(pool)).expect("pooling engine");
     let body = r#"
         (data (i32.const 16) "seed")
         (table 2 funcref)
@@ -291,7 +294,8 @@ fn a_reused_pool_slot_starts_from_the_module_s_own_memory_and_table() {
         (elem (i32.const 0) $one)
         (type $answer (func (result i32)))
         ;; Logs the 4 bytes at 16, the byte at 60000 (0 after a fresh start) and what table
-        ;; slot 0 answers; then dirties both bytes, grows memory and clears table slot 0.
+        ;; slot 0 answers; then dirties both bytes, grows memory, logs a byte of the grown
+        ;; part (0), dirties it and clears table slot 0.
         (func (export "proxy_on_tick") (param i32)
             (drop (call $log (i32.const 2) (i32.const 16) (i32.const 4)))
             (i32.store8 (i32.const 8) (i32.add (i32.const 48) (i32.load8_u (i32.const 60000))))
@@ -301,22 +305,29 @@ fn a_reused_pool_slot_starts_from_the_module_s_own_memory_and_table() {
             (i32.store (i32.const 16) (i32.const 0x21212121))
             (i32.store8 (i32.const 60000) (i32.const 7))
             (drop (memory.grow (i32.const 3)))
+            (i32.store8 (i32.const 10) (i32.add (i32.const 48) (i32.load8_u (i32.const 200000))))
+            (drop (call $log (i32.const 2) (i32.const 10) (i32.const 1)))
+            (i32.store8 (i32.const 200000) (i32.const 7))
             (table.set (i32.const 0) (ref.null func)))
     "#;
     for round in 0..3 {
         let mut instance = module(&engine, body);
-        assert_eq!(instance.memory_size(), 64 * 1024, "round {round}");
+        assert_eq!(instance.memory_size(), 64 * 1024, "{kind} round {round}");
         assert_eq!(
             instance.call(Callback::ProxyOnTick, &[1]),
             Ok(Returned::Nothing),
-            "round {round}: the table entry is back"
+            "{kind} round {round}: the table entry is back"
         );
         assert_eq!(
             instance.host().logged,
-            ["seed", "0", "1"],
-            "round {round}: data segment and zeroed memory"
+            ["seed", "0", "1", "0"],
+            "{kind} round {round}: data segment and zeroed memory"
         );
-        assert_eq!(instance.memory_size(), 4 * 64 * 1024, "round {round}");
+        assert_eq!(
+            instance.memory_size(),
+            4 * 64 * 1024,
+            "{kind} round {round}"
+        );
     }
 }
 

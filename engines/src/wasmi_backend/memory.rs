@@ -8,8 +8,14 @@
 //! instance gets a fresh anonymous mapping: wasmi zero-fills its initial size, those pages
 //! (still all zero) go straight back to the kernel, and only then are the module's data
 //! segments written. Dropping the instance unmaps everything.
+//!
+//! Making those pages resident (wasmi's fill) is most of what a new instance costs, so with
+//! [`crate::EngineConfig::pooling`] dropped instances' mappings are kept in a [`MappingPool`]
+//! with their pages resident instead, as wasmtime's pool keeps its slots: creation then fills
+//! pages that are already there.
 
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 
 /// The import a rewritten module's memory comes from (not a name a guest could use: the
 /// module name has a character no SDK emits).
@@ -178,6 +184,22 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// Makes the first `len` bytes resident in one system call, so that wasmi's zero fill
+    /// does not fault on every page of them (much the slower way to the same pages). Where
+    /// the kernel cannot (before Linux 5.14), the fill faults them in.
+    pub(super) fn populate(&self, len: usize) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        // SAFETY: the range is inside this mapping (clamped), and populating writes nothing a
+        // reader could see: the pages were zero and stay zero.
+        unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().cast(),
+                len.min(self.len),
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
+    }
+
     /// Hands the pages of `bytes`, a prefix of this mapping that holds only zeros, back to
     /// the kernel: they read as zeros again and are resident again only once written.
     pub(super) fn release_zeroed(&self, bytes: &mut [u8]) {
@@ -191,6 +213,115 @@ impl Mapping {
         // pages as they are, so the result does not matter.
         unsafe {
             libc::madvise(bytes.as_mut_ptr().cast(), bytes.len(), libc::MADV_DONTNEED);
+        }
+    }
+}
+
+/// Mappings of dropped instances, for the next ones (see the module doc).
+pub(super) struct MappingPool {
+    idle: Mutex<Vec<Mapping>>,
+    /// How many idle mappings are kept at most.
+    max_idle: usize,
+    /// Every pooled mapping's size: the pool's largest linear memory.
+    mapping_len: usize,
+    /// How much of an idle mapping stays resident; the rest goes back to the kernel.
+    keep_resident: usize,
+}
+
+impl MappingPool {
+    pub(super) fn new(config: &crate::PoolingConfig) -> MappingPool {
+        MappingPool {
+            idle: Mutex::new(Vec::new()),
+            max_idle: usize::try_from(config.max_instances).unwrap_or(usize::MAX),
+            mapping_len: config.max_memory_bytes,
+            keep_resident: config.keep_resident_bytes,
+        }
+    }
+
+    /// An idle mapping, or a new one; `None` when the kernel refuses one.
+    fn take(&self) -> Option<Mapping> {
+        let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        idle.or_else(|| Mapping::new(self.mapping_len))
+    }
+
+    fn give_back(&self, mapping: Mapping) {
+        // SAFETY: the instance that used the mapping is gone (see `InstanceMemory`), so
+        // nothing refers to its bytes; whatever the next instance sees of them is
+        // zero-filled by wasmi first (at creation, or as the memory grows).
+        unsafe { mapping.discard_from(self.keep_resident) };
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(mapping);
+        }
+    }
+}
+
+/// Where an instance's memory lives: its own mapping, or one lent by the engine's pool. Kept
+/// in the instance after its store (dropped after it), so that the store's memory never
+/// outlives the mapping.
+pub(super) struct InstanceMemory {
+    mapping: Option<Mapping>,
+    pool: Option<Arc<MappingPool>>,
+}
+
+impl InstanceMemory {
+    /// A mapping for a memory of `ty` under a limit of `limit_pages`: from `pool` when there
+    /// is one (already resident: `fresh` is false), else a new one reserved at the smaller of
+    /// the type's maximum and the limit.
+    pub(super) fn new(
+        ty: wasmi::MemoryType,
+        limit_pages: u32,
+        pool: Option<&Arc<MappingPool>>,
+    ) -> Option<InstanceMemory> {
+        if let Some(pool) = pool {
+            return Some(InstanceMemory {
+                mapping: Some(pool.take()?),
+                pool: Some(pool.clone()),
+            });
+        }
+        let pages = ty.maximum().map_or(u64::from(limit_pages), |max| {
+            max.min(u64::from(limit_pages))
+        });
+        let bytes = pages.checked_mul(crate::WASM_PAGE as u64)?;
+        Some(InstanceMemory {
+            mapping: Some(Mapping::new(usize::try_from(bytes).ok()?)?),
+            pool: None,
+        })
+    }
+
+    pub(super) fn mapping(&mut self) -> Option<&mut Mapping> {
+        self.mapping.as_mut()
+    }
+}
+
+impl Drop for InstanceMemory {
+    fn drop(&mut self) {
+        if let (Some(pool), Some(mapping)) = (&self.pool, self.mapping.take()) {
+            pool.give_back(mapping);
+        }
+    }
+}
+
+impl Mapping {
+    /// Hands the pages from `offset` (rounded up to a wasm page) to the end back to the
+    /// kernel; they read as zeros afterwards.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may refer to those bytes.
+    unsafe fn discard_from(&self, offset: usize) {
+        let offset = offset.next_multiple_of(crate::WASM_PAGE);
+        let Some(len) = self.len.checked_sub(offset).filter(|&len| len > 0) else {
+            return;
+        };
+        // SAFETY: `offset..len` is inside this mapping and page aligned; the caller
+        // guarantees nothing refers to it.
+        unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                libc::MADV_DONTNEED,
+            );
         }
     }
 }

@@ -39,6 +39,9 @@ pub(crate) struct WiEngine {
     engine: wasmi::Engine,
     interruptible: bool,
     start_deadline: Duration,
+    /// Mappings kept for new instances' memories, with `EngineConfig::pooling`.
+    #[cfg(unix)]
+    pool: Option<Arc<memory::MappingPool>>,
 }
 
 impl WiEngine {
@@ -57,6 +60,10 @@ impl WiEngine {
             engine: wasmi::Engine::new(&c),
             interruptible: config.interruptible,
             start_deadline: config.start_deadline,
+            #[cfg(unix)]
+            pool: config
+                .pooling
+                .map(|pool| Arc::new(memory::MappingPool::new(&pool))),
         })
     }
 
@@ -65,10 +72,10 @@ impl WiEngine {
         // (see `memory`); should the rewritten bytes not compile, the module is compiled as
         // given, so that any error is about the user's bytes.
         #[cfg(unix)]
-        if let Some(rewritten) = memory::import_own_memory(wasm) {
-            if let Ok(module) = wasmi::Module::new(&self.engine, rewritten) {
-                return Ok(module);
-            }
+        if let Some(rewritten) = memory::import_own_memory(wasm)
+            && let Ok(module) = wasmi::Module::new(&self.engine, rewritten)
+        {
+            return Ok(module);
         }
         wasmi::Module::new(&self.engine, wasm).map_err(|e| EngineError::Compile(e.to_string()))
     }
@@ -199,6 +206,8 @@ pub(crate) struct WiInstancePre<H> {
     start_deadline: Duration,
     /// The type of the memory the module imports from `memory::MODULE` (it was rewritten so).
     own_memory: Option<wasmi::MemoryType>,
+    #[cfg(unix)]
+    pool: Option<Arc<memory::MappingPool>>,
 }
 
 impl<H> Clone for WiInstancePre<H> {
@@ -212,6 +221,8 @@ impl<H> Clone for WiInstancePre<H> {
             interruptible: self.interruptible,
             start_deadline: self.start_deadline,
             own_memory: self.own_memory,
+            #[cfg(unix)]
+            pool: self.pool.clone(),
         }
     }
 }
@@ -258,6 +269,8 @@ impl<H: Hostcalls> WiInstancePre<H> {
             interruptible: engine.interruptible,
             start_deadline: engine.start_deadline,
             own_memory,
+            #[cfg(unix)]
+            pool: engine.pool.clone(),
         })
     }
 
@@ -297,8 +310,9 @@ impl<H: Hostcalls> WiInstancePre<H> {
         let mut own_linker = None;
         #[cfg(unix)]
         if let Some(ty) = self.own_memory {
-            let (memory, mapped) = own_memory(&mut store, ty, limits.memory_pages())
-                .map_err(|e| EngineError::Instantiate(e.to_string()))?;
+            let (memory, mapped) =
+                own_memory(&mut store, ty, limits.memory_pages(), self.pool.as_ref())
+                    .map_err(|e| EngineError::Instantiate(e.to_string()))?;
             mapping = mapped;
             let mut linker = (*self.linker).clone();
             linker
@@ -343,35 +357,39 @@ impl<H: Hostcalls> WiInstancePre<H> {
             interruptible: self.interruptible,
             deadline: None,
             #[cfg(unix)]
-            _mapping: mapping,
+            _memory_home: mapping,
         })
     }
 }
 
-/// The memory a rewritten module imports, in a mapping of its own reserved at the smaller of
-/// the module's maximum and the instance's limit, its zero-filled initial pages handed back.
-/// When the kernel refuses the mapping, the memory is wasmi's usual heap buffer.
+/// The memory a rewritten module imports, in a mapping of its own (see `memory`): a new one
+/// gets its initial pages made resident in one go before wasmi fills them, and handed back
+/// after; a pooled one is already resident and stays so. When the kernel refuses a mapping,
+/// the memory is wasmi's usual heap buffer.
 #[cfg(unix)]
 fn own_memory<H>(
     store: &mut Store<StoreData<H>>,
     ty: wasmi::MemoryType,
     limit_pages: u32,
-) -> Result<(Memory, Option<memory::Mapping>), wasmi::Error> {
-    let pages = ty.maximum().map_or(u64::from(limit_pages), |max| {
-        max.min(u64::from(limit_pages))
-    });
-    let bytes = pages
-        .checked_mul(WASM_PAGE as u64)
-        .and_then(|bytes| usize::try_from(bytes).ok());
-    let Some(mut mapping) = bytes.and_then(memory::Mapping::new) else {
+    pool: Option<&Arc<memory::MappingPool>>,
+) -> Result<(Memory, Option<memory::InstanceMemory>), wasmi::Error> {
+    let mut home = memory::InstanceMemory::new(ty, limit_pages, pool);
+    let Some(mapping) = home.as_mut().and_then(memory::InstanceMemory::mapping) else {
         return Ok((Memory::new(&mut *store, ty)?, None));
     };
     // SAFETY: the mapping goes back to the caller with the memory, which keeps it until the
     // store is dropped; a memory that fails to be made keeps no reference to the buffer.
     let buffer = unsafe { mapping.buffer() };
+    let fresh = pool.is_none();
+    if fresh {
+        let initial = ty.minimum().saturating_mul(WASM_PAGE as u64);
+        mapping.populate(usize::try_from(initial).unwrap_or(usize::MAX));
+    }
     let memory = Memory::new_static(&mut *store, ty, buffer)?;
-    mapping.release_zeroed(memory.data_mut(&mut *store));
-    Ok((memory, Some(mapping)))
+    if fresh {
+        mapping.release_zeroed(memory.data_mut(&mut *store));
+    }
+    Ok((memory, home))
 }
 
 pub(crate) struct WiInstance<H: 'static> {
@@ -382,7 +400,7 @@ pub(crate) struct WiInstance<H: 'static> {
     /// Where the store's memory lives, if the module's memory was made an import. After the
     /// store, so that it is dropped after it.
     #[cfg(unix)]
-    _mapping: Option<memory::Mapping>,
+    _memory_home: Option<memory::InstanceMemory>,
 }
 
 impl<H: Hostcalls> WiInstance<H> {
