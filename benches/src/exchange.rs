@@ -113,6 +113,52 @@ pub fn service_scenarios(engine: &Engine) -> Result<Vec<Scenario>, String> {
     Ok(out)
 }
 
+/// What an embedder with `http` types pays per exchange to hand headers to the plugins as
+/// filterbox's [`HeaderMap`] and to take them back, with one header added on each side as a
+/// plugin would: request parts with `extra` headers besides `host` and `user-agent` (and the
+/// four pseudo headers), response parts with three. Before each conversion back, the target's
+/// headers are reset to the original's (an `http` map clone, which the conversion also makes
+/// once). This is what hostcalls working on the embedder's own map would save.
+fn conversion_scenario(extra: usize) -> Scenario {
+    let mut request = http::Request::new(());
+    *request.uri_mut() = http::Uri::from_static("http://bench.example/path?q=1");
+    let headers = request.headers_mut();
+    headers.insert("host", http::HeaderValue::from_static("bench.example"));
+    headers.insert("user-agent", http::HeaderValue::from_static("bench"));
+    for i in 0..extra {
+        if let Ok(name) = http::HeaderName::from_bytes(format!("x-extra-{i}").as_bytes()) {
+            headers.insert(name, http::HeaderValue::from_static("value"));
+        }
+    }
+    let (request, ()) = request.into_parts();
+    let mut response = http::Response::new(());
+    let headers = response.headers_mut();
+    headers.insert("content-type", http::HeaderValue::from_static("text/plain"));
+    headers.insert("content-length", http::HeaderValue::from_static("5"));
+    headers.insert(
+        "date",
+        http::HeaderValue::from_static("Tue, 01 Dec 2026 12:00:00 GMT"),
+    );
+    let (response, ()) = response.into_parts();
+    let (mut request_out, mut response_out) = (request.clone(), response.clone());
+    Scenario::new(format!("convert/http_headers_{}", extra + 2), move || {
+        let mut map = HeaderMap::from_request_parts(&request);
+        map.add("x-request", "yes");
+        request_out.headers.clone_from(&request.headers);
+        map.to_request_parts(&mut request_out).expect("request");
+        let mut map = HeaderMap::from_response_parts(&response);
+        map.add("x-response", "yes");
+        response_out.headers.clone_from(&response.headers);
+        map.to_response_parts(&mut response_out).expect("response");
+        black_box((&request_out, &response_out));
+    })
+}
+
+/// The header conversions of [`conversion_scenario`] for 2 and 12 request headers.
+pub fn conversion_scenarios() -> Vec<Scenario> {
+    vec![conversion_scenario(0), conversion_scenario(10)]
+}
+
 /// Callouts answered by a thread `delay` after they start, noting when each answer was
 /// handed to filterbox.
 struct DelayedCallouts {

@@ -110,9 +110,10 @@ fn native_filter(request: &mut HeaderMap, response: &mut HeaderMap) {
     response.add("x-response", "yes");
 }
 
-/// Engine-independent scenarios: the native filter.
+/// Engine-independent scenarios: the native filter, and the conversions between `http`
+/// parts and filterbox's header map an `http` embedder pays per exchange.
 pub fn native_scenarios() -> Vec<Scenario> {
-    [0usize, 10, 50]
+    let mut out: Vec<Scenario> = [0usize, 10, 50]
         .into_iter()
         .map(|extra| {
             let request = request_headers(extra);
@@ -123,7 +124,9 @@ pub fn native_scenarios() -> Vec<Scenario> {
                 black_box((req, resp));
             })
         })
-        .collect()
+        .collect();
+    out.extend(exchange::conversion_scenarios());
+    out
 }
 
 /// A full stream through each VM of `vms` in turn.

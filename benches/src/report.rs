@@ -182,7 +182,10 @@ pub fn run(quick: bool) -> Result<String, String> {
         .iter()
         .map(|r| (r.name.clone(), r.ns_per_op))
         .collect();
-    let _ = writeln!(md, "## Native filter\n\n| scenario | time |\n|---|---|");
+    let _ = writeln!(
+        md,
+        "## Native filter and header conversions\n\n| scenario | time |\n|---|---|"
+    );
     for r in &native {
         let _ = writeln!(md, "| {} | {} |", r.name, human(r.ns_per_op));
     }

@@ -30,6 +30,13 @@ impl HeaderMap {
         HeaderMap::default()
     }
 
+    /// An empty map with room for `n` entries (and a couple more a plugin may add).
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        HeaderMap {
+            entries: Some(Arc::new(with_spare(n, std::iter::empty()))),
+        }
+    }
+
     /// Number of entries (duplicates counted).
     pub fn len(&self) -> usize {
         self.as_slice().len()

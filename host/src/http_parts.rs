@@ -3,7 +3,7 @@
 //! on requests; `:status` on responses), as Envoy presents them.
 
 use crate::HeaderMap;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use core::fmt;
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, request, response};
@@ -61,58 +61,61 @@ impl HeaderMap {
         parts: &request::Parts,
         scheme: Option<&'static str>,
     ) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        map.add(
-            ":method",
-            Bytes::copy_from_slice(parts.method.as_str().as_bytes()),
-        );
-        match (parts.uri.scheme_str(), scheme) {
-            (Some(scheme), _) => map.add(":scheme", Bytes::copy_from_slice(scheme.as_bytes())),
+        let method = parts.method.as_str().as_bytes();
+        let uri_scheme = parts.uri.scheme_str().map(str::as_bytes);
+        let authority = match parts.uri.authority() {
+            Some(authority) => Some(authority.as_str().as_bytes()),
+            None => parts
+                .headers
+                .get(http::header::HOST)
+                .map(HeaderValue::as_bytes),
+        };
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let copied = [Some(method), uri_scheme, authority, Some(path.as_bytes())]
+            .iter()
+            .flatten()
+            .map(|bytes| bytes.len())
+            .sum::<usize>()
+            + http_bytes(&parts.headers);
+        let mut arena = Arena::with_capacity(copied);
+        let mut map = HeaderMap::with_capacity(parts.headers.len() + 4);
+        map.add(":method", arena.copy(method));
+        match (uri_scheme, scheme) {
+            (Some(scheme), _) => map.add(":scheme", arena.copy(scheme)),
             (None, Some(scheme)) => map.add(":scheme", scheme),
             (None, None) => {}
         }
-        let authority = parts
-            .uri
-            .authority()
-            .map(|a| Bytes::copy_from_slice(a.as_str().as_bytes()))
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .map(|h| Bytes::copy_from_slice(h.as_bytes()))
-            });
         if let Some(authority) = authority {
-            map.add(":authority", authority);
+            map.add(":authority", arena.copy(authority));
         }
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        map.add(":path", Bytes::copy_from_slice(path.as_bytes()));
-        map.extend_from_http(&parts.headers);
+        map.add(":path", arena.copy(path.as_bytes()));
+        map.extend_from_http(&parts.headers, &mut arena);
         map
     }
 
     /// The response's headers as a plugin sees them: `:status`, then the headers in order.
     pub fn from_response_parts(parts: &response::Parts) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        map.add(
-            ":status",
-            Bytes::copy_from_slice(parts.status.as_str().as_bytes()),
-        );
-        map.extend_from_http(&parts.headers);
+        let status = parts.status.as_str().as_bytes();
+        let mut arena = Arena::with_capacity(status.len() + http_bytes(&parts.headers));
+        let mut map = HeaderMap::with_capacity(parts.headers.len() + 1);
+        map.add(":status", arena.copy(status));
+        map.extend_from_http(&parts.headers, &mut arena);
         map
     }
 
     /// `http` headers (no pseudo headers), in order.
     pub fn from_http(headers: &http::HeaderMap) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        map.extend_from_http(headers);
+        let mut arena = Arena::with_capacity(http_bytes(headers));
+        let mut map = HeaderMap::with_capacity(headers.len());
+        map.extend_from_http(headers, &mut arena);
         map
     }
 
-    fn extend_from_http(&mut self, headers: &http::HeaderMap) {
+    fn extend_from_http(&mut self, headers: &http::HeaderMap, arena: &mut Arena) {
         for (name, value) in headers {
             self.add(
-                Bytes::copy_from_slice(name.as_str().as_bytes()),
-                Bytes::copy_from_slice(value.as_bytes()),
+                arena.copy(name.as_str().as_bytes()),
+                arena.copy(value.as_bytes()),
             );
         }
     }
@@ -237,6 +240,31 @@ impl HeaderMap {
             append(&mut headers, name, value)?;
         }
         Ok(headers)
+    }
+}
+
+/// The bytes of `headers`' names and values.
+fn http_bytes(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
+/// Copies of many short byte strings in one allocation: each copy is a slice of one shared
+/// buffer (a reference count) rather than an allocation of its own, which for a request's
+/// headers was most of what converting them cost. A capacity too small only costs another
+/// buffer.
+struct Arena(BytesMut);
+
+impl Arena {
+    fn with_capacity(bytes: usize) -> Arena {
+        Arena(BytesMut::with_capacity(bytes))
+    }
+
+    fn copy(&mut self, bytes: &[u8]) -> Bytes {
+        self.0.extend_from_slice(bytes);
+        self.0.split().freeze()
     }
 }
 
