@@ -200,13 +200,34 @@ impl Mapping {
         }
     }
 
+    /// Hands the pages from `offset` (rounded up to a wasm page) to the end back to the
+    /// kernel; they read as zeros afterwards.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may refer to those bytes.
+    unsafe fn discard_from(&self, offset: usize) {
+        let offset = offset.next_multiple_of(crate::WASM_PAGE);
+        let Some(len) = self.len.checked_sub(offset).filter(|&len| len > 0) else {
+            return;
+        };
+        // SAFETY: `offset..len` is inside this mapping and page aligned; the caller
+        // guarantees nothing refers to it.
+        unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(offset).cast(),
+                len,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+
     /// Hands the pages of `bytes`, a prefix of this mapping that holds only zeros, back to
     /// the kernel: they read as zeros again and are resident again only once written.
     pub(super) fn release_zeroed(&self, bytes: &mut [u8]) {
         if bytes.as_ptr() != self.ptr.as_ptr().cast_const() || bytes.len() > self.len {
             return;
         }
-        debug_assert!(bytes.iter().all(|&b| b == 0));
         // SAFETY: the range is inside this private anonymous mapping (checked above) and is
         // borrowed mutably here, so nothing reads it meanwhile; the kernel replaces its pages
         // with zero-filled ones, which is what the bytes already hold. A failure leaves the
@@ -266,8 +287,8 @@ pub(super) struct InstanceMemory {
 
 impl InstanceMemory {
     /// A mapping for a memory of `ty` under a limit of `limit_pages`: from `pool` when there
-    /// is one (already resident: `fresh` is false), else a new one reserved at the smaller of
-    /// the type's maximum and the limit.
+    /// is one (its pages may be resident), else a new one reserved at the smaller of the
+    /// type's maximum and the limit.
     pub(super) fn new(
         ty: wasmi::MemoryType,
         limit_pages: u32,
@@ -298,30 +319,6 @@ impl Drop for InstanceMemory {
     fn drop(&mut self) {
         if let (Some(pool), Some(mapping)) = (&self.pool, self.mapping.take()) {
             pool.give_back(mapping);
-        }
-    }
-}
-
-impl Mapping {
-    /// Hands the pages from `offset` (rounded up to a wasm page) to the end back to the
-    /// kernel; they read as zeros afterwards.
-    ///
-    /// # Safety
-    ///
-    /// Nothing may refer to those bytes.
-    unsafe fn discard_from(&self, offset: usize) {
-        let offset = offset.next_multiple_of(crate::WASM_PAGE);
-        let Some(len) = self.len.checked_sub(offset).filter(|&len| len > 0) else {
-            return;
-        };
-        // SAFETY: `offset..len` is inside this mapping and page aligned; the caller
-        // guarantees nothing refers to it.
-        unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().add(offset).cast(),
-                len,
-                libc::MADV_DONTNEED,
-            );
         }
     }
 }

@@ -299,7 +299,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
         // Declared before the store, so that it is dropped after it (the store's memory lives
         // in it).
         #[cfg(unix)]
-        let mut mapping = None;
+        let mut memory_home = None;
         let mut store = Store::new(self.module.engine(), data);
         store.limiter(|data| &mut data.limits);
         if self.interruptible {
@@ -307,13 +307,14 @@ impl<H: Hostcalls> WiInstancePre<H> {
                 .set_fuel(fuel_for(start_deadline))
                 .map_err(|e| EngineError::Instantiate(e.to_string()))?;
         }
+        #[cfg_attr(not(unix), allow(unused_mut))]
         let mut own_linker = None;
         #[cfg(unix)]
         if let Some(ty) = self.own_memory {
             let (memory, mapped) =
                 own_memory(&mut store, ty, limits.memory_pages(), self.pool.as_ref())
                     .map_err(|e| EngineError::Instantiate(e.to_string()))?;
-            mapping = mapped;
+            memory_home = mapped;
             let mut linker = (*self.linker).clone();
             linker
                 .define(memory::MODULE, memory::NAME, memory)
@@ -357,7 +358,7 @@ impl<H: Hostcalls> WiInstancePre<H> {
             interruptible: self.interruptible,
             deadline: None,
             #[cfg(unix)]
-            _memory_home: mapping,
+            _memory_home: memory_home,
         })
     }
 }
