@@ -43,6 +43,11 @@ pub static CASES: &[Case] = &[
         run: headers_add,
     },
     Case {
+        name: "log-every-header",
+        group: "headers",
+        run: headers_logged,
+    },
+    Case {
         name: "replace-collapses-duplicates",
         group: "headers",
         run: headers_replace,
@@ -531,6 +536,34 @@ fn headers_add(h: &Harness) -> CaseResult {
         find(&out, "x-added") == ["client", "yes", "again"],
         "headers {out:?}"
     );
+    Ok(())
+}
+
+/// The Rust SDK's `http_headers` example's work: every request header logged by name and
+/// value through `get_http_request_headers` (one `proxy_get_header_map_pairs`), then the end
+/// of the stream from `on_log`.
+fn headers_logged(h: &Harness) -> CaseResult {
+    let (mut vm, logs) = h.start(guests::HEADERS, config("headers", "log-headers"))?;
+    let stream = vm.create_http_stream().map_err(|e| e.to_string())?;
+    let mut request = headers(&[(":path", "/x"), ("x-a", "1"), ("x-a", "2")]);
+    let mut response = headers(&[(":status", "200")]);
+    vm.on_request_headers(&stream, &mut request, true)
+        .map_err(|e| e.to_string())?;
+    vm.on_log(&stream, &mut request, &mut response)
+        .map_err(|e| e.to_string())?;
+    vm.finish_stream(stream).map_err(|e| e.to_string())?;
+    for line in [
+        "#2 -> :path: /x",
+        "#2 -> x-a: 1",
+        "#2 -> x-a: 2",
+        "#2 completed.",
+    ] {
+        ensure!(
+            logs.has(LogLevel::Info, line),
+            "no {line:?} in {:?}",
+            logs.messages()
+        );
+    }
     Ok(())
 }
 

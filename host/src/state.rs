@@ -71,8 +71,10 @@ impl PluginShared {
         let max = self.config.limits.max_log_line_bytes;
         let head = kept.get(..max).unwrap_or(kept);
         let cut_at = head.len();
-        let mut line = String::from_utf8_lossy(head).into_owned();
+        // Borrowed, not copied, when the line is valid UTF-8 and whole (the usual case).
+        let mut line = String::from_utf8_lossy(head);
         if total > cut_at {
+            let line = line.to_mut();
             // A character cut in two shows as a replacement character; drop it.
             if let Err(e) = std::str::from_utf8(head)
                 && e.error_len().is_none()

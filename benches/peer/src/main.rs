@@ -9,11 +9,13 @@
 //!
 //! With `--out FILE` the table also replaces the peer block of that file (`bench-report`
 //! keeps the block when it rewrites BENCHMARKS.md). For `perf`: `--profile filterbox`,
-//! `--profile peer` or `--profile new-vm` runs only that loop for 10 s, and `--threads N`
+//! `--profile filterbox-logging`, `--profile peer` or `--profile new-vm` runs only that loop
+//! for 10 s, and `--threads N`
 //! filterbox's lifecycles on N threads sharing one plugin.
 //!
 //! The guest is the suite's Rust-SDK header plugin configured to add one request and one
-//! response header. A lifecycle is the issue's sequence: context create, request headers,
+//! response header (and in one row to log every header as well, the work of the Rust SDK's
+//! `http_headers` example). A lifecycle is the issue's sequence: context create, request headers,
 //! request body, response headers, response body, done, log, delete. VM creation is timed with
 //! filterbox's default engine and with its pooling allocator (the peer has no pooling option),
 //! and thread scaling as lifecycles per second on two threads sharing one plugin (one module
@@ -34,6 +36,10 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 const CONFIGURATION: &str = "add x-request yes\nresponse-add x-response yes";
+/// The same, and every request and response header logged (one `proxy_log` each, by name
+/// and value, after reading the whole map) with the stream's end logged from `on_log`: the
+/// work of the Rust SDK's `http_headers` example. Both hosts discard the log lines.
+const LOGGING_CONFIGURATION: &str = "log-headers\nadd x-request yes\nresponse-add x-response yes";
 const ROUNDS: usize = 7;
 
 fn request(extra: usize) -> Vec<(String, String)> {
@@ -80,8 +86,8 @@ fn time(run: &mut dyn FnMut(), budget: Duration) -> f64 {
 
 // --- filterbox ---
 
-fn filterbox_plugin(wasm: &[u8], pooling: bool) -> filterbox::Plugin {
-    let config = filterbox::PluginConfig::named("bench").with_configuration(CONFIGURATION);
+fn filterbox_plugin(wasm: &[u8], pooling: bool, configuration: &str) -> filterbox::Plugin {
+    let config = filterbox::PluginConfig::named("bench").with_configuration(configuration);
     let mut engine_config = filterbox::EngineConfig::default();
     if pooling {
         engine_config = engine_config.with_pooling(filterbox::PoolingConfig::default());
@@ -184,10 +190,14 @@ impl Peer {
     }
 
     fn guest(&self) -> (Guest, ContextId) {
+        self.guest_with(CONFIGURATION)
+    }
+
+    fn guest_with(&self, configuration: &str) -> (Guest, ContextId) {
         let services = VmServices::new(Arc::new(Quiet));
         let mut guest =
             Guest::new(&self.host, &self.module, services, &Limits::default()).expect("guest");
-        let config = PluginConfig::new().with_configuration(CONFIGURATION);
+        let config = PluginConfig::new().with_configuration(configuration);
         match guest.start(config).expect("peer starts the guest") {
             Started::Serving(root) => (guest, root),
             _ => panic!("the guest refused its start on the peer"),
@@ -306,8 +316,9 @@ fn main() {
         .and_then(|i| args.get(i + 1));
     let wasm = std::fs::read(path).expect("reading the guest");
     let budget = Duration::from_millis(800);
-    let plugin = filterbox_plugin(&wasm, false);
-    let pooled = filterbox_plugin(&wasm, true);
+    let plugin = filterbox_plugin(&wasm, false, CONFIGURATION);
+    let pooled = filterbox_plugin(&wasm, true, CONFIGURATION);
+    let logging = filterbox_plugin(&wasm, false, LOGGING_CONFIGURATION);
     let peer = Peer::new(&wasm);
 
     // `--profile filterbox|peer|new-vm`: that host's 3-header lifecycle (or filterbox's pooled
@@ -336,7 +347,11 @@ fn main() {
                 n += 1;
             }
         } else {
-            let (mut vm, maps) = filterbox_thread_state(&plugin);
+            let plugin = match who.as_str() {
+                "filterbox-logging" => &logging,
+                _ => &plugin,
+            };
+            let (mut vm, maps) = filterbox_thread_state(plugin);
             while start.elapsed() < Duration::from_secs(10) {
                 filterbox_lifecycle(&mut vm, &maps);
                 n += 1;
@@ -378,6 +393,10 @@ fn main() {
             )
         })
         .collect();
+    let logging_row = row(format!(
+        "lifecycle with bodies, {} request headers, every header logged (SDK `http_headers` example's work)",
+        request(0).len()
+    ));
     let new_vm = row("new VM + start + drop".to_owned());
     let new_vm_pooled = row("new VM + start + drop, filterbox pooling".to_owned());
     let threads_row = row("2 threads sharing one plugin / 1 thread (lifecycles/s)".to_owned());
@@ -400,6 +419,23 @@ fn main() {
             );
             rows[index].1.push(f);
             rows[index].2.push(p);
+        }
+        {
+            let list = request(0);
+            let ours: (filterbox::HeaderMap, filterbox::HeaderMap) = (
+                list.clone().into_iter().collect(),
+                response().into_iter().collect(),
+            );
+            let theirs = (pairs(list.clone()), pairs(response()), list.len() as u32);
+            let mut vm = filterbox::Vm::new(&logging).expect("vm");
+            let (mut guest, root) = peer.guest_with(LOGGING_CONFIGURATION);
+            let (f, p) = pair(
+                round,
+                &mut || time(&mut || filterbox_lifecycle(&mut vm, &ours), budget),
+                &mut || time(&mut || peer_lifecycle(&mut guest, root, &theirs), budget),
+            );
+            rows[logging_row].1.push(f);
+            rows[logging_row].2.push(p);
         }
         for (index, plugin) in [(new_vm, &plugin), (new_vm_pooled, &pooled)] {
             let (f, p) = pair(
@@ -457,7 +493,8 @@ fn main() {
             "{START}\n## Against the other Rust host (`benches/peer`)\n\n\
              filterbox (wasmtime 48) and `proxy-wasm-host` 0.2.0 (wasmtime 49) in one process on \
              the same guest bytes (the suite's Rust-SDK header plugin adding one request and one \
-             response header) and the same callbacks: context create, request headers, request \
+             response header; in the logging row it also logs every header, as the Rust SDK's \
+             `http_headers` example does, and both hosts discard the lines) and the same callbacks: context create, request headers, request \
              body, response headers, response body, done, log, delete. filterbox runs with its \
              defaults (callback latency timed for one call in 16 of each callback; the pool keeps \
              up to 1 MiB of a dropped VM's memory resident). Thread scaling: lifecycles per \

@@ -10,6 +10,8 @@
 //! copy-vm-config <name>         add a request header with the VM configuration
 //! copy-header <from> <to>       add request header <to> with the value of <from>, or "missing"
 //! copy-shared <name> <key>      add a request header with shared data <key>, or "missing"
+//! log-headers                   log every request and response header, and each stream's
+//!                               end (what the Rust SDK's `http_headers` example does)
 //! ```
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -31,6 +33,7 @@ enum Rule {
     CopyVmConfig(String),
     CopyHeader(String, String),
     CopyShared(String, String),
+    LogHeaders,
 }
 
 #[derive(Default)]
@@ -66,6 +69,7 @@ impl RootContext for Root {
                 ["copy-vm-config", n] => Rule::CopyVmConfig(n.to_string()),
                 ["copy-header", from, to] => Rule::CopyHeader(from.to_string(), to.to_string()),
                 ["copy-shared", n, key] => Rule::CopyShared(n.to_string(), key.to_string()),
+                ["log-headers"] => Rule::LogHeaders,
                 _ => {
                     proxy_wasm::hostcalls::log(LogLevel::Error, &format!("bad rule: {line}")).ok();
                     return false;
@@ -78,8 +82,8 @@ impl RootContext for Root {
         true
     }
 
-    fn create_http_context(&self, _id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Filter { rules: self.rules.clone(), vm_config: self.vm_config.clone() }))
+    fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Filter { id, rules: self.rules.clone(), vm_config: self.vm_config.clone() }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -88,11 +92,24 @@ impl RootContext for Root {
 }
 
 struct Filter {
+    id: u32,
     rules: Rc<Vec<Rule>>,
     vm_config: Rc<String>,
 }
 
 impl Context for Filter {}
+
+impl Filter {
+    fn logs_headers(&self) -> bool {
+        self.rules.iter().any(|rule| matches!(rule, Rule::LogHeaders))
+    }
+
+    fn log_headers(&self, headers: Vec<(String, String)>) {
+        for (name, value) in headers {
+            proxy_wasm::hostcalls::log(LogLevel::Info, &format!("#{} -> {name}: {value}", self.id)).ok();
+        }
+    }
+}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
@@ -119,6 +136,7 @@ impl HttpContext for Filter {
                     let value = value.map(|v| String::from_utf8_lossy(&v).into_owned());
                     self.add_http_request_header(n, value.as_deref().unwrap_or("missing"));
                 }
+                Rule::LogHeaders => self.log_headers(self.get_http_request_headers()),
                 Rule::ResponseAdd(..) | Rule::ResponseCopyProperty(..) => {}
             }
         }
@@ -134,9 +152,16 @@ impl HttpContext for Filter {
                     let value = self.get_property(path).map(|v| String::from_utf8_lossy(&v).into_owned());
                     self.add_http_response_header(n, value.as_deref().unwrap_or("missing"));
                 }
+                Rule::LogHeaders => self.log_headers(self.get_http_response_headers()),
                 _ => {}
             }
         }
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        if self.logs_headers() {
+            proxy_wasm::hostcalls::log(LogLevel::Info, &format!("#{} completed.", self.id)).ok();
+        }
     }
 }
