@@ -518,6 +518,7 @@ mod tests {
     #[test]
     fn invalid_edits_are_errors_and_change_nothing() {
         let mut parts = request("/");
+        let before = http_pairs(&parts.headers);
         for (name, value, what) in [
             ("bad name", "v", "name"),
             ("x-crlf", "a\r\nb", "value"),
@@ -525,11 +526,14 @@ mod tests {
             (":path", "no slash \u{7f}", "uri"),
         ] {
             let mut map = HeaderMap::from_request_parts(&parts);
+            // A valid header added too: it must not be left behind either.
+            map.add("x-valid", "yes");
             map.replace(name, value);
             let error = map.to_request_parts(&mut parts).expect_err(what);
             assert!(!error.to_string().is_empty());
             assert_eq!(parts.uri, "/", "{what}");
             assert_eq!(parts.method, Method::POST, "{what}");
+            assert_eq!(http_pairs(&parts.headers), before, "{what}");
         }
     }
 
