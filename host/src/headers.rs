@@ -31,6 +31,7 @@ impl HeaderMap {
     }
 
     /// An empty map with room for `n` entries (and a couple more a plugin may add).
+    #[cfg(feature = "http")]
     pub(crate) fn with_capacity(n: usize) -> Self {
         HeaderMap {
             entries: Some(Arc::new(with_spare(n, std::iter::empty()))),

@@ -383,19 +383,27 @@ fn main() {
         rows.push((name, Vec::new(), Vec::new()));
         rows.len() - 1
     };
-    let lifecycle_rows: Vec<(usize, usize)> = [0usize, 10]
+    // (extra request headers, row, filterbox's plugin, the guest's configuration)
+    let mut lifecycle_rows: Vec<(usize, usize, &filterbox::Plugin, &str)> = [0usize, 10]
         .into_iter()
         .map(|extra| {
             let n = request(extra).len();
             (
                 extra,
                 row(format!("lifecycle with bodies, {n} request headers")),
+                &plugin,
+                CONFIGURATION,
             )
         })
         .collect();
-    let logging_row = row(format!(
-        "lifecycle with bodies, {} request headers, every header logged (SDK `http_headers` example's work)",
-        request(0).len()
+    lifecycle_rows.push((
+        0,
+        row(format!(
+            "lifecycle with bodies, {} request headers, every header logged (SDK `http_headers` example's work)",
+            request(0).len()
+        )),
+        &logging,
+        LOGGING_CONFIGURATION,
     ));
     let new_vm = row("new VM + start + drop".to_owned());
     let new_vm_pooled = row("new VM + start + drop, filterbox pooling".to_owned());
@@ -403,15 +411,15 @@ fn main() {
 
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
-        for &(extra, index) in &lifecycle_rows {
+        for &(extra, index, plugin, configuration) in &lifecycle_rows {
             let list = request(extra);
             let ours: (filterbox::HeaderMap, filterbox::HeaderMap) = (
                 list.clone().into_iter().collect(),
                 response().into_iter().collect(),
             );
             let theirs = (pairs(list.clone()), pairs(response()), list.len() as u32);
-            let mut vm = filterbox::Vm::new(&plugin).expect("vm");
-            let (mut guest, root) = peer.guest();
+            let mut vm = filterbox::Vm::new(plugin).expect("vm");
+            let (mut guest, root) = peer.guest_with(configuration);
             let (f, p) = pair(
                 round,
                 &mut || time(&mut || filterbox_lifecycle(&mut vm, &ours), budget),
@@ -419,23 +427,6 @@ fn main() {
             );
             rows[index].1.push(f);
             rows[index].2.push(p);
-        }
-        {
-            let list = request(0);
-            let ours: (filterbox::HeaderMap, filterbox::HeaderMap) = (
-                list.clone().into_iter().collect(),
-                response().into_iter().collect(),
-            );
-            let theirs = (pairs(list.clone()), pairs(response()), list.len() as u32);
-            let mut vm = filterbox::Vm::new(&logging).expect("vm");
-            let (mut guest, root) = peer.guest_with(LOGGING_CONFIGURATION);
-            let (f, p) = pair(
-                round,
-                &mut || time(&mut || filterbox_lifecycle(&mut vm, &ours), budget),
-                &mut || time(&mut || peer_lifecycle(&mut guest, root, &theirs), budget),
-            );
-            rows[logging_row].1.push(f);
-            rows[logging_row].2.push(p);
         }
         for (index, plugin) in [(new_vm, &plugin), (new_vm_pooled, &pooled)] {
             let (f, p) = pair(
