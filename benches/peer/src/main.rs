@@ -9,8 +9,8 @@
 //!
 //! With `--out FILE` the table also replaces the peer block of that file (`bench-report`
 //! keeps the block when it rewrites BENCHMARKS.md). For `perf`: `--profile filterbox`,
-//! `--profile filterbox-logging`, `--profile peer` or `--profile new-vm` runs only that loop
-//! for 10 s, and `--threads N`
+//! `--profile filterbox-logging`, `--profile peer`, `--profile peer-logging` or
+//! `--profile new-vm` runs only that loop for 10 s, and `--threads N`
 //! filterbox's lifecycles on N threads sharing one plugin.
 //!
 //! The guest is the suite's Rust-SDK header plugin configured to add one request and one
@@ -335,13 +335,16 @@ fn main() {
                 drop(black_box(filterbox::Vm::new(&pooled).expect("vm")));
                 n += 1;
             }
-        } else if who == "peer" {
+        } else if who.starts_with("peer") {
             let maps = (
                 pairs(request(0)),
                 pairs(response()),
                 request(0).len() as u32,
             );
-            let (mut guest, root) = peer.guest();
+            let (mut guest, root) = match who.as_str() {
+                "peer-logging" => peer.guest_with(LOGGING_CONFIGURATION),
+                _ => peer.guest(),
+            };
             while start.elapsed() < Duration::from_secs(10) {
                 peer_lifecycle(&mut guest, root, &maps);
                 n += 1;
