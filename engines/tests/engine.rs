@@ -282,6 +282,33 @@ fn a_reused_pool_slot_starts_from_the_module_s_own_memory_and_table() {
     }
 }
 
+/// A pooled instance's memory stops at the pool's largest memory: growing past it answers -1
+/// (as past any limit), it does not trap.
+#[test]
+fn pooled_memory_growth_stops_at_the_pool_s_largest_memory() {
+    use filterbox_engines::PoolingConfig;
+    for kind in [EngineKind::Wasmtime, EngineKind::Wasmi] {
+        if !kind.is_built() {
+            continue;
+        }
+        let config = EngineConfig::default().with_pooling(PoolingConfig::new(2, 4 << 20));
+        let engine = Engine::new(kind, &config).expect("pooling engine");
+        let mut instance = module(
+            &engine,
+            r#"(func (export "proxy_on_tick") (param i32) (drop (memory.grow (local.get 0))))"#,
+        );
+        // 4 MiB is 64 pages: one more than that past the first page is refused.
+        assert_eq!(
+            instance.call(Callback::ProxyOnTick, &[64]),
+            Ok(Returned::Nothing),
+            "{kind}"
+        );
+        assert_eq!(instance.memory_size(), 64 * 1024, "{kind}");
+        instance.call(Callback::ProxyOnTick, &[63]).expect("grows");
+        assert_eq!(instance.memory_size(), 4 << 20, "{kind}");
+    }
+}
+
 fn reused_pool_slot_starts_clean(kind: EngineKind, pool: filterbox_engines::PoolingConfig) {
     // One slot, so every instance reuses it; the slot's pages stay mapped and are reset in
     // place (keep_resident_bytes), which must look the same as fresh memory to the guest.

@@ -259,6 +259,13 @@ impl MappingPool {
         }
     }
 
+    /// The size of every pooled mapping: the largest memory a pooled instance may grow to
+    /// (beyond it wasmi would trap rather than refuse the growth, so the instance's limit is
+    /// this at most).
+    pub(super) fn mapping_len(&self) -> usize {
+        self.mapping_len
+    }
+
     /// An idle mapping, or a new one; `None` when the kernel refuses one.
     fn take(&self) -> Option<Mapping> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();

@@ -280,13 +280,19 @@ impl<H: Hostcalls> WiInstancePre<H> {
         limits: &InstanceLimits,
     ) -> Result<WiInstance<H>, EngineError> {
         let start_deadline = limits.start_deadline.unwrap_or(self.start_deadline);
+        #[cfg_attr(not(unix), allow(unused_mut))]
+        let mut memory_limit = limits.memory_pages() as usize * crate::WASM_PAGE;
+        #[cfg(unix)]
+        if let (Some(_), Some(pool)) = (self.own_memory, &self.pool) {
+            memory_limit = memory_limit.min(pool.mapping_len());
+        }
         let data = StoreData {
             host,
             memory: None,
             allocator: None,
             pending_trap: None,
             limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_pages() as usize * crate::WASM_PAGE)
+                .memory_size(memory_limit)
                 .table_elements(limits.max_table_elements)
                 .trap_on_grow_failure(false)
                 .build(),
