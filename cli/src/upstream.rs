@@ -108,9 +108,40 @@ pub struct Pool {
     /// whose runtime drives them.
     thread_clients: Vec<UpstreamClient>,
     next: AtomicUsize,
-    health_check: Option<HealthCheck>,
+    health_check: Option<ActiveCheck>,
     /// When the pool was made: the clock `down_until` counts from.
     epoch: Instant,
+}
+
+/// A [`HealthCheck`] with its defaults applied and its path parsed, once, as the pool is made.
+#[derive(Debug, Clone)]
+struct ActiveCheck {
+    path: http::uri::PathAndQuery,
+    interval: Duration,
+    timeout: Duration,
+    /// Failed probes in a row that take an address out.
+    to_fail: u32,
+    /// Passed probes in a row that bring it back.
+    to_pass: u32,
+}
+
+impl ActiveCheck {
+    fn new(name: &str, check: &HealthCheck) -> Result<ActiveCheck> {
+        let path = match check.path.parse::<http::uri::PathAndQuery>() {
+            Ok(path) if check.path.starts_with('/') => path,
+            _ => bail!(
+                "upstream {name:?}: health_check path {:?} is not a path starting with /",
+                check.path
+            ),
+        };
+        Ok(ActiveCheck {
+            path,
+            interval: Duration::from_millis(check.interval_ms.unwrap_or(5_000).max(1)),
+            timeout: Duration::from_millis(check.timeout_ms.unwrap_or(1_000).max(1)),
+            to_fail: check.unhealthy_threshold.unwrap_or(2).max(1),
+            to_pass: check.healthy_threshold.unwrap_or(1).max(1),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -145,16 +176,10 @@ impl Pool {
                 healthy: AtomicBool::new(true),
             });
         }
-        let health_check = entry.settings().and_then(|s| s.health_check.clone());
-        if let Some(check) = &health_check
-            && (!check.path.starts_with('/')
-                || check.path.parse::<http::uri::PathAndQuery>().is_err())
-        {
-            bail!(
-                "upstream {name:?}: health_check path {:?} is not a path starting with /",
-                check.path
-            );
-        }
+        let health_check = match entry.settings().and_then(|s| s.health_check.as_ref()) {
+            Some(check) => Some(ActiveCheck::new(name, check)?),
+            None => None,
+        };
         let tls = addresses
             .iter()
             .any(|a| a.uri.scheme_str() == Some("https"));
@@ -240,10 +265,13 @@ pub fn check_health(name: &str, pool: &Arc<Pool>, runtime: &tokio::runtime::Hand
     let Some(check) = pool.health_check.clone() else {
         return;
     };
-    let interval = Duration::from_millis(check.interval_ms.unwrap_or(5_000).max(1));
-    let timeout = Duration::from_millis(check.timeout_ms.unwrap_or(1_000).max(1));
-    let to_fail = check.unhealthy_threshold.unwrap_or(2).max(1);
-    let to_pass = check.healthy_threshold.unwrap_or(1).max(1);
+    let ActiveCheck {
+        path,
+        interval,
+        timeout,
+        to_fail,
+        to_pass,
+    } = check;
     let (name, weak) = (name.to_owned(), Arc::downgrade(pool));
     runtime.spawn(async move {
         // Per address: probes passed (positive) or failed (negative) in a row.
@@ -253,7 +281,7 @@ pub fn check_health(name: &str, pool: &Arc<Pool>, runtime: &tokio::runtime::Hand
                 return;
             };
             for (address, streak) in pool.addresses.iter().zip(streaks.iter_mut()) {
-                let passed = probe(pool.client(0), &address.uri, &check.path, timeout).await;
+                let passed = probe(pool.client(0), &address.uri, &path, timeout).await;
                 *streak = match (passed, *streak > 0) {
                     (true, true) => streak.saturating_add(1),
                     (true, false) => 1,
@@ -277,13 +305,13 @@ pub fn check_health(name: &str, pool: &Arc<Pool>, runtime: &tokio::runtime::Hand
 }
 
 /// Whether `GET path` on `base` answers 2xx within `timeout`.
-async fn probe(client: &UpstreamClient, base: &http::Uri, path: &str, timeout: Duration) -> bool {
-    let mut parts = base.clone().into_parts();
-    parts.path_and_query = match path.parse() {
-        Ok(path) => Some(path),
-        Err(_) => return false,
-    };
-    let Ok(uri) = http::Uri::from_parts(parts) else {
+async fn probe(
+    client: &UpstreamClient,
+    base: &http::Uri,
+    path: &http::uri::PathAndQuery,
+    timeout: Duration,
+) -> bool {
+    let Ok(uri) = at_path(base, Some(path.clone())) else {
         return false;
     };
     let mut request = http::Request::new(FilteredBody::empty());
@@ -292,6 +320,16 @@ async fn probe(client: &UpstreamClient, base: &http::Uri, path: &str, timeout: D
         Ok(Ok(response)) => response.status().is_success(),
         _ => false,
     }
+}
+
+/// `base` (an upstream address) with `path` as its path and query.
+pub fn at_path(
+    base: &http::Uri,
+    path: Option<http::uri::PathAndQuery>,
+) -> Result<http::Uri, http::uri::InvalidUriParts> {
+    let mut parts = base.clone().into_parts();
+    parts.path_and_query = path;
+    http::Uri::from_parts(parts)
 }
 
 /// A client for an upstream: TLS roots from the CA file or the system (read only when an

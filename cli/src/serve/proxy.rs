@@ -62,9 +62,8 @@ impl Service<http::Request<FilteredBody>> for Upstream {
                     (true, Some(_)) => replay(&request),
                     _ => std::mem::replace(&mut request, http::Request::new(FilteredBody::empty())),
                 };
-                let mut parts = base.clone().into_parts();
-                parts.path_and_query = attempt.uri().path_and_query().cloned();
-                *attempt.uri_mut() = http::Uri::from_parts(parts)?;
+                let path = attempt.uri().path_and_query().cloned();
+                *attempt.uri_mut() = crate::upstream::at_path(base, path)?;
                 match pool.client(workers::current()).request(attempt).await {
                     Ok(response) => break response,
                     Err(error) if error.is_connect() => {
