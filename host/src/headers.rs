@@ -30,11 +30,12 @@ impl HeaderMap {
         HeaderMap::default()
     }
 
-    /// An empty map with room for `n` entries (and a couple more a plugin may add).
+    /// An empty map with room for `n` entries (and a couple more a plugin may add); with
+    /// none, it allocates nothing, as [`HeaderMap::new`].
     #[cfg(feature = "http")]
     pub(crate) fn with_capacity(n: usize) -> Self {
         HeaderMap {
-            entries: Some(Arc::new(with_spare(n, std::iter::empty()))),
+            entries: (n > 0).then(|| Arc::new(with_spare(n, std::iter::empty()))),
         }
     }
 
