@@ -313,6 +313,8 @@ impl Exchange {
     /// Waits until plugin `index` resumes `direction` (giving the headers as it left them,
     /// in a header phase), answers the exchange, or the pause times out (504). Woken by
     /// whatever gives the plugin's news (a callout answer, another exchange's callback).
+    /// Callers box its future: with its timer it is most of a phase's future, and only a
+    /// paused exchange needs it (every other one would carry it for nothing).
     async fn wait_resumed(
         &self,
         index: usize,
@@ -388,7 +390,7 @@ impl Exchange {
                 Step::Continue => return (Ok(()), map),
                 Step::Respond(response) => return (Err(response), map),
                 Step::Paused { position, index } => {
-                    match self.wait_resumed(index, direction).await {
+                    match Box::pin(self.wait_resumed(index, direction)).await {
                         // A plugin resumed from elsewhere may have changed the headers it
                         // paused on.
                         Ok(Some(parked)) if matches!(phase, MapPhase::Headers { .. }) => {
@@ -470,7 +472,7 @@ impl Exchange {
                 Step::Respond(response) => return Err(response),
                 Step::Paused { position, index } => {
                     // Nothing more will come: the plugin has to resume (after a callout, say).
-                    self.wait_resumed(index, direction).await?;
+                    Box::pin(self.wait_resumed(index, direction)).await?;
                     job = Job::ResumeBody {
                         direction,
                         position,

@@ -259,38 +259,18 @@ where
     if let Err(error) = headers.to_request_parts(&mut parts) {
         return Ok(reply(&mut exchange, invalid_edit(error)).await);
     }
-    // A request without a body needs no channel to carry one.
-    let (request_body, sender) = match body.is_end_stream() {
-        true => (FilteredBody::empty(), None),
-        false => {
-            let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
-            (FilteredBody::stream(receiver), Some(sender))
-        }
-    };
-    let early = {
-        let exchange = &exchange;
-        let pump = async move {
-            match sender {
-                Some(sender) => pump_body(exchange, Direction::Request, None, body, &sender).await,
-                None => Ok(()),
-            }
-            // `sender` drops here: the body the service reads ends.
-        };
-        let call = inner.call(http::Request::from_parts(parts, request_body));
-        tokio::pin!(pump, call);
-        let mut pumping = true;
-        loop {
-            tokio::select! {
-                ended = &mut pump, if pumping => match ended {
-                    Ok(()) | Err(PumpEnd::Gone) => pumping = false,
-                    Err(PumpEnd::Local(response)) => break Early::Local(response),
-                    Err(PumpEnd::Body(error)) => break Early::Failed(FilterError::RequestBody(error)),
-                },
-                // An upstream that answers before reading the whole body ends the request
-                // phase there.
-                response = &mut call => break Early::Response(response.map_err(|e| FilterError::Service(e.into()))),
-            }
-        }
+    // A request without a body needs no channel to carry one, and no pump: the inner
+    // service is called right here. A body's pump and the race with the service live in a
+    // box of their own, so that the common exchange's future (allocated and moved once per
+    // request) stays small.
+    let early = match body.is_end_stream() {
+        true => Early::Response(
+            inner
+                .call(http::Request::from_parts(parts, FilteredBody::empty()))
+                .await
+                .map_err(|e| FilterError::Service(e.into())),
+        ),
+        false => Box::pin(stream_request(&exchange, inner, parts, body)).await,
     };
     let response = match early {
         Early::Response(Ok(response)) => response,
@@ -388,10 +368,52 @@ where
     ))
 }
 
+/// The inner service called with a request whose body streams through the plugins as the
+/// service reads it; ends with the service's response or with what stopped the body.
+async fn stream_request<S, B, RB>(
+    exchange: &Exchange,
+    mut inner: S,
+    parts: http::request::Parts,
+    body: B,
+) -> Early<http::Response<RB>>
+where
+    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
+    let pump = async move {
+        pump_body(exchange, Direction::Request, None, body, &sender).await
+        // `sender` drops here: the body the service reads ends.
+    };
+    let call = inner.call(http::Request::from_parts(
+        parts,
+        FilteredBody::stream(receiver),
+    ));
+    tokio::pin!(pump, call);
+    let mut pumping = true;
+    loop {
+        tokio::select! {
+            ended = &mut pump, if pumping => match ended {
+                Ok(()) | Err(PumpEnd::Gone) => pumping = false,
+                Err(PumpEnd::Local(response)) => return Early::Local(response),
+                Err(PumpEnd::Body(error)) => return Early::Failed(FilterError::RequestBody(error)),
+            },
+            // An upstream that answers before reading the whole body ends the request
+            // phase there.
+            response = &mut call => return Early::Response(response.map_err(|e| FilterError::Service(e.into()))),
+        }
+    }
+}
+
 /// A local response before the upstream answered, through the plugins' response phase
 /// ([`Exchange::reply`]).
 async fn reply(exchange: &mut Exchange, local: LocalResponse) -> http::Response<FilteredBody> {
-    http_response(exchange.reply(local).await)
+    // Boxed: the rare local reply's future would otherwise make every exchange's future
+    // larger (it is allocated and moved once per request).
+    http_response(Box::pin(exchange.reply(local)).await)
 }
 
 /// A local response after the response phase began, sent as it is
