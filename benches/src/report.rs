@@ -226,10 +226,12 @@ pub fn run(quick: bool) -> Result<String, String> {
 
 /// What the tower layer adds per plugin per exchange: `service/N_plugins` less
 /// `service/0_plugins` (the runtime and the inner service) and `chain/N_plugins` (the same
-/// callbacks on the VMs directly), over N.
+/// callbacks on the VMs directly), over N; and what each plugin after the first adds (the
+/// same difference between 5 plugins and 1, over 4), where the once-per-exchange part (the
+/// header conversions, the exchange's future) is left out.
 fn layer_section(summary: &HashMap<(EngineKind, String), f64>) -> String {
     let mut md = String::from(
-        "\n## The tower layer (one exchange in-process, header plugins)\n\n| engine | 0 plugins | 1 plugin | 5 plugins | layer per plugin per exchange (1) | (5) |\n|---|---|---|---|---|---|\n",
+        "\n## The tower layer (one exchange in-process, header plugins)\n\n| engine | 0 plugins | 1 plugin | 5 plugins | layer per plugin per exchange (1) | (5) | each plugin after the first |\n|---|---|---|---|---|---|---|\n",
     );
     for kind in engines() {
         let get = |name: &str| summary.get(&(kind, name.to_owned())).copied();
@@ -243,9 +245,15 @@ fn layer_section(summary: &HashMap<(EngineKind, String), f64>) -> String {
         let per_plugin = |service: f64, n: f64, direct: Option<f64>| {
             direct.map_or(String::new(), |d| human((service - zero - d) / n))
         };
+        let marginal = match (get("chain/1_plugins"), get("chain/5_plugins")) {
+            (Some(direct_one), Some(direct_five)) => {
+                human(((five - direct_five) - (one - direct_one)) / 4.0)
+            }
+            _ => String::new(),
+        };
         let _ = writeln!(
             md,
-            "| {kind} | {} | {} | {} | {} | {} |",
+            "| {kind} | {} | {} | {} | {} | {} | {marginal} |",
             human(zero),
             human(one),
             human(five),
