@@ -354,3 +354,50 @@ fn routes_run_their_own_plugin_configurations_in_the_same_vms_and_skip_what_they
         );
     }
 }
+
+/// `request.*` attributes read after the request headers see the request as the whole chain
+/// left it (Envoy's attributes read the request's one live map), in the plugin that rewrote
+/// it and in the plugins before it.
+#[test]
+fn request_attributes_later_in_the_exchange_see_the_whole_chain_s_edits() {
+    for engine in EngineKind::built() {
+        let chain = one_slot(vec![
+            plugin(
+                "before",
+                guests::HEADERS,
+                "response-copy-property x-before-saw request.path",
+                engine,
+            ),
+            plugin(
+                "rewrite",
+                guests::HEADERS,
+                "replace :path /rewritten\nresponse-copy-property x-rewrite-saw request.path",
+                engine,
+            ),
+        ]);
+        runtime().block_on(async {
+            let mut exchange = chain.exchange();
+            let request = [(":method", "GET"), (":path", "/asked"), (":authority", "a")];
+            let headers = exchange
+                .request_headers(map(&request), true)
+                .await
+                .expect("request headers pass");
+            assert_eq!(headers.get_str(":path"), Some("/rewritten"), "{engine}");
+            let headers = exchange
+                .response_headers(map(&[(":status", "200")]), true)
+                .await
+                .expect("response headers pass");
+            assert_eq!(
+                headers.get_str("x-rewrite-saw"),
+                Some("/rewritten"),
+                "{engine}"
+            );
+            assert_eq!(
+                headers.get_str("x-before-saw"),
+                Some("/rewritten"),
+                "{engine}"
+            );
+            exchange.finish();
+        });
+    }
+}

@@ -130,10 +130,21 @@ impl SlotState {
         from: usize,
     ) -> Step {
         let route = self.streams(id).route;
+        let request_headers = matches!(
+            (direction, phase),
+            (Direction::Request, MapPhase::Headers { .. })
+        );
+        let mut step = Step::Continue;
+        let mut ran = from;
         for position in from.. {
             let Some(index) = self.plugin_at(route, direction, position) else {
                 break;
             };
+            if request_headers && position > from {
+                // The previous plugin's copy would make the next edit copy the map.
+                self.remember_request_headers(id, route, position - 1, None);
+            }
+            ran = position + 1;
             let action = self.call(id, index, |worker, stream| match (direction, phase) {
                 (Direction::Request, MapPhase::Headers { end_of_stream }) => {
                     worker.on_request_headers(stream, map, end_of_stream)
@@ -148,11 +159,44 @@ impl SlotState {
             });
             match action {
                 Action::Continue => {}
-                Action::Respond(response) => return Step::Respond(response),
-                Action::Pause => return Step::Paused { position, index },
+                Action::Respond(response) => {
+                    step = Step::Respond(response);
+                    break;
+                }
+                Action::Pause => {
+                    step = Step::Paused { position, index };
+                    break;
+                }
             }
         }
-        Step::Continue
+        if request_headers {
+            // Every plugin that has seen the request reads it as the chain left it.
+            for position in 0..ran {
+                self.remember_request_headers(id, route, position, Some(map.clone()));
+            }
+        }
+        step
+    }
+
+    /// Sets what the stream of the plugin at `position` of `route`'s request order reads for
+    /// `request.*` attributes ([`crate::Vm::set_request_headers_seen`]).
+    fn remember_request_headers(
+        &mut self,
+        id: u64,
+        route: usize,
+        position: usize,
+        headers: Option<HeaderMap>,
+    ) {
+        let Some(index) = self.plugin_at(route, Direction::Request, position) else {
+            return;
+        };
+        let stream = self
+            .exchanges
+            .get_mut(&id)
+            .and_then(|s| s.streams.get_mut(index));
+        if let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) {
+            worker.set_request_headers_seen(stream, headers);
+        }
     }
 
     /// Runs body bytes through the plugins of `direction` from position `from`: each plugin

@@ -171,6 +171,21 @@ impl Vm {
         Ok(action)
     }
 
+    /// Replaces the request headers `stream`'s `request.*` attributes read after its request
+    /// headers callback (`None` forgets them). A chain gives every plugin's stream the
+    /// request as the whole chain left it, as Envoy's attributes read the request's one live
+    /// map; and it forgets a plugin's copy while the next plugins edit the map, so that their
+    /// edits copy nothing.
+    pub(crate) fn set_request_headers_seen(
+        &mut self,
+        stream: &HttpStream,
+        headers: Option<HeaderMap>,
+    ) {
+        if let Some(info) = self.state().stream_info.get_mut(&stream.id) {
+            info.request_headers = headers;
+        }
+    }
+
     /// Trailers the plugin added to a message that had none, from its body callback with
     /// `end_of_stream` (`map` is [`MapType::HttpRequestTrailers`] or
     /// [`MapType::HttpResponseTrailers`]). Send them after the body; `None` if it added none.

@@ -171,6 +171,20 @@ impl Worker {
         })
     }
 
+    /// [`Vm::set_request_headers_seen`] on the stream's VM, if it still has one.
+    pub(crate) fn set_request_headers_seen(
+        &mut self,
+        stream: &WorkerStream,
+        headers: Option<HeaderMap>,
+    ) {
+        if stream.failure.is_some() {
+            return;
+        }
+        if let (Some(s), Some(vm)) = (&stream.stream, self.live_vm(stream.generation)) {
+            vm.set_request_headers_seen(s, headers);
+        }
+    }
+
     /// Request body data arrived: see [`Vm::on_request_body`].
     pub fn on_request_body(
         &mut self,
