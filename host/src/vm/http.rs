@@ -176,6 +176,7 @@ impl Vm {
     /// request as the whole chain left it, as Envoy's attributes read the request's one live
     /// map; and it forgets a plugin's copy while the next plugins edit the map, so that their
     /// edits copy nothing.
+    #[cfg(feature = "tower")]
     pub(crate) fn set_request_headers_seen(
         &mut self,
         stream: &HttpStream,

@@ -172,6 +172,7 @@ impl Worker {
     }
 
     /// [`Vm::set_request_headers_seen`] on the stream's VM, if it still has one.
+    #[cfg(feature = "tower")]
     pub(crate) fn set_request_headers_seen(
         &mut self,
         stream: &WorkerStream,
