@@ -7,6 +7,14 @@ use filterbox_abi::LogLevel;
 pub trait LogSink: Send + Sync {
     /// One log line from plugin `plugin`.
     fn log(&self, plugin: &str, level: LogLevel, message: &str);
+
+    /// Whether a line of `level` from `plugin` would be kept. The host asks before it decodes
+    /// a line, so lines nobody keeps cost no UTF-8 conversion; `log` is still called only
+    /// when this says `true`. The default keeps every line.
+    fn enabled(&self, plugin: &str, level: LogLevel) -> bool {
+        let _ = (plugin, level);
+        true
+    }
 }
 
 /// The default sink: `tracing` events with target `filterbox::plugin` and a `plugin` field.
@@ -23,6 +31,20 @@ impl LogSink for TracingLogSink {
             LogLevel::Warn => tracing::warn!(target: "filterbox::plugin", plugin, "{message}"),
             LogLevel::Error | LogLevel::Critical => {
                 tracing::error!(target: "filterbox::plugin", plugin, critical = level == LogLevel::Critical, "{message}")
+            }
+        }
+    }
+
+    /// What the current `tracing` subscriber (or its absence) enables for the target.
+    fn enabled(&self, _plugin: &str, level: LogLevel) -> bool {
+        use tracing::Level;
+        match level {
+            LogLevel::Trace => tracing::enabled!(target: "filterbox::plugin", Level::TRACE),
+            LogLevel::Debug => tracing::enabled!(target: "filterbox::plugin", Level::DEBUG),
+            LogLevel::Info => tracing::enabled!(target: "filterbox::plugin", Level::INFO),
+            LogLevel::Warn => tracing::enabled!(target: "filterbox::plugin", Level::WARN),
+            LogLevel::Error | LogLevel::Critical => {
+                tracing::enabled!(target: "filterbox::plugin", Level::ERROR)
             }
         }
     }

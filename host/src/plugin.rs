@@ -431,7 +431,7 @@ fn denied_imports(config: &PluginConfig, info: &ModuleInfo) -> Result<ImportSet,
 #[cfg(all(test, feature = "wasmtime"))]
 mod tests {
     use super::*;
-    use crate::{HeaderMap, Vm};
+    use crate::{HeaderMap, LogLevel, Vm};
 
     /// Adds its whole plugin configuration as the value of request header `x-config`.
     const CONFIG_ECHO: &str = r#"(module
@@ -456,6 +456,61 @@ mod tests {
         let mut headers = HeaderMap::new();
         vm.on_request_headers(&stream, &mut headers, true).ok()?;
         headers.get_str("x-config").map(str::to_owned)
+    }
+
+    /// Logs "quiet" at debug and "loud" at info; adds request header `x-status` with the
+    /// status `proxy_log` answered the debug line ("0" is Ok).
+    const TWO_LINES: &str = r#"(module
+        (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+        (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 16) "quiet")
+        (data (i32.const 32) "loud")
+        (data (i32.const 48) "x-status")
+        (func (export "proxy_abi_version_0_2_1"))
+        (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+        (func (export "proxy_on_context_create") (param i32 i32))
+        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (i32.store8 (i32.const 64)
+                (i32.add (i32.const 48) (call $log (i32.const 1) (i32.const 16) (i32.const 5))))
+            (drop (call $log (i32.const 2) (i32.const 32) (i32.const 4)))
+            (drop (call $add (i32.const 0) (i32.const 48) (i32.const 8) (i32.const 64) (i32.const 1)))
+            (i32.const 0)))"#;
+
+    /// Keeps info and above, and counts what it was asked and given.
+    #[derive(Default)]
+    struct InfoAndUp {
+        asked: parking_lot::Mutex<Vec<LogLevel>>,
+        lines: parking_lot::Mutex<Vec<String>>,
+    }
+
+    impl LogSink for InfoAndUp {
+        fn log(&self, _: &str, _: LogLevel, message: &str) {
+            self.lines.lock().push(message.to_owned());
+        }
+
+        fn enabled(&self, _: &str, level: LogLevel) -> bool {
+            self.asked.lock().push(level);
+            level.as_u32() >= LogLevel::Info.as_u32()
+        }
+    }
+
+    #[test]
+    fn a_line_the_sink_does_not_keep_is_not_delivered_and_still_answers_ok() {
+        let wasm = wat::parse_str(TWO_LINES).expect("parses");
+        let sink = Arc::new(InfoAndUp::default());
+        let plugin = Plugin::builder(PluginConfig::named("p"))
+            .log_sink(sink.clone())
+            .build(&wasm)
+            .expect("loads");
+        let mut vm = Vm::new(&plugin).expect("vm");
+        let stream = vm.create_http_stream().expect("stream");
+        let mut headers = HeaderMap::new();
+        vm.on_request_headers(&stream, &mut headers, true)
+            .expect("callback");
+        assert_eq!(headers.get_str("x-status"), Some("0"));
+        assert_eq!(*sink.asked.lock(), [LogLevel::Debug, LogLevel::Info]);
+        assert_eq!(*sink.lines.lock(), ["loud"]);
     }
 
     #[test]

@@ -68,6 +68,13 @@ impl PluginShared {
     /// fits in the line is converted from UTF-8 (invalid bytes become U+FFFD), so the host
     /// never holds more than a few times `max_log_line_bytes` for one line.
     pub(crate) fn log_bytes(&self, level: LogLevel, kept: &[u8], total: usize) -> bool {
+        match catch_unwind(AssertUnwindSafe(|| {
+            self.log.enabled(&self.config.name, level)
+        })) {
+            Ok(true) => {}
+            Ok(false) => return true,
+            Err(_) => return false,
+        }
         let max = self.config.limits.max_log_line_bytes;
         let head = kept.get(..max).unwrap_or(kept);
         let cut_at = head.len();

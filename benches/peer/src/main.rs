@@ -11,7 +11,8 @@
 //! keeps the block when it rewrites BENCHMARKS.md). For `perf`: `--profile filterbox`,
 //! `--profile filterbox-logging`, `--profile peer`, `--profile peer-logging` or
 //! `--profile new-vm` runs only that loop for 10 s, and `--threads N`
-//! filterbox's lifecycles on N threads sharing one plugin.
+//! filterbox's lifecycles on N threads sharing one plugin. `--only TEXT` runs only the rows
+//! whose scenario contains TEXT (a quick A/B of one row).
 //!
 //! The guest is the suite's Rust-SDK header plugin configured to add one request and one
 //! response header (and in one row to log every header as well, the work of the Rust SDK's
@@ -381,6 +382,12 @@ fn main() {
         return;
     }
 
+    // `--only TEXT`: only the rows whose scenario contains TEXT (for quick A/B runs).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut row = |name: String| {
         rows.push((name, Vec::new(), Vec::new()));
@@ -412,9 +419,16 @@ fn main() {
     let new_vm_pooled = row("new VM + start + drop, filterbox pooling".to_owned());
     let threads_row = row("2 threads sharing one plugin / 1 thread (lifecycles/s)".to_owned());
 
+    let wanted: Vec<bool> = rows
+        .iter()
+        .map(|(name, ..)| only.is_none_or(|text| name.contains(text)))
+        .collect();
     for round in 0..ROUNDS {
         eprintln!("round {}/{ROUNDS}", round + 1);
         for &(extra, index, plugin, configuration) in &lifecycle_rows {
+            if !wanted[index] {
+                continue;
+            }
             let list = request(extra);
             let ours: (filterbox::HeaderMap, filterbox::HeaderMap) = (
                 list.clone().into_iter().collect(),
@@ -432,6 +446,9 @@ fn main() {
             rows[index].2.push(p);
         }
         for (index, plugin) in [(new_vm, &plugin), (new_vm_pooled, &pooled)] {
+            if !wanted[index] {
+                continue;
+            }
             let (f, p) = pair(
                 round,
                 &mut || {
@@ -444,6 +461,9 @@ fn main() {
             );
             rows[index].1.push(f);
             rows[index].2.push(p);
+        }
+        if !wanted[threads_row] {
+            continue;
         }
         let make_ours = || filterbox_thread_state(&plugin);
         let run_ours = |(vm, maps): &mut (filterbox::Vm, _)| filterbox_lifecycle(vm, maps);
@@ -474,6 +494,9 @@ fn main() {
         "| scenario | filterbox | proxy-wasm-host 0.2.0 | filterbox / peer |\n|---|---|---|---|\n",
     );
     for (index, (name, ours, theirs)) in rows.into_iter().enumerate() {
+        if ours.is_empty() {
+            continue;
+        }
         let (f, p) = (median(ours), median(theirs));
         table.push_str(&if index == threads_row {
             format!("| {name} | {f:.2}× | {p:.2}× | – |\n")

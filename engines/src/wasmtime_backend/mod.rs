@@ -196,11 +196,17 @@ impl<H: 'static> Caller<H> for WtCaller<'_, '_, H> {
     crate::hostcalls::store_caller_basics!();
 
     fn allocate(&mut self, size: u32) -> Result<u32, MemoryError> {
-        let Some(allocator) = self.caller.data().allocator.clone() else {
+        // Taken out for the call and put back, not cloned: a clone of a `TypedFunc` bumps its
+        // type's shared reference count, on every buffer handed to the guest. A hostcall from
+        // inside the allocator that asks for memory again (`admit` lets none through) finds
+        // no allocator and fails.
+        let Some(allocator) = self.caller.data_mut().allocator.take() else {
             return Err(MemoryError::AllocatorFailed { size });
         };
         // The size is a u32 on the wire; the allocator takes it as an i32 bit pattern.
-        match allocator.call(&mut *self.caller, size as i32) {
+        let allocated = allocator.call(&mut *self.caller, size as i32);
+        self.caller.data_mut().allocator = Some(allocator);
+        match allocated {
             Ok(ptr) => crate::check_allocation(ptr, size, &self.memory()),
             Err(err) => {
                 self.caller.data_mut().pending_trap = Some(classify(&err));

@@ -71,8 +71,8 @@ pub(super) fn return_with_to(
     let Ok(len) = u32::try_from(len) else {
         return Status::InvalidMemoryAccess;
     };
-    let ptr = if len == 0 {
-        0
+    let (ptr, mut memory) = if len == 0 {
+        (0, cx.memory())
     } else {
         // While the guest allocator runs, only the hostcalls `admit` lets through work.
         cx.host().in_allocator = true;
@@ -90,13 +90,16 @@ pub(super) fn return_with_to(
         if !fill(state, dst) {
             return Status::InternalFailure;
         }
-        ptr
+        (ptr, memory)
     };
-    let words: Vec<(i32, u32)> = [(ret_ptr_ptr, ptr), (ret_size_ptr, len)]
-        .into_iter()
-        .filter_map(|(at, value)| Some((at?, value)))
-        .collect();
-    write_words(&mut cx.memory(), &words)
+    for (at, value) in [(ret_ptr_ptr, ptr), (ret_size_ptr, len)] {
+        if let Some(at) = at
+            && memory.write_u32(at as u32, value).is_err()
+        {
+            return Status::InvalidMemoryAccess;
+        }
+    }
+    Status::Ok
 }
 
 /// Hands a copy of `data` to the guest (see [`return_with`]).
