@@ -141,7 +141,7 @@ impl HeaderMap {
                 b":method" | b":scheme" | b":authority" | b":path"
             )
         };
-        let mut headers = headers_after(&parts.headers, self.as_slice().iter().filter(regular))?;
+        let headers = NewHeaders::of(&parts.headers, self.as_slice().iter().filter(regular))?;
         let method = match method {
             // Unchanged (the usual case): nothing to parse.
             Some(m) if m.as_ref() == parts.method.as_str().as_bytes() => parts.method.clone(),
@@ -156,14 +156,16 @@ impl HeaderMap {
         let has_scheme = scheme.is_some() || uri.scheme().is_some();
         // Without a scheme (origin form: what a server receives) a plugin's `:authority` is a
         // `host` rewrite (as in Envoy), and the URI keeps no authority.
-        if !has_scheme && let Some(a) = authority {
-            let host = HeaderValue::from_maybe_shared(a.clone()).map_err(|_| {
-                HttpPartsError::BadValue {
-                    name: Bytes::from_static(b":authority"),
-                }
-            })?;
-            headers.insert(http::header::HOST, host);
-        }
+        let host = match authority {
+            Some(a) if !has_scheme => {
+                Some(HeaderValue::from_maybe_shared(a.clone()).map_err(|_| {
+                    HttpPartsError::BadValue {
+                        name: Bytes::from_static(b":authority"),
+                    }
+                })?)
+            }
+            _ => None,
+        };
         // Nothing the plugins left changes the URI (the usual case): no need to rebuild it.
         let same_uri = unchanged(path, uri.path_and_query().map(|p| p.as_str()))
             && match has_scheme {
@@ -202,9 +204,14 @@ impl HeaderMap {
                     .map_err(|e| HttpPartsError::BadUri(e.to_string()))?
             }
         };
+        // Everything that could fail has: only now do the parts change.
+        headers.apply(&mut parts.headers, usize::from(host.is_some()))?;
+        if let Some(host) = host {
+            // Cannot fail: `apply` left room for it.
+            let _ = parts.headers.try_insert(http::header::HOST, host);
+        }
         parts.method = method;
         parts.uri = uri;
-        parts.headers = headers;
         Ok(())
     }
 
@@ -225,11 +232,11 @@ impl HeaderMap {
         let forwarded = |(name, _): &&(Bytes, Bytes)| {
             name.as_ref() != b":status" && !is_hop_by_hop(name.as_ref())
         };
-        let headers = headers_after(&parts.headers, self.as_slice().iter().filter(forwarded))?;
+        NewHeaders::of(&parts.headers, self.as_slice().iter().filter(forwarded))?
+            .apply(&mut parts.headers, 0)?;
         if let Some(status) = status {
             parts.status = status;
         }
-        parts.headers = headers;
         Ok(())
     }
 
@@ -237,7 +244,10 @@ impl HeaderMap {
     pub fn to_http(&self) -> Result<http::HeaderMap, HttpPartsError> {
         let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter().filter(|(n, _)| !n.starts_with(b":")) {
-            append(&mut headers, name, value)?;
+            let (name, value) = parse(name, value)?;
+            headers
+                .try_append(name, value)
+                .map_err(|_| HttpPartsError::TooManyHeaders)?;
         }
         Ok(headers)
     }
@@ -313,37 +323,76 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-/// `entries` (in order) as an `http` map that replaces `original`. When they begin with all
-/// of `original`'s entries, unchanged (plugins that change nothing or only add headers),
-/// `original` is cloned, which shares its parsed names and values, and only the entries after
-/// it are parsed; otherwise every entry is (each costs a validation, a hash and often an
-/// allocation).
-fn headers_after<'a>(
-    original: &http::HeaderMap,
-    entries: impl Iterator<Item = &'a (Bytes, Bytes)> + Clone,
-) -> Result<http::HeaderMap, HttpPartsError> {
-    let mut rest = entries.clone().peekable();
-    let mut kept = 0;
-    for (name, value) in original {
-        match rest.peek() {
-            Some((n, v)) if n.as_ref() == name.as_str().as_bytes() && *v == value.as_bytes() => {
-                rest.next();
-                kept += 1;
+/// What a message's `http` headers become so that they are `entries` (in order), worked out
+/// without changing them: every fallible step (parsing names and values) is done before
+/// [`NewHeaders::apply`], so an error leaves the message as it was.
+enum NewHeaders {
+    /// The headers stay, and these come after them: the entries began with all of the
+    /// message's own, unchanged (plugins that change nothing or only add headers). The
+    /// message's map is kept, with its parsed names and values, rather than copied: only the
+    /// added entries are parsed.
+    Append(Vec<(HeaderName, HeaderValue)>),
+    /// A new map of every entry (each costs a validation, a hash and often an allocation).
+    Replace(http::HeaderMap),
+}
+
+impl NewHeaders {
+    fn of<'a>(
+        original: &http::HeaderMap,
+        entries: impl Iterator<Item = &'a (Bytes, Bytes)> + Clone,
+    ) -> Result<NewHeaders, HttpPartsError> {
+        let mut rest = entries.clone().peekable();
+        let mut kept = 0;
+        for (name, value) in original {
+            match rest.peek() {
+                Some((n, v))
+                    if n.as_ref() == name.as_str().as_bytes() && *v == value.as_bytes() =>
+                {
+                    rest.next();
+                    kept += 1;
+                }
+                _ => break,
             }
-            _ => break,
         }
-    }
-    let (mut headers, rest) = if kept == original.len() {
-        (original.clone(), rest)
-    } else {
+        if kept == original.len() {
+            return rest
+                .map(|(name, value)| parse(name, value))
+                .collect::<Result<_, _>>()
+                .map(NewHeaders::Append);
+        }
         // Room for every entry, as many as the plugin's map holds at most.
         let most = entries.size_hint().1.unwrap_or(original.len());
-        (with_capacity(most)?, entries.peekable())
-    };
-    for (name, value) in rest {
-        append(&mut headers, name, value)?;
+        let mut headers = with_capacity(most)?;
+        for (name, value) in entries {
+            let (name, value) = parse(name, value)?;
+            headers
+                .try_append(name, value)
+                .map_err(|_| HttpPartsError::TooManyHeaders)?;
+        }
+        Ok(NewHeaders::Replace(headers))
     }
-    Ok(headers)
+
+    /// Makes `headers` what [`NewHeaders::of`] worked out, with room for `more` headers
+    /// after. Fails (changing nothing) only if `http` cannot hold that many.
+    fn apply(self, headers: &mut http::HeaderMap, more: usize) -> Result<(), HttpPartsError> {
+        match self {
+            NewHeaders::Append(added) => {
+                headers
+                    .try_reserve(added.len() + more)
+                    .map_err(|_| HttpPartsError::TooManyHeaders)?;
+                for (name, value) in added {
+                    // Cannot fail: the room is reserved.
+                    let _ = headers.try_append(name, value);
+                }
+            }
+            NewHeaders::Replace(mut new) => {
+                new.try_reserve(more)
+                    .map_err(|_| HttpPartsError::TooManyHeaders)?;
+                *headers = new;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An `http` header map for `n` headers; `http` holds at most 24,576 and panics past it.
@@ -351,18 +400,12 @@ fn with_capacity(n: usize) -> Result<http::HeaderMap, HttpPartsError> {
     http::HeaderMap::try_with_capacity(n).map_err(|_| HttpPartsError::TooManyHeaders)
 }
 
-fn append(
-    headers: &mut http::HeaderMap,
-    name: &Bytes,
-    value: &Bytes,
-) -> Result<(), HttpPartsError> {
+/// A header as `http` holds it, or why it cannot be one.
+fn parse(name: &Bytes, value: &Bytes) -> Result<(HeaderName, HeaderValue), HttpPartsError> {
     let header = HeaderName::from_bytes(name).map_err(|_| HttpPartsError::BadName(name.clone()))?;
     let value = HeaderValue::from_maybe_shared(value.clone())
         .map_err(|_| HttpPartsError::BadValue { name: name.clone() })?;
-    headers
-        .try_append(header, value)
-        .map_err(|_| HttpPartsError::TooManyHeaders)?;
-    Ok(())
+    Ok((header, value))
 }
 
 #[cfg(test)]
@@ -524,6 +567,8 @@ mod tests {
             ("x-crlf", "a\r\nb", "value"),
             (":method", "GE T", "method"),
             (":path", "no slash \u{7f}", "uri"),
+            // Origin form: a `host` rewrite, checked before anything changes.
+            (":authority", "a\nb", "authority"),
         ] {
             let mut map = HeaderMap::from_request_parts(&parts);
             // A valid header added too: it must not be left behind either.
