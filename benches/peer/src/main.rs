@@ -511,7 +511,9 @@ fn main() {
              filterbox (wasmtime 48) and `proxy-wasm-host` 0.2.0 (wasmtime 49) in one process on \
              the same guest bytes (the suite's Rust-SDK header plugin adding one request and one \
              response header; in the logging row it also logs every header, as the Rust SDK's \
-             `http_headers` example does, and both hosts discard the lines) and the same callbacks: context create, request headers, request \
+             `http_headers` example does, and both hosts discard the lines: filterbox's default sink, \
+             `tracing` with no subscriber here, says so before a line is decoded, the peer's sink \
+             is handed every line and drops it) and the same callbacks: context create, request headers, request \
              body, response headers, response body, done, log, delete. filterbox runs with its \
              defaults (callback latency timed for one call in 16 of each callback; the pool keeps \
              up to 1 MiB of a dropped VM's memory resident). Thread scaling: lifecycles per \
