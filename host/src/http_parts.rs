@@ -244,10 +244,7 @@ impl HeaderMap {
     pub fn to_http(&self) -> Result<http::HeaderMap, HttpPartsError> {
         let mut headers = with_capacity(self.len())?;
         for (name, value) in self.iter().filter(|(n, _)| !n.starts_with(b":")) {
-            let (name, value) = parse(name, value)?;
-            headers
-                .try_append(name, value)
-                .map_err(|_| HttpPartsError::TooManyHeaders)?;
+            append(&mut headers, parse(name, value)?)?;
         }
         Ok(headers)
     }
@@ -364,10 +361,7 @@ impl NewHeaders {
         let most = entries.size_hint().1.unwrap_or(original.len());
         let mut headers = with_capacity(most)?;
         for (name, value) in entries {
-            let (name, value) = parse(name, value)?;
-            headers
-                .try_append(name, value)
-                .map_err(|_| HttpPartsError::TooManyHeaders)?;
+            append(&mut headers, parse(name, value)?)?;
         }
         Ok(NewHeaders::Replace(headers))
     }
@@ -398,6 +392,16 @@ impl NewHeaders {
 /// An `http` header map for `n` headers; `http` holds at most 24,576 and panics past it.
 fn with_capacity(n: usize) -> Result<http::HeaderMap, HttpPartsError> {
     http::HeaderMap::try_with_capacity(n).map_err(|_| HttpPartsError::TooManyHeaders)
+}
+
+fn append(
+    headers: &mut http::HeaderMap,
+    (name, value): (HeaderName, HeaderValue),
+) -> Result<(), HttpPartsError> {
+    headers
+        .try_append(name, value)
+        .map(|_| ())
+        .map_err(|_| HttpPartsError::TooManyHeaders)
 }
 
 /// A header as `http` holds it, or why it cannot be one.

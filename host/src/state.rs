@@ -66,7 +66,8 @@ impl PluginShared {
     /// [`PluginShared::log`] of guest bytes: `kept` is what the guest wrote, or its first
     /// bytes when the host stopped reading there, and `total` its whole length. Only what
     /// fits in the line is converted from UTF-8 (invalid bytes become U+FFFD), so the host
-    /// never holds more than a few times `max_log_line_bytes` for one line.
+    /// never holds more than a few times `max_log_line_bytes` for one line, and nothing is
+    /// converted for a line the sink would not keep ([`LogSink::enabled`]).
     pub(crate) fn log_bytes(&self, level: LogLevel, kept: &[u8], total: usize) -> bool {
         match catch_unwind(AssertUnwindSafe(|| {
             self.log.enabled(&self.config.name, level)
