@@ -47,16 +47,22 @@ impl Held {
 
     /// Takes the bytes out (they are no longer held).
     pub(super) fn take(&mut self) -> BytesMut {
-        self.budget
-            .held
-            .fetch_sub(self.bytes.len(), Ordering::AcqRel);
+        // Nothing held (the usual case): the chain-wide counter, a cache line every slot
+        // thread writes, is left alone.
+        if !self.bytes.is_empty() {
+            self.budget
+                .held
+                .fetch_sub(self.bytes.len(), Ordering::AcqRel);
+        }
         std::mem::take(&mut self.bytes)
     }
 
     /// Holds `bytes` instead of what was held.
     pub(super) fn put(&mut self, bytes: BytesMut) {
         drop(self.take());
-        self.budget.held.fetch_add(bytes.len(), Ordering::AcqRel);
+        if !bytes.is_empty() {
+            self.budget.held.fetch_add(bytes.len(), Ordering::AcqRel);
+        }
         self.bytes = bytes;
     }
 }
