@@ -336,6 +336,27 @@ mod tests {
     }
 
     #[test]
+    fn request_time_and_duration_count_from_the_stream_s_creation() {
+        let before = SystemTime::now();
+        let info = StreamInfo {
+            started: Some(SystemTime::now()),
+            ..StreamInfo::default()
+        };
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let int = |path: &[&[u8]]| {
+            let bytes = stream_attribute(path, None, None, None, Some(&info)).unwrap();
+            i64::from_le_bytes(bytes.as_ref().try_into().unwrap())
+        };
+        let time = int(&[b"request", b"time"]);
+        let duration = int(&[b"request", b"duration"]);
+        let after = SystemTime::now();
+        let epoch = |t: SystemTime| nanos(t.duration_since(UNIX_EPOCH).unwrap());
+        assert!(time >= epoch(before) && time <= epoch(after), "{time}");
+        assert!(duration >= 2_000_000, "{duration}");
+        assert!(duration <= nanos(after.duration_since(before).unwrap()));
+    }
+
+    #[test]
     fn values_encode_as_envoy() {
         assert_eq!(PropertyValue::Int(-2).encode(), &(-2i64).to_le_bytes()[..]);
         assert_eq!(PropertyValue::Bool(true).encode(), &[1u8][..]);
