@@ -505,7 +505,10 @@ fn main() {
         });
     }
     print!("{table}");
-    if let Some(out) = out {
+    if only.is_some() && out.is_some() {
+        eprintln!("--only: some rows were not run, so the report is not written");
+    }
+    if let Some(out) = out.filter(|_| only.is_none()) {
         let block = format!(
             "{START}\n## Against the other Rust host (`benches/peer`)\n\n\
              filterbox (wasmtime 48) and `proxy-wasm-host` 0.2.0 (wasmtime 49) in one process on \
