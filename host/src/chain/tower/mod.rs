@@ -121,6 +121,26 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// A request or response body the service reads: what [`FilterService`] asks of both
+/// (named once for the functions its future is made of).
+pub(super) trait MessageBody:
+    Body<Data: Send, Error: Into<BoxError> + Send> + Send + Unpin + 'static
+{
+}
+
+impl<T: Body<Data: Send, Error: Into<BoxError> + Send> + Send + Unpin + 'static> MessageBody for T {}
+
+/// The service [`FilterService`] wraps, answering with bodies of type `RB`.
+pub(super) trait InnerService<RB>:
+    Service<http::Request<FilteredBody>, Response = http::Response<RB>, Error: Into<BoxError>>
+{
+}
+
+impl<RB, T> InnerService<RB> for T where
+    T: Service<http::Request<FilteredBody>, Response = http::Response<RB>, Error: Into<BoxError>>
+{
+}
+
 /// An exchange that runs plugins: [`request_phase`], then [`response_phase`].
 fn halves<S, B, RB>(
     exchange: Exchange,
@@ -128,15 +148,9 @@ fn halves<S, B, RB>(
     request: http::Request<B>,
 ) -> impl Future<Output = Ended> + Send
 where
-    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>> + Send,
-    S::Future: Send,
-    S::Error: Into<BoxError>,
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError> + Send,
-    RB: Body + Send + Unpin + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError> + Send,
+    S: InnerService<RB, Future: Send> + Send,
+    B: MessageBody,
+    RB: MessageBody,
 {
     let (parts, body) = request.into_parts();
     Halves::new(
@@ -201,14 +215,9 @@ async fn pass_through<S, B, RB>(
     request: http::Request<B>,
 ) -> Ended
 where
-    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
-    S::Error: Into<BoxError>,
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-    RB: Body + Send + Unpin + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError> + Send,
+    S: InnerService<RB>,
+    B: MessageBody,
+    RB: MessageBody,
 {
     exchange.pass_through();
     let request = request.map(|body| FilteredBody::boxed(body, FilterError::RequestBody));

@@ -4,7 +4,7 @@
 //! or pumped as the client reads it). What crosses it: `http` parts and bodies in, the
 //! filtered message (or the local reply a plugin gave) out.
 
-use super::Ended;
+use super::{Ended, InnerService, MessageBody};
 use crate::chain::body::{BODY_FRAMES_IN_FLIGHT, BodySender, FilteredBody};
 use crate::chain::error::{BoxError, FilterError};
 use crate::chain::exchange::Exchange;
@@ -17,7 +17,6 @@ use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use std::future::Future;
 use std::sync::Arc;
-use tower_service::Service;
 
 /// The trailers plugins added at the end of `direction`'s body, as `http` trailers; `None`
 /// if they added none.
@@ -125,11 +124,8 @@ pub(super) fn request_phase<S, B, RB>(
     body: B,
 ) -> impl Future<Output = (Exchange, Result<http::Response<RB>, Ended>)>
 where
-    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
-    S::Error: Into<BoxError>,
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: InnerService<RB>,
+    B: MessageBody,
 {
     async move {
         let result = 'phase: {
@@ -203,9 +199,7 @@ pub(super) fn response_phase<RB>(
     body: RB,
 ) -> impl Future<Output = Ended>
 where
-    RB: Body + Send + Unpin + 'static,
-    RB::Data: Send,
-    RB::Error: Into<BoxError> + Send,
+    RB: MessageBody,
 {
     async move {
         let headers = HeaderMap::from_response_parts(&parts);
@@ -304,11 +298,8 @@ async fn stream_request<S, B, RB>(
     body: B,
 ) -> Early<http::Response<RB>>
 where
-    S: Service<http::Request<FilteredBody>, Response = http::Response<RB>>,
-    S::Error: Into<BoxError>,
-    B: Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: InnerService<RB>,
+    B: MessageBody,
 {
     let (sender, receiver) = tokio::sync::mpsc::channel(BODY_FRAMES_IN_FLIGHT);
     let pump = async move {
