@@ -267,6 +267,29 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
     Ok(out)
 }
 
+/// A header map in the ABI's pairs format: the count, each pair's sizes, then each name and
+/// value followed by a NUL.
+fn encode_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    let mut out = size(pairs.len()).to_vec();
+    for (name, value) in pairs {
+        out.extend(size(name.len()));
+        out.extend(size(value.len()));
+    }
+    for (name, value) in pairs {
+        for part in [name, value] {
+            out.extend_from_slice(part);
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// `bytes` as the inside of a WAT string literal.
+fn wat_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("\\{b:02x}")).collect()
+}
+
 /// A module whose `proxy_on_request_headers` (or `proxy_on_request_body`) runs `call`
 /// [`HOSTCALLS_PER_ITER`] times. The allocator always answers the same 1.5 MiB-sized block,
 /// so repeated returns of data never run out of memory. A call that answers anything but
@@ -383,6 +406,37 @@ fn hostcall_scenarios(engine: &Engine) -> Result<Vec<Scenario>, String> {
             .floor(floors::HOST_CALL),
         );
     }
+    // A whole map handed over: the 13 headers of `request_headers(10)`, set 100 times.
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = request_headers(10)
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    let encoded = encode_pairs(&pairs);
+    let wasm = hostcall_module(
+        &imp("proxy_set_header_map_pairs", 3),
+        "proxy_on_request_headers",
+        &format!(
+            "(call $proxy_set_header_map_pairs (i32.const 0) (i32.const 4096) (i32.const {}))",
+            encoded.len()
+        ),
+        &format!("(data (i32.const 4096) \"{}\")", wat_string(&encoded)),
+    )?;
+    let plugin = load(engine, &wasm, "set_header_map_pairs")?;
+    let mut vm = Vm::new(&plugin).map_err(|e| fail("vm", e))?;
+    let stream = vm.create_http_stream().map_err(|e| fail("stream", e))?;
+    let mut request = request_headers(10);
+    vm.on_request_headers(&stream, &mut request.clone(), true)
+        .map_err(|e| fail("set_header_map_pairs", e))?;
+    out.push(
+        Scenario::new("hostcall/set_header_map_pairs_13", move || {
+            black_box(
+                vm.on_request_headers(&stream, &mut request, true)
+                    .expect("call"),
+            );
+        })
+        .per(HOSTCALLS_PER_ITER)
+        .floor(floors::HOST_CALL),
+    );
     for (label, size) in [("64B", 64usize), ("16KiB", 16 << 10), ("1MiB", 1 << 20)] {
         for (op, import, call) in [
             (

@@ -328,7 +328,7 @@ enum NewHeaders {
     /// message's own, unchanged (plugins that change nothing or only add headers). The
     /// message's map is kept, with its parsed names and values, rather than copied: only the
     /// added entries are parsed.
-    Append(Vec<(HeaderName, HeaderValue)>),
+    Append(Added),
     /// A new map of every entry (each costs a validation, a hash and often an allocation).
     Replace(http::HeaderMap),
 }
@@ -352,10 +352,11 @@ impl NewHeaders {
             }
         }
         if kept == original.len() {
-            return rest
-                .map(|(name, value)| parse(name, value))
-                .collect::<Result<_, _>>()
-                .map(NewHeaders::Append);
+            let mut added = Added::default();
+            for (name, value) in rest {
+                added.push(parse(name, value)?);
+            }
+            return Ok(NewHeaders::Append(added));
         }
         // Room for every entry, as many as the plugin's map holds at most.
         let most = entries.size_hint().1.unwrap_or(original.len());
@@ -374,7 +375,7 @@ impl NewHeaders {
                 headers
                     .try_reserve(added.len() + more)
                     .map_err(|_| HttpPartsError::TooManyHeaders)?;
-                for (name, value) in added {
+                for (name, value) in added.into_headers() {
                     // Cannot fail: the room is reserved.
                     let _ = headers.try_append(name, value);
                 }
@@ -386,6 +387,31 @@ impl NewHeaders {
             }
         }
         Ok(())
+    }
+}
+
+/// Headers plugins added, parsed, in order. The first two are kept in place: plugins mostly
+/// add one or two, and a vector for them was an allocation per message.
+#[derive(Default)]
+struct Added {
+    first: [Option<(HeaderName, HeaderValue)>; 2],
+    more: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Added {
+    fn push(&mut self, header: (HeaderName, HeaderValue)) {
+        match self.first.iter_mut().find(|slot| slot.is_none()) {
+            Some(slot) => *slot = Some(header),
+            None => self.more.push(header),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.first.iter().flatten().count() + self.more.len()
+    }
+
+    fn into_headers(self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+        self.first.into_iter().flatten().chain(self.more)
     }
 }
 

@@ -63,6 +63,7 @@ mod http_parts;
 mod hyper_client;
 mod inbox;
 mod metrics;
+mod packed;
 mod plugin;
 mod plugin_metrics;
 mod prometheus;

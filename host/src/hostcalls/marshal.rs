@@ -3,7 +3,6 @@
 
 use crate::HeaderMap;
 use crate::config::Limits;
-use crate::headers::lower;
 use crate::state::VmState;
 use bytes::Bytes;
 use filterbox_abi::{BufferType, MapType, Status, StreamType, pairs};
@@ -158,10 +157,7 @@ pub(super) fn decode_pairs(bytes: &[u8], limits: &Limits) -> Result<Vec<(Bytes, 
     if decoded.len() > limits.max_header_count || held > limits.max_header_bytes {
         return Err(Status::BadArgument);
     }
-    Ok(decoded
-        .into_iter()
-        .map(|(k, v)| (lower(k), Bytes::copy_from_slice(v)))
-        .collect())
+    Ok(crate::packed::headers(&decoded))
 }
 
 pub(super) fn read_str(memory: &GuestMemory<'_>, ptr: i32, len: i32) -> Result<String, Status> {
