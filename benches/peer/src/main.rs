@@ -10,8 +10,9 @@
 //! With `--out FILE` the table also replaces the peer block of that file (`bench-report`
 //! keeps the block when it rewrites BENCHMARKS.md). For `perf`: `--profile filterbox`,
 //! `--profile filterbox-logging`, `--profile peer`, `--profile peer-logging` or
-//! `--profile new-vm` runs only that loop for 10 s, and `--threads N`
-//! filterbox's lifecycles on N threads sharing one plugin. `--only TEXT` runs only the rows
+//! `--profile new-vm` runs only that loop for 10 s (with `--iterations N`, N times: for
+//! counting instructions under valgrind), and `--threads N` filterbox's lifecycles on N
+//! threads sharing one plugin. `--only TEXT` runs only the rows
 //! whose scenario contains TEXT (a quick A/B of one row).
 //!
 //! The guest is the suite's Rust-SDK header plugin configured to add one request and one
@@ -318,7 +319,6 @@ fn main() {
     let wasm = std::fs::read(path).expect("reading the guest");
     let budget = Duration::from_millis(800);
     let plugin = filterbox_plugin(&wasm, false, CONFIGURATION);
-    let pooled = filterbox_plugin(&wasm, true, CONFIGURATION);
     let logging = filterbox_plugin(&wasm, false, LOGGING_CONFIGURATION);
     let peer = Peer::new(&wasm);
 
@@ -329,10 +329,22 @@ fn main() {
         .position(|a| a == "--profile")
         .and_then(|i| args.get(i + 1))
     {
+        // `--iterations N`: exactly N instead of 10 s (for counting instructions under
+        // valgrind, where time means little).
+        let iterations = args
+            .iter()
+            .position(|a| a == "--iterations")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|n| n.parse::<u64>().ok());
         let start = Instant::now();
         let mut n = 0u64;
+        let more = |n: u64| match iterations {
+            Some(limit) => n < limit,
+            None => start.elapsed() < Duration::from_secs(10),
+        };
         if who == "new-vm" {
-            while start.elapsed() < Duration::from_secs(10) {
+            let pooled = filterbox_plugin(&wasm, true, CONFIGURATION);
+            while more(n) {
                 drop(black_box(filterbox::Vm::new(&pooled).expect("vm")));
                 n += 1;
             }
@@ -346,7 +358,7 @@ fn main() {
                 "peer-logging" => peer.guest_with(LOGGING_CONFIGURATION),
                 _ => peer.guest(),
             };
-            while start.elapsed() < Duration::from_secs(10) {
+            while more(n) {
                 peer_lifecycle(&mut guest, root, &maps);
                 n += 1;
             }
@@ -356,12 +368,13 @@ fn main() {
                 _ => &plugin,
             };
             let (mut vm, maps) = filterbox_thread_state(plugin);
-            while start.elapsed() < Duration::from_secs(10) {
+            while more(n) {
                 filterbox_lifecycle(&mut vm, &maps);
                 n += 1;
             }
         }
-        eprintln!("{who}: {:.0} ns per lifecycle", 1e10 / n as f64);
+        let per = start.elapsed().as_secs_f64() * 1e9 / n.max(1) as f64;
+        eprintln!("{who}: {n} lifecycles, {per:.0} ns each");
         return;
     }
     // `--threads N`: filterbox's lifecycles on N threads sharing the plugin for 10 s, for `perf`.
@@ -416,6 +429,9 @@ fn main() {
         LOGGING_CONFIGURATION,
     ));
     let new_vm = row("new VM + start + drop".to_owned());
+    // Made here, not before the profiling loops: its address-space reservation fails under
+    // valgrind.
+    let pooled = filterbox_plugin(&wasm, true, CONFIGURATION);
     let new_vm_pooled = row("new VM + start + drop, filterbox pooling".to_owned());
     let threads_row = row("2 threads sharing one plugin / 1 thread (lifecycles/s)".to_owned());
 
