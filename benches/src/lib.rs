@@ -554,7 +554,7 @@ mod tests {
             let engine = Engine::new(kind, &EngineConfig::default())
                 .unwrap_or_else(|e| panic!("{kind}: {e}"));
             let scenarios = hostcall_scenarios(&engine).unwrap_or_else(|e| panic!("{kind}: {e}"));
-            assert_eq!(scenarios.len(), 11, "{kind}");
+            assert_eq!(scenarios.len(), 12, "{kind}");
         }
     }
 }
