@@ -267,29 +267,6 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
     Ok(out)
 }
 
-/// A header map in the ABI's pairs format: the count, each pair's sizes, then each name and
-/// value followed by a NUL.
-fn encode_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
-    let mut out = size(pairs.len()).to_vec();
-    for (name, value) in pairs {
-        out.extend(size(name.len()));
-        out.extend(size(value.len()));
-    }
-    for (name, value) in pairs {
-        for part in [name, value] {
-            out.extend_from_slice(part);
-            out.push(0);
-        }
-    }
-    out
-}
-
-/// `bytes` as the inside of a WAT string literal.
-fn wat_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("\\{b:02x}")).collect()
-}
-
 /// A module whose `proxy_on_request_headers` (or `proxy_on_request_body`) runs `call`
 /// [`HOSTCALLS_PER_ITER`] times. The allocator always answers the same 1.5 MiB-sized block,
 /// so repeated returns of data never run out of memory. A call that answers anything but
@@ -407,11 +384,7 @@ fn hostcall_scenarios(engine: &Engine) -> Result<Vec<Scenario>, String> {
         );
     }
     // A whole map handed over: the 13 headers of `request_headers(10)`, set 100 times.
-    let pairs: Vec<(Vec<u8>, Vec<u8>)> = request_headers(10)
-        .iter()
-        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-        .collect();
-    let encoded = encode_pairs(&pairs);
+    let encoded = filterbox_abi::pairs::encode(request_headers(10).as_slice());
     let wasm = hostcall_module(
         &imp("proxy_set_header_map_pairs", 3),
         "proxy_on_request_headers",
@@ -419,7 +392,10 @@ fn hostcall_scenarios(engine: &Engine) -> Result<Vec<Scenario>, String> {
             "(call $proxy_set_header_map_pairs (i32.const 0) (i32.const 4096) (i32.const {}))",
             encoded.len()
         ),
-        &format!("(data (i32.const 4096) \"{}\")", wat_string(&encoded)),
+        &format!(
+            "(data (i32.const 4096) \"{}\")",
+            guests::wat_bytes(&encoded)
+        ),
     )?;
     let plugin = load(engine, &wasm, "set_header_map_pairs")?;
     let mut vm = Vm::new(&plugin).map_err(|e| fail("vm", e))?;

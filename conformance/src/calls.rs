@@ -4,6 +4,7 @@
 //! connections. Exact statuses are checked with WAT modules that report every hostcall's
 //! answer; the Rust-SDK `callouts` plugin checks that real SDK code runs on top.
 
+use crate::guests::wat_bytes;
 use crate::harness::{CaseResult, Failure, Harness, LogCapture, headers};
 use crate::hostile::{import_decl, module, reports};
 use crate::servers::Servers;
@@ -26,14 +27,6 @@ const PATIENCE: Duration = Duration::from_secs(15);
 /// The WAT imports of `list`, one per line.
 pub(crate) fn imports(list: &[Import]) -> String {
     list.iter().map(|i| import_decl(*i) + "\n").collect()
-}
-
-/// A WAT data string for arbitrary bytes.
-pub(crate) fn wat_bytes(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut out, b| {
-        let _ = write!(out, "\\{b:02x}");
-        out
-    })
 }
 
 /// The proxy-wasm pairs encoding of `pairs`.

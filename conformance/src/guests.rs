@@ -1,6 +1,8 @@
 //! The guest plugins: Rust-SDK plugins built from `guests/` by the build script, and
 //! hand-written WAT modules for what no SDK would produce.
 
+use std::fmt::Write as _;
+
 /// Header rewriting driven by its plugin configuration (Rust SDK, ABI 0.2.1).
 pub const HEADERS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/guest_headers.wasm"));
 /// Buffers and rewrites bodies (Rust SDK, ABI 0.2.1).
@@ -60,6 +62,14 @@ pub fn trapping_on_x_boom() -> Result<Vec<u8>, String> {
                 (then unreachable))
             (i32.const 0))"#,
     )
+}
+
+/// Arbitrary bytes as the inside of a WAT string literal (for a `data` segment).
+pub fn wat_bytes(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "\\{b:02x}");
+        out
+    })
 }
 
 /// A minimal module: memory, allocator, marker `marker` (if any), and `body` spliced in.

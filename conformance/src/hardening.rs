@@ -3,8 +3,9 @@
 //! engines counting guest work alone do not see), and buffers sized to be expensive to
 //! decode. Each case failed on a host without the bound it checks.
 
-use crate::calls::{encode_pairs, imports, wat_bytes};
+use crate::calls::{encode_pairs, imports};
 use crate::ensure;
+use crate::guests::wat_bytes;
 use crate::harness::{CaseResult, Harness, headers};
 use crate::hostile::{
     BAD_ARGUMENT, OK, SLACK, config, expect_nothing_leaked, expect_trap, full_stream, import_decl,

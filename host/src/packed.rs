@@ -10,76 +10,44 @@
 
 use bytes::Bytes;
 
-/// One piece to pack, and whether to lower-case it (a header name from a plugin).
-type Piece<'a> = (&'a [u8], bool);
-
-/// Copies the pieces `pieces()` yields into one allocation and yields one [`Bytes`] per
-/// piece, in order. The pieces are walked three times (to size, fill and slice the buffer):
-/// `pieces` must give the same ones each time, as any iterator over borrowed data does.
-fn pack<'a, I>(pieces: impl Fn() -> I) -> Packed<I>
-where
-    I: Iterator<Item = Piece<'a>>,
-{
-    let len = pieces().map(|(piece, _)| piece.len()).sum();
-    let fill = |out: &mut [u8]| {
-        let mut rest = out;
-        for (piece, lower) in pieces() {
-            let Some((dst, tail)) = rest.split_at_mut_checked(piece.len()) else {
-                return;
-            };
-            dst.copy_from_slice(piece);
-            if lower {
-                dst.make_ascii_lowercase();
-            }
-            rest = tail;
-        }
-    };
-    Packed {
-        rest: filled(len, fill),
-        pieces: pieces(),
-    }
-}
-
 /// Headers a plugin gave (names lower-cased), in one allocation (a whole map: one
 /// allocation instead of two per header).
 pub(crate) fn headers(pairs: &[(&[u8], &[u8])]) -> Vec<(Bytes, Bytes)> {
-    let mut packed = pack(|| {
-        pairs
-            .iter()
-            .flat_map(|&(name, value)| [(name, true), (value, false)])
+    let len = pairs
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    let mut rest = filled(len, |out| {
+        let mut out = out;
+        for &(name, value) in pairs {
+            for (piece, lower) in [(name, true), (value, false)] {
+                let Some((dst, tail)) = out.split_at_mut_checked(piece.len()) else {
+                    return;
+                };
+                dst.copy_from_slice(piece);
+                if lower {
+                    dst.make_ascii_lowercase();
+                }
+                out = tail;
+            }
+        }
     });
-    let mut out = Vec::with_capacity(pairs.len());
-    while let (Some(name), Some(value)) = (packed.next(), packed.next()) {
-        out.push((name, value));
-    }
-    out
-}
-
-/// The slices of a [`pack`]ed buffer, one per piece.
-struct Packed<I> {
-    rest: Bytes,
-    pieces: I,
-}
-
-impl<'a, I> Iterator for Packed<I>
-where
-    I: Iterator<Item = Piece<'a>>,
-{
-    type Item = Bytes;
-
-    fn next(&mut self) -> Option<Bytes> {
-        let (piece, _) = self.pieces.next()?;
-        // `rest` holds the pieces not handed out yet: the front one is split off (a reference
-        // count), and the last takes what is left (no count at all).
-        Some(match piece.len() {
-            0 => Bytes::new(),
-            len if len < self.rest.len() => self.rest.split_to(len),
-            _ => std::mem::take(&mut self.rest),
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let name = split_front(&mut rest, name.len());
+            (name, split_front(&mut rest, value.len()))
         })
-    }
+        .collect()
+}
 
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.pieces.size_hint()
+/// The first `len` bytes of `rest` (which keeps the others): split off (a reference count),
+/// or, for the last piece, all that is left (no count at all).
+fn split_front(rest: &mut Bytes, len: usize) -> Bytes {
+    match len {
+        0 => Bytes::new(),
+        len if len < rest.len() => rest.split_to(len),
+        _ => std::mem::take(rest),
     }
 }
 
@@ -132,20 +100,15 @@ mod tests {
     fn pieces_come_back_in_order_with_names_lower_cased_at_every_size() {
         for size in [0, 1, 31, 32, 33, 500, 2048, 2049, 10_000] {
             let long = vec![b'V'; size];
-            let pieces = [
-                (&b"X-Name"[..], true),
-                (&long[..], false),
-                (&b""[..], false),
-                (&b"Tail"[..], false),
-            ];
-            let out: Vec<Bytes> = pack(|| pieces.iter().copied()).collect();
-            assert_eq!(out.len(), 4);
-            assert_eq!(out[0], "x-name");
-            assert_eq!(out[1], long);
-            assert_eq!(out[2], "");
-            assert_eq!(out[3], "Tail");
-            // Clones and slices outlive the packer and each other.
-            let kept = out[3].clone();
+            let pairs: [(&[u8], &[u8]); 2] = [(b"X-Name", &long), (b"", b"Tail")];
+            let out = headers(&pairs);
+            assert_eq!(out.len(), 2);
+            assert_eq!(out[0].0, "x-name");
+            assert_eq!(out[0].1, long);
+            assert_eq!(out[1].0, "");
+            assert_eq!(out[1].1, "Tail");
+            // Clones and slices outlive the vector and each other.
+            let kept = out[1].1.clone();
             drop(out);
             assert_eq!(kept, "Tail");
         }
