@@ -79,9 +79,15 @@ impl HeaderMap {
             + http_bytes(&parts.headers);
         let mut arena = Arena::with_capacity(copied);
         let mut map = HeaderMap::with_capacity(parts.headers.len() + 4);
-        map.add(":method", arena.copy(method));
+        map.add(
+            ":method",
+            known(method, &METHODS).unwrap_or_else(|| arena.copy(method)),
+        );
         match (uri_scheme, scheme) {
-            (Some(scheme), _) => map.add(":scheme", arena.copy(scheme)),
+            (Some(scheme), _) => map.add(
+                ":scheme",
+                known(scheme, &SCHEMES).unwrap_or_else(|| arena.copy(scheme)),
+            ),
             (None, Some(scheme)) => map.add(":scheme", scheme),
             (None, None) => {}
         }
@@ -95,11 +101,12 @@ impl HeaderMap {
 
     /// The response's headers as a plugin sees them: `:status`, then the headers in order.
     pub fn from_response_parts(parts: &response::Parts) -> HeaderMap {
-        let status = parts.status.as_str().as_bytes();
-        let mut arena = Arena::with_capacity(status.len() + http_bytes(&parts.headers));
         let mut map = HeaderMap::with_capacity(parts.headers.len() + 1);
-        map.add(":status", arena.copy(status));
-        map.extend_from_http(&parts.headers, &mut arena);
+        map.add(":status", status_text(parts.status));
+        if !parts.headers.is_empty() {
+            let mut arena = Arena::with_capacity(http_bytes(&parts.headers));
+            map.extend_from_http(&parts.headers, &mut arena);
+        }
         map
     }
 
@@ -247,6 +254,47 @@ impl HeaderMap {
             append(&mut headers, parse(name, value)?)?;
         }
         Ok(headers)
+    }
+}
+
+/// The methods `:method` is usually, as static bytes: these cost no copy.
+const METHODS: [&[u8]; 9] = [
+    b"GET", b"POST", b"PUT", b"DELETE", b"HEAD", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
+];
+
+/// The schemes `:scheme` is usually.
+const SCHEMES: [&[u8]; 2] = [b"http", b"https"];
+
+/// `bytes` as a static copy from `table`, if there is one.
+fn known(bytes: &[u8], table: &[&'static [u8]]) -> Option<Bytes> {
+    table
+        .iter()
+        .find(|known| **known == bytes)
+        .map(|known| Bytes::from_static(known))
+}
+
+/// The three digits of every status code `http` can hold (100 to 999), in order: a
+/// response's `:status` is a slice of this instead of a copy.
+static STATUS_DIGITS: [u8; 2700] = {
+    let mut digits = [0u8; 2700];
+    let mut code = 100;
+    while code < 1000 {
+        let at = (code - 100) * 3;
+        digits[at] = b'0' + (code / 100) as u8;
+        digits[at + 1] = b'0' + (code / 10 % 10) as u8;
+        digits[at + 2] = b'0' + (code % 10) as u8;
+        code += 1;
+    }
+    digits
+};
+
+/// `status` as three digits, without a copy.
+fn status_text(status: StatusCode) -> Bytes {
+    let at = usize::from(status.as_u16().saturating_sub(100)) * 3;
+    match STATUS_DIGITS.get(at..at + 3) {
+        Some(digits) => Bytes::from_static(digits),
+        // `http` holds 100 to 999 only; a copy keeps this total anyway.
+        None => Bytes::copy_from_slice(status.as_str().as_bytes()),
     }
 }
 
@@ -432,10 +480,67 @@ fn append(
 
 /// A header as `http` holds it, or why it cannot be one.
 fn parse(name: &Bytes, value: &Bytes) -> Result<(HeaderName, HeaderValue), HttpPartsError> {
-    let header = HeaderName::from_bytes(name).map_err(|_| HttpPartsError::BadName(name.clone()))?;
-    let value = HeaderValue::from_maybe_shared(value.clone())
+    let header = recent_names::parse(name).ok_or_else(|| HttpPartsError::BadName(name.clone()))?;
+    // A copy: the value a plugin gave is a plain vector, whose first clone would allocate
+    // (and then count references with atomics) just the same.
+    let value = HeaderValue::from_bytes(value)
         .map_err(|_| HttpPartsError::BadValue { name: name.clone() })?;
     Ok((header, value))
+}
+
+/// Header names parsed for `http`, with the last few kept per thread. `http` copies a name
+/// it does not know into an allocation of its own each time it parses one, and the names
+/// plugins add are mostly the same few on every request: a kept one is cloned instead (a
+/// reference count).
+mod recent_names {
+    use http::header::HeaderName;
+    use std::cell::RefCell;
+
+    /// How many names a thread keeps.
+    const KEPT: usize = 8;
+    /// Longer names are parsed every time (they are rare, and this bounds what is kept).
+    const LONGEST: usize = 64;
+
+    struct Recent {
+        names: [Option<HeaderName>; KEPT],
+        /// Where the next new name goes (the oldest is replaced).
+        next: usize,
+    }
+
+    thread_local! {
+        static RECENT: RefCell<Recent> = const {
+            RefCell::new(Recent { names: [const { None }; KEPT], next: 0 })
+        };
+    }
+
+    /// `name` as an `http` header name, or `None` if it is not one.
+    pub(super) fn parse(name: &[u8]) -> Option<HeaderName> {
+        if name.len() > LONGEST {
+            return HeaderName::from_bytes(name).ok();
+        }
+        RECENT
+            .try_with(|recent| {
+                let mut recent = recent.try_borrow_mut().ok()?;
+                if let Some(kept) = recent
+                    .names
+                    .iter()
+                    .flatten()
+                    .find(|kept| kept.as_str().as_bytes() == name)
+                {
+                    return Some(kept.clone());
+                }
+                let parsed = HeaderName::from_bytes(name).ok()?;
+                let next = recent.next;
+                if let Some(slot) = recent.names.get_mut(next) {
+                    *slot = Some(parsed.clone());
+                }
+                recent.next = (next + 1) % KEPT;
+                Some(parsed)
+            })
+            .ok()
+            .flatten()
+            .or_else(|| HeaderName::from_bytes(name).ok())
+    }
 }
 
 #[cfg(test)]
@@ -656,6 +761,27 @@ mod tests {
         strip.insert("x-public", "1".parse().expect("value"));
         strip_hop_by_hop(&mut strip);
         assert_eq!(strip.keys().collect::<Vec<_>>(), ["x-public"]);
+    }
+
+    #[test]
+    fn static_pseudo_values_are_the_parts_values() {
+        for code in 100..1000 {
+            let status = StatusCode::from_u16(code).expect("status");
+            assert_eq!(status_text(status), status.as_str().as_bytes());
+        }
+        for method in ["GET", "PATCH", "PURGE"] {
+            let mut parts = request("https://a.test/");
+            parts.method = Method::from_bytes(method.as_bytes()).expect("method");
+            let map = HeaderMap::from_request_parts(&parts);
+            assert_eq!(map.get_str(":method"), Some(method));
+            assert_eq!(map.get_str(":scheme"), Some("https"));
+        }
+        let mut parts = request("foo://a.test/");
+        parts.method = Method::GET;
+        assert_eq!(
+            HeaderMap::from_request_parts(&parts).get_str(":scheme"),
+            Some("foo")
+        );
     }
 
     #[test]
