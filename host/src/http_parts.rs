@@ -149,17 +149,19 @@ impl HeaderMap {
             )
         };
         let headers = NewHeaders::of(&parts.headers, self.as_slice().iter().filter(regular))?;
+        // `None`: the parts keep theirs (the usual case: nothing to parse, clone or drop).
         let method = match method {
-            // Unchanged (the usual case): nothing to parse.
-            Some(m) if m.as_ref() == parts.method.as_str().as_bytes() => parts.method.clone(),
-            Some(m) => Method::from_bytes(m).map_err(|_| HttpPartsError::BadMethod(m.clone()))?,
-            None => parts.method.clone(),
+            Some(m) if m.as_ref() == parts.method.as_str().as_bytes() => None,
+            Some(m) => {
+                Some(Method::from_bytes(m).map_err(|_| HttpPartsError::BadMethod(m.clone()))?)
+            }
+            None => None,
         };
         let unchanged = |value: Option<&Bytes>, old: Option<&str>| match value {
             None => true,
             Some(value) => old.is_some_and(|old| old.as_bytes() == value.as_ref()),
         };
-        let uri = parts.uri.clone();
+        let uri = &parts.uri;
         let has_scheme = scheme.is_some() || uri.scheme().is_some();
         // Without a scheme (origin form: what a server receives) a plugin's `:authority` is a
         // `host` rewrite (as in Envoy), and the URI keeps no authority.
@@ -183,9 +185,9 @@ impl HeaderMap {
                 false => authority.is_none() || uri.authority().is_none(),
             };
         let uri = match same_uri {
-            true => uri,
+            true => None,
             false => {
-                let old = uri.into_parts();
+                let old = uri.clone().into_parts();
                 let mut builder = Uri::builder();
                 match (scheme, old.scheme) {
                     (Some(s), _) => builder = builder.scheme(s.as_ref()),
@@ -206,9 +208,11 @@ impl HeaderMap {
                             .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
                     ),
                 };
-                builder
-                    .build()
-                    .map_err(|e| HttpPartsError::BadUri(e.to_string()))?
+                Some(
+                    builder
+                        .build()
+                        .map_err(|e| HttpPartsError::BadUri(e.to_string()))?,
+                )
             }
         };
         // Everything that could fail has: only now do the parts change.
@@ -217,8 +221,12 @@ impl HeaderMap {
             // Cannot fail: `apply` left room for it.
             let _ = parts.headers.try_insert(http::header::HOST, host);
         }
-        parts.method = method;
-        parts.uri = uri;
+        if let Some(method) = method {
+            parts.method = method;
+        }
+        if let Some(uri) = uri {
+            parts.uri = uri;
+        }
         Ok(())
     }
 
