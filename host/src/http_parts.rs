@@ -273,7 +273,7 @@ const METHODS: [&[u8]; 9] = [
 /// The schemes `:scheme` is usually.
 const SCHEMES: [&[u8]; 2] = [b"http", b"https"];
 
-/// `bytes` as a static copy from `table`, if there is one.
+/// The static bytes in `table` equal to `bytes`, if there are.
 fn known(bytes: &[u8], table: &[&'static [u8]]) -> Option<Bytes> {
     table
         .iter()
@@ -526,28 +526,30 @@ mod recent_names {
         if name.len() > LONGEST {
             return HeaderName::from_bytes(name).ok();
         }
-        RECENT
+        // The thread's cache is unavailable only while the thread is torn down: then every
+        // name is parsed.
+        let kept = RECENT
             .try_with(|recent| {
-                let mut recent = recent.try_borrow_mut().ok()?;
-                if let Some(kept) = recent
-                    .names
-                    .iter()
-                    .flatten()
-                    .find(|kept| kept.as_str().as_bytes() == name)
-                {
-                    return Some(kept.clone());
-                }
-                let parsed = HeaderName::from_bytes(name).ok()?;
+                let recent = recent.try_borrow().ok()?;
+                let mut names = recent.names.iter().flatten();
+                names.find(|kept| kept.as_str().as_bytes() == name).cloned()
+            })
+            .ok()
+            .flatten();
+        if kept.is_some() {
+            return kept;
+        }
+        let parsed = HeaderName::from_bytes(name).ok()?;
+        let _ = RECENT.try_with(|recent| {
+            if let Ok(mut recent) = recent.try_borrow_mut() {
                 let next = recent.next;
                 if let Some(slot) = recent.names.get_mut(next) {
                     *slot = Some(parsed.clone());
                 }
                 recent.next = (next + 1) % KEPT;
-                Some(parsed)
-            })
-            .ok()
-            .flatten()
-            .or_else(|| HeaderName::from_bytes(name).ok())
+            }
+        });
+        Some(parsed)
     }
 }
 
@@ -769,6 +771,26 @@ mod tests {
         strip.insert("x-public", "1".parse().expect("value"));
         strip_hop_by_hop(&mut strip);
         assert_eq!(strip.keys().collect::<Vec<_>>(), ["x-public"]);
+    }
+
+    #[test]
+    fn kept_header_names_parse_as_http_does() {
+        let long = "x".repeat(100);
+        // Twice each, more names than a thread keeps: kept and evicted names alike.
+        for _ in 0..2 {
+            for i in 0..20 {
+                let name = format!("x-name-{i}");
+                let parsed = recent_names::parse(name.as_bytes()).expect("valid");
+                assert_eq!(parsed.as_str(), name);
+            }
+            for name in ["host", "X-Mixed-Case", long.as_str()] {
+                let parsed = recent_names::parse(name.as_bytes()).expect("valid");
+                assert_eq!(parsed.as_str(), name.to_ascii_lowercase());
+            }
+            for bad in ["bad name", "", "x\r\n"] {
+                assert!(recent_names::parse(bad.as_bytes()).is_none(), "{bad:?}");
+            }
+        }
     }
 
     #[test]
