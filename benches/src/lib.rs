@@ -147,6 +147,26 @@ fn lifecycle(vms: &mut [Vm], request: &HeaderMap) {
     }
 }
 
+/// A full stream of the 3-header request through chains of `lengths` VMs of `plugin`
+/// (`chain/N_plugins`), driven on the VMs directly.
+pub fn chain_scenarios(plugin: &Plugin, lengths: &[usize]) -> Result<Vec<Scenario>, String> {
+    let mut out = Vec::with_capacity(lengths.len());
+    for &n in lengths {
+        let mut vms = (0..n)
+            .map(|_| Vm::new(plugin))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| fail("vm", e))?;
+        let request = request_headers(0);
+        out.push(
+            Scenario::new(format!("chain/{n}_plugins"), move || {
+                lifecycle(&mut vms, &request)
+            })
+            .native("native/lifecycle_3_headers"),
+        );
+    }
+    Ok(out)
+}
+
 /// Every scenario of `kind` (floors first).
 pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String> {
     let engine = Engine::new(kind, &EngineConfig::default()).map_err(|e| fail("engine", e))?;
@@ -246,19 +266,7 @@ pub fn scenarios(kind: EngineKind, quick: bool) -> Result<Vec<Scenario>, String>
     } else {
         &[1, 2, 4, 5, 8, 16]
     };
-    for &n in lengths {
-        let mut vms = (0..n)
-            .map(|_| Vm::new(&plugin))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| fail("vm", e))?;
-        let request = request_headers(0);
-        out.push(
-            Scenario::new(format!("chain/{n}_plugins"), move || {
-                lifecycle(&mut vms, &request)
-            })
-            .native("native/lifecycle_3_headers"),
-        );
-    }
+    out.extend(chain_scenarios(&plugin, lengths)?);
 
     // The same chains of 1 and 5 (and none) through the tower layer.
     out.extend(exchange::service_scenarios(&engine)?);
