@@ -307,15 +307,19 @@ fn write_block(file: &str, block: &str) {
     std::fs::write(file, new).expect("writing the report");
 }
 
+/// The value after `--name` on the command line, if it is there.
+fn option<'a>(args: &'a [String], name: &str) -> Option<&'a String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let path = args
         .first()
         .expect("usage: filterbox-peer-bench path/to/guest_headers.wasm [--out FILE]");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1));
+    let out = option(&args, "--out");
     let wasm = std::fs::read(path).expect("reading the guest");
     let budget = Duration::from_millis(800);
     let plugin = filterbox_plugin(&wasm, false, CONFIGURATION);
@@ -324,28 +328,21 @@ fn main() {
 
     // `--profile filterbox|peer|new-vm`: that host's 3-header lifecycle (or filterbox's pooled
     // VM creation) for 10 s, for `perf`.
-    if let Some(who) = args
-        .iter()
-        .position(|a| a == "--profile")
-        .and_then(|i| args.get(i + 1))
-    {
+    if let Some(who) = option(&args, "--profile") {
         // `--iterations N`: exactly N instead of 10 s (for counting instructions under
         // valgrind, where time means little).
-        let iterations = args
-            .iter()
-            .position(|a| a == "--iterations")
-            .and_then(|i| args.get(i + 1))
-            .and_then(|n| n.parse::<u64>().ok());
+        let iterations = option(&args, "--iterations").and_then(|n| n.parse::<u64>().ok());
+        // Compiled before the clock starts: its compile is not a VM's creation.
+        let pooled = (who == "new-vm").then(|| filterbox_plugin(&wasm, true, CONFIGURATION));
         let start = Instant::now();
         let mut n = 0u64;
         let more = |n: u64| match iterations {
             Some(limit) => n < limit,
             None => start.elapsed() < Duration::from_secs(10),
         };
-        if who == "new-vm" {
-            let pooled = filterbox_plugin(&wasm, true, CONFIGURATION);
+        if let Some(pooled) = &pooled {
             while more(n) {
-                drop(black_box(filterbox::Vm::new(&pooled).expect("vm")));
+                drop(black_box(filterbox::Vm::new(pooled).expect("vm")));
                 n += 1;
             }
         } else if who.starts_with("peer") {
@@ -378,12 +375,7 @@ fn main() {
         return;
     }
     // `--threads N`: filterbox's lifecycles on N threads sharing the plugin for 10 s, for `perf`.
-    if let Some(threads) = args
-        .iter()
-        .position(|a| a == "--threads")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|n| n.parse::<usize>().ok())
-    {
+    if let Some(threads) = option(&args, "--threads").and_then(|n| n.parse::<usize>().ok()) {
         let make = || filterbox_thread_state(&plugin);
         let run = |(vm, maps): &mut (filterbox::Vm, _)| filterbox_lifecycle(vm, maps);
         let start = Instant::now();
@@ -396,11 +388,7 @@ fn main() {
     }
 
     // `--only TEXT`: only the rows whose scenario contains TEXT (for quick A/B runs).
-    let only = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str);
+    let only = option(&args, "--only").map(String::as_str);
     let mut rows: Vec<(String, Vec<f64>, Vec<f64>)> = Vec::new();
     let mut row = |name: String| {
         rows.push((name, Vec::new(), Vec::new()));
