@@ -595,12 +595,35 @@ pub(crate) fn service_plugin_runs_on_its_own(h: &Harness) -> CaseResult {
     let service = filterbox::Service::start(&plugin).map_err(|e| e.to_string())?;
     let shared = plugin.shared_state();
     let vm_id = plugin.config().vm_id.clone();
+    // What the plugin's metrics say, for a wait that timed out: whether the callback ran,
+    // trapped, and whether rebuilds were tried and failed.
+    let state = || {
+        let m = plugin.metrics();
+        let traps: Vec<String> = TrapKind::ALL
+            .iter()
+            .filter(|kind| m.traps(**kind) > 0)
+            .map(|kind| format!("{kind:?} {}", m.traps(*kind)))
+            .collect();
+        format!(
+            "VMs created {}, active {}, failed {}, restarted {}, crash-looping {}; \
+             traps {traps:?}; queue callbacks {}, ticks {} ({} postponed)",
+            m.vms_created(),
+            m.vms_active(),
+            m.vms_failed(),
+            m.vms_restarted(),
+            m.crash_looped(),
+            m.callback_calls(Callback::ProxyOnQueueReady),
+            m.callback_calls(Callback::ProxyOnTick),
+            m.ticks_postponed(),
+        )
+    };
     let wait = |what: &str, done: &dyn Fn() -> bool| -> CaseResult {
         let started = Instant::now();
         while !done() {
             ensure!(
                 started.elapsed() < Duration::from_secs(30),
-                "service: timed out waiting for {what}; logs {:?}",
+                "service: timed out waiting for {what}; {}; logs {:?}",
+                state(),
                 logs.messages()
             );
             std::thread::sleep(Duration::from_millis(5));
@@ -630,16 +653,10 @@ pub(crate) fn service_plugin_runs_on_its_own(h: &Harness) -> CaseResult {
     wait("job-2 on the new VM", &|| {
         value(b"last_job").as_deref() == Some(&b"job-2"[..])
     })?;
-    let metrics = plugin.metrics();
-    let traps: Vec<String> = TrapKind::ALL
-        .iter()
-        .filter(|kind| metrics.traps(**kind) > 0)
-        .map(|kind| format!("{kind:?} {}", metrics.traps(*kind)))
-        .collect();
     ensure!(
-        metrics.traps(TrapKind::Unreachable) == 1,
-        "traps: {traps:?}, VMs restarted: {}; logs {:?}",
-        metrics.vms_restarted(),
+        plugin.metrics().traps(TrapKind::Unreachable) == 1,
+        "{}; logs {:?}",
+        state(),
         logs.messages()
     );
     service.stop();
