@@ -146,7 +146,8 @@ impl InstanceLimits {
 
 /// Wasm operators per millisecond that wasmer's metering budget assumes when it turns a
 /// deadline into a count (a simple loop on the Cranelift backend on x86-64 runs about this
-/// many; singlepass code is slower, so its deadlines are later in wall time).
+/// many; singlepass code is slower). The budget is ten deadlines' worth: metering is the
+/// backstop should the watchdog's signal not end a call, never what ends it at its deadline.
 pub const WASMER_OPS_PER_MS: u64 = 1_000_000;
 
 /// Bytes in a wasm page.

@@ -236,11 +236,12 @@ impl<H: Hostcalls> Instance<H> {
     ///   the deadline and a tick after it;
     /// - wasmi runs on fuel in slices and looks at the clock between slices, and past the
     ///   deadline at the thread's CPU clock, as wasmtime does;
-    /// - wasmer counts wasm operators (metering, at [`WASMER_OPS_PER_MS`]) and a watchdog
-    ///   thread interrupts a call still running a millisecond tick after its deadline, with
-    ///   the running thread's CPU clock deciding as on wasmtime (so a preempted call is not
-    ///   cut short, and a slow or loaded machine does not stretch a running one). It sends
-    ///   no interrupt while the call runs a hostcall, and repeats one only after 100 ms.
+    /// - wasmer: a watchdog thread interrupts a call still running a millisecond tick after
+    ///   its deadline, with the running thread's CPU clock deciding as on wasmtime (so a
+    ///   preempted call is not cut short, and a slow or loaded machine does not stretch a
+    ///   running one). It sends no interrupt while the call runs a hostcall, and repeats one
+    ///   only after 100 ms. Metering (ten deadlines' worth of operators at
+    ///   [`WASMER_OPS_PER_MS`]) is the backstop should the signal not end the call.
     ///
     /// On wasmi and wasmer the clocks are also read before each hostcall (the thread's CPU
     /// clock deciding past the deadline), so time spent inside hostcalls counts: a call past

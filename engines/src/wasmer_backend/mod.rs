@@ -31,12 +31,21 @@ fn operator_cost(_: &Operator<'_>) -> u64 {
     1
 }
 
+/// How many deadlines' worth of operators the metering budget allows. Metering is the
+/// backstop, the watchdog's signal what ends a call at its deadline: the two must not end a
+/// call at the same moment. Wasmer builds a backtrace when metering's `unreachable` raises
+/// its trap, and a watchdog signal landing in that code runs the trap handler, which builds
+/// a backtrace again inside the signal handler and deadlocks on the unwinder's lock (seen in
+/// the conformance suite on a loaded machine, when the budget was one deadline's worth).
+const METERING_BACKSTOP: u64 = 10;
+
 fn points_for(deadline: Option<Duration>) -> u64 {
     match deadline {
         Some(d) => u64::try_from(d.as_millis())
             .unwrap_or(u64::MAX)
             .max(1)
-            .saturating_mul(crate::WASMER_OPS_PER_MS),
+            .saturating_mul(crate::WASMER_OPS_PER_MS)
+            .saturating_mul(METERING_BACKSTOP),
         None => u64::MAX,
     }
 }
