@@ -428,6 +428,38 @@ fn deadline_counts_running_time(engine: &Engine) {
     assert_eq!(trap.kind, TrapKind::Interrupted, "{}", engine.kind());
 }
 
+/// Wasmtime's epoch thread sleeps once calls stop for a while, and the next call wakes it:
+/// a loop that starts after a pause still stops at its deadline, not at the sleeping
+/// thread's own check a second later. (Other tests of this binary may keep the thread awake;
+/// then this checks the plain path.)
+#[test]
+fn a_call_after_the_epoch_thread_slept_stops_at_its_deadline() {
+    let Ok(engine) = Engine::new(EngineKind::Wasmtime, &EngineConfig::default()) else {
+        return; // wasmtime is not built
+    };
+    let mut instance = module(
+        &engine,
+        r#"(func (export "proxy_on_log") (param i32) (loop $forever (br $forever)))"#,
+    );
+    instance.set_deadline(Some(std::time::Duration::from_millis(10)));
+    for round in 0..3 {
+        // Longer than the epoch thread's idle ticks (100 ms) before it sleeps, so that
+        // its own check comes about 900 ms into the call.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let trap = instance
+            .call(Callback::ProxyOnLog, &[1])
+            .expect_err("the loop stops");
+        assert_eq!(trap.kind, TrapKind::Interrupted, "round {round}");
+        // Ten deadlines (100 ms) on the clock at most, however loaded the machine.
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(500),
+            "round {round}: stopped after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 /// Resident memory of this process (Linux: `/proc/self/statm`, in pages of 4 KiB).
 #[cfg(target_os = "linux")]
 fn resident_bytes() -> usize {

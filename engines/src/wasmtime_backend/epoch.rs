@@ -59,15 +59,23 @@ pub(super) struct Running;
 
 impl Running {
     pub(super) fn enter() -> Running {
-        // SeqCst on both sides (here: this store then the flag's load; the epoch thread: the
-        // flag's store then these loads): either this call sees the thread asleep and wakes
-        // it, or the thread sees the call and stays awake. A thread being torn down has no
-        // counters left and cannot be running wasm.
+        // A store of the call count, then a load of the flag; the epoch thread stores the
+        // flag, then loads the counts. Both orders must hold, so that either this call sees
+        // the thread asleep and wakes it, or the thread sees the call and stays awake. With
+        // membarrier the epoch thread's barrier orders both sides, and this side, which runs
+        // on every call, needs only the compiler not to reorder (a SeqCst store is a locked
+        // instruction, some twenty cycles a call); without it both sides are SeqCst. A thread
+        // being torn down has no counters left and cannot be running wasm.
+        let asymmetric = membarrier::ACTIVE.load(Ordering::Relaxed);
         let _ = CALLS.try_with(|counts| {
-            let started = counts.started.load(Ordering::Relaxed);
-            counts
-                .started
-                .store(started.wrapping_add(1), Ordering::SeqCst);
+            let started = counts.started.load(Ordering::Relaxed).wrapping_add(1);
+            match asymmetric {
+                true => {
+                    counts.started.store(started, Ordering::Relaxed);
+                    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+                }
+                false => counts.started.store(started, Ordering::SeqCst),
+            }
         });
         if TICKER_ASLEEP.load(Ordering::SeqCst)
             && TICKER_ASLEEP.swap(false, Ordering::SeqCst)
@@ -130,6 +138,9 @@ fn tick_epochs() {
             continue;
         }
         TICKER_ASLEEP.store(true, Ordering::SeqCst);
+        // Every calling thread's count store before this point is visible after it, and its
+        // flag load after this point sees the flag (see `Running::enter`).
+        membarrier::heavy();
         // A call that began before the flag was up did not see it: look once more.
         if call_activity().1 {
             TICKER_ASLEEP.store(false, Ordering::SeqCst);
@@ -151,6 +162,9 @@ fn tick_epochs() {
 pub(super) fn tick_epochs_of(engine: &wasmtime::Engine) -> Result<(), EngineError> {
     let mut started = Ok(());
     let list = TICKED.get_or_init(|| {
+        // Before any call can run on this engine, so that `Running::enter` and the epoch
+        // thread agree on which fences they use.
+        membarrier::register();
         started = std::thread::Builder::new()
             .name("filterbox-epoch".into())
             .spawn(tick_epochs)
@@ -194,5 +208,52 @@ pub(super) fn on_epoch_deadline(clock: Option<&mut RunClock>) -> wasmtime::Updat
     match clock.passed(now) {
         true => Interrupt,
         false => Continue(ticks_for(clock.left(now))),
+    }
+}
+
+/// The process-wide memory barrier of Linux's `membarrier(2)`: the epoch thread, which goes
+/// to sleep rarely, pays for a full barrier on every running thread of the process, so that
+/// the calls, which run often, need none (an asymmetric Dekker fence).
+mod membarrier {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Whether the process registered for expedited private barriers, which `heavy` then
+    /// issues. Without it (another OS, an old kernel, a sandbox that refuses the syscall)
+    /// both sides use SeqCst fences.
+    pub(super) static ACTIVE: AtomicBool = AtomicBool::new(false);
+
+    #[cfg(target_os = "linux")]
+    const CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+    #[cfg(target_os = "linux")]
+    const CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+    /// Registers the process for expedited private barriers (once, before the first call).
+    pub(super) fn register() {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: membarrier takes plain integers and touches no memory of ours; an
+            // unsupported command returns -1 with errno set, nothing else happens.
+            let result =
+                unsafe { libc::syscall(libc::SYS_membarrier, CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) };
+            if result == 0 {
+                ACTIVE.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// A full memory barrier on every running thread of the process. With registration
+    /// refused, the SeqCst accesses on both sides order them and a fence here is enough. (A
+    /// registered command does not fail; were it to, a call that began as the thread fell
+    /// asleep would get its deadline from the sleeping thread's check a second later.)
+    pub(super) fn heavy() {
+        #[cfg(target_os = "linux")]
+        if ACTIVE.load(Ordering::Relaxed) {
+            // SAFETY: as in `register`; the command was registered for this process.
+            let result = unsafe { libc::syscall(libc::SYS_membarrier, CMD_PRIVATE_EXPEDITED, 0, 0) };
+            if result == 0 {
+                return;
+            }
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
     }
 }
