@@ -2,7 +2,7 @@
 //! (`:path`, `:method`, ...) are ordinary entries and duplicates are kept.
 
 use bytes::Bytes;
-use std::sync::Arc;
+use triomphe::Arc;
 
 /// An ordered multimap of header names to values. Names compare ASCII case-insensitively;
 /// names added through a plugin are stored lower-cased, as Envoy does.

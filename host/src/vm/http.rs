@@ -22,6 +22,7 @@ impl Vm {
             let info = crate::attributes::StreamInfo {
                 started: Some(std::time::SystemTime::now()),
                 request_headers: None,
+                request_headers_set_by_caller: false,
                 connection: None,
             };
             self.state().stream_info.insert(id, info);
@@ -153,6 +154,7 @@ impl Vm {
         let state = self.state();
         if map == MapType::HttpRequestHeaders
             && let Some(info) = state.stream_info.get_mut(&stream.id)
+            && !info.request_headers_set_by_caller
         {
             // For request.* attributes in later callbacks.
             info.request_headers = Some(headers.clone());
@@ -171,11 +173,11 @@ impl Vm {
         Ok(action)
     }
 
-    /// Replaces the request headers `stream`'s `request.*` attributes read after its request
-    /// headers callback (`None` forgets them). A chain gives every plugin's stream the
-    /// request as the whole chain left it, as Envoy's attributes read the request's one live
-    /// map; and it forgets a plugin's copy while the next plugins edit the map, so that their
-    /// edits copy nothing.
+    /// Sets the request headers `stream`'s `request.*` attributes read after its request
+    /// headers callback (`None` forgets them). From the first call on, the callback keeps
+    /// no copy of its own: a chain gives every plugin's stream the request as the whole chain
+    /// left it, as Envoy's attributes read the request's one live map, and a copy each plugin
+    /// kept would make the next plugin's edit copy the map (and cost reference counting).
     #[cfg(feature = "tower")]
     pub(crate) fn set_request_headers_seen(
         &mut self,
@@ -184,6 +186,7 @@ impl Vm {
     ) {
         if let Some(info) = self.state().stream_info.get_mut(&stream.id) {
             info.request_headers = headers;
+            info.request_headers_set_by_caller = true;
         }
     }
 

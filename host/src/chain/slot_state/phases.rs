@@ -30,10 +30,6 @@ impl SlotState {
             let Some(index) = self.plugin_at(route, direction, position) else {
                 break;
             };
-            if request_headers && position > from {
-                // The previous plugin's copy would make the next edit copy the map.
-                self.remember_request_headers(id, route, position - 1, None);
-            }
             ran = position + 1;
             let action = self.call(id, index, |worker, stream| match (direction, phase) {
                 (Direction::Request, MapPhase::Headers { end_of_stream }) => {
