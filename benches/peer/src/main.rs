@@ -573,12 +573,15 @@ fn main() {
              `http_headers` example does, and both hosts discard the lines: filterbox's default sink, \
              `tracing` with no subscriber here, says so before a line is decoded, the peer's sink \
              is handed every line and drops it) and the same callbacks: context create, request headers, request \
-             body, response headers, response body, done, log, delete. filterbox runs with its \
+             body, response headers, response body, done, log, delete; each host's maps are \
+             cloned from prebuilt ones and dropped inside the timing, and whether the plugin \
+             added its headers is checked once per row before it. filterbox runs with its \
              defaults (callback latency timed for one call in 16 of each callback; the pool keeps \
              up to 1 MiB of a dropped VM's memory resident). Thread scaling: lifecycles per \
              second of 2 and of 1 threads each running for the same {window} ms window. \
              {ROUNDS} interleaved rounds alternating who goes first, medians. Single runs on this VM vary by up to \
-             ±30 %; compare the ratio of one run. Command: see `benches/peer/src/main.rs`.\n\n\
+             ±30 %; compare the ratio of one run, or count instructions (`--profile` under \
+             valgrind). Command: see `benches/peer/src/main.rs`.\n\n\
              {table}{END}",
             window = WINDOW.as_millis()
         );
