@@ -40,9 +40,9 @@ pub use route::{Route, RouteId, RouteName};
 pub use tower::{FilterLayer, FilterService};
 
 use crate::Plugin;
+use arc_swap::ArcSwap;
 use core::fmt;
 use held::HeldBudget;
-use parking_lot::RwLock;
 use route::Plan;
 use slot::Slot;
 use std::cell::Cell;
@@ -188,6 +188,22 @@ impl FilterChain {
         Exchange::new(self.clone(), 0)
     }
 
+    /// [`FilterChain::exchange`] or [`FilterChain::exchange_on`], keeping this handle for the
+    /// exchange instead of cloning it (a clone and a drop are two writes to a counter every
+    /// thread's exchanges share).
+    pub(crate) fn into_exchange(self, route: Option<RouteId>) -> Exchange {
+        let route = route.map_or(0, |route| self.route_index(route));
+        Exchange::new(self, route)
+    }
+
+    /// The index of `route` in this chain's plan; a route of another chain is the default.
+    fn route_index(&self, route: RouteId) -> usize {
+        match route.0 < self.inner.plan.roots.len() {
+            true => route.0,
+            false => 0,
+        }
+    }
+
     /// The route the builder was given as `name` ([`FilterChainBuilder::route`]).
     pub fn route(&self, name: &str) -> Option<RouteId> {
         self.inner.plan.names.get(name).copied()
@@ -198,11 +214,7 @@ impl FilterChain {
     /// replaced it has other routes) falls back to every plugin with its own configuration;
     /// look the route up by name on the chain the exchange starts on.
     pub fn exchange_on(&self, route: RouteId) -> Exchange {
-        let route = match route.0 < self.inner.plan.roots.len() {
-            true => route.0,
-            false => 0,
-        };
-        Exchange::new(self.clone(), route)
+        Exchange::new(self.clone(), self.route_index(route))
     }
 
     /// How long a phase a plugin paused waits for it (the builder's
@@ -240,26 +252,40 @@ impl FilterChain {
 
 /// A [`FilterChain`] that can be replaced while it serves: exchanges already started finish
 /// on the chain they started on, new ones take the new chain. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SharedChain {
-    current: Arc<RwLock<FilterChain>>,
+    /// Read on every exchange by every thread: an `ArcSwap` reads without writing to a shared
+    /// lock word (a read-write lock's reader count is written twice per read).
+    current: Arc<ArcSwap<ChainInner>>,
+}
+
+impl fmt::Debug for SharedChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedChain")
+            .field("current", &self.current())
+            .finish()
+    }
 }
 
 impl SharedChain {
     /// Serves `chain` until it is replaced.
     pub fn new(chain: FilterChain) -> Self {
         SharedChain {
-            current: Arc::new(RwLock::new(chain)),
+            current: Arc::new(ArcSwap::new(chain.inner)),
         }
     }
 
     /// The chain new exchanges start on.
     pub fn current(&self) -> FilterChain {
-        self.current.read().clone()
+        FilterChain {
+            inner: self.current.load_full(),
+        }
     }
 
     /// Puts `chain` in place for new exchanges and returns the one it replaces.
     pub fn replace(&self, chain: FilterChain) -> FilterChain {
-        std::mem::replace(&mut *self.current.write(), chain)
+        FilterChain {
+            inner: self.current.swap(chain.inner),
+        }
     }
 }

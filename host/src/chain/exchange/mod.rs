@@ -19,10 +19,35 @@ use super::slot::{Done, Job};
 use crate::HeaderMap;
 use crate::vm::LocalResponse;
 use bytes::Bytes;
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static NEXT_EXCHANGE: AtomicU64 = AtomicU64::new(1);
+
+/// How many exchange ids a thread takes from [`NEXT_EXCHANGE`] at a time: the shared counter
+/// is written once per block, not by every exchange of every thread.
+const ID_BLOCK: u64 = 1024;
+
+thread_local! {
+    /// This thread's next exchange id and the end of its block.
+    static IDS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// A process-wide unique exchange id.
+fn next_exchange_id() -> u64 {
+    IDS.try_with(|ids| {
+        let (mut next, mut end) = ids.get();
+        if next == end {
+            next = NEXT_EXCHANGE.fetch_add(ID_BLOCK, Ordering::Relaxed);
+            end = next + ID_BLOCK;
+        }
+        ids.set((next + 1, end));
+        next
+    })
+    // A thread being torn down has no block left: one id straight from the counter.
+    .unwrap_or_else(|_| NEXT_EXCHANGE.fetch_add(1, Ordering::Relaxed))
+}
 
 /// One HTTP exchange through a [`FilterChain`], from [`FilterChain::exchange`]: the proxy
 /// calls the phases in the order the exchange goes (request headers, request body chunks or
@@ -72,7 +97,7 @@ impl Exchange {
         Exchange {
             chain,
             slot,
-            id: NEXT_EXCHANGE.fetch_add(1, Ordering::Relaxed),
+            id: next_exchange_id(),
             route,
             connection: None,
             added_at_end: Default::default(),
@@ -304,5 +329,33 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         // An exchange dropped mid-way (the client went away) still frees its contexts.
         self.end(false);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exchange_ids_are_unique_across_threads_and_blocks() {
+        let per_thread = usize::try_from(ID_BLOCK * 2 + 7).unwrap_or(usize::MAX);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..per_thread)
+                        .map(|_| next_exchange_id())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut ids: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap_or_default())
+            .collect();
+        assert_eq!(ids.len(), per_thread * 4);
+        assert!(ids.iter().all(|&id| id != 0));
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), per_thread * 4, "an id was given twice");
     }
 }

@@ -97,10 +97,8 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let chain = self.chain.current();
         let route = request.extensions().get::<RouteName>();
-        let exchange = match route.and_then(|name| chain.route(&name.0)) {
-            Some(route) => chain.exchange_on(route),
-            None => chain.exchange(),
-        };
+        let route = route.and_then(|name| chain.route(&name.0));
+        let exchange = chain.into_exchange(route);
         if exchange.is_empty() {
             return Box::pin(pass_through(exchange, inner, request));
         }
