@@ -125,9 +125,6 @@ pub(crate) struct StreamInfo {
     pub(crate) started: Option<SystemTime>,
     /// The request headers as they left `proxy_on_request_headers`.
     pub(crate) request_headers: Option<HeaderMap>,
-    /// The embedder sets `request_headers` itself (a chain, which gives every plugin the map
-    /// as the whole chain left it): the request headers callback keeps no copy.
-    pub(crate) request_headers_set_by_caller: bool,
     /// The client connection the stream's request came on.
     pub(crate) connection: Option<std::sync::Arc<ConnectionInfo>>,
 }

@@ -180,6 +180,10 @@ pub(crate) struct VmState {
     pub(crate) configuring: Option<Bytes>,
     /// What is remembered of each HTTP stream for `request.*` attributes.
     pub(crate) stream_info: ContextMap<u32, crate::attributes::StreamInfo>,
+    /// The embedder sets what `request.*` reads ([`crate::Vm::set_request_headers_seen`],
+    /// a chain, which gives every plugin the request as the whole chain left it): the
+    /// request headers callback keeps no copy of its own.
+    pub(crate) request_headers_set_by_caller: bool,
     /// The code of a `proc_exit` the guest called during the current call.
     pub(crate) exit_code: Option<i32>,
     /// Values set with `proxy_set_property`, by context and encoded path.
@@ -284,6 +288,7 @@ impl VmState {
             properties: HashMap::new(),
             exit_code: None,
             stream_info: ContextMap::default(),
+            request_headers_set_by_caller: false,
             configuring: None,
             warned_unimplemented: ImportSet::default(),
             output_lines: Default::default(),

@@ -22,7 +22,6 @@ impl Vm {
             let info = crate::attributes::StreamInfo {
                 started: Some(std::time::SystemTime::now()),
                 request_headers: None,
-                request_headers_set_by_caller: false,
                 connection: None,
             };
             self.state().stream_info.insert(id, info);
@@ -153,8 +152,8 @@ impl Vm {
         let action = self.with_map(map, headers, |vm| vm.filter_call(stream, callback, &args))?;
         let state = self.state();
         if map == MapType::HttpRequestHeaders
+            && !state.request_headers_set_by_caller
             && let Some(info) = state.stream_info.get_mut(&stream.id)
-            && !info.request_headers_set_by_caller
         {
             // For request.* attributes in later callbacks.
             info.request_headers = Some(headers.clone());
@@ -174,19 +173,22 @@ impl Vm {
     }
 
     /// Sets the request headers `stream`'s `request.*` attributes read after its request
-    /// headers callback (`None` forgets them). From the first call on, the callback keeps
-    /// no copy of its own: a chain gives every plugin's stream the request as the whole chain
-    /// left it, as Envoy's attributes read the request's one live map, and a copy each plugin
-    /// kept would make the next plugin's edit copy the map (and cost reference counting).
+    /// headers callback (`None` forgets them). From the first call on, this VM's request
+    /// headers callbacks keep no copy of their own: a chain gives every plugin's stream the
+    /// request as the whole chain left it, as Envoy's attributes read the request's one live
+    /// map, and a copy each plugin kept would make the next plugin's edit copy the map (and
+    /// cost reference counting). Only a VM's first exchange keeps one, until the chain sets
+    /// the map at the end of its request phase.
     #[cfg(feature = "tower")]
     pub(crate) fn set_request_headers_seen(
         &mut self,
         stream: &HttpStream,
         headers: Option<HeaderMap>,
     ) {
-        if let Some(info) = self.state().stream_info.get_mut(&stream.id) {
+        let state = self.state();
+        state.request_headers_set_by_caller = true;
+        if let Some(info) = state.stream_info.get_mut(&stream.id) {
             info.request_headers = headers;
-            info.request_headers_set_by_caller = true;
         }
     }
 

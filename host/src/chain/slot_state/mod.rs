@@ -84,16 +84,16 @@ impl SlotState {
             streams.streams.clear();
             streams
                 .streams
-                .extend(workers.iter_mut().enumerate().map(|(index, w)| {
-                    let stream = match roots.get(index) {
-                        Some(None) => return None,
-                        Some(&Some(root)) => w.create_stream_under(root),
-                        None => w.create_stream(),
-                    };
-                    // The chain sets what `request.*` reads (see `map_phase`).
-                    w.set_request_headers_seen(&stream, None);
-                    Some(stream)
-                }));
+                .extend(
+                    workers
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(index, w)| match roots.get(index) {
+                            Some(None) => None,
+                            Some(&Some(root)) => Some(w.create_stream_under(root)),
+                            None => Some(w.create_stream()),
+                        }),
+                );
             streams
         })
     }
