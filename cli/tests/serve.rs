@@ -62,6 +62,9 @@ plugins:
   - name: deny
     configuration: /admin
     vm_config: {{ vm_id: deny, code: {{ local: {{ filename: deny.wasm }} }} }}
+  - name: second-headers
+    configuration: "response-add x-second yes"
+    vm_config: {{ code: {{ local: {{ filename: headers.wasm }} }} }}
 "#
     );
     // Written whole and renamed, so the proxy never reads half a file.
@@ -105,6 +108,8 @@ fn serve_filters_through_two_plugins_and_reloads_under_load_without_failing_a_re
         assert_eq!(status, 200);
         assert_eq!(body, "saw x-added=one");
         assert_eq!(headers["x-filtered"], "yes");
+        // A second plugin of the same file (on its compiled module) with its own config.
+        assert_eq!(headers["x-second"], "yes");
         assert_eq!(hits.load(Ordering::SeqCst), 1);
 
         // The same over HTTP/2 (prior knowledge).

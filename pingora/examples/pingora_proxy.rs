@@ -20,18 +20,21 @@ fn main() -> anyhow::Result<()> {
     let [listen, upstream, plugins @ ..] = args.as_slice() else {
         anyhow::bail!("usage: pingora_proxy LISTEN UPSTREAM PLUGIN.wasm[=CONFIGURATION]...");
     };
-    let plugins = plugins
-        .iter()
-        .map(|arg| {
-            let (path, configuration) = arg.split_once('=').unwrap_or((arg, ""));
-            let wasm = std::fs::read(path)?;
-            let name = std::path::Path::new(path)
-                .file_stem()
-                .map_or_else(|| path.to_owned(), |s| s.to_string_lossy().into_owned());
-            let config = PluginConfig::named(&name).with_configuration(configuration);
-            Ok(Plugin::load(config, &wasm)?)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Plugins of one file share its compiled module (one copy of its machine code).
+    let mut loaded: Vec<(&str, Plugin)> = Vec::new();
+    for arg in plugins {
+        let (path, configuration) = arg.split_once('=').unwrap_or((arg, ""));
+        let name = std::path::Path::new(path)
+            .file_stem()
+            .map_or_else(|| path.to_owned(), |s| s.to_string_lossy().into_owned());
+        let builder = Plugin::builder(PluginConfig::named(&name).with_configuration(configuration));
+        let plugin = match loaded.iter().find(|(file, _)| *file == path) {
+            Some((_, compiled)) => builder.build_from(compiled)?,
+            None => builder.build(&std::fs::read(path)?)?,
+        };
+        loaded.push((path, plugin));
+    }
+    let plugins = loaded.into_iter().map(|(_, plugin)| plugin).collect();
     let filters = WasmFilters::new(FilterChain::new(plugins)?);
 
     let mut conf = pingora::server::configuration::ServerConf::default();

@@ -4,10 +4,10 @@ use crate::routes::Router;
 use crate::upstream::Pool;
 use anyhow::{Context as _, Result, bail};
 use filterbox::{
-    CodeFetcher, FilterChain, HyperCallouts, ModuleStore, Plugin, PluginSource, PullPolicy,
-    RegistryAuth, Sha256,
+    CodeFetcher, EngineKind, FilterChain, HyperCallouts, ModuleStore, Plugin, PluginSource,
+    PullPolicy, RegistryAuth, Sha256,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -149,12 +149,17 @@ pub(super) fn build_generation(
         upstreams.insert(name.clone(), pool);
     }
     let callouts = Arc::new(callouts);
-    let load = |entry: &PluginEntry| -> Result<Plugin> {
+    // Plugins of the same bytes on the same engine share one compiled module (Envoy shares
+    // them the same way): it is compiled once, and the machine code their exchanges run is
+    // one copy in the processor's caches instead of one per plugin.
+    let mut compiled: HashMap<(EngineKind, Option<u64>, Vec<u8>), Plugin> = HashMap::new();
+    let mut load = |entry: &PluginEntry| -> Result<Plugin> {
         let file = entry.describe_code(base);
         let plugin_config = entry
             .plugin_config()
             .with_context(|| format!("plugin {:?}", entry.name))?;
-        let engine = plugin_config.engine;
+        let (engine, start_deadline_ms) =
+            (plugin_config.engine, plugin_config.limits.start_deadline_ms);
         let wasm = entry
             .code()
             .and_then(|code| plugin_code(&code, config, base, runtime))
@@ -168,14 +173,19 @@ pub(super) fn build_generation(
                 .with_context(|| format!("plugin {:?}", entry.name))?;
             builder = builder.shared_state(state);
         }
-        builder
-            .build(&wasm)
-            .map_err(|e| anyhow::anyhow!("plugin {:?} ({file}) on {engine}: {e}", entry.name))
+        let key = (engine, start_deadline_ms, wasm);
+        let plugin = match compiled.get(&key) {
+            Some(module) => builder.build_from(module),
+            None => builder.build(&key.2),
+        }
+        .map_err(|e| anyhow::anyhow!("plugin {:?} ({file}) on {engine}: {e}", entry.name))?;
+        compiled.entry(key).or_insert_with(|| plugin.clone());
+        Ok(plugin)
     };
     let plugins = config
         .plugins
         .iter()
-        .map(load)
+        .map(&mut load)
         .collect::<Result<Vec<_>>>()?;
     let services = config
         .services
