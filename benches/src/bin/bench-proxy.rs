@@ -222,7 +222,7 @@ fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {
     let mut out = format!(
         "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc; by default one worker thread per core, each with a runtime of its own; the `work stealing` rows set `work_stealing: true`: one multi-thread runtime) and a release `pingora_proxy` example of `filterbox-pingora` (wasmtime, one worker thread per core without work stealing, the system allocator). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
          `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
-         Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches. \
+         Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches (4 of the 5 plugins are one file, which both proxies compile once and share). \
          wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run. Load average (1, 5, 15 min) when the run started: {load}.\n\n\
          | path | requests/s | p99 latency | throughput lost to the plugins |\n|---|---|---|---|\n",
         args.connections, args.seconds, args.rounds
