@@ -8,8 +8,12 @@
 //! cargo build --release -p filterbox-cli
 //! cargo build --release -p filterbox-pingora --example pingora_proxy
 //! cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--rounds N] \
-//!     [--connections N] [--filterbox PATH] [--pingora PATH] [--out FILE]
+//!     [--connections N] [--filterbox PATH] [--pingora PATH] [--compare PATH] [--out FILE]
 //! ```
+//!
+//! `--compare PATH` adds rows for a second `filterbox` binary (its default threads) to the
+//! same interleaved rounds: an A/B of two builds that the drift between runs on a shared
+//! machine cannot blur.
 //!
 //! Needs `wrk` (Debian: `apt-get install wrk`); the nginx row needs Debian's `nginx-light`.
 
@@ -30,6 +34,8 @@ struct Args {
     rounds: u32,
     filterbox: PathBuf,
     pingora: PathBuf,
+    /// A second `filterbox` binary to measure beside the first.
+    compare: Option<PathBuf>,
     out: PathBuf,
 }
 
@@ -57,6 +63,7 @@ fn args() -> Result<Args> {
             || PathBuf::from("target/release/examples/pingora_proxy"),
             PathBuf::from,
         ),
+        compare: value("--compare").map(PathBuf::from),
         out: value("--out").map_or_else(|| PathBuf::from("BENCHMARKS.md"), PathBuf::from),
     })
 }
@@ -165,19 +172,33 @@ fn main() -> Result<()> {
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     for n in [0, 1, 5] {
-        // serve's default (a runtime per worker thread), then its `work_stealing` option.
-        for (name, stealing) in [
-            ("filterbox serve", false),
-            ("filterbox serve, work stealing", true),
-        ] {
+        // serve's default (a runtime per worker thread), then its `work_stealing` option, then
+        // the binary to compare with, if any.
+        let mut serves = vec![
+            ("filterbox serve".to_owned(), &args.filterbox, false),
+            (
+                "filterbox serve, work stealing".to_owned(),
+                &args.filterbox,
+                true,
+            ),
+        ];
+        if let Some(compare) = &args.compare {
+            serves.push((
+                format!("filterbox serve {}", compare.display()),
+                compare,
+                false,
+            ));
+        }
+        for (index, (name, binary, stealing)) in serves.into_iter().enumerate() {
             let listen = free_port()?;
             let config = format!(
                 "listeners: [{{ address: \"{listen}\", upstream: backend }}]\nupstreams: {{ backend: \"http://{upstream}\" }}\nwork_stealing: {stealing}\n{}",
                 plugins(n)
             );
-            let path = dir.join(format!("serve-{n}-{stealing}.yaml"));
+            // A file per process: serve reloads when its file changes.
+            let path = dir.join(format!("serve-{n}-{index}.yaml"));
             std::fs::write(&path, config)?;
-            let mut command = Command::new(&args.filterbox);
+            let mut command = Command::new(binary);
             command.args(["serve", "--config"]).arg(&path);
             proxies.push(spawn_proxy(&mut command, listen)?);
             targets.push((
