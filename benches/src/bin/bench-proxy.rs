@@ -5,7 +5,7 @@
 //! keeps that block).
 //!
 //! ```sh
-//! cargo build --release -p filterbox-cli
+//! cargo build --release -p filterbox-cli   # or --profile dist, and --filterbox target/dist/filterbox
 //! cargo build --release -p filterbox-pingora --example pingora_proxy
 //! cargo run -p filterbox-benches --release --bin bench-proxy [-- --seconds N] [--rounds N] \
 //!     [--connections N] [--filterbox PATH] [--pingora PATH] [--compare PATH] [--out FILE]
@@ -241,12 +241,16 @@ fn count(n: usize) -> String {
 fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mut out = format!(
-        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with a release `filterbox` (wasmtime; the binary allocates with mimalloc; by default one worker thread per core, each with a runtime of its own; the `work stealing` rows set `work_stealing: true`: one multi-thread runtime) and a release `pingora_proxy` example of `filterbox-pingora` (wasmtime, one worker thread per core without work stealing, the system allocator). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
+        "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with `{filterbox}` (wasmtime; the binary allocates with mimalloc; by default one worker thread per core, each with a runtime of its own; the `work stealing` rows set `work_stealing: true`: one multi-thread runtime) and `{pingora}`, the example of `filterbox-pingora` (wasmtime, one worker thread per core without work stealing, the system allocator). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
          `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
          Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches (4 of the 5 plugins are one file, which both proxies compile once and share). \
          wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run. Load average (1, 5, 15 min) when the run started: {load}.\n\n\
          | path | requests/s | p99 latency | throughput lost to the plugins |\n|---|---|---|---|\n",
-        args.connections, args.seconds, args.rounds
+        args.connections,
+        args.seconds,
+        args.rounds,
+        filterbox = args.filterbox.display(),
+        pingora = args.pingora.display(),
     );
     // Each proxy's rows compare with its own 0-plugin row.
     let family = |name: &str| name.rsplit_once(", ").map(|(family, _)| family.to_owned());

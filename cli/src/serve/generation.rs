@@ -149,9 +149,9 @@ pub(super) fn build_generation(
         upstreams.insert(name.clone(), pool);
     }
     let callouts = Arc::new(callouts);
-    // Plugins of the same bytes on the same engine share one compiled module (Envoy shares
-    // them the same way): it is compiled once, and the machine code their exchanges run is
-    // one copy in the processor's caches instead of one per plugin.
+    // Plugins of the same bytes on the same engine (and start deadline, which their engine
+    // is built with) share one compiled module: it is compiled once, and the machine code
+    // their exchanges run is one copy in the processor's caches instead of one per plugin.
     let mut compiled: HashMap<(EngineKind, Option<u64>, Vec<u8>), Plugin> = HashMap::new();
     let mut load = |entry: &PluginEntry| -> Result<Plugin> {
         let file = entry.describe_code(base);
