@@ -20,7 +20,13 @@ pub(super) struct Generation {
     pub(super) router: Router,
     pub(super) upstreams: BTreeMap<String, Arc<Pool>>,
     pub(super) services: Vec<filterbox::Service>,
+    /// The compiled modules of this generation's plugins, for the next one to reuse.
+    pub(super) modules: Modules,
 }
+
+/// Compiled modules by what decides their machine code: the engine, the start deadline the
+/// engine is built with, and the code's digest. Each is held by a plugin built on it.
+pub(super) type Modules = HashMap<(EngineKind, Option<u64>, Sha256), Plugin>;
 
 /// The largest plugin file `serve` reads (Go SDK plugins are tens of MiB at most).
 pub(super) const MAX_PLUGIN_FILE_BYTES: u64 = 256 << 20;
@@ -126,12 +132,14 @@ fn plugin_code(
 
 /// Builds every plugin and starts the chain (each VM started and configured once), so a
 /// config that cannot serve is refused here. Errors name the plugin, its file and engine.
+/// Code that `previous` (the running generation's modules) has compiled is not compiled again.
 pub(super) fn build_generation(
     config: &ServeConfig,
     base: &Path,
     registries: &Registries,
     runtime: &tokio::runtime::Handle,
     worker_threads: usize,
+    previous: &Modules,
 ) -> Result<Generation> {
     let mut upstreams = BTreeMap::new();
     // Plugins' calls reach `https://` upstreams through a TLS connector.
@@ -152,7 +160,7 @@ pub(super) fn build_generation(
     // Plugins of the same bytes on the same engine (and start deadline, which their engine
     // is built with) share one compiled module: it is compiled once, and the machine code
     // their exchanges run is one copy in the processor's caches instead of one per plugin.
-    let mut compiled: HashMap<(EngineKind, Option<u64>, Vec<u8>), Plugin> = HashMap::new();
+    let mut compiled = Modules::new();
     let mut load = |entry: &PluginEntry| -> Result<Plugin> {
         let file = entry.describe_code(base);
         let plugin_config = entry
@@ -173,10 +181,10 @@ pub(super) fn build_generation(
                 .with_context(|| format!("plugin {:?}", entry.name))?;
             builder = builder.shared_state(state);
         }
-        let key = (engine, start_deadline_ms, wasm);
-        let plugin = match compiled.get(&key) {
+        let key = (engine, start_deadline_ms, Sha256::of(&wasm));
+        let plugin = match compiled.get(&key).or_else(|| previous.get(&key)) {
             Some(module) => builder.build_from(module),
-            None => builder.build(&key.2),
+            None => builder.build(&wasm),
         }
         .map_err(|e| anyhow::anyhow!("plugin {:?} ({file}) on {engine}: {e}", entry.name))?;
         compiled.entry(key).or_insert_with(|| plugin.clone());
@@ -237,5 +245,6 @@ pub(super) fn build_generation(
         router: Router::new(&config.routes),
         upstreams,
         services,
+        modules: compiled,
     })
 }

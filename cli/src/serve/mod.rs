@@ -38,6 +38,8 @@ struct Shared {
     chain: SharedChain,
     /// The running service plugins (replaced whole on reload).
     services: parking_lot::Mutex<Vec<filterbox::Service>>,
+    /// The running generation's compiled modules: a reload compiles only code they lack.
+    modules: parking_lot::Mutex<generation::Modules>,
     /// How long a request body may wait for its client.
     body_idle: Duration,
     upstreams: RwLock<Arc<BTreeMap<String, Arc<Pool>>>>,
@@ -90,13 +92,15 @@ pub fn serve(config_path: &Path) -> Result<()> {
                 handle.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                build_generation(&config, &base, &registries, &handle, worker_threads)
+                let none = generation::Modules::new();
+                build_generation(&config, &base, &registries, &handle, worker_threads, &none)
             })
             .await??
         };
         let shared = Arc::new(Shared {
             chain: SharedChain::new(first.chain),
             services: parking_lot::Mutex::new(first.services),
+            modules: parking_lot::Mutex::new(first.modules),
             upstreams: RwLock::new(Arc::new(first.upstreams)),
             router: RwLock::new(Arc::new(first.router)),
             registries,

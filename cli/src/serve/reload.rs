@@ -96,11 +96,13 @@ pub(super) async fn reload(
             (new.clone(), base.to_path_buf(), shared.registries.clone());
         let handle = tokio::runtime::Handle::current();
         let threads = shared.worker_connections.len();
+        let previous = shared.modules.lock().clone();
         tokio::task::spawn_blocking(move || {
-            build_generation(&config, &base, &registries, &handle, threads)
+            build_generation(&config, &base, &registries, &handle, threads, &previous)
         })
         .await??
     };
+    *shared.modules.lock() = generation.modules;
     *shared.upstreams.write() = Arc::new(generation.upstreams);
     *shared.router.write() = Arc::new(generation.router);
     shared.chain.replace(generation.chain);
