@@ -55,20 +55,18 @@ impl Service<http::Request<FilteredBody>> for Upstream {
             let order = pool.order();
             let mut addresses = order.iter().peekable();
             let mut response = loop {
-                let Some(&base) = addresses.next() else {
+                let Some(&address) = addresses.next() else {
                     anyhow::bail!("upstream {name:?} has no address");
                 };
-                let mut attempt = match (replayable, addresses.peek()) {
+                let attempt = match (replayable, addresses.peek()) {
                     (true, Some(_)) => replay(&request),
                     _ => std::mem::replace(&mut request, http::Request::new(FilteredBody::empty())),
                 };
-                let path = attempt.uri().path_and_query().cloned();
-                *attempt.uri_mut() = crate::upstream::at_path(base, path)?;
-                match pool.client(workers::current()).request(attempt).await {
+                match pool.send(workers::current(), address, attempt).await {
                     Ok(response) => break response,
                     Err(error) if error.is_connect() => {
-                        pool.mark_down(base);
-                        tracing::warn!(upstream = %name, address = %base, "{error}");
+                        pool.mark_down(address);
+                        tracing::warn!(upstream = %name, address = %address.uri(), "{error}");
                         if !replayable || addresses.peek().is_none() {
                             return Err(error.into());
                         }

@@ -5,12 +5,17 @@
 //! Each upstream has its own client (its connection pool, its TLS roots, HTTP/2 by ALPN over
 //! TLS or, when asked, by prior knowledge over plain TCP).
 //!
+//! Plain `http://` HTTP/1.1 addresses are reached from the worker threads through
+//! connections each worker keeps for itself ([`h1`]).
+//!
 //! What crosses this module: the `upstreams` entries of the config in, a [`Pool`] per name
-//! out, which gives the order in which to try its addresses for one request and the client
-//! to send it with.
+//! out, which gives the order in which to try its addresses for one request and sends it.
 
 use anyhow::{Context as _, Result, bail};
+mod h1;
+
 use filterbox::FilteredBody;
+use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -144,13 +149,67 @@ impl ActiveCheck {
     }
 }
 
+/// One address of an upstream.
 #[derive(Debug)]
-struct Address {
+pub struct Address {
     uri: http::Uri,
+    /// The workers' own connections, for a plain HTTP/1.1 address.
+    direct: Option<h1::Connections>,
     /// Milliseconds since the pool's epoch until which the address is left out (0: never).
     down_until: AtomicU64,
     /// What the active health checks last concluded (true until they say otherwise).
     healthy: AtomicBool,
+}
+
+impl Address {
+    /// The address's URL.
+    pub fn uri(&self) -> &http::Uri {
+        &self.uri
+    }
+}
+
+/// Why a request sent to an upstream address got no response.
+#[derive(Debug)]
+pub struct SendError {
+    /// No connection could be made: another address may be tried.
+    connect: bool,
+    error: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl SendError {
+    fn connect(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SendError {
+        SendError {
+            connect: true,
+            error: error.into(),
+        }
+    }
+
+    fn request(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> SendError {
+        SendError {
+            connect: false,
+            error: error.into(),
+        }
+    }
+
+    /// Whether no connection to the address could be made (nothing was sent).
+    pub fn is_connect(&self) -> bool {
+        self.connect
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.connect {
+            true => write!(f, "connecting to the upstream: {}", self.error),
+            false => write!(f, "upstream request: {}", self.error),
+        }
+    }
+}
+
+impl std::error::Error for SendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.error)
+    }
 }
 
 impl Pool {
@@ -170,7 +229,10 @@ impl Pool {
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
                 bail!("upstream {name:?}: {url:?} is not an http:// or https://host:port URL");
             }
+            let http2 = entry.settings().is_some_and(|s| s.http2);
             addresses.push(Address {
+                direct: (uri.scheme_str() == Some("http") && !http2)
+                    .then(|| h1::Connections::new(threads)),
                 uri,
                 down_until: AtomicU64::new(0),
                 healthy: AtomicBool::new(true),
@@ -207,12 +269,12 @@ impl Pool {
 
     /// The addresses to try for one request, in order: from the next one in turn, those not
     /// left out first, then the rest (so a pool whose addresses all failed still tries).
-    pub fn order(&self) -> Vec<&http::Uri> {
+    pub fn order(&self) -> Vec<&Address> {
         let count = self.addresses.len();
         // One address (the common case) has no turn to take and nothing to reorder: no
         // shared counter written and no clock read per request.
         if count <= 1 {
-            return self.addresses.iter().map(|a| &a.uri).collect();
+            return self.addresses.iter().collect();
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % count;
         let now = self.now_ms();
@@ -227,15 +289,53 @@ impl Pool {
                 a.down_until.load(Ordering::Relaxed) > now,
             )
         });
-        order.into_iter().map(|a| &a.uri).collect()
+        order
     }
 
-    /// `uri` refused a connection: leave it out for [`COOL_DOWN`].
-    pub fn mark_down(&self, uri: &http::Uri) {
+    /// `address` refused a connection: leave it out for [`COOL_DOWN`].
+    pub fn mark_down(&self, address: &Address) {
         let until = self.now_ms() + u64::try_from(COOL_DOWN.as_millis()).unwrap_or(u64::MAX);
-        if let Some(address) = self.addresses.iter().find(|a| a.uri == *uri) {
-            address.down_until.store(until, Ordering::Relaxed);
+        address.down_until.store(until, Ordering::Relaxed);
+    }
+
+    /// Sends `request` to `address` (one of this pool's) with the path and query of its URI,
+    /// from worker `worker` (the calling thread's number, 0 off the workers).
+    pub async fn send(
+        &self,
+        worker: usize,
+        address: &Address,
+        mut request: http::Request<FilteredBody>,
+    ) -> Result<http::Response<Incoming>, SendError> {
+        let path = request.uri().path_and_query().cloned();
+        let direct = address
+            .direct
+            .as_ref()
+            .filter(|direct| direct.serves(worker));
+        let Some((direct, host)) = direct.zip(address.uri.host()) else {
+            *request.uri_mut() = at_path(&address.uri, path).map_err(SendError::request)?;
+            return self.client(worker).request(request).await.map_err(|error| {
+                match error.is_connect() {
+                    true => SendError::connect(error),
+                    false => SendError::request(error),
+                }
+            });
+        };
+        let port = address.uri.port_u16().unwrap_or(80);
+        // Origin form, and a `host` when the client sent none (an HTTP/2 client's
+        // `:authority` is in the URI): the address's, as the general client sets it.
+        if !request.headers().contains_key(http::header::HOST) {
+            let authority = match address.uri.port_u16() {
+                Some(port) if port != 80 => format!("{host}:{port}"),
+                _ => host.to_owned(),
+            };
+            let value = http::HeaderValue::from_str(&authority).map_err(SendError::request)?;
+            request.headers_mut().insert(http::header::HOST, value);
         }
+        *request.uri_mut() = match path {
+            Some(path) => http::Uri::from(path),
+            None => http::Uri::from_static("/"),
+        };
+        direct.send(worker, host, port, request).await
     }
 
     /// Each address with what its health checks last concluded; empty when the upstream has
@@ -437,11 +537,25 @@ mod tests {
         Pool::new("p", &entry, Path::new("."), 0).expect("pool")
     }
 
-    fn hosts(order: Vec<&http::Uri>) -> Vec<String> {
+    fn hosts(order: Vec<&Address>) -> Vec<String> {
         order
             .iter()
-            .map(|u| u.authority().map(|a| a.to_string()).unwrap_or_default())
+            .map(|a| {
+                a.uri()
+                    .authority()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default()
+            })
             .collect()
+    }
+
+    /// The address of `pool` at `url`.
+    fn address<'a>(pool: &'a Pool, url: &str) -> &'a Address {
+        let uri: http::Uri = url.parse().expect("uri");
+        pool.addresses
+            .iter()
+            .find(|a| a.uri == uri)
+            .expect("one of the pool's addresses")
     }
 
     #[test]
@@ -450,7 +564,7 @@ mod tests {
         assert_eq!(hosts(pool.order()), ["a:1", "b:2", "c:3"]);
         assert_eq!(hosts(pool.order()), ["b:2", "c:3", "a:1"]);
         assert_eq!(hosts(pool.order()), ["c:3", "a:1", "b:2"]);
-        pool.mark_down(&"http://a:1".parse().expect("uri"));
+        pool.mark_down(address(&pool, "http://a:1"));
         assert_eq!(hosts(pool.order()), ["b:2", "c:3", "a:1"]);
         assert_eq!(hosts(pool.order()), ["b:2", "c:3", "a:1"]);
         assert_eq!(hosts(pool.order()), ["c:3", "b:2", "a:1"]);
@@ -463,7 +577,7 @@ mod tests {
         if let Some(a) = pool.addresses.first() {
             a.healthy.store(false, Ordering::Relaxed);
         }
-        pool.mark_down(&"http://b:2".parse().expect("uri"));
+        pool.mark_down(address(&pool, "http://b:2"));
         assert_eq!(hosts(pool.order()), ["c:3", "b:2", "a:1"]);
         let yaml = "{ addresses: [http://a:1], health_check: { path: healthz } }";
         let entry: UpstreamEntry = serde_yaml::from_str(yaml).expect("entry");
