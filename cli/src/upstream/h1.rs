@@ -134,7 +134,7 @@ impl Connections {
 /// A new connection to `host`:`port` (TCP with `TCP_NODELAY`), driven by a task of the
 /// calling thread's runtime.
 async fn connect(host: &str, port: u16) -> Result<SendRequest<FilteredBody>, SendError> {
-    let stream = tokio::net::TcpStream::connect((host, port))
+    let stream = tokio::net::TcpStream::connect((socket_host(host), port))
         .await
         .map_err(SendError::connect)?;
     stream.set_nodelay(true).map_err(SendError::connect)?;
@@ -147,6 +147,13 @@ async fn connect(host: &str, port: u16) -> Result<SendRequest<FilteredBody>, Sen
         }
     });
     Ok(sender)
+}
+
+/// A URI's host as a socket address takes it: an IPv6 literal without its brackets.
+fn socket_host(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 #[cfg(test)]
@@ -257,6 +264,13 @@ mod tests {
             }
             assert_eq!(accepted.load(Ordering::SeqCst), 3);
         });
+    }
+
+    #[test]
+    fn ipv6_literals_lose_their_brackets_to_connect() {
+        assert_eq!(socket_host("[::1]"), "::1");
+        assert_eq!(socket_host("127.0.0.1"), "127.0.0.1");
+        assert_eq!(socket_host("backend.internal"), "backend.internal");
     }
 
     #[test]
