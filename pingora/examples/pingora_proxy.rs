@@ -15,6 +15,11 @@ use filterbox::{FilterChain, Plugin, PluginConfig};
 use filterbox_pingora::{WasmFilters, WasmProxy};
 use pingora::upstreams::peer::HttpPeer;
 
+/// mimalloc, as `filterbox serve` uses: glibc's malloc and free took about a tenth of this
+/// proxy's CPU time per request under load (BENCHMARKS.md runs this example).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [listen, upstream, plugins @ ..] = args.as_slice() else {
