@@ -9,7 +9,8 @@
 //! Each plugin is named after its file and gets the text after `=` as its configuration.
 //! `PINGORA_THREADS` sets the proxy's worker threads (Pingora's default: 1) and
 //! `PINGORA_WORK_STEALING=0` gives each thread a runtime of its own. The proxy runs until it
-//! gets SIGTERM or SIGINT.
+//! gets SIGTERM (it stops accepting, gives running requests 5 s, then exits; Pingora's own
+//! default grace period is 5 minutes) or SIGINT (it exits at once).
 
 use filterbox::{FilterChain, Plugin, PluginConfig};
 use filterbox_pingora::{WasmFilters, WasmProxy};
@@ -49,6 +50,8 @@ fn main() -> anyhow::Result<()> {
     if let Ok(stealing) = std::env::var("PINGORA_WORK_STEALING") {
         conf.work_stealing = stealing != "0";
     }
+    conf.grace_period_seconds = Some(5);
+    conf.graceful_shutdown_timeout_seconds = Some(1);
     let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     // A plain HTTP upstream; `HttpPeer::new(addr, true, sni)` speaks TLS to it.

@@ -11,9 +11,9 @@
 //! What crosses this module: the `upstreams` entries of the config in, a [`Pool`] per name
 //! out, which gives the order in which to try its addresses for one request and sends it.
 
-use anyhow::{Context as _, Result, bail};
 mod h1;
 
+use anyhow::{Context as _, Result, bail};
 use filterbox::FilteredBody;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
