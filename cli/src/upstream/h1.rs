@@ -217,6 +217,15 @@ mod tests {
         String::from_utf8_lossy(&body.to_bytes()).into_owned()
     }
 
+    /// Sends each of `paths` after the previous response was read, checking its answer.
+    async fn get_in_turn(connections: &Connections, port: u16, paths: &[&str]) {
+        for path in paths {
+            assert_eq!(get(connections, port, path).await, *path);
+            // The connection's task marks it free once it has seen the response end.
+            tokio::task::yield_now().await;
+        }
+    }
+
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -229,11 +238,7 @@ mod tests {
         runtime().block_on(async {
             let (port, accepted) = upstream(true).await;
             let connections = Connections::new(1);
-            for path in ["/a", "/b", "/c"] {
-                assert_eq!(get(&connections, port, path).await, path);
-                // The connection's task marks it free once it has seen the response end.
-                tokio::task::yield_now().await;
-            }
+            get_in_turn(&connections, port, &["/a", "/b", "/c"]).await;
             assert_eq!(accepted.load(Ordering::SeqCst), 1);
         });
     }
@@ -258,10 +263,7 @@ mod tests {
             // gets a connection that works, whatever the kept ones became.
             let (port, accepted) = upstream(false).await;
             let connections = Connections::new(1);
-            for path in ["/x", "/y", "/z"] {
-                assert_eq!(get(&connections, port, path).await, path);
-                tokio::task::yield_now().await;
-            }
+            get_in_turn(&connections, port, &["/x", "/y", "/z"]).await;
             assert_eq!(accepted.load(Ordering::SeqCst), 3);
         });
     }
