@@ -16,7 +16,7 @@ use filterbox::{FilterChain, Plugin, PluginConfig};
 use filterbox_pingora::{WasmFilters, WasmProxy};
 use pingora::upstreams::peer::HttpPeer;
 
-/// mimalloc, as `filterbox serve` uses: glibc's malloc and free took about a tenth of this
+/// mimalloc, as `filterbox serve` uses: glibc's malloc and free took about 7% of this
 /// proxy's CPU time per request under load (BENCHMARKS.md runs this example).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
