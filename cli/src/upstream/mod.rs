@@ -221,6 +221,8 @@ impl Pool {
             bail!("upstream {name:?}: no address");
         }
         let mut addresses = Vec::with_capacity(entry.urls().len());
+        // HTTP/2 by prior knowledge goes through the general client.
+        let http2 = entry.settings().is_some_and(|s| s.http2);
         for url in entry.urls() {
             let uri: http::Uri = match url.parse() {
                 Ok(uri) => uri,
@@ -229,7 +231,6 @@ impl Pool {
             if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
                 bail!("upstream {name:?}: {url:?} is not an http:// or https://host:port URL");
             }
-            let http2 = entry.settings().is_some_and(|s| s.http2);
             addresses.push(Address {
                 direct: (uri.scheme_str() == Some("http") && !http2)
                     .then(|| h1::Connections::new(threads)),
@@ -324,9 +325,9 @@ impl Pool {
         // Origin form, and a `host` when the client sent none (an HTTP/2 client's
         // `:authority` is in the URI): the address's, as the general client sets it.
         if !request.headers().contains_key(http::header::HOST) {
-            let authority = match address.uri.port_u16() {
-                Some(port) if port != 80 => format!("{host}:{port}"),
-                _ => host.to_owned(),
+            let authority = match port {
+                80 => host.to_owned(),
+                port => format!("{host}:{port}"),
             };
             let value = http::HeaderValue::from_str(&authority).map_err(SendError::request)?;
             request.headers_mut().insert(http::header::HOST, value);
