@@ -150,9 +150,36 @@ fn conversion_scenario(extra: usize) -> Scenario {
     })
 }
 
-/// The header conversions of [`conversion_scenario`] for 2 and 12 request headers.
+/// The header conversions of [`conversion_scenario`] for 2 and 12 request headers, and the
+/// hop-by-hop stripping `filterbox serve` does on each response.
 pub fn conversion_scenarios() -> Vec<Scenario> {
-    vec![conversion_scenario(0), conversion_scenario(10)]
+    vec![
+        conversion_scenario(0),
+        conversion_scenario(10),
+        strip_scenario(),
+    ]
+}
+
+/// [`filterbox::strip_hop_by_hop`] on a response as nginx sends it on a kept-alive
+/// connection (five headers, `connection: keep-alive` among them), with the copy of the
+/// prebuilt headers it starts from each time.
+fn strip_scenario() -> Scenario {
+    let mut response = http::HeaderMap::new();
+    for (name, value) in [
+        ("server", "nginx"),
+        ("date", "Tue, 01 Dec 2026 12:00:00 GMT"),
+        ("content-type", "text/plain"),
+        ("content-length", "5"),
+        ("connection", "keep-alive"),
+    ] {
+        response.insert(name, http::HeaderValue::from_static(value));
+    }
+    let mut out = response.clone();
+    Scenario::new("convert/strip_hop_by_hop_keep_alive", move || {
+        out.clone_from(&response);
+        filterbox::strip_hop_by_hop(&mut out);
+        black_box(&out);
+    })
 }
 
 /// Callouts answered by a thread `delay` after they start, noting when each answer was
