@@ -131,6 +131,16 @@ impl HeaderMap {
     /// method and URI, the rest replace `parts.headers`. A missing pseudo header keeps what
     /// the parts had. On error `parts` is unchanged.
     pub fn to_request_parts(&self, parts: &mut request::Parts) -> Result<(), HttpPartsError> {
+        self.request_changes(parts)?.apply(parts)
+    }
+
+    /// What [`HeaderMap::to_request_parts`] would change in `parts`, worked out without
+    /// changing them: for an embedder whose request is not `http` parts it can replace (it
+    /// applies the [`RequestChanges`] to its own type). Every error is found here.
+    pub fn request_changes(
+        &self,
+        parts: &request::Parts,
+    ) -> Result<RequestChanges, HttpPartsError> {
         let mut method = None;
         let (mut scheme, mut authority, mut path) = (None, None, None);
         for (name, value) in self.iter() {
@@ -148,7 +158,7 @@ impl HeaderMap {
                 b":method" | b":scheme" | b":authority" | b":path"
             )
         };
-        let headers = NewHeaders::of(&parts.headers, self.as_slice().iter().filter(regular))?;
+        let headers = HeaderChanges::of(&parts.headers, self.as_slice().iter().filter(regular))?;
         // `None`: the parts keep theirs (the usual case: nothing to parse, clone or drop).
         let method = match method {
             Some(m) if m.as_ref() == parts.method.as_str().as_bytes() => None,
@@ -166,6 +176,9 @@ impl HeaderMap {
         // Without a scheme (origin form: what a server receives) a plugin's `:authority` is a
         // `host` rewrite (as in Envoy), and the URI keeps no authority.
         let host = match authority {
+            // The request's one `host`, as the headers will be, already says it (the usual
+            // case): nothing to replace.
+            Some(a) if !has_scheme && headers.keep_one_host(&parts.headers, a) => None,
             Some(a) if !has_scheme => {
                 Some(HeaderValue::from_maybe_shared(a.clone()).map_err(|_| {
                     HttpPartsError::BadValue {
@@ -215,24 +228,26 @@ impl HeaderMap {
                 )
             }
         };
-        // Everything that could fail has: only now do the parts change.
-        headers.apply(&mut parts.headers, usize::from(host.is_some()))?;
-        if let Some(host) = host {
-            // Cannot fail: `apply` left room for it.
-            let _ = parts.headers.try_insert(http::header::HOST, host);
-        }
-        if let Some(method) = method {
-            parts.method = method;
-        }
-        if let Some(uri) = uri {
-            parts.uri = uri;
-        }
-        Ok(())
+        Ok(RequestChanges {
+            method,
+            uri,
+            host,
+            headers,
+        })
     }
 
     /// Writes this map into response parts: `:status` sets the status, the rest replace
     /// `parts.headers`. On error `parts` is unchanged.
     pub fn to_response_parts(&self, parts: &mut response::Parts) -> Result<(), HttpPartsError> {
+        self.response_changes(parts)?.apply(parts)
+    }
+
+    /// What [`HeaderMap::to_response_parts`] would change in `parts`, worked out without
+    /// changing them (see [`HeaderMap::request_changes`]).
+    pub fn response_changes(
+        &self,
+        parts: &response::Parts,
+    ) -> Result<ResponseChanges, HttpPartsError> {
         let mut status = None;
         for (name, value) in self.iter() {
             if name.as_ref() == b":status" {
@@ -247,12 +262,11 @@ impl HeaderMap {
         let forwarded = |(name, _): &&(Bytes, Bytes)| {
             name.as_ref() != b":status" && !is_hop_by_hop(name.as_ref())
         };
-        NewHeaders::of(&parts.headers, self.as_slice().iter().filter(forwarded))?
-            .apply(&mut parts.headers, 0)?;
-        if let Some(status) = status {
-            parts.status = status;
-        }
-        Ok(())
+        let headers = HeaderChanges::of(&parts.headers, self.as_slice().iter().filter(forwarded))?;
+        Ok(ResponseChanges {
+            status: status.filter(|status| *status != parts.status),
+            headers,
+        })
     }
 
     /// The map without pseudo headers, as `http` headers (trailers, local-response headers).
@@ -384,24 +398,81 @@ pub fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-/// What a message's `http` headers become so that they are `entries` (in order), worked out
-/// without changing them: every fallible step (parsing names and values) is done before
-/// [`NewHeaders::apply`], so an error leaves the message as it was.
-enum NewHeaders {
+/// What writing a plugin's request map back changes ([`HeaderMap::request_changes`]): every
+/// value parsed and checked, nothing applied yet. `None` fields stay as the request has them.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct RequestChanges {
+    /// The method, if the plugins changed it.
+    pub method: Option<Method>,
+    /// The URI, if the plugins changed it.
+    pub uri: Option<Uri>,
+    /// The `host` header, replacing any, when a plugin set `:authority` on a request whose URI
+    /// has no scheme (origin form): Envoy's `host` rewrite.
+    pub host: Option<HeaderValue>,
+    /// The other headers.
+    pub headers: HeaderChanges,
+}
+
+impl RequestChanges {
+    /// Makes `parts` what the changes say. Fails (changing nothing) only if `http` cannot
+    /// hold that many headers.
+    pub fn apply(self, parts: &mut request::Parts) -> Result<(), HttpPartsError> {
+        self.headers
+            .apply_to(&mut parts.headers, usize::from(self.host.is_some()))?;
+        if let Some(host) = self.host {
+            // Cannot fail: `apply_to` left room for it.
+            let _ = parts.headers.try_insert(http::header::HOST, host);
+        }
+        if let Some(method) = self.method {
+            parts.method = method;
+        }
+        if let Some(uri) = self.uri {
+            parts.uri = uri;
+        }
+        Ok(())
+    }
+}
+
+/// What writing a plugin's response map back changes ([`HeaderMap::response_changes`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct ResponseChanges {
+    /// The status, if the plugins changed it.
+    pub status: Option<StatusCode>,
+    /// The headers (never hop-by-hop ones: see [`HeaderMap::to_response_parts`]).
+    pub headers: HeaderChanges,
+}
+
+impl ResponseChanges {
+    /// Makes `parts` what the changes say. Fails (changing nothing) only if `http` cannot
+    /// hold that many headers.
+    pub fn apply(self, parts: &mut response::Parts) -> Result<(), HttpPartsError> {
+        self.headers.apply_to(&mut parts.headers, 0)?;
+        if let Some(status) = self.status {
+            parts.status = status;
+        }
+        Ok(())
+    }
+}
+
+/// What a message's headers become so that they are the plugin's entries (in order).
+#[derive(Debug)]
+pub enum HeaderChanges {
     /// The headers stay, and these come after them: the entries began with all of the
     /// message's own, unchanged (plugins that change nothing or only add headers). The
-    /// message's map is kept, with its parsed names and values, rather than copied: only the
-    /// added entries are parsed.
-    Append(Added),
-    /// A new map of every entry (each costs a validation, a hash and often an allocation).
+    /// message keeps its map, with its parsed names and values: only the added entries were
+    /// parsed.
+    Append(AddedHeaders),
+    /// A new map of every entry (each cost a validation, a hash and often an allocation).
     Replace(http::HeaderMap),
 }
 
-impl NewHeaders {
+impl HeaderChanges {
     fn of<'a>(
         original: &http::HeaderMap,
         entries: impl Iterator<Item = &'a (Bytes, Bytes)> + Clone,
-    ) -> Result<NewHeaders, HttpPartsError> {
+    ) -> Result<HeaderChanges, HttpPartsError> {
         let mut rest = entries.clone().peekable();
         let mut kept = 0;
         for (name, value) in original {
@@ -416,11 +487,11 @@ impl NewHeaders {
             }
         }
         if kept == original.len() {
-            let mut added = Added::default();
+            let mut added = AddedHeaders::default();
             for (name, value) in rest {
                 added.push(parse(name, value)?);
             }
-            return Ok(NewHeaders::Append(added));
+            return Ok(HeaderChanges::Append(added));
         }
         // Room for every entry, as many as the plugin's map holds at most.
         let most = entries.size_hint().1.unwrap_or(original.len());
@@ -428,23 +499,42 @@ impl NewHeaders {
         for (name, value) in entries {
             append(&mut headers, parse(name, value)?)?;
         }
-        Ok(NewHeaders::Replace(headers))
+        Ok(HeaderChanges::Replace(headers))
     }
 
-    /// Makes `headers` what [`NewHeaders::of`] worked out, with room for `more` headers
-    /// after. Fails (changing nothing) only if `http` cannot hold that many.
-    fn apply(self, headers: &mut http::HeaderMap, more: usize) -> Result<(), HttpPartsError> {
+    /// Whether the headers will have one `host`, of `value` (`original`: what they are now).
+    fn keep_one_host(&self, original: &http::HeaderMap, value: &[u8]) -> bool {
+        let one_of = |headers: &http::HeaderMap| {
+            let mut hosts = headers.get_all(http::header::HOST).iter();
+            hosts.next().is_some_and(|h| h.as_bytes() == value) && hosts.next().is_none()
+        };
         match self {
-            NewHeaders::Append(added) => {
+            HeaderChanges::Append(added) => {
+                one_of(original) && !added.names().any(|name| name == http::header::HOST)
+            }
+            HeaderChanges::Replace(new) => one_of(new),
+        }
+    }
+
+    /// Whether the message keeps its headers as they are.
+    pub fn is_unchanged(&self) -> bool {
+        matches!(self, HeaderChanges::Append(added) if added.is_empty())
+    }
+
+    /// Makes `headers` what [`HeaderChanges::of`] worked out, with room for `more` headers
+    /// after. Fails (changing nothing) only if `http` cannot hold that many.
+    fn apply_to(self, headers: &mut http::HeaderMap, more: usize) -> Result<(), HttpPartsError> {
+        match self {
+            HeaderChanges::Append(added) => {
                 headers
                     .try_reserve(added.len() + more)
                     .map_err(|_| HttpPartsError::TooManyHeaders)?;
-                for (name, value) in added.into_headers() {
+                for (name, value) in added {
                     // Cannot fail: the room is reserved.
                     let _ = headers.try_append(name, value);
                 }
             }
-            NewHeaders::Replace(mut new) => {
+            HeaderChanges::Replace(mut new) => {
                 new.try_reserve(more)
                     .map_err(|_| HttpPartsError::TooManyHeaders)?;
                 *headers = new;
@@ -456,13 +546,13 @@ impl NewHeaders {
 
 /// Headers plugins added, parsed, in order. The first two are kept in place: plugins mostly
 /// add one or two, and a vector for them was an allocation per message.
-#[derive(Default)]
-struct Added {
+#[derive(Debug, Default)]
+pub struct AddedHeaders {
     first: [Option<(HeaderName, HeaderValue)>; 2],
     more: Vec<(HeaderName, HeaderValue)>,
 }
 
-impl Added {
+impl AddedHeaders {
     fn push(&mut self, header: (HeaderName, HeaderValue)) {
         match self.first.iter_mut().find(|slot| slot.is_none()) {
             Some(slot) => *slot = Some(header),
@@ -470,11 +560,30 @@ impl Added {
         }
     }
 
-    fn len(&self) -> usize {
+    fn names(&self) -> impl Iterator<Item = &HeaderName> {
+        let first = self.first.iter().flatten();
+        first.chain(&self.more).map(|(name, _)| name)
+    }
+
+    /// How many headers were added.
+    pub fn len(&self) -> usize {
         self.first.iter().flatten().count() + self.more.len()
     }
 
-    fn into_headers(self) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl IntoIterator for AddedHeaders {
+    type Item = (HeaderName, HeaderValue);
+    type IntoIter = std::iter::Chain<
+        std::iter::Flatten<std::array::IntoIter<Option<(HeaderName, HeaderValue)>, 2>>,
+        std::vec::IntoIter<(HeaderName, HeaderValue)>,
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
         self.first.into_iter().flatten().chain(self.more)
     }
 }
@@ -841,6 +950,72 @@ mod tests {
             Err(HttpPartsError::BadStatus(_))
         ));
         assert_eq!(parts.status, StatusCode::IM_A_TEAPOT);
+    }
+
+    #[test]
+    fn changes_say_what_writing_a_map_back_would_do() {
+        let parts = request("/a?b=1");
+        let map = HeaderMap::from_request_parts(&parts);
+        let changes = map.request_changes(&parts).expect("valid");
+        assert!(changes.method.is_none() && changes.uri.is_none() && changes.host.is_none());
+        assert!(changes.headers.is_unchanged());
+
+        let mut added = map.clone();
+        added.add("x-new", "1");
+        added.replace(":method", "PUT");
+        added.replace(":authority", "other.example");
+        let changes = added.request_changes(&parts).expect("valid");
+        assert_eq!(changes.method, Some(Method::PUT));
+        assert!(changes.uri.is_none(), "the path did not change");
+        assert_eq!(
+            changes.host,
+            Some(HeaderValue::from_static("other.example"))
+        );
+        match &changes.headers {
+            HeaderChanges::Append(new) => assert_eq!(new.len(), 1),
+            other => panic!("only added: {other:?}"),
+        }
+        let mut applied = parts.clone();
+        changes.apply(&mut applied).expect("applies");
+        let mut written = parts.clone();
+        added.to_request_parts(&mut written).expect("valid");
+        assert_eq!(applied.headers, written.headers);
+        assert_eq!((applied.method, applied.uri), (written.method, written.uri));
+
+        let mut removed = map.clone();
+        removed.remove("x-a");
+        assert!(matches!(
+            removed.request_changes(&parts).expect("valid").headers,
+            HeaderChanges::Replace(headers) if !headers.contains_key("x-a")
+        ));
+
+        // `:authority` still says what `host` did: a plugin that removed `host` gets it back.
+        let mut no_host = map.clone();
+        no_host.remove("host");
+        let mut written = parts.clone();
+        no_host.to_request_parts(&mut written).expect("valid");
+        assert_eq!(written.headers.get_all("host").iter().count(), 1);
+        assert_eq!(written.headers["host"], "example.com");
+
+        let (mut response, ()) = http::Response::builder()
+            .status(200)
+            .body(())
+            .expect("response")
+            .into_parts();
+        response
+            .headers
+            .insert("x-b", HeaderValue::from_static("1"));
+        let mut map = HeaderMap::from_response_parts(&response);
+        assert!(
+            map.response_changes(&response)
+                .expect("valid")
+                .status
+                .is_none()
+        );
+        map.replace(":status", "404");
+        let changes = map.response_changes(&response).expect("valid");
+        assert_eq!(changes.status, Some(StatusCode::NOT_FOUND));
+        assert!(changes.headers.is_unchanged());
     }
 
     /// What [`strip_hop_by_hop`] must leave: every header but those of [`HOP_BY_HOP`] and

@@ -92,7 +92,9 @@ pub use embedder::{ForeignFunction, LogSink, NoProperties, PropertyProvider, Tra
 pub use headers::HeaderMap;
 pub use hostcalls::is_implemented;
 #[cfg(feature = "http")]
-pub use http_parts::{HttpPartsError, strip_hop_by_hop};
+pub use http_parts::{
+    AddedHeaders, HeaderChanges, HttpPartsError, RequestChanges, ResponseChanges, strip_hop_by_hop,
+};
 #[cfg(feature = "hyper-client")]
 pub use hyper_client::HyperCallouts;
 pub use inbox::Wake;

@@ -1,6 +1,6 @@
 //! Pingora's request and response headers to and from the header maps plugins see.
 
-use filterbox::{HeaderMap, LocalReply, LocalResponse};
+use filterbox::{HeaderChanges, HeaderMap, LocalReply, LocalResponse};
 use http::{HeaderName, HeaderValue, StatusCode};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::{Error, Result};
@@ -14,7 +14,9 @@ pub(crate) fn has_body(request: &RequestHeader, status: StatusCode) -> bool {
 }
 
 /// Writes the request headers the plugins left into Pingora's request: method and path from
-/// the pseudo headers, `:authority` as `host`, the rest replacing the headers.
+/// the pseudo headers, `:authority` as `host`, the rest replacing the headers. Only what
+/// changed is written: headers a plugin added are appended (the usual case), and the headers
+/// are rewritten whole only when a plugin changed or removed one.
 pub(crate) fn apply_request(
     request: &mut RequestHeader,
     mut passed: HeaderMap,
@@ -22,56 +24,90 @@ pub(crate) fn apply_request(
     // Pingora forwards origin-form requests: the `:scheme` shown to the plugins is not
     // part of the URI it sends.
     passed.remove(":scheme");
-    let mut parts = request.as_owned_parts();
-    passed.to_request_parts(&mut parts)?;
-    if parts.method != request.method {
-        request.set_method(parts.method);
+    let changes = passed.request_changes(request)?;
+    if let Some(method) = changes.method {
+        request.set_method(method);
     }
-    if parts.uri != request.uri {
-        request.set_uri(parts.uri);
+    if let Some(uri) = changes.uri {
+        request.set_uri(uri);
     }
-    let old: Vec<HeaderName> = request.headers.keys().cloned().collect();
-    for name in &old {
-        request.remove_header(name);
+    match changes.headers {
+        HeaderChanges::Append(added) => {
+            for (name, value) in added {
+                request
+                    .append_header(name, value)
+                    .map_err(|e| invalid(&e))?;
+            }
+        }
+        HeaderChanges::Replace(headers) => {
+            let old: Vec<HeaderName> = request.headers.keys().cloned().collect();
+            for name in &old {
+                request.remove_header(name);
+            }
+            for (name, value) in entries(headers) {
+                request
+                    .append_header(name, value)
+                    .map_err(|e| invalid(&e))?;
+            }
+        }
     }
-    for (name, value) in entries(parts.headers) {
+    if let Some(host) = changes.host {
         request
-            .append_header(name, value)
+            .insert_header(http::header::HOST, host)
             .map_err(|e| invalid(&e))?;
     }
     Ok(())
 }
 
-/// Writes the response headers the plugins left into Pingora's response. The message keeps
-/// its framing: a plugin's framing headers are not taken (see `to_response_parts`), and a
-/// body that lost its length goes out chunked (`ended`: the response has no body).
+/// Writes the response headers the plugins left into Pingora's response, as
+/// [`apply_request`] does. The message keeps its framing: a plugin's framing headers are not
+/// taken (see `to_response_parts`), and a body that lost its length goes out chunked
+/// (`ended`: the response has no body).
 pub(crate) fn apply_response(
     response: &mut ResponseHeader,
     passed: HeaderMap,
     ended: bool,
 ) -> std::result::Result<(), LocalResponse> {
-    let mut parts = response.as_owned_parts();
-    passed.to_response_parts(&mut parts)?;
-    let framing = response
-        .headers
-        .get(http::header::TRANSFER_ENCODING)
-        .cloned();
-    if parts.status != response.status {
-        response.set_status(parts.status).map_err(|e| invalid(&e))?;
+    let changes = passed.response_changes(response)?;
+    if let Some(status) = changes.status {
+        response.set_status(status).map_err(|e| invalid(&e))?;
     }
-    let mut headers = parts.headers;
-    if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
-        let chunked = HeaderValue::from_static("chunked");
-        headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
-    }
-    let old: Vec<HeaderName> = response.headers.keys().cloned().collect();
-    for name in &old {
-        response.remove_header(name);
-    }
-    for (name, value) in entries(headers) {
-        response
-            .append_header(name, value)
-            .map_err(|e| invalid(&e))?;
+    match changes.headers {
+        // The response kept every header, so it has no framing header of its own to lose
+        // (hop-by-hop ones are never among the plugin's, so kept ones are none of them).
+        HeaderChanges::Append(added) => {
+            let mut length = response.headers.contains_key(http::header::CONTENT_LENGTH);
+            for (name, value) in added {
+                length |= name == http::header::CONTENT_LENGTH;
+                response
+                    .append_header(name, value)
+                    .map_err(|e| invalid(&e))?;
+            }
+            if !ended && !length {
+                response
+                    .insert_header(http::header::TRANSFER_ENCODING, "chunked")
+                    .map_err(|e| invalid(&e))?;
+            }
+        }
+        HeaderChanges::Replace(mut headers) => {
+            let framing = response
+                .headers
+                .get(http::header::TRANSFER_ENCODING)
+                .cloned();
+            if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
+                let chunked = HeaderValue::from_static("chunked");
+                headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
+            }
+            let old: Vec<HeaderName> = response.headers.keys().cloned().collect();
+            for name in &old {
+                response.remove_header(name);
+            }
+            for (name, value) in entries(headers) {
+                response
+                    .append_header(name, value)
+                    .map_err(|e| invalid(&e))?;
+            }
+        }
     }
     Ok(())
 }

@@ -25,8 +25,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-/// The upstream: answers `200` with `x-upstream: yes` and a body naming the request's
-/// method, path, `x-*` headers (sorted) and body.
+/// The upstream: answers `200` with `x-upstream: yes`, `x-upstream-host` (the request's
+/// `host`) and a body naming the request's method, path, `x-*` headers (sorted) and body.
 fn start_upstream() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
     let addr = listener.local_addr().expect("upstream address");
@@ -60,8 +60,13 @@ fn start_upstream() -> SocketAddr {
                             headers.join(","),
                             String::from_utf8_lossy(&body)
                         );
+                        let host = parts.headers.get(http::header::HOST).cloned();
                         let response = hyper::Response::builder()
                             .header("x-upstream", "yes")
+                            .header(
+                                "x-upstream-host",
+                                host.unwrap_or_else(|| "none".parse().expect("value")),
+                            )
                             .body(Full::new(Bytes::from(text)))
                             .expect("response");
                         Ok::<_, std::convert::Infallible>(response)
@@ -196,6 +201,47 @@ fn headers_bodies_and_a_local_deny_through_pingora_on_every_engine() {
             // A local reply goes through the response phase, as in Envoy.
             assert_eq!(denied.headers["x-response"], "two", "{engine}");
             assert!(denied.headers.get("x-upstream").is_none(), "{engine}");
+        });
+    }
+}
+
+/// Plugins that change and remove request headers, and rewrite the path and `:authority`,
+/// have the request rewritten (not only added to) on its way up.
+#[test]
+fn changed_and_removed_request_headers_path_and_authority_reach_the_upstream() {
+    let upstream = start_upstream();
+    for engine in EngineKind::built() {
+        let rules = "remove x-drop\nreplace x-keep changed\nreplace :path /rewritten?q=1\n\
+                     replace :authority rewritten.example\nadd x-added one";
+        let chain = FilterChain::new(vec![plugin("headers", guests::HEADERS, rules, engine)])
+            .expect("chain");
+        let proxy = start_proxy(WasmFilters::new(chain), upstream);
+        runtime().block_on(async {
+            let request = hyper::Request::builder()
+                .uri(format!("http://{proxy}/original"))
+                .header("x-drop", "1")
+                .header("x-keep", "2")
+                .header("x-other", "3")
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let response = client().request(request).await.expect("a response");
+            let host = response.headers().get("x-upstream-host").cloned();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            assert_eq!(
+                String::from_utf8_lossy(&body),
+                "GET /rewritten?q=1 [x-added=one,x-keep=changed,x-other=3] ",
+                "{engine}"
+            );
+            assert_eq!(
+                host.as_ref().and_then(|h| h.to_str().ok()),
+                Some("rewritten.example"),
+                "{engine}"
+            );
         });
     }
 }
