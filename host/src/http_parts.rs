@@ -137,6 +137,7 @@ impl HeaderMap {
     /// What [`HeaderMap::to_request_parts`] would change in `parts`, worked out without
     /// changing them: for an embedder whose request is not `http` parts it can replace (it
     /// applies the [`RequestChanges`] to its own type). Every error is found here.
+    #[inline]
     pub fn request_changes(
         &self,
         parts: &request::Parts,
@@ -244,6 +245,7 @@ impl HeaderMap {
 
     /// What [`HeaderMap::to_response_parts`] would change in `parts`, worked out without
     /// changing them (see [`HeaderMap::request_changes`]).
+    #[inline]
     pub fn response_changes(
         &self,
         parts: &response::Parts,
@@ -417,6 +419,7 @@ pub struct RequestChanges {
 impl RequestChanges {
     /// Makes `parts` what the changes say. Fails (changing nothing) only if `http` cannot
     /// hold that many headers.
+    #[inline]
     pub fn apply(self, parts: &mut request::Parts) -> Result<(), HttpPartsError> {
         self.headers
             .apply_to(&mut parts.headers, usize::from(self.host.is_some()))?;
@@ -447,6 +450,7 @@ pub struct ResponseChanges {
 impl ResponseChanges {
     /// Makes `parts` what the changes say. Fails (changing nothing) only if `http` cannot
     /// hold that many headers.
+    #[inline]
     pub fn apply(self, parts: &mut response::Parts) -> Result<(), HttpPartsError> {
         self.headers.apply_to(&mut parts.headers, 0)?;
         if let Some(status) = self.status {
