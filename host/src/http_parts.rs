@@ -142,12 +142,34 @@ impl HeaderMap {
         &self,
         parts: &request::Parts,
     ) -> Result<RequestChanges, HttpPartsError> {
+        self.request_changes_with(parts, |_| false)
+    }
+
+    /// [`HeaderMap::request_changes`] for a proxy that sends requests in origin form (the
+    /// form a server receives them in): the `:scheme` a plugin sees is the connection's, not
+    /// part of the URI, and changes nothing here.
+    pub fn origin_form_request_changes(
+        &self,
+        parts: &request::Parts,
+    ) -> Result<RequestChanges, HttpPartsError> {
+        self.request_changes_with(parts, |_| true)
+    }
+
+    /// [`HeaderMap::request_changes`], with a `:scheme` for which `implied` holds taken as
+    /// absent (what the connection says rather than a URI change): that costs no copy of
+    /// the map, as removing the entry would once the map is shared.
+    #[inline]
+    pub(crate) fn request_changes_with(
+        &self,
+        parts: &request::Parts,
+        implied: impl Fn(&Bytes) -> bool,
+    ) -> Result<RequestChanges, HttpPartsError> {
         let mut method = None;
         let (mut scheme, mut authority, mut path) = (None, None, None);
         for (name, value) in self.iter() {
             match name.as_ref() {
                 b":method" => method = Some(value),
-                b":scheme" => scheme = Some(value),
+                b":scheme" => scheme = (!implied(value)).then_some(value),
                 b":authority" => authority = Some(value),
                 b":path" => path = Some(value),
                 _ => {}
@@ -992,6 +1014,22 @@ mod tests {
             removed.request_changes(&parts).expect("valid").headers,
             HeaderChanges::Replace(headers) if !headers.contains_key("x-a")
         ));
+
+        // A server's request: `:scheme` is the connection's. Taken as a URI change it makes
+        // the URI absolute; in origin form it changes nothing.
+        let mut schemed = map.clone();
+        schemed.add(":scheme", "https");
+        let absolute = schemed.request_changes(&parts).expect("valid").uri;
+        assert_eq!(
+            absolute.map(|u| u.to_string()),
+            Some("https://example.com/a?b=1".into())
+        );
+        let origin = schemed.origin_form_request_changes(&parts).expect("valid");
+        assert!(origin.uri.is_none() && origin.host.is_none());
+        let implied = schemed
+            .request_changes_with(&parts, |s| s == "https")
+            .expect("valid");
+        assert!(implied.uri.is_none());
 
         // `:authority` still says what `host` did: a plugin that removed `host` gets it back.
         let mut no_host = map.clone();

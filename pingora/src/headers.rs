@@ -19,12 +19,11 @@ pub(crate) fn has_body(request: &RequestHeader, status: StatusCode) -> bool {
 /// are rewritten whole only when a plugin changed or removed one.
 pub(crate) fn apply_request(
     request: &mut RequestHeader,
-    mut passed: HeaderMap,
+    passed: HeaderMap,
 ) -> std::result::Result<(), LocalResponse> {
     // Pingora forwards origin-form requests: the `:scheme` shown to the plugins is not
     // part of the URI it sends.
-    passed.remove(":scheme");
-    let changes = passed.request_changes(request)?;
+    let changes = passed.origin_form_request_changes(request)?;
     if let Some(method) = changes.method {
         request.set_method(method);
     }

@@ -149,17 +149,15 @@ where
             let passed = exchange
                 .request_headers(headers, body.is_end_stream())
                 .await;
-            let mut headers = match passed {
+            let headers = match passed {
                 Ok(headers) => headers,
                 Err(response) => break 'phase Err(Ok(reply(&mut exchange, response).await)),
             };
-            // Left as given, it is not a URI change.
-            if let Some(scheme) = scheme
-                && headers.get_str(":scheme") == Some(scheme)
-            {
-                headers.remove(":scheme");
-            }
-            if let Err(error) = headers.to_request_parts(&mut parts) {
+            // The connection's scheme left as given is not a URI change.
+            let changes = headers
+                .request_changes_with(&parts, |s| scheme.is_some_and(|c| c.as_bytes() == s))
+                .and_then(|changes| changes.apply(&mut parts));
+            if let Err(error) = changes {
                 break 'phase Err(Ok(reply(&mut exchange, invalid_edit(error)).await));
             }
             // A request without a body needs no channel to carry one, and no pump: the inner
