@@ -127,6 +127,22 @@ pub(crate) struct StreamInfo {
     pub(crate) request_headers: Option<HeaderMap>,
     /// The client connection the stream's request came on.
     pub(crate) connection: Option<std::sync::Arc<ConnectionInfo>>,
+    /// The upstream the proxy sends the stream's request to, once it has connected.
+    pub(crate) upstream: Option<std::net::SocketAddr>,
+}
+
+impl StreamInfo {
+    /// `upstream.address` (`ip:port`) or `upstream.port` (a 64-bit integer, as Envoy's).
+    pub(crate) fn upstream_attribute(&self, path: &[&[u8]]) -> Option<Bytes> {
+        let address = self.upstream?;
+        match path {
+            [b"upstream", b"address"] => Some(Bytes::from(address.to_string())),
+            [b"upstream", b"port"] => Some(Bytes::copy_from_slice(
+                &i64::from(address.port()).to_le_bytes(),
+            )),
+            _ => None,
+        }
+    }
 }
 
 fn nanos(d: std::time::Duration) -> i64 {
@@ -368,5 +384,24 @@ mod tests {
         );
         let path: &[&[u8]] = &[b"xds", b"node", b"id"];
         assert_eq!(alias(path), Some(vec![b"node".to_vec(), b"id".to_vec()]));
+    }
+
+    #[test]
+    fn upstream_attributes_are_encoded_when_asked() {
+        let mut info = StreamInfo::default();
+        assert_eq!(info.upstream_attribute(&[b"upstream", b"address"]), None);
+        info.upstream = Some("127.0.0.1:8443".parse().expect("address"));
+        assert_eq!(
+            info.upstream_attribute(&[b"upstream", b"address"]),
+            Some(Bytes::from_static(b"127.0.0.1:8443"))
+        );
+        assert_eq!(
+            info.upstream_attribute(&[b"upstream", b"port"]),
+            Some(Bytes::copy_from_slice(&8443i64.to_le_bytes()))
+        );
+        assert_eq!(
+            info.upstream_attribute(&[b"upstream", b"tls_version"]),
+            None
+        );
     }
 }

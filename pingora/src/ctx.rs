@@ -321,13 +321,8 @@ impl WasmFilters {
         let Some(address) = peer.address().as_inet() else {
             return;
         };
-        let port = i64::from(address.port()).to_le_bytes();
-        let properties: [(&[&str], Bytes); 2] = [
-            (&["upstream", "address"], Bytes::from(address.to_string())),
-            (&["upstream", "port"], Bytes::copy_from_slice(&port)),
-        ];
         // A slot that failed here fails the exchange's next phase as well, which answers it.
-        if let Err(local) = exchange.set_properties(&properties).await {
+        if let Err(local) = exchange.set_upstream_address(*address).await {
             tracing::debug!(details = %local.details, "cannot set the upstream's attributes");
         }
     }

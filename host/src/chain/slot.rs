@@ -62,6 +62,8 @@ pub(super) enum Job {
     },
     /// Properties every plugin's stream of the exchange reads (path, value).
     SetProperties(Vec<(Vec<String>, Bytes)>),
+    /// The upstream every plugin's stream of the exchange reads as `upstream.*`.
+    SetUpstream(std::net::SocketAddr),
     /// `proxy_on_log` (with these request and response headers, if any) and the end of
     /// every stream of the exchange.
     End { log: Option<(HeaderMap, HeaderMap)> },

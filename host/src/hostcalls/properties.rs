@@ -84,6 +84,10 @@ pub(super) fn proxy_get_property(
             .stream_info
             .get(&state.context())
             .and_then(|info| info.connection.as_ref()?.attribute(&path)),
+        [b"upstream", ..] => state
+            .stream_info
+            .get(&state.context())
+            .and_then(|info| info.upstream_attribute(&path)),
         _ => None,
     };
     // Then the embedder, under either of Envoy's spellings. A panicking provider is the

@@ -23,6 +23,7 @@ impl Vm {
                 started: Some(std::time::SystemTime::now()),
                 request_headers: None,
                 connection: None,
+                upstream: None,
             };
             self.state().stream_info.insert(id, info);
         }
@@ -376,6 +377,16 @@ impl Vm {
     pub fn set_stream_property(&mut self, stream: &HttpStream, path: &[&str], value: Bytes) {
         let path = filterbox_abi::property_path::encode(path);
         self.state().properties.insert((stream.id, path), value);
+    }
+
+    /// The upstream `stream`'s request goes to: `upstream.address` and `upstream.port`
+    /// answer the plugin's `proxy_get_property`, encoded only when asked (a property set
+    /// under those paths wins). Nothing is kept for a plugin that does not import
+    /// `proxy_get_property`.
+    pub fn set_stream_upstream(&mut self, stream: &HttpStream, address: std::net::SocketAddr) {
+        if let Some(info) = self.state().stream_info.get_mut(&stream.id) {
+            info.upstream = Some(address);
+        }
     }
 
     /// The client connection `stream`'s request came on: its attributes (`source.address`

@@ -290,6 +290,14 @@ impl Worker {
         }
     }
 
+    /// The upstream of `stream`'s request: see [`Vm::set_stream_upstream`]. Nothing
+    /// happens on a stream whose VM is gone.
+    pub fn set_stream_upstream(&mut self, stream: &WorkerStream, address: std::net::SocketAddr) {
+        if let (Some(s), Some(vm)) = (&stream.stream, self.live_vm(stream.generation)) {
+            vm.set_stream_upstream(s, address);
+        }
+    }
+
     /// The client connection of `stream`'s request: see [`Vm::set_stream_connection`].
     /// Nothing happens on a stream whose VM is gone.
     pub fn set_stream_connection(

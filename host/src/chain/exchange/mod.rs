@@ -137,6 +137,23 @@ impl Exchange {
         }
     }
 
+    /// The upstream address the exchange's request goes to, once the proxy has connected: the
+    /// plugins read it as `upstream.address` (`ip:port`) and `upstream.port`. The same as
+    /// [`Exchange::set_properties`] with those two, without formatting them for plugins that
+    /// never ask.
+    pub async fn set_upstream_address(
+        &mut self,
+        address: std::net::SocketAddr,
+    ) -> Result<(), LocalResponse> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        match self.run(Job::SetUpstream(address)).await? {
+            Done::PropertySet => Ok(()),
+            _ => Err(mismatched()),
+        }
+    }
+
     /// The client connection the exchange's request came on: the plugins read its
     /// attributes (`source.address`, `connection.tls_version`, … see
     /// [`ConnectionInfo`](crate::ConnectionInfo)) with `proxy_get_property`. It goes to the

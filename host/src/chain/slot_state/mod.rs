@@ -296,6 +296,17 @@ impl SlotState {
                 }
                 Done::PropertySet
             }
+            Job::SetUpstream(address) => {
+                self.streams(id);
+                if let Some(streams) = self.exchanges.get(&id) {
+                    for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
+                        if let Some(stream) = stream {
+                            worker.set_stream_upstream(stream, address);
+                        }
+                    }
+                }
+                Done::PropertySet
+            }
             Job::End { log } => {
                 self.end(id, log);
                 Done::Ended
