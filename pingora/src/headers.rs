@@ -30,26 +30,7 @@ pub(crate) fn apply_request(
     if let Some(uri) = changes.uri {
         request.set_uri(uri);
     }
-    match changes.headers {
-        HeaderChanges::Append(added) => {
-            for (name, value) in added {
-                request
-                    .append_header(name, value)
-                    .map_err(|e| invalid(&e))?;
-            }
-        }
-        HeaderChanges::Replace(headers) => {
-            let old: Vec<HeaderName> = request.headers.keys().cloned().collect();
-            for name in &old {
-                request.remove_header(name);
-            }
-            for (name, value) in entries(headers) {
-                request
-                    .append_header(name, value)
-                    .map_err(|e| invalid(&e))?;
-            }
-        }
-    }
+    write_headers(request, changes.headers)?;
     if let Some(host) = changes.host {
         request
             .insert_header(http::header::HOST, host)
@@ -71,42 +52,85 @@ pub(crate) fn apply_response(
     if let Some(status) = changes.status {
         response.set_status(status).map_err(|e| invalid(&e))?;
     }
-    match changes.headers {
-        // The response kept every header, so it has no framing header of its own to lose
-        // (hop-by-hop ones are never among the plugin's, so kept ones are none of them).
-        HeaderChanges::Append(added) => {
-            let mut length = response.headers.contains_key(http::header::CONTENT_LENGTH);
-            for (name, value) in added {
-                length |= name == http::header::CONTENT_LENGTH;
-                response
-                    .append_header(name, value)
-                    .map_err(|e| invalid(&e))?;
-            }
-            if !ended && !length {
-                response
-                    .insert_header(http::header::TRANSFER_ENCODING, "chunked")
-                    .map_err(|e| invalid(&e))?;
-            }
-        }
+    let framing = response
+        .headers
+        .get(http::header::TRANSFER_ENCODING)
+        .cloned();
+    let appended = matches!(changes.headers, HeaderChanges::Append(_));
+    let headers = match changes.headers {
         HeaderChanges::Replace(mut headers) => {
-            let framing = response
-                .headers
-                .get(http::header::TRANSFER_ENCODING)
-                .cloned();
             if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
                 let chunked = HeaderValue::from_static("chunked");
                 headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
             }
-            let old: Vec<HeaderName> = response.headers.keys().cloned().collect();
-            for name in &old {
-                response.remove_header(name);
-            }
-            for (name, value) in entries(headers) {
-                response
-                    .append_header(name, value)
-                    .map_err(|e| invalid(&e))?;
-            }
+            HeaderChanges::Replace(headers)
         }
+        added => added,
+    };
+    write_headers(response, headers)?;
+    // The response kept every header and had no framing header of its own (a hop-by-hop one
+    // is never among the plugin's, so a response with one is rewritten whole above).
+    if appended && !ended && !response.headers.contains_key(http::header::CONTENT_LENGTH) {
+        response
+            .insert_header(http::header::TRANSFER_ENCODING, "chunked")
+            .map_err(|e| invalid(&e))?;
+    }
+    Ok(())
+}
+
+/// Pingora's request or response header, edited through its own methods (which keep its
+/// case-preserving map of names in step).
+trait Message {
+    fn headers(&self) -> &http::HeaderMap;
+    fn remove(&mut self, name: &HeaderName);
+    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()>;
+}
+
+impl Message for RequestHeader {
+    fn headers(&self) -> &http::HeaderMap {
+        &self.headers
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.append_header(name, value).map(drop)
+    }
+}
+
+impl Message for ResponseHeader {
+    fn headers(&self) -> &http::HeaderMap {
+        &self.headers
+    }
+    fn remove(&mut self, name: &HeaderName) {
+        self.remove_header(name);
+    }
+    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+        self.append_header(name, value).map(drop)
+    }
+}
+
+/// Makes `message`'s headers what `changes` say: the added ones after its own, or all of
+/// them replaced (in the plugins' order).
+fn write_headers(
+    message: &mut impl Message,
+    changes: HeaderChanges,
+) -> std::result::Result<(), LocalResponse> {
+    let headers = match changes {
+        HeaderChanges::Append(added) => {
+            for (name, value) in added {
+                message.append(name, value).map_err(|e| invalid(&e))?;
+            }
+            return Ok(());
+        }
+        HeaderChanges::Replace(headers) => headers,
+    };
+    let old: Vec<HeaderName> = message.headers().keys().cloned().collect();
+    for name in &old {
+        message.remove(name);
+    }
+    for (name, value) in entries(headers) {
+        message.append(name, value).map_err(|e| invalid(&e))?;
     }
     Ok(())
 }
