@@ -86,29 +86,24 @@ trait Message {
     fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()>;
 }
 
-impl Message for RequestHeader {
-    fn headers(&self) -> &http::HeaderMap {
-        &self.headers
-    }
-    fn remove(&mut self, name: &HeaderName) {
-        self.remove_header(name);
-    }
-    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
-        self.append_header(name, value).map(drop)
-    }
+/// The same methods on both of Pingora's header types.
+macro_rules! impl_message {
+    ($($message:ty),*) => {$(
+        impl Message for $message {
+            fn headers(&self) -> &http::HeaderMap {
+                &self.headers
+            }
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
+                self.append_header(name, value).map(drop)
+            }
+        }
+    )*};
 }
 
-impl Message for ResponseHeader {
-    fn headers(&self) -> &http::HeaderMap {
-        &self.headers
-    }
-    fn remove(&mut self, name: &HeaderName) {
-        self.remove_header(name);
-    }
-    fn append(&mut self, name: HeaderName, value: HeaderValue) -> Result<()> {
-        self.append_header(name, value).map(drop)
-    }
-}
+impl_message!(RequestHeader, ResponseHeader);
 
 /// Makes `message`'s headers what `changes` say: the added ones after its own, or all of
 /// them replaced (in the plugins' order).

@@ -139,9 +139,25 @@ async fn send(
     path: &str,
     body: &str,
 ) -> Answer {
-    let request = hyper::Request::builder()
+    send_with(client, proxy, method, path, &[], body).await
+}
+
+/// [`send`] with request headers.
+async fn send_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    proxy: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Answer {
+    let mut request = hyper::Request::builder()
         .method(method)
-        .uri(format!("http://{proxy}{path}"))
+        .uri(format!("http://{proxy}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request
         .body(Full::new(Bytes::from(body.to_owned())))
         .expect("request");
     let response = tokio::time::timeout(Duration::from_secs(60), client.request(request))
@@ -217,29 +233,14 @@ fn changed_and_removed_request_headers_path_and_authority_reach_the_upstream() {
             .expect("chain");
         let proxy = start_proxy(WasmFilters::new(chain), upstream);
         runtime().block_on(async {
-            let request = hyper::Request::builder()
-                .uri(format!("http://{proxy}/original"))
-                .header("x-drop", "1")
-                .header("x-keep", "2")
-                .header("x-other", "3")
-                .body(Full::new(Bytes::new()))
-                .expect("request");
-            let response = client().request(request).await.expect("a response");
-            let host = response.headers().get("x-upstream-host").cloned();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .expect("body")
-                .to_bytes();
+            let headers = [("x-drop", "1"), ("x-keep", "2"), ("x-other", "3")];
+            let answer = send_with(&client(), proxy, "GET", "/original", &headers, "").await;
             assert_eq!(
-                String::from_utf8_lossy(&body),
-                "GET /rewritten?q=1 [x-added=one,x-keep=changed,x-other=3] ",
+                answer.body, "GET /rewritten?q=1 [x-added=one,x-keep=changed,x-other=3] ",
                 "{engine}"
             );
             assert_eq!(
-                host.as_ref().and_then(|h| h.to_str().ok()),
-                Some("rewritten.example"),
+                answer.headers["x-upstream-host"], "rewritten.example",
                 "{engine}"
             );
         });
@@ -300,20 +301,9 @@ fn a_trapping_plugin_gets_its_failure_policy_and_the_next_request_runs_on_a_new_
             let proxy = start_proxy(WasmFilters::new(chain), upstream);
             runtime().block_on(async {
                 let client = client();
-                let request = hyper::Request::builder()
-                    .uri(format!("http://{proxy}/boom"))
-                    .header("x-boom", "1")
-                    .body(Full::new(Bytes::new()))
-                    .expect("request");
-                let response = client.request(request).await.expect("response");
-                let status = response.status().as_u16();
-                let body = response
-                    .into_body()
-                    .collect()
-                    .await
-                    .expect("body")
-                    .to_bytes();
-                let body = String::from_utf8_lossy(&body);
+                let answer =
+                    send_with(&client, proxy, "GET", "/boom", &[("x-boom", "1")], "").await;
+                let (status, body) = (answer.status, answer.body);
                 match policy {
                     FailurePolicy::FailClosed { .. } => {
                         assert_eq!(status, 503, "{engine}: {body}");
