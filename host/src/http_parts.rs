@@ -431,16 +431,17 @@ pub struct RequestChanges {
     pub method: Option<Method>,
     /// The URI, if the plugins changed it.
     pub uri: Option<Uri>,
-    /// The `host` header, replacing any, when a plugin set `:authority` on a request whose URI
-    /// has no scheme (origin form): Envoy's `host` rewrite.
+    /// The `host` header, replacing any, when the plugins' `:authority` on a request whose URI
+    /// has no scheme (origin form) is not already the request's one `host`: Envoy's `host`
+    /// rewrite.
     pub host: Option<HeaderValue>,
     /// The other headers.
     pub headers: HeaderChanges,
 }
 
 impl RequestChanges {
-    /// Makes `parts` what the changes say. Fails (changing nothing) only if `http` cannot
-    /// hold that many headers.
+    /// Makes `parts` (those the changes were worked out from) what the changes say. Fails
+    /// (changing nothing) only if `http` cannot hold that many headers.
     #[inline]
     pub fn apply(self, parts: &mut request::Parts) -> Result<(), HttpPartsError> {
         self.headers
@@ -470,8 +471,8 @@ pub struct ResponseChanges {
 }
 
 impl ResponseChanges {
-    /// Makes `parts` what the changes say. Fails (changing nothing) only if `http` cannot
-    /// hold that many headers.
+    /// Makes `parts` (those the changes were worked out from) what the changes say. Fails
+    /// (changing nothing) only if `http` cannot hold that many headers.
     #[inline]
     pub fn apply(self, parts: &mut response::Parts) -> Result<(), HttpPartsError> {
         self.headers.apply_to(&mut parts.headers, 0)?;
