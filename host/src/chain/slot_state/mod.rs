@@ -298,13 +298,9 @@ impl SlotState {
             }
             Job::SetUpstream(address) => {
                 self.streams(id);
-                if let Some(streams) = self.exchanges.get(&id) {
-                    for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
-                        if let Some(stream) = stream {
-                            worker.set_stream_upstream(stream, address);
-                        }
-                    }
-                }
+                self.each_stream(id, |worker, stream| {
+                    worker.set_stream_upstream(stream, address);
+                });
                 Done::PropertySet
             }
             Job::End { log } => {
@@ -318,24 +314,26 @@ impl SlotState {
     fn set_property(&mut self, id: u64, path: &[String], value: Bytes) {
         let path: Vec<&str> = path.iter().map(String::as_str).collect();
         self.streams(id);
-        let Some(streams) = self.exchanges.get(&id) else {
-            return;
-        };
-        for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
-            if let Some(stream) = stream {
-                worker.set_stream_property(stream, &path, value.clone());
-            }
-        }
+        self.each_stream(id, |worker, stream| {
+            worker.set_stream_property(stream, &path, value.clone());
+        });
     }
 
     /// Gives every plugin's stream of exchange `id` the client connection.
     fn set_connection(&mut self, id: u64, connection: &Arc<crate::ConnectionInfo>) {
+        self.each_stream(id, |worker, stream| {
+            worker.set_stream_connection(stream, connection.clone());
+        });
+    }
+
+    /// Runs `f` on every plugin's stream of exchange `id` (those its route does not skip).
+    fn each_stream(&mut self, id: u64, mut f: impl FnMut(&mut Worker, &WorkerStream)) {
         let Some(streams) = self.exchanges.get(&id) else {
             return;
         };
         for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
             if let Some(stream) = stream {
-                worker.set_stream_connection(stream, connection.clone());
+                f(worker, stream);
             }
         }
     }
