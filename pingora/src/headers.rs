@@ -52,30 +52,30 @@ pub(crate) fn apply_response(
     if let Some(status) = changes.status {
         response.set_status(status).map_err(|e| invalid(&e))?;
     }
-    let framing = response
-        .headers
-        .get(http::header::TRANSFER_ENCODING)
-        .cloned();
-    let appended = matches!(changes.headers, HeaderChanges::Append(_));
-    let headers = match changes.headers {
+    match changes.headers {
         HeaderChanges::Replace(mut headers) => {
             if !ended && !headers.contains_key(http::header::CONTENT_LENGTH) {
+                let framing = response
+                    .headers
+                    .get(http::header::TRANSFER_ENCODING)
+                    .cloned();
                 let chunked = HeaderValue::from_static("chunked");
                 headers.insert(http::header::TRANSFER_ENCODING, framing.unwrap_or(chunked));
             }
-            HeaderChanges::Replace(headers)
+            write_headers(response, HeaderChanges::Replace(headers))
         }
-        added => added,
-    };
-    write_headers(response, headers)?;
-    // The response kept every header and had no framing header of its own (a hop-by-hop one
-    // is never among the plugin's, so a response with one is rewritten whole above).
-    if appended && !ended && !response.headers.contains_key(http::header::CONTENT_LENGTH) {
-        response
-            .insert_header(http::header::TRANSFER_ENCODING, "chunked")
-            .map_err(|e| invalid(&e))?;
+        // The response kept every header, so it has no framing header of its own (a
+        // hop-by-hop one is never among the plugin's: a response with one is rewritten whole).
+        added => {
+            write_headers(response, added)?;
+            if !ended && !response.headers.contains_key(http::header::CONTENT_LENGTH) {
+                response
+                    .insert_header(http::header::TRANSFER_ENCODING, "chunked")
+                    .map_err(|e| invalid(&e))?;
+            }
+            Ok(())
+        }
     }
-    Ok(())
 }
 
 /// Pingora's request or response header, edited through its own methods (which keep its
