@@ -10,7 +10,6 @@ use super::slot::{Done, ExchangeKey, Job};
 use crate::HeaderMap;
 use crate::vm::{Action, LocalResponse, StreamEvent};
 use crate::worker::{Failure, Worker, WorkerStream};
-use bytes::Bytes;
 use rustc_hash::FxHashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -52,77 +51,32 @@ struct Waiter {
     notify: Arc<Notify>,
 }
 
-impl SlotState {
-    /// The state of a slot whose VMs are `workers`.
-    pub(super) fn new(workers: Vec<Worker>, plan: Arc<Plan>, held: Arc<HeldBudget>) -> SlotState {
-        SlotState {
-            workers,
-            plan,
-            exchanges: FxHashMap::default(),
-            held,
-            waiters: FxHashMap::default(),
-            spare: Vec::new(),
-            armed_tick: None,
-        }
+/// One exchange's streams beside the slot's VMs, for the length of one job
+/// ([`SlotState::open`]): what the phases work on.
+struct OpenExchange<'a> {
+    workers: &'a mut [Worker],
+    /// The plugins of the exchange's route, in request order.
+    order: &'a [usize],
+    held: &'a HeldBudget,
+    streams: &'a mut Streams,
+}
+
+impl OpenExchange<'_> {
+    /// The plugin at `position` of `direction`'s order; `None` past the last.
+    fn plugin_at(&self, direction: Direction, position: usize) -> Option<usize> {
+        direction.plugin_at(self.order, position)
     }
 
-    /// The streams of exchange `id`, created (on route `route`) on first use: a plugin the
-    /// route skips gets none.
-    fn open(&mut self, id: u64, route: usize) -> &mut Streams {
-        let workers = &mut self.workers;
-        let held = &self.held;
-        let spare = &mut self.spare;
-        let roots = self.plan.roots.get(route).map(Vec::as_slice).unwrap_or(&[]);
-        self.exchanges.entry(id).or_insert_with(|| {
-            let mut streams = spare.pop().unwrap_or_else(|| Streams {
-                route,
-                streams: Vec::with_capacity(workers.len()),
-                buffers: workers.iter().map(|_| Held::new(held)).collect(),
-                added_trailers: Default::default(),
-            });
-            streams.route = route;
-            streams.streams.clear();
-            streams
-                .streams
-                .extend(
-                    workers
-                        .iter_mut()
-                        .enumerate()
-                        .map(|(index, w)| match roots.get(index) {
-                            Some(None) => None,
-                            Some(&Some(root)) => Some(w.create_stream_under(root)),
-                            None => Some(w.create_stream()),
-                        }),
-                );
-            streams
-        })
-    }
-
-    /// The streams of exchange `id` ([`SlotState::execute`] opened them on its route).
-    fn streams(&mut self, id: u64) -> &mut Streams {
-        self.open(id, 0)
-    }
-
-    /// The plugin at `position` of `direction`'s order on `route`; `None` past the last.
-    fn plugin_at(&self, route: usize, direction: Direction, position: usize) -> Option<usize> {
-        let order = self.plan.orders.get(route)?;
-        direction.plugin_at(order, position)
-    }
-
-    /// Runs one callback of plugin `index` for exchange `id`; a failure becomes its policy's
-    /// action.
+    /// Runs one callback of plugin `index`; a failure becomes its policy's action.
     fn call(
         &mut self,
-        id: u64,
         index: usize,
         callback: impl FnOnce(&mut Worker, &mut WorkerStream) -> Result<Action, Failure>,
     ) -> Action {
-        self.streams(id);
-        let stream = self
-            .exchanges
-            .get_mut(&id)
-            .and_then(|s| s.streams.get_mut(index));
-        let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) else {
+        let (Some(worker), Some(Some(stream))) = (
+            self.workers.get_mut(index),
+            self.streams.streams.get_mut(index),
+        ) else {
             return Action::Continue;
         };
         match callback(worker, stream) {
@@ -136,21 +90,27 @@ impl SlotState {
         }
     }
 
+    /// Runs `f` on every plugin's stream of the exchange (those its route does not skip).
+    fn each_stream(&mut self, mut f: impl FnMut(&mut Worker, &WorkerStream)) {
+        for (worker, stream) in self.workers.iter_mut().zip(&self.streams.streams) {
+            if let Some(stream) = stream {
+                f(worker, stream);
+            }
+        }
+    }
+
     /// Whether plugin `index` resumed `direction`, answered the stream, or failed it; `None`
-    /// while it is still paused, and then `notify` is notified when the plugin has news for
-    /// the exchange. A resumed header phase gives the headers as the plugin left them.
+    /// while it is still paused (the caller then waits for its news). A resumed header phase
+    /// gives the headers as the plugin left them.
     fn poll_resumed(
         &mut self,
-        id: u64,
         index: usize,
         direction: Direction,
-        notify: Arc<Notify>,
     ) -> Option<Result<Option<HeaderMap>, LocalResponse>> {
-        let stream = self
-            .exchanges
-            .get_mut(&id)
-            .and_then(|s| s.streams.get_mut(index));
-        let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) else {
+        let (Some(worker), Some(Some(stream))) = (
+            self.workers.get_mut(index),
+            self.streams.streams.get_mut(index),
+        ) else {
             return Some(Ok(None));
         };
         if let Some(failure) = worker.stream_failure(stream) {
@@ -176,8 +136,119 @@ impl SlotState {
                 StreamEvent::Continue(_) | StreamEvent::ClearRouteCache => {}
             }
         }
-        self.waiters.insert(id, Waiter { index, notify });
         None
+    }
+
+    /// What [`SlotState::execute`] does for `job`, and the wait to register if the job
+    /// found the exchange still paused.
+    fn run(mut self, job: Job) -> (Done, Option<Waiter>) {
+        let done = match job {
+            Job::Map {
+                direction,
+                phase,
+                mut map,
+                from,
+                connection,
+            } => {
+                if let Some(connection) = connection {
+                    self.each_stream(|worker, stream| {
+                        worker.set_stream_connection(stream, connection.clone());
+                    });
+                }
+                let step = self.map_phase((direction, phase), &mut map, from);
+                Done::Map(step, map)
+            }
+            Job::Body {
+                direction,
+                input,
+                end_of_stream,
+                from,
+            } => {
+                let (step, out) = self.body(direction, input, end_of_stream, from);
+                let added = (end_of_stream && matches!(step, Step::Continue))
+                    .then(|| self.take_added_trailers(direction));
+                Done::Body(step, out, added)
+            }
+            Job::ResumeBody {
+                direction,
+                position,
+            } => {
+                // Only a body paused at its end is resumed this way.
+                let (step, out) = self.resume_body(direction, position);
+                let added =
+                    matches!(step, Step::Continue).then(|| self.take_added_trailers(direction));
+                Done::Body(step, out, added)
+            }
+            Job::AddedTrailers { direction } => Done::Trailers(self.take_added_trailers(direction)),
+            Job::ReleaseBuffers => Done::Released(self.release_buffers()),
+            Job::SetProperties(properties) => {
+                for (path, value) in properties {
+                    let path: Vec<&str> = path.iter().map(String::as_str).collect();
+                    self.each_stream(|worker, stream| {
+                        worker.set_stream_property(stream, &path, value.clone());
+                    });
+                }
+                Done::PropertySet
+            }
+            Job::SetUpstream(address) => {
+                self.each_stream(|worker, stream| {
+                    worker.set_stream_upstream(stream, address);
+                });
+                Done::PropertySet
+            }
+            Job::Resumed {
+                index,
+                direction,
+                notify,
+            } => {
+                let resumed = self.poll_resumed(index, direction);
+                if resumed.is_none() {
+                    return (Done::Resumed(None), Some(Waiter { index, notify }));
+                }
+                Done::Resumed(resumed)
+            }
+            // Ended by `SlotState::execute`, which needs the slot's other exchanges for it.
+            Job::End { .. } => Done::Ended,
+        };
+        (done, None)
+    }
+}
+
+impl SlotState {
+    /// The state of a slot whose VMs are `workers`.
+    pub(super) fn new(workers: Vec<Worker>, plan: Arc<Plan>, held: Arc<HeldBudget>) -> SlotState {
+        SlotState {
+            workers,
+            plan,
+            exchanges: FxHashMap::default(),
+            held,
+            waiters: FxHashMap::default(),
+            spare: Vec::new(),
+            armed_tick: None,
+        }
+    }
+
+    /// The job's view of exchange `id`: its streams, created (on route `route`) on first
+    /// use (a plugin the route skips gets none), beside the slot's VMs. One lookup serves the
+    /// whole job.
+    fn open(&mut self, id: u64, route: usize) -> OpenExchange<'_> {
+        let SlotState {
+            workers,
+            plan,
+            exchanges,
+            held,
+            spare,
+            ..
+        } = self;
+        let streams = exchanges
+            .entry(id)
+            .or_insert_with(|| new_streams(workers, plan, held, spare, route));
+        OpenExchange {
+            order: plan.orders.get(streams.route).map_or(&[], Vec::as_slice),
+            workers,
+            held,
+            streams,
+        }
     }
 
     /// Notifies every waiting exchange its plugin has news for (and forgets it: it asks
@@ -228,11 +299,18 @@ impl SlotState {
     /// it panicked (a bug of ours; guest panics are already traps): the slot lives on and
     /// the exchange is answered 503.
     pub(super) fn execute(&mut self, (id, route): ExchangeKey, job: Job) -> Option<Done> {
-        let done = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            if !matches!(job, Job::End { .. }) {
-                self.open(id, route);
+        let done = std::panic::catch_unwind(AssertUnwindSafe(|| match job {
+            Job::End { log } => {
+                self.end(id, log);
+                Done::Ended
             }
-            self.run_job(id, job)
+            job => {
+                let (done, waiter) = self.open(id, route).run(job);
+                if let Some(waiter) = waiter {
+                    self.waiters.insert(id, waiter);
+                }
+                done
+            }
         }));
         self.notify_waiters();
         match done {
@@ -240,100 +318,6 @@ impl SlotState {
             Err(_) => {
                 tracing::error!("a filter chain job panicked");
                 None
-            }
-        }
-    }
-
-    /// What [`SlotState::execute`] does for `job`.
-    fn run_job(&mut self, id: u64, job: Job) -> Done {
-        match job {
-            Job::Map {
-                direction,
-                phase,
-                mut map,
-                from,
-                connection,
-            } => {
-                if let Some(connection) = connection {
-                    self.set_connection(id, &connection);
-                }
-                let step = self.map_phase(id, (direction, phase), &mut map, from);
-                Done::Map(step, map)
-            }
-            Job::Body {
-                direction,
-                input,
-                end_of_stream,
-                from,
-            } => {
-                let (step, out) = self.body(id, direction, input, end_of_stream, from);
-                let added = (end_of_stream && matches!(step, Step::Continue))
-                    .then(|| self.take_added_trailers(id, direction));
-                Done::Body(step, out, added)
-            }
-            Job::ResumeBody {
-                direction,
-                position,
-            } => {
-                // Only a body paused at its end is resumed this way.
-                let (step, out) = self.resume_body(id, direction, position);
-                let added =
-                    matches!(step, Step::Continue).then(|| self.take_added_trailers(id, direction));
-                Done::Body(step, out, added)
-            }
-            Job::AddedTrailers { direction } => {
-                Done::Trailers(self.take_added_trailers(id, direction))
-            }
-            Job::ReleaseBuffers => Done::Released(self.release_buffers(id)),
-            Job::Resumed {
-                index,
-                direction,
-                notify,
-            } => Done::Resumed(self.poll_resumed(id, index, direction, notify)),
-            Job::SetProperties(properties) => {
-                for (path, value) in properties {
-                    self.set_property(id, &path, value);
-                }
-                Done::PropertySet
-            }
-            Job::SetUpstream(address) => {
-                self.streams(id);
-                self.each_stream(id, |worker, stream| {
-                    worker.set_stream_upstream(stream, address);
-                });
-                Done::PropertySet
-            }
-            Job::End { log } => {
-                self.end(id, log);
-                Done::Ended
-            }
-        }
-    }
-
-    /// Sets a property on every plugin's stream of exchange `id`.
-    fn set_property(&mut self, id: u64, path: &[String], value: Bytes) {
-        let path: Vec<&str> = path.iter().map(String::as_str).collect();
-        self.streams(id);
-        self.each_stream(id, |worker, stream| {
-            worker.set_stream_property(stream, &path, value.clone());
-        });
-    }
-
-    /// Gives every plugin's stream of exchange `id` the client connection.
-    fn set_connection(&mut self, id: u64, connection: &Arc<crate::ConnectionInfo>) {
-        self.each_stream(id, |worker, stream| {
-            worker.set_stream_connection(stream, connection.clone());
-        });
-    }
-
-    /// Runs `f` on every plugin's stream of exchange `id` (those its route does not skip).
-    fn each_stream(&mut self, id: u64, mut f: impl FnMut(&mut Worker, &WorkerStream)) {
-        let Some(streams) = self.exchanges.get(&id) else {
-            return;
-        };
-        for (worker, stream) in self.workers.iter_mut().zip(&streams.streams) {
-            if let Some(stream) = stream {
-                f(worker, stream);
             }
         }
     }
@@ -369,6 +353,36 @@ impl SlotState {
             self.spare.push(streams);
         }
     }
+}
+
+/// The streams of a new exchange on `route`, in vectors an ended exchange left in `spare`
+/// if there are: one per plugin, none for a plugin the route skips.
+fn new_streams(
+    workers: &mut [Worker],
+    plan: &Plan,
+    held: &Arc<HeldBudget>,
+    spare: &mut Vec<Streams>,
+    route: usize,
+) -> Streams {
+    let roots = plan.roots.get(route).map(Vec::as_slice).unwrap_or(&[]);
+    let mut streams = spare.pop().unwrap_or_else(|| Streams {
+        route,
+        streams: Vec::with_capacity(workers.len()),
+        buffers: workers.iter().map(|_| Held::new(held)).collect(),
+        added_trailers: Default::default(),
+    });
+    streams.route = route;
+    streams.streams.clear();
+    let created = workers
+        .iter_mut()
+        .enumerate()
+        .map(|(index, worker)| match roots.get(index) {
+            Some(None) => None,
+            Some(&Some(root)) => Some(worker.create_stream_under(root)),
+            None => Some(worker.create_stream()),
+        });
+    streams.streams.extend(created);
+    streams
 }
 
 /// How many ended exchanges' vectors a slot keeps for reuse: as many as run on it at once in

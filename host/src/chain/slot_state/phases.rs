@@ -3,23 +3,21 @@
 //! plugins still hold or added at the end. What crosses it: a map or bytes and the position
 //! to start from in, the [`Step`] the chain reached and what left it out.
 
-use super::SlotState;
+use super::OpenExchange;
 use crate::HeaderMap;
 use crate::chain::phase::{Direction, MapPhase, Step};
 use crate::vm::{Action, LocalResponse};
 use bytes::BytesMut;
 
-impl SlotState {
+impl OpenExchange<'_> {
     /// The header (or trailer) callbacks of `direction` over `map`, from position `from` of
     /// its order, until a plugin pauses or answers.
     pub(super) fn map_phase(
         &mut self,
-        id: u64,
         (direction, phase): (Direction, MapPhase),
         map: &mut HeaderMap,
         from: usize,
     ) -> Step {
-        let route = self.streams(id).route;
         let request_headers = matches!(
             (direction, phase),
             (Direction::Request, MapPhase::Headers { .. })
@@ -27,11 +25,11 @@ impl SlotState {
         let mut step = Step::Continue;
         let mut ran = from;
         for position in from.. {
-            let Some(index) = self.plugin_at(route, direction, position) else {
+            let Some(index) = self.plugin_at(direction, position) else {
                 break;
             };
             ran = position + 1;
-            let action = self.call(id, index, |worker, stream| match (direction, phase) {
+            let action = self.call(index, |worker, stream| match (direction, phase) {
                 (Direction::Request, MapPhase::Headers { end_of_stream }) => {
                     worker.on_request_headers(stream, map, end_of_stream)
                 }
@@ -58,29 +56,22 @@ impl SlotState {
         if request_headers {
             // Every plugin that has seen the request reads it as the chain left it.
             for position in 0..ran {
-                self.remember_request_headers(id, route, position, Some(map.clone()));
+                self.remember_request_headers(position, Some(map.clone()));
             }
         }
         step
     }
 
-    /// Sets what the stream of the plugin at `position` of `route`'s request order reads for
+    /// Sets what the stream of the plugin at `position` of the request order reads for
     /// `request.*` attributes ([`crate::Vm::set_request_headers_seen`]).
-    fn remember_request_headers(
-        &mut self,
-        id: u64,
-        route: usize,
-        position: usize,
-        headers: Option<HeaderMap>,
-    ) {
-        let Some(index) = self.plugin_at(route, Direction::Request, position) else {
+    fn remember_request_headers(&mut self, position: usize, headers: Option<HeaderMap>) {
+        let Some(index) = self.plugin_at(Direction::Request, position) else {
             return;
         };
-        let stream = self
-            .exchanges
-            .get_mut(&id)
-            .and_then(|s| s.streams.get_mut(index));
-        if let (Some(worker), Some(Some(stream))) = (self.workers.get_mut(index), stream) {
+        if let (Some(worker), Some(Some(stream))) = (
+            self.workers.get_mut(index),
+            self.streams.streams.get_mut(index),
+        ) {
             worker.set_request_headers_seen(stream, headers);
         }
     }
@@ -91,18 +82,16 @@ impl SlotState {
     /// plugin to resume ([`SlotState::resume_body`]); any other pause keeps the bytes.
     pub(super) fn body(
         &mut self,
-        id: u64,
         direction: Direction,
         mut input: BytesMut,
         end_of_stream: bool,
         from: usize,
     ) -> (Step, BytesMut) {
-        let route = self.streams(id).route;
         for position in from.. {
-            let Some(index) = self.plugin_at(route, direction, position) else {
+            let Some(index) = self.plugin_at(direction, position) else {
                 break;
             };
-            let mut body = match self.streams(id).buffers.get_mut(position) {
+            let mut body = match self.streams.buffers.get_mut(position) {
                 Some(buffer) => {
                     let mut body = buffer.take();
                     body.extend_from_slice(&input);
@@ -121,7 +110,7 @@ impl SlotState {
                 );
             }
             let mut added = None;
-            let action = self.call(id, index, |worker, stream| {
+            let action = self.call(index, |worker, stream| {
                 let action = match direction {
                     Direction::Request => worker.on_request_body(stream, &mut body, end_of_stream),
                     Direction::Response => {
@@ -132,7 +121,7 @@ impl SlotState {
                 action
             });
             if let Some(added) = added {
-                let held = &mut self.streams(id).added_trailers[direction as usize];
+                let held = &mut self.streams.added_trailers[direction as usize];
                 for (name, value) in added.iter() {
                     held.add(name.clone(), value.clone());
                 }
@@ -160,7 +149,7 @@ impl SlotState {
                             BytesMut::new(),
                         );
                     }
-                    if let Some(buffer) = self.streams(id).buffers.get_mut(position) {
+                    if let Some(buffer) = self.streams.buffers.get_mut(position) {
                         buffer.put(body);
                     }
                     let step = match end_of_stream {
@@ -177,31 +166,26 @@ impl SlotState {
     /// Goes on with a body the plugin at `position` paused on at the end of the stream.
     pub(super) fn resume_body(
         &mut self,
-        id: u64,
         direction: Direction,
         position: usize,
     ) -> (Step, BytesMut) {
-        let held = match self.streams(id).buffers.get_mut(position) {
+        let held = match self.streams.buffers.get_mut(position) {
             Some(buffer) => buffer.take(),
             None => BytesMut::new(),
         };
-        self.body(id, direction, held, true, position + 1)
+        self.body(direction, held, true, position + 1)
     }
 
     /// The trailers plugins added to `direction`'s message, if any.
-    pub(super) fn take_added_trailers(
-        &mut self,
-        id: u64,
-        direction: Direction,
-    ) -> Option<HeaderMap> {
-        let held = std::mem::take(&mut self.streams(id).added_trailers[direction as usize]);
+    pub(super) fn take_added_trailers(&mut self, direction: Direction) -> Option<HeaderMap> {
+        let held = std::mem::take(&mut self.streams.added_trailers[direction as usize]);
         (!held.is_empty()).then_some(held)
     }
 
     /// What plugins still hold of the body, in order (released once trailers went through).
-    pub(super) fn release_buffers(&mut self, id: u64) -> BytesMut {
+    pub(super) fn release_buffers(&mut self) -> BytesMut {
         let mut released = BytesMut::new();
-        for buffer in &mut self.streams(id).buffers {
+        for buffer in &mut self.streams.buffers {
             released.extend_from_slice(&buffer.take());
         }
         released
