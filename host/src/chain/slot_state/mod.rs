@@ -67,16 +67,20 @@ impl OpenExchange<'_> {
         direction.plugin_at(self.order, position)
     }
 
+    /// Plugin `index`'s VM and its stream of the exchange; `None` if the route skips it.
+    fn plugin(&mut self, index: usize) -> Option<(&mut Worker, &mut WorkerStream)> {
+        let worker = self.workers.get_mut(index)?;
+        let stream = self.streams.streams.get_mut(index)?.as_mut()?;
+        Some((worker, stream))
+    }
+
     /// Runs one callback of plugin `index`; a failure becomes its policy's action.
     fn call(
         &mut self,
         index: usize,
         callback: impl FnOnce(&mut Worker, &mut WorkerStream) -> Result<Action, Failure>,
     ) -> Action {
-        let (Some(worker), Some(Some(stream))) = (
-            self.workers.get_mut(index),
-            self.streams.streams.get_mut(index),
-        ) else {
+        let Some((worker, stream)) = self.plugin(index) else {
             return Action::Continue;
         };
         match callback(worker, stream) {
@@ -107,10 +111,7 @@ impl OpenExchange<'_> {
         index: usize,
         direction: Direction,
     ) -> Option<Result<Option<HeaderMap>, LocalResponse>> {
-        let (Some(worker), Some(Some(stream))) = (
-            self.workers.get_mut(index),
-            self.streams.streams.get_mut(index),
-        ) else {
+        let Some((worker, stream)) = self.plugin(index) else {
             return Some(Ok(None));
         };
         if let Some(failure) = worker.stream_failure(stream) {

@@ -68,10 +68,7 @@ impl OpenExchange<'_> {
         let Some(index) = self.plugin_at(Direction::Request, position) else {
             return;
         };
-        if let (Some(worker), Some(Some(stream))) = (
-            self.workers.get_mut(index),
-            self.streams.streams.get_mut(index),
-        ) {
+        if let Some((worker, stream)) = self.plugin(index) {
             worker.set_request_headers_seen(stream, headers);
         }
     }
