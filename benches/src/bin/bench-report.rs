@@ -17,12 +17,13 @@ fn main() -> anyhow::Result<()> {
     let mut report = filterbox_benches::report::run(quick).map_err(anyhow::Error::msg)?;
     // bench-proxy's block (wrk through `filterbox serve`), benches/peer's block (the other
     // Rust host) and bench-shared's (shared state on Redis) are measured by their own
-    // programs: keep them.
+    // programs, and the notes block holds hand-made profiles: keep them.
     let old = std::fs::read_to_string(&out).unwrap_or_default();
     for (start, end) in [
         ("<!-- proxy-bench -->", "<!-- /proxy-bench -->"),
         ("<!-- peer-bench -->", "<!-- /peer-bench -->"),
         ("<!-- shared-bench -->", "<!-- /shared-bench -->"),
+        ("<!-- notes -->", "<!-- /notes -->"),
     ] {
         if let (Some(from), Some(to)) = (old.find(start), old.find(end))
             && from < to
