@@ -82,6 +82,26 @@ fn chain(n: usize) -> impl Iterator<Item = (&'static str, &'static str, &'static
     .take(n)
 }
 
+/// A plugin whose callbacks return at once and call nothing: with it, a row measures what the
+/// host's own path costs for one plugin (the exchange core, the header conversions, the calls
+/// into wasm), apart from any SDK's work.
+const NOOP_PLUGIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+)"#;
+
+/// The `plugins` section of a chain of [`NOOP_PLUGIN`] alone.
+const NOOP_CHAIN: &str = "plugins:\n  - { name: noop, configuration: \"\", vm_config: { code: { local: { filename: noop.wasm } } } }\n";
+
 /// The `plugins:` entries of `serve`'s config for an `n`-plugin chain.
 fn plugins(n: usize) -> String {
     let mut out = String::from("plugins:\n");
@@ -147,6 +167,7 @@ fn main() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("headers.wasm"), guests::HEADERS)?;
     std::fs::write(dir.join("deny.wasm"), guests::DENY)?;
+    std::fs::write(dir.join("noop.wasm"), wat::parse_str(NOOP_PLUGIN)?)?;
     let (upstream, _runtime) = start_upstream()?;
 
     // Every configuration runs at once, and each round measures them one after the other,
@@ -189,11 +210,17 @@ fn main() -> Result<()> {
                 false,
             ));
         }
-        for (index, (name, binary, stealing)) in serves.into_iter().enumerate() {
+        // With one plugin, also serve's default with the no-op plugin: the host's own path.
+        let noop = (n == 1).then(|| ("filterbox serve".to_owned(), &args.filterbox, false));
+        let runs = serves
+            .into_iter()
+            .map(|serve| (serve, plugins(n), count(n)));
+        let runs =
+            runs.chain(noop.map(|serve| (serve, NOOP_CHAIN.to_owned(), "1 no-op plugin".into())));
+        for (index, ((name, binary, stealing), plugins, count)) in runs.enumerate() {
             let listen = free_port()?;
             let config = format!(
-                "listeners: [{{ address: \"{listen}\", upstream: backend }}]\nupstreams: {{ backend: \"http://{upstream}\" }}\nwork_stealing: {stealing}\n{}",
-                plugins(n)
+                "listeners: [{{ address: \"{listen}\", upstream: backend }}]\nupstreams: {{ backend: \"http://{upstream}\" }}\nwork_stealing: {stealing}\n{plugins}",
             );
             // A file per process: serve reloads when its file changes.
             let path = dir.join(format!("serve-{n}-{index}.yaml"));
@@ -201,10 +228,7 @@ fn main() -> Result<()> {
             let mut command = Command::new(binary);
             command.args(["serve", "--config"]).arg(&path);
             proxies.push(spawn_proxy(&mut command, listen)?);
-            targets.push((
-                format!("{name}, {}", count(n)),
-                format!("http://{listen}/bench"),
-            ));
+            targets.push((format!("{name}, {count}"), format!("http://{listen}/bench")));
         }
         if pingora {
             let listen = free_port()?;
@@ -243,7 +267,7 @@ fn table(rows: &[(String, f64, f64)], args: &Args, load: &str) -> String {
     let mut out = format!(
         "{START}\n## Proxy on loopback (wrk)\n\nWritten by `cargo run -p filterbox-benches --release --bin bench-proxy` with `{filterbox}` (wasmtime; the binary allocates with mimalloc; by default one worker thread per core, each with a runtime of its own; the `work stealing` rows set `work_stealing: true`: one multi-thread runtime) and `{pingora}`, the example of `filterbox-pingora` (wasmtime, one worker thread per core without work stealing, mimalloc as serve). nginx (Debian's nginx-light) runs one worker with keepalive to the upstream. \
          `wrk -t1 -c{} -d{}s --latency` against `GET /bench`, {} interleaved rounds (every row once per round), the median of each row; the upstream (hyper, one thread) answers `200 hello`. \
-         Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches (4 of the 5 plugins are one file, which both proxies compile once and share). \
+         Plugins are the SDK-built conformance guests: header rewrites and a deny rule that never matches (4 of the 5 plugins are one file, which both proxies compile once and share); the `no-op plugin` row runs a module whose callbacks return at once and make no hostcall, so it shows what filterbox's own path costs for one plugin. \
          wrk, the upstream and the proxy share this machine's {cores} cores, so the numbers compare configurations, not hardware limits; they also vary by tens of percent between runs on this VM (direct: 69k to 115k requests/s on one day), so compare rows of one run. Load average (1, 5, 15 min) when the run started: {load}.\n\n\
          | path | requests/s | p99 latency | throughput lost to the plugins |\n|---|---|---|---|\n",
         args.connections,
