@@ -2,7 +2,7 @@
 //! no sockets: what the layer adds to the plugins' own work, and how soon a paused exchange
 //! goes on once its callout is answered.
 
-use crate::{Scenario, fail, header_plugin};
+use crate::{Scenario, fail, header_plugin, noop_plugin};
 use bytes::Bytes;
 use filterbox::{
     CalloutError, Callouts, Engine, FilterChain, FilterLayer, FilteredBody, GrpcReply, GrpcRequest,
@@ -55,6 +55,11 @@ fn header_chain(
     let plugins = (0..n)
         .map(|_| header_plugin(engine))
         .collect::<Result<Vec<_>, _>>()?;
+    chain_of(plugins)
+}
+
+/// A chain of `plugins` with one slot, and a current-thread runtime to drive its exchanges.
+fn chain_of(plugins: Vec<Plugin>) -> Result<(FilterChain, tokio::runtime::Runtime), String> {
     let chain = FilterChain::builder()
         .slots(1)
         .build(plugins)
@@ -68,15 +73,23 @@ fn header_chain(
 
 /// One exchange through `FilterService` around a chain of `n` header plugins on `engine`.
 fn service_scenario(engine: &Engine, n: usize) -> Result<Scenario, String> {
-    let (chain, runtime) = header_chain(engine, n)?;
+    let chain = header_chain(engine, n)?;
+    Ok(service_over(chain, format!("service/{n}_plugins")))
+}
+
+/// One exchange through `FilterService` around `chain`, as scenario `name`.
+fn service_over(
+    (chain, runtime): (FilterChain, tokio::runtime::Runtime),
+    name: String,
+) -> Scenario {
     let mut service = FilterLayer::new(chain).layer(Answer);
-    Ok(Scenario::new(format!("service/{n}_plugins"), move || {
+    Scenario::new(name, move || {
         runtime.block_on(async {
             let response = service.call(request()).await.expect("exchange");
             let body = response.into_body().collect().await.expect("body");
             black_box(body);
         })
-    }))
+    })
 }
 
 /// One exchange through the exchange core ([`filterbox::Exchange`], no `http` types) of a
@@ -104,6 +117,9 @@ pub fn service_scenarios(engine: &Engine) -> Result<Vec<Scenario>, String> {
         out.push(exchange_scenario(engine, n)?);
         out.push(service_scenario(engine, n)?);
     }
+    // The host's own path for one plugin: a plugin whose callbacks do nothing.
+    let noop = chain_of(vec![noop_plugin(engine)?])?;
+    out.push(service_over(noop, "service/1_noop_plugin".into()));
     Ok(out)
 }
 

@@ -74,6 +74,33 @@ pub fn header_plugin(engine: &Engine) -> Result<Plugin, String> {
     header_plugin_timed(engine, 16)
 }
 
+/// A plugin whose callbacks return at once and call nothing (WAT). Beside a header plugin it
+/// shows what the host's own path costs for one plugin (the exchange core, the header
+/// conversions, the calls into wasm), apart from any SDK's work.
+pub const NOOP_PLUGIN: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32))
+)"#;
+
+/// [`NOOP_PLUGIN`] on `engine`.
+pub fn noop_plugin(engine: &Engine) -> Result<Plugin, String> {
+    let wasm = wat::parse_str(NOOP_PLUGIN).map_err(|e| fail("no-op plugin", e))?;
+    let config = PluginConfig::named("noop").with_engine(engine.kind());
+    Plugin::builder(config)
+        .engine(engine)
+        .build(&wasm)
+        .map_err(|e| fail("no-op plugin", e))
+}
+
 /// [`header_plugin`], timing one callback in `every` for the latency histogram (0: none).
 fn header_plugin_timed(engine: &Engine, every: u32) -> Result<Plugin, String> {
     let config = PluginConfig::named("bench")

@@ -18,6 +18,7 @@
 //! Needs `wrk` (Debian: `apt-get install wrk`); the nginx row needs Debian's `nginx-light`.
 
 use anyhow::{Context as _, Result, bail};
+use filterbox_benches::NOOP_PLUGIN;
 use filterbox_benches::load::{Proxy, free_port, interleaved, spawn_proxy, start_upstream};
 use filterbox_conformance::guests;
 use std::fmt::Write as _;
@@ -82,24 +83,7 @@ fn chain(n: usize) -> impl Iterator<Item = (&'static str, &'static str, &'static
     .take(n)
 }
 
-/// A plugin whose callbacks return at once and call nothing: with it, a row measures what the
-/// host's own path costs for one plugin (the exchange core, the header conversions, the calls
-/// into wasm), apart from any SDK's work.
-const NOOP_PLUGIN: &str = r#"(module
-  (memory (export "memory") 1)
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 0))
-  (func (export "proxy_on_log") (param i32))
-  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
-  (func (export "proxy_on_delete") (param i32))
-)"#;
-
-/// The `plugins` section of a chain of [`NOOP_PLUGIN`] alone.
+/// The `plugins` section of a chain of the no-op plugin alone ([`NOOP_PLUGIN`]).
 const NOOP_CHAIN: &str = "plugins:\n  - { name: noop, configuration: \"\", vm_config: { code: { local: { filename: noop.wasm } } } }\n";
 
 /// The `plugins:` entries of `serve`'s config for an `n`-plugin chain.
