@@ -76,7 +76,7 @@ impl OpenExchange<'_> {
     /// Runs body bytes through the plugins of `direction` from position `from`: each plugin
     /// sees what it paused on so far plus the new bytes, and what it lets through goes to the
     /// next. Returns what left the last plugin. A pause at the end of the stream waits for the
-    /// plugin to resume ([`SlotState::resume_body`]); any other pause keeps the bytes.
+    /// plugin to resume ([`OpenExchange::resume_body`]); any other pause keeps the bytes.
     pub(super) fn body(
         &mut self,
         direction: Direction,
