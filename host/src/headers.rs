@@ -13,7 +13,26 @@ use triomphe::Arc;
 #[derive(Debug, Clone, Default)]
 pub struct HeaderMap {
     /// `None` while empty, so that an empty map (and `mem::take`) allocates nothing.
-    entries: Option<Arc<Vec<(Bytes, Bytes)>>>,
+    entries: Option<Arc<Entries>>,
+}
+
+/// A map's entries, shared by its clones until one of them changes.
+#[derive(Debug, Clone, Default)]
+struct Entries {
+    list: Vec<(Bytes, Bytes)>,
+    /// The entries are as a conversion from `http` made them ([`HeaderMap::is_pristine`]).
+    /// Kept here rather than beside the pointer, so that a map stays one word: a change
+    /// copies shared entries first, so clones never disagree about it.
+    pristine: bool,
+}
+
+impl Entries {
+    fn new(list: Vec<(Bytes, Bytes)>) -> Arc<Entries> {
+        Arc::new(Entries {
+            list,
+            pristine: false,
+        })
+    }
 }
 
 impl PartialEq for HeaderMap {
@@ -35,7 +54,26 @@ impl HeaderMap {
     #[cfg(feature = "http")]
     pub(crate) fn with_capacity(n: usize) -> Self {
         HeaderMap {
-            entries: (n > 0).then(|| Arc::new(with_spare(n, std::iter::empty()))),
+            entries: (n > 0).then(|| Entries::new(with_spare(n, std::iter::empty()))),
+        }
+    }
+
+    /// Whether the map is as a conversion from `http` parts or headers made it
+    /// ([`HeaderMap::from_request_parts`], [`HeaderMap::from_response_parts`],
+    /// [`HeaderMap::from_http`]), or is a clone of such a map: nothing was added, replaced or
+    /// removed since. Writing it back to the parts it came from would change nothing, so a
+    /// proxy can skip that (most plugins only read most messages' headers). Any change, even
+    /// one that restores the old value, makes it `false`; so does every other way of making a
+    /// map. An empty map is never pristine.
+    pub fn is_pristine(&self) -> bool {
+        self.entries.as_ref().is_some_and(|entries| entries.pristine)
+    }
+
+    /// Marks the map, just converted, as a conversion's output ([`HeaderMap::is_pristine`]).
+    #[cfg(feature = "http")]
+    pub(crate) fn set_pristine(&mut self) {
+        if let Some(entries) = self.entries.as_mut().and_then(Arc::get_mut) {
+            entries.pristine = true;
         }
     }
 
@@ -56,7 +94,9 @@ impl HeaderMap {
 
     /// Entries in order, as a slice of pairs.
     pub fn as_slice(&self) -> &[(Bytes, Bytes)] {
-        self.entries.as_deref().map_or(&[], Vec::as_slice)
+        self.entries
+            .as_deref()
+            .map_or(&[], |entries| entries.list.as_slice())
     }
 
     /// The first value of `name`.
@@ -127,7 +167,10 @@ impl HeaderMap {
     /// Removes every entry.
     pub fn clear(&mut self) {
         match self.entries.as_mut().and_then(Arc::get_mut) {
-            Some(entries) => entries.clear(),
+            Some(entries) => {
+                entries.list.clear();
+                entries.pristine = false;
+            }
             None => self.entries = None,
         }
     }
@@ -141,9 +184,12 @@ impl HeaderMap {
     fn entries_mut(&mut self) -> &mut Vec<(Bytes, Bytes)> {
         let entries = self.entries.get_or_insert_with(Arc::default);
         if Arc::get_mut(entries).is_none() {
-            *entries = Arc::new(with_spare(entries.len(), entries.iter().cloned()));
+            let list = &entries.list;
+            *entries = Entries::new(with_spare(list.len(), list.iter().cloned()));
         }
-        Arc::make_mut(entries)
+        let entries = Arc::make_mut(entries);
+        entries.pristine = false;
+        &mut entries.list
     }
 }
 
@@ -153,7 +199,7 @@ impl IntoIterator for HeaderMap {
 
     fn into_iter(self) -> Self::IntoIter {
         self.entries
-            .map(Arc::unwrap_or_clone)
+            .map(|entries| Arc::unwrap_or_clone(entries).list)
             .unwrap_or_default()
             .into_iter()
     }
@@ -164,7 +210,7 @@ impl<K: Into<Bytes>, V: Into<Bytes>> FromIterator<(K, V)> for HeaderMap {
         let iter = iter.into_iter();
         let entries = with_spare(iter.size_hint().0, iter.map(|(k, v)| (k.into(), v.into())));
         HeaderMap {
-            entries: (!entries.is_empty()).then(|| Arc::new(entries)),
+            entries: (!entries.is_empty()).then(|| Entries::new(entries)),
         }
     }
 }

@@ -96,6 +96,7 @@ impl HeaderMap {
         }
         map.add(":path", arena.copy(path.as_bytes()));
         map.extend_from_http(&parts.headers, &mut arena);
+        map.set_pristine();
         map
     }
 
@@ -107,6 +108,7 @@ impl HeaderMap {
             let mut arena = Arena::with_capacity(http_bytes(&parts.headers));
             map.extend_from_http(&parts.headers, &mut arena);
         }
+        map.set_pristine();
         map
     }
 
@@ -115,6 +117,7 @@ impl HeaderMap {
         let mut arena = Arena::with_capacity(http_bytes(headers));
         let mut map = HeaderMap::with_capacity(headers.len());
         map.extend_from_http(headers, &mut arena);
+        map.set_pristine();
         map
     }
 
@@ -977,6 +980,47 @@ mod tests {
             Err(HttpPartsError::BadStatus(_))
         ));
         assert_eq!(parts.status, StatusCode::IM_A_TEAPOT);
+    }
+
+    #[test]
+    fn converted_maps_are_pristine_until_changed() {
+        let parts = request("/p?q=1");
+        let map = HeaderMap::from_request_parts(&parts);
+        assert!(map.is_pristine());
+        // Pristine means writing back changes nothing: the check a proxy skips.
+        assert!(
+            map.request_changes(&parts)
+                .is_ok_and(|c| c.headers.is_unchanged()
+                    && c.method.is_none()
+                    && c.uri.is_none()
+                    && c.host.is_none())
+        );
+        let mut copy = map.clone();
+        assert!(copy.is_pristine(), "a clone is the same map");
+        assert_eq!(copy.remove("x-absent"), 0);
+        assert!(copy.is_pristine(), "removing nothing changes nothing");
+        copy.add("x-b", "3");
+        assert!(!copy.is_pristine());
+        assert!(map.is_pristine(), "the original is not the changed clone");
+        let mut same = map.clone();
+        same.replace("x-a", "1");
+        assert!(
+            !same.is_pristine(),
+            "any change counts, even to an equal value"
+        );
+        let mut cleared = map.clone();
+        cleared.clear();
+        assert!(!cleared.is_pristine());
+        let (response, ()) = http::Response::builder()
+            .header("x-r", "1")
+            .body(())
+            .expect("response")
+            .into_parts();
+        assert!(HeaderMap::from_response_parts(&response).is_pristine());
+        assert!(HeaderMap::from_http(&response.headers).is_pristine());
+        let built: HeaderMap = [("x-a", "1")].into_iter().collect();
+        assert!(!built.is_pristine(), "only conversions make pristine maps");
+        assert!(!HeaderMap::new().is_pristine());
     }
 
     #[test]

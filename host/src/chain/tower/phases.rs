@@ -153,10 +153,14 @@ where
                 Ok(headers) => headers,
                 Err(response) => break 'phase Err(Ok(reply(&mut exchange, response).await)),
             };
-            // The connection's scheme left as given is not a URI change.
-            let changes = headers
-                .request_changes_with(&parts, |s| scheme.is_some_and(|c| c.as_bytes() == s))
-                .and_then(|changes| changes.apply(&mut parts));
+            // The connection's scheme left as given is not a URI change; a map no plugin
+            // changed changes nothing.
+            let changes = match headers.is_pristine() {
+                true => Ok(()),
+                false => headers
+                    .request_changes_with(&parts, |s| scheme.is_some_and(|c| c.as_bytes() == s))
+                    .and_then(|changes| changes.apply(&mut parts)),
+            };
             if let Err(error) = changes {
                 break 'phase Err(Ok(reply(&mut exchange, invalid_edit(error)).await));
             }
@@ -208,7 +212,9 @@ where
             Ok(headers) => headers,
             Err(response) => return Ok(reply_directly(&mut exchange, response)),
         };
-        if let Err(error) = headers.to_response_parts(&mut parts) {
+        if !headers.is_pristine()
+            && let Err(error) = headers.to_response_parts(&mut parts)
+        {
             return Ok(reply_directly(&mut exchange, invalid_edit(error)));
         }
         if body.is_end_stream() {
