@@ -66,7 +66,9 @@ impl HeaderMap {
     /// one that restores the old value, makes it `false`; so does every other way of making a
     /// map. An empty map is never pristine.
     pub fn is_pristine(&self) -> bool {
-        self.entries.as_ref().is_some_and(|entries| entries.pristine)
+        self.entries
+            .as_ref()
+            .is_some_and(|entries| entries.pristine)
     }
 
     /// Marks the map, just converted, as a conversion's output ([`HeaderMap::is_pristine`]).
