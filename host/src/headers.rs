@@ -61,10 +61,12 @@ impl HeaderMap {
     /// Whether the map is as a conversion from `http` parts or headers made it
     /// ([`HeaderMap::from_request_parts`], [`HeaderMap::from_response_parts`],
     /// [`HeaderMap::from_http`]), or is a clone of such a map: nothing was added, replaced or
-    /// removed since. Writing it back to the parts it came from would change nothing, so a
-    /// proxy can skip that (most plugins only read most messages' headers). Any change, even
-    /// one that restores the old value, makes it `false`; so does every other way of making a
-    /// map. An empty map is never pristine.
+    /// removed since. The parts it came from already say what the plugins left, so a proxy
+    /// can skip writing it back (most plugins only read most messages' headers). Writing it
+    /// back would only drop a response's hop-by-hop headers and fold repeated `host`
+    /// headers, which the parts also keep when no plugin runs. Any change, even one that
+    /// restores the old value, makes it `false`; so does every other way of making a map.
+    /// An empty map is never pristine.
     pub fn is_pristine(&self) -> bool {
         self.entries
             .as_ref()
