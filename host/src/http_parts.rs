@@ -55,9 +55,11 @@ impl HeaderMap {
         HeaderMap::from_request_parts_with_scheme(parts, None)
     }
 
-    /// [`HeaderMap::from_request_parts`], with `:scheme` `scheme` when the URI has none (a
-    /// server knows it from the connection).
-    pub(crate) fn from_request_parts_with_scheme(
+    /// [`HeaderMap::from_request_parts`], with `:scheme` `scheme` when the URI has none: a
+    /// server knows it from the connection (`"http"` or `"https"`), and an origin-form
+    /// request's URI does not say it. The map is [pristine](HeaderMap::is_pristine), as
+    /// [`HeaderMap::from_request_parts`]'s is.
+    pub fn from_request_parts_with_scheme(
         parts: &request::Parts,
         scheme: Option<&'static str>,
     ) -> HeaderMap {

@@ -132,20 +132,17 @@ impl WasmFilters {
             return Ok(false);
         };
         set_connection_attributes(exchange, session);
-        let request = session.req_header();
-        let mut headers = HeaderMap::from_request_parts(request);
-        if request.uri.scheme().is_none() {
-            let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-            headers.add(":scheme", if tls { "https" } else { "http" });
-        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let scheme = if tls { "https" } else { "http" };
+        let headers = HeaderMap::from_request_parts_with_scheme(session.req_header(), Some(scheme));
         let ended = session.is_body_empty();
         ctx.request_ended = ended;
-        let sent = headers.clone();
         let passed = match exchange.request_headers(headers, ended).await {
             Ok(passed) => passed,
             Err(local) => return reply(session, ctx, local).await.map(|()| true),
         };
-        if passed != sent
+        // A map no plugin changed changes nothing (most plugins only read the headers).
+        if !passed.is_pristine()
             && let Err(local) = apply_request(session.req_header_mut(), passed)
         {
             return reply(session, ctx, local).await.map(|()| true);
@@ -206,8 +203,8 @@ impl WasmFilters {
             return Ok(());
         };
         let sent = HeaderMap::from_response_parts(response);
-        let outcome = match exchange.response_headers(sent.clone(), ended).await {
-            Ok(passed) if passed == sent => Ok(()),
+        let outcome = match exchange.response_headers(sent, ended).await {
+            Ok(passed) if passed.is_pristine() => Ok(()),
             Ok(passed) => apply_response(response, passed, ended),
             Err(local) => Err(local),
         };
