@@ -11,11 +11,29 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The proxy process, killed however the run ends.
+/// The proxy process, stopped however the run ends.
 pub struct Proxy(pub Child);
 
+/// How long a proxy gets to exit after SIGINT before it is killed.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Proxy {
+    /// SIGINT first: `serve`, Pingora and nginx exit at once on it, and a clean exit is what
+    /// lets an instrumented build write its profile (`scripts/pgo-build` trains on these
+    /// runs). SIGKILL if the process is still there after [`EXIT_WAIT`].
     fn drop(&mut self) {
+        let interrupted = Command::new("kill")
+            .args(["-INT", &self.0.id().to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success());
+        let deadline = Instant::now() + EXIT_WAIT;
+        while interrupted && Instant::now() < deadline {
+            match self.0.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
