@@ -31,7 +31,8 @@ impl Drop for Proxy {
         while interrupted && Instant::now() < deadline {
             match self.0.try_wait() {
                 Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-                Ok(Some(_)) | Err(_) => return,
+                Ok(Some(_)) => return,
+                Err(_) => break,
             }
         }
         let _ = self.0.kill();
