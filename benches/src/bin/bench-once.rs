@@ -15,6 +15,8 @@
 //! `bench-report` times them. `--engine NAME` picks the engine (default `wasmtime`). The
 //! engine runs without deadlines (`interruptible: false`): no epoch thread and no epoch checks
 //! in the compiled code, which count the same on both sides of a comparison.
+//! `--interruptible` turns deadlines on, as `filterbox serve` runs plugins, to count what
+//! they cost.
 
 use filterbox::{Engine, EngineConfig, EngineKind};
 use filterbox_benches::{Scenario, chain_scenarios, exchange, header_plugin, native_scenarios};
@@ -24,12 +26,15 @@ struct Args {
     scenario: String,
     runs: u32,
     engine: EngineKind,
+    /// Whether the engine enforces deadlines ([`EngineConfig::interruptible`]).
+    interruptible: bool,
 }
 
 fn args() -> anyhow::Result<Args> {
     let mut scenario = None;
     let mut runs = 1000;
     let mut engine = EngineKind::Wasmtime;
+    let mut interruptible = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -37,17 +42,19 @@ fn args() -> anyhow::Result<Args> {
                 let name = args.next().unwrap_or_default();
                 engine = EngineKind::from_name(&name)?;
             }
+            "--interruptible" => interruptible = true,
             _ if scenario.is_none() => scenario = Some(arg),
             _ => runs = arg.parse()?,
         }
     }
     let Some(scenario) = scenario else {
-        anyhow::bail!("usage: bench-once SCENARIO [RUNS] [--engine NAME]");
+        anyhow::bail!("usage: bench-once SCENARIO [RUNS] [--engine NAME] [--interruptible]");
     };
     Ok(Args {
         scenario,
         runs,
         engine,
+        interruptible,
     })
 }
 
@@ -66,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     // most of a run's time under valgrind.
     if !scenarios.iter().any(|s| s.name == args.scenario) {
         let mut config = EngineConfig::default();
-        config.interruptible = false;
+        config.interruptible = args.interruptible;
         let engine = Engine::new(args.engine, &config)?;
         let plugin = header_plugin(&engine).map_err(anyhow::Error::msg)?;
         scenarios.extend(exchange::service_scenarios(&engine).map_err(anyhow::Error::msg)?);
